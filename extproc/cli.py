@@ -1,0 +1,103 @@
+"""`extproc serve | envoy | up | fake-llm | check`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, build_runtime, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args.config, args.listen)
+
+
+def cmd_envoy(args: argparse.Namespace) -> int:
+    from .envoy_config import render_yaml
+
+    text = render_yaml(load_config(args.config))
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    runtime = build_runtime(cfg, args.config)
+    print(
+        f"{args.config}: OK ({len(cfg.teams)} teams, {len(runtime.key_index)} keys, "
+        f"{len(cfg.backends)} backends, {len(cfg.models)} models)"
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .supervisor import up
+
+    return up(args.config, workdir=args.workdir, envoy_log_level=args.envoy_log_level)
+
+
+def cmd_fake_llm(args: argparse.Namespace) -> int:
+    from .fake_llm import main_from_args
+
+    return main_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the ext_proc sidecar")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--listen", help="override sidecar.listen (HOST:PORT or unix:/path)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("envoy", help="render the Envoy bootstrap for a config")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--output", "-o", help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_envoy)
+
+    p = sub.add_parser("check", help="validate a config and report every error")
+    p.add_argument("--config", "-c", required=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("up", help="start Envoy, the sidecar and (if configured) the fake LLM")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--workdir", help="where to write the rendered Envoy config (default: temp)")
+    p.add_argument("--envoy-log-level", default="warning")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("fake-llm", help="run the fake OpenAI-compatible upstream")
+    from .fake_llm import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_fake_llm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

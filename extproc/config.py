@@ -1,0 +1,400 @@
+"""The one YAML configuration file: schema, validation with field paths, secret resolution.
+
+Two layers on purpose: `Config` is what the file says (enough to render Envoy's bootstrap,
+which never needs a secret), and `Runtime` is what the sidecar serves with (secrets resolved
+from the environment or files, lookup tables built). `extproc check` builds both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+INTERNAL_HEADER_PREFIX = "x-aigw-"
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each with the path of the field it concerns."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} error(s)"]
+        lines += [f"  {path or '<root>'}: {message}" for path, message in self.problems]
+        return "\n".join(lines)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Strict):
+    """Where a secret lives. Never the secret itself: YAML files end up in repositories."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' (a variable name) or 'file' (a path)")
+        return self
+
+    def resolve(self) -> str:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise LookupError(f"environment variable {self.env} is not set")
+        else:
+            assert self.file is not None
+            try:
+                value = self.file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise LookupError(f"cannot read {self.file}: {exc.strerror}") from None
+        value = value.strip()
+        if not value:
+            raise LookupError("the secret is empty")
+        return value
+
+
+class ApiKey(_Strict):
+    """A client API key: a sha256 hex digest in the file, or the key itself from env/file."""
+
+    sha256: str | None = None
+    env: str | None = None
+    file: Path | None = None
+    name: str | None = Field(default=None, description="a label for logs; never the key")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not _HEX64.match(v.lower()):
+            raise ValueError("must be 64 hexadecimal characters (sha256 of the key)")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ApiKey:
+        given = [k for k in ("sha256", "env", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'sha256', 'env' or 'file'")
+        return self
+
+
+class Team(_Strict):
+    keys: Annotated[list[ApiKey], Field(min_length=1)]
+    # None: every configured model. An explicit list restricts the team to those.
+    models: list[str] | None = None
+
+
+class Backend(_Strict):
+    url: str = Field(description="OpenAI-style base URL, e.g. https://api.openai.com/v1")
+    api_key: SecretRef | None = None
+    # Most providers take "Authorization: Bearer <key>"; Azure-style ones take "api-key: <key>".
+    auth_header: str = "authorization"
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return v
+
+    @field_validator("auth_header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        v = v.lower()
+        if not re.match(r"^[a-z0-9-]+$", v):
+            raise ValueError("must be an HTTP header name")
+        return v
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "https"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def base_path(self) -> str:
+        """The path that replaces the client's `/v1` (no trailing slash)."""
+        return urlsplit(self.url).path.rstrip("/") or "/v1"
+
+
+class Target(_Strict):
+    backend: str
+    model: str | None = Field(default=None, description="the provider's model name")
+    weight: int = Field(default=1, ge=0, le=10_000)
+
+
+ModelType = Literal["chat", "completion", "embedding"]
+
+
+class Model(_Strict):
+    type: ModelType = "chat"
+    encoding: str | None = Field(default=None, description="tiktoken encoding override")
+    owned_by: str = "extproc"
+    targets: Annotated[list[Target], Field(min_length=1)]
+
+
+class SidecarSettings(_Strict):
+    listen: str = Field(default="127.0.0.1:50051", description="HOST:PORT or unix:/path")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    default_encoding: str = "cl100k_base"
+    # How long Envoy waits for one answer of the sidecar before failing the request.
+    message_timeout_ms: int = Field(default=2000, ge=10, le=60_000)
+    # What the client sees when the sidecar is down or too slow (fail closed).
+    failure_status: int = Field(default=503, ge=400, le=599)
+    grace_s: float = Field(default=30.0, ge=0, description="drain time on shutdown")
+    reload_interval_s: float = Field(default=1.0, ge=0, description="0 = no file watching")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_address(v)
+        return v
+
+
+class EnvoySettings(_Strict):
+    listen: str = "127.0.0.1:10000"
+    admin: str = "127.0.0.1:9901"
+    access_log: bool = True
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        host, port = parse_address(v)
+        if host.startswith("unix:") or port is None:
+            raise ValueError("must be HOST:PORT")
+        return v
+
+
+class FakeLLMSettingsModel(_Strict):
+    """`extproc up` starts the fake upstream when this section is present."""
+
+    listen: str = "127.0.0.1:8081"
+    ttft_ms: float = Field(default=0.0, ge=0)
+    tokens_per_second: float = Field(default=0.0, ge=0)
+    response_tokens: int = Field(default=16, ge=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        parse_address(v)
+        return v
+
+
+class Config(_Strict):
+    sidecar: SidecarSettings = SidecarSettings()
+    envoy: EnvoySettings = EnvoySettings()
+    teams: dict[Annotated[str, Field(pattern=_NAME)], Team]
+    backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")], Backend]
+    models: dict[Annotated[str, Field(pattern=_NAME)], Model]
+    fake_llm: FakeLLMSettingsModel | None = None
+
+
+def parse_address(value: str) -> tuple[str, int | None]:
+    """`HOST:PORT`, `[v6]:PORT` or `unix:/path` -> (host or unix:path, port or None)."""
+    if value.startswith("unix:"):
+        if len(value) <= len("unix:"):
+            raise ValueError("unix: needs a path")
+        return value, None
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT (or unix:/path)")
+    return host.strip("[]"), int(port_s)
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _cross_check(cfg: Config) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name, model in cfg.models.items():
+        seen: set[str] = set()
+        for i, target in enumerate(model.targets):
+            where = f"models.{name}.targets.{i}.backend"
+            if target.backend not in cfg.backends:
+                problems.append((where, f"unknown backend {target.backend!r}"))
+            if target.backend in seen:
+                # Envoy's weighted_clusters picks a cluster, so one backend can appear once.
+                problems.append((where, f"backend {target.backend!r} appears twice"))
+            seen.add(target.backend)
+        paths = {cfg.backends[t.backend].base_path for t in model.targets if t.backend in cfg.backends}
+        if len(paths) > 1:
+            # One route serves all of a model's backends, so they share its path rewrite.
+            problems.append(
+                (f"models.{name}.targets", f"the backends' URLs have different paths: {sorted(paths)}")
+            )
+        if sum(t.weight for t in model.targets) == 0:
+            problems.append((f"models.{name}.targets", "the weights add up to 0"))
+    for team_name, team in cfg.teams.items():
+        for i, model_name in enumerate(team.models or ()):
+            if model_name not in cfg.models:
+                problems.append((f"teams.{team_name}.models.{i}", f"unknown model {model_name!r}"))
+    return problems
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError([("", "the file must hold a mapping")], source)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            problems.append((_loc(err["loc"]), msg))
+        raise ConfigError(problems, source) from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read: {exc.strerror}")], source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", f"not valid YAML: {exc}")], source) from None
+    return parse_config(data, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime: what the sidecar serves with.
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedTarget:
+    model: str  # the name clients use
+    backend: str
+    provider_model: str
+    weight: int
+    auth_header: str
+    credential: str | None  # the full header value, e.g. "Bearer sk-..."; never logged
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: Config
+    # sha256(key) -> (team, key label, the stored digest)
+    key_index: dict[bytes, tuple[str, str, bytes]] = field(default_factory=dict)
+    # team -> model names it may use, in config order
+    team_models: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # (model, backend) -> target
+    targets: dict[tuple[str, str], ResolvedTarget] = field(default_factory=dict)
+
+    def team_for_key(self, presented: str) -> str | None:
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+        # Looking up by digest leaks nothing useful about the key (an attacker cannot steer
+        # a sha256 prefix); compare_digest keeps the final equality check constant-time too.
+        hit = self.key_index.get(digest)
+        if hit is None:
+            return None
+        return hit[0] if hmac.compare_digest(digest, hit[2]) else None
+
+    def may_use(self, team: str, model: str) -> bool:
+        return model in self.team_models.get(team, ())
+
+
+def build_runtime(cfg: Config, source: str = "config") -> Runtime:
+    """Resolve secrets and build lookup tables; every problem is reported with its field."""
+    rt = Runtime(config=cfg)
+    problems: list[tuple[str, str]] = []
+    for team_name, team in cfg.teams.items():
+        for i, key in enumerate(team.keys):
+            where = f"teams.{team_name}.keys.{i}"
+            label = key.name or f"{team_name}#{i}"
+            if key.sha256 is not None:
+                digest = bytes.fromhex(key.sha256)
+            else:
+                try:
+                    ref = SecretRef(env=key.env, file=key.file)
+                    digest = hashlib.sha256(ref.resolve().encode()).digest()
+                except LookupError as exc:
+                    problems.append((where, str(exc)))
+                    continue
+            if digest in rt.key_index and rt.key_index[digest][0] != team_name:
+                problems.append((where, f"the same key is also a key of team {rt.key_index[digest][0]!r}"))
+                continue
+            rt.key_index[digest] = (team_name, label, digest)
+        rt.team_models[team_name] = tuple(team.models if team.models is not None else cfg.models)
+
+    credentials: dict[str, str | None] = {}
+    for name, backend in cfg.backends.items():
+        if backend.api_key is None:
+            credentials[name] = None
+            continue
+        try:
+            secret = backend.api_key.resolve()
+        except LookupError as exc:
+            problems.append((f"backends.{name}.api_key", str(exc)))
+            continue
+        credentials[name] = f"Bearer {secret}" if backend.auth_header == "authorization" else secret
+
+    for model_name, model in cfg.models.items():
+        for target in model.targets:
+            backend = cfg.backends[target.backend]
+            rt.targets[(model_name, target.backend)] = ResolvedTarget(
+                model=model_name,
+                backend=target.backend,
+                provider_model=target.model or model_name,
+                weight=target.weight,
+                auth_header=backend.auth_header,
+                credential=credentials.get(target.backend),
+            )
+    if problems:
+        raise ConfigError(problems, source)
+    return rt
+
+
+def load_runtime(path: str | os.PathLike[str]) -> Runtime:
+    return build_runtime(load_config(path), str(path))
+
+
+def cluster_name(backend: str) -> str:
+    """Envoy cluster name of a backend; the sidecar maps it back from `xds.cluster_name`."""
+    return f"aigw-backend-{backend}"
+
+
+def backend_from_cluster(cluster: str) -> str | None:
+    prefix = "aigw-backend-"
+    return cluster[len(prefix):] if cluster.startswith(prefix) else None

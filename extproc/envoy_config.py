@@ -1,0 +1,444 @@
+"""Rendering Envoy's configuration from ours, with envoy-data-plane's typed messages.
+
+What Envoy does is decided here: the listener, one route per model (a cluster, or
+weighted_clusters for a canary), one cluster per backend with the upstream ext_proc stage in
+its filter chain, the sidecar's cluster with gRPC health checks, access logs and local-reply
+bodies in OpenAI's error shape. No secret is ever written: credentials are added per request by
+the sidecar, so the rendered file is safe to keep.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import betterproto2
+import yaml
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    ResponseFlagFilter,
+)
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http1ProtocolOptions,
+    Http2ProtocolOptions,
+    Pipe,
+    SocketAddress,
+    SubstitutionFormatString,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+    WeightedClusterClusterWeight,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.google.protobuf import Any as AnyMsg
+from envoy_data_plane.google.protobuf import Struct
+
+from .config import Config, cluster_name, parse_address
+from .processor import CLUSTER_ATTRIBUTE, METADATA_NAMESPACE
+from .routing import BACKEND_METADATA, ROUTE_HEADER, STAGE_METADATA
+
+SIDECAR_CLUSTER = "extproc_sidecar"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+# The downstream stage: headers and buffered bodies both ways. Streams switch their response
+# body to STREAMED per request (mode_override), so nothing is buffered that need not be.
+DOWNSTREAM_MODE = ProcessingMode(
+    request_header_mode=ProcessingModeHeaderSendMode.SEND,
+    request_body_mode=ProcessingModeBodySendMode.BUFFERED,
+    request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+    response_header_mode=ProcessingModeHeaderSendMode.SEND,
+    response_body_mode=ProcessingModeBodySendMode.BUFFERED,
+    response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+)
+# The upstream stage sees request headers only, and asks for the body only when it must
+# rewrite the model name (mode_override), so a backend that keeps the name costs one message.
+UPSTREAM_MODE = ProcessingMode(
+    request_header_mode=ProcessingModeHeaderSendMode.SEND,
+    request_body_mode=ProcessingModeBodySendMode.NONE,
+    request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+    response_header_mode=ProcessingModeHeaderSendMode.SKIP,
+    response_body_mode=ProcessingModeBodySendMode.NONE,
+    response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+)
+
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "duration_ms": "%DURATION%",
+    "upstream": "%UPSTREAM_CLUSTER%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "team": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:team)%",
+    "model": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%",
+    "backend": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:backend)%",
+    "prompt_tokens": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:prompt_tokens)%",
+    "completion_tokens": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:completion_tokens)%",
+    "total_tokens": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:total_tokens)%",
+    "token_source": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:token_source)%",
+}
+
+
+def _duration(seconds: float) -> dt.timedelta:
+    return dt.timedelta(seconds=seconds)
+
+
+def _any(msg: betterproto2.Message) -> AnyMsg:
+    return AnyMsg.pack(msg)
+
+
+def _socket(address: str) -> Address:
+    host, port = parse_address(address)
+    if port is None:
+        return Address(pipe=Pipe(path=host.removeprefix("unix:")))
+    return Address(socket_address=SocketAddress(address=host, port_value=port))
+
+
+def sidecar_grpc_service(cfg: Config, metadata: dict[str, str] | None = None) -> GrpcService:
+    return GrpcService(
+        envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER),
+        timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
+        initial_metadata=[HeaderValue(key=k, value=v) for k, v in (metadata or {}).items()],
+    )
+
+
+def downstream_ext_proc(cfg: Config) -> ExternalProcessor:
+    return ExternalProcessor(
+        grpc_service=sidecar_grpc_service(cfg),
+        failure_mode_allow=False,
+        processing_mode=DOWNSTREAM_MODE,
+        allow_mode_override=True,
+        message_timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
+        response_attributes=[CLUSTER_ATTRIBUTE],
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+        ),
+        status_on_error=_status(cfg.sidecar.failure_status),
+    )
+
+
+def upstream_ext_proc(cfg: Config, backend: str) -> ExternalProcessor:
+    return ExternalProcessor(
+        grpc_service=sidecar_grpc_service(
+            cfg, {STAGE_METADATA: "upstream", BACKEND_METADATA: backend}
+        ),
+        failure_mode_allow=False,
+        processing_mode=UPSTREAM_MODE,
+        allow_mode_override=True,
+        message_timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
+        status_on_error=_status(cfg.sidecar.failure_status),
+    )
+
+
+def _status(code: int):
+    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+
+    return HttpStatus(code=StatusCode(code))
+
+
+def ext_proc_http_filter(cfg: Config) -> HttpFilter:
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(downstream_ext_proc(cfg)))
+
+
+def _openai_error_body(message: str, type_: str, code: str) -> SubstitutionFormatString:
+    return SubstitutionFormatString(
+        json_format=Struct.from_dict(
+            {"error": {"message": message, "type": type_, "param": None, "code": code}}
+        ),
+        content_type="application/json",
+    )
+
+
+def _local_reply() -> LocalReplyConfig:
+    # Envoy's own failures (no healthy upstream, upstream reset, timeout) carry a response flag;
+    # the sidecar's ImmediateResponses do not, so only Envoy's are rewritten into OpenAI's shape.
+    return LocalReplyConfig(
+        mappers=[
+            ResponseMapper(
+                filter=AccessLogFilter(response_flag_filter=ResponseFlagFilter()),
+                body_format_override=_openai_error_body(
+                    "%LOCAL_REPLY_BODY%", "server_error", "%RESPONSE_CODE_DETAILS%"
+                ),
+            )
+        ]
+    )
+
+
+def routes(cfg: Config) -> RouteConfiguration:
+    route_list: list[Route] = []
+    for name, model in cfg.models.items():
+        backends = [cfg.backends[t.backend] for t in model.targets]
+        action = RouteAction(
+            timeout=_duration(max(b.timeout_s for b in backends)),
+            auto_host_rewrite=True,
+            prefix_rewrite=f"{backends[0].base_path}/" if backends[0].base_path != "/v1" else "",
+        )
+        active = [t for t in model.targets if t.weight > 0]
+        if len(active) == 1:
+            action.cluster = cluster_name(active[0].backend)
+        else:
+            action.weighted_clusters = WeightedCluster(
+                clusters=[
+                    WeightedClusterClusterWeight(
+                        name=cluster_name(t.backend), weight=t.weight
+                    )
+                    for t in active
+                ]
+            )
+        route_list.append(
+            Route(
+                name=f"model:{name}",
+                match=RouteMatch(
+                    prefix="/v1/",
+                    headers=[
+                        HeaderMatcher(name=ROUTE_HEADER, string_match=StringMatcher(exact=name))
+                    ],
+                ),
+                route=action,
+            )
+        )
+    # Reached only by a request the sidecar did not route (it answers everything it rejects).
+    route_list.append(
+        Route(
+            name="unrouted",
+            match=RouteMatch(prefix="/"),
+            direct_response=DirectResponseAction(
+                status=404,
+                body=DataSource(
+                    inline_string='{"error":{"message":"No model route matched this request",'
+                    '"type":"invalid_request_error","param":null,"code":"unknown_url"}}'
+                ),
+            ),
+            response_headers_to_add=[
+                HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
+            ],
+        )
+    )
+    return RouteConfiguration(
+        name="aigw",
+        virtual_hosts=[VirtualHost(name="aigw", domains=["*"], routes=route_list)],
+        # The internal headers are the gateway's own: a client or backend never sets them.
+        internal_only_headers=[],
+    )
+
+
+def http_connection_manager(cfg: Config) -> HttpConnectionManager:
+    hcm = HttpConnectionManager(
+        stat_prefix="aigw",
+        route_config=routes(cfg),
+        http_filters=[
+            ext_proc_http_filter(cfg),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
+        ],
+        local_reply_config=_local_reply(),
+        # LLM streams run for minutes; the per-route timeout bounds the whole request instead.
+        stream_idle_timeout=_duration(600),
+        request_timeout=_duration(0),
+    )
+    if cfg.envoy.access_log:
+        hcm.access_log = [
+            AccessLog(
+                name="envoy.access_loggers.stdout",
+                typed_config=_any(
+                    StdoutAccessLog(
+                        log_format=SubstitutionFormatString(
+                            json_format=Struct.from_dict(ACCESS_LOG_FORMAT)
+                        )
+                    )
+                ),
+            )
+        ]
+    return hcm
+
+
+def _upstream_http_options(cfg: Config, backend: str) -> AnyMsg:
+    return _any(
+        HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http_protocol_options=Http1ProtocolOptions()
+            ),
+            http_filters=[
+                HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(upstream_ext_proc(cfg, backend))),
+                HttpFilter(
+                    name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())
+                ),
+            ],
+        )
+    )
+
+
+def backend_cluster(cfg: Config, name: str) -> Cluster:
+    backend = cfg.backends[name]
+    cluster = Cluster(
+        name=cluster_name(name),
+        type=ClusterDiscoveryType.STRICT_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        connect_timeout=_duration(backend.connect_timeout_s),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=cluster_name(name),
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(
+                            endpoint=Endpoint(
+                                address=Address(
+                                    socket_address=SocketAddress(
+                                        address=backend.host, port_value=backend.port
+                                    )
+                                ),
+                                hostname=backend.host,
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+        typed_extension_protocol_options={
+            HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name)
+        },
+    )
+    if backend.tls:
+        cluster.transport_socket = TransportSocket(
+            name="envoy.transport_sockets.tls",
+            typed_config=_any(
+                UpstreamTlsContext(
+                    sni=backend.host,
+                    common_tls_context=CommonTlsContext(
+                        validation_context=CertificateValidationContext(
+                            trusted_ca=DataSource(filename=DEFAULT_CA_BUNDLE)
+                        )
+                    ),
+                )
+            ),
+        )
+    return cluster
+
+
+def sidecar_cluster(cfg: Config) -> Cluster:
+    address = _socket(cfg.sidecar.listen)
+    return Cluster(
+        name=SIDECAR_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_duration(1),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=SIDECAR_CLUSTER,
+            endpoints=[
+                LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))])
+            ],
+        ),
+        typed_extension_protocol_options={
+            HTTP_PROTOCOL_OPTIONS: _any(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        },
+        health_checks=[
+            HealthCheck(
+                timeout=_duration(1),
+                interval=_duration(2),
+                unhealthy_threshold=2,
+                healthy_threshold=1,
+                grpc_health_check=HealthCheckGrpcHealthCheck(
+                    service_name="envoy.service.ext_proc.v3.ExternalProcessor"
+                ),
+            )
+        ],
+    )
+
+
+def bootstrap(cfg: Config) -> Bootstrap:
+    listener = Listener(
+        name="aigw",
+        address=_socket(cfg.envoy.listen),
+        # Room for the largest body the sidecar accepts, so Envoy buffers it for inspection.
+        per_connection_buffer_limit_bytes=cfg.sidecar.max_body_bytes + 65536,
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_any(http_connection_manager(cfg)),
+                    )
+                ]
+            )
+        ],
+    )
+    clusters = [sidecar_cluster(cfg)] + [backend_cluster(cfg, name) for name in cfg.backends]
+    return Bootstrap(
+        admin=Admin(address=_socket(cfg.envoy.admin)),
+        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
+    )
+
+
+def to_dict(msg: betterproto2.Message) -> dict[str, Any]:
+    return msg.to_dict()
+
+
+def render_yaml(cfg: Config) -> str:
+    header = (
+        "# Rendered by `extproc envoy` from the gateway config; edit that file, not this one.\n"
+    )
+    return header + yaml.safe_dump(to_dict(bootstrap(cfg)), sort_keys=False, width=100)

@@ -1,0 +1,306 @@
+"""One ext_proc stream = one HTTP request. These classes only orchestrate: each phase hands the
+work to the module that owns it (identity, parsing, tokens, routing, usage, sse)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import identity, protocol, routing
+from .config import INTERNAL_HEADER_PREFIX, backend_from_cluster
+from .errors import GatewayError, bad_request
+from .parsing import Endpoint, ParsedRequest, check_content_type, parse_body, route, too_large
+from .sse import StreamObserver
+from .usage import SOURCE_ESTIMATE, Usage, completion_text, from_openai
+
+if TYPE_CHECKING:
+    from .config import Runtime
+    from .tokens import TokenCounter
+
+log = logging.getLogger("extproc.processor")
+
+METADATA_NAMESPACE = "extproc"
+CLUSTER_ATTRIBUTE = "xds.cluster_name"
+H = INTERNAL_HEADER_PREFIX
+
+
+@dataclass(slots=True)
+class Services:
+    """What every stream shares; `runtime` is swapped whole on a config reload."""
+
+    runtime: Runtime
+    tokens: TokenCounter
+
+
+class DownstreamStream:
+    """The HTTP filter stage: identity, validation, counting, the routing decision, usage."""
+
+    __slots__ = (
+        "backend",
+        "endpoint",
+        "observer",
+        "prompt",
+        "request",
+        "rt",
+        "services",
+        "started",
+        "status",
+        "team",
+    )
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        # One config for the whole request, even if a reload lands half-way through it.
+        self.rt = services.runtime
+        self.started = time.perf_counter()
+        self.team: str | None = None
+        self.endpoint: Endpoint | None = None
+        self.request: ParsedRequest | None = None
+        self.prompt: Any = None  # TokenCount of the prompt
+        self.backend: str | None = None
+        self.status = 0
+        self.observer: StreamObserver | None = None
+
+    async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return self.on_request_headers(req.request_headers)
+            if kind == "request_body":
+                return await self.on_request_body(req.request_body)
+            if kind == "response_headers":
+                return self.on_response_headers(req)
+            if kind == "response_body":
+                return self.on_response_body(req.response_body)
+        except GatewayError as err:
+            return self.reject(err)
+        # Trailers are not requested; answering keeps Envoy moving if a config asks for them.
+        return _passthrough(kind)
+
+    def reject(self, err: GatewayError) -> protocol.ProcessingResponse:
+        if self.status:
+            # The response has begun: an immediate response can no longer replace it.
+            log.warning("error after the response started: %s", err)
+            return _passthrough("response_body")
+        # The message may quote client input (a key fingerprint): log the code, not the text.
+        log.info("rejected team=%s status=%s code=%s", self.team, err.status, err.code)
+        return protocol.immediate_response(
+            err.status,
+            err.body(),
+            headers=dict(err.headers),
+            details=f"aigw_{err.code or err.type}",
+        )
+
+    # -- request ------------------------------------------------------------------------------
+
+    def on_request_headers(self, msg: Any) -> protocol.ProcessingResponse:
+        headers = protocol.header_dict(msg.headers)
+        self.team = identity.authenticate(self.rt, headers)
+        endpoint, model_id = _route_or_raise(headers)
+        self.endpoint = endpoint
+        if endpoint is Endpoint.MODELS:
+            return protocol.immediate_response(200, routing.list_models_body(self.rt, self.team))
+        if endpoint is Endpoint.MODEL:
+            assert model_id is not None
+            body = routing.retrieve_model_body(self.rt, self.team, model_id)
+            return protocol.immediate_response(200, body)
+
+        check_content_type(headers.get("content-type"))
+        limit = self.rt.config.sidecar.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large(limit)
+        if msg.end_of_stream:
+            raise bad_request("The request has no body", "missing_body")
+
+        remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
+        remove = [h for h in remove if h != routing.TEAM_HEADER]
+        return protocol.request_headers_response(
+            protocol.common({routing.TEAM_HEADER: self.team}, remove)
+        )
+
+    async def on_request_body(self, msg: Any) -> protocol.ProcessingResponse:
+        assert self.endpoint is not None and self.team is not None
+        limit = self.rt.config.sidecar.max_body_bytes
+        if len(msg.body) > limit:
+            raise too_large(limit)
+        parsed = parse_body(self.endpoint, msg.body)
+        routing.check_model(self.rt, self.team, parsed.model, self.endpoint)
+        self.request = parsed
+        self.prompt = await self._count_prompt(parsed)
+        metadata = {
+            METADATA_NAMESPACE: {
+                "team": self.team,
+                "model": parsed.model,
+                "endpoint": self.endpoint.value,
+                "stream": parsed.stream,
+                "prompt_tokens_estimate": self.prompt.tokens,
+            }
+        }
+        return protocol.request_body_response(
+            protocol.common({routing.ROUTE_HEADER: parsed.model}, clear_route_cache=True),
+            dynamic_metadata=metadata,
+        )
+
+    async def _count_prompt(self, parsed: ParsedRequest) -> Any:
+        tokens, body, model = self.services.tokens, parsed.body, parsed.model
+        if parsed.endpoint is Endpoint.CHAT:
+            tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+            return await tokens.count_chat_async(model, body["messages"], tools)
+        if parsed.endpoint is Endpoint.COMPLETIONS:
+            return await tokens.count_prompt_async(model, body["prompt"])
+        return await tokens.count_embedding_input_async(model, body["input"])
+
+    # -- response -----------------------------------------------------------------------------
+
+    def on_response_headers(self, req: Any) -> protocol.ProcessingResponse:
+        msg = req.response_headers
+        headers = protocol.header_dict(msg.headers)
+        self.status = int(headers.get(":status", "0") or 0)
+        cluster = _attribute(req, CLUSTER_ATTRIBUTE)
+        self.backend = backend_from_cluster(cluster) if cluster else None
+        set_headers = self._identity_headers()
+        # A misbehaving backend must not be able to speak in the gateway's name either.
+        remove = identity.spoofed_headers(headers)
+        content_type = headers.get("content-type", "")
+        mode = None
+        if content_type.startswith("text/event-stream") and not msg.end_of_stream:
+            self.observer = StreamObserver()
+            mode = protocol.STREAMED_RESPONSE
+        return protocol.response_headers_response(
+            protocol.common(set_headers, remove), mode_override=mode
+        )
+
+    def on_response_body(self, msg: Any) -> protocol.ProcessingResponse:
+        if self.observer is not None:
+            self.observer.feed(msg.body)
+            if not msg.end_of_stream:
+                return protocol.response_body_response()
+            usage = self.observer.usage or self._estimate(self.observer.text)
+            return protocol.response_body_response(dynamic_metadata=self._usage_metadata(usage))
+
+        usage = self._buffered_usage(msg.body)
+        set_headers = {}
+        if usage is not None:
+            set_headers = {
+                f"{H}prompt-tokens": str(usage.prompt_tokens),
+                f"{H}completion-tokens": str(usage.completion_tokens),
+                f"{H}total-tokens": str(usage.total_tokens),
+                f"{H}token-source": usage.source,
+            }
+        return protocol.response_body_response(
+            protocol.common(set_headers) if set_headers else None,
+            dynamic_metadata=self._usage_metadata(usage),
+        )
+
+    def _buffered_usage(self, raw: bytes) -> Usage | None:
+        if self.request is None or not 200 <= self.status < 300:
+            return None
+        try:
+            response = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warning("backend %s sent a 2xx body that is not JSON", self.backend)
+            return None
+        usage = from_openai(response.get("usage") if isinstance(response, dict) else None)
+        return usage or self._estimate(completion_text(response))
+
+    def _estimate(self, completion: str) -> Usage | None:
+        if self.request is None or self.prompt is None:
+            return None
+        out = self.services.tokens.count_text(self.request.model, completion).tokens
+        prompt = self.prompt.tokens
+        return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
+
+    def _identity_headers(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self.team:
+            out[routing.TEAM_HEADER] = self.team
+        if self.request is not None:
+            out[f"{H}model"] = self.request.model
+            if self.backend:
+                out[f"{H}backend"] = self.backend
+                target = self.rt.targets.get((self.request.model, self.backend))
+                if target is not None:
+                    out[f"{H}provider-model"] = target.provider_model
+        return out
+
+    def _usage_metadata(self, usage: Usage | None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "backend": self.backend or "",
+            "status": self.status,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+        }
+        if usage is not None:
+            data.update(usage.as_metadata())
+        return {METADATA_NAMESPACE: data}
+
+
+class UpstreamStream:
+    """The per-backend stage inside a cluster: credentials and model name for this attempt."""
+
+    __slots__ = ("metadata", "rt", "target")
+
+    def __init__(self, services: Services, metadata: Mapping[str, str]) -> None:
+        self.rt = services.runtime
+        self.metadata = metadata
+        self.target = None
+
+    async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                headers = protocol.header_dict(req.request_headers.headers)
+                self.target = routing.upstream_target(self.rt, self.metadata, headers)
+                set_headers, remove = routing.upstream_header_mutation(self.target, headers)
+                needs_body = self.target.provider_model != self.target.model
+                if needs_body:
+                    # The rewritten body has another length; Envoy only drops content-length
+                    # itself when the body mode was BUFFERED from the start, not on override.
+                    remove.append("content-length")
+                return protocol.request_headers_response(
+                    protocol.common(set_headers, remove),
+                    mode_override=protocol.UPSTREAM_REWRITE_BODY if needs_body else None,
+                )
+            if kind == "request_body" and self.target is not None:
+                body = routing.rewrite_model(req.request_body.body, self.target.provider_model)
+                return protocol.request_body_response(protocol.common(body=body))
+        except GatewayError as err:
+            return protocol.immediate_response(err.status, err.body(), details="aigw_upstream")
+        except orjson.JSONDecodeError:
+            err = bad_request("We could not parse the JSON body of your request", "invalid_json")
+            return protocol.immediate_response(err.status, err.body(), details="aigw_upstream")
+        return _passthrough(kind)
+
+
+def _route_or_raise(headers: Mapping[str, str]) -> tuple[Endpoint, str | None]:
+    return route(headers.get(":method", ""), headers.get(":path", ""))
+
+
+def _attribute(req: Any, name: str) -> str | None:
+    # Envoy puts attributes under the filter's name, e.g. attributes["envoy.filters.http.ext_proc"]
+    for struct in req.attributes.values():
+        value = protocol.struct_value(struct, name)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+_PASS = {
+    "request_headers": lambda: protocol.request_headers_response(),
+    "response_headers": lambda: protocol.response_headers_response(),
+    "request_body": lambda: protocol.request_body_response(),
+    "response_body": lambda: protocol.response_body_response(),
+}
+
+
+def _passthrough(kind: str | None) -> protocol.ProcessingResponse:
+    if kind in _PASS:
+        return _PASS[kind]()
+    if kind == "request_trailers":
+        return protocol.ProcessingResponse(request_trailers=protocol.pb.TrailersResponse())
+    return protocol.ProcessingResponse(response_trailers=protocol.pb.TrailersResponse())

@@ -1,0 +1,150 @@
+"""Building and reading ext_proc protocol messages (Envoy's generated stubs from xds-protos)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+ProcessingMode = processing_mode_pb2.ProcessingMode
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Envoy sends header values in raw_value (bytes); value is empty unless an old runtime flag
+# is flipped. Read both so the sidecar works with either.
+
+
+def header_dict(header_map: Any) -> dict[str, str]:
+    """Lower-cased name -> value; repeated headers are joined with ',' as HTTP allows."""
+    out: dict[str, str] = {}
+    for h in header_map.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        key = h.key.lower()
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
+
+
+def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode("utf-8")),
+        append_action=_OVERWRITE,
+    )
+
+
+def common(
+    set_headers: Mapping[str, str] | None = None,
+    remove_headers: Iterable[str] = (),
+    body: bytes | None = None,
+    clear_route_cache: bool = False,
+) -> pb.CommonResponse:
+    resp = pb.CommonResponse(clear_route_cache=clear_route_cache)
+    if set_headers:
+        resp.header_mutation.set_headers.extend(header_option(k, v) for k, v in set_headers.items())
+    remove = list(remove_headers)
+    if remove:
+        resp.header_mutation.remove_headers.extend(remove)
+    if body is not None:
+        resp.body_mutation.body = body
+    return resp
+
+
+def request_headers_response(
+    common_response: pb.CommonResponse | None = None,
+    mode_override: ProcessingMode | None = None,
+    dynamic_metadata: Mapping[str, Any] | None = None,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common_response))
+    return _finish(resp, mode_override, dynamic_metadata)
+
+
+def response_headers_response(
+    common_response: pb.CommonResponse | None = None,
+    mode_override: ProcessingMode | None = None,
+    dynamic_metadata: Mapping[str, Any] | None = None,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common_response))
+    return _finish(resp, mode_override, dynamic_metadata)
+
+
+def request_body_response(
+    common_response: pb.CommonResponse | None = None,
+    dynamic_metadata: Mapping[str, Any] | None = None,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common_response))
+    return _finish(resp, None, dynamic_metadata)
+
+
+def response_body_response(
+    common_response: pb.CommonResponse | None = None,
+    dynamic_metadata: Mapping[str, Any] | None = None,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common_response))
+    return _finish(resp, None, dynamic_metadata)
+
+
+def immediate_response(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    details: str = "",
+    content_type: str = "application/json",
+) -> pb.ProcessingResponse:
+    imm = pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status), body=body, details=details
+    )
+    all_headers = {"content-type": content_type, **(headers or {})}
+    imm.headers.set_headers.extend(header_option(k, v) for k, v in all_headers.items())
+    return pb.ProcessingResponse(immediate_response=imm)
+
+
+def _finish(
+    resp: pb.ProcessingResponse,
+    mode_override: ProcessingMode | None,
+    dynamic_metadata: Mapping[str, Any] | None,
+) -> pb.ProcessingResponse:
+    if mode_override is not None:
+        resp.mode_override.CopyFrom(mode_override)
+    if dynamic_metadata:
+        resp.dynamic_metadata.CopyFrom(to_struct(dynamic_metadata))
+    return resp
+
+
+def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(data)
+    return s
+
+
+def struct_value(struct: struct_pb2.Struct, *path: str) -> Any:
+    """A value inside a Struct (e.g. ProcessingRequest.attributes), or None."""
+    cur: Any = struct
+    for part in path:
+        if isinstance(cur, struct_pb2.Struct) and part in cur.fields:
+            cur = cur[part]
+        else:
+            return None
+    return cur
+
+
+# A mode override replaces the whole mode for the rest of the stream, so every phase still to
+# come is spelled out (DEFAULT would mean "send" for headers).
+STREAMED_RESPONSE = ProcessingMode(
+    response_header_mode=ProcessingMode.SEND,
+    response_body_mode=ProcessingMode.STREAMED,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
+UPSTREAM_REWRITE_BODY = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,
+    request_body_mode=ProcessingMode.BUFFERED,
+    request_trailer_mode=ProcessingMode.SKIP,
+    response_header_mode=ProcessingMode.SKIP,
+    response_body_mode=ProcessingMode.NONE,
+    response_trailer_mode=ProcessingMode.SKIP,
+)

