@@ -25,9 +25,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    from .envoy_config import render_yaml
+    from .envoy_config import render_istio, render_snippet, render_yaml
 
-    text = render_yaml(load_config(args.config))
+    cfg = load_config(args.config)
+    if args.snippet:
+        text = render_snippet(cfg)
+    elif args.istio:
+        text = render_istio(cfg, args.namespace)
+    else:
+        text = render_yaml(cfg)
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
@@ -71,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envoy", help="render the Envoy bootstrap for a config")
     p.add_argument("--config", "-c", required=True)
     p.add_argument("--output", "-o", help="file to write (default: stdout)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--snippet", action="store_true", help="the drop-in filter and cluster")
+    kind.add_argument("--istio", action="store_true", help="an Istio EnvoyFilter manifest")
+    p.add_argument("--namespace", default="default", help="with --istio")
     p.set_defaults(func=cmd_envoy)
 
     p = sub.add_parser("check", help="validate a config and report every error")

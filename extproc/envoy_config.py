@@ -442,3 +442,59 @@ def render_yaml(cfg: Config) -> str:
         "# Rendered by `extproc envoy` from the gateway config; edit that file, not this one.\n"
     )
     return header + yaml.safe_dump(to_dict(bootstrap(cfg)), sort_keys=False, width=100)
+
+
+def render_snippet(cfg: Config) -> str:
+    """The drop-in for an existing Envoy: the HTTP filter and the sidecar's cluster."""
+    doc = {
+        "http_filters": [to_dict(ext_proc_http_filter(cfg))],
+        "clusters": [to_dict(sidecar_cluster(cfg))],
+    }
+    return (
+        "# Drop-in for an existing Envoy (rendered by `extproc envoy --snippet`).\n"
+        "# 1. Put the filter in your HttpConnectionManager's http_filters, before\n"
+        "#    envoy.filters.http.router. 2. Add the cluster to your clusters.\n"
+        "# 3. Give each model a route that matches the header x-aigw-model (see README).\n"
+        + yaml.safe_dump(doc, sort_keys=False, width=100)
+    )
+
+
+def render_istio(cfg: Config, namespace: str = "default") -> str:
+    """An Istio EnvoyFilter that adds the same filter and cluster to sidecars and gateways."""
+    filter_value = to_dict(ext_proc_http_filter(cfg))
+    cluster_value = to_dict(sidecar_cluster(cfg))
+    manifest = {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": "extproc-ai-gateway", "namespace": namespace},
+        "spec": {
+            "workloadSelector": {"labels": {"extproc.io/ai-gateway": "enabled"}},
+            "configPatches": [
+                {
+                    "applyTo": "HTTP_FILTER",
+                    "match": {
+                        "context": "ANY",
+                        "listener": {
+                            "filterChain": {
+                                "filter": {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "subFilter": {"name": "envoy.filters.http.router"},
+                                }
+                            }
+                        },
+                    },
+                    "patch": {"operation": "INSERT_BEFORE", "value": filter_value},
+                },
+                {
+                    "applyTo": "CLUSTER",
+                    "match": {"context": "ANY"},
+                    "patch": {"operation": "ADD", "value": cluster_value},
+                },
+            ],
+        },
+    }
+    return (
+        "# Istio: adds the extproc filter to workloads labelled extproc.io/ai-gateway=enabled,\n"
+        "# with the sidecar running in the same pod (rendered by `extproc envoy --istio`).\n"
+        + yaml.safe_dump(manifest, sort_keys=False, width=100)
+    )

@@ -60,9 +60,10 @@ _CLIENT_MAX_SIZE = 64 * 1024 * 1024
 # Bounds memory when a benchmark sprays many distinct model names.
 _MAX_TRACKED_MODELS = 1024
 _MAX_EMBEDDING_DIMENSIONS = 65536
-# How often a stall checks whether the client went away; keeps the handler from outliving
-# the connection even when the runner was not created with handler_cancellation.
-_STALL_POLL_SECONDS = 0.25
+# How often a long wait (ttft, pacing, stall) checks whether the client went away; keeps
+# handlers from outliving their connection (and delaying shutdown) even when the runner was
+# not created with handler_cancellation.
+_DISCONNECT_POLL_SECONDS = 0.25
 
 _SIMPLE_FAULTS = frozenset({"429", "500", "503", "reset", "stall"})
 _FAULT_HELP = "429, 500, 503, reset, stall, reset-after:N, stall-after:N or none"
@@ -423,20 +424,19 @@ def _reset_connection(request: web.BaseRequest) -> NoReturn:
     raise _Aborted
 
 
-async def _stall(request: web.BaseRequest, seconds: float) -> None:
+async def _sleep_until(request: web.BaseRequest, deadline: float) -> None:
+    """Sleep until the loop-time deadline; raises _Aborted once the client has gone away."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
     while (remaining := deadline - loop.time()) > 0:
-        await asyncio.sleep(min(remaining, _STALL_POLL_SECONDS))
+        await asyncio.sleep(min(remaining, _DISCONNECT_POLL_SECONDS))
         transport = request.transport
         if transport is None or transport.is_closing():
             raise _Aborted
 
 
-async def _sleep_until(loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-    delay = deadline - loop.time()
-    if delay > 0:
-        await asyncio.sleep(delay)
+async def _pause(request: web.BaseRequest, seconds: float) -> None:
+    if seconds > 0:
+        await _sleep_until(request, asyncio.get_running_loop().time() + seconds)
 
 
 class _EventWriter:
@@ -458,17 +458,13 @@ class _EventWriter:
         self._sent = 0
         self.stalled = 0.0  # seconds spent stalling, so token pacing resumes instead of bursting
 
-    async def send(self, data: bytes) -> None:
-        if self._fault is not None and self._sent >= (self._fault.after or 0):
+    async def send(self, data: bytes, *, last: bool = False) -> None:
+        # A fault placed past the end fires before the final event, so "-after:N" is never
+        # silently skipped (SDKs stop reading at [DONE] and would not notice a later reset).
+        if self._fault is not None and (last or self._sent >= (self._fault.after or 0)):
             await self._trigger()
         await self._response.write(data)
         self._sent += 1
-
-    async def finish(self) -> None:
-        # A fault placed past the last event still fires, so "-after:N" never silently passes.
-        if self._fault is not None:
-            await self._trigger()
-        await self._response.write_eof()
 
     async def _trigger(self) -> None:
         fault, self._fault = self._fault, None
@@ -477,7 +473,7 @@ class _EventWriter:
             _reset_connection(self._request)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await _stall(self._request, self._stall_seconds)
+        await _pause(self._request, self._stall_seconds)
         self.stalled += loop.time() - started
 
 
@@ -604,7 +600,7 @@ class _FakeLLM:
             )
         if kind == "reset":
             _reset_connection(request)
-        await _stall(request, self.settings.stall_seconds)
+        await _pause(request, self.settings.stall_seconds)
         return None
 
     async def non_stream_fault(self, request: web.Request, ctx: _Ctx) -> None:
@@ -612,14 +608,13 @@ class _FakeLLM:
         if ctx.fault is not None and ctx.fault.after is not None:
             await self.pre_response_fault(request, ctx.fault)
 
-    async def wait_generation(self, ctx: _Ctx, tokens: int) -> None:
+    async def wait_generation(self, request: web.Request, ctx: _Ctx, tokens: int) -> None:
         # A non-streaming answer arrives when the whole completion would have been generated,
         # so streaming and non-streaming benchmarks see the same end-to-end latency.
         delay = ctx.ttft
         if ctx.tokens_per_second > 0 and tokens > 1:
             delay += (tokens - 1) / ctx.tokens_per_second
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await _pause(request, delay)
 
     async def stream(
         self,
@@ -633,7 +628,7 @@ class _FakeLLM:
         loop = asyncio.get_running_loop()
         first_token_at = loop.time() + ctx.ttft
         if ctx.ttft > 0:
-            await _sleep_until(loop, first_token_at)
+            await _sleep_until(request, first_token_at)
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         out = _EventWriter(request, response, ctx.fault, self.settings.stall_seconds)
@@ -642,13 +637,13 @@ class _FakeLLM:
         tps = ctx.tokens_per_second
         for i in range(tokens):
             if tps > 0 and i:
-                await _sleep_until(loop, first_token_at + out.stalled + i / tps)
+                await _sleep_until(request, first_token_at + out.stalled + i / tps)
             for event in token_events(i):
                 await out.send(event)
         for event in tail:
             await out.send(event)
-        await out.send(_DONE)
-        await out.finish()
+        await out.send(_DONE, last=True)
+        await response.write_eof()
         return response
 
     # ----- endpoints
@@ -671,17 +666,17 @@ class _FakeLLM:
         usage = _chat_usage(prompt_tokens, count)
         common = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if stream else "chat.completion",
             "created": int(time.time()),
             "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if not stream:
-            await self.wait_generation(ctx, count)
+            await self.wait_generation(request, ctx, count)
             await self.non_stream_fault(request, ctx)
             return _json_response(
                 {
                     **common,
-                    "object": "chat.completion",
                     "choices": [
                         {
                             "index": 0,
@@ -699,7 +694,7 @@ class _FakeLLM:
                 }
             )
 
-        base = {**common, "object": "chat.completion.chunk"}
+        base = common
         extra = {"usage": None} if include_usage else {}
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -746,7 +741,7 @@ class _FakeLLM:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if not stream:
-            await self.wait_generation(ctx, count)
+            await self.wait_generation(request, ctx, count)
             await self.non_stream_fault(request, ctx)
             text = _content(count)
             choices = [
@@ -805,8 +800,7 @@ class _FakeLLM:
                 code="invalid_value",
             )
         as_base64 = encoding == "base64"
-        if ctx.ttft > 0:
-            await asyncio.sleep(ctx.ttft)
+        await _pause(request, ctx.ttft)
         await self.non_stream_fault(request, ctx)
         data = []
         for index, (_, identity) in enumerate(inputs):

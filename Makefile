@@ -1,0 +1,66 @@
+# Two commands: `make run` serves the quickstart, `make test` runs the whole suite.
+# Both create the virtualenv on first use; nothing else needs to be installed by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= examples/quickstart.yaml
+PYTEST_ARGS ?=
+
+# Offline tokenizer files: use ../shared/tiktoken when it is there and the caller set nothing.
+ifeq ($(origin TIKTOKEN_CACHE_DIR), undefined)
+ifneq ($(wildcard ../shared/tiktoken),)
+export TIKTOKEN_CACHE_DIR := $(abspath ../shared/tiktoken)
+endif
+endif
+
+.PHONY: run test lint format check envoy envoy-files redis-server clean bench
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/extproc up --config $(CONFIG)
+
+test: $(BIN)/.installed redis-server
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+check: $(BIN)/.installed
+	$(BIN)/extproc check --config $(CONFIG)
+
+envoy: $(BIN)/.installed
+	$(BIN)/extproc envoy --config $(CONFIG)
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.run
+
+# The quota tests run a real redis-server (Debian's package); install it when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server not found: installing Debian's redis-server package"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    redis-server >/dev/null; }
+	@redis-server --version
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# The rendered files under envoy/ (a test fails when they are out of date).
+envoy-files: $(BIN)/.installed
+	$(BIN)/extproc envoy -c examples/quickstart.yaml -o envoy/quickstart.yaml
+	$(BIN)/extproc envoy --snippet -c examples/quickstart.yaml -o envoy/extproc-filter.yaml
+	$(BIN)/extproc envoy --istio -c examples/quickstart.yaml -o envoy/istio-envoyfilter.yaml

@@ -1,0 +1,219 @@
+"""The rendered Envoy configuration: accepted by the real Envoy, in sync with envoy/, no secrets."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from extproc.config import load_config, parse_config
+from extproc.envoy_config import render_istio, render_snippet, render_yaml
+from extproc.supervisor import envoy_binary
+
+from .conftest import REPO
+
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+
+
+def envoy_validate(path) -> None:
+    proc = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout + proc.stderr
+
+
+def test_quickstart_bootstrap_passes_envoy_validate(tmp_path):
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(load_config(QUICKSTART)))
+    envoy_validate(out)
+
+
+@pytest.mark.parametrize(
+    ("committed", "render"),
+    [
+        ("quickstart.yaml", render_yaml),
+        ("extproc-filter.yaml", render_snippet),
+        ("istio-envoyfilter.yaml", render_istio),
+    ],
+)
+def test_committed_envoy_files_match_the_renderer(committed, render):
+    expected = render(load_config(QUICKSTART))
+    assert (REPO / "envoy" / committed).read_text() == expected, "run `make envoy-files`"
+
+
+def _bootstrap_around(http_filter: dict, cluster: dict) -> dict:
+    """A minimal existing-Envoy bootstrap that takes the drop-in as an operator would."""
+    return {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "existing",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 8080}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters."
+                                        "network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "existing",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "llm",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {
+                                                                "prefix": "/v1/",
+                                                                "headers": [
+                                                                    {
+                                                                        "name": "x-aigw-model",
+                                                                        "string_match": {
+                                                                            "exact": "gpt-4o-mini"
+                                                                        },
+                                                                    }
+                                                                ],
+                                                            },
+                                                            "route": {"cluster": "my_llm"},
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            http_filter,
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions"
+                                                    ".filters.http.router.v3.Router"
+                                                },
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                cluster,
+                {
+                    "name": "my_llm",
+                    "type": "STATIC",
+                    "load_assignment": {
+                        "cluster_name": "my_llm",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": 8000,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                },
+            ],
+        }
+    }
+
+
+def test_drop_in_snippet_validates_inside_an_existing_envoy(tmp_path):
+    snippet = yaml.safe_load((REPO / "envoy" / "extproc-filter.yaml").read_text())
+    (http_filter,) = snippet["http_filters"]
+    (cluster,) = snippet["clusters"]
+    out = tmp_path / "existing.yaml"
+    out.write_text(yaml.safe_dump(_bootstrap_around(http_filter, cluster)))
+    envoy_validate(out)
+
+
+def test_istio_manifest_patches_validate(tmp_path):
+    manifest = yaml.safe_load((REPO / "envoy" / "istio-envoyfilter.yaml").read_text())
+    assert manifest["kind"] == "EnvoyFilter"
+    patches = {p["applyTo"]: p["patch"] for p in manifest["spec"]["configPatches"]}
+    assert patches["HTTP_FILTER"]["operation"] == "INSERT_BEFORE"
+    out = tmp_path / "istio.yaml"
+    out.write_text(
+        yaml.safe_dump(_bootstrap_around(patches["HTTP_FILTER"]["value"], patches["CLUSTER"]["value"]))
+    )
+    envoy_validate(out)
+
+
+def _config(**over) -> dict:
+    base = {
+        "teams": {"t": {"keys": [{"env": "SOME_TEAM_KEY"}]}},
+        "backends": {
+            "openai": {"url": "https://api.openai.com/v1", "api_key": {"env": "OPENAI_KEY"}},
+            "azure": {
+                "url": "https://example.openai.azure.com/openai/v1",
+                "auth_header": "api-key",
+                "api_key": {"env": "AZURE_KEY"},
+            },
+            "vllm-a": {"url": "http://10.0.0.1:8000/v1"},
+            "vllm-b": {"url": "http://vllm-b.internal:8000"},
+        },
+        "models": {
+            "gpt-4o": {"targets": [{"backend": "openai"}]},
+            "gpt-4o-azure": {"targets": [{"backend": "azure", "model": "gpt-4o"}]},
+            "llama": {
+                "targets": [
+                    {"backend": "vllm-a", "weight": 90},
+                    {"backend": "vllm-b", "weight": 10},
+                ]
+            },
+        },
+    }
+    base.update(over)
+    return base
+
+
+def test_render_weighted_split_tls_and_path_rewrite(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_KEY", "sk-live-must-not-leak-1234")
+    cfg = parse_config(_config())
+    text = render_yaml(cfg)
+    assert "sk-live-must-not-leak" not in text
+    boot = yaml.safe_load(text)
+    hcm = boot["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    routes = {r["name"]: r for r in hcm["routeConfig"]["virtualHosts"][0]["routes"]}
+    weighted = routes["model:llama"]["route"]["weightedClusters"]["clusters"]
+    assert [(c["name"], c["weight"]) for c in weighted] == [
+        ("aigw-backend-vllm-a", 90),
+        ("aigw-backend-vllm-b", 10),
+    ]
+    assert routes["model:gpt-4o"]["route"]["cluster"] == "aigw-backend-openai"
+    assert "prefixRewrite" not in routes["model:gpt-4o"]["route"]
+    assert routes["model:gpt-4o-azure"]["route"]["prefixRewrite"] == "/openai/v1/"
+    clusters = {c["name"]: c for c in boot["staticResources"]["clusters"]}
+    tls = clusters["aigw-backend-openai"]["transportSocket"]["typedConfig"]
+    assert tls["sni"] == "api.openai.com"
+    assert "transportSocket" not in clusters["aigw-backend-vllm-a"]
+    out = tmp_path / "envoy.yaml"
+    out.write_text(text)
+    envoy_validate(out)
+
+
+def test_unix_socket_sidecar_renders_a_pipe(tmp_path):
+    cfg = parse_config(_config(sidecar={"listen": "unix:/tmp/extproc.sock"}))
+    boot = yaml.safe_load(render_yaml(cfg))
+    sidecar = next(c for c in boot["staticResources"]["clusters"] if c["name"] == "extproc_sidecar")
+    endpoint = sidecar["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"pipe": {"path": "/tmp/extproc.sock"}}
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(cfg))
+    envoy_validate(out)
