@@ -251,11 +251,16 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                 # Envoy's weighted_clusters picks a cluster, so one backend can appear once.
                 problems.append((where, f"backend {target.backend!r} appears twice"))
             seen.add(target.backend)
-        paths = {cfg.backends[t.backend].base_path for t in model.targets if t.backend in cfg.backends}
+        paths = {
+            cfg.backends[t.backend].base_path for t in model.targets if t.backend in cfg.backends
+        }
         if len(paths) > 1:
             # One route serves all of a model's backends, so they share its path rewrite.
             problems.append(
-                (f"models.{name}.targets", f"the backends' URLs have different paths: {sorted(paths)}")
+                (
+                    f"models.{name}.targets",
+                    f"the backends' URLs have different paths: {sorted(paths)}",
+                )
             )
         if sum(t.weight for t in model.targets) == 0:
             problems.append((f"models.{name}.targets", "the weights add up to 0"))
@@ -353,7 +358,9 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                     problems.append((where, str(exc)))
                     continue
             if digest in rt.key_index and rt.key_index[digest][0] != team_name:
-                problems.append((where, f"the same key is also a key of team {rt.key_index[digest][0]!r}"))
+                problems.append(
+                    (where, f"the same key is also a key of team {rt.key_index[digest][0]!r}")
+                )
                 continue
             rt.key_index[digest] = (team_name, label, digest)
         rt.team_models[team_name] = tuple(team.models if team.models is not None else cfg.models)
@@ -397,4 +404,4 @@ def cluster_name(backend: str) -> str:
 
 def backend_from_cluster(cluster: str) -> str | None:
     prefix = "aigw-backend-"
-    return cluster[len(prefix):] if cluster.startswith(prefix) else None
+    return cluster[len(prefix) :] if cluster.startswith(prefix) else None

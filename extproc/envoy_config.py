@@ -239,9 +239,7 @@ def routes(cfg: Config) -> RouteConfiguration:
         else:
             action.weighted_clusters = WeightedCluster(
                 clusters=[
-                    WeightedClusterClusterWeight(
-                        name=cluster_name(t.backend), weight=t.weight
-                    )
+                    WeightedClusterClusterWeight(name=cluster_name(t.backend), weight=t.weight)
                     for t in active
                 ]
             )
@@ -318,7 +316,9 @@ def _upstream_http_options(cfg: Config, backend: str) -> AnyMsg:
                 http_protocol_options=Http1ProtocolOptions()
             ),
             http_filters=[
-                HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(upstream_ext_proc(cfg, backend))),
+                HttpFilter(
+                    name=EXT_PROC_FILTER, typed_config=_any(upstream_ext_proc(cfg, backend))
+                ),
                 HttpFilter(
                     name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())
                 ),
@@ -353,9 +353,7 @@ def backend_cluster(cfg: Config, name: str) -> Cluster:
                 )
             ],
         ),
-        typed_extension_protocol_options={
-            HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name)
-        },
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name)},
     )
     if backend.tls:
         cluster.transport_socket = TransportSocket(

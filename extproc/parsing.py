@@ -150,7 +150,8 @@ def _check_text_or_tokens(value: Any, param: str) -> None:
             all(isinstance(v, str) for v in value)
             or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             or all(
-                isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+                isinstance(v, list)
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
                 for v in value
             )
         )

@@ -28,7 +28,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         self.services = services
         self.active = 0
 
-    async def Process(self, request_iterator, context):  # noqa: N802 - gRPC's method name
+    async def Process(self, request_iterator, context):
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         if metadata.get(STAGE_METADATA) == "upstream":
             stream = UpstreamStream(self.services, metadata)
@@ -47,17 +47,14 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             self.active -= 1
 
 
-def build_services(runtime: Runtime, previous: TokenCounter | None = None) -> Services:
+def build_services(runtime: Runtime) -> Services:
     cfg = runtime.config
-    encodings = {m.encoding: m.encoding for m in cfg.models.values() if m.encoding}
     overrides = {name: m.encoding for name, m in cfg.models.items() if m.encoding}
     counter = TokenCounter(cfg.sidecar.default_encoding, overrides)
-    wanted = {cfg.sidecar.default_encoding, *encodings}
-    wanted |= {counter.encoding_name_for(name) for name in cfg.models}
-    # Loading an encoding takes most of a second: do it here, never on a request.
-    for name, problem in counter.preload(sorted(wanted)).items():
-        if problem:
-            log.warning("tokenizer %s unavailable (%s): counts will be estimates", name, problem)
+    wanted = {cfg.sidecar.default_encoding} | {counter.encoding_name_for(n) for n in cfg.models}
+    # Loading an encoding takes most of a second: do it here, never on a request. An encoding
+    # that cannot load is announced by the counter, and its counts become estimates.
+    counter.preload(sorted(wanted))
     return Services(runtime=runtime, tokens=counter)
 
 
@@ -80,15 +77,20 @@ class Sidecar:
         except OSError:
             return None
 
-    def reload(self) -> bool:
+    def _load(self) -> Services:
+        return build_services(load_runtime(self.config_path))
+
+    async def reload(self) -> bool:
         """Swap in a new config if it is valid; otherwise keep serving the old one."""
         try:
-            runtime = load_runtime(self.config_path)
+            # Parsing, secret files and tokenizer loads stay off the event loop.
+            fresh = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             log.error("config reload rejected, still serving the previous config:\n%s", exc)
             return False
-        self.services.tokens = build_services(runtime).tokens
-        self.services.runtime = runtime
+        # Streams already running keep the Runtime they started with.
+        self.services.tokens = fresh.tokens
+        self.services.runtime = fresh.runtime
         log.info("config reloaded from %s", self.config_path)
         return True
 
@@ -98,12 +100,18 @@ class Sidecar:
             mtime = self._stat()
             if mtime != self._mtime:
                 self._mtime = mtime
-                self.reload()
+                await self.reload()
 
     async def start(self) -> None:
         options = [
-            ("grpc.max_receive_message_length", 2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20)),
-            ("grpc.max_send_message_length", 2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20)),
+            (
+                "grpc.max_receive_message_length",
+                2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20),
+            ),
+            (
+                "grpc.max_send_message_length",
+                2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20),
+            ),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]
@@ -113,13 +121,12 @@ class Sidecar:
         host, port = parse_address(self.listen)
         target = host if port is None else f"{_bracket(host)}:{port}"
         self.bound_port = self.server.add_insecure_port(target)
-        if port == 0 or (port is not None and self.bound_port == 0):
-            if self.bound_port == 0:
-                raise OSError(f"cannot listen on {self.listen}")
+        if port is not None and self.bound_port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("extproc sidecar listening on %s", self.listen if port else target)
+        log.info("extproc sidecar listening on %s", target if port is None else self.bound_port)
 
     async def stop(self, grace: float) -> None:
         # Tell Envoy's health checker first so new streams go elsewhere, then drain.
@@ -132,12 +139,21 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        reloads: set[asyncio.Task] = set()
+
+        def _on_sighup() -> None:
+            task = asyncio.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, _on_sighup)
         interval = self.services.runtime.config.sidecar.reload_interval_s
         watcher = asyncio.create_task(self._watch(interval)) if interval > 0 else None
         await self._stopping.wait()
         grace = self.services.runtime.config.sidecar.grace_s
-        log.info("shutting down: draining %d active stream(s), up to %.0fs", self.processor.active, grace)
+        log.info(
+            "shutting down: draining %d active stream(s), up to %.0fs", self.processor.active, grace
+        )
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

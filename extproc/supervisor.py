@@ -102,9 +102,18 @@ class Stack:
                 fake = cfg.fake_llm
                 proc = self._spawn(
                     "fake-llm",
-                    [*py, "fake-llm", "--listen", fake.listen, "--ttft-ms", str(fake.ttft_ms),
-                     "--tokens-per-second", str(fake.tokens_per_second),
-                     "--response-tokens", str(fake.response_tokens)],
+                    [
+                        *py,
+                        "fake-llm",
+                        "--listen",
+                        fake.listen,
+                        "--ttft-ms",
+                        str(fake.ttft_ms),
+                        "--tokens-per-second",
+                        str(fake.tokens_per_second),
+                        "--response-tokens",
+                        str(fake.response_tokens),
+                    ],
                 )
                 wait_tcp(fake.listen, deadline, proc)
             proc = self._spawn("sidecar", [*py, "serve", "--config", self.config_path])
@@ -113,8 +122,16 @@ class Stack:
             bootstrap.write_text(render_yaml(cfg), encoding="utf-8")
             proc = self._spawn(
                 "envoy",
-                [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
-                 "--log-level", self.envoy_log_level, "--concurrency", "2"],
+                [
+                    envoy_binary(),
+                    "-c",
+                    str(bootstrap),
+                    "--disable-hot-restart",
+                    "--log-level",
+                    self.envoy_log_level,
+                    "--concurrency",
+                    "2",
+                ],
             )
             wait_envoy_ready(cfg.envoy.admin, deadline, proc)
         except BaseException:

@@ -42,7 +42,9 @@ def from_openai(obj: Any) -> Usage | None:
     total = _int(obj.get("total_tokens"))
     details = obj.get("prompt_tokens_details")
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-    return Usage(prompt, completion, total if total is not None else prompt + completion, cached or 0)
+    return Usage(
+        prompt, completion, total if total is not None else prompt + completion, cached or 0
+    )
 
 
 def completion_text(response: Any) -> str:
@@ -58,7 +60,9 @@ def completion_text(response: Any) -> str:
             for call in message.get("tool_calls") or ():
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
-                    parts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
+                    parts.extend(
+                        v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str)
+                    )
         elif isinstance(choice.get("text"), str):
             parts.append(choice["text"])
     return "".join(parts)

@@ -150,7 +150,9 @@ def test_istio_manifest_patches_validate(tmp_path):
     assert patches["HTTP_FILTER"]["operation"] == "INSERT_BEFORE"
     out = tmp_path / "istio.yaml"
     out.write_text(
-        yaml.safe_dump(_bootstrap_around(patches["HTTP_FILTER"]["value"], patches["CLUSTER"]["value"]))
+        yaml.safe_dump(
+            _bootstrap_around(patches["HTTP_FILTER"]["value"], patches["CLUSTER"]["value"])
+        )
     )
     envoy_validate(out)
 

@@ -30,19 +30,21 @@ def test_up_serves_the_quickstart_and_the_readme_example_runs(tmp_path):
     config = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     ports = {k: free_port() for k in ("envoy", "admin", "sidecar", "fake")}
     # The same file with free ports, so the test never collides with a running `make run`.
-    config["envoy"].update(listen=f"127.0.0.1:{ports['envoy']}", admin=f"127.0.0.1:{ports['admin']}")
+    config["envoy"].update(
+        listen=f"127.0.0.1:{ports['envoy']}", admin=f"127.0.0.1:{ports['admin']}"
+    )
     config["sidecar"]["listen"] = f"127.0.0.1:{ports['sidecar']}"
     config["fake_llm"]["listen"] = f"127.0.0.1:{ports['fake']}"
     config["backends"]["fake"]["url"] = f"http://127.0.0.1:{ports['fake']}/v1"
     path = tmp_path / "quickstart.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 - read back after the process ends
-    up = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "up", "-c", str(path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path / "up.log", "wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "up", "-c", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while "extproc is up" not in (tmp_path / "up.log").read_text():

@@ -1,0 +1,81 @@
+"""Graceful shutdown: a SIGTERM to the sidecar lets the streams in flight finish."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import openai
+import yaml
+
+from .conftest import free_port, sha256_hex
+
+
+def test_sigterm_drains_in_flight_streams(tmp_path):
+    from extproc.supervisor import Stack
+
+    ports = {k: free_port() for k in ("sidecar", "envoy", "admin", "fake")}
+    config = {
+        "sidecar": {"listen": f"127.0.0.1:{ports['sidecar']}", "grace_s": 20},
+        "envoy": {"listen": f"127.0.0.1:{ports['envoy']}", "admin": f"127.0.0.1:{ports['admin']}"},
+        "teams": {"t": {"keys": [{"sha256": sha256_hex("sk-drain")}]}},
+        "backends": {"fake": {"url": f"http://127.0.0.1:{ports['fake']}/v1"}},
+        "models": {"gpt-4o-mini": {"targets": [{"backend": "fake"}]}},
+        # ~1.5 s per stream: long enough to be in flight when the signal lands.
+        "fake_llm": {
+            "listen": f"127.0.0.1:{ports['fake']}",
+            "tokens_per_second": 10,
+            "response_tokens": 15,
+        },
+    }
+    path = tmp_path / "drain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with open(tmp_path / "stack.log", "wb") as log:
+        stack = Stack(path, workdir=tmp_path, stdout=log)
+        stack.start()
+        try:
+            client = openai.OpenAI(
+                base_url=f"http://127.0.0.1:{ports['envoy']}/v1",
+                api_key="sk-drain",
+                max_retries=0,
+                timeout=30,
+            )
+            results: list[str] = []
+            errors: list[BaseException] = []
+            first_chunk = threading.Barrier(4)
+
+            def stream_one() -> None:
+                try:
+                    parts = []
+                    stream = client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        messages=[{"role": "user", "content": "drain"}],
+                        stream=True,
+                    )
+                    for i, chunk in enumerate(stream):
+                        if i == 1:
+                            first_chunk.wait(10)
+                        if chunk.choices:
+                            parts.append(chunk.choices[0].delta.content or "")
+                    results.append("".join(parts))
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=stream_one) for _ in range(3)]
+            for t in threads:
+                t.start()
+            first_chunk.wait(10)  # every stream has started flowing
+            sidecar = stack.procs["sidecar"]
+            sidecar.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            for t in threads:
+                t.join(30)
+            assert not errors, errors
+            expected = "".join(f" tok{i}" for i in range(15))
+            assert results == [expected] * 3
+            assert sidecar.wait(30) == 0
+            # It left when the streams were done, not at the grace deadline.
+            assert time.monotonic() - started < 15
+        finally:
+            stack.stop(grace=5)
