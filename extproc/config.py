@@ -67,6 +67,8 @@ class SecretRef(_Strict):
                 value = self.file.read_text(encoding="utf-8")
             except OSError as exc:
                 raise LookupError(f"cannot read {self.file}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise LookupError(f"{self.file} is not UTF-8 text") from None
         value = value.strip()
         if not value:
             raise LookupError("the secret is empty")
@@ -290,14 +292,37 @@ def parse_config(data: Any, source: str = "config") -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice: the second `team-a:` would silently win."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} appears twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([("", f"cannot read: {exc.strerror}")], source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"not valid UTF-8: {exc.reason} at byte {exc.start}")], source)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([("", f"not valid YAML: {exc}")], source) from None
     return parse_config(data, source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -45,7 +46,8 @@ def route(method: str, raw_path: str) -> tuple[Endpoint, str | None]:
     if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
         if method != "GET":
             raise _method_not_allowed(method, path)
-        return Endpoint.MODEL, path[len("/v1/models/") :]
+        # The SDK percent-encodes the id, and model names may hold "/" (meta-llama/...).
+        return Endpoint.MODEL, unquote(path[len("/v1/models/") :])
     raise GatewayError(
         404, f"Invalid URL ({method} {path})", "invalid_request_error", "unknown_url"
     )

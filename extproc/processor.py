@@ -167,9 +167,9 @@ class DownstreamStream:
         set_headers = self._identity_headers()
         # A misbehaving backend must not be able to speak in the gateway's name either.
         remove = identity.spoofed_headers(headers)
-        content_type = headers.get("content-type", "")
+        media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         mode = None
-        if content_type.startswith("text/event-stream") and not msg.end_of_stream:
+        if media_type == "text/event-stream" and not msg.end_of_stream:
             self.observer = StreamObserver()
             mode = protocol.STREAMED_RESPONSE
         return protocol.response_headers_response(

@@ -7,13 +7,16 @@ including between `\r` and `\n` or inside a multi-byte character. Lines are spli
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
 
 import orjson
 
 from .usage import Usage, from_openai
 
 DONE = b"[DONE]"
+
+
+_EOL = re.compile(rb"\r\n?|\n")
 
 
 class SSEParser:
@@ -27,36 +30,29 @@ class SSEParser:
         self._has_data = False
         self._pending_cr = False
 
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        """Yield the data of every event completed by this chunk."""
-        buf = self._buf
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of every event this chunk completes, in order."""
+        if not chunk:
+            return []  # an empty chunk must not separate a CR from its LF
         if self._pending_cr:
             self._pending_cr = False
-            if chunk.startswith(b"\n"):
+            if chunk[:1] == b"\n":
                 chunk = chunk[1:]
+        buf = self._buf
         buf += chunk
+        events: list[bytes] = []
         start = 0
-        n = len(buf)
-        while start < n:
-            lf = buf.find(b"\n", start)
-            cr = buf.find(b"\r", start)
-            if lf < 0 and cr < 0:
-                break
-            if cr >= 0 and (lf < 0 or cr < lf):
-                end = cr
-                if cr + 1 < n:
-                    nxt = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
-                else:
-                    # A CR at the very end: its LF may come with the next chunk.
-                    self._pending_cr = True
-                    nxt = cr + 1
-            else:
-                end, nxt = lf, lf + 1
-            event = self._line(bytes(buf[start:end]))
+        # One regex pass over the buffer: linear in its size, however many lines it holds.
+        for match in _EOL.finditer(buf):
+            if match.end() == len(buf) and match.group() == b"\r":
+                # A CR at the very end: its LF may come with the next chunk.
+                self._pending_cr = True
+            event = self._line(bytes(buf[start : match.start()]))
             if event is not None:
-                yield event
-            start = nxt
+                events.append(event)
+            start = match.end()
         del buf[:start]
+        return events
 
     def _line(self, line: bytes) -> bytes | None:
         if not line:
@@ -110,7 +106,8 @@ class StreamObserver:
             usage = from_openai(event.get("usage"))
             if usage is not None:
                 self.usage = usage
-            for choice in event.get("choices") or ():
+            choices = event.get("choices")
+            for choice in choices if isinstance(choices, list) else ():
                 if isinstance(choice, dict):
                     self._collect(choice)
 

@@ -49,15 +49,17 @@ def from_openai(obj: Any) -> Usage | None:
 
 def completion_text(response: Any) -> str:
     """Text the model produced in a non-streamed response, for our own count."""
+    choices = response.get("choices") if isinstance(response, dict) else None
     parts: list[str] = []
-    for choice in response.get("choices") or () if isinstance(response, dict) else ():
+    for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
         message = choice.get("message")
         if isinstance(message, dict):
             if isinstance(message.get("content"), str):
                 parts.append(message["content"])
-            for call in message.get("tool_calls") or ():
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
                     parts.extend(

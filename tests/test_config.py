@@ -122,7 +122,10 @@ def test_unknown_top_level_field() -> None:
             {"backends": {"b": {"url": "http://h/v1", "api_key": {"env": "X", "value": "v"}}}},
             "backends.b.api_key.value",
         ),
-        ({"models": {"m": {"targets": [{"backend": "b", "wieght": 2}]}}}, "models.m.targets.0.wieght"),
+        (
+            {"models": {"m": {"targets": [{"backend": "b", "wieght": 2}]}}},
+            "models.m.targets.0.wieght",
+        ),
     ],
 )
 def test_unknown_nested_field(changes: dict[str, Any], path: str) -> None:
@@ -348,7 +351,10 @@ def test_backend_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     secret_file.write_text("  azure-secret  \n")
     data = cfg(
         backends={
-            "openai": {"url": "https://api.example.com/v1", "api_key": {"env": "EXTPROC_TEST_OPENAI"}},
+            "openai": {
+                "url": "https://api.example.com/v1",
+                "api_key": {"env": "EXTPROC_TEST_OPENAI"},
+            },
             "azure": {
                 "url": "https://az.example.com/v1",
                 "auth_header": "api-key",
@@ -399,9 +405,7 @@ def test_a_key_shared_by_two_teams(monkeypatch: pytest.MonkeyPatch) -> None:
             "b": {"keys": [{"sha256": sha("sk-b")}, {"env": "EXTPROC_TEST_SHARED"}]},
         }
     )
-    assert runtime_problems(data) == [
-        ("teams.b.keys.1", "the same key is also a key of team 'a'")
-    ]
+    assert runtime_problems(data) == [("teams.b.keys.1", "the same key is also a key of team 'a'")]
 
 
 def test_the_same_key_twice_in_one_team_is_fine() -> None:
@@ -485,6 +489,23 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
     assert info.value.problems == [("", "cannot read: No such file or directory")]
 
 
+def test_load_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"# caf\xe9\n" + yaml.safe_dump(BASE).encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [(where, _)] = info.value.problems
+    assert where == ""
+
+
+def test_key_file_not_utf8(tmp_path: Path) -> None:
+    key_file = tmp_path / "binary.key"
+    key_file.write_bytes(b"\xff\xfe\x00k")
+    data = cfg(teams={"t": {"keys": [{"file": str(key_file)}]}})
+    [(where, _)] = runtime_problems(data)
+    assert where == "teams.t.keys.0"
+
+
 def test_load_config_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(BASE))
@@ -509,9 +530,7 @@ def run_check(path: Path) -> subprocess.CompletedProcess[str]:
 def test_cli_check_quickstart() -> None:
     result = run_check(QUICKSTART)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (
-        f"{QUICKSTART}: OK (2 teams, 2 keys, 1 backends, 3 models)\n"
-    )
+    assert result.stdout == (f"{QUICKSTART}: OK (2 teams, 2 keys, 1 backends, 3 models)\n")
 
 
 def test_cli_check_broken_file(tmp_path: Path) -> None:
@@ -542,3 +561,20 @@ def test_cli_check_missing_secret(tmp_path: Path) -> None:
         f"{path}: 1 error(s)\n"
         "  backends.b.api_key: environment variable EXTPROC_TEST_NEVER_SET is not set\n"
     )
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
+    # A second `team-a:` would silently replace the first, and its keys would vanish.
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "teams:\n"
+        "  team-a: {keys: [{env: A}]}\n"
+        "  team-a: {keys: [{env: B}]}\n"
+        "backends: {b: {url: 'http://127.0.0.1:1/v1'}}\n"
+        "models: {m: {targets: [{backend: b}]}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [(where, message)] = info.value.problems
+    assert where == ""
+    assert "'team-a' appears twice" in message
