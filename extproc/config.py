@@ -320,9 +320,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError([("", f"cannot read: {exc.strerror}")], source) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([("", f"not valid UTF-8: {exc.reason} at byte {exc.start}")], source)
+        raise ConfigError(
+            [("", f"not valid UTF-8: {exc.reason} at byte {exc.start}")], source
+        ) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([("", f"not valid YAML: {exc}")], source) from None
     return parse_config(data, source)

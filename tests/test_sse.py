@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import orjson
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
