@@ -55,7 +55,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .supervisor import up
 
-    return up(args.config, workdir=args.workdir, envoy_log_level=args.envoy_log_level)
+    return up(
+        args.config,
+        workdir=args.workdir,
+        envoy_log_level=args.envoy_log_level,
+        envoy_concurrency=args.envoy_concurrency,
+    )
 
 
 def cmd_fake_llm(args: argparse.Namespace) -> int:
@@ -91,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True)
     p.add_argument("--workdir", help="where to write the rendered Envoy config (default: temp)")
     p.add_argument("--envoy-log-level", default="warning")
+    p.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("fake-llm", help="run the fake OpenAI-compatible upstream")

@@ -75,6 +75,7 @@ class Stack:
         envoy_log_level: str = "warning",
         env: dict[str, str] | None = None,
         stdout=None,
+        envoy_concurrency: int = 2,
     ) -> None:
         self.config_path = str(config_path)
         self.config: Config = load_config(config_path)
@@ -83,6 +84,7 @@ class Stack:
         self.envoy_log_level = envoy_log_level
         self.env = {**os.environ, **(env or {})}
         self.stdout = stdout
+        self.envoy_concurrency = envoy_concurrency
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -130,7 +132,7 @@ class Stack:
                     "--log-level",
                     self.envoy_log_level,
                     "--concurrency",
-                    "2",
+                    str(self.envoy_concurrency),
                 ],
             )
             wait_envoy_ready(cfg.envoy.admin, deadline, proc)
@@ -161,8 +163,13 @@ class Stack:
                 proc.wait()
 
 
-def up(config_path: str, workdir: str | None = None, envoy_log_level: str = "warning") -> int:
-    stack = Stack(config_path, workdir, envoy_log_level)
+def up(
+    config_path: str,
+    workdir: str | None = None,
+    envoy_log_level: str = "warning",
+    envoy_concurrency: int = 2,
+) -> int:
+    stack = Stack(config_path, workdir, envoy_log_level, envoy_concurrency=envoy_concurrency)
     stopping = False
 
     def _stop(signum, _frame):

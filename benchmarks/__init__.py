@@ -1,0 +1,1 @@
+"""Benchmarks for the gateway, measured against an Envoy-only baseline (see README.md)."""
