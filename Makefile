@@ -14,7 +14,7 @@ export TIKTOKEN_CACHE_DIR := $(abspath ../shared/tiktoken)
 endif
 endif
 
-.PHONY: run test lint format check envoy envoy-files redis-server clean bench
+.PHONY: run test lint format check envoy envoy-files protos redis-server clean bench
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,3 +64,8 @@ envoy-files: $(BIN)/.installed
 	$(BIN)/extproc envoy -c examples/quickstart.yaml -o envoy/quickstart.yaml
 	$(BIN)/extproc envoy --snippet -c examples/quickstart.yaml -o envoy/extproc-filter.yaml
 	$(BIN)/extproc envoy --istio -c examples/quickstart.yaml -o envoy/istio-envoyfilter.yaml
+
+# Our own gRPC APIs: protos/ compiled into extproc/ (a test fails when they are out of date).
+protos: $(BIN)/.installed
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
+	  protos/extproc/admin/v1/quota.proto

@@ -63,6 +63,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_quota(args: argparse.Namespace) -> int:
+    from .admin.client import run_quota_command
+
+    address = args.address
+    if address is None:
+        address = load_config(args.config).sidecar.listen if args.config else "127.0.0.1:50051"
+    return run_quota_command(args.action, args.team, address, os.environ.get(args.token_env))
+
+
 def cmd_fake_llm(args: argparse.Namespace) -> int:
     from .fake_llm import main_from_args
 
@@ -98,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoy-log-level", default="warning")
     p.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("quota", help="a team's quota usage, or reset it (admin API)")
+    p.add_argument("action", choices=["usage", "reset"])
+    p.add_argument("--team", required=True)
+    p.add_argument("--config", "-c", help="take the sidecar's address from this config")
+    p.add_argument("--address", help="the sidecar's gRPC address (default 127.0.0.1:50051)")
+    p.add_argument(
+        "--token-env",
+        default="EXTPROC_ADMIN_TOKEN",
+        help="environment variable holding the admin token, if the sidecar requires one",
+    )
+    p.set_defaults(func=cmd_quota)
 
     p = sub.add_parser("fake-llm", help="run the fake OpenAI-compatible upstream")
     from .fake_llm import add_arguments

@@ -98,10 +98,81 @@ class ApiKey(_Strict):
         return self
 
 
+Window = Literal["minute", "hour", "day", "month"]
+METRICS = ("tokens", "input_tokens", "output_tokens", "requests", "usd")
+
+
+class Limit(_Strict):
+    """One budget of a team: exactly one metric, over one calendar window (UTC)."""
+
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    window: Window
+    tokens: int | None = Field(default=None, ge=1)
+    input_tokens: int | None = Field(default=None, ge=1)
+    output_tokens: int | None = Field(default=None, ge=1)
+    requests: int | None = Field(default=None, ge=1)
+    usd: float | None = Field(default=None, gt=0)
+    # None: every model the team uses. Names of models or of model_groups.
+    models: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_metric(self) -> Limit:
+        given = [m for m in METRICS if getattr(self, m) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(METRICS)}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return next(m for m in METRICS if getattr(self, m) is not None)
+
+
 class Team(_Strict):
     keys: Annotated[list[ApiKey], Field(min_length=1)]
     # None: every configured model. An explicit list restricts the team to those.
     models: list[str] | None = None
+    limits: list[Limit] = []
+
+
+class Price(_Strict):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class RedisSettings(_Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretRef | None = None
+    cluster: bool = False
+    timeout_ms: int = Field(default=50, ge=1, le=10_000)
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("must be a redis:// or rediss:// URL with a host")
+        if parts.password:
+            raise ValueError("must not hold a password: use 'password: {env: ...}'")
+        return v
+
+
+class QuotaSettings(_Strict):
+    store: Literal["memory", "redis"] = "memory"
+    redis: RedisSettings = RedisSettings()
+    # When the store is slow or down: refuse with 503 (closed) or admit unmetered (open).
+    failure_mode: Literal["closed", "open"] = "closed"
+    # An unsettled reservation (a sidecar that died mid-request) is charged after this long.
+    reservation_ttl_s: float = Field(default=900.0, ge=1)
+    # Output reserved for a request that does not say max_tokens / max_completion_tokens.
+    default_max_tokens: int = Field(default=4096, ge=1)
+
+
+class AdminSettings(_Strict):
+    # When set, admin calls must carry "authorization: Bearer <token>" gRPC metadata.
+    token: SecretRef | None = None
 
 
 class Backend(_Strict):
@@ -219,6 +290,10 @@ class FakeLLMSettingsModel(_Strict):
 class Config(_Strict):
     sidecar: SidecarSettings = SidecarSettings()
     envoy: EnvoySettings = EnvoySettings()
+    quota: QuotaSettings = QuotaSettings()
+    admin: AdminSettings = AdminSettings()
+    prices: dict[str, Price] = {}
+    model_groups: dict[Annotated[str, Field(pattern=_NAME)], list[str]] = {}
     teams: dict[Annotated[str, Field(pattern=_NAME)], Team]
     backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")], Backend]
     models: dict[Annotated[str, Field(pattern=_NAME)], Model]
@@ -270,6 +345,49 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         for i, model_name in enumerate(team.models or ()):
             if model_name not in cfg.models:
                 problems.append((f"teams.{team_name}.models.{i}", f"unknown model {model_name!r}"))
+        problems += _check_limits(cfg, team_name, team)
+    for group, members in cfg.model_groups.items():
+        if group in cfg.models:
+            problems.append((f"model_groups.{group}", "a group cannot share a model's name"))
+        for i, member in enumerate(members):
+            if member not in cfg.models:
+                problems.append((f"model_groups.{group}.{i}", f"unknown model {member!r}"))
+    for model_name in cfg.prices:
+        if model_name not in cfg.models:
+            problems.append((f"prices.{model_name}", "unknown model"))
+    return problems
+
+
+def limit_models(cfg: Config, team: Team, limit: Limit) -> tuple[str, ...]:
+    """The models a limit counts: its own list (groups expanded), or all the team's models."""
+    if limit.models is None:
+        return tuple(team.models if team.models is not None else cfg.models)
+    out: list[str] = []
+    for name in limit.models:
+        out += cfg.model_groups.get(name, [name])
+    return tuple(dict.fromkeys(out))
+
+
+def limit_name(limit: Limit) -> str:
+    return limit.name or f"{limit.metric}-{limit.window}"
+
+
+def _check_limits(cfg: Config, team_name: str, team: Team) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, limit in enumerate(team.limits):
+        where = f"teams.{team_name}.limits.{i}"
+        name = limit_name(limit)
+        if name in seen:
+            problems.append((f"{where}.name", f"two limits are called {name!r}: name them"))
+        seen.add(name)
+        for j, model in enumerate(limit.models or ()):
+            if model not in cfg.models and model not in cfg.model_groups:
+                problems.append((f"{where}.models.{j}", f"unknown model or group {model!r}"))
+        if limit.usd is not None:
+            unpriced = [m for m in limit_models(cfg, team, limit) if m not in cfg.prices]
+            if unpriced:
+                problems.append((f"{where}.usd", f"no price for {', '.join(unpriced)} (prices:)"))
     return problems
 
 
@@ -353,6 +471,7 @@ class Runtime:
     team_models: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # (model, backend) -> target
     targets: dict[tuple[str, str], ResolvedTarget] = field(default_factory=dict)
+    admin_token: str | None = None  # never logged
 
     def team_for_key(self, presented: str) -> str | None:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
@@ -415,6 +534,16 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 auth_header=backend.auth_header,
                 credential=credentials.get(target.backend),
             )
+    if cfg.admin.token is not None:
+        try:
+            rt.admin_token = cfg.admin.token.resolve()
+        except LookupError as exc:
+            problems.append(("admin.token", str(exc)))
+    if cfg.quota.store == "redis" and cfg.quota.redis.password is not None:
+        try:
+            cfg.quota.redis.password.resolve()
+        except LookupError as exc:
+            problems.append(("quota.redis.password", str(exc)))
     if problems:
         raise ConfigError(problems, source)
     return rt

@@ -15,11 +15,15 @@ from . import identity, protocol, routing
 from .config import INTERNAL_HEADER_PREFIX, backend_from_cluster
 from .errors import GatewayError, bad_request
 from .parsing import Endpoint, ParsedRequest, check_content_type, parse_body, route, too_large
+from .quota.policy import Amounts, applicable
+from .quota.service import requested_output
 from .sse import StreamObserver
 from .usage import SOURCE_ESTIMATE, Usage, completion_text, from_openai
 
 if TYPE_CHECKING:
     from .config import Runtime
+    from .quota.policy import LimitSpec
+    from .quota.service import QuotaService, Reservation
     from .tokens import TokenCounter
 
 log = logging.getLogger("extproc.processor")
@@ -29,12 +33,15 @@ CLUSTER_ATTRIBUTE = "xds.cluster_name"
 H = INTERNAL_HEADER_PREFIX
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Services:
-    """What every stream shares; `runtime` is swapped whole on a config reload."""
+    """What every stream shares. A reload builds a new one and swaps it in whole; a stream
+    keeps the one it started with, so one request never mixes two configs."""
 
     runtime: Runtime
     tokens: TokenCounter
+    quota: QuotaService
+    limits: dict[str, tuple[LimitSpec, ...]]
 
 
 class DownstreamStream:
@@ -46,6 +53,7 @@ class DownstreamStream:
         "observer",
         "prompt",
         "request",
+        "reservation",
         "rt",
         "services",
         "started",
@@ -65,6 +73,7 @@ class DownstreamStream:
         self.backend: str | None = None
         self.status = 0
         self.observer: StreamObserver | None = None
+        self.reservation: Reservation | None = None
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -133,6 +142,14 @@ class DownstreamStream:
         routing.check_model(self.rt, self.team, parsed.model, self.endpoint)
         self.request = parsed
         self.prompt = await self._count_prompt(parsed)
+        specs = applicable(self.services.limits.get(self.team, ()), parsed.model)
+        if specs:
+            output = requested_output(
+                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
+            )
+            self.reservation = await self.services.quota.reserve(
+                self.rt.config, self.team, parsed.model, specs, Amounts(self.prompt.tokens, output)
+            )
         metadata = {
             METADATA_NAMESPACE: {
                 "team": self.team,
@@ -165,6 +182,10 @@ class DownstreamStream:
         cluster = _attribute(req, CLUSTER_ATTRIBUTE)
         self.backend = backend_from_cluster(cluster) if cluster else None
         set_headers = self._identity_headers()
+        if self.reservation is not None:
+            set_headers.update(
+                self.services.quota.rate_headers(self.reservation.specs, self.reservation.states)
+            )
         # A misbehaving backend must not be able to speak in the gateway's name either.
         remove = identity.spoofed_headers(headers)
         media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -182,9 +203,11 @@ class DownstreamStream:
             if not msg.end_of_stream:
                 return protocol.response_body_response()
             usage = self.observer.usage or self._estimate(self.observer.text)
+            self._settle(usage)
             return protocol.response_body_response(dynamic_metadata=self._usage_metadata(usage))
 
         usage = self._buffered_usage(msg.body)
+        self._settle(usage)
         set_headers = {}
         if usage is not None:
             set_headers = {
@@ -197,6 +220,30 @@ class DownstreamStream:
             protocol.common(set_headers) if set_headers else None,
             dynamic_metadata=self._usage_metadata(usage),
         )
+
+    def _settle(self, usage: Usage | None) -> None:
+        if self.reservation is None:
+            return
+        if usage is None or not 200 <= self.status < 300:
+            # The backend refused or failed: it served no tokens, but the request was made.
+            actual = Amounts(0, 0)
+        else:
+            actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
+        self.services.quota.settle_soon(self.reservation, actual)
+
+    def close(self) -> None:
+        """The stream ended: if the response never completed, settle what was delivered."""
+        if self.reservation is None or self.reservation.settled:
+            return
+        prompt = self.prompt.tokens if self.prompt is not None else 0
+        if self.observer is not None:
+            # A stream cut short: the usage event never came, so count the deltas delivered.
+            usage = self.observer.usage or self._estimate(self.observer.text)
+            actual = Amounts(usage.prompt_tokens, usage.completion_tokens) if usage else None
+        else:
+            # No response seen: the backend may still have read the prompt.
+            actual = None
+        self.services.quota.settle_soon(self.reservation, actual or Amounts(prompt, 0))
 
     def _buffered_usage(self, raw: bytes) -> Usage | None:
         if self.request is None or not 200 <= self.status < 300:
@@ -249,6 +296,9 @@ class UpstreamStream:
         self.rt = services.runtime
         self.metadata = metadata
         self.target = None
+
+    def close(self) -> None:
+        """Nothing to settle: the downstream stage owns the request's accounting."""
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")

@@ -13,8 +13,12 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .admin.service import QuotaAdmin
+from .admin.v1 import quota_pb2_grpc
 from .config import ConfigError, Runtime, load_runtime, parse_address
 from .processor import DownstreamStream, Services, UpstreamStream
+from .quota.policy import team_limits
+from .quota.service import QuotaService
 from .routing import STAGE_METADATA
 from .tokens import TokenCounter
 
@@ -45,9 +49,12 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
         finally:
             self.active -= 1
+            # Also on cancellation (the client went away): settlement runs as its own task.
+            stream.close()
 
 
-def build_services(runtime: Runtime) -> Services:
+def build_runtime_parts(runtime: Runtime) -> tuple[Runtime, TokenCounter]:
+    """The blocking part of (re)loading: tokenizer files are read here, off the event loop."""
     cfg = runtime.config
     overrides = {name: m.encoding for name, m in cfg.models.items() if m.encoding}
     counter = TokenCounter(cfg.sidecar.default_encoding, overrides)
@@ -55,7 +62,19 @@ def build_services(runtime: Runtime) -> Services:
     # Loading an encoding takes most of a second: do it here, never on a request. An encoding
     # that cannot load is announced by the counter, and its counts become estimates.
     counter.preload(sorted(wanted))
-    return Services(runtime=runtime, tokens=counter)
+    return runtime, counter
+
+
+def build_services(
+    runtime: Runtime, tokens: TokenCounter | None = None, quota: QuotaService | None = None
+) -> Services:
+    if tokens is None:
+        runtime, tokens = build_runtime_parts(runtime)
+    cfg = runtime.config
+    # Keep the store (and its counters) across reloads unless its own settings changed.
+    if quota is None or quota.settings != cfg.quota:
+        quota = QuotaService.from_settings(cfg.quota)
+    return Services(runtime=runtime, tokens=tokens, quota=quota, limits=team_limits(cfg))
 
 
 class Sidecar:
@@ -63,8 +82,7 @@ class Sidecar:
         self.config_path = Path(config_path)
         runtime = load_runtime(self.config_path)
         self.listen = listen or runtime.config.sidecar.listen
-        self.services = build_services(runtime)
-        self.processor = ExternalProcessor(self.services)
+        self.processor = ExternalProcessor(build_services(runtime))
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._mtime = self._stat()
@@ -77,20 +95,26 @@ class Sidecar:
         except OSError:
             return None
 
-    def _load(self) -> Services:
-        return build_services(load_runtime(self.config_path))
+    @property
+    def services(self) -> Services:
+        return self.processor.services
 
     async def reload(self) -> bool:
         """Swap in a new config if it is valid; otherwise keep serving the old one."""
         try:
             # Parsing, secret files and tokenizer loads stay off the event loop.
-            fresh = await asyncio.to_thread(self._load)
+            runtime, tokens = await asyncio.to_thread(
+                lambda: build_runtime_parts(load_runtime(self.config_path))
+            )
         except ConfigError as exc:
             log.error("config reload rejected, still serving the previous config:\n%s", exc)
             return False
-        # Streams already running keep the Runtime they started with.
-        self.services.tokens = fresh.tokens
-        self.services.runtime = fresh.runtime
+        old = self.processor.services
+        fresh = build_services(runtime, tokens, old.quota)
+        self.processor.services = fresh  # one assignment: a stream sees old or new, whole
+        if fresh.quota is not old.quota:
+            await old.quota.drain()
+            await old.quota.store.close()
         log.info("config reloaded from %s", self.config_path)
         return True
 
@@ -117,6 +141,9 @@ class Sidecar:
         ]
         self.server = grpc.aio.server(options=options)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)
+        quota_pb2_grpc.add_QuotaAdminServicer_to_server(
+            QuotaAdmin(lambda: self.processor.services), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host, port = parse_address(self.listen)
         target = host if port is None else f"{_bracket(host)}:{port}"
@@ -133,6 +160,9 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        quota = self.processor.services.quota
+        await quota.drain()  # settlements of the last requests
+        await quota.store.close()
 
     async def run(self) -> None:
         await self.start()

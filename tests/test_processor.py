@@ -745,7 +745,7 @@ def credential_services(services: Services, monkeypatch: pytest.MonkeyPatch) -> 
             }
         },
     }
-    return Services(runtime=build_runtime(parse_config(data)), tokens=services.tokens)
+    return build_services(build_runtime(parse_config(data)), services.tokens, services.quota)
 
 
 def test_upstream_sets_bearer_credential(credential_services: Services) -> None:

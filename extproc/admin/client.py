@@ -1,0 +1,54 @@
+"""`extproc quota usage|reset`: the admin API from a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+from .v1 import quota_pb2, quota_pb2_grpc
+
+
+def run_quota_command(action: str, team: str, address: str, token: str | None) -> int:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    # grpc understands HOST:PORT and unix:/path alike.
+    with grpc.insecure_channel(address) as channel:
+        stub = quota_pb2_grpc.QuotaAdminStub(channel)
+        try:
+            if action == "reset":
+                reply = stub.ResetUsage(
+                    quota_pb2.ResetUsageRequest(team=team), metadata=metadata, timeout=10
+                )
+                print(f"team {team}: usage reset ({reply.keys_removed} keys removed)")
+                return 0
+            usage = stub.GetUsage(
+                quota_pb2.GetUsageRequest(team=team), metadata=metadata, timeout=10
+            )
+        except grpc.RpcError as err:
+            print(f"extproc quota {action}: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(format_usage(usage))
+    return 0
+
+
+def format_usage(usage: quota_pb2.GetUsageResponse) -> str:
+    if not usage.limits:
+        return f"team {usage.team}: no limits configured"
+    rows = [("limit", "metric", "window", "used", "reserved", "remaining", "of", "resets in")]
+    for lim in usage.limits:
+        rows.append(
+            (
+                lim.name,
+                lim.metric,
+                lim.window,
+                str(lim.used),
+                str(lim.reserved),
+                str(lim.remaining),
+                str(lim.limit),
+                f"{lim.reset_in_seconds:.0f}s",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"team {usage.team} (usd amounts in micro-USD)"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)

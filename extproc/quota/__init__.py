@@ -1,0 +1,1 @@
+"""Per-team quotas: limits over calendar windows, reserved before a request, settled after."""

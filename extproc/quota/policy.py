@@ -1,0 +1,130 @@
+"""From a team's limits and one request to the counters it charges, and what it costs in each."""
+
+from __future__ import annotations
+
+import calendar
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ..config import Config, Limit, limit_models, limit_name
+from .store import Charge
+
+_FIXED = {"minute": 60, "hour": 3600, "day": 86400}
+TOKEN_METRICS = frozenset({"tokens", "input_tokens", "output_tokens"})
+# USD budgets are counted in micro-dollars so that every store does integer arithmetic.
+MICRO = 1_000_000
+
+
+def window_bounds(window: str, now: float) -> tuple[int, int]:
+    """[start, end) of the calendar window (UTC) that holds `now`."""
+    if window in _FIXED:
+        size = _FIXED[window]
+        start = int(now // size) * size
+        return start, start + size
+    t = datetime.fromtimestamp(now, UTC)
+    start = calendar.timegm((t.year, t.month, 1, 0, 0, 0))
+    days = calendar.monthrange(t.year, t.month)[1]
+    return start, start + days * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """A configured limit, resolved: its name, what it counts, and which models."""
+
+    name: str
+    metric: str
+    window: str
+    limit: int  # tokens, requests, or micro-USD
+    models: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Amounts:
+    input_tokens: int
+    output_tokens: int
+    requests: int = 1
+
+
+def team_limits(cfg: Config) -> dict[str, tuple[LimitSpec, ...]]:
+    out: dict[str, tuple[LimitSpec, ...]] = {}
+    for team_name, team in cfg.teams.items():
+        specs = []
+        for limit in team.limits:
+            specs.append(
+                LimitSpec(
+                    name=limit_name(limit),
+                    metric=limit.metric,
+                    window=limit.window,
+                    limit=_limit_value(limit),
+                    models=frozenset(limit_models(cfg, team, limit)),
+                )
+            )
+        out[team_name] = tuple(specs)
+    return out
+
+
+def _limit_value(limit: Limit) -> int:
+    if limit.usd is not None:
+        return math.floor(limit.usd * MICRO)
+    value = getattr(limit, limit.metric)
+    assert isinstance(value, int)
+    return value
+
+
+def amount(spec: LimitSpec, amounts: Amounts, cfg: Config, model: str) -> int:
+    if spec.metric == "tokens":
+        return amounts.input_tokens + amounts.output_tokens
+    if spec.metric == "input_tokens":
+        return amounts.input_tokens
+    if spec.metric == "output_tokens":
+        return amounts.output_tokens
+    if spec.metric == "requests":
+        return amounts.requests
+    price = cfg.prices[model]  # validated at load for every model a USD limit counts
+    # USD per 1M tokens x tokens = micro-USD; rounded up so a budget is never undercounted.
+    return math.ceil(amounts.input_tokens * price.input + amounts.output_tokens * price.output)
+
+
+def applicable(specs: tuple[LimitSpec, ...], model: str) -> tuple[LimitSpec, ...]:
+    return tuple(s for s in specs if model in s.models)
+
+
+def charges(
+    specs: tuple[LimitSpec, ...],
+    amounts: Amounts,
+    cfg: Config,
+    model: str,
+    now: float,
+    slack_s: float,
+) -> tuple[Charge, ...]:
+    out = []
+    for spec in specs:
+        start, end = window_bounds(spec.window, now)
+        out.append(
+            Charge(
+                counter=f"{spec.name}:{start}",
+                limit=spec.limit,
+                amount=amount(spec, amounts, cfg, model),
+                expires_at=end + slack_s,
+            )
+        )
+    return tuple(out)
+
+
+def go_duration(seconds: float) -> str:
+    """OpenAI's reset headers use Go's duration format: 17ms, 1.5s, 6m0s, 1h0m0s."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    total_ms = round(seconds * 1000)
+    hours, rest = divmod(total_ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = rest / 1000
+    sec_text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{sec_text}"
+    if minutes:
+        return f"{minutes}m{sec_text}"
+    return sec_text

@@ -1,0 +1,234 @@
+"""Reserve before, settle after: the quota decisions of one request, and the failure policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config, QuotaSettings
+from ..errors import GatewayError
+from ..parsing import Endpoint
+from . import policy
+from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
+from .store import Charge, CounterState, QuotaStore, StoreUnavailable
+
+log = logging.getLogger("extproc.quota")
+
+_UNITS = {
+    "tokens": "tokens",
+    "input_tokens": "input tokens",
+    "output_tokens": "output tokens",
+    "requests": "requests",
+    "usd": "micro-USD",
+}
+_ERROR_TYPE = {"requests": "requests", "usd": "insufficient_quota"}
+
+
+def requested_output(body: dict[str, Any], endpoint: Endpoint, default: int) -> int:
+    """The most output this request may produce, for the reservation."""
+    if endpoint is Endpoint.EMBEDDINGS:
+        return 0
+    value = body.get("max_completion_tokens")
+    if not _positive_int(value):
+        value = body.get("max_tokens")
+    out = value if _positive_int(value) else default
+    n = body.get("n")
+    return out * (n if _positive_int(n) else 1)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+@dataclass(slots=True)
+class Reservation:
+    team: str
+    id: str
+    model: str
+    specs: tuple[LimitSpec, ...]
+    charges: tuple[Charge, ...]
+    states: tuple[CounterState, ...]
+    estimate: Amounts
+    cfg: Config  # the config it was admitted under: prices for settling a USD budget
+    settled: bool = False
+
+
+@dataclass(slots=True)
+class QuotaService:
+    store: QuotaStore
+    settings: QuotaSettings
+    failures: int = 0  # store errors seen; exported as a metric once metrics exist
+    _last_warning: float = 0.0
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    @classmethod
+    def from_settings(cls, settings: QuotaSettings) -> QuotaService:
+        return cls(make_store(settings), settings)
+
+    # -- reserve ----------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        cfg: Config,
+        team: str,
+        model: str,
+        specs: tuple[LimitSpec, ...],
+        estimate: Amounts,
+    ) -> Reservation | None:
+        """Reserve `estimate` against every limit, or raise the 429 (or the 503 when closed)."""
+        now = time.time()
+        slack = self.settings.reservation_ttl_s + 60
+        charges = policy.charges(specs, estimate, cfg, model, now, slack)
+        res_id = uuid.uuid4().hex
+        try:
+            result = await self.store.reserve(
+                team, res_id, charges, self.settings.reservation_ttl_s
+            )
+        except StoreUnavailable as exc:
+            self._store_failed("reserve", exc)
+            if self.settings.failure_mode == "open":
+                return None
+            raise GatewayError(
+                503,
+                "The gateway cannot check your quota right now; retry shortly",
+                "server_error",
+                "quota_store_unavailable",
+                headers=(("retry-after", "1"),),
+            ) from None
+        if not result.ok:
+            assert result.failed is not None
+            raise self._exceeded(team, specs, charges, result.states, result.failed, now)
+        return Reservation(team, res_id, model, specs, charges, result.states, estimate, cfg)
+
+    def _exceeded(
+        self,
+        team: str,
+        specs: tuple[LimitSpec, ...],
+        charges: tuple[Charge, ...],
+        states: tuple[CounterState, ...],
+        failed: int,
+        now: float,
+    ) -> GatewayError:
+        spec, charge, state = specs[failed], charges[failed], states[failed]
+        _, window_end = policy.window_bounds(spec.window, now)
+        wait = max(1, math.ceil(window_end - now))
+        unit = _UNITS[spec.metric]
+        used = state.used + state.reserved
+        headers = [*self.rate_headers(specs, states, now, include_this=False).items()]
+        if charge.amount > charge.limit:
+            # Waiting cannot help: no Retry-After, so clients do not sleep for nothing.
+            message = (
+                f"This request needs {_fmt(charge.amount, spec)} {unit}, more than the whole "
+                f"'{spec.name}' quota of team {team} ({_fmt(charge.limit, spec)} {unit} per "
+                f"{spec.window}). Lower max_tokens or the prompt."
+            )
+        else:
+            message = (
+                f"Quota '{spec.name}' of team {team} reached: limit {_fmt(charge.limit, spec)} "
+                f"{unit} per {spec.window}, used {_fmt(used, spec)}, requested "
+                f"{_fmt(charge.amount, spec)}. Try again in {policy.go_duration(wait)}."
+            )
+            headers.append(("retry-after", str(wait)))
+        return GatewayError(
+            429,
+            message,
+            _ERROR_TYPE.get(spec.metric, "tokens"),
+            f"quota_exceeded:{spec.name}",
+            headers=tuple(headers),
+        )
+
+    # -- settle -----------------------------------------------------------------------------
+
+    def settle_soon(self, reservation: Reservation | None, actual: Amounts) -> None:
+        """Settle off the response path: the client need not wait for the store."""
+        if reservation is None or reservation.settled:
+            return
+        reservation.settled = True
+        task = asyncio.get_running_loop().create_task(self._settle(reservation, actual))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, reservation: Reservation, actual: Amounts) -> None:
+        amounts = [
+            policy.amount(spec, actual, reservation.cfg, reservation.model)
+            for spec in reservation.specs
+        ]
+        try:
+            await self.store.settle(reservation.team, reservation.id, amounts)
+        except StoreUnavailable as exc:
+            # The reservation stays and expires into a charge at its estimate: over-counted,
+            # never lost.
+            self._store_failed("settle", exc)
+
+    async def drain(self) -> None:
+        """Wait for pending settlements (shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- headers ----------------------------------------------------------------------------
+
+    def rate_headers(
+        self,
+        specs: tuple[LimitSpec, ...],
+        states: tuple[CounterState, ...],
+        now: float | None = None,
+        include_this: bool = True,
+    ) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the tightest token and request limits."""
+        now = time.time() if now is None else now
+        out: dict[str, str] = {}
+        for kind, metrics in (("tokens", TOKEN_METRICS), ("requests", {"requests"})):
+            best = None
+            for spec, state in zip(specs, states, strict=True):
+                if spec.metric in metrics:
+                    remaining = max(0, spec.limit - state.used - state.reserved)
+                    if best is None or remaining < best[1]:
+                        best = (spec, remaining)
+            if best is None:
+                continue
+            spec, remaining = best
+            _, end = policy.window_bounds(spec.window, now)
+            out[f"x-ratelimit-limit-{kind}"] = str(spec.limit)
+            out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            out[f"x-ratelimit-reset-{kind}"] = policy.go_duration(end - now)
+        return out
+
+    def _store_failed(self, what: str, exc: Exception) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        # Loud, but not one line per request while the store is down.
+        if now - self._last_warning > 5:
+            self._last_warning = now
+            log.error(
+                "quota store unavailable during %s (%s); failure_mode=%s; %d failures so far",
+                what,
+                exc.__cause__ or exc,
+                self.settings.failure_mode,
+                self.failures,
+            )
+
+
+def _fmt(value: int, spec: LimitSpec) -> str:
+    return f"${value / MICRO:.4f}" if spec.metric == "usd" else str(value)
+
+
+def make_store(settings: QuotaSettings) -> QuotaStore:
+    if settings.store == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore()
+    from .redis_store import RedisStore
+
+    redis = settings.redis
+    return RedisStore.from_url(
+        redis.url,
+        cluster=redis.cluster,
+        password=redis.password.resolve() if redis.password else None,
+        timeout_s=redis.timeout_ms / 1000,
+        max_connections=redis.max_connections,
+    )
