@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -12,10 +10,10 @@ class GetUsageRequest(_message.Message):
     __slots__ = ("team",)
     TEAM_FIELD_NUMBER: _ClassVar[int]
     team: str
-    def __init__(self, team: str | None = ...) -> None: ...
+    def __init__(self, team: _Optional[str] = ...) -> None: ...
 
 class LimitUsage(_message.Message):
-    __slots__ = ("limit", "metric", "models", "name", "remaining", "reserved", "reset_in_seconds", "used", "window")
+    __slots__ = ("name", "metric", "window", "models", "limit", "used", "reserved", "remaining", "reset_in_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -34,24 +32,24 @@ class LimitUsage(_message.Message):
     reserved: int
     remaining: int
     reset_in_seconds: float
-    def __init__(self, name: str | None = ..., metric: str | None = ..., window: str | None = ..., models: _Iterable[str] | None = ..., limit: int | None = ..., used: int | None = ..., reserved: int | None = ..., remaining: int | None = ..., reset_in_seconds: float | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., window: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_in_seconds: _Optional[float] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("limits", "team")
+    __slots__ = ("team", "limits")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     team: str
     limits: _containers.RepeatedCompositeFieldContainer[LimitUsage]
-    def __init__(self, team: str | None = ..., limits: _Iterable[LimitUsage | _Mapping] | None = ...) -> None: ...
+    def __init__(self, team: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitUsage, _Mapping]]] = ...) -> None: ...
 
 class ResetUsageRequest(_message.Message):
     __slots__ = ("team",)
     TEAM_FIELD_NUMBER: _ClassVar[int]
     team: str
-    def __init__(self, team: str | None = ...) -> None: ...
+    def __init__(self, team: _Optional[str] = ...) -> None: ...
 
 class ResetUsageResponse(_message.Message):
     __slots__ = ("keys_removed",)
     KEYS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     keys_removed: int
-    def __init__(self, keys_removed: int | None = ...) -> None: ...
+    def __init__(self, keys_removed: _Optional[int] = ...) -> None: ...
