@@ -1,0 +1,236 @@
+"""The embedded quota store: counters of one sidecar process, kept in its memory.
+
+Each method runs to completion without awaiting, so on one event loop it is atomic; no locks.
+
+Housekeeping is lazy and driven by calls: touching a team charges its expired reservations and
+drops its expired counters, and every call also looks at a few idle teams so that teams which
+are never touched again are forgotten too. Work per call is bounded (`_BATCH` heap entries of
+each kind); heaps are ordered by due time, so whatever a call leaves is first in line next time
+and nothing is missed forever. A reservation that is due but not yet swept is harmless in the
+meantime: charging moves its amount from `reserved` to `used`, so used + reserved (what
+admission looks at) is the same before and after, and `settle` checks its own reservation's
+expiry rather than trusting the sweep.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Sequence
+
+from extproc.quota.store import Charge, CounterState, QuotaStore, ReserveResult
+
+# Heap entries looked at per call and per heap: keeps a call's latency independent of how much
+# expired at once (say, after a burst of sidecar-side timeouts).
+_BATCH = 128
+
+
+class _Counter:
+    __slots__ = ("expires_at", "reserved", "used")
+
+    def __init__(self, expires_at: float) -> None:
+        self.used = 0
+        self.reserved = 0
+        self.expires_at = expires_at
+
+
+class _Reservation:
+    # Counter names are the caller's strings (shared, not copied); amounts a tuple of ints.
+    __slots__ = ("amounts", "counters", "expires")
+
+    def __init__(self, expires: float, counters: tuple[str, ...], amounts: tuple[int, ...]):
+        self.expires = expires
+        self.counters = counters
+        self.amounts = amounts
+
+
+class _Team:
+    __slots__ = (
+        "counter_heap",
+        "counters",
+        "drop_at",
+        "name",
+        "reservation_heap",
+        "reservations",
+    )
+
+    def __init__(self, name: str, now: float) -> None:
+        self.name = name
+        self.counters: dict[str, _Counter] = {}
+        # (expires_at, counter): one entry per counter; an entry whose counter was extended
+        # is pushed again with the new time when it comes up.
+        self.counter_heap: list[tuple[float, str]] = []
+        self.reservations: dict[str, _Reservation] = {}
+        # (expires, reservation id); settled reservations leave stale entries behind, which
+        # are compacted away once they outnumber the live ones.
+        self.reservation_heap: list[tuple[float, str]] = []
+        # The latest time anything of the team may still matter: after it the whole team can
+        # go, since every counter may be forgotten and every reservation has expired.
+        self.drop_at = now
+
+
+class MemoryStore(QuotaStore):
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._teams: dict[str, _Team] = {}
+        # (drop_at, seq, team): exactly one entry per live team object; seq breaks ties
+        # because teams do not compare. A team that was reset leaves a stale entry.
+        self._idle: list[tuple[float, int, _Team]] = []
+        self._seq = itertools.count()
+
+    async def reserve(
+        self, team: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
+    ) -> ReserveResult:
+        for charge in charges:
+            if charge.amount < 0:
+                raise ValueError(f"negative amount in {charge!r}")
+        now = self._clock()
+        t = self._touch(team, now, create=True)
+        assert t is not None
+        existing = t.reservations.get(reservation_id)
+        if existing is not None and existing.expires <= now:
+            self._charge(t, reservation_id, existing)  # due but not swept yet: a new one
+        elif existing is not None:
+            # A retried reserve (the caller timed out but the first one got through) must not
+            # reserve twice: report the reservation as made.
+            return ReserveResult(True, _states(t, charges))
+        wanted: dict[str, int] = {}  # what this request puts on each counter so far
+        for i, charge in enumerate(charges):
+            c = t.counters.get(charge.counter)
+            used, reserved = (c.used, c.reserved) if c is not None else (0, 0)
+            total = wanted.get(charge.counter, 0) + charge.amount
+            if used + reserved + total > charge.limit:
+                return ReserveResult(False, _states(t, charges), failed=i)
+            wanted[charge.counter] = total
+        expires = now + ttl_s
+        for charge in charges:
+            c = t.counters.get(charge.counter)
+            if c is None:
+                c = t.counters[charge.counter] = _Counter(charge.expires_at)
+                heapq.heappush(t.counter_heap, (charge.expires_at, charge.counter))
+            elif charge.expires_at > c.expires_at:
+                c.expires_at = charge.expires_at
+            c.reserved += charge.amount
+            t.drop_at = max(t.drop_at, charge.expires_at)
+        t.reservations[reservation_id] = _Reservation(
+            expires,
+            tuple(charge.counter for charge in charges),
+            tuple(charge.amount for charge in charges),
+        )
+        heapq.heappush(t.reservation_heap, (expires, reservation_id))
+        t.drop_at = max(t.drop_at, expires)
+        return ReserveResult(True, _states(t, charges))
+
+    async def settle(self, team: str, reservation_id: str, actual: Sequence[int]) -> bool:
+        if any(a < 0 for a in actual):
+            raise ValueError(f"negative actual amount in {list(actual)!r}")
+        now = self._clock()
+        t = self._touch(team, now, create=False)
+        if t is None:
+            return False
+        r = t.reservations.get(reservation_id)
+        if r is None:
+            return False
+        if r.expires <= now:
+            # Expired, even if no sweep got to it yet: it is charged, not settled.
+            self._charge(t, reservation_id, r)
+            return False
+        if len(actual) != len(r.counters):
+            raise ValueError(
+                f"settle of {reservation_id!r}: {len(actual)} amounts for {len(r.counters)} charges"
+            )
+        del t.reservations[reservation_id]
+        for name, amount, real in zip(r.counters, r.amounts, actual, strict=True):
+            c = t.counters.get(name)
+            if c is not None:  # None: the counter's window is over and it was forgotten
+                c.reserved -= amount
+                c.used += real
+        _compact(t)
+        return True
+
+    async def usage(self, team: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
+        t = self._touch(team, self._clock(), create=False)
+        if t is None:
+            return tuple(CounterState(name, 0, 0) for name in counters)
+        return tuple(_state(t, name) for name in counters)
+
+    async def reset(self, team: str) -> int:
+        now = self._clock()
+        t = self._teams.pop(team, None)
+        if t is None:
+            return 0
+        live_counters = sum(1 for c in t.counters.values() if c.expires_at > now)
+        return live_counters + len(t.reservations)
+
+    def _touch(self, name: str, now: float, *, create: bool) -> _Team | None:
+        self._drop_idle_teams(now)
+        t = self._teams.get(name)
+        if t is None:
+            if not create:
+                return None
+            t = self._teams[name] = _Team(name, now)
+            heapq.heappush(self._idle, (t.drop_at, next(self._seq), t))
+            return t
+        heap = t.reservation_heap
+        for _ in range(_BATCH):
+            if not heap or heap[0][0] > now:
+                break
+            _, rid = heapq.heappop(heap)
+            r = t.reservations.get(rid)
+            # r.expires > now: the id was settled and reserved again; its own entry is later.
+            if r is not None and r.expires <= now:
+                self._charge(t, rid, r)
+        _compact(t)
+        cheap = t.counter_heap
+        for _ in range(_BATCH):
+            if not cheap or cheap[0][0] > now:
+                break
+            _, counter = heapq.heappop(cheap)
+            c = t.counters.get(counter)
+            if c is None:
+                continue
+            if c.expires_at <= now:
+                del t.counters[counter]
+            else:  # a later charge extended it
+                heapq.heappush(cheap, (c.expires_at, counter))
+        return t
+
+    def _drop_idle_teams(self, now: float) -> None:
+        for _ in range(_BATCH):
+            if not self._idle or self._idle[0][0] > now:
+                return
+            _, _, t = heapq.heappop(self._idle)
+            if self._teams.get(t.name) is not t:
+                continue  # reset (and perhaps created again) since
+            if t.drop_at <= now:
+                del self._teams[t.name]
+            else:
+                heapq.heappush(self._idle, (t.drop_at, next(self._seq), t))
+
+    @staticmethod
+    def _charge(t: _Team, rid: str, r: _Reservation) -> None:
+        del t.reservations[rid]
+        for name, amount in zip(r.counters, r.amounts, strict=True):
+            c = t.counters.get(name)
+            if c is not None:
+                c.reserved -= amount
+                c.used += amount
+
+
+def _compact(t: _Team) -> None:
+    # Settled reservations leave their heap entries behind until they come due; with a long
+    # TTL and a high request rate those would dwarf the in-flight ones, so rebuild the heap
+    # from the live reservations once the stale entries outnumber them (amortised O(1)).
+    if len(t.reservation_heap) > 2 * len(t.reservations) + 64:
+        t.reservation_heap = [(r.expires, rid) for rid, r in t.reservations.items()]
+        heapq.heapify(t.reservation_heap)
+
+
+def _state(t: _Team, name: str) -> CounterState:
+    c = t.counters.get(name)
+    return CounterState(name, c.used, c.reserved) if c is not None else CounterState(name, 0, 0)
+
+
+def _states(t: _Team, charges: Sequence[Charge]) -> tuple[CounterState, ...]:
+    return tuple(_state(t, charge.counter) for charge in charges)

@@ -1,0 +1,639 @@
+"""One conformance suite for every quota store (memory, Redis, Redis Cluster), then what only
+one of them has: bounded housekeeping in memory, key layout and failure handling in Redis,
+slot placement in the Cluster. Real redis-server processes (tests/redis_servers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis.crc import key_slot
+
+from extproc.quota.memory import MemoryStore
+from extproc.quota.redis_store import RedisStore
+from extproc.quota.store import Charge, CounterState, QuotaStore, StoreUnavailable
+from tests import redis_servers
+from tests.redis_servers import RedisClusterNodes, RedisServer
+
+pytest_plugins = ["tests.redis_servers"]
+
+# Generous: these tests are about the numbers, and a loaded CI box must not turn them into
+# timeouts. Latency bounds are tested on their own below.
+CONFORMANCE_TIMEOUT_S = 2.0
+
+
+class Harness:
+    """Makes stores of one kind and moves their time forward."""
+
+    def __init__(self, kind: str, url: str | None = None) -> None:
+        self.kind = kind
+        self.url = url
+        self.now = time.time()  # the memory store's clock
+
+    def store(self, timeout_s: float = CONFORMANCE_TIMEOUT_S) -> QuotaStore:
+        if self.kind == "memory":
+            return MemoryStore(clock=lambda: self.now)
+        assert self.url is not None
+        return RedisStore.from_url(self.url, cluster=self.kind == "cluster", timeout_s=timeout_s)
+
+    def time(self) -> float:
+        return self.now if self.kind == "memory" else time.time()
+
+    async def advance(self, seconds: float) -> None:
+        if self.kind == "memory":
+            self.now += seconds
+        else:
+            await asyncio.sleep(seconds)  # Redis expires by its own clock
+
+    def run(self, body: Callable[[QuotaStore], Awaitable[None]]) -> None:
+        async def main() -> None:
+            store = self.store()
+            try:
+                await body(store)
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def harness(request: pytest.FixtureRequest) -> Harness:
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server_module")
+        return Harness("redis", server.url)
+    if request.param == "cluster":
+        cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        return Harness("cluster", cluster.url)
+    return Harness("memory")
+
+
+def new_team() -> str:
+    # Servers are shared by a module's tests: each test works on teams of its own.
+    return f"team-{uuid.uuid4().hex[:12]}"
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+# --- conformance: every store ---------------------------------------------------------------
+
+
+def test_reserve_within_limit(harness: Harness) -> None:
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        charges = [Charge("tpm:1", 100, 30, exp), Charge("rpm:1", 10, 1, exp)]
+        result = await store.reserve(team, rid(), charges, 60)
+        assert result.ok and result.failed is None
+        assert result.states == (CounterState("tpm:1", 0, 30), CounterState("rpm:1", 0, 1))
+        assert await store.usage(team, ["tpm:1", "rpm:1", "never"]) == (
+            CounterState("tpm:1", 0, 30),
+            CounterState("rpm:1", 0, 1),
+            CounterState("never", 0, 0),
+        )
+        # Exactly up to the limit is admitted.
+        result = await store.reserve(team, rid(), [Charge("tpm:1", 100, 70, exp)], 60)
+        assert result.ok and result.states == (CounterState("tpm:1", 0, 100),)
+
+    harness.run(body)
+
+
+def test_reserve_that_does_not_fit_reserves_nothing(harness: Harness) -> None:
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        first = [Charge("day:1", 1000, 60, exp), Charge("tpm:1", 100, 60, exp)]
+        assert (await store.reserve(team, rid(), first, 60)).ok
+        # The first charge fits, the second (and the third) would not.
+        charges = [
+            Charge("day:1", 1000, 50, exp),
+            Charge("tpm:1", 100, 50, exp),
+            Charge("rpm:1", 0, 1, exp),
+        ]
+        result = await store.reserve(team, rid(), charges, 60)
+        assert not result.ok
+        assert result.failed == 1
+        assert result.states == (
+            CounterState("day:1", 0, 60),
+            CounterState("tpm:1", 0, 60),
+            CounterState("rpm:1", 0, 0),
+        )
+        assert await store.usage(team, ["day:1", "tpm:1", "rpm:1"]) == result.states
+
+    harness.run(body)
+
+
+def test_a_counter_named_twice_needs_room_for_both(harness: Harness) -> None:
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        charges = [Charge("tpm:1", 100, 60, exp), Charge("tpm:1", 100, 60, exp)]
+        result = await store.reserve(team, rid(), charges, 60)
+        assert (result.ok, result.failed) == (False, 1)
+        charges = [Charge("tpm:1", 100, 40, exp), Charge("tpm:1", 100, 40, exp)]
+        r = rid()
+        assert (await store.reserve(team, r, charges, 60)).ok
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 0, 80),)
+        assert await store.settle(team, r, [10, 5])
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 15, 0),)
+
+    harness.run(body)
+
+
+def test_settle_moves_reserved_to_actual_used(harness: Harness) -> None:
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        charges = [Charge("tpm:1", 1000, 40, exp), Charge("usd:1", 10**15, 10**14, exp)]
+        a, b = rid(), rid()
+        assert (await store.reserve(team, a, charges, 60)).ok
+        assert (await store.reserve(team, b, charges, 60)).ok
+        assert await store.usage(team, ["tpm:1", "usd:1"]) == (
+            CounterState("tpm:1", 0, 80),
+            CounterState("usd:1", 0, 2 * 10**14),
+        )
+        assert await store.settle(team, a, [55, 3 * 10**14])  # more than reserved
+        assert await store.usage(team, ["tpm:1", "usd:1"]) == (
+            CounterState("tpm:1", 55, 40),
+            CounterState("usd:1", 3 * 10**14, 10**14),
+        )
+        assert await store.settle(team, b, [10, 7])  # less than reserved
+        assert await store.usage(team, ["tpm:1", "usd:1"]) == (
+            CounterState("tpm:1", 65, 0),
+            CounterState("usd:1", 3 * 10**14 + 7, 0),
+        )
+        # used counts against the limit like reserved does: 1000 - 65 is left.
+        assert not (await store.reserve(team, rid(), [Charge("tpm:1", 1000, 936, exp)], 60)).ok
+        assert (await store.reserve(team, rid(), [Charge("tpm:1", 1000, 935, exp)], 60)).ok
+
+    harness.run(body)
+
+
+def test_settle_twice_and_unknown_change_nothing(harness: Harness) -> None:
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        r = rid()
+        assert (await store.reserve(team, r, [Charge("tpm:1", 100, 30, exp)], 60)).ok
+        assert await store.settle(team, r, [20])
+        after = await store.usage(team, ["tpm:1"])
+        assert after == (CounterState("tpm:1", 20, 0),)
+        assert not await store.settle(team, r, [20])
+        assert not await store.settle(team, rid(), [20])
+        assert not await store.settle(new_team(), r, [20])
+        assert await store.usage(team, ["tpm:1"]) == after
+
+    harness.run(body)
+
+
+def test_settle_with_wrong_amounts_is_rejected(harness: Harness) -> None:
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        r = rid()
+        charges = [Charge("tpm:1", 100, 30, exp), Charge("rpm:1", 10, 1, exp)]
+        assert (await store.reserve(team, r, charges, 60)).ok
+        with pytest.raises(ValueError):
+            await store.settle(team, r, [20])
+        with pytest.raises(ValueError):
+            await store.settle(team, r, [20, -1])
+        with pytest.raises(ValueError):
+            await store.reserve(team, rid(), [Charge("tpm:1", 100, -5, exp)], 60)
+        assert await store.usage(team, ["tpm:1", "rpm:1"]) == (
+            CounterState("tpm:1", 0, 30),
+            CounterState("rpm:1", 0, 1),
+        )
+        assert await store.settle(team, r, [20, 1])
+
+    harness.run(body)
+
+
+def test_reserve_again_with_the_same_id_does_not_reserve_twice(harness: Harness) -> None:
+    # A caller that timed out does not know whether its reserve got through; retrying it
+    # must not double the reservation.
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        r, charges = rid(), [Charge("tpm:1", 100, 30, exp)]
+        assert (await store.reserve(team, r, charges, 60)).ok
+        again = await store.reserve(team, r, charges, 60)
+        assert again.ok and again.states == (CounterState("tpm:1", 0, 30),)
+        assert await store.settle(team, r, [25])
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 25, 0),)
+
+    harness.run(body)
+
+
+def test_expired_reservation_is_charged_at_its_reserved_amount(harness: Harness) -> None:
+    team, exp = new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        seen, unseen, live = rid(), rid(), rid()
+        assert (await store.reserve(team, seen, [Charge("tpm:1", 100, 25, exp)], 0.2)).ok
+        assert (await store.reserve(team, unseen, [Charge("tpm:2", 100, 15, exp)], 0.2)).ok
+        assert (await store.reserve(team, live, [Charge("tpm:1", 100, 5, exp)], 60)).ok
+        await harness.advance(0.35)
+        # The next touch charges it: used += reserved amount.
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 25, 5),)
+        assert not await store.settle(team, seen, [1])
+        # Settling one that expired is refused and charges the reserved amount, not `actual`.
+        assert not await store.settle(team, unseen, [1])
+        assert await store.usage(team, ["tpm:1", "tpm:2"]) == (
+            CounterState("tpm:1", 25, 5),
+            CounterState("tpm:2", 15, 0),
+        )
+        assert await store.settle(team, live, [4])
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 29, 0),)
+
+    harness.run(body)
+
+
+def test_teams_are_independent(harness: Harness) -> None:
+    a, b, exp = new_team(), new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        assert (await store.reserve(a, rid(), [Charge("tpm:1", 100, 100, exp)], 60)).ok
+        assert not (await store.reserve(a, rid(), [Charge("tpm:1", 100, 1, exp)], 60)).ok
+        result = await store.reserve(b, rid(), [Charge("tpm:1", 100, 100, exp)], 60)
+        assert result.ok and result.states == (CounterState("tpm:1", 0, 100),)
+
+    harness.run(body)
+
+
+def test_reset_clears_one_team_only(harness: Harness) -> None:
+    a, b, exp = new_team(), new_team(), harness.time() + 3600
+
+    async def body(store: QuotaStore) -> None:
+        charges = [Charge("tpm:1", 100, 30, exp), Charge("rpm:1", 10, 1, exp)]
+        in_flight, settled = rid(), rid()
+        for team in (a, b):
+            assert (await store.reserve(team, in_flight, charges, 60)).ok
+            assert (await store.reserve(team, settled, charges, 60)).ok
+            assert await store.settle(team, settled, [20, 1])
+        assert await store.reset(a) == 3  # two counters and one reservation
+        assert await store.usage(a, ["tpm:1", "rpm:1"]) == (
+            CounterState("tpm:1", 0, 0),
+            CounterState("rpm:1", 0, 0),
+        )
+        assert not await store.settle(a, in_flight, [1, 1])
+        assert await store.usage(b, ["tpm:1", "rpm:1"]) == (
+            CounterState("tpm:1", 20, 30),
+            CounterState("rpm:1", 1, 1),
+        )
+        assert await store.settle(b, in_flight, [5, 1])
+        assert await store.reset(a) == 0
+        assert await store.reset(new_team()) == 0
+
+    harness.run(body)
+
+
+def test_concurrent_reserves_admit_exactly_what_fits(harness: Harness) -> None:
+    team, exp, limit, amount = new_team(), harness.time() + 3600, 500, 7
+
+    async def body(store: QuotaStore) -> None:
+        charges = [Charge("tpm:1", limit, amount, exp)]
+        results = await asyncio.gather(
+            *(store.reserve(team, rid(), charges, 60) for _ in range(200))
+        )
+        assert sum(r.ok for r in results) == limit // amount
+        assert all(r.failed == 0 for r in results if not r.ok)
+        assert await store.usage(team, ["tpm:1"]) == (
+            CounterState("tpm:1", 0, (limit // amount) * amount),
+        )
+
+    harness.run(body)
+
+
+@pytest.mark.parametrize("harness", ["redis", "cluster"], indirect=True)
+def test_two_sidecars_racing_admit_exactly_what_fits(harness: Harness) -> None:
+    team, exp, limit, amount = new_team(), time.time() + 3600, 1000, 9
+
+    async def main() -> None:
+        one, two = harness.store(), harness.store()
+        try:
+            charges = [Charge("tpm:1", limit, amount, exp), Charge("rpm:1", 10**6, 1, exp)]
+            calls = [
+                store.reserve(team, rid(), charges, 60) for _ in range(100) for store in (one, two)
+            ]
+            results = await asyncio.gather(*calls)
+            assert sum(r.ok for r in results) == limit // amount
+            admitted = limit // amount
+            for store in (one, two):
+                assert await store.usage(team, ["tpm:1", "rpm:1"]) == (
+                    CounterState("tpm:1", 0, admitted * amount),
+                    CounterState("rpm:1", 0, admitted),  # nothing of a refused request
+                )
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(main())
+
+
+# --- memory store ---------------------------------------------------------------------------
+
+
+def test_memory_forgets_expired_counters_and_idle_teams() -> None:
+    clock = [1_800_000_000.0]
+    store = MemoryStore(clock=lambda: clock[0])
+    team, now = new_team(), clock[0]
+
+    async def body() -> None:
+        r = rid()
+        charges = [Charge("tpm:1", 100, 10, now + 60), Charge("day:1", 10**6, 10, now + 1000)]
+        assert (await store.reserve(team, r, charges, 5)).ok
+        assert await store.settle(team, r, [10, 10])
+        # A later expires_at for the same counter wins; an earlier one does not shorten it.
+        assert (await store.reserve(team, rid(), [Charge("tpm:1", 100, 1, now + 120)], 5)).ok
+        assert (await store.reserve(team, rid(), [Charge("tpm:1", 100, 1, now + 30)], 5)).ok
+        clock[0] = now + 90
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 12, 0),)
+        clock[0] = now + 121
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 0, 0),)
+        assert set(store._teams[team].counters) == {"day:1"}
+        # A team that nobody touches again goes too, on calls for other teams.
+        clock[0] = now + 1001
+        await store.usage(new_team(), ["tpm:1"])
+        assert team not in store._teams
+
+    asyncio.run(body())
+
+
+def test_memory_sweeps_a_bounded_batch_per_call_but_misses_none() -> None:
+    clock = [1_800_000_000.0]
+    store = MemoryStore(clock=lambda: clock[0])
+    team, exp, n = new_team(), clock[0] + 3600, 300  # more than one batch
+
+    async def body() -> None:
+        ids = [rid() for _ in range(n)]
+        for r in ids:
+            assert (await store.reserve(team, r, [Charge("tpm:1", 10**6, 2, exp)], 1)).ok
+        clock[0] += 2
+        seen = []
+        for _ in range(5):
+            (state,) = await store.usage(team, ["tpm:1"])
+            assert state.used + state.reserved == 2 * n  # what admission sees never changes
+            seen.append(state)
+        assert 0 < seen[0].used < 2 * n  # one call did not do it all
+        assert seen[-1] == CounterState("tpm:1", 2 * n, 0)
+        assert not await store.settle(team, ids[-1], [1])
+
+    asyncio.run(body())
+
+
+def test_memory_settled_reservations_do_not_pile_up() -> None:
+    store = MemoryStore()
+    team, exp = new_team(), time.time() + 3600
+
+    async def body() -> None:
+        in_flight = [rid() for _ in range(100)]
+        for r in in_flight:
+            assert (await store.reserve(team, r, [Charge("tpm:1", 10**9, 1, exp)], 600)).ok
+        for _ in range(20_000):
+            r = rid()
+            assert (await store.reserve(team, r, [Charge("tpm:1", 10**9, 1, exp)], 600)).ok
+            assert await store.settle(team, r, [1])
+        t = store._teams[team]
+        assert len(t.reservations) == 100
+        assert len(t.reservation_heap) <= 2 * 100 + 64 + 1
+        assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 20_000, 100),)
+
+    asyncio.run(body())
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+
+def test_redis_key_layout_and_expiry(redis_server_module: RedisServer) -> None:
+    team, exp = new_team(), time.time() + 3600
+    check = redis_server_module.client()
+    tag = f"aigw:{{{team}}}:"
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server_module.url, timeout_s=CONFORMANCE_TIMEOUT_S)
+        try:
+            r = rid()
+            charges = [Charge("tpm:1", 100, 30, exp), Charge("rpm:1", 10, 1, exp - 600)]
+            assert (await store.reserve(team, r, charges, 60)).ok
+            keys = {k.decode() for k in check.scan_iter(match=f"aigw:{{{team}}}:*")}
+            assert keys == {
+                tag + "c:tpm:1",
+                tag + "c:rpm:1",
+                tag + f"r:{r}",
+                tag + "rx",
+                tag + "cx",
+            }
+            assert check.hgetall(tag + "c:tpm:1") == {b"r": b"30"}
+            assert abs(check.pexpiretime(tag + "c:tpm:1") - exp * 1000) < 5
+            assert abs(check.pexpiretime(tag + "c:rpm:1") - (exp - 600) * 1000) < 5
+            # Reservation data lives until its counters may go, so a late sweep still counts.
+            assert abs(check.pexpiretime(tag + f"r:{r}") - exp * 1000) < 5
+            assert check.lrange(tag + f"r:{r}", 0, -1) == [b"tpm:1", b"30", b"rpm:1", b"1"]
+            # An earlier expires_at does not shorten a counter's life; a later one extends it.
+            assert (await store.reserve(team, rid(), [Charge("tpm:1", 100, 1, exp - 60)], 60)).ok
+            assert abs(check.pexpiretime(tag + "c:tpm:1") - exp * 1000) < 5
+            assert (await store.reserve(team, rid(), [Charge("tpm:1", 100, 1, exp + 60)], 60)).ok
+            assert abs(check.pexpiretime(tag + "c:tpm:1") - (exp + 60) * 1000) < 5
+            assert await store.settle(team, r, [20, 1])
+            assert not check.exists(tag + f"r:{r}")
+            assert check.zscore(tag + "rx", r) is None
+            assert await store.reset(team) == 4  # 2 counters, 2 reservations
+            assert not list(check.scan_iter(match=f"aigw:{{{team}}}:*"))
+        finally:
+            await store.close()
+            check.close()
+
+    asyncio.run(main())
+
+
+def test_redis_settle_into_a_forgotten_counter_does_not_recreate_it(
+    redis_server_module: RedisServer,
+) -> None:
+    # A counter key without expiry would never go away.
+    team, exp = new_team(), time.time() + 0.3
+    check = redis_server_module.client()
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server_module.url, timeout_s=CONFORMANCE_TIMEOUT_S)
+        try:
+            r = rid()
+            assert (await store.reserve(team, r, [Charge("tpm:1", 100, 30, exp)], 60)).ok
+            await asyncio.sleep(0.4)
+            assert await store.settle(team, r, [20])
+            assert not check.exists(f"aigw:{{{team}}}:c:tpm:1")
+        finally:
+            await store.close()
+            check.close()
+
+    asyncio.run(main())
+
+
+def test_redis_down_raises_store_unavailable_then_recovers(redis_server: RedisServer) -> None:
+    team, exp = new_team(), time.time() + 3600
+    charges = [Charge("tpm:1", 100, 10, exp)]
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server.url, timeout_s=0.25)
+        try:
+            assert (await store.reserve(team, rid(), charges, 60)).ok
+            redis_server.kill()
+            for call in (
+                store.reserve(team, rid(), charges, 60),
+                store.settle(team, rid(), [1]),
+                store.usage(team, ["tpm:1"]),
+                store.reset(team),
+            ):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable) as raised:
+                    await call
+                assert time.monotonic() - started < 2.0  # about not hanging, not speed
+                assert raised.value.__cause__ is not None
+            redis_server.restart()  # empty, and without the scripts
+            result = await store.reserve(team, rid(), charges, 60)
+            assert result.ok and result.states == (CounterState("tpm:1", 0, 10),)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_redis_hung_costs_one_timeout_then_recovers(redis_server: RedisServer) -> None:
+    team, exp = new_team(), time.time() + 3600
+    charges = [Charge("tpm:1", 100, 10, exp)]
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server.url, timeout_s=0.1)
+        try:
+            assert (await store.usage(team, ["tpm:1"]))[0].used == 0
+            redis_server.pause()
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable) as raised:
+                    await store.reserve(team, rid(), charges, 60)
+                elapsed = time.monotonic() - started
+                assert isinstance(raised.value.__cause__, TimeoutError)
+                assert 0.05 < elapsed < 2.0
+            finally:
+                redis_server.resume()
+            # The timed-out reserve may still have run on the server: over-counted until it
+            # expires, never lost. What matters here is that the same client works again.
+            assert (await store.reserve(team, rid(), charges, 60)).ok
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_redis_from_url_turns_retries_off() -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout_s=0.05, max_connections=8)
+    kwargs = store.client.connection_pool.connection_kwargs
+    assert kwargs["retry"].get_retries() == 0
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.05
+    assert store.client.connection_pool.max_connections == 8
+    cluster = RedisStore.from_url("redis://127.0.0.1:1/0", cluster=True, password="pw")
+    assert cluster.client.retry.get_retries() == 0
+    assert cluster.client.connection_kwargs["socket_timeout"] == 0.05
+    assert cluster.client.connection_kwargs["password"] == "pw"
+
+    async def unreachable() -> None:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.usage("team-a", ["tpm:1"])
+        assert time.monotonic() - started < 2.0
+        await store.close()
+        await cluster.close()
+
+    asyncio.run(unreachable())
+
+
+def test_redis_rejects_team_names_that_would_break_the_hash_tag() -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1/0")
+    for bad in ("a}b", "{a}", "", "-a", "a b"):
+        with pytest.raises(ValueError):
+            store.team_keys(bad)
+    assert store.team_keys("team-a.x/y@z:1")[0] == "aigw:{team-a.x/y@z:1}:"
+    with pytest.raises(ValueError):
+        RedisStore(store.client, prefix="a{b}")
+
+
+def test_missing_redis_server_fails_loudly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="redis-server not found on PATH"):
+        redis_servers.require("redis-server")
+
+
+# --- Redis Cluster --------------------------------------------------------------------------
+
+
+def slot_owners(cluster: RedisClusterNodes) -> Iterator[tuple[int, int, int]]:
+    with cluster.nodes[0].client() as client:
+        for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+            yield int(start), int(end), int(primary[1])
+
+
+def owner_port(cluster: RedisClusterNodes, slot: int) -> int:
+    return next(port for start, end, port in slot_owners(cluster) if start <= slot <= end)
+
+
+def test_cluster_keeps_a_team_in_one_slot(redis_cluster: RedisClusterNodes) -> None:
+    team, exp = new_team(), time.time() + 3600
+    tag = f"aigw:{{{team}}}:"
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_cluster.url, cluster=True, timeout_s=2.0)
+        try:
+            r = rid()
+            charges = [Charge("tpm:1", 100, 30, exp), Charge("rpm:1", 10, 1, exp)]
+            assert (await store.reserve(team, r, charges, 60)).ok
+        finally:
+            await store.close()
+        expected = {tag + "c:tpm:1", tag + "c:rpm:1", tag + f"r:{r}", tag + "rx", tag + "cx"}
+        with redis_cluster.nodes[0].client() as client:
+            slots = {client.execute_command("CLUSTER", "KEYSLOT", key) for key in expected}
+        assert slots == {key_slot(team.encode())}
+        (slot,) = slots
+        found: dict[int, set[str]] = {}
+        for node in redis_cluster.nodes:
+            with node.client() as client:
+                keys = client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if keys:
+                    found[node.port] = {k.decode() for k in keys}
+        assert found == {owner_port(redis_cluster, slot): expected}
+
+    asyncio.run(main())
+
+
+def test_cluster_teams_on_different_nodes_both_work(redis_cluster: RedisClusterNodes) -> None:
+    by_node: dict[int, str] = {}
+    while len(by_node) < 2:
+        team = new_team()
+        by_node.setdefault(owner_port(redis_cluster, key_slot(team.encode())), team)
+    teams = list(by_node.values())
+    exp = time.time() + 3600
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_cluster.url, cluster=True, timeout_s=2.0)
+        try:
+            for i, team in enumerate(teams):
+                r = rid()
+                assert (await store.reserve(team, r, [Charge("tpm:1", 100, 10 + i, exp)], 60)).ok
+                assert await store.settle(team, r, [20 + i])
+            for i, team in enumerate(teams):
+                assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 20 + i, 0),)
+                assert await store.reset(team) == 1
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_cluster_fixture_is_healthy(redis_cluster: RedisClusterNodes) -> None:
+    assert len(redis_cluster.ports) == 3
+    covered = sum(end - start + 1 for start, end, _ in slot_owners(redis_cluster))
+    assert covered == 16384
+    assert all(redis_servers.cluster_state_ok(node) for node in redis_cluster.nodes)
