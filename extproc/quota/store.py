@@ -49,13 +49,16 @@ class QuotaStore(ABC):
     async def reserve(
         self, team: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
     ) -> ReserveResult:
-        """All charges fit -> reserve them all under `reservation_id`; else reserve nothing."""
+        """All charges fit -> reserve them all under `reservation_id`; else reserve nothing.
+        A counter named twice must have room for both amounts; reserving again with an id
+        still in flight returns ok without reserving twice; a negative amount is a ValueError."""
 
     @abstractmethod
     async def settle(self, team: str, reservation_id: str, actual: Sequence[int]) -> bool:
         """Release the reservation and add `actual` (one amount per charge, same order) to
         `used`. False when the reservation is unknown (already settled, or expired and
-        charged): then nothing changes, so settling twice never counts twice."""
+        charged): then nothing changes, so settling twice never counts twice. The wrong number
+        of amounts, or a negative one, is a ValueError and changes nothing."""
 
     @abstractmethod
     async def usage(self, team: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
