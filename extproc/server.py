@@ -19,6 +19,7 @@ from .config import ConfigError, Runtime, load_runtime, parse_address
 from .processor import DownstreamStream, Services, UpstreamStream
 from .quota.policy import team_limits
 from .quota.service import QuotaService
+from .quota.store import StoreUnavailable
 from .routing import STAGE_METADATA
 from .tokens import TokenCounter
 
@@ -111,6 +112,8 @@ class Sidecar:
             return False
         old = self.processor.services
         fresh = build_services(runtime, tokens, old.quota)
+        if fresh.quota is not old.quota:
+            await self._warm_up_quota_store(fresh.quota)
         self.processor.services = fresh  # one assignment: a stream sees old or new, whole
         if fresh.quota is not old.quota:
             await old.quota.drain()
@@ -151,9 +154,22 @@ class Sidecar:
         if port is not None and self.bound_port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
+        await self._warm_up_quota_store(self.services.quota)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("extproc sidecar listening on %s", target if port is None else self.bound_port)
+
+    async def _warm_up_quota_store(self, quota: QuotaService) -> None:
+        try:
+            await quota.store.warm_up()
+        except StoreUnavailable as exc:
+            # Not fatal: the failure policy applies per request until the store answers.
+            log.error(
+                "quota store unavailable at start-up (%s); failure_mode=%s applies until it "
+                "answers",
+                exc,
+                quota.settings.failure_mode,
+            )
 
     async def stop(self, grace: float) -> None:
         # Tell Envoy's health checker first so new streams go elsewhere, then drain.

@@ -333,6 +333,20 @@ class RedisStore(QuotaStore):
     async def close(self) -> None:
         await self._client.aclose()
 
+    async def warm_up(self, timeout_s: float = 5.0) -> None:
+        """Connect (and discover a cluster's nodes) before the first request must, with a
+        start-up budget rather than the per-call one."""
+        try:
+            await asyncio.wait_for(self._warm(), timeout_s)
+        except _FAILURES as e:
+            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
+
+    async def _warm(self) -> None:
+        if self._cold_cluster:
+            await self._client.initialize()
+            self._cold_cluster = False
+        await self._client.ping()
+
     async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         try:
             return await asyncio.wait_for(self._run(script, keys, args), self._timeout_s)

@@ -70,3 +70,6 @@ class QuotaStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional for stores without resources
         """Release connections."""
+
+    async def warm_up(self, timeout_s: float = 5.0) -> None:  # noqa: B027 - optional
+        """Connect ahead of the first request; StoreUnavailable if the store is not there."""
