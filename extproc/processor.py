@@ -110,7 +110,7 @@ class DownstreamStream:
     def on_request_headers(self, msg: Any) -> protocol.ProcessingResponse:
         headers = protocol.header_dict(msg.headers)
         self.team = identity.authenticate(self.rt, headers)
-        endpoint, model_id = _route_or_raise(headers)
+        endpoint, model_id = route(headers.get(":method", ""), headers.get(":path", ""))
         self.endpoint = endpoint
         if endpoint is Endpoint.MODELS:
             return protocol.immediate_response(200, routing.list_models_body(self.rt, self.team))
@@ -325,10 +325,6 @@ class UpstreamStream:
             err = bad_request("We could not parse the JSON body of your request", "invalid_json")
             return protocol.immediate_response(err.status, err.body(), details="aigw_upstream")
         return _passthrough(kind)
-
-
-def _route_or_raise(headers: Mapping[str, str]) -> tuple[Endpoint, str | None]:
-    return route(headers.get(":method", ""), headers.get(":path", ""))
 
 
 def _attribute(req: Any, name: str) -> str | None:
