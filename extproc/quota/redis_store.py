@@ -41,6 +41,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from extproc.quota.store import (
@@ -349,9 +350,21 @@ class RedisStore(QuotaStore):
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await asyncio.wait_for(self._run(script, keys, args), self._timeout_s)
+            return await asyncio.wait_for(self._run_once_more(script, keys, args), self._timeout_s)
         except _FAILURES as e:
             raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
+
+    async def _run_once_more(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._run(script, keys, args)
+        except RedisConnectionError:
+            # After Redis restarts, every pooled connection to the old server fails its next
+            # call. Drop them all and try once more within the same time budget: safe, since
+            # reserve is idempotent by reservation id and a repeated settle changes nothing.
+            pool = getattr(self._client, "connection_pool", None)
+            if pool is not None:
+                await pool.disconnect()
+            return await self._run(script, keys, args)
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         if self._cold_cluster:
