@@ -49,7 +49,7 @@ from extproc.envoy_config import (
     SIDECAR_CLUSTER,
     bootstrap,
 )
-from extproc.supervisor import Stack, envoy_binary, wait_envoy_ready, wait_tcp
+from extproc.supervisor import Stack, envoy_binary, stop_process, wait_envoy_ready, wait_tcp
 
 HOST = "127.0.0.1"
 MODEL = "gpt-4o-mini"
@@ -70,17 +70,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def gateway_config(fake_port: int) -> dict[str, Any]:

@@ -151,16 +151,20 @@ class Stack:
     def stop(self, grace: float = 10.0) -> None:
         # Envoy first, so no new request reaches a sidecar that is going away.
         for name in ("envoy", "sidecar", "fake-llm"):
-            proc = self.procs.get(name)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", name, grace)
-                proc.kill()
-                proc.wait()
+            stop_process(self.procs.get(name), grace, name)
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 10.0, name: str = "") -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop in %.0fs; killing it", name or proc.args[0], grace)
+        proc.kill()
+        proc.wait()
 
 
 def up(
