@@ -66,6 +66,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_quota(args: argparse.Namespace) -> int:
     from .admin.client import run_quota_command
 
+    if args.action != "stats" and not args.team:
+        print(f"extproc quota {args.action}: --team is required", file=sys.stderr)
+        return 2
     address = args.address
     if address is None:
         address = load_config(args.config).sidecar.listen if args.config else "127.0.0.1:50051"
@@ -109,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("quota", help="a team's quota usage, or reset it (admin API)")
-    p.add_argument("action", choices=["usage", "reset"])
-    p.add_argument("--team", required=True)
+    p.add_argument("action", choices=["usage", "reset", "stats"])
+    p.add_argument("--team", help="for usage and reset")
     p.add_argument("--config", "-c", help="take the sidecar's address from this config")
     p.add_argument("--address", help="the sidecar's gRPC address (default 127.0.0.1:50051)")
     p.add_argument(

@@ -136,6 +136,11 @@ ACCESS_LOG_FORMAT = {
     "completion_tokens": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:completion_tokens)%",
     "total_tokens": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:total_tokens)%",
     "token_source": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:token_source)%",
+    # Streams only: time to first token, chunks, gaps between them, output tokens per second.
+    **{
+        key: f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"
+        for key in ("ttft_ms", "chunks", "max_gap_ms", "mean_gap_ms", "output_tokens_per_s")
+    },
 }
 
 

@@ -10,6 +10,8 @@ Per-request knobs are request headers, so one running instance can serve many te
 - ``x-fake-fault``: ``429``, ``500``, ``503``, ``reset``, ``stall``, ``reset-after:N``,
   ``stall-after:N`` or ``none`` (suppresses a fault configured on the instance).
 - ``x-fake-ttft-ms``, ``x-fake-tokens-per-second``, ``x-fake-response-tokens``.
+- ``x-fake-no-usage: 1``: a backend whose streams ignore ``stream_options.include_usage``
+  and so report no usage.
 
 ``reset-after:N``/``stall-after:N`` count SSE events (the role chunk and ``[DONE]`` included);
 on non-streaming requests they behave like ``reset``/``stall`` so the fault is never silently
@@ -201,6 +203,8 @@ class _Ctx:
     tokens_per_second: float
     tokens: int
     fault: _Fault | None
+    # A backend whose streams ignore stream_options.include_usage (x-fake-no-usage: 1).
+    no_usage: bool = False
 
 
 _MALFORMED = object()
@@ -538,6 +542,7 @@ class _FakeLLM:
             ),
             tokens=_header_int(headers, "x-fake-response-tokens", settings.response_tokens),
             fault=fault,
+            no_usage=headers.get("x-fake-no-usage") == "1",
         )
 
     async def observe(self, request: web.Request) -> Any:
@@ -659,6 +664,7 @@ class _FakeLLM:
                 "'messages' must be a non-empty array", param="messages", code="invalid_type"
             )
         stream, include_usage = _stream_flags(body)
+        include_usage = include_usage and not ctx.no_usage
         count, finish_reason = _completion_length(
             body, ("max_completion_tokens", "max_tokens"), ctx.tokens
         )
@@ -725,6 +731,7 @@ class _FakeLLM:
         # OpenAI treats a missing prompt as <|endoftext|>.
         prompts = [(1, b"")] if prompt is None else _parse_inputs(prompt, "prompt")
         stream, include_usage = _stream_flags(body)
+        include_usage = include_usage and not ctx.no_usage
         count, finish_reason = _completion_length(body, ("max_tokens",), ctx.tokens)
         prompt_tokens = sum(tokens for tokens, _ in prompts)
         completion_tokens = count * len(prompts)

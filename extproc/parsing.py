@@ -164,3 +164,9 @@ def _check_text_or_tokens(value: Any, param: str) -> None:
             "invalid_value",
             param,
         )
+
+
+def with_usage_requested(body: dict[str, Any]) -> bytes:
+    """The body re-encoded with `stream_options.include_usage: true`, other options kept."""
+    options = body.get("stream_options") or {}
+    return orjson.dumps({**body, "stream_options": {**options, "include_usage": True}})

@@ -14,10 +14,19 @@ import orjson
 from . import identity, protocol, routing
 from .config import INTERNAL_HEADER_PREFIX, backend_from_cluster
 from .errors import GatewayError, bad_request
-from .parsing import Endpoint, ParsedRequest, check_content_type, parse_body, route, too_large
+from .parsing import (
+    Endpoint,
+    ParsedRequest,
+    check_content_type,
+    parse_body,
+    route,
+    too_large,
+    with_usage_requested,
+)
 from .quota.policy import Amounts, applicable
 from .quota.service import requested_output
-from .sse import StreamObserver
+from .sse import StreamRelay
+from .streams import ACTIVE, StreamTiming
 from .usage import SOURCE_ESTIMATE, Usage, completion_text, from_openai
 
 if TYPE_CHECKING:
@@ -50,15 +59,18 @@ class DownstreamStream:
     __slots__ = (
         "backend",
         "endpoint",
-        "observer",
+        "following",
         "prompt",
+        "relay",
         "request",
         "reservation",
         "rt",
         "services",
         "started",
         "status",
+        "strip_usage",
         "team",
+        "timing",
     )
 
     def __init__(self, services: Services) -> None:
@@ -72,8 +84,11 @@ class DownstreamStream:
         self.prompt: Any = None  # TokenCount of the prompt
         self.backend: str | None = None
         self.status = 0
-        self.observer: StreamObserver | None = None
+        self.relay: StreamRelay | None = None
+        self.timing: StreamTiming | None = None
+        self.following = False  # counted in ACTIVE until the stream ends
         self.reservation: Reservation | None = None
+        self.strip_usage = False
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -150,6 +165,12 @@ class DownstreamStream:
             self.reservation = await self.services.quota.reserve(
                 self.rt.config, self.team, parsed.model, specs, Amounts(self.prompt.tokens, output)
             )
+        body_mutation = None
+        if parsed.stream and not parsed.include_usage:
+            # Ask the backend for its usage report; the relay removes it again from what the
+            # client sees, since the client did not ask for it.
+            body_mutation = with_usage_requested(parsed.body)
+            self.strip_usage = True
         metadata = {
             METADATA_NAMESPACE: {
                 "team": self.team,
@@ -159,8 +180,13 @@ class DownstreamStream:
                 "prompt_tokens_estimate": self.prompt.tokens,
             }
         }
+        set_headers = {routing.ROUTE_HEADER: parsed.model}
+        if body_mutation is not None:
+            # Envoy keeps the client's content-length for a mutated buffered body; the
+            # headers are still held, so say the new length.
+            set_headers["content-length"] = str(len(body_mutation))
         return protocol.request_body_response(
-            protocol.common({routing.ROUTE_HEADER: parsed.model}, clear_route_cache=True),
+            protocol.common(set_headers, body=body_mutation, clear_route_cache=True),
             dynamic_metadata=metadata,
         )
 
@@ -191,20 +217,33 @@ class DownstreamStream:
         media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         mode = None
         if media_type == "text/event-stream" and not msg.end_of_stream:
-            self.observer = StreamObserver()
+            self.relay = StreamRelay(strip_usage_chunk=self.strip_usage)
+            self.timing = StreamTiming(self.started)
+            self.following = True
+            ACTIVE.opened()
             mode = protocol.STREAMED_RESPONSE
         return protocol.response_headers_response(
             protocol.common(set_headers, remove), mode_override=mode
         )
 
     def on_response_body(self, msg: Any) -> protocol.ProcessingResponse:
-        if self.observer is not None:
-            self.observer.feed(msg.body)
+        if self.relay is not None:
+            assert self.timing is not None
+            self.timing.chunk()
+            # The fast path: None relays the chunk untouched; bytes replace it (only when the
+            # usage report the client did not ask for is being cut out).
+            out = self.relay.feed(msg.body, msg.end_of_stream)
+            common = protocol.common(body=out) if out is not None else None
             if not msg.end_of_stream:
-                return protocol.response_body_response()
-            usage = self.observer.usage or self._estimate(self.observer.text)
+                return protocol.response_body_response(common)
+            usage = self.relay.usage or self._estimate(self.relay.text)
             self._settle(usage)
-            return protocol.response_body_response(dynamic_metadata=self._usage_metadata(usage))
+            self._end_stream()
+            metadata = self._usage_metadata(usage)
+            metadata[METADATA_NAMESPACE].update(
+                self.timing.as_metadata(usage.completion_tokens if usage else None)
+            )
+            return protocol.response_body_response(common, dynamic_metadata=metadata)
 
         usage = self._buffered_usage(msg.body)
         self._settle(usage)
@@ -231,14 +270,20 @@ class DownstreamStream:
             actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
         self.services.quota.settle_soon(self.reservation, actual)
 
+    def _end_stream(self) -> None:
+        if self.following:
+            self.following = False
+            ACTIVE.closed()
+
     def close(self) -> None:
         """The stream ended: if the response never completed, settle what was delivered."""
+        self._end_stream()
         if self.reservation is None or self.reservation.settled:
             return
         prompt = self.prompt.tokens if self.prompt is not None else 0
-        if self.observer is not None:
+        if self.relay is not None:
             # A stream cut short: the usage event never came, so count the deltas delivered.
-            usage = self.observer.usage or self._estimate(self.observer.text)
+            usage = self.relay.usage or self._estimate(self.relay.text)
             actual = Amounts(usage.prompt_tokens, usage.completion_tokens) if usage else None
         else:
             # No response seen: the backend may still have read the prompt.

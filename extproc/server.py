@@ -145,7 +145,8 @@ class Sidecar:
         self.server = grpc.aio.server(options=options)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)
         quota_pb2_grpc.add_QuotaAdminServicer_to_server(
-            QuotaAdmin(lambda: self.processor.services), self.server
+            QuotaAdmin(lambda: self.processor.services, lambda: self.processor.active),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host, port = parse_address(self.listen)

@@ -589,34 +589,84 @@ def stream_bytes(texts: list[str], usage: dict[str, Any] | None) -> bytes:
     return b"".join(map(sse_event, events)) + sse_event(b"[DONE]")
 
 
-def test_streamed_response_usage_split_across_chunks(services: Services) -> None:
-    stream = through_body(services, chat("gpt-4o", stream=True))
-    usage = {"prompt_tokens": 123, "completion_tokens": 45, "total_tokens": 168}
-    raw = stream_bytes(["Bon", "jour", " 🙂"], usage)
+def relayed(chunks: list[bytes], bodies: list[Any]) -> bytes:
+    """What the client receives: each chunk as it was, or its replacement."""
+    out = b""
+    for chunk, resp in zip(chunks, bodies, strict=True):
+        assert resp.WhichOneof("response") == "response_body"
+        body = resp.response_body
+        out += body.response.body_mutation.body if body.HasField("response") else chunk
+    return out
+
+
+def _split(raw: bytes) -> list[bytes]:
     start = raw.index(b'"usage"')
     cuts = [raw.index(b"Bon"), start + 3, start + 20, len(raw) - 4]
     chunks = [raw[a:b] for a, b in pairwise([0, *cuts, len(raw)])]
     assert b"".join(chunks) == raw and len(chunks) == 5
+    return chunks
+
+
+USAGE = {"prompt_tokens": 123, "completion_tokens": 45, "total_tokens": 168}
+
+
+def _stream_through(services: Services, request: dict[str, Any], chunks: list[bytes]) -> list:
+    stream = through_body(services, request)
     reqs = [response_body(c, end_of_stream=i == len(chunks) - 1) for i, c in enumerate(chunks)]
     first, *bodies = run(stream, response_headers(content_type="text/event-stream"), *reqs)
     assert first.mode_override.response_body_mode == ProcessingMode.STREAMED
     for resp in bodies[:-1]:
-        assert resp.WhichOneof("response") == "response_body"
-        assert not resp.response_body.HasField("response")
         assert not resp.HasField("dynamic_metadata")
-    last = bodies[-1]
-    assert not last.response_body.HasField("response")  # the body passes through untouched
-    data = metadata(last)["extproc"]
-    del data["duration_ms"]
-    assert data == {
+    return bodies
+
+
+def test_streamed_usage_split_across_chunks_is_read_and_cut_for_a_client_that_did_not_ask(
+    services: Services,
+) -> None:
+    raw = stream_bytes(["Bon", "jour", " 🙂"], USAGE)
+    chunks = _split(raw)
+    bodies = _stream_through(services, chat("gpt-4o", stream=True), chunks)
+    # The gateway asked for usage on the client's behalf: the client gets the stream it asked
+    # for, byte for byte, without the usage-only event.
+    assert relayed(chunks, bodies) == stream_bytes(["Bon", "jour", " 🙂"], None)
+    data = metadata(bodies[-1])["extproc"]
+    assert {k: data[k] for k in ("backend", "status", "token_source")} == {
         "backend": "fake",
         "status": 200,
-        "prompt_tokens": 123,
-        "completion_tokens": 45,
-        "total_tokens": 168,
-        "cached_tokens": 0,
         "token_source": "provider",
     }
+    assert (data["prompt_tokens"], data["completion_tokens"], data["total_tokens"]) == (
+        123,
+        45,
+        168,
+    )
+    assert data["chunks"] == len(chunks)
+    assert data["ttft_ms"] >= 0
+
+
+def test_streamed_usage_for_a_client_that_asked_passes_untouched(services: Services) -> None:
+    raw = stream_bytes(["Bon", "jour", " 🙂"], USAGE)
+    chunks = _split(raw)
+    request = chat("gpt-4o", stream=True, stream_options={"include_usage": True})
+    bodies = _stream_through(services, request, chunks)
+    for resp in bodies:
+        assert not resp.response_body.HasField("response")  # every chunk relayed untouched
+    assert metadata(bodies[-1])["extproc"]["total_tokens"] == 168
+
+
+def test_streaming_request_without_include_usage_asks_the_backend_for_it(
+    services: Services,
+) -> None:
+    stream = DownstreamStream(services)
+    run(stream, request_headers())
+    (resp,) = run(stream, request_body(chat("gpt-4o", stream=True, temperature=0.5)))
+    mutated = resp.request_body.response.body_mutation.body
+    assert orjson.loads(mutated) == {
+        **chat("gpt-4o", stream=True, temperature=0.5),
+        "stream_options": {"include_usage": True},
+    }
+    headers = set_headers(resp.request_body.response.header_mutation)
+    assert headers["content-length"] == str(len(mutated))
 
 
 def test_streamed_response_without_usage_is_estimated(services: Services) -> None:

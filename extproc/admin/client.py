@@ -15,6 +15,14 @@ def run_quota_command(action: str, team: str, address: str, token: str | None) -
     with grpc.insecure_channel(address) as channel:
         stub = quota_pb2_grpc.QuotaAdminStub(channel)
         try:
+            if action == "stats":
+                stats = stub.GetStats(quota_pb2.GetStatsRequest(), metadata=metadata, timeout=10)
+                print(
+                    f"pid {stats.pid}: {stats.active_ext_proc_streams} ext_proc streams, "
+                    f"{stats.active_sse_streams} SSE streams active "
+                    f"({stats.sse_streams_total} since start)"
+                )
+                return 0
             if action == "reset":
                 reply = stub.ResetUsage(
                     quota_pb2.ResetUsageRequest(team=team), metadata=metadata, timeout=10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ import grpc
 
 from ..quota import policy
 from ..quota.store import StoreUnavailable
+from ..streams import ACTIVE
 from .v1 import quota_pb2, quota_pb2_grpc
 
 if TYPE_CHECKING:
@@ -18,17 +20,31 @@ if TYPE_CHECKING:
 
 
 class QuotaAdmin(quota_pb2_grpc.QuotaAdminServicer):
-    def __init__(self, current: Callable[[], Services]) -> None:
+    def __init__(self, current: Callable[[], Services], active: Callable[[], int]) -> None:
         # The services of the moment: the admin API follows config reloads like the data path.
         self._current = current
+        self._active = active
 
-    async def _services(self, context: grpc.aio.ServicerContext, team: str) -> Services:
+    async def _authorized(self, context: grpc.aio.ServicerContext) -> Services:
         services: Services = self._current()
         token = services.runtime.admin_token
         if token is not None:
             sent = dict(context.invocation_metadata()).get("authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
+        return services
+
+    async def GetStats(self, request, context):
+        await self._authorized(context)
+        return quota_pb2.GetStatsResponse(
+            active_ext_proc_streams=self._active(),
+            active_sse_streams=ACTIVE.current,
+            sse_streams_total=ACTIVE.total,
+            pid=os.getpid(),
+        )
+
+    async def _services(self, context: grpc.aio.ServicerContext, team: str) -> Services:
+        services = await self._authorized(context)
         if team not in services.runtime.config.teams:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no team {team!r}")
         return services

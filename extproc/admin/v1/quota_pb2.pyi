@@ -6,6 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("active_ext_proc_streams", "active_sse_streams", "sse_streams_total", "pid")
+    ACTIVE_EXT_PROC_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SSE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    SSE_STREAMS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    active_ext_proc_streams: int
+    active_sse_streams: int
+    sse_streams_total: int
+    pid: int
+    def __init__(self, active_ext_proc_streams: _Optional[int] = ..., active_sse_streams: _Optional[int] = ..., sse_streams_total: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
 class GetUsageRequest(_message.Message):
     __slots__ = ("team",)
     TEAM_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class QuotaAdminStub:
                 request_serializer=extproc_dot_admin_dot_v1_dot_quota__pb2.ResetUsageRequest.SerializeToString,
                 response_deserializer=extproc_dot_admin_dot_v1_dot_quota__pb2.ResetUsageResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/extproc.admin.v1.QuotaAdmin/GetStats',
+                request_serializer=extproc_dot_admin_dot_v1_dot_quota__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=extproc_dot_admin_dot_v1_dot_quota__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaAdminServicer:
@@ -63,6 +68,13 @@ class QuotaAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """What this sidecar process is doing now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_QuotaAdminServicer_to_server(servicer, server):
                     servicer.ResetUsage,
                     request_deserializer=extproc_dot_admin_dot_v1_dot_quota__pb2.ResetUsageRequest.FromString,
                     response_serializer=extproc_dot_admin_dot_v1_dot_quota__pb2.ResetUsageResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=extproc_dot_admin_dot_v1_dot_quota__pb2.GetStatsRequest.FromString,
+                    response_serializer=extproc_dot_admin_dot_v1_dot_quota__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class QuotaAdmin:
             '/extproc.admin.v1.QuotaAdmin/ResetUsage',
             extproc_dot_admin_dot_v1_dot_quota__pb2.ResetUsageRequest.SerializeToString,
             extproc_dot_admin_dot_v1_dot_quota__pb2.ResetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extproc.admin.v1.QuotaAdmin/GetStats',
+            extproc_dot_admin_dot_v1_dot_quota__pb2.GetStatsRequest.SerializeToString,
+            extproc_dot_admin_dot_v1_dot_quota__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

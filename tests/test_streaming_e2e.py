@@ -1,0 +1,151 @@
+"""Streams through the real Envoy: usage always known, the client sees what it asked for."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import grpc
+import openai
+import tiktoken
+
+from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
+
+from .conftest import Gateway
+
+MESSAGES = [{"role": "user", "content": "Stream to me."}]
+EXPECTED_TEXT = " tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"
+
+
+def raw_stream(gw: Gateway, body: dict, headers: dict[str, str] | None = None) -> list[bytes]:
+    """The SSE events' data exactly as the client receives them."""
+    req = urllib.request.Request(
+        f"{gw.base_url}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={
+            "authorization": "Bearer sk-team-a",
+            "content-type": "application/json",
+            **(headers or {}),
+        },
+    )
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    return [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
+
+
+def log_entry(gw: Gateway, request_id: str) -> dict:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for entry in gw.access_log():
+            if entry.get("request_id") == request_id:
+                return entry
+        time.sleep(0.1)
+    raise AssertionError(f"no access log line for {request_id}")
+
+
+def test_usage_is_requested_upstream_and_hidden_from_a_client_that_did_not_ask(gateway):
+    gateway.clear_fakes()
+    marker = f"hidden-usage-{time.monotonic_ns()}"
+    events = raw_stream(
+        gateway,
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+        {"x-request-id": marker},
+    )
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == b"[DONE]"
+    assert all(c["choices"] for c in chunks), "the usage-only chunk reached the client"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == EXPECTED_TEXT
+    # The backend was asked for usage, and the gateway settled from its report.
+    seen = gateway.fake_requests(gateway.fake_a)[-1]
+    assert seen["body"]["stream_options"] == {"include_usage": True}
+    entry = log_entry(gateway, marker)
+    assert entry["token_source"] == "provider"
+    assert entry["completion_tokens"] == 8
+
+
+def test_a_client_that_asked_for_usage_gets_the_stream_untouched(gateway):
+    events = raw_stream(
+        gateway,
+        {
+            "model": "gpt-4o-mini",
+            "messages": MESSAGES,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    last = json.loads(events[-2])
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == 8
+
+
+def test_a_backend_without_usage_is_counted_by_the_gateway(gateway):
+    marker = f"own-count-{time.monotonic_ns()}"
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="sk-team-a", max_retries=0)
+    stream = client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-fake-no-usage": "1", "x-request-id": marker},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == EXPECTED_TEXT
+    entry = log_entry(gateway, marker)
+    assert entry["token_source"] == "estimate"
+    # gpt-4o counts with o200k_base, as the sidecar does.
+    assert entry["completion_tokens"] == len(tiktoken.get_encoding("o200k_base").encode(text))
+
+
+def test_stream_timing_reaches_the_access_log(gateway):
+    marker = f"timing-{time.monotonic_ns()}"
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="sk-team-a", max_retries=0)
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-fake-tokens-per-second": "50", "x-request-id": marker},
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    entry = log_entry(gateway, marker)
+    assert entry["ttft_ms"] >= 0
+    assert entry["chunks"] >= 2
+    # Paced at 50 tokens/s, consecutive chunks cannot be closer than the pacing on average.
+    assert entry["mean_gap_ms"] >= 10
+    assert 0 < entry["output_tokens_per_s"] < 200
+
+
+def test_active_streams_are_visible(gateway):
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="sk-team-a", max_retries=0)
+    started = threading.Event()
+
+    def slow_stream() -> None:
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"x-fake-tokens-per-second": "10", "x-fake-response-tokens": "15"},
+        )
+        for _ in stream:
+            started.set()
+
+    def stats() -> quota_pb2.GetStatsResponse:
+        with grpc.insecure_channel(gateway.sidecar_listen) as channel:
+            stub = quota_pb2_grpc.QuotaAdminStub(channel)
+            return stub.GetStats(quota_pb2.GetStatsRequest(), timeout=5)
+
+    before = stats()
+    worker = threading.Thread(target=slow_stream)
+    worker.start()
+    assert started.wait(10)
+    during = stats()
+    worker.join(20)
+    assert during.active_sse_streams >= 1
+    assert during.sse_streams_total > before.sse_streams_total
+    deadline = time.monotonic() + 5
+    while stats().active_sse_streams != 0:
+        assert time.monotonic() < deadline, "a finished stream is still counted as active"
+        time.sleep(0.05)
