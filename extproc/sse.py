@@ -4,7 +4,7 @@ Envoy hands us the body in the pieces the network produced: an event may be spli
 including between `\r` and `\n` or inside a multi-byte character. Lines are split on bytes
 (no UTF-8 sequence contains CR or LF), so decoding only ever sees whole lines.
 
-`StreamObserver` decodes every event. `StreamRelay`, the fast path for OpenAI-style streams,
+`SSEParser` yields every event's data. `StreamRelay`, the fast path for OpenAI-style streams,
 frames events on bytes, decodes only those that carry a usage object, and can cut the
 usage-only chunk out of what the client receives.
 """
@@ -81,54 +81,6 @@ class SSEParser:
     def buffered(self) -> int:
         return len(self._buf) + sum(len(d) for d in self._data)
 
-
-class StreamObserver:
-    """Watches an OpenAI-style stream for its usage and, failing that, collects the text."""
-
-    __slots__ = ("_parser", "_text", "_text_len", "done", "events", "text_cap", "usage")
-
-    def __init__(self, text_cap: int = 1 << 20) -> None:
-        self._parser = SSEParser()
-        self._text: list[str] = []
-        self._text_len = 0
-        self.text_cap = text_cap
-        self.usage: Usage | None = None
-        self.events = 0
-        self.done = False
-
-    def feed(self, chunk: bytes) -> None:
-        for data in self._parser.feed(chunk):
-            self.events += 1
-            if data == DONE:
-                self.done = True
-                continue
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            usage = from_openai(event.get("usage"))
-            if usage is not None:
-                self.usage = usage
-            choices = event.get("choices")
-            for choice in choices if isinstance(choices, list) else ():
-                if isinstance(choice, dict):
-                    self._collect(choice)
-
-    def _collect(self, choice: dict) -> None:
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-        if isinstance(text, str) and text and self._text_len < self.text_cap:
-            self._text.append(text)
-            self._text_len += len(text)
-
-    @property
-    def text(self) -> str:
-        return "".join(self._text)
-
-
-# -- the relay: byte-level framing, decoding only what it must ---------------------------------
 
 _LF = 0x0A
 _CR = 0x0D

@@ -10,7 +10,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.sse import SSEParser, StreamObserver
+from extproc.sse import SSEParser, StreamRelay
 from extproc.usage import Usage
 
 
@@ -176,15 +176,13 @@ def test_byte_by_byte(generated: tuple[GeneratedStream, list[bytes]]) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(stream_and_chunks())
-def test_observer_extracts_usage_and_text(generated: tuple[GeneratedStream, list[bytes]]) -> None:
+def test_relay_extracts_usage_and_text(generated: tuple[GeneratedStream, list[bytes]]) -> None:
     stream, chunks = generated
-    observer = StreamObserver()
-    for chunk in chunks:
-        observer.feed(chunk)
-    assert observer.usage == stream.usage
-    assert observer.text == "".join(stream.texts)
-    assert observer.done is True
-    assert observer.events == len(stream.events)
+    relay = observe(*chunks)
+    assert relay.usage == stream.usage
+    if not relay.expects_usage:
+        assert relay.text == "".join(stream.texts)
+    assert relay.events == len(stream.events)
 
 
 # -- explicit edge cases ----------------------------------------------------------------------
@@ -282,7 +280,17 @@ def test_buffered() -> None:
     assert parser.buffered == len(b": a comment with no end")
 
 
-# -- StreamObserver edge cases ----------------------------------------------------------------
+# -- StreamRelay as an observer: odd events ----------------------------------------------------
+
+
+def observe(*chunks: bytes, text_cap: int = 64 * 1024) -> StreamRelay:
+    """Feed a stream through a relay that only observes (nothing to cut): it must never
+    replace a chunk."""
+    relay = StreamRelay(strip_usage_chunk=False, text_cap=text_cap)
+    for chunk in chunks:
+        assert relay.feed(chunk, False) is None
+    assert relay.feed(b"", True) is None
+    return relay
 
 
 def sse(*events: bytes | dict) -> bytes:
@@ -291,9 +299,8 @@ def sse(*events: bytes | dict) -> bytes:
     )
 
 
-def test_observer_keeps_the_last_well_formed_usage() -> None:
-    observer = StreamObserver()
-    observer.feed(
+def test_relay_keeps_the_last_well_formed_usage() -> None:
+    relay = observe(
         sse(
             {"choices": [{"delta": {"content": "a"}}], "usage": None},
             {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
@@ -302,16 +309,15 @@ def test_observer_keeps_the_last_well_formed_usage() -> None:
             b"[DONE]",
         )
     )
-    assert observer.usage == Usage(5, 2, 7, 0)
-    assert observer.usage.source == "provider"
-    assert observer.text == "a"
-    assert observer.done
-    assert observer.events == 5
+    assert relay.usage == Usage(5, 2, 7, 0)
+    assert relay.usage.source == "provider"
+    # "usage": null in the first chunk announces a report, so no text is collected.
+    assert relay.expects_usage
+    assert relay.events == 5
 
 
-def test_observer_completions_text_and_odd_events() -> None:
-    observer = StreamObserver()
-    observer.feed(
+def test_relay_completions_text_and_odd_events() -> None:
+    relay = observe(
         sse(
             {"choices": [{"text": "Hello"}]},
             b"not json",
@@ -323,20 +329,18 @@ def test_observer_completions_text_and_odd_events() -> None:
             {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": "{}"}}]}}]},
         )
     )
-    assert observer.text == "Hello, world"
-    assert observer.usage is None
-    assert observer.done is False
-    assert observer.events == 8
+    assert relay.text == "Hello, world"
+    assert relay.usage is None
+    assert relay.events == 8
 
 
-def test_observer_text_cap() -> None:
-    observer = StreamObserver(text_cap=5)
-    observer.feed(sse(*({"choices": [{"delta": {"content": "abc"}}]} for _ in range(4))))
-    # The cap stops collection once reached; the chunk that crosses it is kept whole.
-    assert observer.text == "abcabc"
+def test_relay_text_cap() -> None:
+    relay = observe(
+        sse(*({"choices": [{"delta": {"content": "abc"}}]} for _ in range(4))), text_cap=5
+    )
+    assert relay.text == "abcab"
 
 
-def test_observer_survives_non_iterable_choices() -> None:
-    observer = StreamObserver()
-    observer.feed(sse({"choices": 1}, {"choices": [{"delta": {"content": "ok"}}]}))
-    assert observer.text == "ok"
+def test_relay_survives_non_iterable_choices() -> None:
+    relay = observe(sse({"choices": 1}, {"choices": [{"delta": {"content": "ok"}}]}))
+    assert relay.text == "ok"
