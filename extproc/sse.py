@@ -18,9 +18,6 @@ import orjson
 
 from .usage import Usage, from_openai
 
-DONE = b"[DONE]"
-
-
 _EOL = re.compile(rb"\r\n?|\n")
 
 
