@@ -182,6 +182,8 @@ class Backend(_Strict):
     auth_header: str = "authorization"
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
+    # Envoy's circuit breaker: requests in flight to this backend (Envoy's default is 1024).
+    max_requests: int = Field(default=10_000, ge=1, le=1_000_000)
 
     @field_validator("url")
     @classmethod
@@ -262,6 +264,9 @@ class EnvoySettings(_Strict):
     listen: str = "127.0.0.1:10000"
     admin: str = "127.0.0.1:9901"
     access_log: bool = True
+    # Requests in flight through one Envoy: each holds an ext_proc stream to the sidecar for
+    # its whole life (a long LLM stream too), so Envoy's default cap of 1024 is far too low.
+    max_requests: int = Field(default=100_000, ge=1, le=10_000_000)
 
     @field_validator("listen", "admin")
     @classmethod

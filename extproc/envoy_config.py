@@ -21,6 +21,8 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
     Cluster,
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
@@ -332,6 +334,18 @@ def _upstream_http_options(cfg: Config, backend: str) -> AnyMsg:
     )
 
 
+def _circuit_breakers(max_requests: int) -> CircuitBreakers:
+    return CircuitBreakers(
+        thresholds=[
+            CircuitBreakersThresholds(
+                max_connections=max_requests,
+                max_pending_requests=max_requests,
+                max_requests=max_requests,
+            )
+        ]
+    )
+
+
 def backend_cluster(cfg: Config, name: str) -> Cluster:
     backend = cfg.backends[name]
     cluster = Cluster(
@@ -339,6 +353,7 @@ def backend_cluster(cfg: Config, name: str) -> Cluster:
         type=ClusterDiscoveryType.STRICT_DNS,
         dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
         connect_timeout=_duration(backend.connect_timeout_s),
+        circuit_breakers=_circuit_breakers(backend.max_requests),
         load_assignment=ClusterLoadAssignment(
             cluster_name=cluster_name(name),
             endpoints=[
@@ -383,6 +398,8 @@ def sidecar_cluster(cfg: Config) -> Cluster:
         name=SIDECAR_CLUSTER,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=_duration(1),
+        # Every request in flight holds one stream here (two while its upstream stage runs).
+        circuit_breakers=_circuit_breakers(2 * cfg.envoy.max_requests),
         load_assignment=ClusterLoadAssignment(
             cluster_name=SIDECAR_CLUSTER,
             endpoints=[

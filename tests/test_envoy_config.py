@@ -202,6 +202,11 @@ def test_render_weighted_split_tls_and_path_rewrite(tmp_path, monkeypatch):
     assert "prefixRewrite" not in routes["model:gpt-4o"]["route"]
     assert routes["model:gpt-4o-azure"]["route"]["prefixRewrite"] == "/openai/v1/"
     clusters = {c["name"]: c for c in boot["staticResources"]["clusters"]}
+    # Envoy's default circuit breakers (1024 requests) would refuse the 1025th open stream.
+    (sidecar_limits,) = clusters["extproc_sidecar"]["circuitBreakers"]["thresholds"]
+    assert sidecar_limits["maxRequests"] == 200_000
+    (backend_limits,) = clusters["aigw-backend-vllm-a"]["circuitBreakers"]["thresholds"]
+    assert backend_limits["maxRequests"] == backend_limits["maxPendingRequests"] == 10_000
     tls = clusters["aigw-backend-openai"]["transportSocket"]["typedConfig"]
     assert tls["sni"] == "api.openai.com"
     assert "transportSocket" not in clusters["aigw-backend-vllm-a"]
