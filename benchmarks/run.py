@@ -35,7 +35,8 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -413,6 +414,106 @@ def markdown(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+@dataclass
+class Targets:
+    """The running processes: one fake LLM, the baseline Envoy and the gateway's Stack."""
+
+    fake: subprocess.Popen
+    baseline: subprocess.Popen
+    stack: Stack
+    urls: dict[str, str]
+    admins: dict[str, str]
+
+    def pids(self, target: str) -> dict[str, int]:
+        """The processes a target's requests go through (the fake is shared)."""
+        if target == "baseline":
+            return {"envoy": self.baseline.pid}
+        return {
+            "envoy": self.stack.procs["envoy"].pid,
+            "sidecar": self.stack.procs["sidecar"].pid,
+        }
+
+    def check(self) -> None:
+        exited = self.stack.poll()
+        if exited is None and self.baseline.poll() is not None:
+            exited = ("baseline envoy", self.baseline.returncode)
+        if exited is None and self.fake.poll() is not None:
+            exited = ("fake-llm", self.fake.returncode)
+        if exited is not None:
+            raise RuntimeError(f"a process exited during the benchmark: {exited}")
+
+
+@contextlib.contextmanager
+def started(
+    workdir: Path, envoy_concurrency: int, fake_args: Sequence[str] = ()
+) -> Iterator[Targets]:
+    """Fake LLM, baseline Envoy and gateway on free loopback ports; all stopped on exit.
+
+    The fake runs with no time to first token and no pacing unless `fake_args` say otherwise;
+    a request may set its own with the x-fake-* headers.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs: list[TextIO] = []
+    fake: subprocess.Popen | None = None
+    baseline: subprocess.Popen | None = None
+    stack: Stack | None = None
+
+    def log_file(name: str) -> TextIO:
+        handle = (workdir / f"{name}.log").open("w", encoding="utf-8")
+        logs.append(handle)
+        return handle
+
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        fake_port = free_port()
+        fake_log = log_file("fake-llm")
+        fake = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "fake-llm", "--listen", f"{HOST}:{fake_port}",
+             "--ttft-ms", "0", "--tokens-per-second", "0", "--record-limit", "0", *fake_args],
+            stdout=fake_log, stderr=fake_log, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_tcp(f"{HOST}:{fake_port}", deadline, fake)
+
+        config_path = workdir / "gateway.yaml"
+        config_path.write_text(yaml.safe_dump(gateway_config(fake_port), sort_keys=False))
+        cfg = load_config(config_path)
+
+        base_listen, base_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
+        base_path = workdir / "baseline-envoy.yaml"
+        base_path.write_text(
+            yaml.safe_dump(baseline_bootstrap(cfg, base_listen, base_admin), sort_keys=False)
+        )
+        base_log = log_file("baseline-envoy")
+        baseline = subprocess.Popen(
+            [envoy_binary(), "-c", str(base_path), "--disable-hot-restart",
+             "--log-level", "warning", "--concurrency", str(envoy_concurrency)],
+            stdout=base_log, stderr=base_log, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_envoy_ready(base_admin, deadline, baseline)
+
+        stack = Stack(
+            config_path,
+            workdir=workdir,
+            stdout=log_file("gateway"),
+            envoy_concurrency=envoy_concurrency,
+        )
+        stack.start(timeout=max(1.0, deadline - time.monotonic()))
+        yield Targets(
+            fake=fake,
+            baseline=baseline,
+            stack=stack,
+            urls={"baseline": f"http://{base_listen}", "gateway": f"http://{cfg.envoy.listen}"},
+            admins={"baseline": base_admin, "gateway": cfg.envoy.admin},
+        )
+    finally:
+        if stack is not None:
+            stack.stop(grace=5)
+        stop_process(baseline)
+        stop_process(fake)
+        for handle in logs:
+            handle.close()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def positive_float(text: str) -> float:
         value = float(text)
@@ -469,174 +570,119 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # same clean-up as Ctrl-C
     workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
-    logs: list[TextIO] = []
-    fake: subprocess.Popen | None = None
-    baseline: subprocess.Popen | None = None
-    stack: Stack | None = None
     ok = False
-
-    def log_file(name: str) -> TextIO:
-        handle = (workdir / f"{name}.log").open("w", encoding="utf-8")
-        logs.append(handle)
-        return handle
-
-    started = time.monotonic()
+    started_at = time.monotonic()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        fake_port = free_port()
-        fake_log = log_file("fake-llm")
-        fake = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "fake-llm", "--listen", f"{HOST}:{fake_port}",
-             "--ttft-ms", "0", "--tokens-per-second", "0",
-             "--response-tokens", str(RESPONSE_TOKENS), "--record-limit", "0"],
-            stdout=fake_log, stderr=fake_log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_tcp(f"{HOST}:{fake_port}", deadline, fake)
-
-        config_path = workdir / "gateway.yaml"
-        config_path.write_text(yaml.safe_dump(gateway_config(fake_port), sort_keys=False))
-        cfg = load_config(config_path)
-
-        base_listen, base_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
-        base_path = workdir / "baseline-envoy.yaml"
-        base_path.write_text(
-            yaml.safe_dump(baseline_bootstrap(cfg, base_listen, base_admin), sort_keys=False)
-        )
-        base_log = log_file("baseline-envoy")
-        baseline = subprocess.Popen(
-            [envoy_binary(), "-c", str(base_path), "--disable-hot-restart",
-             "--log-level", "warning", "--concurrency", str(args.envoy_concurrency)],
-            stdout=base_log, stderr=base_log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_envoy_ready(base_admin, deadline, baseline)
-
-        stack = Stack(
-            config_path,
-            workdir=workdir,
-            stdout=log_file("gateway"),
-            envoy_concurrency=args.envoy_concurrency,
-        )
-        stack.start(timeout=max(1.0, deadline - time.monotonic()))
-
-        workers = {"baseline": envoy_workers(base_admin), "gateway": envoy_workers(cfg.envoy.admin)}
-        if workers["baseline"] != workers["gateway"]:
-            raise RuntimeError(f"Envoy worker counts differ: {workers}")
-        urls = {"baseline": f"http://{base_listen}", "gateway": f"http://{cfg.envoy.listen}"}
-        pids = {
-            "baseline": {"envoy": baseline.pid, "fake-llm": fake.pid},
-            "gateway": {
-                "envoy": stack.procs["envoy"].pid,
-                "sidecar": stack.procs["sidecar"].pid,
-                "fake-llm": fake.pid,
-            },
-        }
-        samples: list[dict[str, Any]] = []
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            gateway_headers = {}
-            for target in TARGETS:
-                headers = runner.run(preflight(urls[target], time.monotonic() + 20))
-                if target == "gateway":
-                    gateway_headers = headers
-            if gateway_headers.get("x-aigw-team") != "bench":
-                raise RuntimeError(f"the gateway did not identify the caller: {gateway_headers}")
-            total = args.runs * len(args.concurrency) * len(TARGETS)
-            for run in range(1, args.runs + 1):
-                for c in args.concurrency:
-                    for target in TARGETS:  # A/B, back to back, same machine conditions
-                        exited = stack.poll() or (
-                            ("baseline envoy", baseline.returncode)
-                            if baseline.poll() is not None
-                            else None
-                        )
-                        if exited or fake.poll() is not None:
-                            raise RuntimeError(f"a process exited during the benchmark: {exited}")
-                        gc.collect()
-                        cpu_before = {n: cpu_seconds(pid) for n, pid in pids[target].items()}
-                        self_before = self_cpu_seconds()
-                        sample = runner.run(measure(urls[target], c, args.warmup, args.duration))
-                        cpu = {n: cpu_seconds(pid) for n, pid in pids[target].items()}
-                        cores = {
-                            n: round((cpu[n] - before) / sample["wall_s"], 2)
-                            for n, before in cpu_before.items()
-                            if before is not None and cpu[n] is not None
-                        }
-                        # Includes warm-up time too; an approximation for the client's share.
-                        cores["loadgen"] = round(
-                            (self_cpu_seconds() - self_before) / (sample["wall_s"] + args.warmup),
-                            2,
-                        )
-                        sample.update(run=run, target=target, concurrency=c, cpu_cores=cores)
-                        samples.append(sample)
-                        print(
-                            f"[{len(samples)}/{total}] run {run} c={c:<3} {target:<8} "
-                            f"{sample['rps']:8.1f} req/s  p50 {_fmt(sample['p50_ms'])} ms  "
-                            f"p99 {_fmt(sample['p99_ms'])} ms  errors {sample['errors']}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-
-        summary = summarize(samples, args.concurrency)
-        low, high = min(args.concurrency), max(args.concurrency)
-        headline: dict[str, Any] = {
-            "latency_concurrency": low,
-            "added_p50_ms": summary[str(low)]["added_ms"]["p50"],
-            "added_p99_ms": summary[str(low)]["added_ms"]["p99"],
-            "throughput_concurrency": high if high > low else None,
-            "throughput_pct": summary[str(high)]["throughput_pct"] if high > low else None,
-        }
-        now = dt.datetime.now(dt.UTC)
-        result = {
-            "timestamp": now.isoformat(timespec="seconds"),
-            "argv": sys.argv[1:] if argv is None else argv,
-            "settings": {
-                "runs": args.runs,
-                "duration_s": args.duration,
-                "warmup_s": args.warmup,
-                "concurrency": args.concurrency,
-                "envoy_concurrency": args.envoy_concurrency,
-                "envoy_workers_reported": workers,
-                "payload": PAYLOAD,
-                "fake_llm": {
-                    "ttft_ms": 0,
-                    "tokens_per_second": 0,
-                    "response_tokens": RESPONSE_TOKENS,
-                },
-                "tiktoken_cache_dir": os.environ.get("TIKTOKEN_CACHE_DIR"),
-            },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "envoy": envoy_version(),
-            },
-            "gateway_headers": gateway_headers,
-            "headline": headline,
-            "summary": summary,
-            "samples": samples,
-            "errors_total": sum(s["errors"] for s in samples),
-            "elapsed_s": round(time.monotonic() - started, 1),
-        }
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(markdown(result))
-        print(f"\nresult: {out}", file=sys.stderr)
+        with started(
+            workdir, args.envoy_concurrency, ["--response-tokens", str(RESPONSE_TOKENS)]
+        ) as targets:
+            code = _measure_all(args, argv, targets, started_at)
         ok = True
-        return 1 if result["errors_total"] else 0
+        return code
     except KeyboardInterrupt:
         print("interrupted; stopping everything", file=sys.stderr)
         return 130
     finally:
-        if stack is not None:
-            stack.stop(grace=5)
-        stop_process(baseline)
-        stop_process(fake)
-        for handle in logs:
-            handle.close()
         if ok and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"configs and process logs kept in {workdir}", file=sys.stderr)
+
+
+def _measure_all(
+    args: argparse.Namespace, argv: list[str] | None, targets: Targets, started: float
+) -> int:
+    workers = {t: envoy_workers(targets.admins[t]) for t in TARGETS}
+    if workers["baseline"] != workers["gateway"]:
+        raise RuntimeError(f"Envoy worker counts differ: {workers}")
+    urls = targets.urls
+    pids = {t: {**targets.pids(t), "fake-llm": targets.fake.pid} for t in TARGETS}
+    samples: list[dict[str, Any]] = []
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        gateway_headers = {}
+        for target in TARGETS:
+            headers = runner.run(preflight(urls[target], time.monotonic() + 20))
+            if target == "gateway":
+                gateway_headers = headers
+        if gateway_headers.get("x-aigw-team") != "bench":
+            raise RuntimeError(f"the gateway did not identify the caller: {gateway_headers}")
+        total = args.runs * len(args.concurrency) * len(TARGETS)
+        for run in range(1, args.runs + 1):
+            for c in args.concurrency:
+                for target in TARGETS:  # A/B, back to back, same machine conditions
+                    targets.check()
+                    gc.collect()
+                    cpu_before = {n: cpu_seconds(pid) for n, pid in pids[target].items()}
+                    self_before = self_cpu_seconds()
+                    sample = runner.run(measure(urls[target], c, args.warmup, args.duration))
+                    cpu = {n: cpu_seconds(pid) for n, pid in pids[target].items()}
+                    cores = {
+                        n: round((cpu[n] - before) / sample["wall_s"], 2)
+                        for n, before in cpu_before.items()
+                        if before is not None and cpu[n] is not None
+                    }
+                    # Includes warm-up time too; an approximation for the client's share.
+                    cores["loadgen"] = round(
+                        (self_cpu_seconds() - self_before) / (sample["wall_s"] + args.warmup),
+                        2,
+                    )
+                    sample.update(run=run, target=target, concurrency=c, cpu_cores=cores)
+                    samples.append(sample)
+                    print(
+                        f"[{len(samples)}/{total}] run {run} c={c:<3} {target:<8} "
+                        f"{sample['rps']:8.1f} req/s  p50 {_fmt(sample['p50_ms'])} ms  "
+                        f"p99 {_fmt(sample['p99_ms'])} ms  errors {sample['errors']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    summary = summarize(samples, args.concurrency)
+    low, high = min(args.concurrency), max(args.concurrency)
+    headline: dict[str, Any] = {
+        "latency_concurrency": low,
+        "added_p50_ms": summary[str(low)]["added_ms"]["p50"],
+        "added_p99_ms": summary[str(low)]["added_ms"]["p99"],
+        "throughput_concurrency": high if high > low else None,
+        "throughput_pct": summary[str(high)]["throughput_pct"] if high > low else None,
+    }
+    now = dt.datetime.now(dt.UTC)
+    result = {
+        "timestamp": now.isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "settings": {
+            "runs": args.runs,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "concurrency": args.concurrency,
+            "envoy_concurrency": args.envoy_concurrency,
+            "envoy_workers_reported": workers,
+            "payload": PAYLOAD,
+            "fake_llm": {
+                "ttft_ms": 0,
+                "tokens_per_second": 0,
+                "response_tokens": RESPONSE_TOKENS,
+            },
+            "tiktoken_cache_dir": os.environ.get("TIKTOKEN_CACHE_DIR"),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "envoy": envoy_version(),
+        },
+        "gateway_headers": gateway_headers,
+        "headline": headline,
+        "summary": summary,
+        "samples": samples,
+        "errors_total": sum(s["errors"] for s in samples),
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(markdown(result))
+    print(f"\nresult: {out}", file=sys.stderr)
+    return 1 if result["errors_total"] else 0
 
 
 if __name__ == "__main__":

@@ -34,43 +34,36 @@ import platform
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 
 from benchmarks.run import (
     API_KEY,
-    HOST,
     MODEL,
     PATH,
     RESULTS_DIR,
-    START_TIMEOUT_S,
     TARGETS,
+    Targets,
     _diff,
     _fmt,
     _loop_factory,
-    baseline_bootstrap,
     cpu_seconds,
     envoy_version,
     envoy_workers,
-    free_port,
-    gateway_config,
     median_of,
     percentile,
     preflight,
+    started,
 )
-from extproc.config import load_config
-from extproc.supervisor import Stack, envoy_binary, stop_process, wait_envoy_ready, wait_tcp
 
 LABELS = {"baseline": "Envoy alone", "gateway": "gateway"}
 # Connections the load generator keeps for itself beyond the streams (sessions, pre-flight).
@@ -83,105 +76,6 @@ STALL_S = 3.0
 
 
 # --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Targets:
-    """The running processes: one fake LLM, the baseline Envoy and the gateway's Stack."""
-
-    fake: subprocess.Popen
-    baseline: subprocess.Popen
-    stack: Stack
-    urls: dict[str, str]
-    admins: dict[str, str]
-
-    def pids(self, target: str) -> dict[str, int]:
-        """The processes a target's requests go through (the fake is shared)."""
-        if target == "baseline":
-            return {"envoy": self.baseline.pid}
-        return {
-            "envoy": self.stack.procs["envoy"].pid,
-            "sidecar": self.stack.procs["sidecar"].pid,
-        }
-
-    def check(self) -> None:
-        exited = self.stack.poll()
-        if exited is None and self.baseline.poll() is not None:
-            exited = ("baseline envoy", self.baseline.returncode)
-        if exited is None and self.fake.poll() is not None:
-            exited = ("fake-llm", self.fake.returncode)
-        if exited is not None:
-            raise RuntimeError(f"a process exited during the benchmark: {exited}")
-
-
-@contextlib.contextmanager
-def started(workdir: Path, envoy_concurrency: int) -> Iterator[Targets]:
-    """Fake LLM, baseline Envoy and gateway on free loopback ports; all stopped on exit.
-
-    The same sequence as `benchmarks.run.main`, which does not expose it as a function. The
-    fake runs with no time to first token and no pacing; every request sets its own pacing
-    with the x-fake-* headers.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    logs: list[TextIO] = []
-    fake: subprocess.Popen | None = None
-    baseline: subprocess.Popen | None = None
-    stack: Stack | None = None
-
-    def log_file(name: str) -> TextIO:
-        handle = (workdir / f"{name}.log").open("w", encoding="utf-8")
-        logs.append(handle)
-        return handle
-
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        fake_port = free_port()
-        fake_log = log_file("fake-llm")
-        fake = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "fake-llm", "--listen", f"{HOST}:{fake_port}",
-             "--ttft-ms", "0", "--tokens-per-second", "0", "--record-limit", "0"],
-            stdout=fake_log, stderr=fake_log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_tcp(f"{HOST}:{fake_port}", deadline, fake)
-
-        config_path = workdir / "gateway.yaml"
-        config_path.write_text(yaml.safe_dump(gateway_config(fake_port), sort_keys=False))
-        cfg = load_config(config_path)
-
-        base_listen, base_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
-        base_path = workdir / "baseline-envoy.yaml"
-        base_path.write_text(
-            yaml.safe_dump(baseline_bootstrap(cfg, base_listen, base_admin), sort_keys=False)
-        )
-        base_log = log_file("baseline-envoy")
-        baseline = subprocess.Popen(
-            [envoy_binary(), "-c", str(base_path), "--disable-hot-restart",
-             "--log-level", "warning", "--concurrency", str(envoy_concurrency)],
-            stdout=base_log, stderr=base_log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_envoy_ready(base_admin, deadline, baseline)
-
-        stack = Stack(
-            config_path,
-            workdir=workdir,
-            stdout=log_file("gateway"),
-            envoy_concurrency=envoy_concurrency,
-        )
-        stack.start(timeout=max(1.0, deadline - time.monotonic()))
-        yield Targets(
-            fake=fake,
-            baseline=baseline,
-            stack=stack,
-            urls={"baseline": f"http://{base_listen}", "gateway": f"http://{cfg.envoy.listen}"},
-            admins={"baseline": base_admin, "gateway": cfg.envoy.admin},
-        )
-    finally:
-        if stack is not None:
-            stack.stop(grace=5)
-        stop_process(baseline)
-        stop_process(fake)
-        for handle in logs:
-            handle.close()
 
 
 def ready(runner: asyncio.Runner, targets: Targets, warm_streams: int = 0) -> dict[str, Any]:
