@@ -514,28 +514,32 @@ def started(
             handle.close()
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1, sorted, without repeats."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 1,16, got {text!r}")
+    return sorted(set(values))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def positive_float(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-        return value
-
-    def positive_int(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-        return value
-
-    def int_list(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            values = []
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"expected e.g. 1,16, got {text!r}")
-        return sorted(set(values))
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=positive_float, default=5.0, help="seconds per scenario")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each measurement")

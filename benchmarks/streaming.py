@@ -28,7 +28,6 @@ import datetime as dt
 import gc
 import itertools
 import json
-import math
 import os
 import platform
 import resource
@@ -59,8 +58,11 @@ from benchmarks.run import (
     cpu_seconds,
     envoy_version,
     envoy_workers,
+    int_list,
     median_of,
     percentile,
+    positive_float,
+    positive_int,
     preflight,
     started,
 )
@@ -657,27 +659,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def positive_int(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-        return value
-
-    def positive_float(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-        return value
-
-    def int_list(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            values = []
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"expected e.g. 1000,5000, got {text!r}")
-        return sorted(set(values))
-
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.streaming", description=__doc__.split("\n")[0]
     )
