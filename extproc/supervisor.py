@@ -176,7 +176,7 @@ def up(
     stack = Stack(config_path, workdir, envoy_log_level, envoy_concurrency=envoy_concurrency)
     stopping = False
 
-    def _stop(signum, _frame):
+    def _stop(_signum, _frame):
         nonlocal stopping
         stopping = True
 

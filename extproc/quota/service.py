@@ -119,7 +119,7 @@ class QuotaService:
         wait = max(1, math.ceil(window_end - now))
         unit = _UNITS[spec.metric]
         used = state.used + state.reserved
-        headers = [*self.rate_headers(specs, states, now, include_this=False).items()]
+        headers = [*self.rate_headers(specs, states, now).items()]
         if charge.amount > charge.limit:
             # Waiting cannot help: no Retry-After, so clients do not sleep for nothing.
             message = (
@@ -177,7 +177,6 @@ class QuotaService:
         specs: tuple[LimitSpec, ...],
         states: tuple[CounterState, ...],
         now: float | None = None,
-        include_this: bool = True,
     ) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the tightest token and request limits."""
         now = time.time() if now is None else now
