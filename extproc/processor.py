@@ -236,7 +236,7 @@ class DownstreamStream:
             common = protocol.common(body=out) if out is not None else None
             if not msg.end_of_stream:
                 return protocol.response_body_response(common)
-            usage = self.relay.usage or self._estimate(self.relay.text)
+            usage = self._stream_usage()
             self._settle(usage)
             self._end_stream()
             metadata = self._usage_metadata(usage)
@@ -282,13 +282,27 @@ class DownstreamStream:
             return
         prompt = self.prompt.tokens if self.prompt is not None else 0
         if self.relay is not None:
-            # A stream cut short: the usage event never came, so count the deltas delivered.
-            usage = self.relay.usage or self._estimate(self.relay.text)
+            # A stream cut short: the usage event never came, so count what was delivered.
+            usage = self._stream_usage()
             actual = Amounts(usage.prompt_tokens, usage.completion_tokens) if usage else None
         else:
             # No response seen: the backend may still have read the prompt.
             actual = None
         self.services.quota.settle_soon(self.reservation, actual or Amounts(prompt, 0))
+
+    def _stream_usage(self) -> Usage | None:
+        relay = self.relay
+        assert relay is not None
+        if relay.usage is not None:
+            return relay.usage
+        if relay.expects_usage and self.request is not None and self.prompt is not None:
+            # The backend announced a usage report, so the relay kept no text; the report never
+            # came (a cut stream). OpenAI-style streams carry about one token per event: count
+            # every event but the role chunk, erring towards over-counting, never losing tokens.
+            out = max(0, relay.events - 1)
+            prompt = self.prompt.tokens
+            return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
+        return self._estimate(relay.text)
 
     def _buffered_usage(self, raw: bytes) -> Usage | None:
         if self.request is None or not 200 <= self.status < 300:
