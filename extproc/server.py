@@ -130,15 +130,11 @@ class Sidecar:
                 await self.reload()
 
     async def start(self) -> None:
+        # A body message carries up to max_body_bytes, and its answer a rewritten copy.
+        message_limit = 2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20)
         options = [
-            (
-                "grpc.max_receive_message_length",
-                2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20),
-            ),
-            (
-                "grpc.max_send_message_length",
-                2 * self.services.runtime.config.sidecar.max_body_bytes + (1 << 20),
-            ),
+            ("grpc.max_receive_message_length", message_limit),
+            ("grpc.max_send_message_length", message_limit),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]
