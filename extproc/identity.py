@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .config import INTERNAL_HEADER_PREFIX, Runtime
-from .errors import GatewayError, unauthorized
+from .errors import unauthorized
 
 
 def bearer_key(headers: Mapping[str, str]) -> str | None:
@@ -44,6 +44,3 @@ def spoofed_headers(headers: Mapping[str, str]) -> list[str]:
 def credentials_headers(headers: Mapping[str, str]) -> list[str]:
     """The client's own key never travels upstream; the backend gets its own credential."""
     return [name for name in ("authorization", "api-key") if name in headers]
-
-
-__all__ = ["GatewayError", "authenticate", "bearer_key", "credentials_headers", "spoofed_headers"]

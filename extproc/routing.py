@@ -13,8 +13,9 @@ from collections.abc import Mapping
 
 import orjson
 
-from .config import INTERNAL_HEADER_PREFIX, ResolvedTarget, Runtime
+from .config import INTERNAL_HEADER_PREFIX, Model, ResolvedTarget, Runtime
 from .errors import GatewayError, not_found
+from .identity import spoofed_headers
 from .parsing import ENDPOINT_MODEL_TYPES, Endpoint
 
 ROUTE_HEADER = f"{INTERNAL_HEADER_PREFIX}model"
@@ -26,7 +27,7 @@ BACKEND_METADATA = "x-aigw-backend"
 _CREATED = int(time.time())
 
 
-def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> None:
+def _visible_model(runtime: Runtime, team: str, model: str) -> Model:
     spec = runtime.config.models.get(model)
     if spec is None or not runtime.may_use(team, model):
         # Same answer for "no such model" and "not yours": existence is not disclosed.
@@ -35,6 +36,11 @@ def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> 
             "model_not_found",
             "model",
         )
+    return spec
+
+
+def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> None:
+    spec = _visible_model(runtime, team, model)
     if spec.type not in ENDPOINT_MODEL_TYPES.get(endpoint, frozenset()):
         raise GatewayError(
             400,
@@ -60,12 +66,7 @@ def list_models_body(runtime: Runtime, team: str) -> bytes:
 
 
 def retrieve_model_body(runtime: Runtime, team: str, model: str) -> bytes:
-    if model not in runtime.config.models or not runtime.may_use(team, model):
-        raise not_found(
-            f"The model `{model}` does not exist or you do not have access to it.",
-            "model_not_found",
-            "model",
-        )
+    _visible_model(runtime, team, model)
     return orjson.dumps(model_object(runtime, model))
 
 
@@ -91,7 +92,7 @@ def upstream_header_mutation(
     target: ResolvedTarget, headers: Mapping[str, str]
 ) -> tuple[dict[str, str], list[str]]:
     """Headers to set and remove before the request leaves for `target`."""
-    remove = [h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX)]
+    remove = spoofed_headers(headers)  # the backend sees none of the gateway's own headers
     set_headers: dict[str, str] = {}
     for h in ("authorization", "api-key"):
         if h in headers and h != target.auth_header:
