@@ -88,6 +88,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMsg
 from envoy_data_plane.google.protobuf import Struct
 
@@ -197,9 +198,7 @@ def upstream_ext_proc(cfg: Config, backend: str) -> ExternalProcessor:
     )
 
 
-def _status(code: int):
-    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
-
+def _status(code: int) -> HttpStatus:
     return HttpStatus(code=StatusCode(code))
 
 
