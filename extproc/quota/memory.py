@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from extproc.quota.store import Charge, CounterState, QuotaStore, ReserveResult
 
@@ -172,35 +172,24 @@ class MemoryStore(QuotaStore):
             t = self._teams[name] = _Team(name, now)
             heapq.heappush(self._idle, (t.drop_at, next(self._seq), t))
             return t
-        heap = t.reservation_heap
-        for _ in range(_BATCH):
-            if not heap or heap[0][0] > now:
-                break
-            _, rid = heapq.heappop(heap)
+        for _, rid in _due(t.reservation_heap, now):
             r = t.reservations.get(rid)
             # r.expires > now: the id was settled and reserved again; its own entry is later.
             if r is not None and r.expires <= now:
                 self._charge(t, rid, r)
         _compact(t)
-        cheap = t.counter_heap
-        for _ in range(_BATCH):
-            if not cheap or cheap[0][0] > now:
-                break
-            _, counter = heapq.heappop(cheap)
+        for _, counter in _due(t.counter_heap, now):
             c = t.counters.get(counter)
             if c is None:
                 continue
             if c.expires_at <= now:
                 del t.counters[counter]
-            else:  # a later charge extended it
-                heapq.heappush(cheap, (c.expires_at, counter))
+            else:  # a later charge extended it; its new time is past now, so not seen again
+                heapq.heappush(t.counter_heap, (c.expires_at, counter))
         return t
 
     def _drop_idle_teams(self, now: float) -> None:
-        for _ in range(_BATCH):
-            if not self._idle or self._idle[0][0] > now:
-                return
-            _, _, t = heapq.heappop(self._idle)
+        for _, _, t in _due(self._idle, now):
             if self._teams.get(t.name) is not t:
                 continue  # reset (and perhaps created again) since
             if t.drop_at <= now:
@@ -216,6 +205,15 @@ class MemoryStore(QuotaStore):
             if c is not None:
                 c.reserved -= amount
                 c.used += amount
+
+
+def _due(heap: list, now: float) -> Iterator[tuple]:
+    """Pop the entries whose time (their first item) has come, at most _BATCH per call: the
+    housekeeping a call does stays bounded, and what is left waits for the next call."""
+    for _ in range(_BATCH):
+        if not heap or heap[0][0] > now:
+            return
+        yield heapq.heappop(heap)
 
 
 def _compact(t: _Team) -> None:
