@@ -252,6 +252,12 @@ class SidecarSettings(_Strict):
     failure_status: int = Field(default=503, ge=400, le=599)
     grace_s: float = Field(default=30.0, ge=0, description="drain time on shutdown")
     reload_interval_s: float = Field(default=1.0, ge=0, description="0 = no file watching")
+    # How SSE responses pass the sidecar. "observe": chunks are never held; a second,
+    # observe-only filter follows a copy (a client that did not ask for usage gets no usage
+    # chunk injected, so its completion is the sidecar's own count). "inline": every chunk
+    # waits for the sidecar's answer (exact usage always). "auto": observe whenever the stream
+    # needs no change, i.e. the client asked for usage itself; inline otherwise.
+    stream_path: Literal["auto", "inline", "observe"] = "auto"
 
     @field_validator("listen")
     @classmethod

@@ -42,6 +42,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
+    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
@@ -62,6 +63,11 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedClusterClusterWeight,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
+from envoy_data_plane.envoy.extensions.filters.http.composite.v3 import (
+    Composite,
+    ExecuteFilterAction,
+)
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     MetadataOptions,
@@ -78,6 +84,13 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     LocalReplyConfig,
     ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.matching.common_inputs.network.v3 import (
+    DynamicMetadataInput,
+    DynamicMetadataInputPathSegment,
+)
+from envoy_data_plane.envoy.extensions.matching.input_matchers.metadata.v3 import (
+    Metadata as MetadataInputMatcher,
+)
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -87,17 +100,27 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher, ValueMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMsg
 from envoy_data_plane.google.protobuf import Struct
+from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
+from envoy_data_plane.xds.type.matcher.v3 import (
+    Matcher,
+    MatcherMatcherList,
+    MatcherMatcherListFieldMatcher,
+    MatcherMatcherListPredicate,
+    MatcherMatcherListPredicateSinglePredicate,
+    MatcherOnMatch,
+)
 
 from .config import Config, cluster_name, parse_address
-from .processor import CLUSTER_ATTRIBUTE, METADATA_NAMESPACE
-from .routing import BACKEND_METADATA, ROUTE_HEADER, STAGE_METADATA
+from .processor import CLUSTER_ATTRIBUTE, METADATA_NAMESPACE, OBSERVE_KEY
+from .routing import BACKEND_METADATA, OBSERVE_STAGE, ROUTE_HEADER, STAGE_METADATA
 
 SIDECAR_CLUSTER = "extproc_sidecar"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+OBSERVER_FILTER = "extproc.stream_observer"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -119,6 +142,18 @@ UPSTREAM_MODE = ProcessingMode(
     request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
     response_header_mode=ProcessingModeHeaderSendMode.SKIP,
     response_body_mode=ProcessingModeBodySendMode.NONE,
+    response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+)
+
+# The observer follows a copy of a stream's response and is never waited for
+# (observability_mode). It sees the response headers before the downstream stage does (the
+# response runs the filters in reverse order), so it decides from them itself.
+OBSERVER_MODE = ProcessingMode(
+    request_header_mode=ProcessingModeHeaderSendMode.SKIP,
+    request_body_mode=ProcessingModeBodySendMode.NONE,
+    request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+    response_header_mode=ProcessingModeHeaderSendMode.SEND,
+    response_body_mode=ProcessingModeBodySendMode.STREAMED,
     response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
 )
 
@@ -196,6 +231,82 @@ def upstream_ext_proc(cfg: Config, backend: str) -> ExternalProcessor:
         message_timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
         status_on_error=_status(cfg.sidecar.failure_status),
     )
+
+
+def observer_ext_proc(cfg: Config) -> ExternalProcessor:
+    return ExternalProcessor(
+        grpc_service=sidecar_grpc_service(cfg, {STAGE_METADATA: OBSERVE_STAGE}),
+        # Observation must never fail a request: a lost observer costs accounting precision
+        # (the reservation is then charged at its estimate), not the client's answer.
+        failure_mode_allow=True,
+        observability_mode=True,
+        processing_mode=OBSERVER_MODE,
+        metadata_options=MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+        ),
+    )
+
+
+def observer_http_filter(cfg: Config) -> HttpFilter:
+    """The stream observer, instantiated only for requests whose dynamic metadata says
+    `observe: true` (set by the downstream stage): a composite filter matching on it, so no
+    route needs to know about it and other requests pay nothing."""
+    matcher = Matcher(
+        matcher_list=MatcherMatcherList(
+            matchers=[
+                MatcherMatcherListFieldMatcher(
+                    predicate=MatcherMatcherListPredicate(
+                        single_predicate=MatcherMatcherListPredicateSinglePredicate(
+                            input=XdsExtension(
+                                name="observe",
+                                typed_config=_any(
+                                    DynamicMetadataInput(
+                                        filter=METADATA_NAMESPACE,
+                                        path=[DynamicMetadataInputPathSegment(key=OBSERVE_KEY)],
+                                    )
+                                ),
+                            ),
+                            custom_match=XdsExtension(
+                                name="is_true",
+                                typed_config=_any(
+                                    MetadataInputMatcher(value=ValueMatcher(bool_match=True))
+                                ),
+                            ),
+                        )
+                    ),
+                    on_match=MatcherOnMatch(
+                        action=XdsExtension(
+                            name="observe",
+                            typed_config=_any(
+                                ExecuteFilterAction(
+                                    typed_config=TypedExtensionConfig(
+                                        name=EXT_PROC_FILTER,
+                                        typed_config=_any(observer_ext_proc(cfg)),
+                                    )
+                                )
+                            ),
+                        )
+                    ),
+                )
+            ]
+        )
+    )
+    return HttpFilter(
+        name=OBSERVER_FILTER,
+        typed_config=_any(
+            ExtensionWithMatcher(
+                extension_config=TypedExtensionConfig(
+                    name="envoy.filters.http.composite", typed_config=_any(Composite())
+                ),
+                xds_matcher=matcher,
+            )
+        ),
+    )
+
+
+def gateway_http_filters(cfg: Config) -> list[HttpFilter]:
+    """The gateway's filters, in order, to go before the router."""
+    return [ext_proc_http_filter(cfg), observer_http_filter(cfg)]
 
 
 def _status(code: int) -> HttpStatus:
@@ -291,7 +402,7 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         stat_prefix="aigw",
         route_config=routes(cfg),
         http_filters=[
-            ext_proc_http_filter(cfg),
+            *gateway_http_filters(cfg),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
         local_reply_config=_local_reply(),
@@ -466,13 +577,13 @@ def render_yaml(cfg: Config) -> str:
 def render_snippet(cfg: Config) -> str:
     """The drop-in for an existing Envoy: the HTTP filter and the sidecar's cluster."""
     doc = {
-        "http_filters": [to_dict(ext_proc_http_filter(cfg))],
+        "http_filters": [to_dict(f) for f in gateway_http_filters(cfg)],
         "clusters": [to_dict(sidecar_cluster(cfg))],
     }
     return (
         "# Drop-in for an existing Envoy (rendered by `extproc envoy --snippet`).\n"
         "# 1. Put the filter in your HttpConnectionManager's http_filters, before\n"
-        "#    envoy.filters.http.router. 2. Add the cluster to your clusters.\n"
+        "#    envoy.filters.http.router, in this order. 2. Add the cluster to your clusters.\n"
         "# 3. Give each model a route that matches the header x-aigw-model (see README).\n"
         + yaml.safe_dump(doc, sort_keys=False, width=100)
     )
@@ -480,8 +591,26 @@ def render_snippet(cfg: Config) -> str:
 
 def render_istio(cfg: Config, namespace: str = "default") -> str:
     """An Istio EnvoyFilter that adds the same filter and cluster to sidecars and gateways."""
-    filter_value = to_dict(ext_proc_http_filter(cfg))
     cluster_value = to_dict(sidecar_cluster(cfg))
+    # Each patch goes right before the router, so applied in order they keep the filters'.
+    filter_patches = [
+        {
+            "applyTo": "HTTP_FILTER",
+            "match": {
+                "context": "ANY",
+                "listener": {
+                    "filterChain": {
+                        "filter": {
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "subFilter": {"name": "envoy.filters.http.router"},
+                        }
+                    }
+                },
+            },
+            "patch": {"operation": "INSERT_BEFORE", "value": to_dict(f)},
+        }
+        for f in gateway_http_filters(cfg)
+    ]
     manifest = {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
@@ -489,21 +618,7 @@ def render_istio(cfg: Config, namespace: str = "default") -> str:
         "spec": {
             "workloadSelector": {"labels": {"extproc.io/ai-gateway": "enabled"}},
             "configPatches": [
-                {
-                    "applyTo": "HTTP_FILTER",
-                    "match": {
-                        "context": "ANY",
-                        "listener": {
-                            "filterChain": {
-                                "filter": {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "subFilter": {"name": "envoy.filters.http.router"},
-                                }
-                            }
-                        },
-                    },
-                    "patch": {"operation": "INSERT_BEFORE", "value": filter_value},
-                },
+                *filter_patches,
                 {
                     "applyTo": "CLUSTER",
                     "match": {"context": "ANY"},
@@ -513,7 +628,7 @@ def render_istio(cfg: Config, namespace: str = "default") -> str:
         },
     }
     return (
-        "# Istio: adds the extproc filter to workloads labelled extproc.io/ai-gateway=enabled,\n"
+        "# Istio: adds the extproc filters to workloads labelled extproc.io/ai-gateway=enabled,\n"
         "# with the sidecar running in the same pod (rendered by `extproc envoy --istio`).\n"
         + yaml.safe_dump(manifest, sort_keys=False, width=100)
     )

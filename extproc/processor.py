@@ -39,6 +39,8 @@ log = logging.getLogger("extproc.processor")
 
 METADATA_NAMESPACE = "extproc"
 CLUSTER_ATTRIBUTE = "xds.cluster_name"
+# The dynamic metadata key (set with the request body) that instantiates the stream observer.
+OBSERVE_KEY = "observe"
 H = INTERNAL_HEADER_PREFIX
 
 
@@ -60,6 +62,8 @@ class DownstreamStream:
         "backend",
         "endpoint",
         "following",
+        "handed_off",
+        "observe",
         "prompt",
         "relay",
         "request",
@@ -89,6 +93,8 @@ class DownstreamStream:
         self.following = False  # counted in ACTIVE until the stream ends
         self.reservation: Reservation | None = None
         self.strip_usage = False
+        self.observe = False  # a stream the observer may follow instead of this stage
+        self.handed_off = False  # ... and does: it settles, this stage must not
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -165,21 +171,27 @@ class DownstreamStream:
             self.reservation = await self.services.quota.reserve(
                 self.rt.config, self.team, parsed.model, specs, Amounts(self.prompt.tokens, output)
             )
+        path = self.rt.config.sidecar.stream_path
+        self.observe = parsed.stream and (
+            path == "observe" or (path == "auto" and parsed.include_usage)
+        )
         body_mutation = None
-        if parsed.stream and not parsed.include_usage:
+        if parsed.stream and not parsed.include_usage and not self.observe:
             # Ask the backend for its usage report; the relay removes it again from what the
             # client sees, since the client did not ask for it.
             body_mutation = with_usage_requested(parsed.body)
             self.strip_usage = True
-        metadata = {
-            METADATA_NAMESPACE: {
-                "team": self.team,
-                "model": parsed.model,
-                "endpoint": self.endpoint.value,
-                "stream": parsed.stream,
-                "prompt_tokens_estimate": self.prompt.tokens,
-            }
+        data: dict[str, Any] = {
+            "team": self.team,
+            "model": parsed.model,
+            "endpoint": self.endpoint.value,
+            "stream": parsed.stream,
+            "prompt_tokens_estimate": self.prompt.tokens,
         }
+        if self.observe:
+            # What the observer needs to settle, in whichever sidecar process it lands.
+            data.update(observer_handover(self.reservation, self.started))
+        metadata = {METADATA_NAMESPACE: data}
         set_headers = {routing.ROUTE_HEADER: parsed.model}
         if body_mutation is not None:
             # Envoy keeps the client's content-length for a mutated buffered body; the
@@ -214,16 +226,23 @@ class DownstreamStream:
             )
         # A misbehaving backend must not be able to speak in the gateway's name either.
         remove = identity.spoofed_headers(headers)
-        media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         mode = None
-        if media_type == "text/event-stream" and not msg.end_of_stream:
+        metadata = None
+        if self.observe and observer_follows(headers, msg.end_of_stream):
+            # The observer follows the body from here on, without holding a chunk back; it
+            # decided so on these same headers (it sees them first: the response path runs
+            # the filters in reverse order).
+            self.handed_off = True
+            mode = protocol.OBSERVED_RESPONSE
+            metadata = {METADATA_NAMESPACE: {"backend": self.backend or "", "status": self.status}}
+        elif is_event_stream(headers) and not msg.end_of_stream:
             self.relay = StreamRelay(strip_usage_chunk=self.strip_usage)
             self.timing = StreamTiming(self.started)
             self.following = True
             ACTIVE.opened()
             mode = protocol.STREAMED_RESPONSE
         return protocol.response_headers_response(
-            protocol.common(set_headers, remove), mode_override=mode
+            protocol.common(set_headers, remove), mode_override=mode, dynamic_metadata=metadata
         )
 
     def on_response_body(self, msg: Any) -> protocol.ProcessingResponse:
@@ -278,7 +297,7 @@ class DownstreamStream:
     def close(self) -> None:
         """The stream ended: if the response never completed, settle what was delivered."""
         self._end_stream()
-        if self.reservation is None or self.reservation.settled:
+        if self.reservation is None or self.reservation.settled or self.handed_off:
             return
         prompt = self.prompt.tokens if self.prompt is not None else 0
         if self.relay is not None:
@@ -291,18 +310,12 @@ class DownstreamStream:
         self.services.quota.settle_soon(self.reservation, actual or Amounts(prompt, 0))
 
     def _stream_usage(self) -> Usage | None:
-        relay = self.relay
-        assert relay is not None
-        if relay.usage is not None:
-            return relay.usage
-        if relay.expects_usage and self.request is not None and self.prompt is not None:
-            # The backend announced a usage report, so the relay kept no text; the report never
-            # came (a cut stream). OpenAI-style streams carry about one token per event: count
-            # every event but the role chunk, erring towards over-counting, never losing tokens.
-            out = max(0, relay.events - 1)
-            prompt = self.prompt.tokens
-            return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
-        return self._estimate(relay.text)
+        assert self.relay is not None
+        if self.request is None or self.prompt is None:
+            return self.relay.usage
+        return stream_usage(
+            self.relay, self.prompt.tokens, self.services.tokens, self.request.model
+        )
 
     def _buffered_usage(self, raw: bytes) -> Usage | None:
         if self.request is None or not 200 <= self.status < 300:
@@ -318,9 +331,7 @@ class DownstreamStream:
     def _estimate(self, completion: str) -> Usage | None:
         if self.request is None or self.prompt is None:
             return None
-        out = self.services.tokens.count_text(self.request.model, completion).tokens
-        prompt = self.prompt.tokens
-        return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
+        return estimate(self.prompt.tokens, self.services.tokens, self.request.model, completion)
 
     def _identity_headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -344,6 +355,52 @@ class DownstreamStream:
         if usage is not None:
             data.update(usage.as_metadata())
         return {METADATA_NAMESPACE: data}
+
+
+def is_event_stream(headers: Mapping[str, str]) -> bool:
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media_type == "text/event-stream"
+
+
+def observer_follows(headers: Mapping[str, str], end_of_stream: bool) -> bool:
+    """Whether an observed request's response goes to the observer: a successful stream.
+    The downstream stage and the observer both decide with this, on the same headers."""
+    status = headers.get(":status", "")
+    return (
+        is_event_stream(headers)
+        and not end_of_stream
+        and status.isdigit()
+        and 200 <= int(status) < 300
+    )
+
+
+def stream_usage(relay: StreamRelay, prompt: int, tokens: TokenCounter, model: str) -> Usage:
+    """A stream's usage: the backend's report, or our own count when there is none."""
+    if relay.usage is not None:
+        return relay.usage
+    if relay.expects_usage:
+        # The backend announced a usage report, so the relay kept no text; the report never
+        # came (a cut stream). OpenAI-style streams carry about one token per event: count
+        # every event but the role chunk, erring towards over-counting, never losing tokens.
+        out = max(0, relay.events - 1)
+        return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
+    return estimate(prompt, tokens, model, relay.text)
+
+
+def estimate(prompt: int, tokens: TokenCounter, model: str, completion: str) -> Usage:
+    out = tokens.count_text(model, completion).tokens
+    return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
+
+
+def observer_handover(reservation: Reservation | None, started: float) -> dict[str, Any]:
+    return {
+        OBSERVE_KEY: True,
+        "reservation": reservation.id if reservation is not None else "",
+        # Names, in order, so a reload that changed the team's limits meanwhile is noticed.
+        "limits": [spec.name for spec in reservation.specs] if reservation is not None else [],
+        # Wall clock, not perf_counter: the observer may run in another sidecar process.
+        "started_at": time.time() - (time.perf_counter() - started),
+    }
 
 
 class UpstreamStream:

@@ -140,6 +140,12 @@ STREAMED_RESPONSE = ProcessingMode(
     response_body_mode=ProcessingMode.STREAMED,
     response_trailer_mode=ProcessingMode.SKIP,
 )
+# The stream observer follows the body instead: this stage lets it pass without waiting.
+OBSERVED_RESPONSE = ProcessingMode(
+    response_header_mode=ProcessingMode.SEND,
+    response_body_mode=ProcessingMode.NONE,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
 UPSTREAM_REWRITE_BODY = ProcessingMode(
     request_header_mode=ProcessingMode.SEND,
     request_body_mode=ProcessingMode.BUFFERED,

@@ -22,6 +22,7 @@ ROUTE_HEADER = f"{INTERNAL_HEADER_PREFIX}model"
 TEAM_HEADER = f"{INTERNAL_HEADER_PREFIX}team"
 # gRPC initial metadata the rendered config attaches to each cluster's upstream ext_proc filter.
 STAGE_METADATA = "x-aigw-stage"
+OBSERVE_STAGE = "observe"  # the stage value of the stream observer (a non-blocking copy)
 BACKEND_METADATA = "x-aigw-backend"
 
 _CREATED = int(time.time())

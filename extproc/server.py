@@ -16,11 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .admin.service import QuotaAdmin
 from .admin.v1 import quota_pb2_grpc
 from .config import ConfigError, Runtime, load_runtime, parse_address
+from .observer import ObservedStream
 from .processor import DownstreamStream, Services, UpstreamStream
 from .quota.policy import team_limits
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
-from .routing import STAGE_METADATA
+from .routing import OBSERVE_STAGE, STAGE_METADATA
 from .tokens import TokenCounter
 
 log = logging.getLogger("extproc.server")
@@ -35,7 +36,12 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator, context):
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        if metadata.get(STAGE_METADATA) == "upstream":
+        stage = metadata.get(STAGE_METADATA)
+        if stage == OBSERVE_STAGE:
+            async for _ in self._observe(request_iterator, context):
+                yield _
+            return
+        if stage == "upstream":
             stream = UpstreamStream(self.services, metadata)
         else:
             stream = DownstreamStream(self.services)
@@ -52,6 +58,27 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             self.active -= 1
             # Also on cancellation (the client went away): settlement runs as its own task.
             stream.close()
+
+    async def _observe(self, request_iterator, context):
+        # Envoy neither waits for nor reads an observer's answers: it gets none.
+        stream = ObservedStream(self.services)
+        self.active += 1
+        try:
+            async for request in request_iterator:
+                try:
+                    await stream.handle(request)
+                except Exception:
+                    log.exception("internal error while observing a stream")
+                    await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
+                if stream.done:
+                    # Nothing more to read: end the call now rather than at Envoy's deferred
+                    # close, so a finished stream holds nothing here.
+                    break
+        finally:
+            self.active -= 1
+            stream.close()
+        return
+        yield  # an async generator, like Process
 
 
 def build_runtime_parts(runtime: Runtime) -> tuple[Runtime, TokenCounter]:

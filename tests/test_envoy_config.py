@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from extproc.config import load_config, parse_config
-from extproc.envoy_config import render_istio, render_snippet, render_yaml
+from extproc.envoy_config import OBSERVER_FILTER, render_istio, render_snippet, render_yaml
 from extproc.supervisor import envoy_binary
 
 from .conftest import REPO
@@ -46,7 +46,7 @@ def test_committed_envoy_files_match_the_renderer(committed, render):
     assert (REPO / "envoy" / committed).read_text() == expected, "run `make envoy-files`"
 
 
-def _bootstrap_around(http_filter: dict, cluster: dict) -> dict:
+def _bootstrap_around(http_filters: list[dict], cluster: dict) -> dict:
     """A minimal existing-Envoy bootstrap that takes the drop-in as an operator would."""
     return {
         "static_resources": {
@@ -88,7 +88,7 @@ def _bootstrap_around(http_filter: dict, cluster: dict) -> dict:
                                             ]
                                         },
                                         "http_filters": [
-                                            http_filter,
+                                            *http_filters,
                                             {
                                                 "name": "envoy.filters.http.router",
                                                 "typed_config": {
@@ -136,24 +136,26 @@ def _bootstrap_around(http_filter: dict, cluster: dict) -> dict:
 
 def test_drop_in_snippet_validates_inside_an_existing_envoy(tmp_path):
     snippet = yaml.safe_load((REPO / "envoy" / "extproc-filter.yaml").read_text())
-    (http_filter,) = snippet["http_filters"]
+    filters = snippet["http_filters"]
+    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", OBSERVER_FILTER]
     (cluster,) = snippet["clusters"]
     out = tmp_path / "existing.yaml"
-    out.write_text(yaml.safe_dump(_bootstrap_around(http_filter, cluster)))
+    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster)))
     envoy_validate(out)
 
 
 def test_istio_manifest_patches_validate(tmp_path):
     manifest = yaml.safe_load((REPO / "envoy" / "istio-envoyfilter.yaml").read_text())
     assert manifest["kind"] == "EnvoyFilter"
-    patches = {p["applyTo"]: p["patch"] for p in manifest["spec"]["configPatches"]}
-    assert patches["HTTP_FILTER"]["operation"] == "INSERT_BEFORE"
+    patches = manifest["spec"]["configPatches"]
+    filter_patches = [p["patch"] for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    (cluster_patch,) = [p["patch"] for p in patches if p["applyTo"] == "CLUSTER"]
+    assert {p["operation"] for p in filter_patches} == {"INSERT_BEFORE"}
+    # Each is inserted right before the router, so applying them in order keeps this order.
+    filters = [p["value"] for p in filter_patches]
+    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", OBSERVER_FILTER]
     out = tmp_path / "istio.yaml"
-    out.write_text(
-        yaml.safe_dump(
-            _bootstrap_around(patches["HTTP_FILTER"]["value"], patches["CLUSTER"]["value"])
-        )
-    )
+    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster_patch["value"])))
     envoy_validate(out)
 
 

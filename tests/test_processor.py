@@ -46,6 +46,12 @@ def services() -> Services:
     return build_services(load_runtime(QUICKSTART))
 
 
+def with_stream_path(services: Services, path: str) -> Services:
+    cfg = services.runtime.config
+    cfg = cfg.model_copy(update={"sidecar": cfg.sidecar.model_copy(update={"stream_path": path})})
+    return build_services(build_runtime(cfg), services.tokens, services.quota)
+
+
 # -- building requests ------------------------------------------------------------------------
 
 
@@ -648,7 +654,8 @@ def test_streamed_usage_for_a_client_that_asked_passes_untouched(services: Servi
     raw = stream_bytes(["Bon", "jour", " 🙂"], USAGE)
     chunks = _split(raw)
     request = chat("gpt-4o", stream=True, stream_options={"include_usage": True})
-    bodies = _stream_through(services, request, chunks)
+    # With stream_path "inline" (by default such a stream goes to the observer instead).
+    bodies = _stream_through(with_stream_path(services, "inline"), request, chunks)
     for resp in bodies:
         assert not resp.response_body.HasField("response")  # every chunk relayed untouched
     assert metadata(bodies[-1])["extproc"]["total_tokens"] == 168

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 import signal
 import subprocess
@@ -354,10 +355,13 @@ def test_settlement_non_streaming_is_exact_and_headers_are_set(memory_gw: Gatewa
     assert "x-ratelimit-limit-requests" not in h  # the team has no requests limit
 
 
-def test_settlement_streaming_with_usage_is_exact(memory_gw: Gateway):
+def test_settlement_of_streams_is_exact_on_both_paths(memory_gw: Gateway):
+    """A client that asks for usage is followed by the observer (nothing held back); one that
+    does not is relayed inline with the injected usage event cut out. Both settle exactly what
+    the backend reported."""
     admin, team = memory_gw.admin, "settle"
 
-    def scenario() -> tuple[list[Any], Any]:
+    def scenario(asked: bool) -> tuple[list[Any], Any]:
         admin.reset(team)
         with memory_gw.client(team) as client:
             raw = client.chat.completions.with_raw_response.create(
@@ -365,7 +369,7 @@ def test_settlement_streaming_with_usage_is_exact(memory_gw: Gateway):
                 messages=probe_messages(2),
                 max_tokens=MAX_TOKENS,
                 stream=True,
-                stream_options={"include_usage": True},
+                **({"stream_options": {"include_usage": True}} if asked else {}),
             )
             assert raw.headers["x-ratelimit-limit-tokens"] == str(BIG_LIMIT)
             assert raw.headers["x-ratelimit-remaining-tokens"]
@@ -373,15 +377,23 @@ def test_settlement_streaming_with_usage_is_exact(memory_gw: Gateway):
             chunks = list(raw.parse())
         return chunks, admin.settled(team)["settle-tokens"]
 
-    chunks, usage = in_one_window(admin, team, scenario)
+    chunks, usage = in_one_window(admin, team, lambda: scenario(asked=True))
     final = chunks[-1]
     assert final.choices == [] and final.usage is not None
     assert final.usage.completion_tokens == MAX_TOKENS
     assert usage.used == final.usage.total_tokens
     assert usage.reserved == 0
 
+    # The same request again (the fake's usage is deterministic), without asking for usage.
+    chunks, usage = in_one_window(admin, team, lambda: scenario(asked=False))
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert sum(1 for c in chunks if c.choices[0].delta.content) == MAX_TOKENS
+    assert usage.used == final.usage.total_tokens
+    assert usage.reserved == 0
 
-def test_settlement_of_a_stream_cut_by_the_client(memory_gw: Gateway):
+
+@pytest.mark.parametrize("asked", [True, False], ids=["observed", "inline"])
+def test_settlement_of_a_stream_cut_by_the_client(memory_gw: Gateway, asked: bool):
     admin, team = memory_gw.admin, "settle"
     messages = probe_messages(3)
     prompt = prompt_estimate(messages)
@@ -396,7 +408,7 @@ def test_settlement_of_a_stream_cut_by_the_client(memory_gw: Gateway):
                 messages=messages,
                 max_tokens=300,
                 stream=True,
-                stream_options={"include_usage": True},
+                **({"stream_options": {"include_usage": True}} if asked else {}),
                 extra_headers={
                     "x-fake-tokens-per-second": "20",
                     "x-fake-response-tokens": str(full),
@@ -417,6 +429,31 @@ def test_settlement_of_a_stream_cut_by_the_client(memory_gw: Gateway):
     assert usage.reserved == 0
     # The delivered tokens count too (about one per event), not just the prompt.
     assert prompt + received - 1 <= usage.used < prompt + full
+
+
+def test_observe_path_counts_the_streams_it_leaves_untouched(tmp_path: Path):
+    """stream_path: observe. A client that did not ask for usage gets the backend's stream as
+    it is (no usage requested, nothing cut, no chunk held), and the observer settles the prompt
+    estimate plus its own count of the delivered text."""
+    ports, team = new_ports(), "obs"
+    config = gateway_config(ports, {team: [tokens_limit("obs-tokens", BIG_LIMIT)]}, {})
+    config["sidecar"]["stream_path"] = "observe"
+    messages = probe_messages(4)
+    with running_stack(tmp_path, config) as gw:
+        with gw.client(team) as client:
+            stream = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stream=True
+            )
+            chunks = list(stream)
+        usage = gw.admin.settled(team)["obs-tokens"]
+        fake = f"http://127.0.0.1:{ports['fake']}/_fake/requests"
+        with urllib.request.urlopen(fake, timeout=5) as resp:
+            seen = json.loads(resp.read())
+    assert all(c.usage is None and c.choices for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert "stream_options" not in seen[-1]["body"]
+    assert usage.reserved == 0
+    assert usage.used == prompt_estimate(messages) + token_counter().count_text(MODEL, text).tokens
 
 
 def test_requests_limit_rejects_the_fourth(memory_gw: Gateway):

@@ -9,6 +9,7 @@ import urllib.request
 
 import grpc
 import openai
+import pytest
 import tiktoken
 
 from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
@@ -69,6 +70,7 @@ def test_usage_is_requested_upstream_and_hidden_from_a_client_that_did_not_ask(g
 
 
 def test_a_client_that_asked_for_usage_gets_the_stream_untouched(gateway):
+    marker = f"observed-{time.monotonic_ns()}"
     events = raw_stream(
         gateway,
         {
@@ -77,10 +79,17 @@ def test_a_client_that_asked_for_usage_gets_the_stream_untouched(gateway):
             "stream": True,
             "stream_options": {"include_usage": True},
         },
+        {"x-request-id": marker},
     )
     last = json.loads(events[-2])
     assert last["choices"] == []
     assert last["usage"]["completion_tokens"] == 8
+    # Followed by the observer, which Envoy does not wait for and whose answers it ignores:
+    # the access log knows who and where, the usage is settled by the observer (quota tests).
+    entry = log_entry(gateway, marker)
+    assert (entry["team"], entry["model"], entry["backend"]) == ("team-a", "gpt-4o-mini", "fake-a")
+    assert entry["status"] == 200
+    assert entry["completion_tokens"] is None
 
 
 def test_a_backend_without_usage_is_counted_by_the_gateway(gateway):
@@ -118,7 +127,8 @@ def test_stream_timing_reaches_the_access_log(gateway):
     assert 0 < entry["output_tokens_per_s"] < 200
 
 
-def test_active_streams_are_visible(gateway):
+@pytest.mark.parametrize("asked", [False, True], ids=["inline", "observed"])
+def test_active_streams_are_visible(gateway, asked: bool):
     client = openai.OpenAI(base_url=gateway.base_url, api_key="sk-team-a", max_retries=0)
     started = threading.Event()
 
@@ -128,6 +138,7 @@ def test_active_streams_are_visible(gateway):
             messages=MESSAGES,
             stream=True,
             extra_headers={"x-fake-tokens-per-second": "10", "x-fake-response-tokens": "15"},
+            **({"stream_options": {"include_usage": True}} if asked else {}),
         )
         for _ in stream:
             started.set()

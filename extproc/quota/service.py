@@ -144,6 +144,27 @@ class QuotaService:
 
     # -- settle -----------------------------------------------------------------------------
 
+    def handed_over(
+        self,
+        cfg: Config,
+        team: str,
+        model: str,
+        reservation_id: str,
+        limit_names: tuple[str, ...],
+        specs: tuple[LimitSpec, ...],
+    ) -> Reservation | None:
+        """The reservation another stage made, rebuilt from what it passed on (the stream
+        observer settles it, maybe in another process). None when the team's limits changed
+        since: it then expires into a charge at its estimate, over-counted, never lost."""
+        if tuple(spec.name for spec in specs) != limit_names:
+            log.warning(
+                "team %s's limits changed while a stream was in flight; its reservation "
+                "will be charged at its estimate when it expires",
+                team,
+            )
+            return None
+        return Reservation(team, reservation_id, model, specs, (), (), Amounts(0, 0), cfg)
+
     def settle_soon(self, reservation: Reservation | None, actual: Amounts) -> None:
         """Settle off the response path: the client need not wait for the store."""
         if reservation is None or reservation.settled:

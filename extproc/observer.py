@@ -1,0 +1,101 @@
+"""The stream observer: follows a copy of an SSE response that Envoy does not hold back.
+
+Envoy runs this stage in observability mode: it sends each chunk and moves on without waiting,
+and ignores whatever the sidecar answers, so the stage answers nothing. It is instantiated only
+for streaming requests the downstream stage marked `observe`, and follows the response only when
+it is a successful event stream (`observer_follows`, the same test by which the downstream stage
+hands it over); an error body or a JSON answer stays with the downstream stage.
+
+Everything needed to settle arrives in the forwarded dynamic metadata, so the observer may run
+in another sidecar process than the stage that reserved (the quota store must then be shared).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .processor import METADATA_NAMESPACE, Services, observer_follows, stream_usage
+from .protocol import ProcessingRequest, header_dict
+from .quota.policy import Amounts, applicable
+from .sse import StreamRelay
+from .streams import ACTIVE, StreamTiming
+
+log = logging.getLogger("extproc.observer")
+
+
+class ObservedStream:
+    __slots__ = ("done", "info", "relay", "services", "timing")
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.relay: StreamRelay | None = None
+        self.timing: StreamTiming | None = None
+        self.info: dict[str, Any] = {}
+        self.done = False  # finished, or not ours to follow
+
+    async def handle(self, req: ProcessingRequest) -> None:
+        if self.done:
+            return
+        kind = req.WhichOneof("request")
+        if kind == "response_headers":
+            msg = req.response_headers
+            if not observer_follows(header_dict(msg.headers), msg.end_of_stream):
+                self.done = True  # an error or JSON answer: the downstream stage keeps it
+                return
+            self._start(req)
+        elif kind == "response_body" and self.relay is not None:
+            assert self.timing is not None
+            msg = req.response_body
+            self.timing.chunk()
+            self.relay.feed(msg.body, msg.end_of_stream)
+            if msg.end_of_stream:
+                self._finish()
+
+    def _start(self, req: ProcessingRequest) -> None:
+        struct = req.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        self.info = dict(struct) if struct is not None else {}
+        self.relay = StreamRelay(strip_usage_chunk=False)
+        started_at = _number(self.info.get("started_at"), time.time())
+        # The request's start on this process's perf_counter clock, for time to first token.
+        self.timing = StreamTiming(time.perf_counter() - (time.time() - started_at))
+        ACTIVE.opened()
+
+    def close(self) -> None:
+        """The gRPC stream ended: a stream cut short settles what was delivered."""
+        if self.relay is not None and not self.done:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        ACTIVE.closed()
+        assert self.relay is not None and self.timing is not None
+        info, services = self.info, self.services
+        team, model = str(info.get("team", "")), str(info.get("model", ""))
+        prompt = int(_number(info.get("prompt_tokens_estimate"), 0))
+        usage = stream_usage(self.relay, prompt, services.tokens, model)
+        res_id = info.get("reservation")
+        if isinstance(res_id, str) and res_id:
+            specs = applicable(services.limits.get(team, ()), model)
+            names = tuple(str(n) for n in info.get("limits") or ())
+            reservation = services.quota.handed_over(
+                services.runtime.config, team, model, res_id, names, specs
+            )
+            services.quota.settle_soon(
+                reservation, Amounts(usage.prompt_tokens, usage.completion_tokens)
+            )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "stream done team=%s model=%s %s %s",
+                team,
+                model,
+                usage.as_metadata(),
+                self.timing.as_metadata(usage.completion_tokens),
+            )
+
+
+def _number(value: Any, default: float) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return default

@@ -1,0 +1,252 @@
+"""The non-blocking stream path: which streams the downstream stage hands to the observer, and
+what the observer settles, driven with hand-built ProcessingRequest messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from extproc.observer import ObservedStream
+from extproc.processor import DownstreamStream, Services
+from extproc.protocol import ProcessingMode, ProcessingRequest
+from extproc.quota.policy import Amounts
+from extproc.quota.service import QuotaService, Reservation
+from extproc.streams import ACTIVE
+
+from .test_processor import (
+    KEY_B,
+    MESSAGES,
+    USAGE,
+    build_services,
+    load_runtime,
+    metadata,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    stream_bytes,
+    with_stream_path,
+)
+from .test_processor import QUICKSTART as QUICKSTART_PATH
+
+MODEL = "gpt-4o-mini"  # team-b (KEY_B) has token and request limits on it in the quickstart
+
+
+@dataclass
+class Recorder:
+    settled: list[tuple[Reservation | None, Amounts]] = field(default_factory=list)
+
+
+class RecordingQuota(QuotaService):
+    """The real service and store; settlements are also written down."""
+
+    __slots__ = ("recorder",)
+
+    def settle_soon(self, reservation: Reservation | None, actual: Amounts) -> None:
+        self.recorder.settled.append((reservation, actual))
+        super().settle_soon(reservation, actual)
+
+
+def recording(services: Services) -> tuple[Services, Recorder]:
+    quota = RecordingQuota(services.quota.store, services.quota.settings)
+    quota.recorder = Recorder()
+    fresh = Services(services.runtime, services.tokens, quota, services.limits)
+    return fresh, quota.recorder
+
+
+@pytest.fixture(scope="module")
+def base() -> Services:
+    return build_services(load_runtime(QUICKSTART_PATH))
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    # A small max_tokens: the reservations of these tests share team-b's 20,000 tokens/minute.
+    return {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 16, **fields}
+
+
+def run(stream: Any, *reqs: ProcessingRequest) -> list[Any]:
+    async def go() -> list[Any]:
+        return [await stream.handle(r) for r in reqs]
+
+    return asyncio.run(go())
+
+
+def close(stream: Any) -> None:
+    async def go() -> None:  # as in the server: on the event loop, where settling is scheduled
+        stream.close()
+
+    asyncio.run(go())
+
+
+def request_metadata(services: Services, body: dict[str, Any]) -> tuple[DownstreamStream, dict]:
+    stream = DownstreamStream(services)
+    _, resp = run(stream, request_headers(key=KEY_B), request_body(body))
+    assert resp.WhichOneof("response") == "request_body"
+    return stream, metadata(resp)["extproc"]
+
+
+def forwarded(req: ProcessingRequest, data: dict[str, Any]) -> ProcessingRequest:
+    """A message as the observer receives it: with the downstream stage's metadata."""
+    req.metadata_context.filter_metadata["extproc"].update(data)
+    return req
+
+
+# -- which path a stream takes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "include_usage", "observed", "injected"),
+    [
+        ("auto", True, True, False),
+        ("auto", False, False, True),  # the usage chunk must be cut: inline
+        ("observe", True, True, False),
+        ("observe", False, True, False),  # nothing injected, nothing to cut: own count
+        ("inline", True, False, False),
+        ("inline", False, False, True),
+    ],
+)
+def test_stream_path_choice(
+    base: Services, path: str, include_usage: bool, observed: bool, injected: bool
+) -> None:
+    services = with_stream_path(base, path)
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    stream = DownstreamStream(services)
+    _, resp = run(stream, request_headers(key=KEY_B), request_body(chat(**options)))
+    data = metadata(resp)["extproc"]
+    assert data.get("observe", False) is observed
+    assert resp.request_body.response.HasField("body_mutation") is injected
+    (headers_resp,) = run(stream, response_headers(content_type="text/event-stream"))
+    body_mode = headers_resp.mode_override.response_body_mode
+    assert body_mode == (ProcessingMode.NONE if observed else ProcessingMode.STREAMED)
+    if observed:
+        assert data["reservation"] == stream.reservation.id
+        assert data["limits"] == [s.name for s in stream.reservation.specs]
+        assert data["started_at"] > 0
+        assert metadata(headers_resp)["extproc"] == {"backend": "fake", "status": 200.0}
+
+
+def test_non_streaming_request_is_never_observed(base: Services) -> None:
+    _, data = request_metadata(with_stream_path(base, "observe"), chat(stream=False))
+    assert "observe" not in data
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type"), [(429, "application/json"), (200, "application/json")]
+)
+def test_an_observed_request_answered_without_a_stream_stays_with_the_downstream_stage(
+    base: Services, status: int, content_type: str
+) -> None:
+    services, recorder = recording(base)
+    stream, _ = request_metadata(services, chat(stream_options={"include_usage": True}))
+    body = {"error": {"message": "slow down"}} if status != 200 else {"usage": USAGE}
+    headers_resp, body_resp = run(
+        stream, response_headers(status, content_type), response_body(body)
+    )
+    assert not headers_resp.HasField("mode_override")
+    assert body_resp.WhichOneof("response") == "response_body"
+    ((reservation, actual),) = recorder.settled
+    assert reservation is stream.reservation
+    expected = Amounts(123, 45) if status == 200 else Amounts(0, 0)
+    assert actual == expected
+    observer = ObservedStream(services)
+    run(observer, response_headers(status, content_type), response_body(body))
+    assert observer.done and observer.relay is None
+    assert len(recorder.settled) == 1
+
+
+def test_a_handed_off_stream_is_not_settled_by_the_downstream_stage(base: Services) -> None:
+    services, recorder = recording(base)
+    stream, _ = request_metadata(services, chat(stream_options={"include_usage": True}))
+    run(stream, response_headers(content_type="text/event-stream"))
+    close(stream)  # Envoy ends this stage's gRPC stream while the observer still follows
+    assert recorder.settled == []
+
+
+# -- the observer -----------------------------------------------------------------------------
+
+
+def observe(
+    services: Services, data: dict[str, Any], chunks: list[bytes], end: bool = True
+) -> ObservedStream:
+    observer = ObservedStream(services)
+    reqs = [forwarded(response_headers(content_type="text/event-stream"), data)]
+    reqs += [
+        forwarded(response_body(c, end_of_stream=end and i == len(chunks) - 1), data)
+        for i, c in enumerate(chunks)
+    ]
+    answers = run(observer, *reqs)
+    assert answers == [None] * len(reqs)  # Envoy reads no answer from an observer
+    return observer
+
+
+def test_observer_settles_the_reported_usage_exactly(base: Services) -> None:
+    services, recorder = recording(base)
+    stream, data = request_metadata(services, chat(stream_options={"include_usage": True}))
+    raw = stream_bytes(["Bon", "jour"], USAGE)
+    cut = raw.index(b'"usage"') + 5  # the usage event split across two chunks
+    before = ACTIVE.current
+    observer = observe(services, data, [raw[:10], raw[10:cut], raw[cut:]])
+    assert observer.done and ACTIVE.current == before
+    ((reservation, actual),) = recorder.settled
+    assert reservation is not None and reservation is not stream.reservation
+    assert (reservation.team, reservation.id, reservation.model) == (
+        "team-b",
+        data["reservation"],
+        MODEL,
+    )
+    assert reservation.specs == stream.reservation.specs
+    assert actual == Amounts(123, 45)
+
+
+def test_observer_counts_a_stream_without_usage_itself(base: Services) -> None:
+    services, recorder = recording(with_stream_path(base, "observe"))
+    _, data = request_metadata(services, chat())
+    observe(services, data, [stream_bytes(["Bon", "jour", " 🙂"], None)])
+    ((_, actual),) = recorder.settled
+    prompt = int(data["prompt_tokens_estimate"])
+    completion = services.tokens.count_text(MODEL, "Bonjour 🙂").tokens
+    assert actual == Amounts(prompt, completion)
+
+
+def test_observer_settles_what_was_delivered_when_the_stream_is_cut(base: Services) -> None:
+    services, recorder = recording(base)
+    _, data = request_metadata(services, chat(stream_options={"include_usage": True}))
+    # Backends that will report usage say "usage": null in every chunk; the report never comes.
+    events = b"".join(
+        b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'
+        for _ in range(6)
+    )
+    before = ACTIVE.current
+    observer = observe(services, data, [events], end=False)
+    assert ACTIVE.current == before + 1
+    assert recorder.settled == []
+    close(observer)  # the client went away: Envoy ends the observer's gRPC stream
+    assert ACTIVE.current == before
+    ((_, actual),) = recorder.settled
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 5)  # events minus the first
+    close(observer)
+    assert len(recorder.settled) == 1
+
+
+def test_observer_leaves_the_reservation_to_expire_when_the_limits_changed(
+    base: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    services, recorder = recording(base)
+    _, data = request_metadata(services, chat(stream_options={"include_usage": True}))
+    data = {**data, "limits": ["some-other-limit"]}
+    with caplog.at_level(logging.WARNING, logger="extproc.quota"):
+        observe(services, data, [stream_bytes(["Bon"], USAGE)])
+    ((reservation, _),) = recorder.settled
+    assert reservation is None  # nothing settled: it is charged at its estimate on expiry
+    assert "limits changed" in caplog.text
+
+
+def test_observer_without_a_reservation_settles_nothing(base: Services) -> None:
+    services, recorder = recording(base)
+    data = {"team": "team-a", "model": MODEL, "observe": True, "reservation": "", "limits": []}
+    observer = observe(services, data, [stream_bytes(["Bon"], USAGE)])
+    assert observer.done and recorder.settled == []
