@@ -47,6 +47,7 @@ from extproc.config import Config, load_config
 from extproc.envoy_config import (
     EXT_PROC_FILTER,
     HTTP_PROTOCOL_OPTIONS,
+    OBSERVER_FILTER,
     SIDECAR_CLUSTER,
     bootstrap,
 )
@@ -85,7 +86,7 @@ def gateway_config(fake_port: int) -> dict[str, Any]:
 
 
 def _without_ext_proc(filters: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-    kept = [f for f in filters if f.get("name") != EXT_PROC_FILTER]
+    kept = [f for f in filters if f.get("name") not in (EXT_PROC_FILTER, OBSERVER_FILTER)]
     if len(kept) == len(filters):
         raise RuntimeError(f"no {EXT_PROC_FILTER} filter in {where}: the bootstrap changed shape")
     return kept

@@ -2,18 +2,22 @@
 
 `python -m benchmarks.streaming` starts the same process tree as `benchmarks.run` (one fake LLM,
 an Envoy-only baseline derived from the gateway's bootstrap, and the gateway via
-`extproc.supervisor.Stack`, all on free loopback ports) and measures, alternating baseline and
-gateway within every run:
+`extproc.supervisor.Stack`, all on free loopback ports) and measures, alternating Envoy alone
+and the gateway's two stream paths within every run (*inline*: the client did not ask for
+usage, every chunk waits for the sidecar; *observed*: the client asked for usage, the stream
+observer follows a copy and Envoy holds nothing back):
 
 1. added time to first token: streaming chat requests at concurrency 1, the fake pacing 20
    tokens at 100 tokens/s with no time to first token; client-side time from sending the request
    to the first event carrying a content delta, p50 and p99 over N streams;
-2. added per-chunk latency: for the same streams, the client-side gap between successive
-   content deltas, against the fake's pacing (10 ms), p50 and p99;
-3. memory per concurrent stream: K slow streams (1 token/s, 21 tokens: 20 s each) held open at
-   once, in a fresh process tree per K; the RSS of the sidecar and of Envoy once every stream
-   has received its first chunk (or the ramp stalls on a limit), against the RSS before they
-   opened, per stream live at that moment; the Envoy circuit-breaker overflows it caused.
+2. added per-chunk latency: for the same streams, response headers to the first content delta
+   (one chunk's trip), and the gaps between successive deltas against the fake's pacing
+   (10 ms), p50 and p99;
+3. memory per concurrent stream: K slow streams (1 token/s, 21 tokens: 20 s each) held open
+   at once, in a fresh process tree per K and variant; the RSS of the sidecar and of Envoy
+   once every stream has received its first chunk (or the ramp stalls on a limit), against the
+   RSS before they opened, per stream live at that moment; the Envoy circuit-breaker overflows
+   it caused.
 
 Medians over runs; a markdown table on stdout, the full result as JSON in
 `benchmarks/results/streaming-<UTC timestamp>.json`. See benchmarks/README.md.
@@ -67,7 +71,20 @@ from benchmarks.run import (
     started,
 )
 
-LABELS = {"baseline": "Envoy alone", "gateway": "gateway"}
+# What is measured: Envoy alone, and the gateway on each of its two stream paths. A client
+# that asks for usage is followed by the observer (Envoy holds no chunk back); one that does
+# not is relayed inline (the usage event the gateway asked for is cut out of its stream).
+VARIANTS: dict[str, tuple[str, bool]] = {  # variant -> (process tree, client asks for usage)
+    "baseline": ("baseline", False),
+    "inline": ("gateway", False),
+    "observed": ("gateway", True),
+}
+GATEWAY_VARIANTS = ("inline", "observed")
+LABELS = {
+    "baseline": "Envoy alone",
+    "inline": "gateway, inline",
+    "observed": "gateway, observed",
+}
 # Connections the load generator keeps for itself beyond the streams (sessions, pre-flight).
 FD_MARGIN = 64
 # Streams in the middle of opening (request sent, first chunk not yet back) during a memory
@@ -89,7 +106,7 @@ def ready(runner: asyncio.Runner, targets: Targets, warm_streams: int = 0) -> di
     for target in TARGETS:
         runner.run(preflight(targets.urls[target], time.monotonic() + 20))
         if warm_streams:
-            runner.run(latency_phase(targets.urls[target], warm_streams, 0, 5, 0))
+            runner.run(latency_phase(targets.urls[target], warm_streams, 0, 5, 0, False))
     return workers
 
 
@@ -146,12 +163,16 @@ def streams_that_fit(limits: dict[str, int | None]) -> int:
 # --------------------------------------------------------------------------- one stream
 
 
-def stream_request(tokens: int, tokens_per_second: float) -> tuple[bytes, dict[str, str]]:
-    body = {
+def stream_request(
+    tokens: int, tokens_per_second: float, include_usage: bool = False
+) -> tuple[bytes, dict[str, str]]:
+    body: dict[str, Any] = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "hello"}],
         "stream": True,
     }
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
     headers = {
         "Authorization": f"Bearer {API_KEY}",
         "Content-Type": "application/json",
@@ -250,10 +271,15 @@ def _ms(ordered: list[float], q: float) -> float | None:
 
 
 async def latency_phase(
-    url: str, streams: int, warmup: int, tokens: int, tokens_per_second: float
+    url: str,
+    streams: int,
+    warmup: int,
+    tokens: int,
+    tokens_per_second: float,
+    include_usage: bool,
 ) -> dict[str, Any]:
     """`streams` streaming requests one after the other over one keep-alive connection."""
-    body, headers = stream_request(tokens, tokens_per_second)
+    body, headers = stream_request(tokens, tokens_per_second, include_usage)
     connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=60)
     life_s = tokens / tokens_per_second if tokens_per_second > 0 else 0.0
     timeout = aiohttp.ClientTimeout(total=10 + life_s)
@@ -386,6 +412,7 @@ async def memory_phase(
     tokens_per_second: float,
     pids: dict[str, int],
     settle_s: float,
+    include_usage: bool,
 ) -> dict[str, Any]:
     """Hold `k` slow streams open at once and sample RSS once all have their first chunk.
 
@@ -394,7 +421,7 @@ async def memory_phase(
     behind a limit), or half a stream's life has passed; streams that have no first chunk by
     then are cancelled, the others read to the end.
     """
-    body, headers = stream_request(tokens, tokens_per_second)
+    body, headers = stream_request(tokens, tokens_per_second, include_usage)
     life_s = (tokens - 1) / tokens_per_second if tokens_per_second > 0 else 0.0
     gc.collect()
     await asyncio.sleep(0.5)
@@ -526,29 +553,34 @@ def summarize_latency(samples: list[dict[str, Any]], pacing_ms: float) -> dict[s
         "first_after_headers_p50_ms",
         "first_after_headers_p99_ms",
     )
-    per_target: dict[str, Any] = {}
-    for target in TARGETS:
-        rows = [s for s in samples if s["target"] == target]
-        per_target[target] = {key: median_of([r[key] for r in rows]) for key in keys}
-        per_target[target]["cpu_ms_per_stream"] = {
+    per_variant: dict[str, Any] = {}
+    for variant in VARIANTS:
+        rows = [s for s in samples if s["target"] == variant]
+        per_variant[variant] = {key: median_of([r[key] for r in rows]) for key in keys}
+        per_variant[variant]["cpu_ms_per_stream"] = {
             name: median_of([r["cpu_ms_per_stream"].get(name) for r in rows])
             for name in sorted({n for r in rows for n in r["cpu_ms_per_stream"]})
         }
-        per_target[target]["streams"] = sum(r["streams"] for r in rows)
-        per_target[target]["errors"] = sum(r["errors"] for r in rows)
-        per_target[target]["streams_with_missing_deltas"] = sum(
+        per_variant[variant]["streams"] = sum(r["streams"] for r in rows)
+        per_variant[variant]["errors"] = sum(r["errors"] for r in rows)
+        per_variant[variant]["streams_with_missing_deltas"] = sum(
             r["streams_with_missing_deltas"] for r in rows
         )
-    base, gw = per_target["baseline"], per_target["gateway"]
-    per_run = []
-    for run in sorted({s["run"] for s in samples}):
-        b = next(s for s in samples if s["run"] == run and s["target"] == "baseline")
-        g = next(s for s in samples if s["run"] == run and s["target"] == "gateway")
-        per_run.append({key: _diff(g[key], b[key]) for key in keys})
+    base = per_variant["baseline"]
+    added: dict[str, Any] = {}
+    per_run: dict[str, list[dict[str, Any]]] = {}
+    for variant in GATEWAY_VARIANTS:
+        gw = per_variant[variant]
+        added[variant] = {key.removesuffix("_ms"): _diff(gw[key], base[key]) for key in keys}
+        per_run[variant] = []
+        for run in sorted({s["run"] for s in samples}):
+            b = next(s for s in samples if s["run"] == run and s["target"] == "baseline")
+            g = next(s for s in samples if s["run"] == run and s["target"] == variant)
+            per_run[variant].append({key: _diff(g[key], b[key]) for key in keys})
     return {
-        **per_target,
+        **per_variant,
         "pacing_ms": pacing_ms,
-        "added_ms": {key.removesuffix("_ms"): _diff(gw[key], base[key]) for key in keys},
+        "added_ms": added,
         "per_run_added_ms": per_run,
     }
 
@@ -563,17 +595,20 @@ def _spread(values: list[float | None]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lat = result["latency"]
-    base, gw = lat["baseline"], lat["gateway"]
-    per_run = lat["per_run_added_ms"]
+    base = lat["baseline"]
     lines = [
         f"Streaming, Envoy alone vs gateway: {s['runs']} run(s) x {s['latency_streams']} streams "
         f"at concurrency 1, {s['tokens']} tokens at {s['tokens_per_second']:g} tokens/s "
         f"(pacing {lat['pacing_ms']:g} ms), no time to first token; medians over runs; Envoy "
         f"--concurrency {s['envoy_concurrency']}; {result['machine']['cpus']} CPU(s) shared by "
-        "the load generator, both Envoys, the fake LLM and the sidecar.",
+        "the load generator, both Envoys, the fake LLM and the sidecar. *inline*: the client "
+        "did not ask for usage (the gateway injects the request and cuts the usage event, so "
+        "every chunk waits for the sidecar); *observed*: the client asked for usage (the "
+        "observer follows a copy, Envoy holds nothing back).",
         "",
-        "| metric | Envoy alone | gateway | added by the gateway | spread of added |",
-        "|---|---:|---:|---:|---|",
+        "| metric | Envoy alone | gateway inline | added inline | gateway observed | "
+        "added observed |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     rows = (
         ("time to first token p50 (ms)", "ttft_p50"),
@@ -585,22 +620,31 @@ def markdown(result: dict[str, Any]) -> str:
         ("response headers to first token p99 (ms)", "first_after_headers_p99"),
     )
     for label, key in rows:
-        lines.append(
-            f"| {label} | {_fmt(base[f'{key}_ms'])} | {_fmt(gw[f'{key}_ms'])} | "
-            f"{_fmt(lat['added_ms'][key], sign=True)} ms | "
-            f"{_spread([r[f'{key}_ms'] for r in per_run])} |"
-        )
-    cpu = ", ".join(
-        f"{name} {_fmt(value)}" for name, value in gw["cpu_ms_per_stream"].items() if value
-    )
-    base_cpu = ", ".join(
-        f"{name} {_fmt(value)}" for name, value in base["cpu_ms_per_stream"].items() if value
-    )
-    lines.append(f"| CPU ms per stream | {base_cpu} | {cpu} | | |")
-    flag = "**ERRORS**" if base["errors"] + gw["errors"] else "all ended with [DONE]"
+        cells = [_fmt(base[f"{key}_ms"])]
+        for variant in GATEWAY_VARIANTS:
+            spread = _spread([r[f"{key}_ms"] for r in lat["per_run_added_ms"][variant]])
+            cells.append(_fmt(lat[variant][f"{key}_ms"]))
+            cells.append(
+                f"{_fmt(lat['added_ms'][variant][key], sign=True)} ms"
+                + (f" ({spread})" if spread else "")
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def cpu(variant: str) -> str:
+        values = lat[variant]["cpu_ms_per_stream"].items()
+        return ", ".join(f"{name} {_fmt(value)}" for name, value in values if value)
+
     lines.append(
-        f"| streams / errors | {base['streams']} / {base['errors']} | "
-        f"{gw['streams']} / {gw['errors']} | {flag} | |"
+        f"| CPU ms per stream | {cpu('baseline')} | {cpu('inline')} | | {cpu('observed')} | |"
+    )
+    errors = sum(lat[v]["errors"] for v in VARIANTS)
+    lines.append(
+        "| streams / errors | "
+        + " | ".join(
+            f"{lat[v]['streams']} / {lat[v]['errors']}" + (" |" if v != "baseline" else "")
+            for v in VARIANTS
+        )
+        + (" **ERRORS** |" if errors else " all ended with [DONE] |")
     )
     lines += [
         "",
@@ -684,6 +728,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="both",
         help="hold the K streams through the gateway only, or through Envoy alone too",
     )
+    p.add_argument(
+        "--memory-paths",
+        choices=("inline", "observed", "both"),
+        default="both",
+        help="the gateway stream path(s) whose memory is measured",
+    )
     p.add_argument("--settle", type=float, default=1.0, help="seconds before sampling RSS")
     p.add_argument(
         "--envoy-concurrency", type=positive_int, default=1, help="Envoy worker threads (both)"
@@ -747,9 +797,9 @@ def main(argv: list[str] | None = None) -> int:
             # 1 + 2: latency, baseline then gateway in every run.
             pacing_ms = 1000 / args.tokens_per_second
             latency_samples: list[dict[str, Any]] = []
-            total = args.runs * len(TARGETS)
+            total = args.runs * len(VARIANTS)
             for run in range(1, args.runs + 1):
-                for target in TARGETS:
+                for variant, (target, include_usage) in VARIANTS.items():
                     targets.check()
                     pids = {**targets.pids(target), "fake-llm": targets.fake.pid}
                     gc.collect()
@@ -761,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.warmup_streams,
                             args.tokens,
                             args.tokens_per_second,
+                            include_usage,
                         )
                     )
                     cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -770,10 +821,10 @@ def main(argv: list[str] | None = None) -> int:
                         for name, before in cpu_before.items()
                         if before is not None and cpu_after[name] is not None
                     }
-                    sample.update(run=run, target=target)
+                    sample.update(run=run, target=variant)
                     latency_samples.append(sample)
                     print(
-                        f"[{len(latency_samples)}/{total}] run {run} {target:<8} "
+                        f"[{len(latency_samples)}/{total}] run {run} {variant:<8} "
                         f"ttft p50 {_fmt(sample['ttft_p50_ms'])} p99 {_fmt(sample['ttft_p99_ms'])}"
                         f" ms  gap p50 {_fmt(sample['gap_p50_ms'])} p99 "
                         f"{_fmt(sample['gap_p99_ms'])} ms  errors {sample['errors']}",
@@ -785,11 +836,15 @@ def main(argv: list[str] | None = None) -> int:
         # 3: memory, per K in a fresh process tree (allocators keep what an earlier phase
         # freed, which would hide growth), baseline (when asked) then gateway.
         memory: list[dict[str, Any]] = []
-        memory_targets = TARGETS if args.memory_targets == "both" else ("gateway",)
+        paths = GATEWAY_VARIANTS if args.memory_paths == "both" else (args.memory_paths,)
+        memory_targets = (("baseline",) if args.memory_targets == "both" else ()) + paths
         for k in ks:
-            with started(workdir / f"memory-{k}", args.envoy_concurrency) as targets:
-                ready(loop, targets, warm_streams=args.warmup_streams)
-                for target in memory_targets:
+            for variant in memory_targets:
+                target, include_usage = VARIANTS[variant]
+                # A fresh process tree per K and variant: allocators keep what an earlier
+                # phase freed, which would hide growth.
+                with started(workdir / f"memory-{k}-{variant}", args.envoy_concurrency) as targets:
+                    ready(loop, targets, warm_streams=args.warmup_streams)
                     targets.check()
                     pids = {**targets.pids(target), "fake-llm": targets.fake.pid}
                     pids["loadgen"] = os.getpid()
@@ -802,23 +857,24 @@ def main(argv: list[str] | None = None) -> int:
                             args.slow_tokens_per_second,
                             pids,
                             args.settle,
+                            include_usage,
                         )
                     )
-                    sample["target"] = target
+                    sample["target"] = variant
                     memory.append(sample)
                     growth = ", ".join(
                         f"{name} {_fmt(g['growth_mb'], 1, sign=True)} MB"
                         for name, g in sample["rss"].items()
                     )
                     print(
-                        f"memory K={k} {target:<8} live {sample['live_at_sample']} "
+                        f"memory K={k} {variant:<8} live {sample['live_at_sample']} "
                         f"(ramp {sample['ramp_s']} s): {growth}; ok {sample['ok']} errors "
                         f"{sample['errors']} {sample['error_kinds'] or ''} "
                         f"{sample['envoy_overflow'] or ''}",
                         file=sys.stderr,
                         flush=True,
                     )
-                targets.check()
+                    targets.check()
 
         now = dt.datetime.now(dt.UTC)
         errors_total = sum(s["errors"] for s in latency_samples) + sum(m["errors"] for m in memory)
