@@ -74,7 +74,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gateway_config(fake_port: int) -> dict[str, Any]:
+# `--guards`: the local guard pipeline on every request and response (no external guard).
+LOCAL_GUARDS: dict[str, Any] = {
+    "guards": {
+        "deny": {
+            "type": "deny",
+            "patterns": ["(?i)ignore (all )?(previous|prior) instructions"],
+            "keywords": ["DAN mode", "forbidden-word"],
+        },
+        "pii": {"type": "pii", "action": "mask"},
+        "size": {"type": "max_prompt_tokens", "max_tokens": 8000},
+        "secrets-out": {"type": "pii", "entities": ["secret"]},
+    },
+    "guardrails": {"request": ["deny", "pii", "size"], "response": ["secrets-out"]},
+}
+
+
+def gateway_config(fake_port: int, guards: bool = False) -> dict[str, Any]:
     """The gateway's config: free loopback ports, one team key, the running fake as backend."""
     return {
         "sidecar": {"listen": f"{HOST}:{free_port()}"},
@@ -82,6 +98,7 @@ def gateway_config(fake_port: int) -> dict[str, Any]:
         "teams": {"bench": {"keys": [{"sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]}},
         "backends": {"fake": {"url": f"http://{HOST}:{fake_port}/v1"}},
         "models": {MODEL: {"targets": [{"backend": "fake"}]}},
+        **(LOCAL_GUARDS if guards else {}),
     }
 
 
@@ -446,7 +463,7 @@ class Targets:
 
 @contextlib.contextmanager
 def started(
-    workdir: Path, envoy_concurrency: int, fake_args: Sequence[str] = ()
+    workdir: Path, envoy_concurrency: int, fake_args: Sequence[str] = (), guards: bool = False
 ) -> Iterator[Targets]:
     """Fake LLM, baseline Envoy and gateway on free loopback ports; all stopped on exit.
 
@@ -476,7 +493,9 @@ def started(
         wait_tcp(f"{HOST}:{fake_port}", deadline, fake)
 
         config_path = workdir / "gateway.yaml"
-        config_path.write_text(yaml.safe_dump(gateway_config(fake_port), sort_keys=False))
+        config_path.write_text(
+            yaml.safe_dump(gateway_config(fake_port, guards), sort_keys=False)
+        )
         cfg = load_config(config_path)
 
         base_listen, base_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
@@ -551,6 +570,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--envoy-concurrency", type=positive_int, default=1, help="Envoy worker threads (both)"
     )
+    p.add_argument(
+        "--guards", action="store_true", help="the gateway runs the local guard pipeline too"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 run of 2 s per scenario")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and process logs")
     args = p.parse_args(argv)
@@ -579,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.monotonic()
     try:
         with started(
-            workdir, args.envoy_concurrency, ["--response-tokens", str(RESPONSE_TOKENS)]
+            workdir,
+            args.envoy_concurrency,
+            ["--response-tokens", str(RESPONSE_TOKENS)],
+            guards=args.guards,
         ) as targets:
             code = _measure_all(args, argv, targets, started_at)
         ok = True
@@ -661,6 +686,7 @@ def _measure_all(
             "concurrency": args.concurrency,
             "envoy_concurrency": args.envoy_concurrency,
             "envoy_workers_reported": workers,
+            "local_guards": LOCAL_GUARDS if args.guards else None,
             "payload": PAYLOAD,
             "fake_llm": {
                 "ttft_ms": 0,

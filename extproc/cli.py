@@ -69,16 +69,36 @@ def cmd_quota(args: argparse.Namespace) -> int:
     if args.action != "stats" and not args.team:
         print(f"extproc quota {args.action}: --team is required", file=sys.stderr)
         return 2
-    address = args.address
-    if address is None:
-        address = load_config(args.config).sidecar.listen if args.config else "127.0.0.1:50051"
+    address = _admin_address(args)
     return run_quota_command(args.action, args.team, address, os.environ.get(args.token_env))
+
+
+def _admin_address(args: argparse.Namespace) -> str:
+    if args.address is not None:
+        return args.address
+    return load_config(args.config).sidecar.listen if args.config else "127.0.0.1:50051"
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .admin.client import run_reload_command
+
+    return run_reload_command(_admin_address(args), os.environ.get(args.token_env))
 
 
 def cmd_fake_llm(args: argparse.Namespace) -> int:
     from .fake_llm import main_from_args
 
     return main_from_args(args)
+
+
+def _admin_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="take the sidecar's address from this config")
+    p.add_argument("--address", help="the sidecar's gRPC address (default 127.0.0.1:50051)")
+    p.add_argument(
+        "--token-env",
+        default="EXTPROC_ADMIN_TOKEN",
+        help="environment variable holding the admin token, if the sidecar requires one",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,14 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quota", help="a team's quota usage, or reset it (admin API)")
     p.add_argument("action", choices=["usage", "reset", "stats"])
     p.add_argument("--team", help="for usage and reset")
-    p.add_argument("--config", "-c", help="take the sidecar's address from this config")
-    p.add_argument("--address", help="the sidecar's gRPC address (default 127.0.0.1:50051)")
-    p.add_argument(
-        "--token-env",
-        default="EXTPROC_ADMIN_TOKEN",
-        help="environment variable holding the admin token, if the sidecar requires one",
-    )
+    _admin_arguments(p)
     p.set_defaults(func=cmd_quota)
+
+    p = sub.add_parser("reload", help="make the sidecar re-read its config now (admin API)")
+    _admin_arguments(p)
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("fake-llm", help="run the fake OpenAI-compatible upstream")
     from .fake_llm import add_arguments

@@ -127,11 +127,82 @@ class Limit(_Strict):
         return next(m for m in METRICS if getattr(self, m) is not None)
 
 
+GuardType = Literal[
+    "pii", "deny", "max_prompt_tokens", "llama_guard", "nemoguard", "openai_moderation", "webhook"
+]
+EXTERNAL_GUARDS = ("llama_guard", "nemoguard", "openai_moderation", "webhook")
+_GUARD_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class Guard(_Strict):
+    """One guard. Local ones (pii, deny, max_prompt_tokens) run in the sidecar; external ones
+    call a safety model, a moderation API or a webhook."""
+
+    type: GuardType
+    # pii: which entities, and whether to mask them or block the request/response.
+    entities: list[str] | None = None
+    action: Literal["mask", "block"] = "mask"
+    # deny: regular expressions and keywords (whole words, any case).
+    patterns: list[str] = []
+    keywords: list[str] = []
+    # max_prompt_tokens
+    max_tokens: int | None = Field(default=None, ge=1)
+    # external guards
+    url: str | None = Field(default=None, description="base URL (…/v1), or the webhook's URL")
+    model: str | None = None
+    api_key: SecretRef | None = None
+    mode: Literal["chat", "completion"] = "chat"  # llama_guard: who builds the prompt
+    categories: list[str] | None = Field(
+        default=None, description="block only on these categories (default: on any unsafe)"
+    )
+    timeout_ms: int = Field(default=1000, ge=1, le=60_000)
+    on_error: Literal["block", "allow"] = "block"  # fail closed (default) or open
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> Guard:
+        t = self.type
+        if t == "deny" and not (self.patterns or self.keywords):
+            raise ValueError("a deny guard needs 'patterns' or 'keywords'")
+        if t == "max_prompt_tokens" and self.max_tokens is None:
+            raise ValueError("a max_prompt_tokens guard needs 'max_tokens'")
+        if t in EXTERNAL_GUARDS:
+            if not self.url:
+                raise ValueError(f"a {t} guard needs 'url'")
+            if t != "webhook" and not self.model:
+                raise ValueError(f"a {t} guard needs 'model'")
+        if t == "deny":
+            from .guard.detectors import DenyList
+
+            DenyList(self.patterns, self.keywords)  # a bad regex is a config error, named
+        if t == "pii" and self.entities is not None:
+            from .guard.detectors import known_kinds
+
+            unknown = [e for e in self.entities if e not in known_kinds()]
+            if unknown:
+                raise ValueError(f"unknown entities {unknown}; known: {list(known_kinds())}")
+        return self
+
+
+class GuardLists(_Strict):
+    """Guards by stage, each list applied in order."""
+
+    request: list[str] | None = None
+    response: list[str] | None = None
+
+
+class GuardrailSettings(_Strict):
+    # The defaults for every team; a team's own lists replace them, a model's are added.
+    request: list[str] = []
+    response: list[str] = []
+    block_status: int = Field(default=403, ge=400, le=599)
+
+
 class Team(_Strict):
     keys: Annotated[list[ApiKey], Field(min_length=1)]
     # None: every configured model. An explicit list restricts the team to those.
     models: list[str] | None = None
     limits: list[Limit] = []
+    guardrails: GuardLists = GuardLists()
 
 
 class Price(_Strict):
@@ -240,6 +311,7 @@ class Model(_Strict):
     encoding: str | None = Field(default=None, description="tiktoken encoding override")
     owned_by: str = "extproc"
     targets: Annotated[list[Target], Field(min_length=1)]
+    guardrails: GuardLists = GuardLists()
 
 
 class SidecarSettings(_Strict):
@@ -251,7 +323,9 @@ class SidecarSettings(_Strict):
     # What the client sees when the sidecar is down or too slow (fail closed).
     failure_status: int = Field(default=503, ge=400, le=599)
     grace_s: float = Field(default=30.0, ge=0, description="drain time on shutdown")
-    reload_interval_s: float = Field(default=1.0, ge=0, description="0 = no file watching")
+    # How often the file is checked for changes: a changed guard policy must apply within a
+    # second (a stat() four times a second costs nothing). 0 = only SIGHUP and the admin API.
+    reload_interval_s: float = Field(default=0.25, ge=0, description="0 = no file watching")
     # How SSE responses pass the sidecar. "observe": chunks are never held; a second,
     # observe-only filter follows a copy (a client that did not ask for usage gets no usage
     # chunk injected, so its completion is the sidecar's own count). "inline": every chunk
@@ -308,6 +382,8 @@ class Config(_Strict):
     teams: dict[Annotated[str, Field(pattern=_NAME)], Team]
     backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")], Backend]
     models: dict[Annotated[str, Field(pattern=_NAME)], Model]
+    guards: dict[Annotated[str, Field(pattern=_GUARD_NAME)], Guard] = {}
+    guardrails: GuardrailSettings = GuardrailSettings()
     fake_llm: FakeLLMSettingsModel | None = None
 
 
@@ -366,6 +442,32 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
     for model_name in cfg.prices:
         if model_name not in cfg.models:
             problems.append((f"prices.{model_name}", "unknown model"))
+    problems += _check_guard_lists(cfg)
+    return problems
+
+
+# Guards that can judge a response (a prompt-size limit cannot).
+_RESPONSE_GUARDS = {"pii", "deny", *EXTERNAL_GUARDS}
+
+
+def _check_guard_lists(cfg: Config) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    lists: list[tuple[str, list[str] | None, str]] = [
+        ("guardrails.request", cfg.guardrails.request, "request"),
+        ("guardrails.response", cfg.guardrails.response, "response"),
+    ]
+    for kind, owners in (("teams", cfg.teams), ("models", cfg.models)):
+        for name, owner in owners.items():
+            for stage in ("request", "response"):
+                where = f"{kind}.{name}.guardrails.{stage}"
+                lists.append((where, getattr(owner.guardrails, stage), stage))
+    for where, names, stage in lists:
+        for i, guard_name in enumerate(names or ()):
+            guard = cfg.guards.get(guard_name)
+            if guard is None:
+                problems.append((f"{where}.{i}", f"unknown guard {guard_name!r}"))
+            elif stage == "response" and guard.type not in _RESPONSE_GUARDS:
+                problems.append((f"{where}.{i}", f"a {guard.type} guard cannot judge a response"))
     return problems
 
 
@@ -483,6 +585,7 @@ class Runtime:
     # (model, backend) -> target
     targets: dict[tuple[str, str], ResolvedTarget] = field(default_factory=dict)
     admin_token: str | None = None  # never logged
+    guard_keys: dict[str, str] = field(default_factory=dict)  # guard -> API key; never logged
 
     def team_for_key(self, presented: str) -> str | None:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
@@ -495,6 +598,11 @@ class Runtime:
 
     def may_use(self, team: str, model: str) -> bool:
         return model in self.team_models.get(team, ())
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the validated config (secrets are references in it, never values)."""
+        return hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()
 
 
 def build_runtime(cfg: Config, source: str = "config") -> Runtime:
@@ -550,6 +658,12 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
             rt.admin_token = cfg.admin.token.resolve()
         except LookupError as exc:
             problems.append(("admin.token", str(exc)))
+    for name, guard in cfg.guards.items():
+        if guard.api_key is not None:
+            try:
+                rt.guard_keys[name] = guard.api_key.resolve()
+            except LookupError as exc:
+                problems.append((f"guards.{name}.api_key", str(exc)))
     if cfg.quota.store == "redis" and cfg.quota.redis.password is not None:
         try:
             cfg.quota.redis.password.resolve()

@@ -10,6 +10,8 @@ Per-request knobs are request headers, so one running instance can serve many te
 - ``x-fake-fault``: ``429``, ``500``, ``503``, ``reset``, ``stall``, ``reset-after:N``,
   ``stall-after:N`` or ``none`` (suppresses a fault configured on the instance).
 - ``x-fake-ttft-ms``, ``x-fake-tokens-per-second``, ``x-fake-response-tokens``.
+- ``x-fake-response-text`` (with ``x-fake-chunk-chars``, default 4): a chat answer with this
+  text, streamed that many characters per event.
 - ``x-fake-no-usage: 1``: a backend whose streams ignore ``stream_options.include_usage``
   and so report no usage.
 
@@ -18,8 +20,26 @@ on non-streaming requests they behave like ``reset``/``stall`` so the fault is n
 dropped. ``stall`` delays the response by ``stall_seconds`` and then answers normally, like a
 very slow upstream would.
 
-Test helpers: ``GET /_fake/requests`` lists the recorded ``/v1/*`` requests and
-``DELETE /_fake/requests`` clears them.
+Safety models and guards, for testing the gateway's external guards. Directives in the judged
+text steer them (case-sensitive, so ordinary text never does): ``[[unsafe]]`` or
+``[[unsafe:A,B]]`` (an unsafe verdict, with default or the given categories), ``[[slow:MS]]``
+(answer MS milliseconds late), ``[[rewrite:OLD=>NEW]]`` (webhook only).
+
+- A chat or legacy completion whose model name contains ``llama-guard`` answers like Llama
+  Guard 3: a blank line, then ``safe``, or ``unsafe`` and a line of categories (the given
+  ones, or ``S1``).
+- One whose model name contains ``nemoguard`` or ``content-safety`` answers like NemoGuard:
+  ``{"User Safety": ..., "Response Safety": ..., "Safety Categories": ...}``, rating the user
+  part and the ``response: agent:`` part of the prompt's conversation separately (default
+  category ``Violence``).
+- ``POST /v1/moderations`` answers like OpenAI's moderation API (default category
+  ``violence``).
+- ``POST /_fake/guard-webhook`` implements the webhook contract of ``extproc.guard.llm``:
+  ``[[unsafe]]`` blocks (reason "fake policy"), ``[[rewrite:OLD=>NEW]]`` rewrites every text
+  (replacing OLD with NEW, dropping the directive), anything else is allowed.
+
+Test helpers: ``GET /_fake/requests`` lists the recorded ``/v1/*`` and guard webhook requests
+and ``DELETE /_fake/requests`` clears them.
 """
 
 from __future__ import annotations
@@ -29,9 +49,11 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import random
+import re
 import signal
 import socket
 import struct
@@ -41,7 +63,7 @@ import uuid
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NoReturn
 
@@ -205,6 +227,10 @@ class _Ctx:
     fault: _Fault | None
     # A backend whose streams ignore stream_options.include_usage (x-fake-no-usage: 1).
     no_usage: bool = False
+    # A chat answer with this text instead of tok0 tok1 ..., streamed `chunk_chars` characters
+    # per event (x-fake-response-text, x-fake-chunk-chars): response guards need real text.
+    text: str | None = None
+    chunk_chars: int = 4
 
 
 _MALFORMED = object()
@@ -413,6 +439,188 @@ def _sse_template(payload: Any) -> tuple[bytes, bytes]:
     return b"data: " + head, tail + b"\n\n"
 
 
+# --------------------------------------------------------------------------- safety models
+
+_DIRECTIVE = re.compile(r"\[\[(unsafe|slow|rewrite)(?::(.*?))?\]\]", re.DOTALL)
+_REWRITE_DIRECTIVE = re.compile(r"\[\[rewrite:.*?\]\]", re.DOTALL)
+_NG_CONVERSATION = re.compile(r"<BEGIN CONVERSATION>(.*?)<END CONVERSATION>", re.DOTALL)
+_NG_RESPONSE = "response: agent:"
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
+_MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+
+
+@dataclass(slots=True)
+class _Directives:
+    unsafe: list[str] | None = None  # None: no [[unsafe]]; empty: the default category
+    slow_ms: float = 0.0
+    rewrites: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def delay(self) -> float:
+        return self.slow_ms / 1000.0
+
+
+def _directives(texts: Iterable[str]) -> _Directives:
+    found = _Directives()
+    for text in texts:
+        if "[[" not in text:
+            continue
+        for match in _DIRECTIVE.finditer(text):
+            kind, arg = match.group(1), match.group(2)
+            if kind == "unsafe":
+                found.unsafe = found.unsafe or []
+                found.unsafe.extend(c.strip() for c in (arg or "").split(",") if c.strip())
+            elif kind == "slow":
+                try:
+                    ms = float(arg or "")
+                except ValueError:
+                    continue
+                if math.isfinite(ms) and ms > found.slow_ms:
+                    found.slow_ms = ms
+            elif arg and "=>" in arg:
+                old, _, new = arg.partition("=>")
+                found.rewrites.append((old, new))
+    return found
+
+
+def _categories(given: list[str] | None, default: str) -> list[str]:
+    return list(dict.fromkeys(given or [default]))
+
+
+@lru_cache(maxsize=1024)
+def _safety_kind(model: str) -> str | None:
+    name = model.lower()
+    if "llama-guard" in name:
+        return "llama_guard"
+    if "nemoguard" in name or "content-safety" in name:
+        return "nemoguard"
+    return None
+
+
+def _message_texts(messages: list[Any]) -> list[tuple[str, str]]:
+    """(role, text) of every text in already validated chat messages."""
+    out: list[tuple[str, str]] = []
+    for message in messages:
+        role = str(message.get("role"))
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append((role, content))
+        elif isinstance(content, list):
+            out.extend(
+                (role, part["text"])
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return out
+
+
+def _llama_guard_reply(texts: list[str]) -> tuple[str, float]:
+    # The whole prompt is scanned: Llama Guard's own text never holds a directive. The leading
+    # blank line is how the served model typically starts (its template ends right at the
+    # assistant header), so clients are tested against it.
+    found = _directives(texts)
+    if found.unsafe is None:
+        return "\n\nsafe", found.delay
+    return "\n\nunsafe\n" + ",".join(_categories(found.unsafe, "S1")), found.delay
+
+
+def _nemoguard_reply(pairs: list[tuple[str, str]]) -> tuple[str, float]:
+    """Rates the user part and the ``response: agent:`` part of a NemoGuard prompt separately;
+    without the prompt's markers, user-side messages against assistant ones."""
+    user_texts: list[str] = [text for role, text in pairs if role != "assistant"]
+    agent_texts: list[str] | None = [text for role, text in pairs if role == "assistant"] or None
+    for _, text in pairs:
+        if (match := _NG_CONVERSATION.search(text)) is not None:
+            user, marker, answer = match.group(1).partition(_NG_RESPONSE)
+            user_texts, agent_texts = [user], ([answer] if marker else None)
+            break
+    user_found = _directives(user_texts)
+    verdict = {"User Safety": "safe" if user_found.unsafe is None else "unsafe"}
+    unsafe = [user_found.unsafe]
+    if agent_texts is not None:
+        agent_found = _directives(agent_texts)
+        verdict["Response Safety"] = "safe" if agent_found.unsafe is None else "unsafe"
+        unsafe.append(agent_found.unsafe)
+    flagged = [c for cats in unsafe if cats is not None for c in cats]
+    if any(cats is not None for cats in unsafe):
+        verdict["Safety Categories"] = ", ".join(_categories(flagged, "Violence"))
+    delay = _directives(text for _, text in pairs).delay
+    return json.dumps(verdict), delay
+
+
+def _verdict(kind: str, pairs: list[tuple[str, str]]) -> tuple[str, float]:
+    """A safety model's answer and how long to wait (seconds) before giving it."""
+    if kind == "llama_guard":
+        return _llama_guard_reply([text for _, text in pairs])
+    return _nemoguard_reply(pairs)
+
+
+def _prompt_text(identity: bytes) -> str:
+    # _parse_inputs' identities: b"s" + UTF-8 text, or b"t" + token ids (no text to judge).
+    return identity[1:].decode() if identity[:1] == b"s" else ""
+
+
+def _moderation_result(texts: list[str]) -> dict[str, Any]:
+    found = _directives(texts)
+    flagged = set() if found.unsafe is None else set(_categories(found.unsafe, "violence"))
+    names = list(_MODERATION_CATEGORIES) + sorted(flagged - set(_MODERATION_CATEGORIES))
+    return {
+        "flagged": bool(flagged),
+        "categories": {name: name in flagged for name in names},
+        "category_scores": {name: 0.97 if name in flagged else 1e-06 for name in names},
+        "category_applied_input_types": {name: ["text"] for name in names},
+    }
+
+
+def _moderation_inputs(value: Any) -> list[list[str]]:
+    """The texts of each result: one per string, or one for a whole multi-modal array."""
+    if isinstance(value, str):
+        return [[value]]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return [[item] for item in value]
+        if all(
+            isinstance(item, dict) and item.get("type") in ("text", "image_url") for item in value
+        ):
+            return [[item["text"] for item in value if isinstance(item.get("text"), str)]]
+    raise _RequestError(
+        "'input' must be a string, an array of strings or an array of multi-modal inputs",
+        param="input",
+        code="invalid_type",
+    )
+
+
+def _webhook_reply(texts: list[str]) -> dict[str, Any]:
+    found = _directives(texts)
+    if found.unsafe is not None:
+        categories = _categories(found.unsafe, "violence")
+        return {"action": "block", "reason": "fake policy", "categories": categories}
+    if found.rewrites:
+        rewritten = []
+        for text in texts:
+            text = _REWRITE_DIRECTIVE.sub("", text)
+            for old, new in found.rewrites:
+                if old:
+                    text = text.replace(old, new)
+            rewritten.append(text)
+        return {"action": "rewrite", "reason": "fake rewrite", "texts": rewritten}
+    return {"action": "allow"}
+
+
 # --------------------------------------------------------------------------- connection faults
 
 
@@ -543,6 +751,8 @@ class _FakeLLM:
             tokens=_header_int(headers, "x-fake-response-tokens", settings.response_tokens),
             fault=fault,
             no_usage=headers.get("x-fake-no-usage") == "1",
+            text=headers.get("x-fake-response-text"),
+            chunk_chars=max(1, _header_int(headers, "x-fake-chunk-chars", 4)),
         )
 
     async def observe(self, request: web.Request) -> Any:
@@ -669,7 +879,21 @@ class _FakeLLM:
             body, ("max_completion_tokens", "max_tokens"), ctx.tokens
         )
         prompt_tokens = _estimate_tokens(_chat_prompt_bytes(messages))
-        usage = _chat_usage(prompt_tokens, count)
+        kind = _safety_kind(model)
+        verdict = None if kind is None else _verdict(kind, _message_texts(messages))
+        pieces: list[str] | None = None
+        if verdict is None and ctx.text is not None:
+            n = ctx.chunk_chars
+            pieces = [ctx.text[i : i + n] for i in range(0, len(ctx.text), n)] or [""]
+            count, finish_reason = len(pieces), "stop"
+        if verdict is None:
+            completion_tokens = count
+        else:
+            # A safety model answers with its whole verdict, as one token event when streamed.
+            await _pause(request, verdict[1])
+            count, finish_reason = 1, "stop"
+            completion_tokens = _estimate_tokens(len(verdict[0].encode()))
+        usage = _chat_usage(prompt_tokens, completion_tokens)
         common = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk" if stream else "chat.completion",
@@ -688,7 +912,11 @@ class _FakeLLM:
                             "index": 0,
                             "message": {
                                 "role": "assistant",
-                                "content": _content(count),
+                                "content": verdict[0]
+                                if verdict is not None
+                                else ctx.text
+                                if ctx.text is not None
+                                else _content(count),
                                 "refusal": None,
                             },
                             "logprobs": None,
@@ -708,8 +936,13 @@ class _FakeLLM:
             return {**base, "choices": [choice], **extra}
 
         prefix, suffix = _sse_template(chunk({"content": _SLOT}, None))
-        _VOCAB.ensure(count)
-        encoded = _VOCAB.encoded
+        if pieces is not None:
+            encoded = [orjson.dumps(piece) for piece in pieces]
+        elif verdict is None:
+            _VOCAB.ensure(count)
+            encoded = _VOCAB.encoded
+        else:
+            encoded = [orjson.dumps(verdict[0])]
         tail = [_sse(chunk({}, finish_reason))]
         if include_usage:
             tail.append(_sse({**base, "choices": [], "usage": usage}))
@@ -735,6 +968,13 @@ class _FakeLLM:
         count, finish_reason = _completion_length(body, ("max_tokens",), ctx.tokens)
         prompt_tokens = sum(tokens for tokens, _ in prompts)
         completion_tokens = count * len(prompts)
+        replies: list[str] | None = None
+        if (kind := _safety_kind(model)) is not None:
+            verdicts = [_verdict(kind, [("user", _prompt_text(i))]) for _, i in prompts]
+            replies = [reply for reply, _ in verdicts]
+            await _pause(request, max(delay for _, delay in verdicts))
+            count, finish_reason = 1, "stop"
+            completion_tokens = sum(_estimate_tokens(len(r.encode())) for r in replies)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -750,10 +990,10 @@ class _FakeLLM:
         if not stream:
             await self.wait_generation(request, ctx, count)
             await self.non_stream_fault(request, ctx)
-            text = _content(count)
+            texts = [_content(count)] * len(prompts) if replies is None else replies
             choices = [
                 {"text": text, "index": i, "logprobs": None, "finish_reason": finish_reason}
-                for i in range(len(prompts))
+                for i, text in enumerate(texts)
             ]
             return _json_response({**common, "choices": choices, "usage": usage})
 
@@ -764,8 +1004,21 @@ class _FakeLLM:
             return {**common, "choices": [choice], **extra}
 
         templates = [_sse_template(chunk(_SLOT, i, None)) for i in range(len(prompts))]
-        _VOCAB.ensure(count)
-        encoded = _VOCAB.encoded
+        if replies is None:
+            _VOCAB.ensure(count)
+            encoded = _VOCAB.encoded
+
+            def events(i: int) -> list[bytes]:
+                return [prefix + encoded[i] + suffix for prefix, suffix in templates]
+        else:
+            fixed = [
+                prefix + orjson.dumps(reply) + suffix
+                for (prefix, suffix), reply in zip(templates, replies, strict=True)
+            ]
+
+            def events(i: int) -> list[bytes]:
+                return fixed
+
         tail = [_sse(chunk("", i, finish_reason)) for i in range(len(prompts))]
         if include_usage:
             tail.append(_sse({**common, "choices": [], "usage": usage}))
@@ -774,7 +1027,7 @@ class _FakeLLM:
             ctx,
             (),
             count,
-            lambda i: [prefix + encoded[i] + suffix for prefix, suffix in templates],
+            events,
             tail,
         )
 
@@ -825,6 +1078,40 @@ class _FakeLLM:
             }
         )
 
+    async def moderations(self, request: web.Request, ctx: _Ctx, raw_body: Any) -> web.Response:
+        body = _require_object(raw_body)
+        model = body.get("model", DEFAULT_MODERATION_MODEL)
+        if not isinstance(model, str) or not model:
+            raise _RequestError(
+                "'model' must be a non-empty string", param="model", code="invalid_type"
+            )
+        if "input" not in body:
+            raise _RequestError(
+                "you must provide an input parameter", param="input", code="missing_input"
+            )
+        groups = _moderation_inputs(body["input"])
+        delay = _directives(text for group in groups for text in group).delay
+        await _pause(request, ctx.ttft + delay)
+        await self.non_stream_fault(request, ctx)
+        return _json_response(
+            {
+                "id": f"modr-{uuid.uuid4().hex}",
+                "model": model,
+                "results": [_moderation_result(group) for group in groups],
+            }
+        )
+
+    async def guard_webhook(self, request: web.Request, ctx: _Ctx, raw_body: Any) -> web.Response:
+        body = _require_object(raw_body)
+        texts = body.get("texts")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise _RequestError(
+                "'texts' must be an array of strings", param="texts", code="invalid_type"
+            )
+        await _pause(request, ctx.ttft + _directives(texts).delay)
+        await self.non_stream_fault(request, ctx)
+        return _json_response(_webhook_reply(texts))
+
     async def list_models(self, _request: web.Request, _ctx: _Ctx, _body: Any) -> web.Response:
         names = [DEFAULT_MODEL, *(m for m in self.models if m != DEFAULT_MODEL)]
         data = [
@@ -858,6 +1145,8 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     app.router.add_post("/v1/chat/completions", fake.v1(fake.chat_completions))
     app.router.add_post("/v1/completions", fake.v1(fake.completions))
     app.router.add_post("/v1/embeddings", fake.v1(fake.embeddings))
+    app.router.add_post("/v1/moderations", fake.v1(fake.moderations))
+    app.router.add_post("/_fake/guard-webhook", fake.v1(fake.guard_webhook))
     app.router.add_get("/v1/models", fake.v1(fake.list_models))
     app.router.add_get("/healthz", fake.healthz)
     app.router.add_get("/_fake/requests", fake.get_records)

@@ -3,6 +3,7 @@ work to the module that owns it (identity, parsing, tokens, routing, usage, sse)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -14,6 +15,9 @@ import orjson
 from . import identity, protocol, routing
 from .config import INTERNAL_HEADER_PREFIX, backend_from_cluster
 from .errors import GatewayError, bad_request
+from .guard import pipeline as guard
+from .guard.stream import GuardedStreamRelay
+from .guard.texts import Slot, conversation, request_slots, response_slots
 from .parsing import (
     Endpoint,
     ParsedRequest,
@@ -31,6 +35,9 @@ from .usage import SOURCE_ESTIMATE, Usage, completion_text, from_openai
 
 if TYPE_CHECKING:
     from .config import Runtime
+    from .guard.llm import GuardClient
+    from .guard.pipeline import CompiledGuard, Guardrails
+    from .guard.types import Verdict
     from .quota.policy import LimitSpec
     from .quota.service import QuotaService, Reservation
     from .tokens import TokenCounter
@@ -53,6 +60,8 @@ class Services:
     tokens: TokenCounter
     quota: QuotaService
     limits: dict[str, tuple[LimitSpec, ...]]
+    guards: Guardrails
+    guard_client: GuardClient  # one HTTP session for every guard call, kept across reloads
 
 
 class DownstreamStream:
@@ -65,13 +74,16 @@ class DownstreamStream:
         "handed_off",
         "observe",
         "prompt",
+        "prompt_turns",
         "relay",
         "request",
         "reservation",
+        "response_guards",
         "rt",
         "services",
         "started",
         "status",
+        "stream_block_recorded",
         "strip_usage",
         "team",
         "timing",
@@ -95,6 +107,9 @@ class DownstreamStream:
         self.strip_usage = False
         self.observe = False  # a stream the observer may follow instead of this stage
         self.handed_off = False  # ... and does: it settles, this stage must not
+        self.response_guards: tuple[CompiledGuard, ...] = ()
+        self.prompt_turns: list[dict[str, str]] | None = None  # for judging the response
+        self.stream_block_recorded = False
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -106,15 +121,21 @@ class DownstreamStream:
             if kind == "response_headers":
                 return self.on_response_headers(req)
             if kind == "response_body":
-                return self.on_response_body(req.response_body)
+                return await self.on_response_body(req.response_body)
         except GatewayError as err:
             return self.reject(err)
         # Trailers are not requested; answering keeps Envoy moving if a config asks for them.
         return _passthrough(kind)
 
+    @property
+    def finished(self) -> bool:
+        """No message will come after the last answer: the observer took the stream over."""
+        return self.handed_off
+
     def reject(self, err: GatewayError) -> protocol.ProcessingResponse:
-        if self.status:
-            # The response has begun: an immediate response can no longer replace it.
+        if self.relay is not None:
+            # A stream has begun: an immediate response can no longer replace it. (A buffered
+            # response's headers are still held, so a response guard can replace that one.)
             log.warning("error after the response started: %s", err)
             return _passthrough("response_body")
         # The message may quote client input (a key fingerprint): log the code, not the text.
@@ -162,20 +183,30 @@ class DownstreamStream:
         parsed = parse_body(self.endpoint, msg.body)
         routing.check_model(self.rt, self.team, parsed.model, self.endpoint)
         self.request = parsed
+        request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
+        slots = request_slots(self.endpoint, parsed.body) if request_guards else []
+        # Local guards first, masking in place: what they remove never leaves the gateway.
+        verdicts = guard.run_local(request_guards, slots)
+        self._stop_if_blocked(verdicts, "request")
         self.prompt = await self._count_prompt(parsed)
-        specs = applicable(self.services.limits.get(self.team, ()), parsed.model)
-        if specs:
-            output = requested_output(
-                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
-            )
-            self.reservation = await self.services.quota.reserve(
-                self.rt.config, self.team, parsed.model, specs, Amounts(self.prompt.tokens, output)
-            )
+        too_long = guard.prompt_too_long(request_guards, self.prompt.tokens)
+        if too_long is not None:
+            self._stop_if_blocked([*verdicts, too_long], "request")
+        external = await self._external_guards_and_reserve(parsed, request_guards, slots)
+        verdicts += external
+        changed = any(v.action == "rewrite" for v in verdicts)
+        changed |= guard.apply_rewrites(external, slots)
+        guard.record("request", self.team, parsed.model, verdicts)
+        if self.response_guards and any(not g.local for g in self.response_guards):
+            # A response is judged in the context of the prompt (as the backend received it).
+            self.prompt_turns = conversation(slots or request_slots(self.endpoint, parsed.body))
         path = self.rt.config.sidecar.stream_path
-        self.observe = parsed.stream and (
-            path == "observe" or (path == "auto" and parsed.include_usage)
+        self.observe = (
+            parsed.stream
+            and not self.response_guards  # guards may change the stream: it goes inline
+            and (path == "observe" or (path == "auto" and parsed.include_usage))
         )
-        body_mutation = None
+        body_mutation = orjson.dumps(parsed.body) if changed else None
         if parsed.stream and not parsed.include_usage and not self.observe:
             # Ask the backend for its usage report; the relay removes it again from what the
             # client sees, since the client did not ask for it.
@@ -202,6 +233,52 @@ class DownstreamStream:
             dynamic_metadata=metadata,
         )
 
+    async def _external_guards_and_reserve(
+        self, parsed: ParsedRequest, guards: tuple[CompiledGuard, ...], slots: list[Slot]
+    ) -> list[Verdict]:
+        """External guards and the quota reservation, at the same time: neither needs the
+        other, and both may take a network round trip."""
+        assert self.team is not None and self.endpoint is not None and self.prompt is not None
+        specs = applicable(self.services.limits.get(self.team, ()), parsed.model)
+        reserve = None
+        if specs:
+            output = requested_output(
+                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
+            )
+            reserve = self.services.quota.reserve(
+                self.rt.config, self.team, parsed.model, specs, Amounts(self.prompt.tokens, output)
+            )
+        if not any(not g.local for g in guards):
+            if reserve is not None:
+                self.reservation = await reserve
+            return []
+        judge = guard.run_external(
+            self.services.guard_client, guards, "request", self.team, parsed.model, slots
+        )
+        if reserve is None:
+            verdicts = await judge
+        else:
+            verdicts, reserved = await asyncio.gather(judge, reserve, return_exceptions=True)
+            if isinstance(verdicts, BaseException):
+                raise verdicts
+            if isinstance(reserved, BaseException):
+                if guard.first_block(verdicts) is None:
+                    raise reserved
+            else:
+                self.reservation = reserved
+        if guard.first_block(verdicts) is not None:
+            # Nothing went upstream: release the reservation with no tokens used.
+            self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
+            self._stop_if_blocked(verdicts, "request")
+        return verdicts
+
+    def _stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
+        block = guard.first_block(verdicts)
+        if block is not None:
+            model = self.request.model if self.request is not None else None
+            guard.record(stage, self.team, model, verdicts)
+            raise guard.blocked(block, self.services.guards.block_status, stage)
+
     async def _count_prompt(self, parsed: ParsedRequest) -> Any:
         tokens, body, model = self.services.tokens, parsed.body, parsed.model
         if parsed.endpoint is Endpoint.CHAT:
@@ -227,16 +304,22 @@ class DownstreamStream:
         # A misbehaving backend must not be able to speak in the gateway's name either.
         remove = identity.spoofed_headers(headers)
         mode = None
-        metadata = None
+        # Known now, and in the access log even when the response never completes.
+        metadata = {METADATA_NAMESPACE: {"backend": self.backend or "", "status": self.status}}
         if self.observe and observer_follows(headers, msg.end_of_stream):
             # The observer follows the body from here on, without holding a chunk back; it
             # decided so on these same headers (it sees them first: the response path runs
             # the filters in reverse order).
             self.handed_off = True
             mode = protocol.OBSERVED_RESPONSE
-            metadata = {METADATA_NAMESPACE: {"backend": self.backend or "", "status": self.status}}
         elif is_event_stream(headers) and not msg.end_of_stream:
-            self.relay = StreamRelay(strip_usage_chunk=self.strip_usage)
+            if self.response_guards and self.endpoint is not None and 200 <= self.status < 300:
+                find, holdback, owners = guard.stream_finder(self.response_guards)
+                self.relay = GuardedStreamRelay(
+                    self.endpoint, self.strip_usage, find, holdback, owners
+                )
+            else:
+                self.relay = StreamRelay(strip_usage_chunk=self.strip_usage)
             self.timing = StreamTiming(self.started)
             self.following = True
             ACTIVE.opened()
@@ -245,7 +328,7 @@ class DownstreamStream:
             protocol.common(set_headers, remove), mode_override=mode, dynamic_metadata=metadata
         )
 
-    def on_response_body(self, msg: Any) -> protocol.ProcessingResponse:
+    async def on_response_body(self, msg: Any) -> protocol.ProcessingResponse:
         if self.relay is not None:
             assert self.timing is not None
             self.timing.chunk()
@@ -253,6 +336,8 @@ class DownstreamStream:
             # usage report the client did not ask for is being cut out).
             out = self.relay.feed(msg.body, msg.end_of_stream)
             common = protocol.common(body=out) if out is not None else None
+            if isinstance(self.relay, GuardedStreamRelay) and self.relay.blocked is not None:
+                self._record_stream_block(self.relay.blocked)
             if not msg.end_of_stream:
                 return protocol.response_body_response(common)
             usage = self._stream_usage()
@@ -266,18 +351,61 @@ class DownstreamStream:
 
         usage = self._buffered_usage(msg.body)
         self._settle(usage)
+        body = None
+        if self.response_guards and 200 <= self.status < 300:
+            # The tokens were spent (settled above) whatever the guards decide now.
+            body = await self._guard_response(msg.body)
         set_headers = {}
+        if body is not None:
+            set_headers["content-length"] = str(len(body))
         if usage is not None:
-            set_headers = {
-                f"{H}prompt-tokens": str(usage.prompt_tokens),
-                f"{H}completion-tokens": str(usage.completion_tokens),
-                f"{H}total-tokens": str(usage.total_tokens),
-                f"{H}token-source": usage.source,
-            }
+            set_headers.update(
+                {
+                    f"{H}prompt-tokens": str(usage.prompt_tokens),
+                    f"{H}completion-tokens": str(usage.completion_tokens),
+                    f"{H}total-tokens": str(usage.total_tokens),
+                    f"{H}token-source": usage.source,
+                }
+            )
         return protocol.response_body_response(
-            protocol.common(set_headers) if set_headers else None,
+            protocol.common(set_headers, body=body) if set_headers or body else None,
             dynamic_metadata=self._usage_metadata(usage),
         )
+
+    async def _guard_response(self, raw: bytes) -> bytes | None:
+        """Response guards on a buffered answer: the masked body, None if unchanged; a block
+        raises (the answer is replaced by the error while its headers are still held)."""
+        assert self.endpoint is not None and self.request is not None
+        try:
+            response = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        slots = response_slots(self.endpoint, response)
+        if not slots:
+            return None
+        verdicts = guard.run_local(self.response_guards, slots)
+        self._stop_if_blocked(verdicts, "response")
+        external = await guard.run_external(
+            self.services.guard_client,
+            self.response_guards,
+            "response",
+            self.team or "",
+            self.request.model,
+            slots,
+            self.prompt_turns,
+        )
+        verdicts += external
+        self._stop_if_blocked(verdicts, "response")
+        changed = guard.apply_rewrites(external, slots)
+        changed |= any(v.action == "rewrite" for v in verdicts)
+        guard.record("response", self.team, self.request.model, verdicts)
+        return orjson.dumps(response) if changed else None
+
+    def _record_stream_block(self, verdict: Verdict) -> None:
+        if not self.stream_block_recorded:
+            self.stream_block_recorded = True
+            model = self.request.model if self.request is not None else None
+            guard.record("response", self.team, model, [verdict])
 
     def _settle(self, usage: Usage | None) -> None:
         if self.reservation is None:
@@ -406,12 +534,15 @@ def observer_handover(reservation: Reservation | None, started: float) -> dict[s
 class UpstreamStream:
     """The per-backend stage inside a cluster: credentials and model name for this attempt."""
 
-    __slots__ = ("metadata", "rt", "target")
+    __slots__ = ("finished", "metadata", "rt", "target")
 
     def __init__(self, services: Services, metadata: Mapping[str, str]) -> None:
         self.rt = services.runtime
         self.metadata = metadata
         self.target = None
+        # True once the request's last phase for this stage is answered: the headers when
+        # the body stays as it is, else the body. No response phase is ever sent here.
+        self.finished = False
 
     def close(self) -> None:
         """Nothing to settle: the downstream stage owns the request's accounting."""
@@ -424,6 +555,7 @@ class UpstreamStream:
                 self.target = routing.upstream_target(self.rt, self.metadata, headers)
                 set_headers, remove = routing.upstream_header_mutation(self.target, headers)
                 needs_body = self.target.provider_model != self.target.model
+                self.finished = not needs_body
                 if needs_body:
                     # The rewritten body has another length; Envoy only drops content-length
                     # itself when the body mode was BUFFERED from the start, not on override.
@@ -433,6 +565,7 @@ class UpstreamStream:
                     mode_override=protocol.UPSTREAM_REWRITE_BODY if needs_body else None,
                 )
             if kind == "request_body" and self.target is not None:
+                self.finished = True
                 body = routing.rewrite_model(req.request_body.body, self.target.provider_model)
                 return protocol.request_body_response(protocol.common(body=body))
         except GatewayError as err:

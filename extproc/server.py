@@ -13,9 +13,11 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .admin.service import QuotaAdmin
-from .admin.v1 import quota_pb2_grpc
+from .admin.service import ConfigAdmin, QuotaAdmin
+from .admin.v1 import config_pb2_grpc, quota_pb2_grpc
 from .config import ConfigError, Runtime, load_runtime, parse_address
+from .guard.llm import GuardClient
+from .guard.pipeline import Guardrails
 from .observer import ObservedStream
 from .processor import DownstreamStream, Services, UpstreamStream
 from .quota.policy import team_limits
@@ -54,6 +56,11 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                     # A bug must cost one request, not the process or the other streams.
                     log.exception("internal error while processing a stream")
                     await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
+                if stream.finished:
+                    # Nothing more will come on this stream (the rest of the request needs no
+                    # phase of this stage): close it now, so a long response does not hold it
+                    # open; Envoy carries on without it.
+                    break
         finally:
             self.active -= 1
             # Also on cancellation (the client went away): settlement runs as its own task.
@@ -94,7 +101,10 @@ def build_runtime_parts(runtime: Runtime) -> tuple[Runtime, TokenCounter]:
 
 
 def build_services(
-    runtime: Runtime, tokens: TokenCounter | None = None, quota: QuotaService | None = None
+    runtime: Runtime,
+    tokens: TokenCounter | None = None,
+    quota: QuotaService | None = None,
+    guard_client: GuardClient | None = None,
 ) -> Services:
     if tokens is None:
         runtime, tokens = build_runtime_parts(runtime)
@@ -102,7 +112,14 @@ def build_services(
     # Keep the store (and its counters) across reloads unless its own settings changed.
     if quota is None or quota.settings != cfg.quota:
         quota = QuotaService.from_settings(cfg.quota)
-    return Services(runtime=runtime, tokens=tokens, quota=quota, limits=team_limits(cfg))
+    return Services(
+        runtime=runtime,
+        tokens=tokens,
+        quota=quota,
+        limits=team_limits(cfg),
+        guards=Guardrails.from_config(cfg, runtime.guard_keys),
+        guard_client=guard_client or GuardClient(),
+    )
 
 
 class Sidecar:
@@ -115,6 +132,7 @@ class Sidecar:
         self.server: grpc.aio.Server | None = None
         self._mtime = self._stat()
         self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
         self.bound_port: int | None = None
 
     def _stat(self) -> float | None:
@@ -127,26 +145,28 @@ class Sidecar:
     def services(self) -> Services:
         return self.processor.services
 
-    async def reload(self) -> bool:
-        """Swap in a new config if it is valid; otherwise keep serving the old one."""
-        try:
-            # Parsing, secret files and tokenizer loads stay off the event loop.
-            runtime, tokens = await asyncio.to_thread(
-                lambda: build_runtime_parts(load_runtime(self.config_path))
-            )
-        except ConfigError as exc:
-            log.error("config reload rejected, still serving the previous config:\n%s", exc)
-            return False
-        old = self.processor.services
-        fresh = build_services(runtime, tokens, old.quota)
-        if fresh.quota is not old.quota:
-            await self._warm_up_quota_store(fresh.quota)
-        self.processor.services = fresh  # one assignment: a stream sees old or new, whole
-        if fresh.quota is not old.quota:
-            await old.quota.drain()
-            await old.quota.store.close()
-        log.info("config reloaded from %s", self.config_path)
-        return True
+    async def reload(self) -> tuple[bool, list[str]]:
+        """Swap in a new config if it is valid; otherwise keep serving the old one.
+        Returns whether it was applied, and every problem found when not."""
+        async with self._reload_lock:  # a file change and a SIGHUP at once: one at a time
+            try:
+                # Parsing, secret files and tokenizer loads stay off the event loop.
+                runtime, tokens = await asyncio.to_thread(
+                    lambda: build_runtime_parts(load_runtime(self.config_path))
+                )
+            except ConfigError as exc:
+                log.error("config reload rejected, still serving the previous config:\n%s", exc)
+                return False, [f"{path or '<root>'}: {msg}" for path, msg in exc.problems]
+            old = self.processor.services
+            fresh = build_services(runtime, tokens, old.quota, old.guard_client)
+            if fresh.quota is not old.quota:
+                await self._warm_up_quota_store(fresh.quota)
+            self.processor.services = fresh  # one assignment: a stream sees old or new, whole
+            if fresh.quota is not old.quota:
+                await old.quota.drain()
+                await old.quota.store.close()
+            log.info("config reloaded from %s (sha256 %s)", self.config_path, runtime.digest[:12])
+            return True, []
 
     async def _watch(self, interval: float) -> None:
         while True:
@@ -169,6 +189,10 @@ class Sidecar:
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)
         quota_pb2_grpc.add_QuotaAdminServicer_to_server(
             QuotaAdmin(lambda: self.processor.services, lambda: self.processor.active),
+            self.server,
+        )
+        config_pb2_grpc.add_ConfigAdminServicer_to_server(
+            ConfigAdmin(lambda: self.processor.services, self.reload, str(self.config_path)),
             self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -203,6 +227,7 @@ class Sidecar:
         quota = self.processor.services.quota
         await quota.drain()  # settlements of the last requests
         await quota.store.close()
+        await self.processor.services.guard_client.close()
 
     async def run(self) -> None:
         await self.start()

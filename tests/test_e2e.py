@@ -91,12 +91,13 @@ def test_chat_streaming_without_usage(gateway: Gateway):
 def test_streams_and_responses_reach_the_access_log(gateway: Gateway):
     c = client(gateway)
     marker = f"access-log-{time.monotonic_ns()}"
-    c.chat.completions.create(
+    stream = c.chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": marker}],
         stream=True,
         extra_headers={"x-request-id": marker},
-    ).close()
+    )
+    assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) == 8
     deadline = time.monotonic() + 10
     entry = None
     while time.monotonic() < deadline and entry is None:

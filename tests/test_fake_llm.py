@@ -622,3 +622,228 @@ def test_main_from_args_serves_and_exits_cleanly_on_sigterm() -> None:
 def test_main_from_args_rejects_bad_settings() -> None:
     args = argparse.Namespace(listen=("127.0.0.1", 0), fault="nope")
     assert main_from_args(args) == 2
+
+
+# --------------------------------------------------------------------------- safety models
+
+
+LLAMA_GUARD = "meta-llama/Llama-Guard-3-8B"
+NEMOGUARD = "nvidia/llama-3.1-nemoguard-8b-content-safety"
+
+
+def _post_json(port: int, path: str, payload: Any) -> tuple[int, Any]:
+    status, _, body = _http(
+        port,
+        path,
+        method="POST",
+        body=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("content", "verdict"),
+    [
+        ("how do I bake bread?", "\n\nsafe"),
+        ("[[unsafe]] how do I hurt someone?", "\n\nunsafe\nS1"),
+        ("[[unsafe:S10,S11]] text", "\n\nunsafe\nS10,S11"),
+        ("[[UNSAFE]] directives are case-sensitive", "\n\nsafe"),
+    ],
+)
+def test_llama_guard_chat_verdicts(client: openai.OpenAI, content: str, verdict: str) -> None:
+    completion = client.chat.completions.create(
+        model=LLAMA_GUARD, messages=[{"role": "user", "content": content}], max_tokens=20
+    )
+    [choice] = completion.choices
+    assert choice.message.content == verdict
+    assert choice.finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens >= 1
+
+
+def test_llama_guard_judges_every_turn_and_any_case_of_the_name(client: openai.OpenAI) -> None:
+    messages: list[Any] = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "[[unsafe:S9]] here is how"},
+    ]
+    completion = client.chat.completions.create(model="LLAMA-GUARD3:1b", messages=messages)
+    assert completion.choices[0].message.content == "\n\nunsafe\nS9"
+
+
+def test_llama_guard_chat_stream(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=LLAMA_GUARD,
+            messages=[{"role": "user", "content": "[[unsafe]]"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "\n\nunsafe\nS1"
+    )
+    assert chunks[-1].usage is not None
+
+
+def test_llama_guard_completion_judges_our_prompt(client: openai.OpenAI) -> None:
+    from extproc.guard.llm import llama_guard_prompt
+
+    unsafe = llama_guard_prompt(
+        [{"role": "user", "content": "[[unsafe:S2]] steal a llama"}], "user"
+    )
+    safe = llama_guard_prompt([{"role": "user", "content": "adopt a llama"}], "user")
+    completion = client.completions.create(model=LLAMA_GUARD, prompt=[unsafe, safe])
+    assert [c.text for c in completion.choices] == ["\n\nunsafe\nS2", "\n\nsafe"]
+    assert {c.finish_reason for c in completion.choices} == {"stop"}
+    streamed = list(client.completions.create(model=LLAMA_GUARD, prompt=unsafe, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == "\n\nunsafe\nS2"
+
+
+def test_nemoguard_rates_user_and_response_separately(client: openai.OpenAI) -> None:
+    from extproc.guard.llm import nemoguard_prompt
+
+    def rate(conversation: list[dict[str, str]], response: str | None) -> dict[str, str]:
+        completion = client.chat.completions.create(
+            model=NEMOGUARD,
+            messages=[{"role": "user", "content": nemoguard_prompt(conversation, response)}],
+        )
+        content = completion.choices[0].message.content
+        assert content is not None
+        return json.loads(content)
+
+    user = [{"role": "user", "content": "hello"}]
+    bad_user = [{"role": "user", "content": "[[unsafe]] hello"}]
+    assert rate(user, None) == {"User Safety": "safe"}
+    assert rate(bad_user, None) == {"User Safety": "unsafe", "Safety Categories": "Violence"}
+    assert rate(user, "fine") == {"User Safety": "safe", "Response Safety": "safe"}
+    assert rate(user, "[[unsafe:Threat,Harassment]] no") == {
+        "User Safety": "safe",
+        "Response Safety": "unsafe",
+        "Safety Categories": "Threat, Harassment",
+    }
+
+
+def test_nemoguard_without_its_prompt_rates_messages_by_role(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="Llama-3.1-Nemotron-Content-Safety",
+        messages=[
+            {"role": "user", "content": "[[unsafe:Malware]] write a worm"},
+            {"role": "assistant", "content": "no"},
+        ],
+    )
+    assert json.loads(completion.choices[0].message.content or "") == {
+        "User Safety": "unsafe",
+        "Response Safety": "safe",
+        "Safety Categories": "Malware",
+    }
+
+
+def test_ordinary_models_ignore_directives(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "[[unsafe]] [[slow:5000]]"}]
+    )
+    assert completion.choices[0].message.content == _tokens(16)
+
+
+def test_slow_directive_delays_safety_answers(client: openai.OpenAI, port: int) -> None:
+    started = time.monotonic()
+    client.chat.completions.create(
+        model=LLAMA_GUARD, messages=[{"role": "user", "content": "[[slow:300]] hi"}]
+    )
+    assert time.monotonic() - started >= 0.3
+    started = time.monotonic()
+    client.moderations.create(input="[[slow:200]] hi")
+    assert time.monotonic() - started >= 0.2
+    started = time.monotonic()
+    _post_json(port, "/_fake/guard-webhook", {"texts": ["[[slow:200]] hi"]})
+    assert time.monotonic() - started >= 0.2
+
+
+def test_moderations_through_the_sdk(client: openai.OpenAI) -> None:
+    response = client.moderations.create(
+        model="omni-moderation-latest", input=["a kind word", "[[unsafe]] a threat"]
+    )
+    assert response.id.startswith("modr-")
+    assert response.model == "omni-moderation-latest"
+    ok, bad = response.results
+    assert not ok.flagged
+    assert not any(ok.categories.model_dump().values())
+    assert bad.flagged
+    assert bad.categories.violence and not bad.categories.hate
+    assert bad.category_scores.violence > 0.5 > bad.category_scores.hate
+    assert bad.category_applied_input_types.violence == ["text"]
+
+
+def test_moderations_input_shapes(port: int) -> None:
+    status, body = _post_json(port, "/v1/moderations", {"input": "[[unsafe:hate,violence]]"})
+    assert status == 200
+    assert body["model"] == "omni-moderation-latest"
+    [result] = body["results"]
+    assert [k for k, v in result["categories"].items() if v] == ["hate", "violence"]
+    multimodal = [
+        {"type": "text", "text": "fine"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+        {"type": "text", "text": "[[unsafe]]"},
+    ]
+    status, body = _post_json(port, "/v1/moderations", {"input": multimodal})
+    assert status == 200
+    assert [r["flagged"] for r in body["results"]] == [True]
+    for bad in ({}, {"input": []}, {"input": 3}, {"input": "x", "model": 1}):
+        status, body = _post_json(port, "/v1/moderations", bad)
+        assert status == 400
+        assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_guard_webhook_contract(port: int) -> None:
+    def call(*texts: str) -> dict[str, Any]:
+        payload = {"stage": "request", "team": "t", "model": "m", "texts": list(texts)}
+        status, body = _post_json(port, "/_fake/guard-webhook", payload)
+        assert status == 200
+        return body
+
+    assert call("hello", "world") == {"action": "allow"}
+    assert call("hello", "[[unsafe]] world") == {
+        "action": "block",
+        "reason": "fake policy",
+        "categories": ["violence"],
+    }
+    assert call("[[unsafe:self-harm]]")["categories"] == ["self-harm"]
+    assert call("say cat [[rewrite:cat=>dog]]", "a cat, two cats") == {
+        "action": "rewrite",
+        "reason": "fake rewrite",
+        "texts": ["say dog ", "a dog, two dogs"],
+    }
+    assert call("[[rewrite:x=>y]] [[unsafe]]")["action"] == "block"
+    status, body = _post_json(port, "/_fake/guard-webhook", {"texts": "not a list"})
+    assert status == 400
+    assert body["error"]["param"] == "texts"
+
+
+def test_guard_calls_are_recorded(client: openai.OpenAI, port: int) -> None:
+    assert _http(port, "/_fake/requests", method="DELETE")[0] == 200
+    client.moderations.create(input="judge me", extra_headers={"Authorization": "Bearer k"})
+    _post_json(port, "/_fake/guard-webhook", {"texts": ["judge me too"]})
+    client.chat.completions.create(model=LLAMA_GUARD, messages=MESSAGES)
+    records = json.loads(_http(port, "/_fake/requests")[2])
+    assert [r["path"] for r in records] == [
+        "/v1/moderations",
+        "/_fake/guard-webhook",
+        "/v1/chat/completions",
+    ]
+    assert records[0]["body"]["input"] == "judge me"
+    assert records[0]["headers"]["authorization"] == "Bearer k"
+    assert records[1]["body"] == {"texts": ["judge me too"]}
+
+
+def test_guard_endpoints_honour_faults(client: openai.OpenAI, port: int) -> None:
+    with pytest.raises(openai.InternalServerError):
+        client.moderations.create(input="x", extra_headers={"x-fake-fault": "503"})
+    status, _, _ = _http(
+        port,
+        "/_fake/guard-webhook",
+        method="POST",
+        body=b'{"texts": []}',
+        headers={"x-fake-fault": "500"},
+    )
+    assert status == 500

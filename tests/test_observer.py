@@ -4,6 +4,7 @@ what the observer settles, driven with hand-built ProcessingRequest messages."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ class RecordingQuota(QuotaService):
 def recording(services: Services) -> tuple[Services, Recorder]:
     quota = RecordingQuota(services.quota.store, services.quota.settings)
     quota.recorder = Recorder()
-    fresh = Services(services.runtime, services.tokens, quota, services.limits)
+    fresh = dataclasses.replace(services, quota=quota)
     return fresh, quota.recorder
 
 

@@ -6,7 +6,7 @@ from grpc_tools import protoc
 
 from .conftest import REPO
 
-PROTOS = ["extproc/admin/v1/quota.proto"]
+PROTOS = ["extproc/admin/v1/quota.proto", "extproc/admin/v1/config.proto"]
 
 
 def test_generated_stubs_match_protos(tmp_path):

@@ -1,4 +1,4 @@
-"""`extproc quota usage|reset`: the admin API from a terminal."""
+"""`extproc quota usage|reset|stats` and `extproc reload`: the admin API from a terminal."""
 
 from __future__ import annotations
 
@@ -6,7 +6,25 @@ import sys
 
 import grpc
 
-from .v1 import quota_pb2, quota_pb2_grpc
+from .v1 import config_pb2, config_pb2_grpc, quota_pb2, quota_pb2_grpc
+
+
+def run_reload_command(address: str, token: str | None) -> int:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        stub = config_pb2_grpc.ConfigAdminStub(channel)
+        try:
+            reply = stub.Reload(config_pb2.ReloadRequest(), metadata=metadata, timeout=30)
+        except grpc.RpcError as err:
+            print(f"extproc reload: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    if not reply.applied:
+        print(f"{reply.config_path}: rejected; the previous config keeps serving", file=sys.stderr)
+        for problem in reply.errors:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"{reply.config_path}: applied (sha256 {reply.config_sha256[:12]})")
+    return 0
 
 
 def run_quota_command(action: str, team: str, address: str, token: str | None) -> int:

@@ -1,11 +1,12 @@
-"""The QuotaAdmin gRPC service: a team's usage per limit, and resetting it."""
+"""The admin gRPC services: QuotaAdmin (a team's usage per limit, resetting it, process stats)
+and ConfigAdmin (reload the config now). Both check the admin token when one is configured."""
 
 from __future__ import annotations
 
 import hmac
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -13,26 +14,33 @@ import grpc
 from ..quota import policy
 from ..quota.store import StoreUnavailable
 from ..streams import ACTIVE
-from .v1 import quota_pb2, quota_pb2_grpc
+from .v1 import config_pb2, config_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 if TYPE_CHECKING:
     from ..processor import Services
 
 
+async def authorized(
+    current: Callable[[], Services], context: grpc.aio.ServicerContext
+) -> Services:
+    """The services of the moment (the admin API follows config reloads like the data path),
+    once the caller showed the admin token, if one is configured."""
+    services = current()
+    token = services.runtime.admin_token
+    if token is not None:
+        sent = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
+    return services
+
+
 class QuotaAdmin(quota_pb2_grpc.QuotaAdminServicer):
     def __init__(self, current: Callable[[], Services], active: Callable[[], int]) -> None:
-        # The services of the moment: the admin API follows config reloads like the data path.
         self._current = current
         self._active = active
 
     async def _authorized(self, context: grpc.aio.ServicerContext) -> Services:
-        services: Services = self._current()
-        token = services.runtime.admin_token
-        if token is not None:
-            sent = dict(context.invocation_metadata()).get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
-        return services
+        return await authorized(self._current, context)
 
     async def GetStats(self, request, context):
         await self._authorized(context)
@@ -83,3 +91,24 @@ class QuotaAdmin(quota_pb2_grpc.QuotaAdminServicer):
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"quota store unavailable: {exc}")
         return quota_pb2.ResetUsageResponse(keys_removed=removed)
+
+
+# (applied, problems) of one reload attempt
+Reloader = Callable[[], Awaitable[tuple[bool, list[str]]]]
+
+
+class ConfigAdmin(config_pb2_grpc.ConfigAdminServicer):
+    def __init__(self, current: Callable[[], Services], reload: Reloader, path: str) -> None:
+        self._current = current
+        self._reload = reload
+        self._path = path
+
+    async def Reload(self, request, context):
+        await authorized(self._current, context)
+        applied, problems = await self._reload()
+        return config_pb2.ReloadResponse(
+            applied=applied,
+            errors=problems,
+            config_path=self._path,
+            config_sha256=self._current().runtime.digest,
+        )

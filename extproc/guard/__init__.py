@@ -1,0 +1,1 @@
+"""Guards: checks and rewrites applied to LLM requests and responses."""

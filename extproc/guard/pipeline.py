@@ -1,0 +1,323 @@
+"""The guard lists of a config, compiled, and running them on a request or a response.
+
+Order of work on a request: the local guards (deny, pii, max_prompt_tokens) in their listed
+order, on the sidecar's event loop (they are regexes over the prompt: microseconds); then every
+external guard at once, concurrently with the quota reservation (the caller gathers them).
+External guards see the prompt after the local guards masked it, so no PII a mask guard
+removed ever leaves the gateway, not even to a safety model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from ..errors import GatewayError
+from .detectors import PII_KINDS, DenyList, count_kinds, detector, find_all, mask
+from .llm import GuardClient, GuardEndpoint
+from .texts import Slot, conversation
+from .types import GuardUnavailable, SafetyReply, Span, Verdict
+
+if TYPE_CHECKING:
+    from ..config import Config, Guard
+
+log = logging.getLogger("extproc.guard")
+audit = logging.getLogger("extproc.audit")
+
+Stage = Literal["request", "response"]
+LOCAL = ("pii", "deny", "max_prompt_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledGuard:
+    name: str
+    spec: Guard
+    deny: DenyList | None = None
+    kinds: tuple[str, ...] = ()
+    endpoint: GuardEndpoint | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.spec.type in LOCAL
+
+    @property
+    def max_length(self) -> int:
+        """The longest text this guard's detectors match (a stream's hold-back)."""
+        if self.deny is not None:
+            return self.deny.max_length
+        return max((detector(k).max_length for k in self.kinds), default=0)
+
+    def spans(self, text: str) -> list[Span]:
+        if self.deny is not None:
+            return self.deny.find(text)
+        return find_all(text, self.kinds)
+
+
+def compile_guard(name: str, spec: Guard, api_key: str | None) -> CompiledGuard:
+    if spec.type == "deny":
+        return CompiledGuard(name, spec, deny=DenyList(spec.patterns, spec.keywords))
+    if spec.type == "pii":
+        return CompiledGuard(name, spec, kinds=tuple(spec.entities or PII_KINDS))
+    if spec.url is not None:
+        endpoint = GuardEndpoint(
+            url=spec.url.rstrip("/"),
+            model=spec.model,
+            api_key=api_key,
+            timeout_s=spec.timeout_ms / 1000,
+        )
+        return CompiledGuard(name, spec, endpoint=endpoint)
+    return CompiledGuard(name, spec)
+
+
+@dataclass(slots=True)
+class Guardrails:
+    """One config's guards: built with each (re)load, swapped in with the rest of Services."""
+
+    guards: dict[str, CompiledGuard]
+    block_status: int
+    # (team, model) -> guards per stage, computed on first use
+    _lists: dict[tuple[str, str], tuple[tuple[CompiledGuard, ...], ...]] = field(
+        default_factory=dict
+    )
+    _cfg: Config | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, keys: dict[str, str]) -> Guardrails:
+        guards = {name: compile_guard(name, g, keys.get(name)) for name, g in cfg.guards.items()}
+        return cls(guards, cfg.guardrails.block_status, _cfg=cfg)
+
+    def lists(self, team: str, model: str) -> tuple[tuple[CompiledGuard, ...], ...]:
+        """(request guards, response guards) for a team's request to a model: the team's own
+        lists or the defaults, then the model's, each guard once."""
+        hit = self._lists.get((team, model))
+        if hit is not None:
+            return hit
+        cfg = self._cfg
+        assert cfg is not None
+        team_cfg, model_cfg = cfg.teams.get(team), cfg.models.get(model)
+        out = []
+        for stage in ("request", "response"):
+            names = list(getattr(cfg.guardrails, stage))
+            if team_cfg is not None and getattr(team_cfg.guardrails, stage) is not None:
+                names = list(getattr(team_cfg.guardrails, stage))
+            if model_cfg is not None:
+                names += getattr(model_cfg.guardrails, stage) or []
+            out.append(tuple(self.guards[n] for n in dict.fromkeys(names)))
+        result = (out[0], out[1])
+        self._lists[(team, model)] = result
+        return result
+
+
+# -- verdicts -----------------------------------------------------------------------------------
+
+
+def blocked(verdict: Verdict, status: int, stage: Stage) -> GatewayError:
+    what = "request" if stage == "request" else "response"
+    return GatewayError(
+        status,
+        f"This {what} was blocked by the gateway's content policy (guard '{verdict.guard}').",
+        "invalid_request_error",
+        f"guard_blocked:{verdict.guard}",
+    )
+
+
+def run_local(guards: Sequence[CompiledGuard], slots: list[Slot]) -> list[Verdict]:
+    """Deny and pii guards, in order, masking in place. The first block ends the run (its
+    verdict is last). max_prompt_tokens is the caller's: it needs the count after masking."""
+    verdicts: list[Verdict] = []
+    for guard in guards:
+        if guard.spec.type not in ("pii", "deny"):
+            continue
+        verdict = _local(guard, slots)
+        if verdict is not None:
+            verdicts.append(verdict)
+            if verdict.action == "block":
+                break
+    return verdicts
+
+
+def _local(guard: CompiledGuard, slots: list[Slot]) -> Verdict | None:
+    if guard.deny is not None:
+        for slot in slots:
+            label = guard.deny.first_match(slot.get())
+            if label is not None:
+                return Verdict("block", guard.name, reason=f"matched {label}")
+        return None
+    counts: dict[str, int] = {}
+    found: list[tuple[Slot, list[Span]]] = []
+    for slot in slots:
+        spans = find_all(slot.get(), guard.kinds)
+        if spans:
+            found.append((slot, spans))
+            for kind, n in count_kinds(spans).items():
+                counts[kind] = counts.get(kind, 0) + n
+    if not found:
+        return None
+    if guard.spec.action == "block":
+        return Verdict("block", guard.name, reason="sensitive data", counts=counts)
+    for slot, spans in found:
+        slot.set(mask(slot.get(), spans))
+    return Verdict("rewrite", guard.name, reason="masked", counts=counts)
+
+
+def prompt_too_long(guards: Sequence[CompiledGuard], tokens: int) -> Verdict | None:
+    for guard in guards:
+        limit = guard.spec.max_tokens
+        if guard.spec.type == "max_prompt_tokens" and limit is not None and tokens > limit:
+            return Verdict("block", guard.name, reason=f"{tokens} prompt tokens > {limit}")
+    return None
+
+
+async def run_external(
+    client: GuardClient,
+    guards: Sequence[CompiledGuard],
+    stage: Stage,
+    team: str,
+    model: str,
+    slots: list[Slot],
+    prompt: list[dict[str, str]] | None = None,
+) -> list[Verdict]:
+    """Every external guard at once, on the same texts. For a response, `prompt` is the
+    request's conversation, so a safety model judges the answer in its context."""
+    external = [g for g in guards if not g.local]
+    if not external:
+        return []
+    texts = [s.get() for s in slots]
+    judged = conversation(slots)
+    if prompt is not None:
+        judged = [*prompt, *judged]
+    calls = [_external(client, g, stage, team, model, texts, judged) for g in external]
+    return list(await asyncio.gather(*calls))
+
+
+async def _external(
+    client: GuardClient,
+    guard: CompiledGuard,
+    stage: Stage,
+    team: str,
+    model: str,
+    texts: list[str],
+    judged: list[dict[str, str]],
+) -> Verdict:
+    spec, ep = guard.spec, guard.endpoint
+    assert ep is not None
+    judge: Literal["user", "agent"] = "user" if stage == "request" else "agent"
+    try:
+        if spec.type == "webhook":
+            payload = {"stage": stage, "team": team, "model": model, "texts": texts}
+            action, reason, categories, rewritten = await client.webhook(ep, payload)
+            if action == "rewrite" and (rewritten is None or len(rewritten) != len(texts)):
+                raise GuardUnavailable("rewrite with the wrong number of texts")
+            return Verdict(action, guard.name, reason, categories, rewritten)
+        reply: SafetyReply
+        if spec.type == "llama_guard":
+            reply = await client.llama_guard(ep, judged, judge, mode=spec.mode)
+        elif spec.type == "nemoguard":
+            if stage == "request":
+                reply = await client.nemoguard(ep, judged, None, judge)
+            else:
+                answer = "\n".join(texts)
+                context = judged[: len(judged) - _trailing_assistant(judged)]
+                reply = await client.nemoguard(ep, context, answer, judge)
+        else:
+            reply = await client.moderation(ep, texts)
+    except GuardUnavailable as exc:
+        action = "block" if spec.on_error == "block" else "allow"
+        log.warning("guard %s unavailable (%s): on_error=%s", guard.name, exc, spec.on_error)
+        return Verdict(action, guard.name, reason=f"unavailable: {exc}")
+    if reply.safe:
+        return Verdict("allow", guard.name)
+    if spec.categories is not None and not set(reply.categories) & set(spec.categories):
+        return Verdict(
+            "allow",
+            guard.name,
+            reason="unsafe in unblocked categories",
+            categories=reply.categories,
+        )
+    return Verdict("block", guard.name, reason="unsafe", categories=reply.categories)
+
+
+def _trailing_assistant(turns: list[dict[str, str]]) -> int:
+    return 1 if turns and turns[-1]["role"] == "assistant" else 0
+
+
+def apply_rewrites(verdicts: Sequence[Verdict], slots: list[Slot]) -> bool:
+    """The first rewrite in list order wins: several rewriters judged the same texts at once,
+    and their answers cannot be combined."""
+    for verdict in verdicts:
+        if verdict.action == "rewrite" and verdict.texts is not None:
+            for slot, text in zip(slots, verdict.texts, strict=True):
+                slot.set(text)
+            return True
+    return False
+
+
+def first_block(verdicts: Sequence[Verdict]) -> Verdict | None:
+    return next((v for v in verdicts if v.action == "block"), None)
+
+
+def record(stage: Stage, team: str | None, model: str | None, verdicts: Sequence[Verdict]) -> None:
+    """The audit line of a guard decision: what was decided and why, never the text."""
+    acted = [v for v in verdicts if v.action != "allow" or v.reason]
+    if not acted or not audit.isEnabledFor(logging.INFO):
+        return
+    audit.info(
+        "guard decision",
+        extra={
+            "audit": {
+                "stage": stage,
+                "team": team,
+                "model": model,
+                "verdicts": [
+                    {
+                        "guard": v.guard,
+                        "action": v.action,
+                        "reason": v.reason,
+                        "categories": list(v.categories),
+                        "counts": v.counts,
+                    }
+                    for v in acted
+                ],
+            }
+        },
+    )
+
+
+def stream_finder(
+    guards: Sequence[CompiledGuard],
+) -> tuple[Callable[[str], list[Span]], int, dict[str, CompiledGuard]]:
+    """One finder over every local response guard (for the stream masker), its hold-back, and
+    which guard each span kind belongs to. PII spans keep their kind (the mask reads
+    "[EMAIL]"); a deny span's kind is "<guard>:<label>" (it blocks, it is never shown)."""
+    local = [g for g in guards if g.spec.type in ("pii", "deny")]
+    holdback = max((g.max_length for g in local), default=0)
+    owners: dict[str, CompiledGuard] = {}
+    for guard in local:
+        for kind in guard.kinds:
+            owners.setdefault(kind, guard)
+
+    def find(text: str) -> list[Span]:
+        spans: list[Span] = []
+        for guard in local:
+            if guard.deny is not None:
+                for s in guard.deny.find(text):
+                    kind = f"{guard.name}:{s.kind}"
+                    owners.setdefault(kind, guard)
+                    spans.append(Span(s.start, s.end, kind))
+            else:
+                spans += find_all(text, guard.kinds)
+        return _without_overlaps(spans)
+
+    return find, holdback, owners
+
+
+def _without_overlaps(spans: list[Span]) -> list[Span]:
+    spans.sort(key=lambda s: (s.start, -(s.end - s.start)))
+    out: list[Span] = []
+    for span in spans:
+        if not out or span.start >= out[-1].end:
+            out.append(span)
+    return out
