@@ -493,9 +493,7 @@ def started(
         wait_tcp(f"{HOST}:{fake_port}", deadline, fake)
 
         config_path = workdir / "gateway.yaml"
-        config_path.write_text(
-            yaml.safe_dump(gateway_config(fake_port, guards), sort_keys=False)
-        )
+        config_path.write_text(yaml.safe_dump(gateway_config(fake_port, guards), sort_keys=False))
         cfg = load_config(config_path)
 
         base_listen, base_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
