@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import openai
 import pytest
 import yaml
+
+from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
 
 from .test_quota_e2e import MODEL, Gateway, gateway_config, new_ports, running_stack
 
@@ -86,6 +89,15 @@ def ask(gw: Gateway, team: str, text: str, **kwargs: Any) -> Any:
     )
 
 
+def audit_lines(gw: Gateway) -> list[dict[str, Any]]:
+    marker = "extproc.audit: guard decision "
+    return [
+        json.loads(line.split(marker, 1)[1])
+        for line in gw.log_path.read_text(errors="replace").splitlines()
+        if marker in line
+    ]
+
+
 def assert_blocked(exc: openai.APIStatusError, guard: str) -> None:
     assert exc.status_code == 403
     body = exc.body if isinstance(exc.body, dict) else {}
@@ -104,6 +116,15 @@ def test_pii_reaches_the_backend_masked(stack):
     # The safety model saw the masked prompt too: PII never leaves the gateway.
     judged = [r for r in fake_records(config) if "llama-guard" in json.dumps(r["body"] or {})]
     assert judged and "jane.doe" not in json.dumps(judged[-1]["body"])
+    # The audit trail says what was masked, never what it was.
+    deadline = time.monotonic() + 5
+    while not (lines := audit_lines(gw)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    masked = [v for line in lines for v in line["verdicts"] if v["guard"] == "pii"]
+    assert masked and masked[-1]["counts"] == {"email": 1, "credit_card": 1, "us_ssn": 1}
+    log_text = gw.log_path.read_text(errors="replace")
+    for raw in ("jane.doe", "4111 1111", "123-45-6789"):
+        assert raw not in log_text
 
 
 def test_deny_keyword_blocks_and_nothing_goes_upstream(stack):
@@ -259,3 +280,18 @@ def test_policy_change_applies_within_a_second_while_a_stream_flows(stack):
     assert result == {"text": "".join(f" tok{i}" for i in range(30))}
     time.sleep(0.6)
     assert ask(gw, "g", "is newly-banned allowed?").choices[0].message.content
+
+
+def test_verdicts_are_counted_per_guard_and_action(stack):
+    gw, _, _ = stack
+    ask(gw, "g", "write to a@example.com")
+    with pytest.raises(openai.PermissionDeniedError):
+        ask(gw, "g", "[[unsafe]]")
+    with grpc.insecure_channel(gw.admin.address) as channel:
+        stats = quota_pb2_grpc.QuotaAdminStub(channel).GetStats(
+            quota_pb2.GetStatsRequest(), timeout=5
+        )
+    counts = dict(stats.guard_verdicts)
+    assert counts["pii:rewrite"] >= 1
+    assert counts["llama:block"] >= 1
+    assert counts["llama:allow"] >= 1

@@ -40,6 +40,8 @@ def run_quota_command(action: str, team: str, address: str, token: str | None) -
                     f"{stats.active_sse_streams} SSE streams active "
                     f"({stats.sse_streams_total} since start)"
                 )
+                for key, count in sorted(stats.guard_verdicts.items()):
+                    print(f"  guard verdicts {key}: {count}")
                 return 0
             if action == "reset":
                 reply = stub.ResetUsage(

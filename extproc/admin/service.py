@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from ..guard.pipeline import VERDICTS
 from ..quota import policy
 from ..quota.store import StoreUnavailable
 from ..streams import ACTIVE
@@ -49,6 +50,7 @@ class QuotaAdmin(quota_pb2_grpc.QuotaAdminServicer):
             active_sse_streams=ACTIVE.current,
             sse_streams_total=ACTIVE.total,
             pid=os.getpid(),
+            guard_verdicts=VERDICTS.counts,
         )
 
     async def _services(self, context: grpc.aio.ServicerContext, team: str) -> Services:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import orjson
+
 from ..errors import GatewayError
 from .detectors import PII_KINDS, DenyList, count_kinds, detector, find_all, mask
 from .llm import GuardClient, GuardEndpoint
@@ -259,31 +261,45 @@ def first_block(verdicts: Sequence[Verdict]) -> Verdict | None:
     return next((v for v in verdicts if v.action == "block"), None)
 
 
+class VerdictCounts:
+    """Guard verdicts of this process since start, by guard and action (GetStats shows them;
+    issue 7's metrics export them)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, verdicts: Sequence[Verdict]) -> None:
+        for v in verdicts:
+            key = f"{v.guard}:{v.action}"
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+
+VERDICTS = VerdictCounts()
+
+
 def record(stage: Stage, team: str | None, model: str | None, verdicts: Sequence[Verdict]) -> None:
-    """The audit line of a guard decision: what was decided and why, never the text."""
+    """Count the verdicts, and write the audit line of a decision: what was decided and why,
+    as one JSON object, never the text itself."""
+    VERDICTS.add(verdicts)
     acted = [v for v in verdicts if v.action != "allow" or v.reason]
     if not acted or not audit.isEnabledFor(logging.INFO):
         return
-    audit.info(
-        "guard decision",
-        extra={
-            "audit": {
-                "stage": stage,
-                "team": team,
-                "model": model,
-                "verdicts": [
-                    {
-                        "guard": v.guard,
-                        "action": v.action,
-                        "reason": v.reason,
-                        "categories": list(v.categories),
-                        "counts": v.counts,
-                    }
-                    for v in acted
-                ],
+    line = {
+        "stage": stage,
+        "team": team,
+        "model": model,
+        "verdicts": [
+            {
+                "guard": v.guard,
+                "action": v.action,
+                "reason": v.reason,
+                "categories": list(v.categories),
+                "counts": v.counts,
             }
-        },
-    )
+            for v in acted
+        ],
+    }
+    audit.info("guard decision %s", orjson.dumps(line).decode())
 
 
 def stream_finder(

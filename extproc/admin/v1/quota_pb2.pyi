@@ -11,16 +11,25 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("active_ext_proc_streams", "active_sse_streams", "sse_streams_total", "pid")
+    __slots__ = ("active_ext_proc_streams", "active_sse_streams", "sse_streams_total", "pid", "guard_verdicts")
+    class GuardVerdictsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ACTIVE_EXT_PROC_STREAMS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SSE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     SSE_STREAMS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    GUARD_VERDICTS_FIELD_NUMBER: _ClassVar[int]
     active_ext_proc_streams: int
     active_sse_streams: int
     sse_streams_total: int
     pid: int
-    def __init__(self, active_ext_proc_streams: _Optional[int] = ..., active_sse_streams: _Optional[int] = ..., sse_streams_total: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    guard_verdicts: _containers.ScalarMap[str, int]
+    def __init__(self, active_ext_proc_streams: _Optional[int] = ..., active_sse_streams: _Optional[int] = ..., sse_streams_total: _Optional[int] = ..., pid: _Optional[int] = ..., guard_verdicts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("team",)
