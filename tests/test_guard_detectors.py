@@ -535,6 +535,20 @@ def test_deny_labels_name_the_rule_never_the_text() -> None:
                 assert word.lower() not in got
 
 
+def test_deny_find_gives_labelled_spans_in_the_original_text() -> None:
+    deny = DenyList([r"secret-\d+"], ["bomb", "straße"])
+    text = "Straße: a BOMB, secret-42 and STRASSE"
+    spans = deny.find(text)
+    assert [(text[s.start : s.end], s.kind) for s in spans] == [
+        ("Straße", "keyword[1]"),
+        ("BOMB", "keyword[0]"),
+        ("secret-42", "pattern[0]"),
+        ("STRASSE", "keyword[1]"),
+    ]
+    assert DenyList([r"x*"]).find("abc") == []  # empty matches are not spans
+    assert DenyList().find("anything") == []
+
+
 def test_deny_patterns_are_checked_in_configuration_order() -> None:
     deny = DenyList([r"zzz", r"aaa"], ["aaa"])
     assert deny.first_match("aaa zzz") == "pattern[0]"

@@ -396,7 +396,7 @@ class DenyList:
     assumed to be at most `max_match` characters long.
     """
 
-    __slots__ = ("_keywords", "_keywords_raw", "_patterns", "max_length")
+    __slots__ = ("_keywords", "_patterns", "max_length")
 
     def __init__(
         self, patterns: Sequence[str] = (), keywords: Sequence[str] = (), *, max_match: int = 256
@@ -424,22 +424,29 @@ class DenyList:
             length = sum(map(len, words)) + gaps * _KEYWORD_GAP + (1 if after else 0)
             longest = max(longest, length)
         self._keywords = re.compile("|".join(alternatives)) if alternatives else None
-        # For spans in the text as written (streams mask or cut at them): the same alternatives
-        # matched case-insensitively instead of on the case-folded text, whose indices differ.
-        self._keywords_raw = (
-            re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
-        )
         self.max_length: int = longest
 
     def find(self, text: str) -> list[Span]:
-        """Every match as a span of `text`, its kind the label `first_match` would give."""
+        """Every match as a span of `text`, its kind the label `first_match` would give
+        ("pattern[0]"), sorted and without overlaps: for streams, which mask or cut at them.
+        Keywords match the case-folded text, as in `first_match`, so "STRASSE" is found for
+        "straße" too; positions are mapped back to the text as written."""
         spans: list[Span] = []
         for i, pattern in enumerate(self._patterns):
-            spans += [Span(m.start(), m.end(), f"pattern[{i}]") for m in pattern.finditer(text)]
-        if self._keywords_raw is not None:
-            for m in self._keywords_raw.finditer(text):
-                if m.lastindex is not None and m.end() > m.start():
-                    spans.append(Span(m.start(), m.end(), f"keyword[{m.lastindex - 1}]"))
+            label = f"pattern[{i}]"
+            spans += [Span(m.start(), m.end(), label) for m in pattern.finditer(text)]
+        if self._keywords is not None:
+            folded = text.casefold()
+            # Folding is per character and never shortens one, so equal lengths mean positions
+            # line up; otherwise ("ß" -> "ss") map each folded position back to its character.
+            origin: list[int] | None = None
+            if len(folded) != len(text):
+                origin = [i for i, ch in enumerate(text) for _ in ch.casefold()]
+            for m in self._keywords.finditer(folded):
+                start, end = m.span()
+                if origin is not None:
+                    start, end = origin[start], origin[end - 1] + 1
+                spans.append(Span(start, end, f"keyword[{(m.lastindex or 1) - 1}]"))
         return _resolve(spans)
 
     def first_match(self, text: str) -> str | None:
