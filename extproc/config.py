@@ -174,6 +174,8 @@ class Guard(_Strict):
             from .guard.detectors import DenyList
 
             DenyList(self.patterns, self.keywords)  # a bad regex is a config error, named
+        if t == "pii" and self.entities is not None and not self.entities:
+            raise ValueError("'entities' is empty: leave it out to find every kind")
         if t == "pii" and self.entities is not None:
             from .guard.detectors import known_kinds
 

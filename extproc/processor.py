@@ -17,7 +17,7 @@ from .config import INTERNAL_HEADER_PREFIX, backend_from_cluster
 from .errors import GatewayError, bad_request
 from .guard import pipeline as guard
 from .guard.stream import GuardedStreamRelay
-from .guard.texts import Slot, conversation, request_slots, response_slots
+from .guard.texts import Slot, conversation, drop_logprobs, request_slots, response_slots
 from .parsing import (
     Endpoint,
     ParsedRequest,
@@ -69,6 +69,7 @@ class DownstreamStream:
 
     __slots__ = (
         "backend",
+        "closed",
         "endpoint",
         "following",
         "handed_off",
@@ -110,6 +111,7 @@ class DownstreamStream:
         self.response_guards: tuple[CompiledGuard, ...] = ()
         self.prompt_turns: list[dict[str, str]] | None = None  # for judging the response
         self.stream_block_recorded = False
+        self.closed = False
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -171,6 +173,10 @@ class DownstreamStream:
 
         remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
         remove = [h for h in remove if h != routing.TEAM_HEADER]
+        if "accept-encoding" in headers:
+            # The sidecar reads the answer (usage, response guards): a compressed body would
+            # go uncounted and unguarded. Envoy or the client side may compress it again.
+            remove.append("accept-encoding")
         return protocol.request_headers_response(
             protocol.common({routing.TEAM_HEADER: self.team}, remove)
         )
@@ -192,10 +198,17 @@ class DownstreamStream:
         too_long = guard.prompt_too_long(request_guards, self.prompt.tokens)
         if too_long is not None:
             self._stop_if_blocked([*verdicts, too_long], "request")
-        external = await self._external_guards_and_reserve(parsed, request_guards, slots)
+        external = await self._external_guards_and_reserve(parsed, request_guards, slots, verdicts)
         verdicts += external
         changed = any(v.action == "rewrite" for v in verdicts)
-        changed |= guard.apply_rewrites(external, slots)
+        if guard.apply_rewrites(external, slots):
+            changed = True
+            # The prompt the backend will get is the rewritten one: count and size it again.
+            self.prompt = await self._count_prompt(parsed)
+            too_long = guard.prompt_too_long(request_guards, self.prompt.tokens)
+            if too_long is not None:
+                self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
+                self._stop_if_blocked([*verdicts, too_long], "request")
         guard.record("request", self.team, parsed.model, verdicts)
         if self.response_guards and any(not g.local for g in self.response_guards):
             # A response is judged in the context of the prompt (as the backend received it).
@@ -234,7 +247,11 @@ class DownstreamStream:
         )
 
     async def _external_guards_and_reserve(
-        self, parsed: ParsedRequest, guards: tuple[CompiledGuard, ...], slots: list[Slot]
+        self,
+        parsed: ParsedRequest,
+        guards: tuple[CompiledGuard, ...],
+        slots: list[Slot],
+        local: list[Verdict],
     ) -> list[Verdict]:
         """External guards and the quota reservation, at the same time: neither needs the
         other, and both may take a network round trip."""
@@ -252,25 +269,33 @@ class DownstreamStream:
             if reserve is not None:
                 self.reservation = await reserve
             return []
-        judge = guard.run_external(
+        reserving = None
+        if reserve is not None:
+            # Its own task, whose result is kept the moment it exists: if the client goes away
+            # (this coroutine is cancelled) or a guard fails while a slow guard is asked, the
+            # reservation is still found and released (see _reserved).
+            reserving = asyncio.ensure_future(reserve)
+            reserving.add_done_callback(self._reserved)
+        verdicts = await guard.run_external(
             self.services.guard_client, guards, "request", self.team, parsed.model, slots
         )
-        if reserve is None:
-            verdicts = await judge
-        else:
-            verdicts, reserved = await asyncio.gather(judge, reserve, return_exceptions=True)
-            if isinstance(verdicts, BaseException):
-                raise verdicts
-            if isinstance(reserved, BaseException):
-                if guard.first_block(verdicts) is None:
-                    raise reserved
-            else:
-                self.reservation = reserved
         if guard.first_block(verdicts) is not None:
+            if reserving is not None:
+                await asyncio.wait([reserving])
             # Nothing went upstream: release the reservation with no tokens used.
             self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
-            self._stop_if_blocked(verdicts, "request")
+            self._stop_if_blocked([*local, *verdicts], "request")
+        if reserving is not None:
+            await reserving  # the 429 (or 503) of the reservation, if it failed
         return verdicts
+
+    def _reserved(self, task: asyncio.Future[Reservation | None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self.reservation = task.result()
+        if self.closed:
+            # The stream ended before the request went anywhere: nothing was used.
+            self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
 
     def _stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
         block = guard.first_block(verdicts)
@@ -380,9 +405,10 @@ class DownstreamStream:
             response = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return None
+        dropped = drop_logprobs(response)
         slots = response_slots(self.endpoint, response)
         if not slots:
-            return None
+            return orjson.dumps(response) if dropped else None
         verdicts = guard.run_local(self.response_guards, slots)
         self._stop_if_blocked(verdicts, "response")
         external = await guard.run_external(
@@ -396,7 +422,7 @@ class DownstreamStream:
         )
         verdicts += external
         self._stop_if_blocked(verdicts, "response")
-        changed = guard.apply_rewrites(external, slots)
+        changed = guard.apply_rewrites(external, slots) or dropped
         changed |= any(v.action == "rewrite" for v in verdicts)
         guard.record("response", self.team, self.request.model, verdicts)
         return orjson.dumps(response) if changed else None
@@ -424,6 +450,7 @@ class DownstreamStream:
 
     def close(self) -> None:
         """The stream ended: if the response never completed, settle what was delivered."""
+        self.closed = True
         self._end_stream()
         if self.reservation is None or self.reservation.settled or self.handed_off:
             return

@@ -25,6 +25,8 @@ from .stream_mask import StreamMasker
 from .types import Span, Verdict
 
 _DONE = b"[DONE]"
+# Text fields of a chat delta besides tool-call arguments.
+_DELTA_TEXT = ("content", "refusal", "reasoning_content")
 
 
 class GuardedStreamRelay:
@@ -80,21 +82,37 @@ class GuardedStreamRelay:
         return self._text.getvalue()
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
-        if self.blocked is not None:
-            return b""
         out = bytearray()
         for data in self._parser.feed(chunk):
-            out += self._event(data)
             if self.blocked is not None:
-                return bytes(out)
-        if end and self._maskers:
+                # Nothing more reaches the client, but the backend goes on generating (Envoy
+                # cannot cut the upstream here): keep reading its usage, so it is charged.
+                self._account(data)
+                continue
+            out += self._event(data)
+        if end and self._maskers and self.blocked is None:
             out += self._flush_event()
         return bytes(out)
+
+    def _account(self, data: bytes) -> None:
+        self.events += 1
+        if b'"usage"' not in data:
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(obj, dict) and "usage" in obj:
+            self.expects_usage = True
+            usage = from_openai(obj.get("usage"))
+            if usage is not None:
+                self.usage = usage
 
     def _event(self, data: bytes) -> bytes:
         self.events += 1
         if data.strip() == _DONE:
-            return self._flush_event() + b"data: [DONE]\n\n"
+            flushed = self._flush_event()
+            return flushed if self.blocked is not None else flushed + b"data: [DONE]\n\n"
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -120,29 +138,65 @@ class GuardedStreamRelay:
         return _frame(orjson.dumps(obj))
 
     def _choice(self, choice: dict[str, Any]) -> None:
-        holder, key = self._text_slot(choice)
-        text = holder.get(key) if holder is not None else None
         index = choice.get("index", 0)
-        masker = self._maskers.get(index)
-        if masker is None:
-            masker = self._maskers[index] = StreamMasker(self._find, self._holdback)
-        released = ""
-        if isinstance(text, str):
-            self._keep(text)
-            released = masker.feed(text)
-        if choice.get("finish_reason"):
-            released += masker.flush()
-        self._check(masker)
-        if holder is not None and (isinstance(text, str) or released):
-            holder[key] = released
+        if choice.get("logprobs") is not None:
+            # Token-by-token copies of the text would go around the masks.
+            choice["logprobs"] = None
+        finish = bool(choice.get("finish_reason"))
+        seen: set[tuple[Any, ...]] = set()
+        for holder, key, slot in self._text_slots(choice, index):
+            seen.add(slot)
+            text = holder.get(key)
+            masker = self._masker(slot)
+            released = ""
+            if isinstance(text, str):
+                if key in ("content", "text"):
+                    self._keep(text)
+                released = masker.feed(text)
+            if finish:
+                released += masker.flush()
+            self._check(masker)
+            if self.blocked is not None:
+                return
+            if isinstance(text, str) or released:
+                holder[key] = released
+        if finish:
+            # Text other fields of this choice still hold goes out with its last event.
+            for slot, masker in self._maskers.items():
+                if slot[0] == index and slot not in seen:
+                    rest = masker.flush()
+                    self._check(masker)
+                    if self.blocked is not None:
+                        return
+                    if rest:
+                        _put(choice, slot, rest, self._endpoint)
 
-    def _text_slot(self, choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-        if self._endpoint is Endpoint.CHAT:
-            delta = choice.get("delta")
-            if not isinstance(delta, dict):
-                delta = choice["delta"] = {}
-            return delta, "content"
-        return choice, "text"
+    def _masker(self, slot: tuple[Any, ...]) -> StreamMasker:
+        masker = self._maskers.get(slot)
+        if masker is None:
+            masker = self._maskers[slot] = StreamMasker(self._find, self._holdback)
+        return masker
+
+    def _text_slots(
+        self, choice: dict[str, Any], index: Any
+    ) -> list[tuple[dict[str, Any], str, tuple[Any, ...]]]:
+        """Every text field of a choice: (holder, key, masker id). A stream's text may be in
+        the content, a refusal, reasoning, or a tool call's arguments."""
+        if self._endpoint is not Endpoint.CHAT:
+            return [(choice, "text", (index, "text"))]
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice["delta"] = {}
+        out = [(delta, key, (index, key)) for key in _DELTA_TEXT if key in delta]
+        if "content" not in delta:
+            out.insert(0, (delta, "content", (index, "content")))
+        calls = delta.get("tool_calls")
+        for position, call in enumerate(calls if isinstance(calls, list) else ()):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and "arguments" in function:
+                tool = call.get("index", position)
+                out.append((function, "arguments", (index, "tool", tool)))
+        return out
 
     def _check(self, masker: StreamMasker) -> None:
         for kind in masker.counts:
@@ -159,22 +213,22 @@ class GuardedStreamRelay:
 
     def _flush_event(self) -> bytes:
         """What every masker still holds, as one last chunk, before the stream ends."""
-        pending = {index: m.flush() for index, m in self._maskers.items()}
+        pending = {slot: m.flush() for slot, m in self._maskers.items()}
         for masker in self._maskers.values():
             self._check(masker)
             if self.blocked is not None:
                 return self._error()
-        pending = {index: text for index, text in pending.items() if text}
-        if not pending:
+        choices: dict[Any, dict[str, Any]] = {}
+        for slot, text in pending.items():
+            if text:
+                index = slot[0]
+                choice = choices.setdefault(index, {"index": index, "finish_reason": None})
+                _put(choice, slot, text, self._endpoint)
+        if not choices:
             return b""
         template = self._last or {}
         obj = {k: v for k, v in template.items() if k not in ("choices", "usage")}
-        obj["choices"] = [
-            {"index": index, "delta": {"content": text}, "finish_reason": None}
-            if self._endpoint is Endpoint.CHAT
-            else {"index": index, "text": text, "finish_reason": None}
-            for index, text in pending.items()
-        ]
+        obj["choices"] = list(choices.values())
         return _frame(orjson.dumps(obj))
 
     def _error(self) -> bytes:
@@ -195,4 +249,19 @@ class GuardedStreamRelay:
 
 
 def _frame(data: bytes) -> bytes:
-    return b"data: " + data + b"\n\n"
+    # Data of several lines (joined by the parser with LF) goes out as several data fields.
+    return b"".join(b"data: " + line + b"\n" for line in data.split(b"\n")) + b"\n"
+
+
+def _put(choice: dict[str, Any], slot: tuple[Any, ...], text: str, endpoint: Endpoint) -> None:
+    """Add released text to a choice, in the field its masker follows."""
+    if endpoint is not Endpoint.CHAT:
+        choice["text"] = (choice.get("text") or "") + text
+        return
+    delta = choice.setdefault("delta", {})
+    if slot[1] == "tool":
+        calls = delta.setdefault("tool_calls", [])
+        calls.append({"index": slot[2], "function": {"arguments": text}})
+    else:
+        key = slot[1]
+        delta[key] = (delta.get(key) or "") + text

@@ -44,11 +44,47 @@ def response_slots(endpoint: Endpoint, body: Any) -> list[Slot]:
             continue
         if endpoint is Endpoint.CHAT:
             message = choice.get("message")
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                out.append(Slot(message, "content", "assistant"))
+            if isinstance(message, dict):
+                out += _answer_slots(message)
         elif isinstance(choice.get("text"), str):
             out.append(Slot(choice, "text", "assistant"))
     return out
+
+
+def _answer_slots(message: dict[str, Any]) -> list[Slot]:
+    """Every text of an assistant message: content (a string or text parts), a refusal,
+    reasoning, tool-call arguments."""
+    out: list[Slot] = []
+    content = message.get("content")
+    if isinstance(content, str):
+        out.append(Slot(message, "content", "assistant"))
+    elif isinstance(content, list):
+        out += [
+            Slot(part, "text", "assistant")
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        ]
+    for key in ("refusal", "reasoning_content"):
+        if isinstance(message.get(key), str):
+            out.append(Slot(message, key, "assistant"))
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            out.append(Slot(function, "arguments", "assistant"))
+    return out
+
+
+def drop_logprobs(body: Any) -> bool:
+    """Remove token log-probabilities from an answer: they repeat its text token by token,
+    around any mask. True when there were some."""
+    dropped = False
+    choices = body.get("choices") if isinstance(body, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict) and choice.get("logprobs") is not None:
+            choice["logprobs"] = None
+            dropped = True
+    return dropped
 
 
 def conversation(slots: list[Slot]) -> list[dict[str, str]]:
