@@ -192,7 +192,7 @@ class DownstreamStream:
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
         slots = request_slots(self.endpoint, parsed.body) if request_guards else []
         # Local guards first, masking in place: what they remove never leaves the gateway.
-        verdicts = guard.run_local(request_guards, slots)
+        verdicts = await guard.run_local_async(request_guards, slots)
         self._stop_if_blocked(verdicts, "request")
         self.prompt = await self._count_prompt(parsed)
         too_long = guard.prompt_too_long(request_guards, self.prompt.tokens)
@@ -409,7 +409,7 @@ class DownstreamStream:
         slots = response_slots(self.endpoint, response)
         if not slots:
             return orjson.dumps(response) if dropped else None
-        verdicts = guard.run_local(self.response_guards, slots)
+        verdicts = await guard.run_local_async(self.response_guards, slots)
         self._stop_if_blocked(verdicts, "response")
         external = await guard.run_external(
             self.services.guard_client,

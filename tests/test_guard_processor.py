@@ -263,3 +263,15 @@ def test_find_all_is_what_the_stream_finder_uses_for_pii() -> None:
     assert [(s.start, s.end) for s in find(text)] == [
         (s.start, s.end) for s in find_all(text, ["email"])
     ]
+
+
+def test_a_long_prompt_is_masked_off_the_event_loop() -> None:
+    data = guarded_config(pii={"type": "pii"})
+    data["guardrails"] = {"request": ["pii"]}
+    services = services_for(data)
+    filler = "lorem ipsum dolor sit amet " * 1000  # 27,000 characters: a worker thread's job
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": filler + EMAIL}]}
+    stream = DownstreamStream(services)
+    _, resp = run(stream, request_headers(key=KEY_B), request_body(chat))
+    sent = orjson.loads(resp.request_body.response.body_mutation.body)
+    assert sent["messages"][0]["content"] == filler + "[EMAIL]"

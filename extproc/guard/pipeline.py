@@ -141,6 +141,19 @@ def run_local(guards: Sequence[CompiledGuard], slots: list[Slot]) -> list[Verdic
     return verdicts
 
 
+# Local guards cost ~0.1 ms per 1,000 characters (all PII kinds and a deny list): above this
+# much text they run on a worker thread, so one long prompt does not stall every other stream.
+OFF_LOOP_CHARS = 16 * 1024
+
+
+async def run_local_async(guards: Sequence[CompiledGuard], slots: list[Slot]) -> list[Verdict]:
+    if not guards:
+        return []
+    if sum(len(s.get()) for s in slots) > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(run_local, guards, slots)
+    return run_local(guards, slots)
+
+
 def _local(guard: CompiledGuard, slots: list[Slot]) -> Verdict | None:
     if guard.deny is not None:
         for slot in slots:
