@@ -50,6 +50,7 @@ from extproc.envoy_config import (
     OBSERVER_FILTER,
     SIDECAR_CLUSTER,
     bootstrap,
+    to_dict,
 )
 from extproc.supervisor import Stack, envoy_binary, stop_process, wait_envoy_ready, wait_tcp
 
@@ -116,7 +117,7 @@ def baseline_bootstrap(cfg: Config, listen: str, admin: str) -> dict[str, Any]:
     gateway renders them, so the sidecar (and the header route it needs) is the only difference.
     """
     envoy = cfg.envoy.model_copy(update={"listen": listen, "admin": admin})
-    doc = bootstrap(cfg.model_copy(update={"envoy": envoy})).to_dict()
+    doc = to_dict(bootstrap(cfg.model_copy(update={"envoy": envoy})))
     resources = doc["staticResources"]
     resources["clusters"] = [c for c in resources["clusters"] if c["name"] != SIDECAR_CLUSTER]
     for cluster in resources["clusters"]:

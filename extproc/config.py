@@ -257,6 +257,10 @@ class Backend(_Strict):
     timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
     # Envoy's circuit breaker: requests in flight to this backend (Envoy's default is 1024).
     max_requests: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Passive health (Envoy outlier detection): after this many consecutive 5xx or connect
+    # failures the backend is skipped for eject_for_s (longer each time), then tried again.
+    eject_after_failures: int = Field(default=5, ge=1, le=1000)
+    eject_for_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("url")
     @classmethod
@@ -303,6 +307,9 @@ class Target(_Strict):
     backend: str
     model: str | None = Field(default=None, description="the provider's model name")
     weight: int = Field(default=1, ge=0, le=10_000)
+    # Pools: targets of priority 0 serve; a request that fails there (429, 5xx, connect
+    # failure, reset) is retried on priority 1 within the same request, and so on.
+    priority: int = Field(default=0, ge=0, le=9)
 
 
 ModelType = Literal["chat", "completion", "embedding"]
@@ -430,6 +437,21 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
             )
         if sum(t.weight for t in model.targets) == 0:
             problems.append((f"models.{name}.targets", "the weights add up to 0"))
+        priorities = sorted({t.priority for t in model.targets})
+        if len(priorities) > 1:
+            if priorities != list(range(len(priorities))):
+                message = f"priorities must be 0, 1, 2, ... (got {priorities})"
+                problems.append((f"models.{name}.targets", message))
+            for p in priorities:
+                pool = [i for i, t in enumerate(model.targets) if t.priority == p]
+                if len(pool) > 1:
+                    # Envoy's aggregate cluster gives each backend cluster its own priority.
+                    problems.append(
+                        (
+                            f"models.{name}.targets.{pool[1]}.priority",
+                            "a model with fallback pools takes one backend per priority",
+                        )
+                    )
     for team_name, team in cfg.teams.items():
         for i, model_name in enumerate(team.models or ()):
             if model_name not in cfg.models:

@@ -24,8 +24,11 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
     Cluster,
+    ClusterCustomClusterType,
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
+    ClusterLbPolicy,
+    OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
@@ -38,6 +41,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheckGrpcHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
+    Metadata,
     Pipe,
     SocketAddress,
     SubstitutionFormatString,
@@ -54,6 +58,8 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     HeaderMatcher,
+    RetryPolicy,
+    RetryPolicyRetryPriority,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -63,6 +69,9 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedClusterClusterWeight,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import (
+    ClusterConfig as AggregateClusterConfig,
+)
 from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
 from envoy_data_plane.envoy.extensions.filters.http.composite.v3 import (
     Composite,
@@ -91,6 +100,9 @@ from envoy_data_plane.envoy.extensions.matching.common_inputs.network.v3 import 
 from envoy_data_plane.envoy.extensions.matching.input_matchers.metadata.v3 import (
     Metadata as MetadataInputMatcher,
 )
+from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 import (
+    PreviousPrioritiesConfig,
+)
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -114,8 +126,8 @@ from envoy_data_plane.xds.type.matcher.v3 import (
     MatcherOnMatch,
 )
 
-from .config import Config, cluster_name, parse_address
-from .processor import CLUSTER_ATTRIBUTE, METADATA_NAMESPACE, OBSERVE_KEY
+from .config import Config, Model, cluster_name, parse_address
+from .processor import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, OBSERVE_KEY
 from .routing import BACKEND_METADATA, OBSERVE_STAGE, ROUTE_HEADER, STAGE_METADATA
 
 SIDECAR_CLUSTER = "extproc_sidecar"
@@ -212,7 +224,7 @@ def downstream_ext_proc(cfg: Config) -> ExternalProcessor:
         processing_mode=DOWNSTREAM_MODE,
         allow_mode_override=True,
         message_timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
-        response_attributes=[CLUSTER_ATTRIBUTE],
+        response_attributes=[CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE],
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
         ),
@@ -220,16 +232,20 @@ def downstream_ext_proc(cfg: Config) -> ExternalProcessor:
     )
 
 
-def upstream_ext_proc(cfg: Config, backend: str) -> ExternalProcessor:
+def upstream_ext_proc(cfg: Config, backend: str | None) -> ExternalProcessor:
+    """The upstream stage of one backend's cluster (the backend in its gRPC metadata), or of a
+    model's pooled cluster (each attempt's backend read from the chosen host's metadata)."""
+    metadata = {STAGE_METADATA: "upstream"}
+    if backend is not None:
+        metadata[BACKEND_METADATA] = backend
     return ExternalProcessor(
-        grpc_service=sidecar_grpc_service(
-            cfg, {STAGE_METADATA: "upstream", BACKEND_METADATA: backend}
-        ),
+        grpc_service=sidecar_grpc_service(cfg, metadata),
         failure_mode_allow=False,
         processing_mode=UPSTREAM_MODE,
         allow_mode_override=True,
         message_timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
         status_on_error=_status(cfg.sidecar.failure_status),
+        request_attributes=[] if backend is not None else [HOST_ATTRIBUTE],
     )
 
 
@@ -351,7 +367,10 @@ def routes(cfg: Config) -> RouteConfiguration:
             prefix_rewrite=f"{backends[0].base_path}/" if backends[0].base_path != "/v1" else "",
         )
         active = [t for t in model.targets if t.weight > 0]
-        if len(active) == 1:
+        if pooled(model):
+            action.cluster = pool_cluster_name(name)
+            action.retry_policy = _failover_retries(model)
+        elif len(active) == 1:
             action.cluster = cluster_name(active[0].backend)
         else:
             action.weighted_clusters = WeightedCluster(
@@ -391,9 +410,59 @@ def routes(cfg: Config) -> RouteConfiguration:
     )
     return RouteConfiguration(
         name="aigw",
-        virtual_hosts=[VirtualHost(name="aigw", domains=["*"], routes=route_list)],
+        virtual_hosts=[
+            VirtualHost(
+                name="aigw",
+                domains=["*"],
+                routes=route_list,
+                # x-envoy-attempt-count on the answer: the sidecar reports a failover from it.
+                include_attempt_count_in_response=True,
+            )
+        ],
         # The internal headers are the gateway's own: a client or backend never sets them.
         internal_only_headers=[],
+    )
+
+
+def pooled(model: Model) -> bool:
+    return len({t.priority for t in model.targets}) > 1
+
+
+def pool_cluster_name(model: str) -> str:
+    return f"aigw-pool-{model}"
+
+
+def _failover_retries(model: Model) -> RetryPolicy:
+    """A failed attempt (429, 5xx, connect failure, reset before the answer started) goes to
+    the next pool in the same request. Envoy never retries once response headers went to the
+    client, so a stream that started is never retried."""
+    pools = len({t.priority for t in model.targets})
+    return RetryPolicy(
+        retry_on="5xx,reset,connect-failure,retriable-status-codes",
+        retriable_status_codes=[429],
+        num_retries=pools - 1,
+        retry_priority=RetryPolicyRetryPriority(
+            name="envoy.retry_priorities.previous_priorities",
+            typed_config=_any(PreviousPrioritiesConfig(update_frequency=1)),
+        ),
+    )
+
+
+def pool_cluster(cfg: Config, name: str, model: Model) -> Cluster:
+    """An aggregate of the model's backend clusters in priority order, with the upstream stage
+    in its own filter chain (the backend clusters' chains do not run under an aggregate)."""
+    ordered = sorted(model.targets, key=lambda t: t.priority)
+    return Cluster(
+        name=pool_cluster_name(name),
+        connect_timeout=_duration(max(cfg.backends[t.backend].connect_timeout_s for t in ordered)),
+        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+        cluster_type=ClusterCustomClusterType(
+            name="envoy.clusters.aggregate",
+            typed_config=_any(
+                AggregateClusterConfig(clusters=[cluster_name(t.backend) for t in ordered])
+            ),
+        ),
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, None)},
     )
 
 
@@ -426,7 +495,7 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
     return hcm
 
 
-def _upstream_http_options(cfg: Config, backend: str) -> AnyMsg:
+def _upstream_http_options(cfg: Config, backend: str | None) -> AnyMsg:
     return _any(
         HttpProtocolOptions(
             explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
@@ -477,13 +546,28 @@ def backend_cluster(cfg: Config, name: str) -> Cluster:
                                     )
                                 ),
                                 hostname=backend.host,
-                            )
+                            ),
+                            # Names the backend to the upstream stage of a pooled model.
+                            metadata=Metadata(
+                                filter_metadata={
+                                    METADATA_NAMESPACE: Struct.from_dict({"backend": name})
+                                }
+                            ),
                         )
                     ]
                 )
             ],
         ),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name)},
+        # Passive health: a backend that keeps failing is skipped for a while (then tried
+        # again); a pooled model's traffic moves to its next pool meanwhile.
+        outlier_detection=OutlierDetection(
+            consecutive_5xx=backend.eject_after_failures,
+            consecutive_gateway_failure=backend.eject_after_failures,
+            interval=_duration(5),
+            base_ejection_time=_duration(backend.eject_for_s),
+            max_ejection_percent=100,
+        ),
     )
     if backend.tls:
         cluster.transport_socket = TransportSocket(
@@ -557,14 +641,28 @@ def bootstrap(cfg: Config) -> Bootstrap:
         ],
     )
     clusters = [sidecar_cluster(cfg)] + [backend_cluster(cfg, name) for name in cfg.backends]
+    clusters += [pool_cluster(cfg, name, m) for name, m in cfg.models.items() if pooled(m)]
     return Bootstrap(
         admin=Admin(address=_socket(cfg.envoy.admin)),
         static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
     )
 
 
+# betterproto2 camel-cases `consecutive_5xx` as "consecutive5Xx", which Envoy rejects; Envoy
+# takes the proto field name as well.
+_KEY_FIXES = {"consecutive5Xx": "consecutive_5xx"}
+
+
 def to_dict(msg: betterproto2.Message) -> dict[str, Any]:
-    return msg.to_dict()
+    return _fix_keys(msg.to_dict())
+
+
+def _fix_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_KEY_FIXES.get(k, k): _fix_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_keys(v) for v in value]
+    return value
 
 
 def render_yaml(cfg: Config) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import text_format
 
 from . import identity, protocol, routing
 from .config import INTERNAL_HEADER_PREFIX, backend_from_cluster
@@ -46,6 +48,9 @@ log = logging.getLogger("extproc.processor")
 
 METADATA_NAMESPACE = "extproc"
 CLUSTER_ATTRIBUTE = "xds.cluster_name"
+# The metadata of the host an attempt went to: names the backend behind a pooled model's
+# aggregate cluster (whose own name says only the model).
+HOST_ATTRIBUTE = "xds.upstream_host_metadata"
 # The dynamic metadata key (set with the request body) that instantiates the stream observer.
 OBSERVE_KEY = "observe"
 H = INTERNAL_HEADER_PREFIX
@@ -319,9 +324,13 @@ class DownstreamStream:
         msg = req.response_headers
         headers = protocol.header_dict(msg.headers)
         self.status = int(headers.get(":status", "0") or 0)
-        cluster = _attribute(req, CLUSTER_ATTRIBUTE)
-        self.backend = backend_from_cluster(cluster) if cluster else None
+        self.backend = _backend(req)
         set_headers = self._identity_headers()
+        attempts = headers.get("x-envoy-attempt-count", "1")
+        if attempts.isdigit() and int(attempts) > 1:
+            # Envoy retried this request on another pool: the client should know it happened.
+            set_headers[f"{H}failover"] = "true"
+            set_headers[f"{H}attempts"] = attempts
         if self.reservation is not None:
             set_headers.update(
                 self.services.quota.rate_headers(self.reservation.specs, self.reservation.states)
@@ -579,8 +588,14 @@ class UpstreamStream:
         try:
             if kind == "request_headers":
                 headers = protocol.header_dict(req.request_headers.headers)
-                self.target = routing.upstream_target(self.rt, self.metadata, headers)
-                set_headers, remove = routing.upstream_header_mutation(self.target, headers)
+                backend = self.metadata.get(routing.BACKEND_METADATA)
+                pooled = backend is None
+                if pooled:
+                    backend = _host_backend(req)
+                self.target = routing.upstream_target(self.rt, backend, headers)
+                set_headers, remove = routing.upstream_header_mutation(
+                    self.target, headers, retriable=pooled
+                )
                 needs_body = self.target.provider_model != self.target.model
                 self.finished = not needs_body
                 if needs_body:
@@ -601,6 +616,29 @@ class UpstreamStream:
             err = bad_request("We could not parse the JSON body of your request", "invalid_json")
             return protocol.immediate_response(err.status, err.body(), details="aigw_upstream")
         return _passthrough(kind)
+
+
+def _backend(req: Any) -> str | None:
+    """The backend that answered: from the host's metadata, else from the cluster's name."""
+    backend = _host_backend(req)
+    if backend is not None:
+        return backend
+    cluster = _attribute(req, CLUSTER_ATTRIBUTE)
+    return backend_from_cluster(cluster) if cluster else None
+
+
+def _host_backend(req: Any) -> str | None:
+    # Envoy renders this attribute as the text form of an envoy.config.core.v3.Metadata.
+    text = _attribute(req, HOST_ATTRIBUTE)
+    if not text:
+        return None
+    try:
+        metadata = text_format.Parse(text, base_pb2.Metadata())
+    except text_format.ParseError:
+        return None
+    struct = metadata.filter_metadata.get(METADATA_NAMESPACE)
+    value = protocol.struct_value(struct, "backend") if struct is not None else None
+    return value if isinstance(value, str) else None
 
 
 def _attribute(req: Any, name: str) -> str | None:

@@ -72,9 +72,8 @@ def retrieve_model_body(runtime: Runtime, team: str, model: str) -> bytes:
 
 
 def upstream_target(
-    runtime: Runtime, metadata: Mapping[str, str], headers: Mapping[str, str]
+    runtime: Runtime, backend: str | None, headers: Mapping[str, str]
 ) -> ResolvedTarget:
-    backend = metadata.get(BACKEND_METADATA)
     model = headers.get(ROUTE_HEADER)
     target = runtime.targets.get((model or "", backend or ""))
     if target is None:
@@ -90,10 +89,17 @@ def upstream_target(
 
 
 def upstream_header_mutation(
-    target: ResolvedTarget, headers: Mapping[str, str]
+    target: ResolvedTarget, headers: Mapping[str, str], retriable: bool = False
 ) -> tuple[dict[str, str], list[str]]:
-    """Headers to set and remove before the request leaves for `target`."""
+    """Headers to set and remove before the request leaves for `target`.
+
+    With `retriable` (a pooled model: Envoy may retry on the next pool), the routing header
+    stays: a retry starts from the headers this attempt left, and the next attempt's upstream
+    stage needs it to know the model. The backend then sees the model name the client asked
+    for, nothing else of the gateway's."""
     remove = spoofed_headers(headers)  # the backend sees none of the gateway's own headers
+    if retriable:
+        remove = [h for h in remove if h != ROUTE_HEADER]
     set_headers: dict[str, str] = {}
     for h in ("authorization", "api-key"):
         if h in headers and h != target.auth_header:

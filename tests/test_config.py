@@ -578,3 +578,36 @@ def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
     [(where, message)] = info.value.problems
     assert where == ""
     assert "'team-a' appears twice" in message
+
+
+def test_pool_priorities_must_be_contiguous_and_one_backend_each() -> None:
+    backends = {
+        "b": {"url": "http://h1/v1"},
+        "c": {"url": "http://h2/v1"},
+        "d": {"url": "http://h3/v1"},
+    }
+    gap = cfg(
+        backends=backends,
+        models={"m": {"targets": [{"backend": "b"}, {"backend": "c", "priority": 2}]}},
+    )
+    assert parse_problems(gap) == [
+        ("models.m.targets", "priorities must be 0, 1, 2, ... (got [0, 2])")
+    ]
+    two = cfg(
+        backends=backends,
+        models={
+            "m": {
+                "targets": [
+                    {"backend": "b"},
+                    {"backend": "c", "priority": 1},
+                    {"backend": "d", "priority": 1},
+                ]
+            }
+        },
+    )
+    assert parse_problems(two) == [
+        (
+            "models.m.targets.2.priority",
+            "a model with fallback pools takes one backend per priority",
+        )
+    ]

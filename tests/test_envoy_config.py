@@ -226,3 +226,41 @@ def test_unix_socket_sidecar_renders_a_pipe(tmp_path):
     out = tmp_path / "envoy.yaml"
     out.write_text(render_yaml(cfg))
     envoy_validate(out)
+
+
+def test_render_a_pooled_model_as_an_aggregate_cluster_with_failover_retries(tmp_path):
+    models = {
+        "resilient": {
+            "targets": [
+                {"backend": "openai", "model": "gpt-4o", "priority": 0},
+                {"backend": "vllm-a", "model": "llama", "priority": 1},
+            ]
+        }
+    }
+    text = render_yaml(parse_config(_config(models=models)))
+    boot = yaml.safe_load(text)
+    hcm = boot["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    vhost = hcm["routeConfig"]["virtualHosts"][0]
+    assert vhost["includeAttemptCountInResponse"] is True
+    route = next(r for r in vhost["routes"] if r["name"] == "model:resilient")["route"]
+    assert route["cluster"] == "aigw-pool-resilient"
+    retry = route["retryPolicy"]
+    assert retry["retryOn"] == "5xx,reset,connect-failure,retriable-status-codes"
+    assert retry["retriableStatusCodes"] == [429] and retry["numRetries"] == 1
+    clusters = {c["name"]: c for c in boot["staticResources"]["clusters"]}
+    pool = clusters["aigw-pool-resilient"]
+    assert pool["clusterType"]["typedConfig"]["clusters"] == [
+        "aigw-backend-openai",
+        "aigw-backend-vllm-a",
+    ]
+    options = pool["typedExtensionProtocolOptions"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    stage = options["httpFilters"][0]["typedConfig"]
+    assert stage["requestAttributes"] == ["xds.upstream_host_metadata"]
+    endpoint = clusters["aigw-backend-vllm-a"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]
+    assert endpoint["metadata"]["filterMetadata"]["extproc"] == {"backend": "vllm-a"}
+    assert clusters["aigw-backend-vllm-a"]["outlierDetection"]["consecutive_5xx"] == 5
+    out = tmp_path / "envoy.yaml"
+    out.write_text(text)
+    envoy_validate(out)

@@ -558,7 +558,7 @@ def envoy_host_requests(admin: str) -> dict[str, int]:
 
 def test_two_sidecars_share_one_redis(tmp_path: Path, redis_server: RedisServer):  # noqa: F811
     from extproc.config import load_config
-    from extproc.envoy_config import bootstrap
+    from extproc.envoy_config import bootstrap, to_dict
     from extproc.supervisor import envoy_binary, wait_envoy_ready
 
     ports = new_ports()
@@ -572,7 +572,7 @@ def test_two_sidecars_share_one_redis(tmp_path: Path, redis_server: RedisServer)
     )
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    envoy_config = bootstrap(load_config(path)).to_dict()
+    envoy_config = to_dict(bootstrap(load_config(path)))
     (cluster,) = [
         c for c in envoy_config["staticResources"]["clusters"] if c["name"] == "extproc_sidecar"
     ]

@@ -1,0 +1,112 @@
+"""Failover within a request: a primary backend that answers 429 or 503, resets, or cannot be
+reached; the answer comes from the next pool, with that backend's model name and credential."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import free_port, sha256_hex
+from .test_quota_e2e import Gateway, running_stack, wait_process_port
+
+FAULTS = {"p429": "429", "p503": "503", "preset": "reset"}
+KEYS = {"FALLBACK_KEY": "fb-secret", "PRIMARY_KEY": "primary-secret"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, dict[str, str]]]:
+    workdir: Path = tmp_path_factory.mktemp("failover")
+    ports = {k: free_port() for k in ("sidecar", "envoy", "admin", "fake", *FAULTS, "dead")}
+    fakes = {name: f"http://127.0.0.1:{ports[name]}" for name in (*FAULTS, "fake")}
+    procs = []
+    old_env = {k: os.environ.get(k) for k in KEYS}
+    os.environ.update(KEYS)
+    try:
+        for name, fault in FAULTS.items():
+            address = f"127.0.0.1:{ports[name]}"
+            argv = [sys.executable, "-m", "extproc", "fake-llm", "--listen", address,
+                    "--name", name, "--fault", fault]  # fmt: skip
+            log = (workdir / f"{name}.log").open("wb")
+            proc = subprocess.Popen(argv, stdout=log, stderr=log)
+            procs.append(proc)
+            wait_process_port(proc, address)
+        backends: dict[str, Any] = {
+            name: {"url": f"{url}/v1", "api_key": {"env": "PRIMARY_KEY"}}
+            for name, url in fakes.items()
+            if name != "fake"
+        }
+        backends["dead"] = {"url": f"http://127.0.0.1:{ports['dead']}/v1"}
+        backends["fallback"] = {"url": f"{fakes['fake']}/v1", "api_key": {"env": "FALLBACK_KEY"}}
+        models = {
+            f"via-{primary}": {
+                "targets": [
+                    {"backend": primary, "model": "big-model", "priority": 0},
+                    {"backend": "fallback", "model": "small-model", "priority": 1},
+                ]
+            }
+            for primary in (*FAULTS, "dead")
+        }
+        config = {
+            "sidecar": {"listen": f"127.0.0.1:{ports['sidecar']}", "reload_interval_s": 0},
+            "envoy": {
+                "listen": f"127.0.0.1:{ports['envoy']}",
+                "admin": f"127.0.0.1:{ports['admin']}",
+                "access_log": False,
+            },
+            "teams": {"t": {"keys": [{"sha256": sha256_hex("sk-t")}]}},
+            "backends": backends,
+            "models": models,
+            "fake_llm": {"listen": f"127.0.0.1:{ports['fake']}", "response_tokens": 6},
+        }
+        with running_stack(workdir, config) as gw:
+            yield gw, fakes
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def records(url: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/_fake/requests", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("primary", [*FAULTS, "dead"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_failing_primary_is_replaced_by_the_next_pool(stack, primary: str, stream: bool):
+    gw, fakes = stack
+    before = len(records(fakes["fake"]))
+    with gw.client("t") as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=f"via-{primary}",
+            messages=[{"role": "user", "content": "hello"}],
+            stream=stream,
+        )
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        else:
+            text = raw.parse().choices[0].message.content
+    assert text == " tok0 tok1 tok2 tok3 tok4 tok5"
+    assert raw.headers["x-aigw-backend"] == "fallback"
+    assert raw.headers["x-aigw-provider-model"] == "small-model"
+    assert raw.headers["x-aigw-failover"] == "true"
+    (seen,) = records(fakes["fake"])[before:]
+    assert seen["body"]["model"] == "small-model"
+    assert seen["headers"]["authorization"] == "Bearer fb-secret"
+    if primary != "dead":
+        tried = records(fakes[primary])[-1]
+        assert tried["body"]["model"] == "big-model"
+        assert tried["headers"]["authorization"] == "Bearer primary-secret"
