@@ -456,6 +456,9 @@ def pool_cluster(cfg: Config, name: str, model: Model) -> Cluster:
         name=pool_cluster_name(name),
         connect_timeout=_duration(max(cfg.backends[t.backend].connect_timeout_s for t in ordered)),
         lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+        circuit_breakers=_circuit_breakers(
+            sum(cfg.backends[t.backend].max_requests for t in ordered)
+        ),
         cluster_type=ClusterCustomClusterType(
             name="envoy.clusters.aggregate",
             typed_config=_any(
@@ -520,6 +523,9 @@ def _circuit_breakers(max_requests: int) -> CircuitBreakers:
                 max_connections=max_requests,
                 max_pending_requests=max_requests,
                 max_requests=max_requests,
+                # Envoy allows 3 concurrent retries per cluster by default: under load a
+                # failing pool would then send its errors to the clients instead of failing over.
+                max_retries=max_requests,
             )
         ]
     )

@@ -7,8 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +20,16 @@ import pytest
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import Gateway, running_stack, wait_process_port
 
-FAULTS = {"p429": "429", "p503": "503", "preset": "reset"}
+FAULTS = {"p429": "429", "p503": "503", "preset": "reset", "phalf": "503"}
+FAULT_RATES = {"phalf": "0.5"}  # the others always fail
 KEYS = {"FALLBACK_KEY": "fb-secret", "PRIMARY_KEY": "primary-secret"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, dict[str, str]]]:
     workdir: Path = tmp_path_factory.mktemp("failover")
-    ports = {k: free_port() for k in ("sidecar", "envoy", "admin", "fake", *FAULTS, "dead")}
+    names = ("sidecar", "envoy", "admin", "fake", *FAULTS, "dead", "returning")
+    ports = {k: free_port() for k in names}
     fakes = {name: f"http://127.0.0.1:{ports[name]}" for name in (*FAULTS, "fake")}
     procs = []
     old_env = {k: os.environ.get(k) for k in KEYS}
@@ -33,7 +38,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
         for name, fault in FAULTS.items():
             address = f"127.0.0.1:{ports[name]}"
             argv = [sys.executable, "-m", "extproc", "fake-llm", "--listen", address,
-                    "--name", name, "--fault", fault]  # fmt: skip
+                    "--name", name, "--fault", fault,
+                    "--fault-rate", FAULT_RATES.get(name, "1")]  # fmt: skip
             log = (workdir / f"{name}.log").open("wb")
             proc = subprocess.Popen(argv, stdout=log, stderr=log)
             procs.append(proc)
@@ -54,6 +60,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
             }
             for primary in (*FAULTS, "dead")
         }
+        # A primary that is down now and comes back later (the test starts it).
+        models["via-returning"] = {
+            "targets": [
+                {"backend": "returning", "model": "big-model", "priority": 0},
+                {"backend": "fallback", "model": "small-model", "priority": 1},
+            ]
+        }
+        backends["returning"] = {
+            "url": f"http://127.0.0.1:{ports['returning']}/v1",
+            "eject_after_failures": 2,
+            "eject_for_s": 1,
+        }
         config = {
             "sidecar": {"listen": f"127.0.0.1:{ports['sidecar']}", "reload_interval_s": 0},
             "envoy": {
@@ -67,6 +85,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
             "fake_llm": {"listen": f"127.0.0.1:{ports['fake']}", "response_tokens": 6},
         }
         with running_stack(workdir, config) as gw:
+            gw.ports = ports  # type: ignore[attr-defined]
+            gw.workdir = workdir  # type: ignore[attr-defined]
             yield gw, fakes
     finally:
         for proc in procs:
@@ -84,7 +104,7 @@ def records(url: str) -> list[dict[str, Any]]:
         return json.loads(resp.read())
 
 
-@pytest.mark.parametrize("primary", [*FAULTS, "dead"])
+@pytest.mark.parametrize("primary", ["p429", "p503", "preset", "dead"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_failing_primary_is_replaced_by_the_next_pool(stack, primary: str, stream: bool):
     gw, fakes = stack
@@ -110,3 +130,55 @@ def test_a_failing_primary_is_replaced_by_the_next_pool(stack, primary: str, str
         tried = records(fakes[primary])[-1]
         assert tried["body"]["model"] == "big-model"
         assert tried["headers"]["authorization"] == "Bearer primary-secret"
+
+
+def test_under_load_with_the_primary_failing_half_the_time_no_request_fails(stack):
+    gw, fakes = stack
+    before = len(records(fakes["phalf"]))
+
+    def one(i: int) -> tuple[str, str]:
+        with gw.client("t") as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="via-phalf", messages=[{"role": "user", "content": f"hello {i}"}]
+            )
+            raw.parse()
+            return raw.headers["x-aigw-backend"], raw.headers.get("x-aigw-failover", "")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(200)))  # any failure raises here
+    served = Counter(backend for backend, _ in results)
+    print(f"\nprimary failing half the time: served by {dict(served)}")
+    assert set(served) <= {"phalf", "fallback"}
+    assert served["phalf"] > 0 and served["fallback"] > 0
+    assert len(records(fakes["phalf"])) > before  # the primary kept getting its share
+
+
+def test_traffic_returns_to_a_primary_that_recovers(stack):
+    gw, _ = stack
+    address = f"127.0.0.1:{gw.ports['returning']}"
+
+    def served_by() -> str:
+        with gw.client("t") as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="via-returning", messages=[{"role": "user", "content": "hi"}]
+            )
+            raw.parse()
+            return raw.headers["x-aigw-backend"]
+
+    # Down: every request is answered by the fallback (the primary is soon ejected).
+    assert {served_by() for _ in range(6)} == {"fallback"}
+    log = (gw.workdir / "returning.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "fake-llm", "--listen", address, "--name", "returning"],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        wait_process_port(proc, address)
+        deadline = time.monotonic() + 15
+        while served_by() != "returning":
+            assert time.monotonic() < deadline, "traffic did not return to the primary"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
