@@ -320,6 +320,9 @@ class Model(_Strict):
     encoding: str | None = Field(default=None, description="tiktoken encoding override")
     owned_by: str = "extproc"
     targets: Annotated[list[Target], Field(min_length=1)]
+    # When a limit that lists this model is exhausted, serve from the next pool (priority 1)
+    # instead of answering 429; limits that count all of the team's models still apply.
+    quota_failover: bool = False
     guardrails: GuardLists = GuardLists()
 
 
@@ -438,6 +441,8 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         if sum(t.weight for t in model.targets) == 0:
             problems.append((f"models.{name}.targets", "the weights add up to 0"))
         priorities = sorted({t.priority for t in model.targets})
+        if model.quota_failover and len(priorities) < 2:
+            problems.append((f"models.{name}.quota_failover", "needs a target of priority 1"))
         if len(priorities) > 1:
             if priorities != list(range(len(priorities))):
                 message = f"priorities must be 0, 1, 2, ... (got {priorities})"

@@ -128,7 +128,7 @@ from envoy_data_plane.xds.type.matcher.v3 import (
 
 from .config import Config, Model, cluster_name, parse_address
 from .processor import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, OBSERVE_KEY
-from .routing import BACKEND_METADATA, OBSERVE_STAGE, ROUTE_HEADER, STAGE_METADATA
+from .routing import BACKEND_METADATA, OBSERVE_STAGE, POOL_HEADER, ROUTE_HEADER, STAGE_METADATA
 
 SIDECAR_CLUSTER = "extproc_sidecar"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
@@ -378,6 +378,29 @@ def routes(cfg: Config) -> RouteConfiguration:
                     WeightedClusterClusterWeight(name=cluster_name(t.backend), weight=t.weight)
                     for t in active
                 ]
+            )
+        if model.quota_failover:
+            # The sidecar pins a request whose quota is exhausted to the next pool.
+            fallback = next(t for t in model.targets if t.priority == 1)
+            route_list.append(
+                Route(
+                    name=f"model:{name}:pool1",
+                    match=RouteMatch(
+                        prefix="/v1/",
+                        headers=[
+                            HeaderMatcher(
+                                name=ROUTE_HEADER, string_match=StringMatcher(exact=name)
+                            ),
+                            HeaderMatcher(name=POOL_HEADER, string_match=StringMatcher(exact="1")),
+                        ],
+                    ),
+                    route=RouteAction(
+                        cluster=cluster_name(fallback.backend),
+                        timeout=action.timeout,
+                        auto_host_rewrite=True,
+                        prefix_rewrite=action.prefix_rewrite,
+                    ),
+                )
             )
         route_list.append(
             Route(

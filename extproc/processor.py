@@ -79,6 +79,7 @@ class DownstreamStream:
         "following",
         "handed_off",
         "observe",
+        "pool",
         "prompt",
         "prompt_turns",
         "relay",
@@ -117,6 +118,7 @@ class DownstreamStream:
         self.prompt_turns: list[dict[str, str]] | None = None  # for judging the response
         self.stream_block_recorded = False
         self.closed = False
+        self.pool = 0  # 1 when a quota failover pinned the request to the next pool
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -242,6 +244,9 @@ class DownstreamStream:
             data.update(observer_handover(self.reservation, self.started))
         metadata = {METADATA_NAMESPACE: data}
         set_headers = {routing.ROUTE_HEADER: parsed.model}
+        if self.pool:
+            set_headers[routing.POOL_HEADER] = str(self.pool)
+            data["pool"] = self.pool
         if body_mutation is not None:
             # Envoy keeps the client's content-length for a mutated buffered body; the
             # headers are still held, so say the new length.
@@ -267,9 +272,7 @@ class DownstreamStream:
             output = requested_output(
                 parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
             )
-            reserve = self.services.quota.reserve(
-                self.rt.config, self.team, parsed.model, specs, Amounts(self.prompt.tokens, output)
-            )
+            reserve = self._reserve(parsed.model, specs, Amounts(self.prompt.tokens, output))
         if not any(not g.local for g in guards):
             if reserve is not None:
                 self.reservation = await reserve
@@ -293,6 +296,25 @@ class DownstreamStream:
         if reserving is not None:
             await reserving  # the 429 (or 503) of the reservation, if it failed
         return verdicts
+
+    async def _reserve(
+        self, model: str, specs: tuple[LimitSpec, ...], amounts: Amounts
+    ) -> Reservation | None:
+        """Reserve; when a limit that lists this model is exhausted and the model allows it,
+        pin the request to its next pool and reserve against the team-wide limits only."""
+        assert self.team is not None
+        quota, cfg = self.services.quota, self.rt.config
+        try:
+            return await quota.reserve(cfg, self.team, model, specs, amounts)
+        except GatewayError as err:
+            exhausted = (err.code or "").removeprefix("quota_exceeded:")
+            scoped = {s.name for s in specs if s.scoped}
+            model_cfg = cfg.models.get(model)
+            if model_cfg is None or not model_cfg.quota_failover or exhausted not in scoped:
+                raise
+        self.pool = 1
+        rest = tuple(s for s in specs if not s.scoped)
+        return await quota.reserve(cfg, self.team, model, rest, amounts) if rest else None
 
     def _reserved(self, task: asyncio.Future[Reservation | None]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -327,7 +349,9 @@ class DownstreamStream:
         self.backend = _backend(req)
         set_headers = self._identity_headers()
         attempts = headers.get("x-envoy-attempt-count", "1")
-        if attempts.isdigit() and int(attempts) > 1:
+        if self.pool:
+            set_headers[f"{H}failover"] = "quota"
+        elif attempts.isdigit() and int(attempts) > 1:
             # Envoy retried this request on another pool: the client should know it happened.
             set_headers[f"{H}failover"] = "true"
             set_headers[f"{H}attempts"] = attempts

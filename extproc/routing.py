@@ -19,6 +19,8 @@ from .identity import spoofed_headers
 from .parsing import ENDPOINT_MODEL_TYPES, Endpoint
 
 ROUTE_HEADER = f"{INTERNAL_HEADER_PREFIX}model"
+# Set with the routing header when a pooled model's quota failover pins the request to pool 1.
+POOL_HEADER = f"{INTERNAL_HEADER_PREFIX}pool"
 TEAM_HEADER = f"{INTERNAL_HEADER_PREFIX}team"
 # gRPC initial metadata the rendered config attaches to each cluster's upstream ext_proc filter.
 STAGE_METADATA = "x-aigw-stage"

@@ -611,3 +611,8 @@ def test_pool_priorities_must_be_contiguous_and_one_backend_each() -> None:
             "a model with fallback pools takes one backend per priority",
         )
     ]
+
+
+def test_quota_failover_needs_a_next_pool() -> None:
+    data = cfg(models={"m": {"targets": [{"backend": "b"}], "quota_failover": True}})
+    assert parse_problems(data) == [("models.m.quota_failover", "needs a target of priority 1")]

@@ -15,13 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import Gateway, running_stack, wait_process_port
 
-FAULTS = {"p429": "429", "p503": "503", "preset": "reset", "phalf": "503"}
-FAULT_RATES = {"phalf": "0.5"}  # the others always fail
+FAULTS = {"p429": "429", "p503": "503", "preset": "reset", "phalf": "503", "pq": "503"}
+FAULT_RATES = {"phalf": "0.5", "pq": "0"}  # pq never fails; the others always do
 KEYS = {"FALLBACK_KEY": "fb-secret", "PRIMARY_KEY": "primary-secret"}
 
 
@@ -67,6 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
                 {"backend": "fallback", "model": "small-model", "priority": 1},
             ]
         }
+        models["via-quota"] = {**models["via-pq"], "quota_failover": True}
         backends["returning"] = {
             "url": f"http://127.0.0.1:{ports['returning']}/v1",
             "eject_after_failures": 2,
@@ -79,7 +81,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
                 "admin": f"127.0.0.1:{ports['admin']}",
                 "access_log": False,
             },
-            "teams": {"t": {"keys": [{"sha256": sha256_hex("sk-t")}]}},
+            "teams": {
+                "t": {"keys": [{"sha256": sha256_hex("sk-t")}]},
+                "q": {
+                    "keys": [{"sha256": sha256_hex("sk-q")}],
+                    "limits": [
+                        {
+                            "name": "q-primary",
+                            "window": "month",
+                            "requests": 1,
+                            "models": ["via-quota"],
+                        }
+                    ],
+                },
+                "w": {
+                    "keys": [{"sha256": sha256_hex("sk-w")}],
+                    "limits": [{"name": "w-all", "window": "month", "requests": 1}],
+                },
+            },
             "backends": backends,
             "models": models,
             "fake_llm": {"listen": f"127.0.0.1:{ports['fake']}", "response_tokens": 6},
@@ -182,3 +201,31 @@ def test_traffic_returns_to_a_primary_that_recovers(stack):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_exhausted_model_quota_is_served_by_the_next_pool(stack):
+    gw, fakes = stack
+
+    def ask(team: str) -> Any:
+        with gw.client(team) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="via-quota", messages=[{"role": "user", "content": "hello"}]
+            )
+            raw.parse()
+            return raw.headers
+
+    first = ask("q")
+    assert first["x-aigw-backend"] == "pq" and "x-aigw-failover" not in first
+    before = len(records(fakes["fake"]))
+    second = ask("q")  # q-primary (1 request a month on via-quota) is used up
+    assert second["x-aigw-backend"] == "fallback"
+    assert second["x-aigw-provider-model"] == "small-model"
+    assert second["x-aigw-failover"] == "quota"
+    (seen,) = records(fakes["fake"])[before:]
+    assert seen["body"]["model"] == "small-model"
+    assert seen["headers"]["authorization"] == "Bearer fb-secret"
+    # A limit over all of the team's models is not the model's quota: no failover, a 429.
+    ask("w")
+    with pytest.raises(openai.RateLimitError) as err:
+        ask("w")
+    assert err.value.body["code"] == "quota_exceeded:w-all"

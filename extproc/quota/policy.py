@@ -37,6 +37,9 @@ class LimitSpec:
     window: str
     limit: int  # tokens, requests, or micro-USD
     models: frozenset[str]
+    # Lists its models (rather than counting all of the team's): a model's quota failover
+    # skips such limits when it serves from the next pool.
+    scoped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ def team_limits(cfg: Config) -> dict[str, tuple[LimitSpec, ...]]:
                     window=limit.window,
                     limit=_limit_value(limit),
                     models=frozenset(limit_models(cfg, team, limit)),
+                    scoped=limit.models is not None,
                 )
             )
         out[team_name] = tuple(specs)
