@@ -448,14 +448,9 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                 message = f"priorities must be 0, 1, 2, ... (got {priorities})"
                 problems.append((f"models.{name}.targets", message))
             for p in priorities:
-                pool = [i for i, t in enumerate(model.targets) if t.priority == p]
-                if len(pool) > 1:
-                    # Envoy's aggregate cluster gives each backend cluster its own priority.
+                if not any(t.weight > 0 for t in model.targets if t.priority == p):
                     problems.append(
-                        (
-                            f"models.{name}.targets.{pool[1]}.priority",
-                            "a model with fallback pools takes one backend per priority",
-                        )
+                        (f"models.{name}.targets", f"no target of priority {p} has a weight")
                     )
     for team_name, team in cfg.teams.items():
         for i, model_name in enumerate(team.models or ()):

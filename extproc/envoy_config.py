@@ -28,6 +28,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
     ClusterLbPolicy,
+    ClusterTransportSocketMatch,
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -126,7 +127,7 @@ from envoy_data_plane.xds.type.matcher.v3 import (
     MatcherOnMatch,
 )
 
-from .config import Config, Model, cluster_name, parse_address
+from .config import Config, Model, Target, cluster_name, parse_address
 from .processor import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, OBSERVE_KEY
 from .routing import BACKEND_METADATA, OBSERVE_STAGE, POOL_HEADER, ROUTE_HEADER, STAGE_METADATA
 
@@ -134,6 +135,7 @@ SIDECAR_CLUSTER = "extproc_sidecar"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "extproc.stream_observer"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
 DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 # The downstream stage: headers and buffered bodies both ways. Streams switch their response
@@ -381,7 +383,7 @@ def routes(cfg: Config) -> RouteConfiguration:
             )
         if model.quota_failover:
             # The sidecar pins a request whose quota is exhausted to the next pool.
-            fallback = next(t for t in model.targets if t.priority == 1)
+            pool1 = pools(model)[1]
             route_list.append(
                 Route(
                     name=f"model:{name}:pool1",
@@ -395,7 +397,7 @@ def routes(cfg: Config) -> RouteConfiguration:
                         ],
                     ),
                     route=RouteAction(
-                        cluster=cluster_name(fallback.backend),
+                        cluster=pool_member_cluster(name, 1, pool1),
                         timeout=action.timeout,
                         auto_host_rewrite=True,
                         prefix_rewrite=action.prefix_rewrite,
@@ -459,11 +461,11 @@ def _failover_retries(model: Model) -> RetryPolicy:
     """A failed attempt (429, 5xx, connect failure, reset before the answer started) goes to
     the next pool in the same request. Envoy never retries once response headers went to the
     client, so a stream that started is never retried."""
-    pools = len({t.priority for t in model.targets})
+    n_pools = len({t.priority for t in model.targets})
     return RetryPolicy(
         retry_on="5xx,reset,connect-failure,retriable-status-codes",
         retriable_status_codes=[429],
-        num_retries=pools - 1,
+        num_retries=n_pools - 1,
         retry_priority=RetryPolicyRetryPriority(
             name="envoy.retry_priorities.previous_priorities",
             typed_config=_any(PreviousPrioritiesConfig(update_frequency=1)),
@@ -472,21 +474,19 @@ def _failover_retries(model: Model) -> RetryPolicy:
 
 
 def pool_cluster(cfg: Config, name: str, model: Model) -> Cluster:
-    """An aggregate of the model's backend clusters in priority order, with the upstream stage
-    in its own filter chain (the backend clusters' chains do not run under an aggregate)."""
-    ordered = sorted(model.targets, key=lambda t: t.priority)
+    """An aggregate of the model's pools in priority order (a pool of one backend is that
+    backend's cluster), with the upstream stage in its own filter chain (the member clusters'
+    chains do not run under an aggregate)."""
+    members = [pool_member_cluster(name, p, targets) for p, targets in enumerate(pools(model))]
+    backends = [cfg.backends[t.backend] for t in model.targets]
     return Cluster(
         name=pool_cluster_name(name),
-        connect_timeout=_duration(max(cfg.backends[t.backend].connect_timeout_s for t in ordered)),
+        connect_timeout=_duration(max(b.connect_timeout_s for b in backends)),
         lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
-        circuit_breakers=_circuit_breakers(
-            sum(cfg.backends[t.backend].max_requests for t in ordered)
-        ),
+        circuit_breakers=_circuit_breakers(sum(b.max_requests for b in backends)),
         cluster_type=ClusterCustomClusterType(
             name="envoy.clusters.aggregate",
-            typed_config=_any(
-                AggregateClusterConfig(clusters=[cluster_name(t.backend) for t in ordered])
-            ),
+            typed_config=_any(AggregateClusterConfig(clusters=members)),
         ),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, None)},
     )
@@ -554,6 +554,56 @@ def _circuit_breakers(max_requests: int) -> CircuitBreakers:
     )
 
 
+def _endpoint(cfg: Config, name: str, weight: int | None = None) -> LbEndpoint:
+    backend = cfg.backends[name]
+    names_backend = Struct.from_dict({"backend": name})
+    return LbEndpoint(
+        endpoint=Endpoint(
+            address=Address(
+                socket_address=SocketAddress(address=backend.host, port_value=backend.port)
+            ),
+            hostname=backend.host,
+        ),
+        load_balancing_weight=weight,
+        # Names the backend to the upstream stage of a pooled model, and picks its TLS
+        # settings in a cluster that holds several backends.
+        metadata=Metadata(
+            filter_metadata={
+                METADATA_NAMESPACE: names_backend,
+                TRANSPORT_SOCKET_MATCH: Struct.from_dict({"backend": name}),
+            }
+        ),
+    )
+
+
+def _tls_socket(host: str) -> TransportSocket:
+    return TransportSocket(
+        name="envoy.transport_sockets.tls",
+        typed_config=_any(
+            UpstreamTlsContext(
+                sni=host,
+                common_tls_context=CommonTlsContext(
+                    validation_context=CertificateValidationContext(
+                        trusted_ca=DataSource(filename=DEFAULT_CA_BUNDLE)
+                    )
+                ),
+            )
+        ),
+    )
+
+
+def _outlier_detection(failures: int, eject_for_s: float) -> OutlierDetection:
+    # Passive health: a backend that keeps failing is skipped for a while (then tried
+    # again); a pooled model's traffic moves to its next pool meanwhile.
+    return OutlierDetection(
+        consecutive_5xx=failures,
+        consecutive_gateway_failure=failures,
+        interval=_duration(5),
+        base_ejection_time=_duration(eject_for_s),
+        max_ejection_percent=100,
+    )
+
+
 def backend_cluster(cfg: Config, name: str) -> Cluster:
     backend = cfg.backends[name]
     cluster = Cluster(
@@ -564,55 +614,64 @@ def backend_cluster(cfg: Config, name: str) -> Cluster:
         circuit_breakers=_circuit_breakers(backend.max_requests),
         load_assignment=ClusterLoadAssignment(
             cluster_name=cluster_name(name),
+            endpoints=[LocalityLbEndpoints(lb_endpoints=[_endpoint(cfg, name)])],
+        ),
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name)},
+        outlier_detection=_outlier_detection(backend.eject_after_failures, backend.eject_for_s),
+    )
+    if backend.tls:
+        cluster.transport_socket = _tls_socket(backend.host)
+    return cluster
+
+
+def multi_pool_cluster(cfg: Config, model: str, priority: int, targets: list[Target]) -> Cluster:
+    """One pool of several backends: one endpoint each, weighted, each with its own TLS
+    settings, and the upstream stage reading each attempt's backend from the host."""
+    backends = [cfg.backends[t.backend] for t in targets]
+    name = f"{pool_cluster_name(model)}-{priority}"
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STRICT_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        connect_timeout=_duration(max(b.connect_timeout_s for b in backends)),
+        circuit_breakers=_circuit_breakers(sum(b.max_requests for b in backends)),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
             endpoints=[
                 LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(
-                            endpoint=Endpoint(
-                                address=Address(
-                                    socket_address=SocketAddress(
-                                        address=backend.host, port_value=backend.port
-                                    )
-                                ),
-                                hostname=backend.host,
-                            ),
-                            # Names the backend to the upstream stage of a pooled model.
-                            metadata=Metadata(
-                                filter_metadata={
-                                    METADATA_NAMESPACE: Struct.from_dict({"backend": name})
-                                }
-                            ),
-                        )
-                    ]
+                    lb_endpoints=[_endpoint(cfg, t.backend, t.weight) for t in targets]
                 )
             ],
         ),
-        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name)},
-        # Passive health: a backend that keeps failing is skipped for a while (then tried
-        # again); a pooled model's traffic moves to its next pool meanwhile.
-        outlier_detection=OutlierDetection(
-            consecutive_5xx=backend.eject_after_failures,
-            consecutive_gateway_failure=backend.eject_after_failures,
-            interval=_duration(5),
-            base_ejection_time=_duration(backend.eject_for_s),
-            max_ejection_percent=100,
+        transport_socket_matches=[
+            ClusterTransportSocketMatch(
+                name=t.backend,
+                match=Struct.from_dict({"backend": t.backend}),
+                transport_socket=_tls_socket(b.host),
+            )
+            for t, b in zip(targets, backends, strict=True)
+            if b.tls
+        ],
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, None)},
+        outlier_detection=_outlier_detection(
+            min(b.eject_after_failures for b in backends), min(b.eject_for_s for b in backends)
         ),
     )
-    if backend.tls:
-        cluster.transport_socket = TransportSocket(
-            name="envoy.transport_sockets.tls",
-            typed_config=_any(
-                UpstreamTlsContext(
-                    sni=backend.host,
-                    common_tls_context=CommonTlsContext(
-                        validation_context=CertificateValidationContext(
-                            trusted_ca=DataSource(filename=DEFAULT_CA_BUNDLE)
-                        )
-                    ),
-                )
-            ),
-        )
-    return cluster
+
+
+def pools(model: Model) -> list[list[Target]]:
+    """The model's serving targets by priority (weight 0 serves nowhere)."""
+    by_priority: dict[int, list[Target]] = {}
+    for t in model.targets:
+        if t.weight > 0:
+            by_priority.setdefault(t.priority, []).append(t)
+    return [by_priority[p] for p in sorted(by_priority)]
+
+
+def pool_member_cluster(model: str, priority: int, targets: list[Target]) -> str:
+    if len(targets) == 1:
+        return cluster_name(targets[0].backend)
+    return f"{pool_cluster_name(model)}-{priority}"
 
 
 def sidecar_cluster(cfg: Config) -> Cluster:
@@ -670,7 +729,14 @@ def bootstrap(cfg: Config) -> Bootstrap:
         ],
     )
     clusters = [sidecar_cluster(cfg)] + [backend_cluster(cfg, name) for name in cfg.backends]
-    clusters += [pool_cluster(cfg, name, m) for name, m in cfg.models.items() if pooled(m)]
+    for name, m in cfg.models.items():
+        if pooled(m):
+            clusters += [
+                multi_pool_cluster(cfg, name, p, targets)
+                for p, targets in enumerate(pools(m))
+                if len(targets) > 1
+            ]
+            clusters.append(pool_cluster(cfg, name, m))
     return Bootstrap(
         admin=Admin(address=_socket(cfg.envoy.admin)),
         static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),

@@ -580,12 +580,8 @@ def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
     assert "'team-a' appears twice" in message
 
 
-def test_pool_priorities_must_be_contiguous_and_one_backend_each() -> None:
-    backends = {
-        "b": {"url": "http://h1/v1"},
-        "c": {"url": "http://h2/v1"},
-        "d": {"url": "http://h3/v1"},
-    }
+def test_pool_priorities_must_be_contiguous_and_weighted() -> None:
+    backends = {"b": {"url": "http://h1/v1"}, "c": {"url": "http://h2/v1"}}
     gap = cfg(
         backends=backends,
         models={"m": {"targets": [{"backend": "b"}, {"backend": "c", "priority": 2}]}},
@@ -593,24 +589,11 @@ def test_pool_priorities_must_be_contiguous_and_one_backend_each() -> None:
     assert parse_problems(gap) == [
         ("models.m.targets", "priorities must be 0, 1, 2, ... (got [0, 2])")
     ]
-    two = cfg(
+    idle = cfg(
         backends=backends,
-        models={
-            "m": {
-                "targets": [
-                    {"backend": "b"},
-                    {"backend": "c", "priority": 1},
-                    {"backend": "d", "priority": 1},
-                ]
-            }
-        },
+        models={"m": {"targets": [{"backend": "b"}, {"backend": "c", "priority": 1, "weight": 0}]}},
     )
-    assert parse_problems(two) == [
-        (
-            "models.m.targets.2.priority",
-            "a model with fallback pools takes one backend per priority",
-        )
-    ]
+    assert parse_problems(idle) == [("models.m.targets", "no target of priority 1 has a weight")]
 
 
 def test_quota_failover_needs_a_next_pool() -> None:

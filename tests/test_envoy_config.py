@@ -264,3 +264,35 @@ def test_render_a_pooled_model_as_an_aggregate_cluster_with_failover_retries(tmp
     out = tmp_path / "envoy.yaml"
     out.write_text(text)
     envoy_validate(out)
+
+
+def test_render_a_pool_of_several_backends_with_their_own_tls(tmp_path):
+    data = _config()
+    data["backends"]["openai-eu"] = {"url": "https://eu.api.openai.com/v1"}
+    data["models"] = {
+        "spread": {
+            "targets": [
+                {"backend": "openai", "weight": 3},
+                {"backend": "openai-eu", "weight": 1},
+                {"backend": "vllm-a", "priority": 1},
+            ]
+        }
+    }
+    text = render_yaml(parse_config(data))
+    clusters = {c["name"]: c for c in yaml.safe_load(text)["staticResources"]["clusters"]}
+    aggregate = clusters["aigw-pool-spread"]["clusterType"]["typedConfig"]["clusters"]
+    assert aggregate == ["aigw-pool-spread-0", "aigw-backend-vllm-a"]
+    pool = clusters["aigw-pool-spread-0"]
+    endpoints = pool["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    assert [(e["endpoint"]["hostname"], e["loadBalancingWeight"]) for e in endpoints] == [
+        ("api.openai.com", 3),
+        ("eu.api.openai.com", 1),
+    ]
+    snis = {
+        m["name"]: m["transportSocket"]["typedConfig"]["sni"]
+        for m in pool["transportSocketMatches"]
+    }
+    assert snis == {"openai": "api.openai.com", "openai-eu": "eu.api.openai.com"}
+    out = tmp_path / "envoy.yaml"
+    out.write_text(text)
+    envoy_validate(out)

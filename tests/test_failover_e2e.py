@@ -69,6 +69,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
             ]
         }
         models["via-quota"] = {**models["via-pq"], "quota_failover": True}
+        # A pool of two backends (one always failing), then the fallback.
+        models["via-pair"] = {
+            "targets": [
+                {"backend": "p503", "model": "big-model", "priority": 0},
+                {"backend": "pq", "model": "big-model", "priority": 0},
+                {"backend": "fallback", "model": "small-model", "priority": 1},
+            ]
+        }
         backends["returning"] = {
             "url": f"http://127.0.0.1:{ports['returning']}/v1",
             "eject_after_failures": 2,
@@ -229,3 +237,22 @@ def test_an_exhausted_model_quota_is_served_by_the_next_pool(stack):
     with pytest.raises(openai.RateLimitError) as err:
         ask("w")
     assert err.value.body["code"] == "quota_exceeded:w-all"
+
+
+def test_a_pool_of_two_backends_fails_over_to_the_next_pool(stack):
+    gw, fakes = stack
+    before = len(records(fakes["pq"]))
+
+    def one(i: int) -> str:
+        with gw.client("t") as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="via-pair", messages=[{"role": "user", "content": f"hi {i}"}]
+            )
+            raw.parse()
+            return raw.headers["x-aigw-backend"]
+
+    served = Counter(one(i) for i in range(40))  # any failure raises here
+    assert set(served) <= {"pq", "fallback"} and served["pq"] > 0
+    seen = records(fakes["pq"])[before:]
+    assert {r["body"]["model"] for r in seen} == {"big-model"}
+    assert {r["headers"]["authorization"] for r in seen} == {"Bearer primary-secret"}
