@@ -323,6 +323,10 @@ class Model(_Strict):
     # When a limit that lists this model is exhausted, serve from the next pool (priority 1)
     # instead of answering 429; limits that count all of the team's models still apply.
     quota_failover: bool = False
+    # A pooled model's attempt that sends nothing for this long (no headers, or a stream that
+    # went silent) is abandoned: before its answer started, the next pool gets the request.
+    # Long enough for a slow first token; 0 = no limit.
+    stall_timeout_s: float = Field(default=60.0, ge=0, le=3600)
     guardrails: GuardLists = GuardLists()
 
 

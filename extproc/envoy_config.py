@@ -466,6 +466,7 @@ def _failover_retries(model: Model) -> RetryPolicy:
         retry_on="5xx,reset,connect-failure,retriable-status-codes",
         retriable_status_codes=[429],
         num_retries=n_pools - 1,
+        per_try_idle_timeout=_duration(model.stall_timeout_s) if model.stall_timeout_s else None,
         retry_priority=RetryPolicyRetryPriority(
             name="envoy.retry_priorities.previous_priorities",
             typed_config=_any(PreviousPrioritiesConfig(update_frequency=1)),

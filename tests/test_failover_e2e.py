@@ -21,7 +21,15 @@ import pytest
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import Gateway, running_stack, wait_process_port
 
-FAULTS = {"p429": "429", "p503": "503", "preset": "reset", "phalf": "503", "pq": "503"}
+FAULTS = {
+    "p429": "429",
+    "p503": "503",
+    "preset": "reset",
+    "pstall": "stall",
+    "pmid": "reset-after:3",  # a stream that breaks after its answer started
+    "phalf": "503",
+    "pq": "503",
+}
 FAULT_RATES = {"phalf": "0.5", "pq": "0"}  # pq never fails; the others always do
 KEYS = {"FALLBACK_KEY": "fb-secret", "PRIMARY_KEY": "primary-secret"}
 
@@ -69,6 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
             ]
         }
         models["via-quota"] = {**models["via-pq"], "quota_failover": True}
+        models["via-pstall"]["stall_timeout_s"] = 1
         # A pool of two backends (one always failing), then the fallback.
         models["via-pair"] = {
             "targets": [
@@ -131,7 +140,7 @@ def records(url: str) -> list[dict[str, Any]]:
         return json.loads(resp.read())
 
 
-@pytest.mark.parametrize("primary", ["p429", "p503", "preset", "dead"])
+@pytest.mark.parametrize("primary", ["p429", "p503", "preset", "pstall", "dead"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_failing_primary_is_replaced_by_the_next_pool(stack, primary: str, stream: bool):
     gw, fakes = stack
@@ -256,3 +265,27 @@ def test_a_pool_of_two_backends_fails_over_to_the_next_pool(stack):
     seen = records(fakes["pq"])[before:]
     assert {r["body"]["model"] for r in seen} == {"big-model"}
     assert {r["headers"]["authorization"] for r in seen} == {"Bearer primary-secret"}
+
+
+def test_a_stream_whose_answer_started_is_never_retried(stack):
+    gw, fakes = stack
+    before = len(records(fakes["fake"]))
+    received = []
+    with pytest.raises(openai.APIError), gw.client("t") as client:
+        for chunk in client.chat.completions.create(
+            model="via-pmid", messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
+            received += [c.delta.content for c in chunk.choices if c.delta.content]
+    assert len(received) < 6  # cut by the primary, not completed elsewhere
+    assert len(records(fakes["fake"])) == before  # the fallback never saw it
+
+
+def test_ejections_are_visible_in_envoys_stats(stack):
+    gw, _ = stack
+    with urllib.request.urlopen(f"http://{gw.envoy_admin}/stats?filter=outlier", timeout=5) as r:
+        stats = dict(line.split(": ", 1) for line in r.read().decode().splitlines() if ": " in line)
+    # The primary that was down (ejected after 2 failures, see the test above) and the one
+    # failing half the time under load were skipped for a while (passive health).
+    key = "cluster.aigw-backend-{}.outlier_detection.ejections_enforced_total"
+    assert int(stats[key.format("returning")]) > 0
+    assert int(stats[key.format("phalf")]) > 0
