@@ -202,9 +202,7 @@ class DownstreamStream:
         verdicts = await guard.run_local_async(request_guards, slots)
         self._stop_if_blocked(verdicts, "request")
         self.prompt = await self._count_prompt(parsed)
-        too_long = guard.prompt_too_long(request_guards, self.prompt.tokens)
-        if too_long is not None:
-            self._stop_if_blocked([*verdicts, too_long], "request")
+        self._check_prompt_size(request_guards, verdicts)
         external = await self._external_guards_and_reserve(parsed, request_guards, slots, verdicts)
         verdicts += external
         changed = any(v.action == "rewrite" for v in verdicts)
@@ -212,10 +210,7 @@ class DownstreamStream:
             changed = True
             # The prompt the backend will get is the rewritten one: count and size it again.
             self.prompt = await self._count_prompt(parsed)
-            too_long = guard.prompt_too_long(request_guards, self.prompt.tokens)
-            if too_long is not None:
-                self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
-                self._stop_if_blocked([*verdicts, too_long], "request")
+            self._check_prompt_size(request_guards, verdicts)
         guard.record("request", self.team, parsed.model, verdicts)
         if self.response_guards and any(not g.local for g in self.response_guards):
             # A response is judged in the context of the prompt (as the backend received it).
@@ -323,6 +318,16 @@ class DownstreamStream:
         if self.closed:
             # The stream ended before the request went anywhere: nothing was used.
             self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
+
+    def _check_prompt_size(
+        self, guards: tuple[CompiledGuard, ...], verdicts: list[Verdict]
+    ) -> None:
+        assert self.prompt is not None
+        too_long = guard.prompt_too_long(guards, self.prompt.tokens)
+        if too_long is not None:
+            # Nothing goes upstream: a reservation already made is released unused.
+            self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
+            self._stop_if_blocked([*verdicts, too_long], "request")
 
     def _stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
         block = guard.first_block(verdicts)
