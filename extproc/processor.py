@@ -648,12 +648,11 @@ class UpstreamStream:
 
 
 def _backend(req: Any) -> str | None:
-    """The backend that answered: from the host's metadata, else from the cluster's name."""
-    backend = _host_backend(req)
-    if backend is not None:
-        return backend
+    """The backend that answered: a backend's cluster says it by its name; behind a pooled
+    model's cluster, the host's metadata does (parsed only then: it costs more)."""
     cluster = _attribute(req, CLUSTER_ATTRIBUTE)
-    return backend_from_cluster(cluster) if cluster else None
+    backend = backend_from_cluster(cluster) if cluster else None
+    return backend if backend is not None else _host_backend(req)
 
 
 def _host_backend(req: Any) -> str | None:
