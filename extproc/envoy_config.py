@@ -461,11 +461,10 @@ def _failover_retries(model: Model) -> RetryPolicy:
     """A failed attempt (429, 5xx, connect failure, reset before the answer started) goes to
     the next pool in the same request. Envoy never retries once response headers went to the
     client, so a stream that started is never retried."""
-    n_pools = len({t.priority for t in model.targets})
     return RetryPolicy(
         retry_on="5xx,reset,connect-failure,retriable-status-codes",
         retriable_status_codes=[429],
-        num_retries=n_pools - 1,
+        num_retries=len(pools(model)) - 1,
         per_try_idle_timeout=_duration(model.stall_timeout_s) if model.stall_timeout_s else None,
         retry_priority=RetryPolicyRetryPriority(
             name="envoy.retry_priorities.previous_priorities",
