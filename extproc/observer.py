@@ -35,6 +35,12 @@ class ObservedStream:
         self.info: dict[str, Any] = {}
         self.done = False  # finished, or not ours to follow
 
+    @property
+    def finished(self) -> bool:
+        """Nothing more to read: the server ends the call now rather than at Envoy's deferred
+        close, so a finished stream holds nothing here."""
+        return self.done
+
     async def handle(self, req: ProcessingRequest) -> None:
         if self.done:
             return

@@ -39,11 +39,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator, context):
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         stage = metadata.get(STAGE_METADATA)
+        stream: DownstreamStream | UpstreamStream | ObservedStream
         if stage == OBSERVE_STAGE:
-            async for _ in self._observe(request_iterator, context):
-                yield _
-            return
-        if stage == "upstream":
+            stream = ObservedStream(self.services)
+        elif stage == "upstream":
             stream = UpstreamStream(self.services, metadata)
         else:
             stream = DownstreamStream(self.services)
@@ -51,11 +50,14 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         try:
             async for request in request_iterator:
                 try:
-                    yield await stream.handle(request)
+                    # The observer answers nothing: Envoy neither waits for it nor reads it.
+                    answer = await stream.handle(request)
                 except Exception:
                     # A bug must cost one request, not the process or the other streams.
                     log.exception("internal error while processing a stream")
                     await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
+                if answer is not None:
+                    yield answer
                 if stream.finished:
                     # Nothing more will come on this stream (the rest of the request needs no
                     # phase of this stage): close it now, so a long response does not hold it
@@ -65,27 +67,6 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             self.active -= 1
             # Also on cancellation (the client went away): settlement runs as its own task.
             stream.close()
-
-    async def _observe(self, request_iterator, context):
-        # Envoy neither waits for nor reads an observer's answers: it gets none.
-        stream = ObservedStream(self.services)
-        self.active += 1
-        try:
-            async for request in request_iterator:
-                try:
-                    await stream.handle(request)
-                except Exception:
-                    log.exception("internal error while observing a stream")
-                    await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
-                if stream.done:
-                    # Nothing more to read: end the call now rather than at Envoy's deferred
-                    # close, so a finished stream holds nothing here.
-                    break
-        finally:
-            self.active -= 1
-            stream.close()
-        return
-        yield  # an async generator, like Process
 
 
 def build_runtime_parts(runtime: Runtime) -> tuple[Runtime, TokenCounter]:
