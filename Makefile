@@ -14,7 +14,7 @@ export TIKTOKEN_CACHE_DIR := $(abspath ../shared/tiktoken)
 endif
 endif
 
-.PHONY: run test lint format check envoy envoy-files protos redis-server clean bench
+.PHONY: run test lint format check envoy envoy-files protos system-deps clean bench
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/extproc up --config $(CONFIG)
 
-test: $(BIN)/.installed redis-server
+test: $(BIN)/.installed system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -46,15 +46,26 @@ envoy: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.run
 
-# The quota tests run a real redis-server (Debian's package); install it when it is missing.
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "redis-server not found: installing Debian's redis-server package"; \
+# The Debian packages the tests run, each installed when its tool is missing: redis-server (the
+# quota tests), prometheus (promtool and a real Prometheus: tests/test_compose.py) and
+# docker-compose (validates docker-compose.yml; only when `docker compose` does not work).
+system-deps:
+	@missing=; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || \
+	  missing="$$missing prometheus"; \
+	docker compose version >/dev/null 2>&1 || docker-compose version >/dev/null 2>&1 || \
+	  missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  echo "not found:$$missing; installing Debian's packages"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-	    redis-server >/dev/null; }
+	    $$missing >/dev/null; \
+	fi
 	@redis-server --version
+	@promtool --version 2>&1 | head -n 1
+	@docker compose version 2>/dev/null || docker-compose version --short
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

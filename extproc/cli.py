@@ -1,4 +1,4 @@
-"""`extproc serve | envoy | up | fake-llm | check`."""
+"""`extproc serve | envoy | up | fake-llm | check | top`."""
 
 from __future__ import annotations
 
@@ -85,6 +85,33 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return run_reload_command(_admin_address(args), os.environ.get(args.token_env))
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from .top import DEFAULT_URL, run, url_from_listen
+
+    url = args.url
+    if args.config:
+        listen = load_config(args.config).observability.metrics.listen
+        if listen is None:
+            print(
+                f"extproc top: {args.config} sets no observability.metrics.listen "
+                "(the sidecar serves no /metrics); set it, or pass --url",
+                file=sys.stderr,
+            )
+            return 2
+        url = url_from_listen(listen)
+    return run(url or DEFAULT_URL, by=args.by, interval=args.interval, once=args.once)
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {value!r}")
+    return seconds
+
+
 def cmd_fake_llm(args: argparse.Namespace) -> int:
     from .fake_llm import main_from_args
 
@@ -140,6 +167,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="make the sidecar re-read its config now (admin API)")
     _admin_arguments(p)
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser(
+        "top",
+        help="live usage by team or model, from the sidecar's /metrics",
+        description="Requests, tokens and cost by team (or model), refreshed from the "
+        "sidecar's Prometheus endpoint; rates are the change between two scrapes. Ctrl-C exits.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--url", help="the metrics endpoint (default http://127.0.0.1:9464/metrics)"
+    )
+    source.add_argument(
+        "--config", "-c", help="take the endpoint from this config's observability.metrics.listen"
+    )
+    p.add_argument(
+        "--interval", type=_positive_seconds, default=2.0, help="seconds between refreshes"
+    )
+    p.add_argument("--once", action="store_true", help="print the totals once and exit")
+    p.add_argument(
+        "--by",
+        choices=["team", "model"],
+        default="team",
+        help="one row per team (default) or per model",
+    )
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("fake-llm", help="run the fake OpenAI-compatible upstream")
     from .fake_llm import add_arguments

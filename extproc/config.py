@@ -373,6 +373,50 @@ class EnvoySettings(_Strict):
         return v
 
 
+class MetricsSettings(_Strict):
+    # HTTP address serving Prometheus' /metrics. None: no endpoint (the counters still run,
+    # for GetStats). Several sidecar processes may share one address (SO_REUSEPORT): each
+    # answers with the sum over all of them (prometheus-client's multiprocess mode).
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, port = parse_address(v)
+        if host.startswith("unix:") or port is None:
+            raise ValueError("must be HOST:PORT")
+        return v
+
+
+class TracingSettings(_Strict):
+    # Spans need the optional extra: pip install 'extproc[tracing]' (the OpenTelemetry SDK and
+    # its OTLP exporter). Off, or without the SDK, no span is ever built.
+    enabled: bool = False
+    service_name: str = "extproc"
+    # OTLP/gRPC collector, e.g. http://otel-collector:4317. None: the standard
+    # OTEL_EXPORTER_OTLP_* environment variables decide (the SDK's default is localhost:4317).
+    otlp_endpoint: str | None = None
+    # For requests that arrive without a sampled trace; a sampled parent is always followed.
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
+class AuditSettings(_Strict):
+    # The append-only JSON-lines file of every request. None: no audit trail.
+    path: Path | None = None
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=4096, description="rotate past this")
+    backups: int = Field(default=10, ge=0, le=10_000, description="rotated files kept")
+    # The prompt itself (PII and secrets masked) besides its hash. Off: only the hash.
+    include_prompt: bool = False
+
+
+class ObservabilitySettings(_Strict):
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
+    audit: AuditSettings = AuditSettings()
+
+
 class FakeLLMSettingsModel(_Strict):
     """`extproc up` starts the fake upstream when this section is present."""
 
@@ -400,6 +444,7 @@ class Config(_Strict):
     models: dict[Annotated[str, Field(pattern=_NAME)], Model]
     guards: dict[Annotated[str, Field(pattern=_GUARD_NAME)], Guard] = {}
     guardrails: GuardrailSettings = GuardrailSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
     fake_llm: FakeLLMSettingsModel | None = None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from urllib.parse import urlsplit
 
 import betterproto2
 import yaml
@@ -69,6 +70,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedCluster,
     WeightedClusterClusterWeight,
 )
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import (
     ClusterConfig as AggregateClusterConfig,
@@ -90,6 +92,7 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
+    HttpConnectionManagerTracing,
     HttpFilter,
     LocalReplyConfig,
     ResponseMapper,
@@ -114,7 +117,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher, ValueMatcher
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMsg
 from envoy_data_plane.google.protobuf import Struct
 from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
@@ -132,6 +135,7 @@ from .processor import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, OB
 from .routing import BACKEND_METADATA, OBSERVE_STAGE, POOL_HEADER, ROUTE_HEADER, STAGE_METADATA
 
 SIDECAR_CLUSTER = "extproc_sidecar"
+OTLP_CLUSTER = "extproc_otlp"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "extproc.stream_observer"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -259,6 +263,8 @@ def observer_ext_proc(cfg: Config) -> ExternalProcessor:
         failure_mode_allow=True,
         observability_mode=True,
         processing_mode=OBSERVER_MODE,
+        # Which backend answered, for the stream's metrics and audit record.
+        response_attributes=[CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE],
         metadata_options=MetadataOptions(
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
         ),
@@ -504,6 +510,7 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         # LLM streams run for minutes; the per-route timeout bounds the whole request instead.
         stream_idle_timeout=_duration(600),
         request_timeout=_duration(0),
+        tracing=_tracing(cfg),
     )
     if cfg.envoy.access_log:
         hcm.access_log = [
@@ -519,6 +526,80 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
             )
         ]
     return hcm
+
+
+def envoy_traces(cfg: Config) -> bool:
+    """Envoy starts (or continues) the trace and sends it to the same collector as the
+    sidecar; its ext_proc filter hands the sidecar its span as the gRPC call's traceparent."""
+    tracing = cfg.observability.tracing
+    return tracing.enabled and tracing.otlp_endpoint is not None
+
+
+def _tracing(cfg: Config) -> HttpConnectionManagerTracing | None:
+    if not envoy_traces(cfg):
+        return None
+    settings = cfg.observability.tracing
+    return HttpConnectionManagerTracing(
+        random_sampling=Percent(value=settings.sample_ratio * 100),
+        spawn_upstream_span=True,
+        provider=TracingHttp(
+            name="envoy.tracers.opentelemetry",
+            typed_config=_any(
+                OpenTelemetryConfig(
+                    grpc_service=GrpcService(
+                        envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTLP_CLUSTER),
+                        timeout=_duration(1),
+                    ),
+                    service_name=f"{settings.service_name}-envoy",
+                )
+            ),
+        ),
+    )
+
+
+def otlp_cluster(cfg: Config) -> Cluster:
+    endpoint = cfg.observability.tracing.otlp_endpoint
+    assert endpoint is not None
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    host = parts.hostname or "127.0.0.1"
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 4317)
+    cluster = Cluster(
+        name=OTLP_CLUSTER,
+        type=ClusterDiscoveryType.STRICT_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        connect_timeout=_duration(1),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=OTLP_CLUSTER,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(
+                            endpoint=Endpoint(
+                                address=Address(
+                                    socket_address=SocketAddress(address=host, port_value=port)
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http2_options()},
+    )
+    if tls:
+        cluster.transport_socket = _tls_socket(host)
+    return cluster
+
+
+def _http2_options() -> AnyMsg:
+    return _any(
+        HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http2_protocol_options=Http2ProtocolOptions()
+            )
+        )
+    )
 
 
 def _upstream_http_options(cfg: Config, backend: str | None) -> AnyMsg:
@@ -688,15 +769,7 @@ def sidecar_cluster(cfg: Config) -> Cluster:
                 LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))])
             ],
         ),
-        typed_extension_protocol_options={
-            HTTP_PROTOCOL_OPTIONS: _any(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()
-                    )
-                )
-            )
-        },
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http2_options()},
         health_checks=[
             HealthCheck(
                 timeout=_duration(1),
@@ -737,6 +810,8 @@ def bootstrap(cfg: Config) -> Bootstrap:
                 if len(targets) > 1
             ]
             clusters.append(pool_cluster(cfg, name, m))
+    if envoy_traces(cfg):
+        clusters.append(otlp_cluster(cfg))
     return Bootstrap(
         admin=Admin(address=_socket(cfg.envoy.admin)),
         static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),

@@ -16,17 +16,25 @@ import logging
 import time
 from typing import Any
 
-from .processor import METADATA_NAMESPACE, Services, observer_follows, stream_usage
+from .processor import (
+    METADATA_NAMESPACE,
+    Services,
+    answering_backend,
+    observer_follows,
+    stream_usage,
+)
 from .protocol import ProcessingRequest, header_dict
 from .quota.policy import Amounts, applicable
 from .sse import StreamRelay
 from .streams import ACTIVE, StreamTiming
+from .telemetry.report import RequestReport, model_label
+from .telemetry.tracing import NO_TRACE
 
 log = logging.getLogger("extproc.observer")
 
 
 class ObservedStream:
-    __slots__ = ("done", "info", "relay", "services", "timing")
+    __slots__ = ("done", "info", "relay", "report", "services", "timing", "trace")
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -34,6 +42,8 @@ class ObservedStream:
         self.timing: StreamTiming | None = None
         self.info: dict[str, Any] = {}
         self.done = False  # finished, or not ours to follow
+        self.report: RequestReport | None = None
+        self.trace: Any = NO_TRACE
 
     @property
     def finished(self) -> bool:
@@ -47,10 +57,11 @@ class ObservedStream:
         kind = req.WhichOneof("request")
         if kind == "response_headers":
             msg = req.response_headers
-            if not observer_follows(header_dict(msg.headers), msg.end_of_stream):
+            headers = header_dict(msg.headers)
+            if not observer_follows(headers, msg.end_of_stream):
                 self.done = True  # an error or JSON answer: the downstream stage keeps it
                 return
-            self._start(req)
+            self._start(req, headers)
         elif kind == "response_body" and self.relay is not None:
             assert self.timing is not None
             msg = req.response_body
@@ -59,14 +70,33 @@ class ObservedStream:
             if msg.end_of_stream:
                 self._finish()
 
-    def _start(self, req: ProcessingRequest) -> None:
+    def _start(self, req: ProcessingRequest, headers: dict[str, str]) -> None:
         struct = req.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        self.info = dict(struct) if struct is not None else {}
+        self.info = info = dict(struct) if struct is not None else {}
         self.relay = StreamRelay(strip_usage_chunk=False)
-        started_at = _number(self.info.get("started_at"), time.time())
+        started_at = _number(info.get("started_at"), time.time())
+        cfg = self.services.runtime.config
         # The request's start on this process's perf_counter clock, for time to first token.
-        self.timing = StreamTiming(time.perf_counter() - (time.time() - started_at))
+        self.timing = StreamTiming(
+            time.perf_counter() - (time.time() - started_at),
+            model_label(cfg, str(info.get("model", ""))),
+        )
         ACTIVE.opened()
+        # The rest of the request's report: its first half came in the metadata.
+        report = self.report = RequestReport.from_handover(info)
+        report.backend = answering_backend(req)
+        status = headers.get(":status", "0")
+        report.status = int(status) if status.isdigit() else 0
+        attempts = headers.get("x-envoy-attempt-count", "1")
+        report.attempts = int(attempts) if attempts.isdigit() else 1
+        if not report.failover and report.attempts > 1:
+            report.failover = "retry"
+        target = self.services.runtime.targets.get((report.model or "", report.backend or ""))
+        report.provider_model = target.provider_model if target is not None else None
+        parent = info.get("traceparent")
+        if isinstance(parent, str) and parent:
+            # A child of the request's span, which the downstream stage ended at hand-over.
+            self.trace = self.services.tracing.request({"traceparent": parent}, name="stream")
 
     def close(self) -> None:
         """The gRPC stream ended: a stream cut short settles what was delivered."""
@@ -89,8 +119,18 @@ class ObservedStream:
                 services.runtime.config, team, model, res_id, names, specs
             )
             services.quota.settle_soon(
-                reservation, Amounts(usage.prompt_tokens, usage.completion_tokens)
+                reservation, Amounts(usage.prompt_tokens, usage.completion_tokens), self.trace
             )
+        report = self.report
+        if report is not None:
+            cfg = services.runtime.config
+            cost = report.count_usage(cfg, usage)
+            self.trace.set(report.span_attributes(usage, cost))
+            self.trace.end()
+            if services.audit is not None:
+                duration = time.time() - report.started_at
+                timing = self.timing.as_metadata(None)
+                services.audit.write(report.audit_record(usage, cost, duration, timing))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "stream done team=%s model=%s %s %s",

@@ -33,6 +33,14 @@ from .quota.policy import Amounts, applicable
 from .quota.service import requested_output
 from .sse import StreamRelay
 from .streams import ACTIVE, StreamTiming
+from .telemetry.report import (
+    OFF_LOOP_CHARS,
+    RequestReport,
+    model_label,
+    prompt_fields,
+    verdict_entries,
+)
+from .telemetry.tracing import DISABLED, NO_TRACE, OPERATION, Tracing
 from .usage import SOURCE_ESTIMATE, Usage, completion_text, from_openai
 
 if TYPE_CHECKING:
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
     from .guard.types import Verdict
     from .quota.policy import LimitSpec
     from .quota.service import QuotaService, Reservation
+    from .telemetry.audit import AuditLog
     from .tokens import TokenCounter
 
 log = logging.getLogger("extproc.processor")
@@ -67,6 +76,8 @@ class Services:
     limits: dict[str, tuple[LimitSpec, ...]]
     guards: Guardrails
     guard_client: GuardClient  # one HTTP session for every guard call, kept across reloads
+    tracing: Tracing = DISABLED  # built once at start-up
+    audit: AuditLog | None = None  # kept across reloads unless its settings changed
 
 
 class DownstreamStream:
@@ -77,15 +88,18 @@ class DownstreamStream:
         "closed",
         "endpoint",
         "following",
+        "grpc_metadata",
         "handed_off",
         "observe",
         "pool",
         "prompt",
         "prompt_turns",
         "relay",
+        "report",
         "request",
         "reservation",
         "response_guards",
+        "route_span",
         "rt",
         "services",
         "started",
@@ -94,10 +108,13 @@ class DownstreamStream:
         "strip_usage",
         "team",
         "timing",
+        "trace",
+        "usage",
     )
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, grpc_metadata: Mapping[str, str] | None = None) -> None:
         self.services = services
+        self.grpc_metadata = grpc_metadata or {}
         # One config for the whole request, even if a reload lands half-way through it.
         self.rt = services.runtime
         self.started = time.perf_counter()
@@ -119,6 +136,11 @@ class DownstreamStream:
         self.stream_block_recorded = False
         self.closed = False
         self.pool = 0  # 1 when a quota failover pinned the request to the next pool
+        # Reported when the stream closes; None for what is not an LLM call (GET /v1/models).
+        self.report: RequestReport | None = RequestReport()
+        self.trace: Any = NO_TRACE
+        self.route_span: Any = None  # from the routing decision to the backend's answer
+        self.usage: Usage | None = None
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -149,6 +171,9 @@ class DownstreamStream:
             return _passthrough("response_body")
         # The message may quote client input (a key fingerprint): log the code, not the text.
         log.info("rejected team=%s status=%s code=%s", self.team, err.status, err.code)
+        if self.report is not None:
+            self.report.status = err.status
+            self.report.code = err.code or err.type
         return protocol.immediate_response(
             err.status,
             err.body(),
@@ -160,9 +185,22 @@ class DownstreamStream:
 
     def on_request_headers(self, msg: Any) -> protocol.ProcessingResponse:
         headers = protocol.header_dict(msg.headers)
+        report = self.report
+        assert report is not None
+        report.request_id = headers.get("x-request-id", "")[:128]
+        tracing = self.services.tracing
+        if tracing.enabled:
+            # Envoy's span is the parent (its traceparent in the gRPC metadata); else the
+            # client's, from the request headers.
+            self.trace = tracing.request(self.grpc_metadata, headers)
+            report.trace_id = self.trace.trace_id()
         self.team = identity.authenticate(self.rt, headers)
+        report.team = self.team
         endpoint, model_id = route(headers.get(":method", ""), headers.get(":path", ""))
         self.endpoint = endpoint
+        if endpoint in (Endpoint.MODELS, Endpoint.MODEL):
+            self.report = None  # not an LLM call: no request metric, no audit record
+            self.trace.end()
         if endpoint is Endpoint.MODELS:
             return protocol.immediate_response(200, routing.list_models_body(self.rt, self.team))
         if endpoint is Endpoint.MODEL:
@@ -194,12 +232,35 @@ class DownstreamStream:
         if len(msg.body) > limit:
             raise too_large(limit)
         parsed = parse_body(self.endpoint, msg.body)
+        report = self.report
+        assert report is not None
+        # The client's words, kept for the audit record only (metric labels use config names).
+        report.model = parsed.model[:256]
+        report.endpoint = self.endpoint.value
+        report.stream = parsed.stream
+        operation = OPERATION.get(self.endpoint.value, self.endpoint.value)
+        self.trace.rename(f"{operation} {report.model}")
+        self.trace.set(
+            {
+                "gen_ai.operation.name": operation,
+                "gen_ai.request.model": report.model,
+                "gen_ai.request.max_tokens": _int_or_none(
+                    parsed.body.get("max_completion_tokens", parsed.body.get("max_tokens"))
+                ),
+                "extproc.team": self.team,
+                "extproc.stream": parsed.stream,
+            }
+        )
         routing.check_model(self.rt, self.team, parsed.model, self.endpoint)
         self.request = parsed
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
         slots = request_slots(self.endpoint, parsed.body) if request_guards else []
         # Local guards first, masking in place: what they remove never leaves the gateway.
-        verdicts = await guard.run_local_async(request_guards, slots)
+        if request_guards:
+            with self.trace.child("guards local", {"extproc.guard.stage": "request"}):
+                verdicts = await guard.run_local_async(request_guards, slots)
+        else:
+            verdicts = []
         self._stop_if_blocked(verdicts, "request")
         self.prompt = await self._count_prompt(parsed)
         self._check_prompt_size(request_guards, verdicts)
@@ -211,7 +272,16 @@ class DownstreamStream:
             # The prompt the backend will get is the rewritten one: count and size it again.
             self.prompt = await self._count_prompt(parsed)
             self._check_prompt_size(request_guards, verdicts)
-        guard.record("request", self.team, parsed.model, verdicts)
+        self._record("request", verdicts)
+        self.trace.set({"extproc.prompt_tokens_estimate": self.prompt.tokens})
+        audit = self.services.audit
+        if audit is not None:
+            texts = [s.get() for s in (slots or request_slots(self.endpoint, parsed.body))]
+            include = self.rt.config.observability.audit.include_prompt
+            if sum(len(t) for t in texts) > OFF_LOOP_CHARS:
+                report.prompt = await asyncio.to_thread(prompt_fields, texts, include)
+            else:
+                report.prompt = prompt_fields(texts, include)
         if self.response_guards and any(not g.local for g in self.response_guards):
             # A response is judged in the context of the prompt (as the backend received it).
             self.prompt_turns = conversation(slots or request_slots(self.endpoint, parsed.body))
@@ -237,11 +307,19 @@ class DownstreamStream:
         if self.observe:
             # What the observer needs to settle, in whichever sidecar process it lands.
             data.update(observer_handover(self.reservation, self.started))
+            if audit is not None:
+                data.update(report.handover())
+            if self.trace is not NO_TRACE:
+                data["traceparent"] = self.trace.traceparent()
         metadata = {METADATA_NAMESPACE: data}
         set_headers = {routing.ROUTE_HEADER: parsed.model}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
             data["pool"] = self.pool
+            report.failover = "quota"
+        self.route_span = self.trace.start(
+            "route", {"extproc.model": parsed.model, "extproc.pool": self.pool}
+        )
         if body_mutation is not None:
             # Envoy keeps the client's content-length for a mutated buffered body; the
             # headers are still held, so say the new length.
@@ -280,13 +358,19 @@ class DownstreamStream:
             reserving = asyncio.ensure_future(reserve)
             reserving.add_done_callback(self._reserved)
         verdicts = await guard.run_external(
-            self.services.guard_client, guards, "request", self.team, parsed.model, slots
+            self.services.guard_client,
+            guards,
+            "request",
+            self.team,
+            parsed.model,
+            slots,
+            trace=self.trace,
         )
         if guard.first_block(verdicts) is not None:
             if reserving is not None:
                 await asyncio.wait([reserving])
             # Nothing went upstream: release the reservation with no tokens used.
-            self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
+            self.services.quota.settle_soon(self.reservation, Amounts(0, 0), self.trace)
             self._stop_if_blocked([*local, *verdicts], "request")
         if reserving is not None:
             await reserving  # the 429 (or 503) of the reservation, if it failed
@@ -300,7 +384,8 @@ class DownstreamStream:
         assert self.team is not None
         quota, cfg = self.services.quota, self.rt.config
         try:
-            return await quota.reserve(cfg, self.team, model, specs, amounts)
+            with self.trace.child("quota reserve", {"extproc.limits": len(specs)}):
+                return await quota.reserve(cfg, self.team, model, specs, amounts)
         except GatewayError as err:
             exhausted = (err.code or "").removeprefix("quota_exceeded:")
             scoped = {s.name for s in specs if s.scoped}
@@ -309,7 +394,10 @@ class DownstreamStream:
                 raise
         self.pool = 1
         rest = tuple(s for s in specs if not s.scoped)
-        return await quota.reserve(cfg, self.team, model, rest, amounts) if rest else None
+        if not rest:
+            return None
+        with self.trace.child("quota reserve", {"extproc.limits": len(rest), "extproc.pool": 1}):
+            return await quota.reserve(cfg, self.team, model, rest, amounts)
 
     def _reserved(self, task: asyncio.Future[Reservation | None]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -317,7 +405,7 @@ class DownstreamStream:
         self.reservation = task.result()
         if self.closed:
             # The stream ended before the request went anywhere: nothing was used.
-            self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
+            self.services.quota.settle_soon(self.reservation, Amounts(0, 0), self.trace)
 
     def _check_prompt_size(
         self, guards: tuple[CompiledGuard, ...], verdicts: list[Verdict]
@@ -326,15 +414,20 @@ class DownstreamStream:
         too_long = guard.prompt_too_long(guards, self.prompt.tokens)
         if too_long is not None:
             # Nothing goes upstream: a reservation already made is released unused.
-            self.services.quota.settle_soon(self.reservation, Amounts(0, 0))
+            self.services.quota.settle_soon(self.reservation, Amounts(0, 0), self.trace)
             self._stop_if_blocked([*verdicts, too_long], "request")
 
     def _stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
         block = guard.first_block(verdicts)
         if block is not None:
-            model = self.request.model if self.request is not None else None
-            guard.record(stage, self.team, model, verdicts)
+            self._record(stage, verdicts)
             raise guard.blocked(block, self.services.guards.block_status, stage)
+
+    def _record(self, stage: guard.Stage, verdicts: list[Verdict]) -> None:
+        model = self.request.model if self.request is not None else None
+        guard.record(stage, self.team, model, verdicts)
+        if self.report is not None and verdicts:
+            self.report.guards.extend(verdict_entries(stage, verdicts))
 
     async def _count_prompt(self, parsed: ParsedRequest) -> Any:
         tokens, body, model = self.services.tokens, parsed.body, parsed.model
@@ -351,15 +444,33 @@ class DownstreamStream:
         msg = req.response_headers
         headers = protocol.header_dict(msg.headers)
         self.status = int(headers.get(":status", "0") or 0)
-        self.backend = _backend(req)
+        self.backend = answering_backend(req)
         set_headers = self._identity_headers()
         attempts = headers.get("x-envoy-attempt-count", "1")
+        report = self.report
+        if report is not None:
+            report.status = self.status
+            report.backend = self.backend
+            report.provider_model = set_headers.get(f"{H}provider-model")
+            report.attempts = int(attempts) if attempts.isdigit() else 1
         if self.pool:
             set_headers[f"{H}failover"] = "quota"
         elif attempts.isdigit() and int(attempts) > 1:
             # Envoy retried this request on another pool: the client should know it happened.
             set_headers[f"{H}failover"] = "true"
             set_headers[f"{H}attempts"] = attempts
+            if report is not None:
+                report.failover = "retry"
+        if self.route_span is not None:
+            self.route_span.set_attributes(
+                {
+                    "extproc.backend": self.backend or "",
+                    "extproc.attempts": int(attempts) if attempts.isdigit() else 1,
+                    "http.response.status_code": self.status,
+                }
+            )
+            self.route_span.end()
+            self.route_span = None
         if self.reservation is not None:
             set_headers.update(
                 self.services.quota.rate_headers(self.reservation.specs, self.reservation.states)
@@ -375,6 +486,8 @@ class DownstreamStream:
             # the filters in reverse order).
             self.handed_off = True
             mode = protocol.OBSERVED_RESPONSE
+            if report is not None:
+                report.path = "observed"
         elif is_event_stream(headers) and not msg.end_of_stream:
             if self.response_guards and self.endpoint is not None and 200 <= self.status < 300:
                 find, holdback, owners = guard.stream_finder(self.response_guards)
@@ -383,10 +496,12 @@ class DownstreamStream:
                 )
             else:
                 self.relay = StreamRelay(strip_usage_chunk=self.strip_usage)
-            self.timing = StreamTiming(self.started)
+            self.timing = StreamTiming(self.started, self._model_label())
             self.following = True
             ACTIVE.opened()
             mode = protocol.STREAMED_RESPONSE
+            if report is not None:
+                report.path = "inline"
         return protocol.response_headers_response(
             protocol.common(set_headers, remove), mode_override=mode, dynamic_metadata=metadata
         )
@@ -402,17 +517,26 @@ class DownstreamStream:
             if isinstance(self.relay, GuardedStreamRelay) and self.relay.blocked is not None:
                 self._record_stream_block(self.relay.blocked)
             if not msg.end_of_stream:
+                if self.usage is None and self.relay.usage is not None:
+                    # The backend's usage report, before [DONE]: settle and tell the access
+                    # log now. A client may close at [DONE] (the openai SDK does), before the
+                    # stream's last message is answered.
+                    self.usage = self.relay.usage
+                    self._settle(self.usage)
+                    return protocol.response_body_response(
+                        common, dynamic_metadata=self._stream_metadata(self.usage)
+                    )
                 return protocol.response_body_response(common)
-            usage = self._stream_usage()
+            usage = self.usage = self._stream_usage()
             self._settle(usage)
             self._end_stream()
-            metadata = self._usage_metadata(usage)
-            metadata[METADATA_NAMESPACE].update(
-                self.timing.as_metadata(usage.completion_tokens if usage else None)
+            return protocol.response_body_response(
+                common, dynamic_metadata=self._stream_metadata(usage)
             )
-            return protocol.response_body_response(common, dynamic_metadata=metadata)
 
-        usage = self._buffered_usage(msg.body)
+        usage = self.usage = self._buffered_usage(msg.body)
+        if self.report is not None:
+            self.report.path = "buffered"
         self._settle(usage)
         body = None
         if self.response_guards and 200 <= self.status < 300:
@@ -457,19 +581,22 @@ class DownstreamStream:
             self.request.model,
             slots,
             self.prompt_turns,
+            trace=self.trace,
         )
         verdicts += external
         self._stop_if_blocked(verdicts, "response")
         changed = guard.apply_rewrites(external, slots) or dropped
         changed |= any(v.action == "rewrite" for v in verdicts)
-        guard.record("response", self.team, self.request.model, verdicts)
+        self._record("response", verdicts)
         return orjson.dumps(response) if changed else None
 
     def _record_stream_block(self, verdict: Verdict) -> None:
         if not self.stream_block_recorded:
             self.stream_block_recorded = True
-            model = self.request.model if self.request is not None else None
-            guard.record("response", self.team, model, [verdict])
+            self._record("response", [verdict])
+            if self.report is not None:
+                # The stream was cut by the guard: the request ends as a block.
+                self.report.code = f"guard_blocked:{verdict.guard}"
 
     def _settle(self, usage: Usage | None) -> None:
         if self.reservation is None:
@@ -479,7 +606,7 @@ class DownstreamStream:
             actual = Amounts(0, 0)
         else:
             actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
-        self.services.quota.settle_soon(self.reservation, actual)
+        self.services.quota.settle_soon(self.reservation, actual, self.trace)
 
     def _end_stream(self) -> None:
         if self.following:
@@ -490,17 +617,44 @@ class DownstreamStream:
         """The stream ended: if the response never completed, settle what was delivered."""
         self.closed = True
         self._end_stream()
-        if self.reservation is None or self.reservation.settled or self.handed_off:
-            return
-        prompt = self.prompt.tokens if self.prompt is not None else 0
-        if self.relay is not None:
+        if self.relay is not None and self.usage is None and not self.handed_off:
             # A stream cut short: the usage event never came, so count what was delivered.
-            usage = self._stream_usage()
+            self.usage = self._stream_usage()
+        if not (self.reservation is None or self.reservation.settled or self.handed_off):
+            usage = self.usage
+            prompt = self.prompt.tokens if self.prompt is not None else 0
+            # No usage: no response seen, but the backend may still have read the prompt.
             actual = Amounts(usage.prompt_tokens, usage.completion_tokens) if usage else None
-        else:
-            # No response seen: the backend may still have read the prompt.
-            actual = None
-        self.services.quota.settle_soon(self.reservation, actual or Amounts(prompt, 0))
+            self.services.quota.settle_soon(
+                self.reservation, actual or Amounts(prompt, 0), self.trace
+            )
+        self._report()
+
+    def _report(self) -> None:
+        report, self.report = self.report, None  # once
+        if report is None:
+            return
+        if self.route_span is not None:
+            self.route_span.end()  # no answer came
+        cfg = self.rt.config
+        report.count_request(cfg)
+        if self.handed_off:
+            # The observer has the tokens: it counts them and writes the audit record.
+            self.trace.set({"http.response.status_code": self.status})
+            self.trace.end()
+            return
+        usage = self.usage
+        cost = report.count_usage(cfg, usage)
+        self.trace.set(report.span_attributes(usage, cost))
+        outcome = report.outcome
+        self.trace.end(outcome if outcome in ("error", "backend_error") else None)
+        if self.services.audit is not None:
+            timing = self.timing.as_metadata(None) if self.timing is not None else None
+            duration = time.perf_counter() - self.started
+            self.services.audit.write(report.audit_record(usage, cost, duration, timing))
+
+    def _model_label(self) -> str:
+        return model_label(self.rt.config, self.request.model if self.request else None)
 
     def _stream_usage(self) -> Usage | None:
         assert self.relay is not None
@@ -538,6 +692,14 @@ class DownstreamStream:
                 if target is not None:
                     out[f"{H}provider-model"] = target.provider_model
         return out
+
+    def _stream_metadata(self, usage: Usage | None) -> dict[str, Any]:
+        assert self.timing is not None
+        metadata = self._usage_metadata(usage)
+        metadata[METADATA_NAMESPACE].update(
+            self.timing.as_metadata(usage.completion_tokens if usage else None)
+        )
+        return metadata
 
     def _usage_metadata(self, usage: Usage | None) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -647,7 +809,7 @@ class UpstreamStream:
         return _passthrough(kind)
 
 
-def _backend(req: Any) -> str | None:
+def answering_backend(req: Any) -> str | None:
     """The backend that answered: a backend's cluster says it by its name; behind a pooled
     model's cluster, the host's metadata does (parsed only then: it costs more)."""
     cluster = _attribute(req, CLUSTER_ATTRIBUTE)
@@ -692,3 +854,7 @@ def _passthrough(kind: str | None) -> protocol.ProcessingResponse:
     if kind == "request_trailers":
         return protocol.ProcessingResponse(request_trailers=protocol.pb.TrailersResponse())
     return protocol.ProcessingResponse(response_trailers=protocol.pb.TrailersResponse())
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

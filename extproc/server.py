@@ -7,7 +7,9 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
@@ -15,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admin.service import ConfigAdmin, QuotaAdmin
 from .admin.v1 import config_pb2_grpc, quota_pb2_grpc
-from .config import ConfigError, Runtime, load_runtime, parse_address
+from .config import AuditSettings, ConfigError, Runtime, load_runtime, parse_address
 from .guard.llm import GuardClient
 from .guard.pipeline import Guardrails
 from .observer import ObservedStream
@@ -24,11 +26,30 @@ from .quota.policy import team_limits
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
 from .routing import OBSERVE_STAGE, STAGE_METADATA
+from .telemetry import tracing as tracing_mod
+from .telemetry.audit import AuditLog
+from .telemetry.exposition import MetricsServer
+from .telemetry.metrics import CONFIG_RELOADS, EXT_PROC_STREAMS, PHASE_SECONDS, process_exited
 from .tokens import TokenCounter
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("extproc.server")
 
+# Set by the worker supervisor: this process's index among the sidecar's workers.
+WORKER_ENV = "EXTPROC_WORKER"
+
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+_PHASES = ("request_headers", "request_body", "response_headers", "response_body")
+_STAGES = ("downstream", "upstream", OBSERVE_STAGE)
+# The histogram children, looked up once: a message costs two clock reads and one observe.
+_PHASE_TIMERS = {
+    (stage, phase): PHASE_SECONDS.labels(stage, phase) for stage in _STAGES for phase in _PHASES
+}
+_STREAM_GAUGES = {stage: EXT_PROC_STREAMS.labels(stage) for stage in _STAGES}
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
@@ -45,10 +66,14 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         elif stage == "upstream":
             stream = UpstreamStream(self.services, metadata)
         else:
-            stream = DownstreamStream(self.services)
+            stage = "downstream"
+            stream = DownstreamStream(self.services, metadata)
+        gauge = _STREAM_GAUGES[stage]
+        gauge.inc()
         self.active += 1
         try:
             async for request in request_iterator:
+                started = time.perf_counter()
                 try:
                     # The observer answers nothing: Envoy neither waits for it nor reads it.
                     answer = await stream.handle(request)
@@ -56,6 +81,9 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                     # A bug must cost one request, not the process or the other streams.
                     log.exception("internal error while processing a stream")
                     await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
+                timer = _PHASE_TIMERS.get((stage, request.WhichOneof("request")))
+                if timer is not None:
+                    timer.observe(time.perf_counter() - started)
                 if answer is not None:
                     yield answer
                 if stream.finished:
@@ -65,6 +93,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                     break
         finally:
             self.active -= 1
+            gauge.dec()
             # Also on cancellation (the client went away): settlement runs as its own task.
             stream.close()
 
@@ -86,6 +115,8 @@ def build_services(
     tokens: TokenCounter | None = None,
     quota: QuotaService | None = None,
     guard_client: GuardClient | None = None,
+    tracing: tracing_mod.Tracing = tracing_mod.DISABLED,
+    audit: AuditLog | None = None,
 ) -> Services:
     if tokens is None:
         runtime, tokens = build_runtime_parts(runtime)
@@ -100,21 +131,60 @@ def build_services(
         limits=team_limits(cfg),
         guards=Guardrails.from_config(cfg, runtime.guard_keys),
         guard_client=guard_client or GuardClient(),
+        tracing=tracing,
+        audit=audit,
     )
 
 
+def open_audit(settings: AuditSettings, current: AuditLog | None = None) -> AuditLog | None:
+    """The audit writer the settings ask for: the current one when they did not change."""
+    if settings.path is None:
+        return None
+    path = worker_path(settings.path)
+    if current is not None and (current.path, current.max_bytes, current.backups) == (
+        path,
+        settings.max_bytes,
+        settings.backups,
+    ):
+        return current
+    try:
+        return AuditLog(path, settings.max_bytes, settings.backups)
+    except OSError as exc:
+        raise ConfigError(
+            [("observability.audit.path", f"cannot open {path}: {exc.strerror}")]
+        ) from None
+
+
+def worker_path(path: Path) -> Path:
+    """Each worker process writes its own file (rotation is not safe across processes):
+    audit.jsonl becomes audit-w0.jsonl, audit-w1.jsonl, ..."""
+    worker = os.environ.get(WORKER_ENV)
+    return path if worker is None else path.with_name(f"{path.stem}-w{worker}{path.suffix}")
+
+
 class Sidecar:
-    def __init__(self, config_path: str | os.PathLike[str], listen: str | None = None) -> None:
+    def __init__(
+        self,
+        config_path: str | os.PathLike[str],
+        listen: str | None = None,
+        tracer_provider: TracerProvider | None = None,  # tests: an in-memory exporter
+    ) -> None:
         self.config_path = Path(config_path)
         runtime = load_runtime(self.config_path)
         self.listen = listen or runtime.config.sidecar.listen
-        self.processor = ExternalProcessor(build_services(runtime))
+        obs = runtime.config.observability
+        self.tracing = tracing_mod.from_settings(obs.tracing, tracer_provider)
+        self.metrics_server = MetricsServer(obs.metrics.listen) if obs.metrics.listen else None
+        self.processor = ExternalProcessor(
+            build_services(runtime, tracing=self.tracing, audit=open_audit(obs.audit))
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._mtime = self._stat()
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.bound_port: int | None = None
+        self._retired_audits: list[AuditLog] = []
 
     def _stat(self) -> float | None:
         try:
@@ -136,16 +206,30 @@ class Sidecar:
                     lambda: build_runtime_parts(load_runtime(self.config_path))
                 )
             except ConfigError as exc:
-                log.error("config reload rejected, still serving the previous config:\n%s", exc)
-                return False, [f"{path or '<root>'}: {msg}" for path, msg in exc.problems]
+                return _rejected(exc)
             old = self.processor.services
-            fresh = build_services(runtime, tokens, old.quota, old.guard_client)
+            try:
+                audit = await asyncio.to_thread(
+                    open_audit, runtime.config.observability.audit, old.audit
+                )
+            except ConfigError as exc:
+                return _rejected(exc)
+            fresh = build_services(
+                runtime, tokens, old.quota, old.guard_client, self.tracing, audit
+            )
             if fresh.quota is not old.quota:
                 await self._warm_up_quota_store(fresh.quota)
             self.processor.services = fresh  # one assignment: a stream sees old or new, whole
+            CONFIG_RELOADS.labels("applied").inc()
             if fresh.quota is not old.quota:
                 await old.quota.drain()
                 await old.quota.store.close()
+            if old.audit is not None and old.audit is not audit:
+                # Streams still holding the old services may write a last record: keep it
+                # open a grace period, then flush it off the loop.
+                self._retired_audits.append(old.audit)
+                loop = asyncio.get_running_loop()
+                loop.call_later(60, loop.run_in_executor, None, old.audit.close)
             log.info("config reloaded from %s (sha256 %s)", self.config_path, runtime.digest[:12])
             return True, []
 
@@ -183,6 +267,8 @@ class Sidecar:
         if port is not None and self.bound_port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
         await self._warm_up_quota_store(self.services.quota)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -209,6 +295,13 @@ class Sidecar:
         await quota.drain()  # settlements of the last requests
         await quota.store.close()
         await self.processor.services.guard_client.close()
+        for audit in [*self._retired_audits, self.processor.services.audit]:
+            if audit is not None:
+                await asyncio.to_thread(audit.close)  # idempotent: every record on disk
+        await asyncio.to_thread(self.tracing.shutdown)  # the spans still batched
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        process_exited(os.getpid())  # this worker's live gauges stop counting
 
     async def run(self) -> None:
         await self.start()
@@ -235,6 +328,12 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await self.stop(grace)
+
+
+def _rejected(exc: ConfigError) -> tuple[bool, list[str]]:
+    log.error("config reload rejected, still serving the previous config:\n%s", exc)
+    CONFIG_RELOADS.labels("rejected").inc()
+    return False, [f"{path or '<root>'}: {msg}" for path, msg in exc.problems]
 
 
 def _bracket(host: str) -> str:

@@ -1,6 +1,7 @@
 """Per-stream timing of SSE responses: time to first token, gaps between chunks, tokens/s.
 
 Constant memory per stream: a running count, sum and maximum, never a list of chunk times.
+Each chunk also lands in the time-to-first-token and chunk-gap histograms.
 """
 
 from __future__ import annotations
@@ -8,27 +9,34 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .telemetry.metrics import ACTIVE_STREAMS, CHUNK_GAP_SECONDS, TTFT_SECONDS
+
 
 class StreamTiming:
-    __slots__ = ("chunks", "first", "last", "max_gap", "started", "sum_gap")
+    __slots__ = ("chunks", "first", "gap_hist", "last", "max_gap", "model", "started", "sum_gap")
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, model: str = "none") -> None:
         self.started = started  # perf_counter() when the request reached the sidecar
+        self.model = model  # a metric label: a configured model name, or "unknown"
         self.first = 0.0
         self.last = 0.0
         self.chunks = 0
         self.sum_gap = 0.0
         self.max_gap = 0.0
+        self.gap_hist: Any = None
 
     def chunk(self, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
         if self.chunks == 0:
             self.first = now
+            TTFT_SECONDS.labels(self.model).observe(now - self.started)
+            self.gap_hist = CHUNK_GAP_SECONDS.labels(self.model)  # looked up once per stream
         else:
             gap = now - self.last
             self.sum_gap += gap
             if gap > self.max_gap:
                 self.max_gap = gap
+            self.gap_hist.observe(gap)
         self.last = now
         self.chunks += 1
 
@@ -60,9 +68,11 @@ class ActiveStreams:
     def opened(self) -> None:
         self.current += 1
         self.total += 1
+        ACTIVE_STREAMS.inc()
 
     def closed(self) -> None:
         self.current -= 1
+        ACTIVE_STREAMS.dec()
 
 
 ACTIVE = ActiveStreams()

@@ -76,6 +76,7 @@ class Stack:
         env: dict[str, str] | None = None,
         stdout=None,
         envoy_concurrency: int = 2,
+        sidecar: bool = True,  # False: the caller runs the sidecar (tests, in-process)
     ) -> None:
         self.config_path = str(config_path)
         self.config: Config = load_config(config_path)
@@ -85,6 +86,7 @@ class Stack:
         self.env = {**os.environ, **(env or {})}
         self.stdout = stdout
         self.envoy_concurrency = envoy_concurrency
+        self.run_sidecar = sidecar
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -118,8 +120,9 @@ class Stack:
                     ],
                 )
                 wait_tcp(fake.listen, deadline, proc)
-            proc = self._spawn("sidecar", [*py, "serve", "--config", self.config_path])
-            wait_tcp(cfg.sidecar.listen, deadline, proc)
+            if self.run_sidecar:
+                proc = self._spawn("sidecar", [*py, "serve", "--config", self.config_path])
+                wait_tcp(cfg.sidecar.listen, deadline, proc)
             bootstrap = self.workdir / "envoy.yaml"
             bootstrap.write_text(render_yaml(cfg), encoding="utf-8")
             proc = self._spawn(

@@ -133,6 +133,7 @@ def gateway_config(ports: dict[str, int]) -> dict:
             "text-embedding-3-small": {"type": "embedding", "targets": [{"backend": "fake-a"}]},
         },
         "fake_llm": {"listen": f"127.0.0.1:{ports['fake_a']}", "response_tokens": 8},
+        "observability": {"metrics": {"listen": f"127.0.0.1:{ports['metrics']}"}},
     }
 
 
@@ -141,7 +142,8 @@ def gateway(tmp_path_factory) -> Iterator[Gateway]:
     from extproc.supervisor import Stack
 
     tmp = tmp_path_factory.mktemp("gateway")
-    ports = {k: free_port() for k in ("sidecar", "envoy", "admin", "fake_a", "fake_b", "dead")}
+    names = ("sidecar", "envoy", "admin", "fake_a", "fake_b", "dead", "metrics")
+    ports = {k: free_port() for k in names}
     config = gateway_config(ports)
     config_path = tmp / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -30,7 +30,7 @@ def require(program: str) -> str:
     if path is None:
         pytest.fail(
             f"{program} not found on PATH: the Redis tests need a real server "
-            "(`make redis-server` installs Debian's redis-server package, which has both "
+            "(`make system-deps` installs Debian's redis-server package, which has both "
             "redis-server and redis-cli)",
             pytrace=False,
         )

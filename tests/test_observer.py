@@ -17,6 +17,7 @@ from extproc.protocol import ProcessingMode, ProcessingRequest
 from extproc.quota.policy import Amounts
 from extproc.quota.service import QuotaService, Reservation
 from extproc.streams import ACTIVE
+from extproc.telemetry.tracing import NO_TRACE
 
 from .test_processor import (
     KEY_B,
@@ -47,9 +48,11 @@ class RecordingQuota(QuotaService):
 
     __slots__ = ("recorder",)
 
-    def settle_soon(self, reservation: Reservation | None, actual: Amounts) -> None:
+    def settle_soon(
+        self, reservation: Reservation | None, actual: Amounts, trace: Any = NO_TRACE
+    ) -> None:
         self.recorder.settled.append((reservation, actual))
-        super().settle_soon(reservation, actual)
+        super().settle_soon(reservation, actual, trace)
 
 
 def recording(services: Services) -> tuple[Services, Recorder]:

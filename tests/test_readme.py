@@ -28,12 +28,13 @@ def port_open(port: int) -> bool:
 
 def test_up_serves_the_quickstart_and_the_readme_example_runs(tmp_path):
     config = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-    ports = {k: free_port() for k in ("envoy", "admin", "sidecar", "fake")}
+    ports = {k: free_port() for k in ("envoy", "admin", "sidecar", "fake", "metrics")}
     # The same file with free ports, so the test never collides with a running `make run`.
     config["envoy"].update(
         listen=f"127.0.0.1:{ports['envoy']}", admin=f"127.0.0.1:{ports['admin']}"
     )
     config["sidecar"]["listen"] = f"127.0.0.1:{ports['sidecar']}"
+    config["observability"]["metrics"]["listen"] = f"127.0.0.1:{ports['metrics']}"
     config["fake_llm"]["listen"] = f"127.0.0.1:{ports['fake']}"
     config["backends"]["fake"]["url"] = f"http://127.0.0.1:{ports['fake']}/v1"
     path = tmp_path / "quickstart.yaml"

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
 from ..errors import GatewayError
+from ..telemetry.metrics import GUARD_ERRORS, GUARD_SECONDS, GUARD_VERDICTS
+from ..telemetry.tracing import NO_TRACE
 from .detectors import PII_KINDS, DenyList, count_kinds, detector, find_all, mask
 from .llm import GuardClient, GuardEndpoint
 from .texts import Slot, conversation
@@ -194,6 +197,7 @@ async def run_external(
     model: str,
     slots: list[Slot],
     prompt: list[dict[str, str]] | None = None,
+    trace: Any = NO_TRACE,
 ) -> list[Verdict]:
     """Every external guard at once, on the same texts. For a response, `prompt` is the
     request's conversation, so a safety model judges the answer in its context."""
@@ -204,8 +208,51 @@ async def run_external(
     judged = conversation(slots)
     if prompt is not None:
         judged = [*prompt, *judged]
-    calls = [_external(client, g, stage, team, model, texts, judged) for g in external]
+    calls = [_timed(client, g, stage, team, model, texts, judged, trace) for g in external]
     return list(await asyncio.gather(*calls))
+
+
+async def _timed(
+    client: GuardClient,
+    guard: CompiledGuard,
+    stage: Stage,
+    team: str,
+    model: str,
+    texts: list[str],
+    judged: list[dict[str, str]],
+    trace: Any,
+) -> Verdict:
+    """One guard call, in the guard-call histogram and as a child span of the request."""
+    span = trace.start(f"guard {guard.name}", {"extproc.guard.type": guard.spec.type})
+    started = time.perf_counter()
+    try:
+        verdict = await _external(client, guard, stage, team, model, texts, judged)
+    except BaseException:
+        span.end()
+        raise
+    GUARD_SECONDS.labels(guard.name, stage).observe(time.perf_counter() - started)
+    if verdict.reason.startswith(UNAVAILABLE):
+        GUARD_ERRORS.labels(guard.name, _error_reason(verdict.reason)).inc()
+    span.set_attributes({"extproc.guard.action": verdict.action, "extproc.guard.stage": stage})
+    if verdict.reason:
+        span.set_attribute("extproc.guard.reason", verdict.reason)
+    span.end()
+    return verdict
+
+
+UNAVAILABLE = "unavailable: "
+
+
+def _error_reason(reason: str) -> str:
+    """A bounded label from a GuardUnavailable's message."""
+    detail = reason.removeprefix(UNAVAILABLE)
+    if detail.startswith("timeout"):
+        return "timeout"
+    if detail.startswith("connection"):
+        return "connect"
+    if detail.startswith("HTTP"):
+        return "http_status"
+    return "bad_reply"
 
 
 async def _external(
@@ -242,7 +289,7 @@ async def _external(
     except GuardUnavailable as exc:
         action = "block" if spec.on_error == "block" else "allow"
         log.warning("guard %s unavailable (%s): on_error=%s", guard.name, exc, spec.on_error)
-        return Verdict(action, guard.name, reason=f"unavailable: {exc}")
+        return Verdict(action, guard.name, reason=f"{UNAVAILABLE}{exc}")
     if reply.safe:
         return Verdict("allow", guard.name)
     if spec.categories is not None and not set(reply.categories) & set(spec.categories):
@@ -294,6 +341,8 @@ def record(stage: Stage, team: str | None, model: str | None, verdicts: Sequence
     """Count the verdicts, and write the audit line of a decision: what was decided and why,
     as one JSON object, never the text itself."""
     VERDICTS.add(verdicts)
+    for v in verdicts:
+        GUARD_VERDICTS.labels(v.guard, stage, v.action).inc()
     acted = [v for v in verdicts if v.action != "allow" or v.reason]
     if not acted or not audit.isEnabledFor(logging.INFO):
         return

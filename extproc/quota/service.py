@@ -13,6 +13,8 @@ from typing import Any
 from ..config import Config, QuotaSettings
 from ..errors import GatewayError
 from ..parsing import Endpoint
+from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS
+from ..telemetry.tracing import NO_TRACE
 from . import policy
 from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
 from .store import Charge, CounterState, QuotaStore, StoreUnavailable
@@ -85,6 +87,7 @@ class QuotaService:
         slack = self.settings.reservation_ttl_s + 60
         charges = policy.charges(specs, estimate, cfg, model, now, slack)
         res_id = uuid.uuid4().hex
+        started = time.perf_counter()
         try:
             result = await self.store.reserve(
                 team, res_id, charges, self.settings.reservation_ttl_s
@@ -100,6 +103,7 @@ class QuotaService:
                 "quota_store_unavailable",
                 headers=(("retry-after", "1"),),
             ) from None
+        QUOTA_SECONDS.labels(self.settings.store, "reserve").observe(time.perf_counter() - started)
         if not result.ok:
             assert result.failed is not None
             raise self._exceeded(team, specs, charges, result.states, result.failed, now)
@@ -165,26 +169,41 @@ class QuotaService:
             return None
         return Reservation(team, reservation_id, model, specs, (), (), Amounts(0, 0), cfg)
 
-    def settle_soon(self, reservation: Reservation | None, actual: Amounts) -> None:
+    def settle_soon(
+        self, reservation: Reservation | None, actual: Amounts, trace: Any = NO_TRACE
+    ) -> None:
         """Settle off the response path: the client need not wait for the store."""
         if reservation is None or reservation.settled:
             return
         reservation.settled = True
-        task = asyncio.get_running_loop().create_task(self._settle(reservation, actual))
+        attributes = {
+            "extproc.input_tokens": actual.input_tokens,
+            "extproc.output_tokens": actual.output_tokens,
+        }
+        span = trace.start("quota settle", attributes)
+        task = asyncio.get_running_loop().create_task(self._settle(reservation, actual, span))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, reservation: Reservation, actual: Amounts) -> None:
+    async def _settle(self, reservation: Reservation, actual: Amounts, span: Any) -> None:
         amounts = [
             policy.amount(spec, actual, reservation.cfg, reservation.model)
             for spec in reservation.specs
         ]
+        started = time.perf_counter()
         try:
             await self.store.settle(reservation.team, reservation.id, amounts)
         except StoreUnavailable as exc:
             # The reservation stays and expires into a charge at its estimate: over-counted,
             # never lost.
             self._store_failed("settle", exc)
+            span.set_attribute("extproc.error", "store_unavailable")
+        else:
+            QUOTA_SECONDS.labels(self.settings.store, "settle").observe(
+                time.perf_counter() - started
+            )
+        finally:
+            span.end()
 
     async def drain(self) -> None:
         """Wait for pending settlements (shutdown)."""
@@ -220,6 +239,7 @@ class QuotaService:
 
     def _store_failed(self, what: str, exc: Exception) -> None:
         self.failures += 1
+        QUOTA_ERRORS.labels(self.settings.store, what).inc()
         now = time.monotonic()
         # Loud, but not one line per request while the store is down.
         if now - self._last_warning > 5:

@@ -1,0 +1,178 @@
+"""The sidecar's Prometheus metrics: one catalogue, every name and label in one place.
+
+Label values are bounded by construction: teams, models, backends and guards are names from
+the config (a model the config does not know is "unknown"), statuses are HTTP codes, and every
+other label takes a value from a fixed set. No label ever holds raw client input.
+
+Several sidecar processes on one port (issue: scale over cores) share the numbers through
+prometheus-client's multiprocess mode: the parent sets PROMETHEUS_MULTIPROC_DIR before the
+workers import this module, each worker writes its own memory-mapped files there, and any
+worker's /metrics answers with the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as _multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+UNKNOWN = "unknown"  # a model (or team, backend) the config does not name
+NONE = "none"  # no team yet (rejected before authentication), no backend (never sent)
+
+# How a request ended. One value per request, exclusive.
+OUTCOMES = (
+    "served",  # a 2xx answer from the first backend tried
+    "failed_over",  # a 2xx answer after Envoy retried on the next pool, or a quota failover
+    "quota_rejected",  # 429 from a team's quota
+    "guard_blocked",  # a guardrail blocked the request or the response
+    "rejected",  # another client error found by the gateway: auth, validation, unknown model
+    "backend_error",  # the backend (or Envoy on its way there) answered non-2xx
+    "error",  # the gateway failed: quota store down with failure_mode closed, internal error
+    "cancelled",  # the client went away before any answer
+)
+
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
+
+REQUESTS = Counter(
+    "extproc_requests",
+    "LLM requests by team, model, outcome and HTTP status",
+    ["team", "model", "outcome", "status"],
+)
+TOKENS = Counter(
+    "extproc_tokens",
+    "Tokens by team, model, backend, type (input, output, cached_input) and source "
+    "(provider: the backend's usage report; estimate: the sidecar's own count)",
+    ["team", "model", "backend", "type", "source"],
+)
+COST = Counter(
+    "extproc_cost_usd",
+    "USD spent at the config's prices (models without a price count nothing)",
+    ["team", "model"],
+)
+FAILOVERS = Counter(
+    "extproc_failovers",
+    "Requests served by another pool than the first: kind retry (Envoy retried after a "
+    "failure) or quota (the team's quota for the first pool was exhausted)",
+    ["model", "backend", "kind"],
+)
+PHASE_SECONDS = Histogram(
+    "extproc_ext_proc_phase_seconds",
+    "Time the sidecar took to answer one ext_proc message, by stage and phase",
+    ["stage", "phase"],
+    buckets=_LATENCY_BUCKETS,
+)
+TTFT_SECONDS = Histogram(
+    "extproc_time_to_first_token_seconds",
+    "From the request reaching the sidecar to the first chunk of a streamed answer",
+    ["model"],
+    buckets=_TTFT_BUCKETS,
+)
+CHUNK_GAP_SECONDS = Histogram(
+    "extproc_stream_chunk_gap_seconds",
+    "Time between two chunks of a streamed answer",
+    ["model"],
+    buckets=_GAP_BUCKETS,
+)
+GUARD_SECONDS = Histogram(
+    "extproc_guard_call_seconds",
+    "Duration of one external guard call (guardrail model or webhook)",
+    ["guard", "stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+GUARD_ERRORS = Counter(
+    "extproc_guard_errors",
+    "External guard calls that failed (on_error then decided): reason timeout, connect, "
+    "http_status or bad_reply",
+    ["guard", "reason"],
+)
+GUARD_VERDICTS = Counter(
+    "extproc_guard_verdicts",
+    "Guard decisions by guard, stage and action (allow, rewrite: masked or replaced, block)",
+    ["guard", "stage", "action"],
+)
+QUOTA_SECONDS = Histogram(
+    "extproc_quota_store_seconds",
+    "Duration of one quota store operation (reserve, settle)",
+    ["store", "operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUOTA_ERRORS = Counter(
+    "extproc_quota_store_errors",
+    "Quota store operations that failed (the failure_mode then decided)",
+    ["store", "operation"],
+)
+ACTIVE_STREAMS = Gauge(
+    "extproc_active_streams",
+    "Streamed (SSE) answers being followed right now",
+    multiprocess_mode="livesum",
+)
+EXT_PROC_STREAMS = Gauge(
+    "extproc_ext_proc_streams",
+    "Open ext_proc gRPC streams from Envoy, by stage",
+    ["stage"],
+    multiprocess_mode="livesum",
+)
+CONFIG_RELOADS = Counter(
+    "extproc_config_reloads",
+    "Config reloads by result (applied, rejected)",
+    ["result"],
+)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def exposition() -> bytes:
+    """The text exposition of every metric: this process's, or all workers' summed."""
+    path = multiprocess_dir()
+    if path is None:
+        from prometheus_client import REGISTRY
+
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry, path)
+    return generate_latest(registry)
+
+
+def process_exited(pid: int) -> None:
+    """A worker is gone: its live gauges (active streams) stop counting."""
+    if multiprocess_dir() is not None:
+        _multiprocess.mark_process_dead(pid)
+
+
+def outcome_of(status: int, code: str | None, failed_over: bool) -> str:
+    """The outcome of a request from its final status and the gateway's error code."""
+    if code is not None and code.startswith("guard_blocked"):
+        return "guard_blocked"  # also a stream a response guard cut after its 200
+    if 200 <= status < 300:
+        return "failed_over" if failed_over else "served"
+    if status == 0:
+        return "cancelled"
+    if code is None:
+        return "backend_error"
+    if code.startswith("quota_exceeded"):
+        return "quota_rejected"
+    if status >= 500:
+        return "error"
+    return "rejected"

@@ -1,0 +1,251 @@
+"""What one request reports when it ends: its metrics, its audit record, its span's attributes.
+
+A request's facts are gathered by the stage that sees them (RequestReport); they are reported
+once, by the stage that sees the request end: the downstream stage for answers it follows to
+the end, the stream observer for the streams it takes over (it may run in another process, so
+the downstream stage hands it the report's first half in the forwarded metadata).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..guard.detectors import find_all, known_kinds, mask
+from . import metrics
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..guard.types import Verdict
+    from ..usage import Usage
+
+# Prompts longer than this are hashed and masked on a worker thread, not on the event loop.
+OFF_LOOP_CHARS = 16 * 1024
+
+
+def team_label(cfg: Config, team: str | None) -> str:
+    if not team:
+        return metrics.NONE
+    return team if team in cfg.teams else metrics.UNKNOWN
+
+
+def model_label(cfg: Config, model: str | None) -> str:
+    if not model:
+        return metrics.NONE
+    # A client may send any string as its model: only configured names become label values.
+    return model if model in cfg.models else metrics.UNKNOWN
+
+
+def backend_label(cfg: Config, backend: str | None) -> str:
+    if not backend:
+        return metrics.NONE
+    return backend if backend in cfg.backends else metrics.UNKNOWN
+
+
+def cost_usd(cfg: Config, model: str | None, usage: Usage) -> float | None:
+    price = cfg.prices.get(model) if model else None
+    if price is None:
+        return None
+    return (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / 1e6
+
+
+def verdict_entries(stage: str, verdicts: list[Verdict]) -> list[dict[str, Any]]:
+    """Verdicts as the audit record keeps them: what was decided and why, never the text."""
+    out = []
+    for v in verdicts:
+        entry: dict[str, Any] = {"stage": stage, "guard": v.guard, "action": v.action}
+        if v.reason:
+            entry["reason"] = v.reason
+        if v.categories:
+            entry["categories"] = list(v.categories)
+        if v.counts:
+            entry["counts"] = dict(v.counts)
+        out.append(entry)
+    return out
+
+
+def prompt_fields(texts: list[str], include_prompt: bool) -> dict[str, Any]:
+    """The prompt's fingerprint (and, when enabled, its text with PII and secrets masked).
+    The hash is of the prompt as it left the gateway (after the guards' masks)."""
+    digest = hashlib.sha256(orjson.dumps(texts)).hexdigest()
+    out: dict[str, Any] = {"prompt_sha256": digest}
+    if include_prompt:
+        kinds = known_kinds()
+        out["prompt"] = [mask(t, find_all(t, kinds)) for t in texts]
+    return out
+
+
+@dataclass(slots=True)
+class RequestReport:
+    """A request's facts, filled in as its phases pass."""
+
+    started_at: float = field(default_factory=time.time)
+    request_id: str = ""
+    team: str | None = None
+    model: str | None = None
+    endpoint: str = ""
+    stream: bool = False
+    backend: str | None = None
+    provider_model: str | None = None
+    status: int = 0
+    code: str | None = None  # the gateway's error code when it answered itself
+    failover: str = ""  # "retry" (Envoy retried on the next pool) or "quota"
+    attempts: int = 1
+    path: str = ""  # how the answer passed: buffered, inline or observed
+    guards: list[dict[str, Any]] = field(default_factory=list)
+    prompt: dict[str, Any] = field(default_factory=dict)  # prompt_fields()
+    trace_id: str = ""
+
+    @property
+    def outcome(self) -> str:
+        return metrics.outcome_of(self.status, self.code, bool(self.failover))
+
+    def handover(self) -> dict[str, Any]:
+        """What the stream observer needs to finish this report, as metadata values."""
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "guards": self.guards,
+            "trace_id": self.trace_id,
+        }
+        out.update(self.prompt)
+        return out
+
+    @classmethod
+    def from_handover(cls, info: dict[str, Any]) -> RequestReport:
+        def text(key: str) -> str:
+            value = info.get(key)
+            return value if isinstance(value, str) else ""
+
+        report = cls(
+            started_at=_number(info.get("started_at"), time.time()),
+            request_id=text("request_id"),
+            team=text("team") or None,
+            model=text("model") or None,
+            endpoint=text("endpoint"),
+            stream=True,
+            path="observed",
+            trace_id=text("trace_id"),
+        )
+        guards = info.get("guards")
+        report.guards = [dict(g) for g in guards] if isinstance(guards, list | tuple) else []
+        if text("prompt_sha256"):
+            report.prompt["prompt_sha256"] = text("prompt_sha256")
+        prompt = info.get("prompt")
+        if isinstance(prompt, list | tuple):
+            report.prompt["prompt"] = [str(p) for p in prompt]
+        pool = info.get("pool")
+        if isinstance(pool, int | float) and pool:
+            report.failover = "quota"
+        return report
+
+    def count_request(self, cfg: Config) -> None:
+        """The request's outcome (once per request, by the downstream stage)."""
+        model = model_label(cfg, self.model)
+        metrics.REQUESTS.labels(
+            team_label(cfg, self.team), model, self.outcome, str(self.status or 0)
+        ).inc()
+        if self.failover and 200 <= self.status < 300:
+            metrics.FAILOVERS.labels(model, backend_label(cfg, self.backend), self.failover).inc()
+
+    def count_usage(self, cfg: Config, usage: Usage | None) -> float | None:
+        """Tokens and cost (once per request, by the stage that settles it)."""
+        if usage is None:
+            return None
+        team, model = team_label(cfg, self.team), model_label(cfg, self.model)
+        backend = backend_label(cfg, self.backend)
+        source = usage.source
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        if usage.prompt_tokens - cached:
+            metrics.TOKENS.labels(team, model, backend, "input", source).inc(
+                usage.prompt_tokens - cached
+            )
+        if cached:
+            metrics.TOKENS.labels(team, model, backend, "cached_input", source).inc(cached)
+        if usage.completion_tokens:
+            metrics.TOKENS.labels(team, model, backend, "output", source).inc(
+                usage.completion_tokens
+            )
+        cost = cost_usd(cfg, self.model, usage)
+        if cost:
+            metrics.COST.labels(team, model).inc(cost)
+        return cost
+
+    def span_attributes(self, usage: Usage | None, cost: float | None) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "http.response.status_code": self.status,
+            "extproc.outcome": self.outcome,
+            "extproc.backend": self.backend,
+            "gen_ai.response.model": self.provider_model,
+            "extproc.error_code": self.code,
+            "extproc.failover": self.failover or None,
+        }
+        if usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+            attrs["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+            attrs["extproc.token_source"] = usage.source
+        if cost is not None:
+            attrs["extproc.cost_usd"] = cost
+        return attrs
+
+    def audit_record(
+        self,
+        usage: Usage | None,
+        cost: float | None,
+        duration_s: float,
+        timing: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(self.started_at, UTC).isoformat(timespec="milliseconds"),
+            "request_id": self.request_id,
+            "team": self.team,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "backend": self.backend,
+            "provider_model": self.provider_model,
+            "status": self.status,
+            "outcome": self.outcome,
+            "decision": _decision(self.outcome),
+            "error_code": self.code,
+            "failover": self.failover or None,
+            "attempts": self.attempts,
+            "path": self.path or None,
+            "tokens": None,
+            "cost_usd": round(cost, 8) if cost is not None else None,
+            "latency_ms": round(duration_s * 1000, 3),
+            "guards": self.guards,
+        }
+        if usage is not None:
+            record["tokens"] = {
+                "input": usage.prompt_tokens,
+                "output": usage.completion_tokens,
+                "cached_input": usage.cached_tokens,
+                "total": usage.total_tokens,
+                "source": usage.source,
+            }
+        if timing:
+            record["ttft_ms"] = timing.get("ttft_ms")
+            record["chunks"] = timing.get("chunks")
+        record.update(self.prompt)
+        if self.trace_id:
+            record["trace_id"] = self.trace_id
+        return record
+
+
+def _decision(outcome: str) -> str:
+    if outcome in ("served", "failed_over", "backend_error"):
+        return "allowed"
+    return "blocked" if outcome == "guard_blocked" else "rejected"
+
+
+def _number(value: Any, default: float) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return default

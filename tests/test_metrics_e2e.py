@@ -1,0 +1,322 @@
+"""Metrics and the audit trail through the real Envoy, with the openai SDK as the client.
+
+The stack runs two sidecar processes on the same ports (SO_REUSEPORT), sharing one
+prometheus-client multiprocess directory: /metrics must give the exact sums over both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from extproc.supervisor import Stack, stop_process, wait_tcp
+
+from .conftest import BACKEND_A_SECRET, free_port, sha256_hex
+
+MODEL = "gpt-4o-mini"
+PROMPT_SECRET = "sk-proj-Abc123Def456Ghi789Jkl012Mno345"
+EMAIL = "jane.doe@example.com"
+RESPONSE_TOKENS = 8
+PRICE_IN, PRICE_OUT = 1.5, 6.0  # USD per million tokens
+
+
+def telemetry_config(ports: dict[str, int], audit: Path) -> dict[str, Any]:
+    fake = f"http://127.0.0.1:{ports['fake']}/v1"
+    return {
+        "sidecar": {"listen": f"127.0.0.1:{ports['sidecar']}", "grace_s": 5},
+        "envoy": {
+            "listen": f"127.0.0.1:{ports['envoy']}",
+            "admin": f"127.0.0.1:{ports['admin']}",
+            "access_log": False,
+        },
+        "teams": {
+            "alpha": {"keys": [{"sha256": sha256_hex("sk-alpha")}]},
+            "tight": {
+                "keys": [{"sha256": sha256_hex("sk-tight")}],
+                "limits": [{"name": "tiny", "window": "month", "tokens": 1}],
+            },
+        },
+        "backends": {
+            "fake": {"url": fake, "api_key": {"env": "TEST_BACKEND_A_KEY"}},
+            "dead": {"url": f"http://127.0.0.1:{ports['dead']}/v1", "connect_timeout_s": 1},
+        },
+        "models": {
+            MODEL: {"targets": [{"backend": "fake"}]},
+            "broken": {"targets": [{"backend": "dead"}]},
+            "pooled": {
+                "targets": [
+                    {"backend": "dead", "priority": 0},
+                    {"backend": "fake", "priority": 1},
+                ]
+            },
+        },
+        "prices": {MODEL: {"input": PRICE_IN, "output": PRICE_OUT}},
+        "guards": {"deny": {"type": "deny", "keywords": ["forbidden-word"]}},
+        "guardrails": {"request": ["deny"]},
+        "observability": {
+            "metrics": {"listen": f"127.0.0.1:{ports['metrics']}"},
+            "audit": {"path": str(audit), "max_bytes": 16384, "backups": 1000},
+        },
+        "fake_llm": {"listen": f"127.0.0.1:{ports['fake']}", "response_tokens": RESPONSE_TOKENS},
+    }
+
+
+@dataclass
+class Telemetry:
+    base_url: str
+    metrics_url: str
+    audit_dir: Path
+    config: dict[str, Any]
+    config_path: Path
+    second: subprocess.Popen
+
+    def client(self, key: str = "sk-alpha") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20)
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        records = []
+        for path in sorted(self.audit_dir.glob("audit*.jsonl*")):
+            for line in path.read_text().splitlines():
+                records.append(json.loads(line))
+        return records
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum over every series of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= set(lbls))
+
+
+@pytest.fixture(scope="module")
+def telemetry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetry]:
+    tmp = tmp_path_factory.mktemp("telemetry")
+    names = ("sidecar", "envoy", "admin", "fake", "dead", "metrics")
+    ports = {k: free_port() for k in names}
+    audit_dir = tmp / "audit"
+    config = telemetry_config(ports, audit_dir / "audit.jsonl")
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    multiproc = tmp / "prom"
+    multiproc.mkdir()
+    env = {
+        "TEST_BACKEND_A_KEY": BACKEND_A_SECRET,
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        "EXTPROC_WORKER": "0",
+    }
+    os.environ["TEST_BACKEND_A_KEY"] = BACKEND_A_SECRET  # as the shared gateway sets it
+    log_path = tmp / "stack.log"
+    with open(log_path, "ab", buffering=0) as log:
+        stack = Stack(path, workdir=tmp, env=env, stdout=log)
+        second = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "serve", "--config", str(path)],
+            env={**os.environ, **env, "EXTPROC_WORKER": "1"},
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            stack.start()
+            wait_tcp(config["sidecar"]["listen"], time.monotonic() + 15, second)
+            yield Telemetry(
+                base_url=f"http://{config['envoy']['listen']}/v1",
+                metrics_url=f"http://{config['observability']['metrics']['listen']}/metrics",
+                audit_dir=audit_dir,
+                config=config,
+                config_path=path,
+                second=second,
+            )
+        finally:
+            stack.stop(grace=10)
+            stop_process(second, 10, "second sidecar")
+    tail = log_path.read_text(errors="replace")[-3000:]
+    assert stack.procs["sidecar"].returncode == 0, tail
+    assert second.returncode == 0, tail
+
+
+def hello() -> list[dict[str, str]]:
+    return [{"role": "user", "content": "Hello there"}]
+
+
+def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
+    telemetry: Telemetry,
+) -> None:
+    alpha = telemetry.client()
+    first = alpha.chat.completions.create(model=MODEL, messages=hello())
+    assert first.usage is not None
+    prompt = first.usage.prompt_tokens  # the fake's count for this prompt
+    assert first.usage.completion_tokens == RESPONSE_TOKENS
+    for _ in range(2):
+        alpha.chat.completions.create(model=MODEL, messages=hello())
+    # Two observed streams (the client asked for usage), one inline (usage cut by the relay).
+    for _ in range(2):
+        chunks = list(
+            alpha.chat.completions.create(
+                model=MODEL, messages=hello(), stream=True, stream_options={"include_usage": True}
+            )
+        )
+        assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == prompt
+    assert list(alpha.chat.completions.create(model=MODEL, messages=hello(), stream=True))
+    with pytest.raises(openai.PermissionDeniedError):
+        alpha.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "say forbidden-word"}]
+        )
+    with pytest.raises(openai.RateLimitError):
+        telemetry.client("sk-tight").chat.completions.create(model=MODEL, messages=hello())
+    with pytest.raises(openai.NotFoundError):
+        alpha.chat.completions.create(model="no-such-model", messages=hello())
+    with pytest.raises(openai.AuthenticationError):
+        telemetry.client("sk-wrong").chat.completions.create(model=MODEL, messages=hello())
+    with pytest.raises(openai.InternalServerError):
+        alpha.chat.completions.create(model="broken", messages=hello())
+    failed_over = alpha.chat.completions.with_raw_response.create(model="pooled", messages=hello())
+    assert failed_over.headers["x-aigw-failover"] == "true"
+
+    # Observed streams are counted by the observer when they end: wait for its counts.
+    deadline = time.monotonic() + 10
+    while True:
+        samples = telemetry.scrape()
+        if value(samples, "extproc_time_to_first_token_seconds_count", model=MODEL) == 3:
+            break
+        assert time.monotonic() < deadline, "the stream counts never arrived"
+        time.sleep(0.1)
+    samples = telemetry.scrape()
+    if value(samples, "extproc_active_streams") != 0:  # the last observer may still be closing
+        time.sleep(0.5)
+        samples = telemetry.scrape()
+
+    requests = "extproc_requests_total"
+    assert value(samples, requests, team="alpha", model=MODEL, outcome="served", status="200") == 6
+    expected = {
+        ("alpha", MODEL, "guard_blocked", "403"): 1,
+        ("tight", MODEL, "quota_rejected", "429"): 1,
+        # A model the config does not know is never a label value.
+        ("alpha", "unknown", "rejected", "404"): 1,
+        ("none", "none", "rejected", "401"): 1,
+        ("alpha", "broken", "backend_error", "503"): 1,
+        ("alpha", "pooled", "failed_over", "200"): 1,
+    }
+    for (team, model, outcome, status), count in expected.items():
+        got = value(samples, requests, team=team, model=model, outcome=outcome, status=status)
+        assert got == count, (team, model, outcome, status, got)
+    assert total(samples, requests) == 12
+
+    tokens = "extproc_tokens_total"
+    labels = {"team": "alpha", "model": MODEL, "backend": "fake", "source": "provider"}
+    assert value(samples, tokens, type="input", **labels) == 6 * prompt
+    assert value(samples, tokens, type="output", **labels) == 6 * RESPONSE_TOKENS
+    pooled = {"team": "alpha", "model": "pooled", "backend": "fake", "source": "provider"}
+    assert value(samples, tokens, type="output", **pooled) == RESPONSE_TOKENS
+    assert total(samples, tokens, source="estimate") == 0
+    cost = value(samples, "extproc_cost_usd_total", team="alpha", model=MODEL)
+    assert cost == pytest.approx(6 * (prompt * PRICE_IN + RESPONSE_TOKENS * PRICE_OUT) / 1e6)
+    assert total(samples, "extproc_cost_usd_total", model="pooled") == 0  # no price: no cost
+
+    assert (
+        value(samples, "extproc_failovers_total", model="pooled", backend="fake", kind="retry") == 1
+    )
+    # A local guard that finds nothing records no verdict: the one block is the only one.
+    verdicts = "extproc_guard_verdicts_total"
+    assert value(samples, verdicts, guard="deny", stage="request", action="block") == 1
+    assert total(samples, verdicts) == 1
+    # Every request's headers, timed once in the downstream stage.
+    phase = "extproc_ext_proc_phase_seconds_count"
+    assert value(samples, phase, stage="downstream", phase="request_headers") == 12
+    assert value(samples, "extproc_time_to_first_token_seconds_count", model=MODEL) == 3
+    assert value(samples, "extproc_active_streams") == 0
+    assert value(samples, "extproc_ext_proc_streams", stage="observe") == 0
+
+    # Both processes wrote their own numbers into the shared directory (one for sure; the
+    # kernel spreads Envoy's connections, so the second may have had no request).
+    assert telemetry.second.poll() is None
+
+    records = telemetry.audit_records()
+    assert len(records) == 12
+    outcomes = Counter((r["team"], r["outcome"], r["status"]) for r in records)
+    assert outcomes[("alpha", "served", 200)] == 6
+    assert outcomes[("alpha", "failed_over", 200)] == 1
+    assert outcomes[(None, "rejected", 401)] == 1
+    blocked = next(r for r in records if r["outcome"] == "guard_blocked")
+    assert blocked["decision"] == "blocked"
+    assert blocked["error_code"] == "guard_blocked:deny"
+    assert {"stage": "request", "guard": "deny", "action": "block"}.items() <= blocked["guards"][
+        0
+    ].items()
+    served = [r for r in records if r["outcome"] == "served"]
+    assert {r["path"] for r in served} == {"buffered", "observed", "inline"}
+    for r in served:
+        assert r["tokens"]["input"] == prompt and r["tokens"]["output"] == RESPONSE_TOKENS
+        assert r["backend"] == "fake"
+        assert r["cost_usd"] == pytest.approx((prompt * PRICE_IN + 8 * PRICE_OUT) / 1e6)
+        assert r["prompt_sha256"] == hashlib.sha256(orjson.dumps(["Hello there"])).hexdigest()
+        assert "prompt" not in r  # include_prompt is off
+    pooled_record = next(r for r in records if r["model"] == "pooled")
+    assert pooled_record["failover"] == "retry" and pooled_record["attempts"] == 2
+
+
+def test_the_audit_trail_loses_nothing_under_load_and_holds_no_secret(
+    telemetry: Telemetry,
+) -> None:
+    before = len(telemetry.audit_records())
+    # The prompt itself is recorded now (masked): reload with include_prompt on.
+    config = json.loads(json.dumps(telemetry.config))
+    config["observability"]["audit"]["include_prompt"] = True
+    tmp = telemetry.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(telemetry.config_path)
+    time.sleep(1.0)  # both processes poll the file every 0.25 s
+
+    n = 300
+
+    def one(i: int) -> None:
+        text = f"Load {i:04d}: my key is {PROMPT_SECRET}, mail {EMAIL}"
+        telemetry.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=8
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(n)))
+    deadline = time.monotonic() + 10
+    while len(telemetry.audit_records()) < before + n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    records = telemetry.audit_records()
+    loads = [r for r in records if r.get("prompt") and r["prompt"][0].startswith("Load ")]
+    assert len(loads) == n  # every request, exactly once
+    assert sorted(r["prompt"][0][:9] for r in loads) == [f"Load {i:04d}" for i in range(n)]
+    for r in loads:
+        assert r["prompt"][0].endswith("my key is [SECRET], mail [EMAIL]"), r["prompt"]
+    # Rotation happened (16 KiB files), and no file anywhere holds a secret.
+    files = list(telemetry.audit_dir.glob("audit*.jsonl*"))
+    assert len(files) > 2
+    for path in files:
+        raw = path.read_bytes()
+        for secret in (PROMPT_SECRET, EMAIL, "sk-alpha", BACKEND_A_SECRET, sha256_hex("sk-alpha")):
+            assert secret.encode() not in raw, (path, secret)
