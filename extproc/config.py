@@ -751,11 +751,43 @@ def load_runtime(path: str | os.PathLike[str]) -> Runtime:
     return build_runtime(load_config(path), str(path))
 
 
+_BACKEND_PREFIX = "aigw-backend-"
+_SPLIT_PREFIX = "aigw-split-"
+
+
 def cluster_name(backend: str) -> str:
     """Envoy cluster name of a backend; the sidecar maps it back from `xds.cluster_name`."""
-    return f"aigw-backend-{backend}"
+    return f"{_BACKEND_PREFIX}{backend}"
+
+
+def split_cluster_name(backend: str) -> str:
+    """The same backend as a member of a canary split: its cluster runs the upstream stage."""
+    return f"{_SPLIT_PREFIX}{backend}"
 
 
 def backend_from_cluster(cluster: str) -> str | None:
-    prefix = "aigw-backend-"
-    return cluster[len(prefix) :] if cluster.startswith(prefix) else None
+    for prefix in (_BACKEND_PREFIX, _SPLIT_PREFIX):
+        if cluster.startswith(prefix):
+            return cluster[len(prefix) :]
+    return None
+
+
+def pooled(model: Model) -> bool:
+    """Failover pools: targets of several priorities, each a pool Envoy retries on in turn."""
+    return len({t.priority for t in model.targets}) > 1
+
+
+def pools(model: Model) -> list[list[Target]]:
+    """The model's serving targets by priority (weight 0 serves nowhere)."""
+    by_priority: dict[int, list[Target]] = {}
+    for t in model.targets:
+        if t.weight > 0:
+            by_priority.setdefault(t.priority, []).append(t)
+    return [by_priority[p] for p in sorted(by_priority)]
+
+
+def split(model: Model) -> bool:
+    """A canary: Envoy picks one of several backends by weight (one pool)."""
+    return len({t.priority for t in model.targets}) == 1 and (
+        len([t for t in model.targets if t.weight > 0]) > 1
+    )

@@ -130,11 +130,31 @@ from envoy_data_plane.xds.type.matcher.v3 import (
     MatcherOnMatch,
 )
 
-from .config import Config, Model, Target, cluster_name, parse_address
+from .config import (
+    Config,
+    Model,
+    Target,
+    cluster_name,
+    parse_address,
+    pooled,
+    pools,
+    split,
+    split_cluster_name,
+)
 from .processor import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, OBSERVE_KEY
-from .routing import BACKEND_METADATA, OBSERVE_STAGE, POOL_HEADER, ROUTE_HEADER, STAGE_METADATA
+from .routing import (
+    BACKEND_METADATA,
+    OBSERVE_STAGE,
+    POOL_HEADER,
+    ROUTE_HEADER,
+    STAGE_METADATA,
+    TEAM_HEADER,
+)
 
 SIDECAR_CLUSTER = "extproc_sidecar"
+# The gateway's own request headers: a backend reached without an upstream stage must not see
+# them either (the upstream stage removes them on the other routes).
+INTERNAL_REQUEST_HEADERS = [ROUTE_HEADER, POOL_HEADER, TEAM_HEADER]
 OTLP_CLUSTER = "extproc_otlp"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "extproc.stream_observer"
@@ -375,18 +395,23 @@ def routes(cfg: Config) -> RouteConfiguration:
             prefix_rewrite=f"{backends[0].base_path}/" if backends[0].base_path != "/v1" else "",
         )
         active = [t for t in model.targets if t.weight > 0]
+        direct: list[str] = []
         if pooled(model):
             action.cluster = pool_cluster_name(name)
             action.retry_policy = _failover_retries(model)
-        elif len(active) == 1:
-            action.cluster = cluster_name(active[0].backend)
-        else:
+        elif split(model):
             action.weighted_clusters = WeightedCluster(
                 clusters=[
-                    WeightedClusterClusterWeight(name=cluster_name(t.backend), weight=t.weight)
+                    WeightedClusterClusterWeight(
+                        name=split_cluster_name(t.backend), weight=t.weight
+                    )
                     for t in active
                 ]
             )
+        else:
+            # One backend: the downstream stage set its credential and model name already.
+            action.cluster = cluster_name(active[0].backend)
+            direct = INTERNAL_REQUEST_HEADERS
         if model.quota_failover:
             # The sidecar pins a request whose quota is exhausted to the next pool.
             pool1 = pools(model)[1]
@@ -408,6 +433,7 @@ def routes(cfg: Config) -> RouteConfiguration:
                         auto_host_rewrite=True,
                         prefix_rewrite=action.prefix_rewrite,
                     ),
+                    request_headers_to_remove=INTERNAL_REQUEST_HEADERS if len(pool1) == 1 else [],
                 )
             )
         route_list.append(
@@ -420,6 +446,8 @@ def routes(cfg: Config) -> RouteConfiguration:
                     ],
                 ),
                 route=action,
+                # No upstream stage on a direct route removes them: the route does.
+                request_headers_to_remove=direct,
             )
         )
     # Reached only by a request the sidecar did not route (it answers everything it rejects).
@@ -453,10 +481,6 @@ def routes(cfg: Config) -> RouteConfiguration:
         # The internal headers are the gateway's own: a client or backend never sets them.
         internal_only_headers=[],
     )
-
-
-def pooled(model: Model) -> bool:
-    return len({t.priority for t in model.targets}) > 1
 
 
 def pool_cluster_name(model: str) -> str:
@@ -602,22 +626,22 @@ def _http2_options() -> AnyMsg:
     )
 
 
-def _upstream_http_options(cfg: Config, backend: str | None) -> AnyMsg:
-    return _any(
-        HttpProtocolOptions(
-            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                http_protocol_options=Http1ProtocolOptions()
-            ),
-            http_filters=[
-                HttpFilter(
-                    name=EXT_PROC_FILTER, typed_config=_any(upstream_ext_proc(cfg, backend))
-                ),
-                HttpFilter(
-                    name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())
-                ),
-            ],
+def _upstream_http_options(cfg: Config, backend: str | None, stage: bool = True) -> AnyMsg:
+    """HTTP/1.1 to the backend; with `stage`, the upstream ext_proc stage before the codec
+    (`backend` names the cluster's one backend; None: each attempt's host says it)."""
+    options = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http_protocol_options=Http1ProtocolOptions()
         )
     )
+    if stage:
+        options.http_filters = [
+            HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(upstream_ext_proc(cfg, backend))),
+            HttpFilter(
+                name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())
+            ),
+        ]
+    return _any(options)
 
 
 def _circuit_breakers(max_requests: int) -> CircuitBreakers:
@@ -685,19 +709,24 @@ def _outlier_detection(failures: int, eject_for_s: float) -> OutlierDetection:
     )
 
 
-def backend_cluster(cfg: Config, name: str) -> Cluster:
+def backend_cluster(cfg: Config, name: str, staged: bool = False) -> Cluster:
+    """A backend's cluster; `staged` (a canary's member) runs the upstream stage, which sets
+    the credential and model name of whichever backend Envoy picked."""
     backend = cfg.backends[name]
+    cluster_id = split_cluster_name(name) if staged else cluster_name(name)
     cluster = Cluster(
-        name=cluster_name(name),
+        name=cluster_id,
         type=ClusterDiscoveryType.STRICT_DNS,
         dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
         connect_timeout=_duration(backend.connect_timeout_s),
         circuit_breakers=_circuit_breakers(backend.max_requests),
         load_assignment=ClusterLoadAssignment(
-            cluster_name=cluster_name(name),
+            cluster_name=cluster_id,
             endpoints=[LocalityLbEndpoints(lb_endpoints=[_endpoint(cfg, name)])],
         ),
-        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name)},
+        typed_extension_protocol_options={
+            HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name if staged else None, staged)
+        },
         outlier_detection=_outlier_detection(backend.eject_after_failures, backend.eject_for_s),
     )
     if backend.tls:
@@ -738,15 +767,6 @@ def multi_pool_cluster(cfg: Config, model: str, priority: int, targets: list[Tar
             min(b.eject_after_failures for b in backends), min(b.eject_for_s for b in backends)
         ),
     )
-
-
-def pools(model: Model) -> list[list[Target]]:
-    """The model's serving targets by priority (weight 0 serves nowhere)."""
-    by_priority: dict[int, list[Target]] = {}
-    for t in model.targets:
-        if t.weight > 0:
-            by_priority.setdefault(t.priority, []).append(t)
-    return [by_priority[p] for p in sorted(by_priority)]
 
 
 def pool_member_cluster(model: str, priority: int, targets: list[Target]) -> str:
@@ -802,6 +822,8 @@ def bootstrap(cfg: Config) -> Bootstrap:
         ],
     )
     clusters = [sidecar_cluster(cfg)] + [backend_cluster(cfg, name) for name in cfg.backends]
+    in_splits = {t.backend for m in cfg.models.values() if split(m) for t in m.targets}
+    clusters += [backend_cluster(cfg, name, staged=True) for name in sorted(in_splits)]
     for name, m in cfg.models.items():
         if pooled(m):
             clusters += [

@@ -291,6 +291,16 @@ class DownstreamStream:
             and not self.response_guards  # guards may change the stream: it goes inline
             and (path == "observe" or (path == "auto" and parsed.include_usage))
         )
+        set_headers = {routing.ROUTE_HEADER: parsed.model}
+        target = routing.fixed_target(self.rt, parsed.model, self.pool)
+        if target is not None:
+            # One backend can serve this request and its route has no upstream stage: this
+            # stage prepares the request for that backend itself.
+            if target.credential is not None:
+                set_headers[target.auth_header] = target.credential
+            if target.provider_model != parsed.model:
+                parsed.body["model"] = target.provider_model
+                changed = True
         body_mutation = orjson.dumps(parsed.body) if changed else None
         if parsed.stream and not parsed.include_usage and not self.observe:
             # Ask the backend for its usage report; the relay removes it again from what the
@@ -312,7 +322,6 @@ class DownstreamStream:
             if self.trace is not NO_TRACE:
                 data["traceparent"] = self.trace.traceparent()
         metadata = {METADATA_NAMESPACE: data}
-        set_headers = {routing.ROUTE_HEADER: parsed.model}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
             data["pool"] = self.pool

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from .config import INTERNAL_HEADER_PREFIX, Model, ResolvedTarget, Runtime
+from .config import INTERNAL_HEADER_PREFIX, Model, ResolvedTarget, Runtime, pooled, pools, split
 from .errors import GatewayError, not_found
 from .identity import spoofed_headers
 from .parsing import ENDPOINT_MODEL_TYPES, Endpoint
@@ -71,6 +71,26 @@ def list_models_body(runtime: Runtime, team: str) -> bytes:
 def retrieve_model_body(runtime: Runtime, team: str, model: str) -> bytes:
     _visible_model(runtime, team, model)
     return orjson.dumps(model_object(runtime, model))
+
+
+def fixed_target(runtime: Runtime, model: str, pool: int = 0) -> ResolvedTarget | None:
+    """The one backend a request will go to, when the route leaves no choice: a model with a
+    single target, or a quota failover pinned to a pool of one. The downstream stage then
+    sets the credential and the provider's model name itself, and the route goes to the
+    backend's plain cluster, with no upstream stage (one gRPC stream less per request). None
+    when Envoy chooses (a canary split, failover pools): the upstream stage does it there."""
+    spec = runtime.config.models.get(model)
+    if spec is None or split(spec):
+        return None
+    if pooled(spec):
+        if pool != 1:
+            return None
+        candidates = pools(spec)[1]
+    else:
+        candidates = [t for t in spec.targets if t.weight > 0]
+    if len(candidates) != 1:
+        return None
+    return runtime.targets.get((model, candidates[0].backend))
 
 
 def upstream_target(

@@ -8,7 +8,14 @@ import pytest
 import yaml
 
 from extproc.config import load_config, parse_config
-from extproc.envoy_config import OBSERVER_FILTER, render_istio, render_snippet, render_yaml
+from extproc.envoy_config import (
+    EXT_PROC_FILTER,
+    HTTP_PROTOCOL_OPTIONS,
+    OBSERVER_FILTER,
+    render_istio,
+    render_snippet,
+    render_yaml,
+)
 from extproc.supervisor import envoy_binary
 
 from .conftest import REPO
@@ -196,11 +203,20 @@ def test_render_weighted_split_tls_and_path_rewrite(tmp_path, monkeypatch):
     hcm = boot["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
     routes = {r["name"]: r for r in hcm["routeConfig"]["virtualHosts"][0]["routes"]}
     weighted = routes["model:llama"]["route"]["weightedClusters"]["clusters"]
+    # A canary's members run the upstream stage (it learns which backend Envoy picked) ...
     assert [(c["name"], c["weight"]) for c in weighted] == [
-        ("aigw-backend-vllm-a", 90),
-        ("aigw-backend-vllm-b", 10),
+        ("aigw-split-vllm-a", 90),
+        ("aigw-split-vllm-b", 10),
     ]
+    assert "requestHeadersToRemove" not in routes["model:llama"]
+    # ... a single-backend model goes to the plain cluster, which has none: the downstream
+    # stage set the credential and model name, and the route drops the gateway's headers.
     assert routes["model:gpt-4o"]["route"]["cluster"] == "aigw-backend-openai"
+    assert routes["model:gpt-4o"]["requestHeadersToRemove"] == [
+        "x-aigw-model",
+        "x-aigw-pool",
+        "x-aigw-team",
+    ]
     assert "prefixRewrite" not in routes["model:gpt-4o"]["route"]
     assert routes["model:gpt-4o-azure"]["route"]["prefixRewrite"] == "/openai/v1/"
     clusters = {c["name"]: c for c in boot["staticResources"]["clusters"]}
@@ -209,6 +225,13 @@ def test_render_weighted_split_tls_and_path_rewrite(tmp_path, monkeypatch):
     assert sidecar_limits["maxRequests"] == 200_000
     (backend_limits,) = clusters["aigw-backend-vllm-a"]["circuitBreakers"]["thresholds"]
     assert backend_limits["maxRequests"] == backend_limits["maxPendingRequests"] == 10_000
+    def stages(name: str) -> list[str]:
+        options = clusters[name]["typedExtensionProtocolOptions"][HTTP_PROTOCOL_OPTIONS]
+        return [f["name"] for f in options.get("httpFilters", [])]
+
+    assert stages("aigw-split-vllm-a") == [EXT_PROC_FILTER, "envoy.filters.http.upstream_codec"]
+    assert stages("aigw-backend-vllm-a") == stages("aigw-backend-openai") == []
+    assert "aigw-split-openai" not in clusters  # in no canary
     tls = clusters["aigw-backend-openai"]["transportSocket"]["typedConfig"]
     assert tls["sni"] == "api.openai.com"
     assert "transportSocket" not in clusters["aigw-backend-vllm-a"]
