@@ -44,6 +44,7 @@ envoy: $(BIN)/.installed
 	$(BIN)/extproc envoy --config $(CONFIG)
 
 bench: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run
 
 # The Debian packages the tests run, each installed when its tool is missing: redis-server (the

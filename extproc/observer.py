@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Any
 
+from google.protobuf import json_format
+
 from .processor import (
     METADATA_NAMESPACE,
     Services,
@@ -72,7 +74,8 @@ class ObservedStream:
 
     def _start(self, req: ProcessingRequest, headers: dict[str, str]) -> None:
         struct = req.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        self.info = info = dict(struct) if struct is not None else {}
+        # Plain Python values: a Struct's lists and nested objects are protobuf containers.
+        self.info = info = json_format.MessageToDict(struct) if struct is not None else {}
         self.relay = StreamRelay(strip_usage_chunk=False)
         started_at = _number(info.get("started_at"), time.time())
         cfg = self.services.runtime.config
@@ -97,6 +100,9 @@ class ObservedStream:
         if isinstance(parent, str) and parent:
             # A child of the request's span, which the downstream stage ended at hand-over.
             self.trace = self.services.tracing.request({"traceparent": parent}, name="stream")
+
+    def failed(self) -> None:
+        """Nothing to mark: Envoy never waits for the observer, the client got its answer."""
 
     def close(self) -> None:
         """The gRPC stream ended: a stream cut short settles what was delivered."""

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .guard.types import Verdict
     from .quota.policy import LimitSpec
     from .quota.service import QuotaService, Reservation
-    from .telemetry.audit import AuditLog
+    from .telemetry.audit import AuditTrail
     from .tokens import TokenCounter
 
 log = logging.getLogger("extproc.processor")
@@ -77,7 +77,7 @@ class Services:
     guards: Guardrails
     guard_client: GuardClient  # one HTTP session for every guard call, kept across reloads
     tracing: Tracing = DISABLED  # built once at start-up
-    audit: AuditLog | None = None  # kept across reloads unless its settings changed
+    audit: AuditTrail | None = None  # None: no audit trail; the same trail across reloads
 
 
 class DownstreamStream:
@@ -163,6 +163,12 @@ class DownstreamStream:
         """No message will come after the last answer: the observer took the stream over."""
         return self.handed_off
 
+    def failed(self) -> None:
+        """The sidecar failed this stream (a bug): Envoy answers with the failure status."""
+        if self.report is not None:
+            self.report.status = self.rt.config.sidecar.failure_status
+            self.report.code = "internal_error"
+
     def reject(self, err: GatewayError) -> protocol.ProcessingResponse:
         if self.relay is not None:
             # A stream has begun: an immediate response can no longer replace it. (A buffered
@@ -238,19 +244,8 @@ class DownstreamStream:
         report.model = parsed.model[:256]
         report.endpoint = self.endpoint.value
         report.stream = parsed.stream
-        operation = OPERATION.get(self.endpoint.value, self.endpoint.value)
-        self.trace.rename(f"{operation} {report.model}")
-        self.trace.set(
-            {
-                "gen_ai.operation.name": operation,
-                "gen_ai.request.model": report.model,
-                "gen_ai.request.max_tokens": _int_or_none(
-                    parsed.body.get("max_completion_tokens", parsed.body.get("max_tokens"))
-                ),
-                "extproc.team": self.team,
-                "extproc.stream": parsed.stream,
-            }
-        )
+        if self.trace is not NO_TRACE:
+            self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, self.endpoint)
         self.request = parsed
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
@@ -273,12 +268,14 @@ class DownstreamStream:
             self.prompt = await self._count_prompt(parsed)
             self._check_prompt_size(request_guards, verdicts)
         self._record("request", verdicts)
-        self.trace.set({"extproc.prompt_tokens_estimate": self.prompt.tokens})
+        if self.trace is not NO_TRACE:
+            self.trace.set({"extproc.prompt_tokens_estimate": self.prompt.tokens})
         audit = self.services.audit
         if audit is not None:
             texts = [s.get() for s in (slots or request_slots(self.endpoint, parsed.body))]
             include = self.rt.config.observability.audit.include_prompt
-            if sum(len(t) for t in texts) > OFF_LOOP_CHARS:
+            # Masking every PII kind costs ~0.1 ms per 1,000 characters: off the loop sooner.
+            if sum(len(t) for t in texts) > (OFF_LOOP_CHARS // 8 if include else OFF_LOOP_CHARS):
                 report.prompt = await asyncio.to_thread(prompt_fields, texts, include)
             else:
                 report.prompt = prompt_fields(texts, include)
@@ -338,6 +335,22 @@ class DownstreamStream:
             dynamic_metadata=metadata,
         )
 
+    def _trace_request(self, parsed: ParsedRequest, model: str) -> None:
+        assert self.endpoint is not None
+        operation = OPERATION.get(self.endpoint.value, self.endpoint.value)
+        self.trace.rename(f"{operation} {model}")
+        self.trace.set(
+            {
+                "gen_ai.operation.name": operation,
+                "gen_ai.request.model": model,
+                "gen_ai.request.max_tokens": _int_or_none(
+                    parsed.body.get("max_completion_tokens", parsed.body.get("max_tokens"))
+                ),
+                "extproc.team": self.team,
+                "extproc.stream": parsed.stream,
+            }
+        )
+
     async def _external_guards_and_reserve(
         self,
         parsed: ParsedRequest,
@@ -357,7 +370,11 @@ class DownstreamStream:
             reserve = self._reserve(parsed.model, specs, Amounts(self.prompt.tokens, output))
         if not any(not g.local for g in guards):
             if reserve is not None:
-                self.reservation = await reserve
+                try:
+                    self.reservation = await reserve
+                except GatewayError:
+                    self._record("request", local)  # the guards did run: keep their verdicts
+                    raise
             return []
         reserving = None
         if reserve is not None:
@@ -382,7 +399,11 @@ class DownstreamStream:
             self.services.quota.settle_soon(self.reservation, Amounts(0, 0), self.trace)
             self._stop_if_blocked([*local, *verdicts], "request")
         if reserving is not None:
-            await reserving  # the 429 (or 503) of the reservation, if it failed
+            try:
+                await reserving  # the 429 (or 503) of the reservation, if it failed
+            except GatewayError:
+                self._record("request", [*local, *verdicts])
+                raise
         return verdicts
 
     async def _reserve(
@@ -654,9 +675,10 @@ class DownstreamStream:
             return
         usage = self.usage
         cost = report.count_usage(cfg, usage)
-        self.trace.set(report.span_attributes(usage, cost))
-        outcome = report.outcome
-        self.trace.end(outcome if outcome in ("error", "backend_error") else None)
+        if self.trace is not NO_TRACE:
+            self.trace.set(report.span_attributes(usage, cost))
+            outcome = report.outcome
+            self.trace.end(outcome if outcome in ("error", "backend_error") else None)
         if self.services.audit is not None:
             timing = self.timing.as_metadata(None) if self.timing is not None else None
             duration = time.perf_counter() - self.started
@@ -782,6 +804,9 @@ class UpstreamStream:
 
     def close(self) -> None:
         """Nothing to settle: the downstream stage owns the request's accounting."""
+
+    def failed(self) -> None:
+        """Nothing to report: the downstream stage reports the request."""
 
     async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
         kind = req.WhichOneof("request")

@@ -27,7 +27,7 @@ from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
 from .routing import OBSERVE_STAGE, STAGE_METADATA
 from .telemetry import tracing as tracing_mod
-from .telemetry.audit import AuditLog
+from .telemetry.audit import AuditLog, AuditTrail
 from .telemetry.exposition import MetricsServer
 from .telemetry.metrics import CONFIG_RELOADS, EXT_PROC_STREAMS, PHASE_SECONDS, process_exited
 from .tokens import TokenCounter
@@ -80,6 +80,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                 except Exception:
                     # A bug must cost one request, not the process or the other streams.
                     log.exception("internal error while processing a stream")
+                    stream.failed()  # reported as the gateway's error, not a cancellation
                     await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
                 timer = _PHASE_TIMERS.get((stage, request.WhichOneof("request")))
                 if timer is not None:
@@ -116,7 +117,7 @@ def build_services(
     quota: QuotaService | None = None,
     guard_client: GuardClient | None = None,
     tracing: tracing_mod.Tracing = tracing_mod.DISABLED,
-    audit: AuditLog | None = None,
+    audit: AuditTrail | None = None,
 ) -> Services:
     if tokens is None:
         runtime, tokens = build_runtime_parts(runtime)
@@ -136,19 +137,11 @@ def build_services(
     )
 
 
-def open_audit(settings: AuditSettings, current: AuditLog | None = None) -> AuditLog | None:
-    """The audit writer the settings ask for: the current one when they did not change."""
-    if settings.path is None:
-        return None
-    path = worker_path(settings.path)
-    if current is not None and (current.path, current.max_bytes, current.backups) == (
-        path,
-        settings.max_bytes,
-        settings.backups,
-    ):
-        return current
+def configure_audit(trail: AuditTrail, settings: AuditSettings) -> AuditLog | None:
+    """Point the trail where the settings say; returns the log it retired (to be closed)."""
+    path = worker_path(settings.path) if settings.path is not None else None
     try:
-        return AuditLog(path, settings.max_bytes, settings.backups)
+        return trail.configure(path, settings.max_bytes, settings.backups)
     except OSError as exc:
         raise ConfigError(
             [("observability.audit.path", f"cannot open {path}: {exc.strerror}")]
@@ -173,10 +166,11 @@ class Sidecar:
         runtime = load_runtime(self.config_path)
         self.listen = listen or runtime.config.sidecar.listen
         obs = runtime.config.observability
+        self.audit_trail = AuditTrail()
         self.tracing = tracing_mod.from_settings(obs.tracing, tracer_provider)
         self.metrics_server = MetricsServer(obs.metrics.listen) if obs.metrics.listen else None
         self.processor = ExternalProcessor(
-            build_services(runtime, tracing=self.tracing, audit=open_audit(obs.audit))
+            build_services(runtime, tracing=self.tracing, audit=self._audit(obs.audit))
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -184,7 +178,10 @@ class Sidecar:
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.bound_port: int | None = None
-        self._retired_audits: list[AuditLog] = []
+
+    def _audit(self, settings: AuditSettings) -> AuditTrail | None:
+        configure_audit(self.audit_trail, settings)
+        return self.audit_trail if self.audit_trail.log is not None else None
 
     def _stat(self) -> float | None:
         try:
@@ -209,11 +206,13 @@ class Sidecar:
                 return _rejected(exc)
             old = self.processor.services
             try:
-                audit = await asyncio.to_thread(
-                    open_audit, runtime.config.observability.audit, old.audit
+                # Opening files: off the loop. Streams keep writing to the current log.
+                retired = await asyncio.to_thread(
+                    configure_audit, self.audit_trail, runtime.config.observability.audit
                 )
             except ConfigError as exc:
                 return _rejected(exc)
+            audit = self.audit_trail if self.audit_trail.log is not None else None
             fresh = build_services(
                 runtime, tokens, old.quota, old.guard_client, self.tracing, audit
             )
@@ -224,12 +223,8 @@ class Sidecar:
             if fresh.quota is not old.quota:
                 await old.quota.drain()
                 await old.quota.store.close()
-            if old.audit is not None and old.audit is not audit:
-                # Streams still holding the old services may write a last record: keep it
-                # open a grace period, then flush it off the loop.
-                self._retired_audits.append(old.audit)
-                loop = asyncio.get_running_loop()
-                loop.call_later(60, loop.run_in_executor, None, old.audit.close)
+            if retired is not None:
+                await asyncio.to_thread(retired.close)  # nothing writes to it any more
             log.info("config reloaded from %s (sha256 %s)", self.config_path, runtime.digest[:12])
             return True, []
 
@@ -295,9 +290,7 @@ class Sidecar:
         await quota.drain()  # settlements of the last requests
         await quota.store.close()
         await self.processor.services.guard_client.close()
-        for audit in [*self._retired_audits, self.processor.services.audit]:
-            if audit is not None:
-                await asyncio.to_thread(audit.close)  # idempotent: every record on disk
+        await asyncio.to_thread(self.audit_trail.close)  # every record on disk
         await asyncio.to_thread(self.tracing.shutdown)  # the spans still batched
         if self.metrics_server is not None:
             await self.metrics_server.stop()

@@ -225,6 +225,7 @@ def test_render_weighted_split_tls_and_path_rewrite(tmp_path, monkeypatch):
     assert sidecar_limits["maxRequests"] == 200_000
     (backend_limits,) = clusters["aigw-backend-vllm-a"]["circuitBreakers"]["thresholds"]
     assert backend_limits["maxRequests"] == backend_limits["maxPendingRequests"] == 10_000
+
     def stages(name: str) -> list[str]:
         options = clusters[name]["typedExtensionProtocolOptions"][HTTP_PROTOCOL_OPTIONS]
         return [f["name"] for f in options.get("httpFilters", [])]

@@ -275,3 +275,25 @@ def test_a_long_prompt_is_masked_off_the_event_loop() -> None:
     _, resp = run(stream, request_headers(key=KEY_B), request_body(chat))
     sent = orjson.loads(resp.request_body.response.body_mutation.body)
     assert sent["messages"][0]["content"] == filler + "[EMAIL]"
+
+
+class QuotingWebhook(GuardClient):
+    """A webhook that quotes what it judged in its reason (and a category)."""
+
+    async def webhook(self, ep: Any, payload: dict) -> Any:
+        return "block", f"found {EMAIL} in the text", (f"quoted:{EMAIL}",), None
+
+
+def test_a_webhooks_reason_is_masked_before_logs_spans_and_the_audit_trail() -> None:
+    data = guarded_config(hook={"type": "webhook", "url": "http://127.0.0.1:9/hook"})
+    data["guardrails"] = {"request": ["hook"]}
+    services = dataclasses.replace(services_for(data), guard_client=QuotingWebhook())
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    stream = DownstreamStream(services)
+    _, resp = run(stream, request_headers(key=KEY_B), request_body(chat))
+    assert resp.immediate_response.status.code == 403
+    assert stream.report is not None
+    (entry,) = stream.report.guards
+    assert entry["reason"] == "found [EMAIL] in the text"
+    assert entry["categories"] == ["quoted:[EMAIL]"]
+    assert EMAIL not in repr(stream.report.guards)

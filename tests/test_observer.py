@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from extproc.protocol import ProcessingMode, ProcessingRequest
 from extproc.quota.policy import Amounts
 from extproc.quota.service import QuotaService, Reservation
 from extproc.streams import ACTIVE
+from extproc.telemetry.audit import AuditTrail
 from extproc.telemetry.tracing import NO_TRACE
 
 from .test_processor import (
@@ -254,3 +257,25 @@ def test_observer_without_a_reservation_settles_nothing(base: Services) -> None:
     data = {"team": "team-a", "model": MODEL, "observe": True, "reservation": "", "limits": []}
     observer = observe(services, data, [stream_bytes(["Bon"], USAGE)])
     assert observer.done and recorder.settled == []
+
+
+def test_the_observer_reads_the_handed_over_report_from_the_forwarded_struct(
+    base: Services, tmp_path: Path
+) -> None:
+    trail = AuditTrail()
+    trail.configure(tmp_path / "audit.jsonl", 1 << 20, 1)
+    services = dataclasses.replace(base, audit=trail)
+    _, data = request_metadata(services, chat(stream_options={"include_usage": True}))
+    assert len(data["prompt_sha256"]) == 64  # the first half of the report, handed over
+    # As Envoy forwards it: lists and objects inside a protobuf Struct.
+    guards = [{"stage": "request", "guard": "pii", "action": "rewrite", "counts": {"email": 1}}]
+    data = {**data, "guards": guards, "prompt": ["hello [EMAIL]"]}
+    observer = observe(services, data, [stream_bytes(["Bon", "jour"], USAGE)])
+    assert observer.report is not None
+    assert observer.report.guards == guards
+    assert observer.report.prompt["prompt"] == ["hello [EMAIL]"]
+    assert trail.log is not None and trail.log.flush()
+    (record,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert record["guards"] == guards and record["path"] == "observed"
+    assert record["tokens"]["input"] == 123 and record["prompt"] == ["hello [EMAIL]"]
+    trail.close()

@@ -19,6 +19,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from extproc.config import TracingSettings, parse_config
 from extproc.guard.types import Verdict
 from extproc.telemetry import metrics, tracing
+from extproc.telemetry.audit import AuditTrail
 from extproc.telemetry.exposition import MetricsServer
 from extproc.telemetry.report import (
     RequestReport,
@@ -245,3 +246,38 @@ def test_the_readme_observability_block_is_a_valid_config() -> None:
     )
     assert cfg.observability.audit.backups == 10
     assert cfg.prices["gpt-4o-mini"].output == 0.60
+
+
+def test_audit_trail_follows_reloads_without_two_writers(tmp_path) -> None:
+    trail = AuditTrail()
+    assert trail.configure(tmp_path / "a.jsonl", 4096, 1) is None
+    first = trail.log
+    assert first is not None
+    # The same file with other rotation settings: the same writer, its settings updated.
+    assert trail.configure(tmp_path / "a.jsonl", 8192, 3) is None
+    assert trail.log is first and (first.max_bytes, first.backups) == (8192, 3)
+    # Another file: the old log is handed back to be closed; writes go to the new one.
+    retired = trail.configure(tmp_path / "b.jsonl", 4096, 1)
+    assert retired is first
+    retired.close()
+    trail.write({"n": 1})
+    # Off: a stream that started with the trail on writes nothing, and nothing fails.
+    second = trail.configure(None, 4096, 1)
+    assert second is not None
+    second.close()
+    trail.write({"n": 2})
+    assert (tmp_path / "b.jsonl").read_text() == '{"n":1}\n'
+    assert (tmp_path / "a.jsonl").read_text() == ""
+
+
+def test_a_stream_the_sidecar_failed_is_an_error_not_a_cancellation() -> None:
+    from extproc.config import load_runtime
+    from extproc.processor import DownstreamStream
+    from extproc.server import build_services
+
+    services = build_services(load_runtime(REPO / "examples" / "quickstart.yaml"))
+    stream = DownstreamStream(services)
+    stream.failed()
+    report = stream.report
+    assert report is not None
+    assert (report.status, report.code, report.outcome) == (503, "internal_error", "error")

@@ -21,7 +21,7 @@ import orjson
 from ..errors import GatewayError
 from ..telemetry.metrics import GUARD_ERRORS, GUARD_SECONDS, GUARD_VERDICTS
 from ..telemetry.tracing import NO_TRACE
-from .detectors import PII_KINDS, DenyList, count_kinds, detector, find_all, mask
+from .detectors import PII_KINDS, DenyList, count_kinds, detector, find_all, known_kinds, mask
 from .llm import GuardClient, GuardEndpoint
 from .texts import Slot, conversation
 from .types import GuardUnavailable, SafetyReply, Span, Verdict
@@ -243,6 +243,10 @@ async def _timed(
 UNAVAILABLE = "unavailable: "
 
 
+def _masked(text: str) -> str:
+    return mask(text, find_all(text, known_kinds())) if text else text
+
+
 def _error_reason(reason: str) -> str:
     """A bounded label from a GuardUnavailable's message."""
     detail = reason.removeprefix(UNAVAILABLE)
@@ -273,7 +277,10 @@ async def _external(
             action, reason, categories, rewritten = await client.webhook(ep, payload)
             if action == "rewrite" and (rewritten is None or len(rewritten) != len(texts)):
                 raise GuardUnavailable("rewrite with the wrong number of texts")
-            return Verdict(action, guard.name, reason, categories, rewritten)
+            # A webhook's words may quote the text it judged: they reach logs, spans and the
+            # audit trail only with every PII and secret kind masked.
+            categories = tuple(_masked(c) for c in categories)
+            return Verdict(action, guard.name, _masked(reason), categories, rewritten)
         reply: SafetyReply
         if spec.type == "llama_guard":
             reply = await client.llama_guard(ep, judged, judge, mode=spec.mode)

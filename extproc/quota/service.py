@@ -14,7 +14,7 @@ from ..config import Config, QuotaSettings
 from ..errors import GatewayError
 from ..parsing import Endpoint
 from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS
-from ..telemetry.tracing import NO_TRACE
+from ..telemetry.tracing import NO_SPAN, NO_TRACE
 from . import policy
 from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
 from .store import Charge, CounterState, QuotaStore, StoreUnavailable
@@ -176,11 +176,14 @@ class QuotaService:
         if reservation is None or reservation.settled:
             return
         reservation.settled = True
-        attributes = {
-            "extproc.input_tokens": actual.input_tokens,
-            "extproc.output_tokens": actual.output_tokens,
-        }
-        span = trace.start("quota settle", attributes)
+        span = trace.start("quota settle")
+        if span is not NO_SPAN:
+            span.set_attributes(
+                {
+                    "extproc.input_tokens": actual.input_tokens,
+                    "extproc.output_tokens": actual.output_tokens,
+                }
+            )
         task = asyncio.get_running_loop().create_task(self._settle(reservation, actual, span))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -283,3 +283,31 @@ class AuditLog:
         if now - self._logged.get(key, -_LOG_EVERY) >= _LOG_EVERY:
             self._logged[key] = now
             log.error(msg, *args)
+
+
+class AuditTrail:
+    """Where the sidecar's records go, across config reloads: a stream that started under an
+    older config still writes to the log configured now, never to one a reload closed."""
+
+    def __init__(self) -> None:
+        self.log: AuditLog | None = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        current = self.log
+        if current is not None:  # audit turned off since the stream started: nothing to keep
+            current.write(record)
+
+    def configure(self, path: Path | None, max_bytes: int, backups: int) -> AuditLog | None:
+        """Point the trail at `path` (None: off). Returns the log it stopped using, for the
+        caller to close off the event loop. Opens files: call it from a worker thread."""
+        current = self.log
+        if current is not None and path is not None and current.path == Path(path):
+            # The same file: one writer only, whatever changed (rotation reads these live).
+            current.max_bytes, current.backups = max_bytes, max(0, backups)
+            return None
+        self.log = AuditLog(path, max_bytes, backups) if path is not None else None
+        return current
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()

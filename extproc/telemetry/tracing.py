@@ -106,7 +106,7 @@ class _NoSpan:
         pass
 
 
-_NO_SPAN = _NoSpan()
+NO_SPAN: Any = _NoSpan()
 
 
 class _NoTrace:
@@ -119,11 +119,11 @@ class _NoTrace:
         pass
 
     def start(self, name: str, attributes: Mapping[str, Any] | None = None) -> Any:
-        return _NO_SPAN
+        return NO_SPAN
 
     @contextlib.contextmanager
     def child(self, name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
-        yield _NO_SPAN
+        yield NO_SPAN
 
     def trace_id(self) -> str:
         return ""
