@@ -19,6 +19,15 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .config import WORKER_ENV
+
+    workers = load_config(args.config).sidecar.workers
+    if workers > 1 and WORKER_ENV not in os.environ:
+        from .workers import serve_workers
+
+        return serve_workers(args.config, args.listen, workers)
     from .server import serve
 
     return serve(args.config, args.listen)

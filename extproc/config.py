@@ -330,6 +330,10 @@ class Model(_Strict):
     guardrails: GuardLists = GuardLists()
 
 
+# Set by the worker supervisor (`sidecar.workers`): this process's index among the workers.
+WORKER_ENV = "EXTPROC_WORKER"
+
+
 class SidecarSettings(_Strict):
     listen: str = Field(default="127.0.0.1:50051", description="HOST:PORT or unix:/path")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
@@ -348,6 +352,9 @@ class SidecarSettings(_Strict):
     # waits for the sidecar's answer (exact usage always). "auto": observe whenever the stream
     # needs no change, i.e. the client asked for usage itself; inline otherwise.
     stream_path: Literal["auto", "inline", "observe"] = "auto"
+    # Processes serving `listen` together (SO_REUSEPORT), to use several cores. What they
+    # share must live outside them: quotas need `quota.store: redis` (checked at load).
+    workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("listen")
     @classmethod
@@ -516,6 +523,25 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         if model_name not in cfg.models:
             problems.append((f"prices.{model_name}", "unknown model"))
     problems += _check_guard_lists(cfg)
+    problems += _check_workers(cfg)
+    return problems
+
+
+def _check_workers(cfg: Config) -> list[tuple[str, str]]:
+    if cfg.sidecar.workers == 1:
+        return []
+    problems = []
+    if cfg.sidecar.listen.startswith("unix:"):
+        problems.append(("sidecar.workers", "several workers need a HOST:PORT listen address"))
+    limited = [name for name, team in cfg.teams.items() if team.limits]
+    if limited and cfg.quota.store == "memory":
+        problems.append(
+            (
+                "sidecar.workers",
+                "several workers need quota.store: redis (each would count "
+                f"{', '.join(limited)}'s quota on its own, letting it spend it once per worker)",
+            )
+        )
     return problems
 
 

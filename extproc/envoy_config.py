@@ -775,8 +775,15 @@ def pool_member_cluster(model: str, priority: int, targets: list[Target]) -> str
     return f"{pool_cluster_name(model)}-{priority}"
 
 
+# With several sidecar workers on one port, Envoy opens one HTTP/2 connection per host and
+# per worker thread, and the kernel hands each new connection to one worker (SO_REUSEPORT):
+# the same address listed several times gives enough connections to spread over them.
+CONNECTIONS_PER_WORKER = 4
+
+
 def sidecar_cluster(cfg: Config) -> Cluster:
     address = _socket(cfg.sidecar.listen)
+    copies = 1 if cfg.sidecar.workers == 1 else CONNECTIONS_PER_WORKER * cfg.sidecar.workers
     return Cluster(
         name=SIDECAR_CLUSTER,
         type=ClusterDiscoveryType.STATIC,
@@ -786,7 +793,9 @@ def sidecar_cluster(cfg: Config) -> Cluster:
         load_assignment=ClusterLoadAssignment(
             cluster_name=SIDECAR_CLUSTER,
             endpoints=[
-                LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))])
+                LocalityLbEndpoints(
+                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))] * copies
+                )
             ],
         ),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http2_options()},

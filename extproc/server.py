@@ -17,7 +17,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admin.service import ConfigAdmin, QuotaAdmin
 from .admin.v1 import config_pb2_grpc, quota_pb2_grpc
-from .config import AuditSettings, ConfigError, Runtime, load_runtime, parse_address
+from .config import (
+    WORKER_ENV,
+    AuditSettings,
+    ConfigError,
+    Runtime,
+    load_runtime,
+    parse_address,
+)
 from .guard.llm import GuardClient
 from .guard.pipeline import Guardrails
 from .observer import ObservedStream
@@ -37,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("extproc.server")
 
-# Set by the worker supervisor: this process's index among the sidecar's workers.
-WORKER_ENV = "EXTPROC_WORKER"
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -168,7 +173,11 @@ class Sidecar:
         obs = runtime.config.observability
         self.audit_trail = AuditTrail()
         self.tracing = tracing_mod.from_settings(obs.tracing, tracer_provider)
-        self.metrics_server = MetricsServer(obs.metrics.listen) if obs.metrics.listen else None
+        self.worker = os.environ.get(WORKER_ENV) is not None
+        listen_metrics = obs.metrics.listen
+        self.metrics_server = (
+            MetricsServer(listen_metrics, reuse_port=self.worker) if listen_metrics else None
+        )
         self.processor = ExternalProcessor(
             build_services(runtime, tracing=self.tracing, audit=self._audit(obs.audit))
         )
@@ -244,6 +253,9 @@ class Sidecar:
             ("grpc.max_send_message_length", message_limit),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # Workers share the address; a lone sidecar must fail loudly on a taken port
+            # rather than silently share it with a stale process.
+            ("grpc.so_reuseport", 1 if self.worker else 0),
         ]
         self.server = grpc.aio.server(options=options)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)

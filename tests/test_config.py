@@ -599,3 +599,17 @@ def test_pool_priorities_must_be_contiguous_and_weighted() -> None:
 def test_quota_failover_needs_a_next_pool() -> None:
     data = cfg(models={"m": {"targets": [{"backend": "b"}], "quota_failover": True}})
     assert parse_problems(data) == [("models.m.quota_failover", "needs a target of priority 1")]
+
+
+def test_several_workers_need_a_shared_quota_store_and_a_port() -> None:
+    limited = {"t": {"keys": [{"sha256": sha("sk-t")}], "limits": [{"window": "day", "tokens": 9}]}}
+    problems = parse_problems(cfg(sidecar={"workers": 2}, teams=limited))
+    assert [p for p, _ in problems] == ["sidecar.workers"]
+    assert "quota.store: redis" in problems[0][1] and "t's quota" in problems[0][1]
+    problems = parse_problems(cfg(sidecar={"workers": 2, "listen": "unix:/tmp/x.sock"}))
+    assert problems == [("sidecar.workers", "several workers need a HOST:PORT listen address")]
+    redis = {"store": "redis", "redis": {"url": "redis://127.0.0.1:6379/0"}}
+    assert (
+        parse_config(cfg(sidecar={"workers": 4}, teams=limited, quota=redis)).sidecar.workers == 4
+    )
+    assert parse_config(cfg(sidecar={"workers": 2})).sidecar.workers == 2  # no limits: fine

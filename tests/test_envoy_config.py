@@ -320,3 +320,15 @@ def test_render_a_pool_of_several_backends_with_their_own_tls(tmp_path):
     out = tmp_path / "envoy.yaml"
     out.write_text(text)
     envoy_validate(out)
+
+
+def test_several_workers_get_enough_connections_to_spread_over(tmp_path):
+    cfg = parse_config(_config(sidecar={"listen": "127.0.0.1:50051", "workers": 3}))
+    boot = yaml.safe_load(render_yaml(cfg))
+    sidecar = next(c for c in boot["staticResources"]["clusters"] if c["name"] == "extproc_sidecar")
+    endpoints = sidecar["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    assert len(endpoints) == 12  # 4 per worker: Envoy opens a connection per host and thread
+    assert {e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints} == {50051}
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(cfg))
+    envoy_validate(out)

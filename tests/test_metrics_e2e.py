@@ -1,7 +1,8 @@
 """Metrics and the audit trail through the real Envoy, with the openai SDK as the client.
 
-The stack runs two sidecar processes on the same ports (SO_REUSEPORT), sharing one
-prometheus-client multiprocess directory: /metrics must give the exact sums over both.
+The sidecar runs as two workers (`sidecar.workers: 2`) on the same ports (SO_REUSEPORT),
+quotas in Redis, metrics in one prometheus-client multiprocess directory: /metrics must give
+the exact sums over both, and each worker writes its own audit file.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -26,9 +26,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.supervisor import Stack, stop_process, wait_tcp
+from extproc.supervisor import Stack
 
 from .conftest import BACKEND_A_SECRET, free_port, sha256_hex
+from .redis_servers import RedisServer, redis_server_module  # noqa: F401
 
 MODEL = "gpt-4o-mini"
 PROMPT_SECRET = "sk-proj-Abc123Def456Ghi789Jkl012Mno345"
@@ -37,10 +38,11 @@ RESPONSE_TOKENS = 8
 PRICE_IN, PRICE_OUT = 1.5, 6.0  # USD per million tokens
 
 
-def telemetry_config(ports: dict[str, int], audit: Path) -> dict[str, Any]:
+def telemetry_config(ports: dict[str, int], audit: Path, redis_url: str) -> dict[str, Any]:
     fake = f"http://127.0.0.1:{ports['fake']}/v1"
     return {
-        "sidecar": {"listen": f"127.0.0.1:{ports['sidecar']}", "grace_s": 5},
+        "sidecar": {"listen": f"127.0.0.1:{ports['sidecar']}", "grace_s": 5, "workers": 2},
+        "quota": {"store": "redis", "redis": {"url": redis_url}},
         "envoy": {
             "listen": f"127.0.0.1:{ports['envoy']}",
             "admin": f"127.0.0.1:{ports['admin']}",
@@ -85,7 +87,8 @@ class Telemetry:
     audit_dir: Path
     config: dict[str, Any]
     config_path: Path
-    second: subprocess.Popen
+    supervisor: subprocess.Popen
+    multiproc: Path
 
     def client(self, key: str = "sk-alpha") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20)
@@ -118,48 +121,40 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def telemetry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetry]:
+def telemetry(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server_module: RedisServer,  # noqa: F811
+) -> Iterator[Telemetry]:
     tmp = tmp_path_factory.mktemp("telemetry")
     names = ("sidecar", "envoy", "admin", "fake", "dead", "metrics")
     ports = {k: free_port() for k in names}
     audit_dir = tmp / "audit"
-    config = telemetry_config(ports, audit_dir / "audit.jsonl")
+    config = telemetry_config(ports, audit_dir / "audit.jsonl", redis_server_module.url)
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     multiproc = tmp / "prom"
     multiproc.mkdir()
-    env = {
-        "TEST_BACKEND_A_KEY": BACKEND_A_SECRET,
-        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
-        "EXTPROC_WORKER": "0",
-    }
+    (multiproc / "counter_1.db").write_bytes(b"stale")  # from an earlier run: emptied at start
+    env = {"TEST_BACKEND_A_KEY": BACKEND_A_SECRET, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
     os.environ["TEST_BACKEND_A_KEY"] = BACKEND_A_SECRET  # as the shared gateway sets it
     log_path = tmp / "stack.log"
     with open(log_path, "ab", buffering=0) as log:
         stack = Stack(path, workdir=tmp, env=env, stdout=log)
-        second = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "serve", "--config", str(path)],
-            env={**os.environ, **env, "EXTPROC_WORKER": "1"},
-            stdout=log,
-            stderr=log,
-        )
         try:
             stack.start()
-            wait_tcp(config["sidecar"]["listen"], time.monotonic() + 15, second)
             yield Telemetry(
                 base_url=f"http://{config['envoy']['listen']}/v1",
                 metrics_url=f"http://{config['observability']['metrics']['listen']}/metrics",
                 audit_dir=audit_dir,
                 config=config,
                 config_path=path,
-                second=second,
+                supervisor=stack.procs["sidecar"],
+                multiproc=multiproc,
             )
         finally:
             stack.stop(grace=10)
-            stop_process(second, 10, "second sidecar")
     tail = log_path.read_text(errors="replace")[-3000:]
     assert stack.procs["sidecar"].returncode == 0, tail
-    assert second.returncode == 0, tail
 
 
 def hello() -> list[dict[str, str]]:
@@ -254,9 +249,9 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     assert value(samples, "extproc_active_streams") == 0
     assert value(samples, "extproc_ext_proc_streams", stage="observe") == 0
 
-    # Both processes wrote their own numbers into the shared directory (one for sure; the
-    # kernel spreads Envoy's connections, so the second may have had no request).
-    assert telemetry.second.poll() is None
+    # Both workers served (Envoy's connections spread over them) and count in one directory.
+    pids = {p.stem.rsplit("_", 1)[1] for p in telemetry.multiproc.glob("counter_*.db")}
+    assert len(pids) == 2, pids
 
     records = telemetry.audit_records()
     assert len(records) == 12
@@ -320,3 +315,46 @@ def test_the_audit_trail_loses_nothing_under_load_and_holds_no_secret(
         raw = path.read_bytes()
         for secret in (PROMPT_SECRET, EMAIL, "sk-alpha", BACKEND_A_SECRET, sha256_hex("sk-alpha")):
             assert secret.encode() not in raw, (path, secret)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent pid
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_killed_worker_is_replaced_and_traffic_goes_on(telemetry: Telemetry) -> None:
+    workers = children(telemetry.supervisor.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], 9)
+    deadline = time.monotonic() + 20
+    while True:
+        now = children(telemetry.supervisor.pid)
+        if len(now) == 2 and workers[0] not in now:
+            break
+        assert time.monotonic() < deadline, f"no replacement worker: {now}"
+        time.sleep(0.1)
+    # The replacement binds the same port; Envoy's connections to the dead worker broke and
+    # reconnect to live ones. Requests may need a moment while the new worker starts.
+    client = telemetry.client()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.chat.completions.create(model=MODEL, messages=hello())
+            break
+        except openai.APIError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    for _ in range(20):
+        client.chat.completions.create(model=MODEL, messages=hello())
+    assert telemetry.supervisor.poll() is None
+    # The dead worker's live gauges were dropped: nothing is left "active".
+    samples = telemetry.scrape()
+    assert value(samples, "extproc_active_streams") == 0
+    assert value(samples, "extproc_ext_proc_streams", stage="downstream") == 0

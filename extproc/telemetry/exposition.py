@@ -1,7 +1,7 @@
 """The HTTP endpoint Prometheus scrapes: GET /metrics (and /healthz for probes).
 
-Bound with SO_REUSEPORT, so several sidecar processes can serve the same address; in
-multiprocess mode every one of them answers with the sum over all workers.
+The sidecar's workers bind it together (SO_REUSEPORT); in multiprocess mode every one of them
+answers with the sum over all workers.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ async def _healthz(_request: web.Request) -> web.Response:
 
 
 class MetricsServer:
-    def __init__(self, listen: str) -> None:
+    def __init__(self, listen: str, reuse_port: bool = False) -> None:
         self.listen = listen
+        self.reuse_port = reuse_port  # the sidecar's workers all serve the same address
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
 
@@ -41,7 +42,7 @@ class MetricsServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = parse_address(self.listen)
-        site = web.TCPSite(self._runner, host, port, reuse_port=True)
+        site = web.TCPSite(self._runner, host, port, reuse_port=self.reuse_port)
         await site.start()
         sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1] if sockets else port

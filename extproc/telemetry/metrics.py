@@ -155,10 +155,11 @@ def exposition() -> bytes:
     return generate_latest(registry)
 
 
-def process_exited(pid: int) -> None:
+def process_exited(pid: int, path: str | None = None) -> None:
     """A worker is gone: its live gauges (active streams) stop counting."""
-    if multiprocess_dir() is not None:
-        _multiprocess.mark_process_dead(pid)
+    path = path or multiprocess_dir()
+    if path is not None:
+        _multiprocess.mark_process_dead(pid, path)
 
 
 def outcome_of(status: int, code: str | None, failed_over: bool) -> str:
