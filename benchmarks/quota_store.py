@@ -110,32 +110,48 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, dict[int, f
     return {k: {c: statistics.median(v) for c, v in d.items()} for k, d in results.items()}
 
 
-def main() -> int:
+def collect(args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """Median µs per request by store and concurrency (`benchmarks.run --suite full` too)."""
+    proc, url, workdir = start_redis()
+    try:
+        try:
+            import uvloop
+
+            return uvloop.run(run(args, url))
+        except ImportError:
+            return asyncio.run(run(args, url))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def markdown(args: argparse.Namespace, medians: dict[str, dict[int, float]]) -> str:
+    lines = [
+        f"Quota reserve + settle, 3 limits, {args.requests} requests, median of {args.runs} runs",
+        "",
+        "| store | concurrency | µs per request | requests/s (one event loop) |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind, by_c in medians.items():
+        for c, us in sorted(by_c.items()):
+            lines.append(f"| {kind} | {c} | {us:.1f} | {1e6 / us:,.0f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16]
     )
-    args = parser.parse_args()
-    proc, url, workdir = start_redis()
-    try:
-        try:
-            import uvloop
+    return parser.parse_args(argv)
 
-            medians = uvloop.run(run(args, url))
-        except ImportError:
-            medians = asyncio.run(run(args, url))
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"Quota reserve + settle, 3 limits, {args.requests} requests, median of {args.runs} runs")
-    print("\n| store | concurrency | µs per request | requests/s (one event loop) |")
-    print("|---|---:|---:|---:|")
-    for kind, by_c in medians.items():
-        for c, us in sorted(by_c.items()):
-            print(f"| {kind} | {c} | {us:.1f} | {1e6 / us:,.0f} |")
+
+def main() -> int:
+    args = parse_args()
+    print(markdown(args, collect(args)))
     return 0
 
 

@@ -9,7 +9,11 @@
 - the *gateway*: `extproc.supervisor.Stack` (sidecar + Envoy) in front of the same fake.
 
 Then it drives both with a small asyncio client, alternating baseline and gateway for every
-scenario of every run, and reports medians over runs. See benchmarks/README.md.
+concurrency of every run, and reports medians over runs: a markdown table on stdout, and JSON,
+markdown and PNG plots in benchmarks/results/. Flags pick what the gateway runs (`--quota`,
+`--guards`, `--failover`, `--workers`); `--suite full` runs every scenario and the streaming
+benchmark and writes one combined report with the performance budget (benchmarks/suite.py).
+See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -62,8 +66,64 @@ PAYLOAD = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "
 PATH = "/v1/chat/completions"
 TARGETS = ("baseline", "gateway")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_DIR = Path(__file__).resolve().parent.parent
 REQUEST_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 60.0
+DEFAULT_CONCURRENCY = [1, 4, 16]
+QUOTA_STORES = ("memory", "redis", "none")
+# The status the failover scenario's priority-0 backend answers every request with.
+FAILOVER_FAULTS = ("429", "503")
+# Percentiles kept in the JSON per concurrency and target (all runs pooled): enough to redraw
+# the latency distribution without keeping every sample.
+KEPT_PERCENTILES = [*range(0, 100), 99.9, 100]
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What the gateway runs. The baseline is always Envoy alone with the same routes."""
+
+    quota: str = "memory"  # memory | redis | none
+    guards: bool = False
+    failover: bool = False
+    failover_fault: str = "429"
+    workers: int = 1
+
+    @property
+    def name(self) -> str:
+        """A short id: JSON keys and progress lines."""
+        parts = ["chat", f"quota-{self.quota}"]
+        if self.guards:
+            parts.append("guards")
+        if self.failover:
+            parts.append(f"failover-{self.failover_fault}")
+        if self.workers > 1:
+            parts.append(f"workers-{self.workers}")
+        return "+".join(parts)
+
+    @property
+    def label(self) -> str:
+        """What the gateway does on every request, for the reports."""
+        quota = {
+            "memory": "quota (embedded store)",
+            "redis": "quota (Redis on loopback)",
+            "none": "no quota",
+        }[self.quota]
+        parts = ["auth", "token counting", quota]
+        if self.guards:
+            parts.append("local guards")
+        if self.failover:
+            parts.append(f"failover (priority 0 answers {self.failover_fault}, retried on 1)")
+        if self.workers > 1:
+            parts.append(f"{self.workers} sidecar workers")
+        return ", ".join(parts)
+
+    @property
+    def is_headline(self) -> bool:
+        """The configuration the performance budget is defined for."""
+        return self == Scenario(failover_fault=self.failover_fault)
 
 
 # --------------------------------------------------------------------------- processes
@@ -90,17 +150,57 @@ LOCAL_GUARDS: dict[str, Any] = {
     "guardrails": {"request": ["deny", "pii", "size"], "response": ["secrets-out"]},
 }
 
+# `--quota memory|redis`: limits that never reject, so every request reserves against both
+# and settles (the work the quota adds), without a 429 ever changing what is measured.
+QUOTA_LIMITS: list[dict[str, Any]] = [
+    {"window": "minute", "tokens": 10**12},
+    {"window": "minute", "requests": 10**12},
+]
+# The product's default (50 ms) counts a slower Redis answer as "store unavailable" (503):
+# at saturation on two shared cores a call can take that long, and a 503 is not a cost.
+REDIS_TIMEOUT_MS = 1000
 
-def gateway_config(fake_port: int, guards: bool = False) -> dict[str, Any]:
+
+def gateway_config(
+    fake_port: int,
+    scenario: Scenario | None = None,
+    redis_url: str | None = None,
+    failing_port: int | None = None,
+) -> dict[str, Any]:
     """The gateway's config: free loopback ports, one team key, the running fake as backend."""
-    return {
+    scenario = scenario or Scenario()
+    team: dict[str, Any] = {"keys": [{"sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]}
+    config: dict[str, Any] = {
         "sidecar": {"listen": f"{HOST}:{free_port()}"},
         "envoy": {"listen": f"{HOST}:{free_port()}", "admin": f"{HOST}:{free_port()}"},
-        "teams": {"bench": {"keys": [{"sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]}},
+        "teams": {"bench": team},
         "backends": {"fake": {"url": f"http://{HOST}:{fake_port}/v1"}},
         "models": {MODEL: {"targets": [{"backend": "fake"}]}},
-        **(LOCAL_GUARDS if guards else {}),
     }
+    if scenario.workers > 1:
+        # Only when asked: a config without the key is what every earlier result measured.
+        config["sidecar"]["workers"] = scenario.workers
+    if scenario.quota != "none":
+        team["limits"] = QUOTA_LIMITS
+    if scenario.quota == "redis":
+        assert redis_url is not None
+        config["quota"] = {
+            "store": "redis",
+            "redis": {"url": redis_url, "timeout_ms": REDIS_TIMEOUT_MS},
+        }
+    if scenario.failover:
+        assert failing_port is not None
+        # A pooled model: priority 0 always fails, so Envoy retries every request on priority 1.
+        config["backends"]["failing"] = {"url": f"http://{HOST}:{failing_port}/v1"}
+        config["models"][MODEL] = {
+            "targets": [
+                {"backend": "failing", "priority": 0},
+                {"backend": "fake", "priority": 1},
+            ]
+        }
+    if scenario.guards:
+        config.update(LOCAL_GUARDS)
+    return config
 
 
 def _without_ext_proc(filters: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
@@ -113,8 +213,10 @@ def _without_ext_proc(filters: list[dict[str, Any]], where: str) -> list[dict[st
 def baseline_bootstrap(cfg: Config, listen: str, admin: str) -> dict[str, Any]:
     """The gateway's bootstrap for `cfg`, on other ports, with every ext_proc piece removed.
 
-    Listener, connection manager, access log, backend cluster and timeouts stay exactly as the
-    gateway renders them, so the sidecar (and the header route it needs) is the only difference.
+    Listener, connection manager, access log, clusters (a pooled model's aggregate cluster and
+    its members too), the model route's action (its retry policy too) and timeouts stay exactly
+    as the gateway renders them, so the sidecar (and the header match it needs) is the only
+    difference.
     """
     envoy = cfg.envoy.model_copy(update={"listen": listen, "admin": admin})
     doc = to_dict(bootstrap(cfg.model_copy(update={"envoy": envoy})))
@@ -170,14 +272,48 @@ def envoy_workers(admin: str) -> int | None:
         return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc), or None."""
+def redis_binary() -> str | None:
+    """Debian's redis-server (`make system-deps` installs it), or None."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    return "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), e.g. the sidecar's worker processes."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pid: int, tree: bool = False) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None.
+
+    `tree`: its descendants' too (the sidecar with `sidecar.workers` is a supervisor whose
+    workers do the work; their time reaches the parent's own counters only once reaped).
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if tree:
+        total += sum(cpu_seconds(child) or 0.0 for child in _descendants(pid))
+    return total
 
 
 def self_cpu_seconds() -> float:
@@ -199,19 +335,28 @@ def percentile(ordered: Sequence[float], q: float) -> float | None:
 
 
 async def phase(
-    session: aiohttp.ClientSession, url: str, concurrency: int, seconds: float
+    session: aiohttp.ClientSession,
+    url: str,
+    concurrency: int,
+    seconds: float,
+    keep: list[float] | None = None,
 ) -> dict[str, Any]:
-    """`concurrency` closed-loop workers; none starts a request after `seconds`."""
+    """`concurrency` closed-loop workers; none starts a request after `seconds`.
+
+    `keep`: a list that receives every HTTP 200 latency (seconds), for the plots.
+    """
     body = json.dumps(PAYLOAD).encode()
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     exceptions: Counter[str] = Counter()
+    retried = 0
     clock = time.perf_counter
     start = clock()
     stop_at = start + seconds
 
     async def worker() -> None:
+        nonlocal retried
         while True:
             t0 = clock()
             if t0 >= stop_at:
@@ -220,6 +365,9 @@ async def phase(
                 async with session.post(url, data=body, headers=headers) as resp:
                     await resp.read()
                     status = resp.status
+                    # Envoy says how many attempts a request took (the route config asks it
+                    # to): the failover scenario checks that every request took the retry.
+                    attempts = resp.headers.get("x-envoy-attempt-count", "1")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 exceptions[type(exc).__name__] += 1
                 await asyncio.sleep(0.01)  # no hot loop against a dead port
@@ -228,12 +376,16 @@ async def phase(
             statuses[status] += 1
             if status == 200:
                 latencies.append(elapsed)
+                if attempts != "1":
+                    retried += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = clock() - start
     latencies.sort()
     ok = len(latencies)
     errors = sum(n for s, n in statuses.items() if s != 200) + sum(exceptions.values())
+    if keep is not None:
+        keep.extend(latencies)
 
     def ms(q: float) -> float | None:
         value = percentile(latencies, q)
@@ -243,6 +395,7 @@ async def phase(
         "requests": ok + errors,
         "ok": ok,
         "errors": errors,
+        "retried": retried,
         "statuses": {str(s): n for s, n in sorted(statuses.items())},
         "exceptions": dict(exceptions),
         "wall_s": round(wall, 3),
@@ -255,7 +408,11 @@ async def phase(
 
 
 async def measure(
-    base_url: str, concurrency: int, warmup: float, duration: float
+    base_url: str,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    keep: list[float] | None = None,
 ) -> dict[str, Any]:
     """Warm up, then measure, over one keep-alive session pooled to `concurrency`."""
     connector = aiohttp.TCPConnector(
@@ -266,11 +423,18 @@ async def measure(
         url = base_url + PATH
         if warmup > 0:
             await phase(session, url, concurrency, warmup)
-        return await phase(session, url, concurrency, duration)
+        return await phase(session, url, concurrency, duration, keep)
+
+
+def _reported_header(name: str) -> bool:
+    return name.startswith(("x-aigw-", "x-ratelimit-")) or name == "x-envoy-attempt-count"
 
 
 async def preflight(base_url: str, deadline: float) -> dict[str, str]:
-    """One request until it answers 200 (Envoy may still be health-checking the sidecar)."""
+    """One request until it answers 200 (Envoy may still be health-checking the sidecar).
+
+    Returns the response's gateway, rate-limit and attempt-count headers.
+    """
     last = "no answer"
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -280,12 +444,27 @@ async def preflight(base_url: str, deadline: float) -> dict[str, str]:
                 async with session.post(base_url + PATH, json=PAYLOAD, headers=headers) as resp:
                     text = await resp.text()
                     if resp.status == 200:
-                        return {k: v for k, v in resp.headers.items() if k.startswith("x-aigw-")}
+                        return {k: v for k, v in resp.headers.items() if _reported_header(k)}
                     last = f"HTTP {resp.status}: {text[:300]}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last = repr(exc)
             await asyncio.sleep(0.2)
     raise RuntimeError(f"{base_url}{PATH} never answered 200; last: {last}")
+
+
+def check_preflight(scenario: Scenario, headers: dict[str, dict[str, str]]) -> None:
+    """The gateway really does what the scenario says (else the numbers measure something else)."""
+    gw = headers["gateway"]
+    if gw.get("x-aigw-team") != "bench":
+        raise RuntimeError(f"the gateway did not identify the caller: {gw}")
+    if scenario.quota != "none" and "x-ratelimit-limit-requests" not in gw:
+        raise RuntimeError(f"the gateway applied no quota limit: {gw}")
+    if scenario.failover:
+        for target in TARGETS:
+            if headers[target].get("x-envoy-attempt-count") != "2":
+                raise RuntimeError(f"{target}: the request was not retried once: {headers[target]}")
+        if gw.get("x-aigw-failover") != "true":
+            raise RuntimeError(f"the gateway did not report the failover: {gw}")
 
 
 # --------------------------------------------------------------------------- report
@@ -296,7 +475,11 @@ def median_of(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarize(samples: list[dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
+def summarize(
+    samples: list[dict[str, Any]],
+    concurrencies: list[int],
+    latencies: dict[tuple[int, str], list[float]] | None = None,
+) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for c in concurrencies:
         per_target: dict[str, Any] = {}
@@ -308,11 +491,19 @@ def summarize(samples: list[dict[str, Any]], concurrencies: list[int]) -> dict[s
             }
             per_target[target]["requests"] = sum(r["requests"] for r in rows)
             per_target[target]["errors"] = sum(r["errors"] for r in rows)
+            per_target[target]["retried"] = sum(r.get("retried", 0) for r in rows)
             per_target[target]["runs_with_errors"] = sorted(r["run"] for r in rows if r["errors"])
             per_target[target]["cpu_cores"] = {
                 name: median_of([r["cpu_cores"].get(name) for r in rows])
                 for name in sorted({n for r in rows for n in r["cpu_cores"]})
             }
+            pooled = sorted((latencies or {}).get((c, target), []))
+            if pooled:
+                # All runs pooled (not medians over runs): the distribution the plot draws.
+                per_target[target]["pooled_percentiles_ms"] = {
+                    f"{q:g}": round(1000 * (percentile(pooled, q / 100) or 0.0), 3)
+                    for q in KEPT_PERCENTILES
+                }
         base, gw = per_target["baseline"], per_target["gateway"]
         # Per-run comparisons (each run's pair measured back to back) show the spread.
         pairs = []
@@ -362,10 +553,12 @@ def _span(values: list[float | None], digits: int, sign: bool = False, unit: str
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     summary = result["summary"]
+    label = s.get("scenario", {}).get("label", "")
     lines = [
-        f"Envoy-only baseline vs gateway: median of {s['runs']} run(s), {s['duration_s']:g} s "
-        f"per scenario after {s['warmup_s']:g} s warm-up, Envoy --concurrency "
-        f"{s['envoy_concurrency']}, {result['machine']['cpus']} CPU(s) shared by everything.",
+        f"Envoy-only baseline vs gateway ({label}): median of {s['runs']} run(s), "
+        f"{s['duration_s']:g} s per concurrency after {s['warmup_s']:g} s warm-up, Envoy "
+        f"--concurrency {s['envoy_concurrency']}, {result['machine']['cpus']} CPU(s) shared by "
+        "everything.",
         "",
         "| concurrency | metric | baseline | gateway | gateway vs baseline | spread over runs |",
         "|---:|---|---:|---:|---:|---|",
@@ -389,6 +582,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {c} | requests / errors | {base['requests']} / {base['errors']} | "
             f"{gw['requests']} / {gw['errors']} | {'**ERRORS**' if errors else 'all 200'} | |"
         )
+        if base.get("retried") or gw.get("retried"):
+            lines.append(
+                f"| {c} | retried (attempts > 1) | {_retried(base)} | {_retried(gw)} | | |"
+            )
     lines.append("")
     headline = result["headline"]
     if headline.get("latency_concurrency") is not None:
@@ -430,51 +627,143 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _retried(row: dict[str, Any]) -> str:
+    ok = row["requests"] - row["errors"]
+    return f"{row.get('retried', 0)} ({_fmt(_pct(row.get('retried', 0), ok), 1)} %)"
+
+
+# --------------------------------------------------------------------------- results
+
+
+def git_info() -> dict[str, Any]:
+    """The commit measured, and whether the working tree had uncommitted changes to it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "envoy": envoy_version(),
+    }
+
+
+def envelope(args: argparse.Namespace, argv: list[str] | None, now: dt.datetime) -> dict[str, Any]:
+    """What every result file starts with: when, how it was asked for, what and where."""
+    return {
+        "timestamp": now.isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "flags": vars(args),
+        "git": git_info(),
+        "machine": machine_info(),
+    }
+
+
+def stem_for(now: dt.datetime, prefix: str = "") -> Path:
+    """benchmarks/results/<prefix><UTC timestamp>: the JSON, .md and PNGs add their suffixes."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    return RESULTS_DIR / f"{prefix}{now.strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def write_result(stem: Path, result: dict[str, Any], report: str) -> Path:
+    """The JSON and the markdown report side by side; returns the JSON's path."""
+    out = stem.with_suffix(".json")
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    stem.with_suffix(".md").write_text(report + "\n", encoding="utf-8")
+    return out
+
+
+def report_header(result: dict[str, Any], title: str, module: str = "benchmarks.run") -> list[str]:
+    git = result["git"]
+    commit = git["commit"] or "unknown"
+    if git.get("dirty"):
+        commit += " (with uncommitted changes)"
+    m = result["machine"]
+    return [
+        f"# {title}",
+        "",
+        f"{result['timestamp']}, commit {commit}, {m['cpus']} CPU(s), {m['platform']}, "
+        f"Python {m['python']}, {m['envoy']}. Command: "
+        f"`python -m {module} {' '.join(result['argv'])}`.",
+        "",
+    ]
+
+
 # --------------------------------------------------------------------------- main
 
 
 @dataclass
 class Targets:
-    """The running processes: one fake LLM, the baseline Envoy and the gateway's Stack."""
+    """The running processes: the fake LLM(s), the baseline Envoy and the gateway's Stack."""
 
     fake: subprocess.Popen
     baseline: subprocess.Popen
     stack: Stack
     urls: dict[str, str]
     admins: dict[str, str]
+    # Processes only the gateway uses (redis) and ones both targets use besides the fake
+    # (the failover scenario's failing backend).
+    gateway_extra: dict[str, subprocess.Popen] = field(default_factory=dict)
+    shared_extra: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def pids(self, target: str) -> dict[str, int]:
         """The processes a target's requests go through (the fake is shared)."""
+        shared = {name: proc.pid for name, proc in self.shared_extra.items()}
         if target == "baseline":
-            return {"envoy": self.baseline.pid}
+            return {"envoy": self.baseline.pid, **shared}
         return {
             "envoy": self.stack.procs["envoy"].pid,
             "sidecar": self.stack.procs["sidecar"].pid,
+            **{name: proc.pid for name, proc in self.gateway_extra.items()},
+            **shared,
         }
 
     def check(self) -> None:
         exited = self.stack.poll()
-        if exited is None and self.baseline.poll() is not None:
-            exited = ("baseline envoy", self.baseline.returncode)
-        if exited is None and self.fake.poll() is not None:
-            exited = ("fake-llm", self.fake.returncode)
+        others = {
+            "baseline envoy": self.baseline,
+            "fake-llm": self.fake,
+            **self.gateway_extra,
+            **self.shared_extra,
+        }
+        for name, proc in others.items():
+            if exited is None and proc.poll() is not None:
+                exited = (name, proc.returncode)
         if exited is not None:
             raise RuntimeError(f"a process exited during the benchmark: {exited}")
 
 
 @contextlib.contextmanager
 def started(
-    workdir: Path, envoy_concurrency: int, fake_args: Sequence[str] = (), guards: bool = False
+    workdir: Path,
+    envoy_concurrency: int,
+    fake_args: Sequence[str] = (),
+    scenario: Scenario | None = None,
 ) -> Iterator[Targets]:
     """Fake LLM, baseline Envoy and gateway on free loopback ports; all stopped on exit.
 
     The fake runs with no time to first token and no pacing unless `fake_args` say otherwise;
-    a request may set its own with the x-fake-* headers.
+    a request may set its own with the x-fake-* headers. The scenario may add a redis-server
+    (the gateway's quota store) and a second fake that fails every request (priority 0 of the
+    failover pool, in both targets' config).
     """
+    scenario = scenario or Scenario()
     workdir.mkdir(parents=True, exist_ok=True)
     logs: list[TextIO] = []
-    fake: subprocess.Popen | None = None
-    baseline: subprocess.Popen | None = None
+    procs: list[subprocess.Popen] = []  # stopped in reverse order
     stack: Stack | None = None
 
     def log_file(name: str) -> TextIO:
@@ -482,19 +771,53 @@ def started(
         logs.append(handle)
         return handle
 
+    def spawn(name: str, argv: list[str]) -> subprocess.Popen:
+        log = log_file(name)
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        procs.append(proc)
+        return proc
+
+    def fake_llm(name: str, port: int, extra: Sequence[str]) -> subprocess.Popen:
+        return spawn(
+            name,
+            [sys.executable, "-m", "extproc", "fake-llm", "--listen", f"{HOST}:{port}",
+             "--ttft-ms", "0", "--tokens-per-second", "0", "--record-limit", "0", *extra],
+        )  # fmt: skip
+
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         fake_port = free_port()
-        fake_log = log_file("fake-llm")
-        fake = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "fake-llm", "--listen", f"{HOST}:{fake_port}",
-             "--ttft-ms", "0", "--tokens-per-second", "0", "--record-limit", "0", *fake_args],
-            stdout=fake_log, stderr=fake_log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        fake = fake_llm("fake-llm", fake_port, fake_args)
         wait_tcp(f"{HOST}:{fake_port}", deadline, fake)
 
+        gateway_extra: dict[str, subprocess.Popen] = {}
+        shared_extra: dict[str, subprocess.Popen] = {}
+        redis_url = failing_port = None
+        if scenario.quota == "redis":
+            binary = redis_binary()
+            if binary is None:
+                raise RuntimeError("redis-server is not installed (`make system-deps`)")
+            redis_port = free_port()
+            (workdir / "redis").mkdir(exist_ok=True)
+            gateway_extra["redis"] = spawn(
+                "redis",
+                [binary, "--port", str(redis_port), "--bind", HOST, "--save", "",
+                 "--appendonly", "no", "--dir", str(workdir / "redis")],
+            )  # fmt: skip
+            wait_tcp(f"{HOST}:{redis_port}", deadline, gateway_extra["redis"])
+            redis_url = f"redis://{HOST}:{redis_port}/0"
+        if scenario.failover:
+            failing_port = free_port()
+            shared_extra["fake-failing"] = fake_llm(
+                "fake-failing",
+                failing_port,
+                ["--fault", scenario.failover_fault, "--name", "failing"],
+            )
+            wait_tcp(f"{HOST}:{failing_port}", deadline, shared_extra["fake-failing"])
+
         config_path = workdir / "gateway.yaml"
-        config_path.write_text(yaml.safe_dump(gateway_config(fake_port, guards), sort_keys=False))
+        config = gateway_config(fake_port, scenario, redis_url, failing_port)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         cfg = load_config(config_path)
 
         base_listen, base_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
@@ -502,11 +825,10 @@ def started(
         base_path.write_text(
             yaml.safe_dump(baseline_bootstrap(cfg, base_listen, base_admin), sort_keys=False)
         )
-        base_log = log_file("baseline-envoy")
-        baseline = subprocess.Popen(
+        baseline = spawn(
+            "baseline-envoy",
             [envoy_binary(), "-c", str(base_path), "--disable-hot-restart",
              "--log-level", "warning", "--concurrency", str(envoy_concurrency)],
-            stdout=base_log, stderr=base_log, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         wait_envoy_ready(base_admin, deadline, baseline)
 
@@ -523,12 +845,14 @@ def started(
             stack=stack,
             urls={"baseline": f"http://{base_listen}", "gateway": f"http://{cfg.envoy.listen}"},
             admins={"baseline": base_admin, "gateway": cfg.envoy.admin},
+            gateway_extra=gateway_extra,
+            shared_extra=shared_extra,
         )
     finally:
         if stack is not None:
             stack.stop(grace=5)
-        stop_process(baseline)
-        stop_process(fake)
+        for proc in reversed(procs):
+            stop_process(proc)
         for handle in logs:
             handle.close()
 
@@ -560,24 +884,69 @@ def int_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    p.add_argument("--duration", type=positive_float, default=5.0, help="seconds per scenario")
+    p.add_argument("--duration", type=positive_float, default=5.0, help="seconds per measurement")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each measurement")
     p.add_argument("--runs", type=positive_int, default=3, help="baseline/gateway pairs")
     p.add_argument(
-        "--concurrency", type=int_list, default=[1, 16], help="client concurrencies (default 1,16)"
+        "--concurrency",
+        type=int_list,
+        default=DEFAULT_CONCURRENCY,
+        help="client concurrencies (default 1,4,16)",
     )
     p.add_argument(
         "--envoy-concurrency", type=positive_int, default=1, help="Envoy worker threads (both)"
     )
     p.add_argument(
+        "--quota",
+        choices=QUOTA_STORES,
+        default="memory",
+        help="the team's limits and their store (default memory: the embedded store)",
+    )
+    p.add_argument(
         "--guards", action="store_true", help="the gateway runs the local guard pipeline too"
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 run of 2 s per scenario")
+    p.add_argument(
+        "--failover",
+        action="store_true",
+        help="a pooled model whose priority-0 backend fails every request (retried on 1)",
+    )
+    p.add_argument(
+        "--failover-fault",
+        choices=FAILOVER_FAULTS,
+        default="429",
+        help="what the failing backend answers (default 429; see the README on 503)",
+    )
+    p.add_argument(
+        "--workers", type=positive_int, default=1, help="sidecar worker processes (sidecar.workers)"
+    )
+    p.add_argument(
+        "--suite",
+        choices=("full",),
+        help="every scenario, then the streaming benchmark: one combined report with the budget",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 run of 2 s per measurement")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and process logs")
     args = p.parse_args(argv)
+    if args.workers > 1 and args.quota == "memory":
+        p.error(
+            "--workers > 1 needs --quota redis or --quota none: each worker would keep its own "
+            "embedded counters (extproc check refuses that config)"
+        )
+    if args.suite and (args.guards or args.failover):
+        p.error("--suite full runs the guards and failover scenarios itself")
     if args.quick:
         args.runs, args.duration, args.warmup = 1, 2.0, min(args.warmup, 0.5)
     return args
+
+
+def scenario_of(args: argparse.Namespace) -> Scenario:
+    return Scenario(
+        quota=args.quota,
+        guards=args.guards,
+        failover=args.failover,
+        failover_fault=args.failover_fault,
+        workers=args.workers,
+    )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -592,9 +961,20 @@ def _raise_interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # same clean-up as Ctrl-C
+@dataclass
+class Outcome:
+    """One scenario measured: its result (JSON-ready) and every latency, for the plots."""
+
+    result: dict[str, Any]
+    latencies: dict[tuple[int, str], list[float]]  # (concurrency, target) -> seconds, all runs
+
+
+def run_scenario(args: argparse.Namespace, scenario: Scenario, concurrencies: list[int]) -> Outcome:
+    """Start the process tree for `scenario`, measure every concurrency, stop everything.
+
+    The workdir (configs, process logs) is removed afterwards unless `--keep-workdir`, and
+    kept when anything failed.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     ok = False
     started_at = time.monotonic()
@@ -603,14 +983,11 @@ def main(argv: list[str] | None = None) -> int:
             workdir,
             args.envoy_concurrency,
             ["--response-tokens", str(RESPONSE_TOKENS)],
-            guards=args.guards,
+            scenario=scenario,
         ) as targets:
-            code = _measure_all(args, argv, targets, started_at)
+            outcome = _measure_all(args, scenario, concurrencies, targets, started_at)
         ok = True
-        return code
-    except KeyboardInterrupt:
-        print("interrupted; stopping everything", file=sys.stderr)
-        return 130
+        return outcome
     finally:
         if ok and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -618,33 +995,120 @@ def main(argv: list[str] | None = None) -> int:
             print(f"configs and process logs kept in {workdir}", file=sys.stderr)
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # same clean-up as Ctrl-C
+    if args.suite == "full":
+        from benchmarks.suite import run_suite
+
+        return run_suite(args, argv)
+    try:
+        outcome = run_scenario(args, scenario_of(args), args.concurrency)
+    except KeyboardInterrupt:
+        print("interrupted; stopping everything", file=sys.stderr)
+        return 130
+    now = dt.datetime.now(dt.UTC)
+    result = {**envelope(args, argv, now), **outcome.result}
+    stem = stem_for(now)
+    result["plots"] = write_plots(stem, [(outcome, "")])
+    from benchmarks import budget
+
+    result["budget"] = budget.chat_rows(result) if result["scenario"]["headline"] else []
+    out = write_result(stem, result, scenario_report(result))
+    print(markdown(result))
+    if result["budget"]:
+        print("\n" + budget.markdown(result["budget"]))
+    print(
+        f"\nresult: {out}, report {stem.name}.md, plots {', '.join(result['plots'].values())}",
+        file=sys.stderr,
+    )
+    return 1 if result["errors_total"] else 0
+
+
+def scenario_report(result: dict[str, Any]) -> str:
+    """The markdown report file of a single-scenario run."""
+    from benchmarks import budget
+
+    lines = report_header(result, f"Gateway vs Envoy alone: {result['scenario']['label']}")
+    if result.get("budget"):
+        lines += ["## Budget", "", budget.markdown(result["budget"]), ""]
+    lines += ["## Results", "", markdown(result), "", *plot_links(result["plots"])]
+    return "\n".join(lines)
+
+
+def plot_links(plots: dict[str, str]) -> list[str]:
+    titles = {
+        "latency": "Latency distribution at the lowest concurrency",
+        "throughput": "Throughput vs concurrency",
+    }
+    lines = ["## Plots", ""]
+    for kind, name in plots.items():
+        lines += [f"![{titles.get(kind, kind)}]({name})", ""]
+    return lines
+
+
+def write_plots(stem: Path, outcomes: list[tuple[Outcome, str]]) -> dict[str, str]:
+    """The latency distribution at each scenario's lowest concurrency, and throughput over
+    concurrency; returns {kind: file name} (files next to the JSON). A plotting failure is
+    reported, not fatal: the measurements are already taken."""
+    try:
+        from benchmarks import plots
+    except ImportError as exc:  # matplotlib is in the `bench` extra (`make bench` installs it)
+        print(f"no plots: {exc}", file=sys.stderr)
+        return {}
+    files: dict[str, str] = {}
+    panels = []
+    series = []
+    for outcome, title in outcomes:
+        result = outcome.result
+        low = min(result["settings"]["concurrency"])
+        by_target = {t: [v * 1000 for v in outcome.latencies.get((low, t), [])] for t in TARGETS}
+        panels.append((title or result["scenario"]["label"], low, by_target))
+        series.append((title or result["scenario"]["label"], result["summary"]))
+    runs = outcomes[0][0].result["settings"]["runs"]
+    try:
+        name = f"{stem.name}-latency.png"
+        plots.latency_cdf(RESULTS_DIR / name, panels, runs)
+        files["latency"] = name
+        name = f"{stem.name}-throughput.png"
+        plots.throughput(RESULTS_DIR / name, series, runs)
+        files["throughput"] = name
+    except Exception as exc:  # see above: the measurements are taken, report and go on
+        print(f"plotting failed: {exc!r}", file=sys.stderr)
+    return files
+
+
 def _measure_all(
-    args: argparse.Namespace, argv: list[str] | None, targets: Targets, started: float
-) -> int:
+    args: argparse.Namespace,
+    scenario: Scenario,
+    concurrencies: list[int],
+    targets: Targets,
+    started: float,
+) -> Outcome:
     workers = {t: envoy_workers(targets.admins[t]) for t in TARGETS}
     if workers["baseline"] != workers["gateway"]:
         raise RuntimeError(f"Envoy worker counts differ: {workers}")
     urls = targets.urls
     pids = {t: {**targets.pids(t), "fake-llm": targets.fake.pid} for t in TARGETS}
     samples: list[dict[str, Any]] = []
+    latencies: dict[tuple[int, str], list[float]] = {}
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        gateway_headers = {}
-        for target in TARGETS:
-            headers = runner.run(preflight(urls[target], time.monotonic() + 20))
-            if target == "gateway":
-                gateway_headers = headers
-        if gateway_headers.get("x-aigw-team") != "bench":
-            raise RuntimeError(f"the gateway did not identify the caller: {gateway_headers}")
-        total = args.runs * len(args.concurrency) * len(TARGETS)
+        preflight_headers = {
+            target: runner.run(preflight(urls[target], time.monotonic() + 20)) for target in TARGETS
+        }
+        check_preflight(scenario, preflight_headers)
+        total = args.runs * len(concurrencies) * len(TARGETS)
         for run in range(1, args.runs + 1):
-            for c in args.concurrency:
+            for c in concurrencies:
                 for target in TARGETS:  # A/B, back to back, same machine conditions
                     targets.check()
                     gc.collect()
-                    cpu_before = {n: cpu_seconds(pid) for n, pid in pids[target].items()}
+                    tree = {n: n == "sidecar" for n in pids[target]}
+                    cpu_before = {n: cpu_seconds(pid, tree[n]) for n, pid in pids[target].items()}
                     self_before = self_cpu_seconds()
-                    sample = runner.run(measure(urls[target], c, args.warmup, args.duration))
-                    cpu = {n: cpu_seconds(pid) for n, pid in pids[target].items()}
+                    keep = latencies.setdefault((c, target), [])
+                    sample = runner.run(measure(urls[target], c, args.warmup, args.duration, keep))
+                    cpu = {n: cpu_seconds(pid, tree[n]) for n, pid in pids[target].items()}
                     cores = {
                         n: round((cpu[n] - before) / sample["wall_s"], 2)
                         for n, before in cpu_before.items()
@@ -658,15 +1122,15 @@ def _measure_all(
                     sample.update(run=run, target=target, concurrency=c, cpu_cores=cores)
                     samples.append(sample)
                     print(
-                        f"[{len(samples)}/{total}] run {run} c={c:<3} {target:<8} "
-                        f"{sample['rps']:8.1f} req/s  p50 {_fmt(sample['p50_ms'])} ms  "
-                        f"p99 {_fmt(sample['p99_ms'])} ms  errors {sample['errors']}",
+                        f"[{len(samples)}/{total}] {scenario.name} run {run} c={c:<3} "
+                        f"{target:<8} {sample['rps']:8.1f} req/s  p50 {_fmt(sample['p50_ms'])} "
+                        f"ms  p99 {_fmt(sample['p99_ms'])} ms  errors {sample['errors']}",
                         file=sys.stderr,
                         flush=True,
                     )
 
-    summary = summarize(samples, args.concurrency)
-    low, high = min(args.concurrency), max(args.concurrency)
+    summary = summarize(samples, concurrencies, latencies)
+    low, high = min(concurrencies), max(concurrencies)
     headline: dict[str, Any] = {
         "latency_concurrency": low,
         "added_p50_ms": summary[str(low)]["added_ms"]["p50"],
@@ -674,18 +1138,27 @@ def _measure_all(
         "throughput_concurrency": high if high > low else None,
         "throughput_pct": summary[str(high)]["throughput_pct"] if high > low else None,
     }
-    now = dt.datetime.now(dt.UTC)
     result = {
-        "timestamp": now.isoformat(timespec="seconds"),
-        "argv": sys.argv[1:] if argv is None else argv,
+        "scenario": {
+            "name": scenario.name,
+            "label": scenario.label,
+            "headline": scenario.is_headline,
+            "quota": scenario.quota,
+            "guards": scenario.guards,
+            "failover": scenario.failover,
+            "failover_fault": scenario.failover_fault if scenario.failover else None,
+            "workers": scenario.workers,
+        },
         "settings": {
+            "scenario": {"name": scenario.name, "label": scenario.label},
             "runs": args.runs,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
-            "concurrency": args.concurrency,
+            "concurrency": concurrencies,
             "envoy_concurrency": args.envoy_concurrency,
             "envoy_workers_reported": workers,
-            "local_guards": LOCAL_GUARDS if args.guards else None,
+            "quota_limits": QUOTA_LIMITS if scenario.quota != "none" else None,
+            "local_guards": LOCAL_GUARDS if scenario.guards else None,
             "payload": PAYLOAD,
             "fake_llm": {
                 "ttft_ms": 0,
@@ -694,25 +1167,15 @@ def _measure_all(
             },
             "tiktoken_cache_dir": os.environ.get("TIKTOKEN_CACHE_DIR"),
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "envoy": envoy_version(),
-        },
-        "gateway_headers": gateway_headers,
+        "preflight_headers": preflight_headers,
+        "gateway_headers": preflight_headers["gateway"],
         "headline": headline,
         "summary": summary,
         "samples": samples,
         "errors_total": sum(s["errors"] for s in samples),
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(markdown(result))
-    print(f"\nresult: {out}", file=sys.stderr)
-    return 1 if result["errors_total"] else 0
+    return Outcome(result=result, latencies=latencies)
 
 
 if __name__ == "__main__":

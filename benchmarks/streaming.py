@@ -17,10 +17,13 @@ observer follows a copy and Envoy holds nothing back):
    at once, in a fresh process tree per K and variant; the RSS of the sidecar and of Envoy
    once every stream has received its first chunk (or the ramp stalls on a limit), against the
    RSS before they opened, per stream live at that moment; the Envoy circuit-breaker overflows
-   it caused.
+   it caused; and the CPU each process spends per chunk while the K streams flow.
 
-Medians over runs; a markdown table on stdout, the full result as JSON in
-`benchmarks/results/streaming-<UTC timestamp>.json`. See benchmarks/README.md.
+The gateway's team has quota limits that never reject (`--quota`, default the embedded store),
+as in `benchmarks.run`. Medians over runs; a markdown table on stdout, the full result as JSON
+in `benchmarks/results/streaming-<UTC timestamp>.json` and a markdown report (with the
+streaming figures of the performance budget) beside it. `benchmarks.run --suite full` calls
+`collect()` and puts the result into its combined report instead. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -31,9 +34,7 @@ import contextlib
 import datetime as dt
 import gc
 import itertools
-import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -49,18 +50,20 @@ from typing import Any
 import aiohttp
 import orjson
 
+from benchmarks import budget
 from benchmarks.run import (
     API_KEY,
     MODEL,
     PATH,
-    RESULTS_DIR,
+    QUOTA_STORES,
     TARGETS,
+    Scenario,
     Targets,
     _diff,
     _fmt,
     _loop_factory,
     cpu_seconds,
-    envoy_version,
+    envelope,
     envoy_workers,
     int_list,
     median_of,
@@ -68,7 +71,10 @@ from benchmarks.run import (
     positive_float,
     positive_int,
     preflight,
+    report_header,
     started,
+    stem_for,
+    write_result,
 )
 
 # What is measured: Envoy alone, and the gateway on each of its two stream paths. A client
@@ -92,6 +98,9 @@ FD_MARGIN = 64
 OPENING_AT_ONCE = 64
 # A memory phase's ramp that gets no stream to its first chunk for this long has hit a limit.
 STALL_S = 3.0
+# CPU per chunk is measured over this long once every stream is open, ending before the first
+# stream ends: only chunks flowing then, no connects, no stream endings.
+CPU_WINDOW_S = 5.0
 
 
 # --------------------------------------------------------------------------- processes
@@ -419,7 +428,8 @@ async def memory_phase(
     Streams are opened OPENING_AT_ONCE at a time. RSS is sampled once every stream has its
     first chunk or failed, or the ramp has made no progress for STALL_S (streams queued
     behind a limit), or half a stream's life has passed; streams that have no first chunk by
-    then are cancelled, the others read to the end.
+    then are cancelled, the others read to the end. Then, while every live stream is still
+    receiving, CPU per chunk over up to CPU_WINDOW_S.
     """
     body, headers = stream_request(tokens, tokens_per_second, include_usage)
     life_s = (tokens - 1) / tokens_per_second if tokens_per_second > 0 else 0.0
@@ -486,6 +496,17 @@ async def memory_phase(
         queued = list(unstarted)
         for task in queued:
             task.cancel()
+        # The sidecar's CPU includes its worker processes' (if it has any).
+        tree = {name: name == "sidecar" for name in pids}
+        window_s = min(CPU_WINDOW_S, life_s - (clock() - start) - 1.0)
+        cpu_window: tuple[float, float, dict[str, float | None], dict[str, float | None]] | None
+        cpu_window = None
+        if window_s >= 1.0:
+            cpu_a = {name: cpu_seconds(pid, tree[name]) for name, pid in pids.items()}
+            t_a = clock()
+            await asyncio.sleep(window_s)
+            cpu_b = {name: cpu_seconds(pid, tree[name]) for name, pid in pids.items()}
+            cpu_window = (t_a, clock(), cpu_a, cpu_b)
         _, pending = await asyncio.wait(tasks, timeout=life_s + 15.0)
         for task in pending:
             task.cancel()
@@ -500,6 +521,19 @@ async def memory_phase(
     cancelled = sum(1 for t in tasks if t.cancelled())
     if cancelled:
         kinds["no first chunk by the sample (cancelled)"] = cancelled
+    cpu_per_chunk: dict[str, Any] = {}
+    if cpu_window is not None:
+        t_a, t_b, cpu_a, cpu_b = cpu_window
+        chunks = sum(1 for r in results for t in r.content_times if t_a <= t < t_b)
+        cpu_per_chunk = {
+            "window_s": round(t_b - t_a, 2),
+            "chunks": chunks,
+            "us_per_chunk": {
+                name: round(1e6 * (cpu_b[name] - before) / chunks, 1)
+                for name, before in cpu_a.items()
+                if chunks and before is not None and cpu_b[name] is not None
+            },
+        }
     errors = sum(kinds.values())
     growth: dict[str, Any] = {}
     for name in pids:
@@ -535,6 +569,7 @@ async def memory_phase(
         "error_kinds": dict(kinds),
         "error_details": details,
         "rss": growth,
+        "cpu_per_chunk": cpu_per_chunk,
         "envoy_overflow": overflow,
         "envoy_active_at_sample": active,
     }
@@ -651,19 +686,23 @@ def markdown(result: dict[str, Any]) -> str:
         f"Memory per concurrent stream: K streams at {s['slow_tokens_per_second']:g} token/s, "
         f"{s['slow_tokens']} tokens each, opened {OPENING_AT_ONCE} at a time; RSS (median of 3 "
         f"samples) {s['settle_s']:g} s after every stream had its first chunk, against the RSS "
-        "before they opened; per stream = growth / streams live at the sample.",
+        "before they opened; per stream = growth / streams live at the sample. CPU per chunk: "
+        f"CPU time over up to {CPU_WINDOW_S:g} s right after the sample (every stream open, "
+        "none opening or ending) / content chunks the client received in that window.",
         "",
         "| K | target | live streams | process | RSS before (MB) | RSS with K open (MB) | "
-        "growth (MB) | KB per stream | RSS after (MB) | ok / errors |",
-        "|---:|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "growth (MB) | KB per stream | RSS after (MB) | CPU µs per chunk | ok / errors |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for m in result["memory"]:
+        per_chunk = m.get("cpu_per_chunk", {}).get("us_per_chunk", {})
         for name, g in m["rss"].items():
             lines.append(
                 f"| {m['k']} | {LABELS[m['target']]} | {m['live_at_sample']} | {name} | "
                 f"{_fmt(g['before_mb'], 1)} | {_fmt(g['during_mb'], 1)} | "
                 f"{_fmt(g['growth_mb'], 1, sign=True)} | {_fmt(g['kb_per_stream'], 1)} | "
-                f"{_fmt(g['after_mb'], 1)} | {m['ok']} / {m['errors']} |"
+                f"{_fmt(g['after_mb'], 1)} | {_fmt(per_chunk.get(name), 1)} | "
+                f"{m['ok']} / {m['errors']} |"
             )
     lines.append("")
     for note in result["notes"]:
@@ -736,6 +775,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--settle", type=float, default=1.0, help="seconds before sampling RSS")
     p.add_argument(
+        "--quota",
+        choices=QUOTA_STORES,
+        default="memory",
+        help="the team's limits and their store, as benchmarks.run (default memory)",
+    )
+    p.add_argument(
         "--envoy-concurrency", type=positive_int, default=1, help="Envoy worker threads (both)"
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 run, 30 streams, K=200")
@@ -767,6 +812,31 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)  # same clean-up as Ctrl-C
+    code, result = collect(args, argv)
+    if result is None:
+        return code
+    stem = stem_for(dt.datetime.fromisoformat(result["timestamp"]), "streaming-")
+    result["budget"] = budget.streaming_rows(result)
+    out = write_result(stem, result, report(result))
+    print(markdown(result))
+    print("\n" + budget.markdown(result["budget"]))
+    print(f"\nresult: {out}, report {stem.name}.md ({result['elapsed_s']} s)", file=sys.stderr)
+    return code
+
+
+def report(result: dict[str, Any]) -> str:
+    """The markdown report file of a streaming run."""
+    lines = report_header(result, "Streaming: gateway vs Envoy alone", "benchmarks.streaming")
+    lines += ["## Budget", "", budget.markdown(result["budget"]), "", "## Results", ""]
+    return "\n".join([*lines, markdown(result)])
+
+
+def collect(args: argparse.Namespace, argv: list[str] | None) -> tuple[int, dict[str, Any] | None]:
+    """Run every part; returns the exit code and the result (None when interrupted).
+
+    The caller installs the SIGTERM handler (`_on_sigterm`) and writes the result.
+    """
+    scenario = Scenario(quota=args.quota)
     rlimit = raise_open_files_limit()  # before starting anything: the children inherit it
     workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-streaming-"))
     started_at = time.monotonic()
@@ -774,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     loop = asyncio.Runner(loop_factory=_loop_factory())
     try:
-        with started(workdir / "latency", args.envoy_concurrency) as targets:
+        with started(workdir / "latency", args.envoy_concurrency, scenario=scenario) as targets:
             workers = ready(loop, targets)
             fd_limits = {
                 "loadgen": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
@@ -843,7 +913,8 @@ def main(argv: list[str] | None = None) -> int:
                 target, include_usage = VARIANTS[variant]
                 # A fresh process tree per K and variant: allocators keep what an earlier
                 # phase freed, which would hide growth.
-                with started(workdir / f"memory-{k}-{variant}", args.envoy_concurrency) as targets:
+                phase_dir = workdir / f"memory-{k}-{variant}"
+                with started(phase_dir, args.envoy_concurrency, scenario=scenario) as targets:
                     ready(loop, targets, warm_streams=args.warmup_streams)
                     targets.check()
                     pids = {**targets.pids(target), "fake-llm": targets.fake.pid}
@@ -879,9 +950,9 @@ def main(argv: list[str] | None = None) -> int:
         now = dt.datetime.now(dt.UTC)
         errors_total = sum(s["errors"] for s in latency_samples) + sum(m["errors"] for m in memory)
         result = {
-            "timestamp": now.isoformat(timespec="seconds"),
-            "argv": sys.argv[1:] if argv is None else argv,
+            **envelope(args, argv, now),
             "settings": {
+                "quota": args.quota,
                 "runs": args.runs,
                 "latency_streams": args.latency_streams,
                 "warmup_streams": args.warmup_streams,
@@ -900,12 +971,6 @@ def main(argv: list[str] | None = None) -> int:
                 "open_files": {"rlimit": rlimit, "per_process": fd_limits, "streams_fit": fits},
                 "tiktoken_cache_dir": os.environ.get("TIKTOKEN_CACHE_DIR"),
             },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "envoy": envoy_version(),
-            },
             "latency": summarize_latency(latency_samples, pacing_ms),
             "memory": memory,
             "notes": notes,
@@ -913,16 +978,11 @@ def main(argv: list[str] | None = None) -> int:
             "errors_total": errors_total,
             "elapsed_s": round(time.monotonic() - started_at, 1),
         }
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"streaming-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(markdown(result))
-        print(f"\nresult: {out} ({result['elapsed_s']} s)", file=sys.stderr)
         ok = True
-        return 1 if errors_total else 0
+        return (1 if errors_total else 0), result
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; stopping everything", file=sys.stderr)
-        return 130
+        return 130, None
     finally:
         loop.close()
         if ok and not args.keep_workdir:

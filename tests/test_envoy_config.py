@@ -271,6 +271,8 @@ def test_render_a_pooled_model_as_an_aggregate_cluster_with_failover_retries(tmp
     retry = route["retryPolicy"]
     assert retry["retryOn"] == "5xx,reset,connect-failure,retriable-status-codes"
     assert retry["retriableStatusCodes"] == [429] and retry["numRetries"] == 1
+    # The next pool is another backend: no 25 ms default back-off before trying it.
+    assert retry["retryBackOff"] == {"baseInterval": "0.001s", "maxInterval": "0.010s"}
     clusters = {c["name"]: c for c in boot["staticResources"]["clusters"]}
     pool = clusters["aigw-pool-resilient"]
     assert pool["clusterType"]["typedConfig"]["clusters"] == [

@@ -1,0 +1,181 @@
+"""The performance budget (issue "Benchmark harness and the performance budget"): each figure,
+its measured value, the budget, pass or miss.
+
+The budget holds on this 2-core machine, for medians of at least 3 runs, with auth, token
+counting and the quota on its embedded store (the headline scenario of `benchmarks.run`):
+
+- added latency at concurrency 1 over Envoy alone: p50 <= 0.6 ms, p99 <= 2 ms;
+- throughput at saturation >= 50 % of Envoy alone's;
+- streaming: added time to first token p50 <= 1 ms, added per-chunk latency p99 <= 0.3 ms;
+- 5,000 concurrent streams per sidecar process with its RSS growing <= 200 MB.
+
+A figure that was not measured the way the budget defines it (fewer runs, another scenario,
+fewer streams) still gets its verdict, with a note saying what differs; a figure that could
+not be measured at all is "n/a".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+MIN_RUNS = 3
+BUDGET_STREAMS = 5000
+STREAM_PATHS = {"inline": "inline path", "observed": "observed path"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    key: str
+    figure: str
+    limit: float
+    unit: str
+    at_least: bool = False  # the value must be >= limit (throughput), else <= limit
+
+    def text(self) -> str:
+        return f"{'>=' if self.at_least else '<='} {self.limit:g} {self.unit}"
+
+    def verdict(self, value: float | None) -> str:
+        if value is None:
+            return "n/a"
+        ok = value >= self.limit if self.at_least else value <= self.limit
+        return "pass" if ok else "miss"
+
+
+ADDED_P50 = Budget("added_p50_ms", "added latency p50 at concurrency 1", 0.6, "ms")
+ADDED_P99 = Budget("added_p99_ms", "added latency p99 at concurrency 1", 2.0, "ms")
+THROUGHPUT = Budget(
+    "throughput_pct", "throughput at saturation, % of Envoy alone", 50.0, "%", at_least=True
+)
+TTFT_P50 = Budget("stream_added_ttft_p50_ms", "streaming: added time to first token p50", 1.0, "ms")
+CHUNK_P99 = Budget("stream_added_chunk_p99_ms", "streaming: added per-chunk latency p99", 0.3, "ms")
+RSS_5000 = Budget(
+    "stream_sidecar_rss_growth_mb",
+    f"{BUDGET_STREAMS:,} concurrent streams: sidecar RSS growth",
+    200.0,
+    "MB",
+)
+
+
+def _row(budget: Budget, value: float | None, notes: list[str], suffix: str = "") -> dict:
+    return {
+        "key": budget.key + (f".{suffix}" if suffix else ""),
+        "figure": budget.figure + (f" ({STREAM_PATHS[suffix]})" if suffix else ""),
+        "measured": value,
+        "unit": budget.unit,
+        "budget": budget.text(),
+        "limit": budget.limit,
+        "verdict": budget.verdict(value),
+        "notes": notes,
+    }
+
+
+def _runs_notes(result: dict[str, Any]) -> list[str]:
+    runs = result["settings"]["runs"]
+    return [] if runs >= MIN_RUNS else [f"{runs} run(s), the budget wants medians of >= {MIN_RUNS}"]
+
+
+def chat_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The non-streaming figures of a `benchmarks.run` result (its headline)."""
+    headline = result["headline"]
+    common = _runs_notes(result)
+    if not result["scenario"]["headline"]:
+        common.append(f"measured with {result['scenario']['label']}")
+    rows = []
+    low = headline["latency_concurrency"]
+    at = [] if low == 1 else [f"measured at concurrency {low}"]
+    rows.append(_row(ADDED_P50, headline["added_p50_ms"], common + at))
+    rows.append(_row(ADDED_P99, headline["added_p99_ms"], common + at))
+    high = headline.get("throughput_concurrency")
+    notes = list(common)
+    if high is None:
+        notes.append("one concurrency only: no saturation measured")
+    else:
+        notes.append(f"concurrency {high}")
+    rows.append(_row(THROUGHPUT, headline.get("throughput_pct"), notes))
+    return rows
+
+
+def streaming_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The streaming figures of a `benchmarks.streaming` result, per stream path."""
+    latency = result["latency"]
+    common = _runs_notes(result)
+    quota = result["settings"].get("quota", "none")
+    if quota != "memory":
+        common.append(f"quota {quota}")
+    rows = []
+    for path in STREAM_PATHS:
+        added = latency["added_ms"].get(path, {})
+        rows.append(_row(TTFT_P50, added.get("ttft_p50"), list(common), path))
+    for path in STREAM_PATHS:
+        added = latency["added_ms"].get(path, {})
+        # One chunk's trip alone: response headers to the first content delta.
+        notes = [*common, "response headers to first token"]
+        rows.append(_row(CHUNK_P99, added.get("first_after_headers_p99"), notes, path))
+    for path in STREAM_PATHS:
+        measured = [m for m in result["memory"] if m["target"] == path and "sidecar" in m["rss"]]
+        if not measured:
+            rows.append(_row(RSS_5000, None, ["not measured"], path))
+            continue
+        m = max(measured, key=lambda x: x["k"])
+        sidecar = m["rss"]["sidecar"]
+        notes = []
+        value = sidecar["growth_mb"]
+        if m["live_at_sample"] < BUDGET_STREAMS:
+            # Not the figure the budget names; the growth per stream says where it is heading.
+            per_stream = sidecar.get("kb_per_stream")
+            estimate = (
+                f"; {per_stream:.1f} KB/stream would make ~{per_stream * BUDGET_STREAMS / 1024:.0f}"
+                f" MB at {BUDGET_STREAMS:,}"
+                if per_stream is not None
+                else ""
+            )
+            if m["k"] < BUDGET_STREAMS:
+                where = f"measured at K={m['k']:,} only"
+            else:
+                where = f"only {m['live_at_sample']:,} of K={m['k']:,} streams live at the sample"
+            notes.append(f"{where}: growth {value:+.1f} MB{estimate}")
+            value = None
+        else:
+            notes.append(f"K={m['k']:,}, {m['live_at_sample']:,} live")
+        rows.append(_row(RSS_5000, value, notes, path))
+    return rows
+
+
+def unmeasured(part: str, reason: str) -> list[dict[str, Any]]:
+    """The rows of a part (`chat` or `streaming`) that could not be measured at all."""
+    if part == "chat":
+        return [_row(b, None, [reason]) for b in (ADDED_P50, ADDED_P99, THROUGHPUT)]
+    return [
+        _row(b, None, [reason], path)
+        for b in (TTFT_P50, CHUNK_P99, RSS_5000)
+        for path in STREAM_PATHS
+    ]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| figure | measured | budget | verdict | notes |",
+        "|---|---:|---:|---|---|",
+    ]
+    for r in rows:
+        value = r["measured"]
+        if value is None:
+            shown = "n/a"
+        elif r["unit"] == "%":
+            shown = f"{value:.1f} %"
+        else:
+            sign = "+" if r["key"].startswith(("added", "stream_added")) else ""
+            shown = f"{value:{sign}.2f} {r['unit']}"
+        verdict = {"pass": "**pass**", "miss": "**MISS**"}.get(r["verdict"], r["verdict"])
+        lines.append(
+            f"| {r['figure']} | {shown} | {r['budget']} | {verdict} | {'; '.join(r['notes'])} |"
+        )
+    missed = sum(1 for r in rows if r["verdict"] == "miss")
+    passed = sum(1 for r in rows if r["verdict"] == "pass")
+    unknown = len(rows) - missed - passed
+    lines += [
+        "",
+        f"{passed} pass, {missed} miss" + (f", {unknown} not measured" if unknown else "") + ".",
+    ]
+    return "\n".join(lines)
