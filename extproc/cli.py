@@ -19,12 +19,19 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from .config import WORKER_ENV
 
     workers = load_config(args.config).sidecar.workers
-    if workers > 1 and WORKER_ENV not in os.environ:
+    if WORKER_ENV in os.environ:
+        import signal
+
+        # A SIGHUP the supervisor forwards while this worker still starts must not kill it;
+        # the server installs its reload handler once it serves.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    elif workers > 1:
+        if args.listen and args.listen.startswith("unix:"):
+            print("extproc serve: sidecar.workers > 1 needs a HOST:PORT address", file=sys.stderr)
+            return 2
         from .workers import serve_workers
 
         return serve_workers(args.config, args.listen, workers)

@@ -149,6 +149,7 @@ from .routing import (
     POOL_HEADER,
     ROUTE_HEADER,
     STAGE_METADATA,
+    TARGET_HEADER,
     TEAM_HEADER,
 )
 
@@ -156,7 +157,7 @@ SIDECAR_CLUSTER = "extproc_sidecar"
 FAILOVER_BACKOFF_S = 0.001
 # The gateway's own request headers: a backend reached without an upstream stage must not see
 # them either (the upstream stage removes them on the other routes).
-INTERNAL_REQUEST_HEADERS = [ROUTE_HEADER, POOL_HEADER, TEAM_HEADER]
+INTERNAL_REQUEST_HEADERS = [ROUTE_HEADER, POOL_HEADER, TEAM_HEADER, TARGET_HEADER]
 OTLP_CLUSTER = "extproc_otlp"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "extproc.stream_observer"
@@ -398,6 +399,7 @@ def routes(cfg: Config) -> RouteConfiguration:
         )
         active = [t for t in model.targets if t.weight > 0]
         direct: list[str] = []
+        target = ""
         if pooled(model):
             action.cluster = pool_cluster_name(name)
             action.retry_policy = _failover_retries(model)
@@ -414,6 +416,7 @@ def routes(cfg: Config) -> RouteConfiguration:
             # One backend: the downstream stage set its credential and model name already.
             action.cluster = cluster_name(active[0].backend)
             direct = INTERNAL_REQUEST_HEADERS
+            target = active[0].backend
         if model.quota_failover:
             # The sidecar pins a request whose quota is exhausted to the next pool.
             pool1 = pools(model)[1]
@@ -423,10 +426,9 @@ def routes(cfg: Config) -> RouteConfiguration:
                     match=RouteMatch(
                         prefix="/v1/",
                         headers=[
-                            HeaderMatcher(
-                                name=ROUTE_HEADER, string_match=StringMatcher(exact=name)
-                            ),
-                            HeaderMatcher(name=POOL_HEADER, string_match=StringMatcher(exact="1")),
+                            _exact(ROUTE_HEADER, name),
+                            _exact(POOL_HEADER, "1"),
+                            *([_exact(TARGET_HEADER, pool1[0].backend)] if len(pool1) == 1 else []),
                         ],
                     ),
                     route=RouteAction(
@@ -444,7 +446,8 @@ def routes(cfg: Config) -> RouteConfiguration:
                 match=RouteMatch(
                     prefix="/v1/",
                     headers=[
-                        HeaderMatcher(name=ROUTE_HEADER, string_match=StringMatcher(exact=name))
+                        _exact(ROUTE_HEADER, name),
+                        *([_exact(TARGET_HEADER, target)] if target else []),
                     ],
                 ),
                 route=action,
@@ -452,6 +455,11 @@ def routes(cfg: Config) -> RouteConfiguration:
                 request_headers_to_remove=direct,
             )
         )
+        if target:
+            # The sidecar prepared the request for another backend than this route's: its
+            # config changed and this Envoy config is older. Refuse rather than send one
+            # backend's credential to another.
+            route_list.append(_stale_route(name))
     # Reached only by a request the sidecar did not route (it answers everything it rejects).
     route_list.append(
         Route(
@@ -487,6 +495,27 @@ def routes(cfg: Config) -> RouteConfiguration:
 
 def pool_cluster_name(model: str) -> str:
     return f"aigw-pool-{model}"
+
+
+def _exact(header: str, value: str) -> HeaderMatcher:
+    return HeaderMatcher(name=header, string_match=StringMatcher(exact=value))
+
+
+def _stale_route(model: str) -> Route:
+    return Route(
+        name=f"model:{model}:stale",
+        match=RouteMatch(prefix="/v1/", headers=[_exact(ROUTE_HEADER, model)]),
+        direct_response=DirectResponseAction(
+            status=503,
+            body=DataSource(
+                inline_string='{"error":{"message":"The gateway is being reconfigured; retry '
+                'shortly","type":"server_error","param":null,"code":"envoy_config_out_of_date"}}'
+            ),
+        ),
+        response_headers_to_add=[
+            HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
+        ],
+    )
 
 
 def _failover_retries(model: Model) -> RetryPolicy:

@@ -293,6 +293,7 @@ class DownstreamStream:
         if target is not None:
             # One backend can serve this request and its route has no upstream stage: this
             # stage prepares the request for that backend itself.
+            set_headers[routing.TARGET_HEADER] = target.backend
             if target.credential is not None:
                 set_headers[target.auth_header] = target.credential
             if target.provider_model != parsed.model:
@@ -819,7 +820,7 @@ class UpstreamStream:
                     backend = _host_backend(req)
                 self.target = routing.upstream_target(self.rt, backend, headers)
                 set_headers, remove = routing.upstream_header_mutation(
-                    self.target, headers, retriable=pooled
+                    self.rt, self.target, headers, retriable=pooled
                 )
                 needs_body = self.target.provider_model != self.target.model
                 self.finished = not needs_body

@@ -19,6 +19,10 @@ from .identity import spoofed_headers
 from .parsing import ENDPOINT_MODEL_TYPES, Endpoint
 
 ROUTE_HEADER = f"{INTERNAL_HEADER_PREFIX}model"
+# With ROUTE_HEADER, on a request whose one backend the downstream stage prepared: Envoy's route
+# to that backend matches it too, so an Envoy config older than the sidecar's (a reload moved
+# the model) cannot send that backend's credential to another host.
+TARGET_HEADER = f"{INTERNAL_HEADER_PREFIX}target"
 # Set with the routing header when a pooled model's quota failover pins the request to pool 1.
 POOL_HEADER = f"{INTERNAL_HEADER_PREFIX}pool"
 TEAM_HEADER = f"{INTERNAL_HEADER_PREFIX}team"
@@ -111,7 +115,10 @@ def upstream_target(
 
 
 def upstream_header_mutation(
-    target: ResolvedTarget, headers: Mapping[str, str], retriable: bool = False
+    runtime: Runtime,
+    target: ResolvedTarget,
+    headers: Mapping[str, str],
+    retriable: bool = False,
 ) -> tuple[dict[str, str], list[str]]:
     """Headers to set and remove before the request leaves for `target`.
 
@@ -123,7 +130,12 @@ def upstream_header_mutation(
     if retriable:
         remove = [h for h in remove if h != ROUTE_HEADER]
     set_headers: dict[str, str] = {}
-    for h in ("authorization", "api-key"):
+    # Every header that carries some backend's credential, this one's excepted: whatever set
+    # it (a client, or the downstream stage under a newer config), it is not for this host.
+    carriers = {"authorization", "api-key"} | {
+        b.auth_header for b in runtime.config.backends.values()
+    }
+    for h in carriers:
         if h in headers and h != target.auth_header:
             remove.append(h)
     if target.credential is not None:

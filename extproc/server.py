@@ -237,6 +237,13 @@ class Sidecar:
             log.info("config reloaded from %s (sha256 %s)", self.config_path, runtime.digest[:12])
             return True, []
 
+    async def _admin_reload(self) -> tuple[bool, list[str]]:
+        """`extproc reload` lands on one worker: the supervisor passes it on to all of them."""
+        result = await self.reload()
+        if result[0] and self.worker:
+            os.kill(os.getppid(), signal.SIGHUP)
+        return result
+
     async def _watch(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -264,7 +271,7 @@ class Sidecar:
             self.server,
         )
         config_pb2_grpc.add_ConfigAdminServicer_to_server(
-            ConfigAdmin(lambda: self.processor.services, self.reload, str(self.config_path)),
+            ConfigAdmin(lambda: self.processor.services, self._admin_reload, str(self.config_path)),
             self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

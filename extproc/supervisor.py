@@ -157,7 +157,10 @@ class Stack:
     def stop(self, grace: float = 10.0) -> None:
         # Envoy first, so no new request reaches a sidecar that is going away.
         for name in ("envoy", "sidecar", "fake-llm"):
-            stop_process(self.procs.get(name), grace, name)
+            # Several sidecar workers drain under their supervisor, which waits grace + 5 s
+            # for them: do not kill it first.
+            extra = 10.0 if name == "sidecar" and self.config.sidecar.workers > 1 else 0.0
+            stop_process(self.procs.get(name), grace + extra, name)
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = 10.0, name: str = "") -> None:

@@ -19,6 +19,7 @@ start-up stops the whole group, so a broken deployment fails loudly instead of f
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -52,9 +53,20 @@ def metrics_dir() -> Path:
     return path
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: a supervisor killed outright (SIGKILL) takes its workers
+    with it, instead of leaving them serving the port beside the next group."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Workers:
-    def __init__(self, config_path: str, listen: str | None, count: int) -> None:
+    def __init__(self, config_path: str, listen: str | None, count: int, grace_s: float) -> None:
         self.config_path = config_path
+        self.grace_s = grace_s  # read at start: the file may be broken by the time we stop
         self.listen = listen
         self.count = count
         self.procs: dict[int, subprocess.Popen] = {}
@@ -69,7 +81,9 @@ class Workers:
         if self.listen:
             argv += ["--listen", self.listen]
         env = {**os.environ, WORKER_ENV: str(index), MULTIPROC_ENV: str(self.dir)}
-        self.procs[index] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        self.procs[index] = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         self.started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, self.procs[index].pid)
 
@@ -116,9 +130,8 @@ class Workers:
             self._spawn(index)
 
     def _stop(self) -> int:
-        grace = load_config(self.config_path).sidecar.grace_s
         self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + grace + 5
+        deadline = time.monotonic() + self.grace_s + 5
         codes = []
         for proc in self.procs.values():
             try:
@@ -138,4 +151,5 @@ class Workers:
 
 
 def serve_workers(config_path: str, listen: str | None, count: int) -> int:
-    return Workers(config_path, listen, count).run()
+    grace = load_config(config_path).sidecar.grace_s
+    return Workers(config_path, listen, count, grace).run()

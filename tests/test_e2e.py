@@ -317,3 +317,38 @@ def test_config_reload_applies_without_restart_and_rejects_invalid(gateway: Gate
             break
         assert time.monotonic() < deadline, "the restored config never applied"
         time.sleep(0.1)
+
+
+def test_a_model_moved_by_a_reload_never_sends_its_credential_to_the_old_backend(
+    gateway: Gateway,
+):
+    """The sidecar reloads at once; Envoy keeps its routes until it is re-rendered. A model
+    moved from fake-a to fake-b must not reach fake-a with fake-b's credential."""
+    original = json.loads(json.dumps(gateway.config))
+    moved = json.loads(json.dumps(original))
+    moved["models"]["gpt-4o-mini"]["targets"] = [{"backend": "fake-b"}]
+    gateway.clear_fakes()
+    try:
+        gateway.write_config(moved)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                client(gateway).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            except openai.InternalServerError as err:
+                assert err.status_code == 503
+                assert err.body["code"] == "envoy_config_out_of_date"  # type: ignore[index]
+                break
+            assert time.monotonic() < deadline, "the reload never applied"
+            time.sleep(0.1)
+        seen = gateway.fake_requests(gateway.fake_a) + gateway.fake_requests(gateway.fake_b)
+        assert BACKEND_B_SECRET not in json.dumps(seen)
+    finally:
+        gateway.write_config(original)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            client(gateway).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            break
+        except openai.InternalServerError:
+            assert time.monotonic() < deadline, "the restored config never applied"
+            time.sleep(0.1)

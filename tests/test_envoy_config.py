@@ -216,6 +216,7 @@ def test_render_weighted_split_tls_and_path_rewrite(tmp_path, monkeypatch):
         "x-aigw-model",
         "x-aigw-pool",
         "x-aigw-team",
+        "x-aigw-target",
     ]
     assert "prefixRewrite" not in routes["model:gpt-4o"]["route"]
     assert routes["model:gpt-4o-azure"]["route"]["prefixRewrite"] == "/openai/v1/"
@@ -331,6 +332,44 @@ def test_several_workers_get_enough_connections_to_spread_over(tmp_path):
     endpoints = sidecar["loadAssignment"]["endpoints"][0]["lbEndpoints"]
     assert len(endpoints) == 12  # 4 per worker: Envoy opens a connection per host and thread
     assert {e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints} == {50051}
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(cfg))
+    envoy_validate(out)
+
+
+def test_a_direct_route_matches_its_backend_and_a_stale_config_answers_503(tmp_path):
+    data = _config()
+    data["models"]["resilient"] = {
+        "quota_failover": True,
+        "targets": [
+            {"backend": "openai", "priority": 0},
+            {"backend": "vllm-a", "priority": 1},
+        ],
+    }
+    cfg = parse_config(data)
+    hcm = yaml.safe_load(render_yaml(cfg))["staticResources"]["listeners"][0]["filterChains"][0]
+    routes = hcm["filters"][0]["typedConfig"]["routeConfig"]["virtualHosts"][0]["routes"]
+    by_name = {r["name"]: r for r in routes}
+    names = [r["name"] for r in routes]
+
+    def headers(route: dict) -> dict[str, str]:
+        return {h["name"]: h["stringMatch"]["exact"] for h in route["match"]["headers"]}
+
+    assert headers(by_name["model:gpt-4o"]) == {
+        "x-aigw-model": "gpt-4o",
+        "x-aigw-target": "openai",
+    }
+    # Right after it: the same model prepared for another backend (a newer sidecar config).
+    stale = by_name["model:gpt-4o:stale"]
+    assert names.index("model:gpt-4o:stale") == names.index("model:gpt-4o") + 1
+    assert headers(stale) == {"x-aigw-model": "gpt-4o"}
+    assert stale["directResponse"]["status"] == 503
+    assert "envoy_config_out_of_date" in stale["directResponse"]["body"]["inlineString"]
+    # A quota failover pinned to a pool of one is prepared downstream too.
+    assert headers(by_name["model:resilient:pool1"])["x-aigw-target"] == "vllm-a"
+    assert "x-aigw-target" in by_name["model:resilient:pool1"]["requestHeadersToRemove"]
+    assert "x-aigw-target" not in headers(by_name["model:resilient"])  # Envoy chooses there
+    assert "model:resilient:stale" not in by_name
     out = tmp_path / "envoy.yaml"
     out.write_text(render_yaml(cfg))
     envoy_validate(out)

@@ -14,7 +14,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
-from extproc import protocol
+from extproc import protocol, routing
 from extproc.config import build_runtime, load_runtime, parse_config
 from extproc.processor import DownstreamStream, Services, UpstreamStream
 from extproc.protocol import ProcessingMode, ProcessingRequest, ProcessingResponse, pb
@@ -393,6 +393,7 @@ def test_valid_chat_body(services: Services) -> None:
     assert sent == {**body, "model": "fake-gpt-4o"}
     assert set_headers(common.header_mutation) == {
         "x-aigw-model": "gpt-4o",
+        "x-aigw-target": "fake",  # the route to fake matches it
         "content-length": str(len(common.body_mutation.body)),
     }
     assert list(common.header_mutation.remove_headers) == []
@@ -437,7 +438,8 @@ def test_valid_completions_and_embeddings_bodies(services: Services) -> None:
     req = request_headers(path="/v1/embeddings", key=KEY_B)
     _, resp = run(stream, req, request_body(body))
     assert set_headers(resp.request_body.response.header_mutation) == {
-        "x-aigw-model": "text-embedding-3-small"
+        "x-aigw-model": "text-embedding-3-small",
+        "x-aigw-target": "fake",
     }
     assert metadata(resp)["extproc"]["prompt_tokens_estimate"] == 5
     assert metadata(resp)["extproc"]["team"] == "team-b"
@@ -847,3 +849,76 @@ def test_upstream_sets_api_key_credential(credential_services: Services) -> None
     }
     assert head.mode_override.request_body_mode == ProcessingMode.BUFFERED
     assert orjson.loads(body.request_body.response.body_mutation.body)["model"] == "gpt4o-deploy"
+
+
+@pytest.fixture
+def single_services(services: Services, monkeypatch: pytest.MonkeyPatch) -> Services:
+    """One model per backend kind: a single target (prepared by the downstream stage), a
+    canary, a failover pool whose pool 1 is one backend, a weight-0 spare."""
+    monkeypatch.setenv("EXTPROC_TEST_OPENAI_KEY", SECRET_OPENAI)
+    monkeypatch.setenv("EXTPROC_TEST_AZURE_KEY", SECRET_AZURE)
+    data = {
+        "teams": {"t": {"keys": [{"sha256": hashlib.sha256(b"sk-t").hexdigest()}]}},
+        "backends": {
+            "openai": {
+                "url": "https://api.openai.example/v1",
+                "api_key": {"env": "EXTPROC_TEST_OPENAI_KEY"},
+            },
+            "azure": {
+                "url": "https://azure.example/v1",
+                "auth_header": "x-api-key",
+                "api_key": {"env": "EXTPROC_TEST_AZURE_KEY"},
+            },
+        },
+        "models": {
+            "solo": {"targets": [{"backend": "azure", "model": "solo-deploy"}]},
+            "spare": {"targets": [{"backend": "openai"}, {"backend": "azure", "weight": 0}]},
+            "canary": {"targets": [{"backend": "openai"}, {"backend": "azure"}]},
+            "pooled": {
+                "targets": [
+                    {"backend": "openai", "priority": 0},
+                    {"backend": "azure", "priority": 1},
+                ]
+            },
+        },
+    }
+    return build_services(build_runtime(parse_config(data)), services.tokens, services.quota)
+
+
+def test_fixed_target_only_when_the_route_leaves_no_choice(single_services: Services) -> None:
+    rt = single_services.runtime
+    fixed = routing.fixed_target
+    assert fixed(rt, "solo").backend == "azure"  # type: ignore[union-attr]
+    assert fixed(rt, "spare").backend == "openai"  # type: ignore[union-attr]
+    assert fixed(rt, "canary") is None  # Envoy splits: the upstream stage prepares
+    assert fixed(rt, "pooled") is None  # Envoy retries across pools
+    assert fixed(rt, "pooled", pool=1).backend == "azure"  # type: ignore[union-attr]
+    assert fixed(rt, "no-such-model") is None
+
+
+def test_a_single_backend_request_gets_its_credential_and_target_downstream(
+    single_services: Services,
+) -> None:
+    stream = DownstreamStream(single_services)
+    _, resp = run(stream, request_headers(key="sk-t"), request_body(chat("solo")))
+    common = resp.request_body.response
+    headers = set_headers(common.header_mutation)
+    assert headers["x-api-key"] == SECRET_AZURE
+    assert headers["x-aigw-target"] == "azure"  # Envoy's route to azure matches it
+    assert orjson.loads(common.body_mutation.body)["model"] == "solo-deploy"
+    # The credential is a header for the backend, never metadata for logs.
+    assert SECRET_AZURE not in str(metadata(resp))
+
+
+def test_the_upstream_stage_strips_every_backends_credential_header_but_its_own(
+    single_services: Services,
+) -> None:
+    # A request prepared for azure (under a newer config) that an older Envoy route sent to
+    # a canary member on openai: azure's key must not reach openai.
+    meta = {"x-aigw-stage": "upstream", "x-aigw-backend": "openai"}
+    stream = UpstreamStream(single_services, meta)
+    extra = {"x-api-key": SECRET_AZURE, "x-aigw-target": "azure"}
+    [head] = run(stream, upstream_headers("canary", extra))
+    mutation = head.request_headers.response.header_mutation
+    assert set_headers(mutation) == {"authorization": f"Bearer {SECRET_OPENAI}"}
+    assert {"x-api-key", "x-aigw-target"} <= set(mutation.remove_headers)

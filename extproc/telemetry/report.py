@@ -133,7 +133,7 @@ class RequestReport:
             trace_id=text("trace_id"),
         )
         guards = info.get("guards")
-        report.guards = [dict(g) for g in guards] if isinstance(guards, list | tuple) else []
+        report.guards = [_whole(g) for g in guards] if isinstance(guards, list | tuple) else []
         if text("prompt_sha256"):
             report.prompt["prompt_sha256"] = text("prompt_sha256")
         prompt = info.get("prompt")
@@ -237,6 +237,16 @@ class RequestReport:
         if self.trace_id:
             record["trace_id"] = self.trace_id
         return record
+
+
+def _whole(entry: dict[str, Any]) -> dict[str, Any]:
+    """A verdict entry back from a protobuf Struct, whose numbers are all floats: counts are
+    whole numbers again."""
+    out = dict(entry)
+    counts = out.get("counts")
+    if isinstance(counts, dict):
+        out["counts"] = {k: int(v) for k, v in counts.items()}
+    return out
 
 
 def _decision(outcome: str) -> str:
