@@ -10,6 +10,7 @@ the sidecar, so the rendered file is safe to keep.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -462,19 +463,13 @@ def routes(cfg: Config) -> RouteConfiguration:
             route_list.append(_stale_route(name))
     # Reached only by a request the sidecar did not route (it answers everything it rejects).
     route_list.append(
-        Route(
-            name="unrouted",
-            match=RouteMatch(prefix="/"),
-            direct_response=DirectResponseAction(
-                status=404,
-                body=DataSource(
-                    inline_string='{"error":{"message":"No model route matched this request",'
-                    '"type":"invalid_request_error","param":null,"code":"unknown_url"}}'
-                ),
-            ),
-            response_headers_to_add=[
-                HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
-            ],
+        _error_route(
+            "unrouted",
+            RouteMatch(prefix="/"),
+            404,
+            "No model route matched this request",
+            "invalid_request_error",
+            "unknown_url",
         )
     )
     return RouteConfiguration(
@@ -502,15 +497,26 @@ def _exact(header: str, value: str) -> HeaderMatcher:
 
 
 def _stale_route(model: str) -> Route:
+    return _error_route(
+        f"model:{model}:stale",
+        RouteMatch(prefix="/v1/", headers=[_exact(ROUTE_HEADER, model)]),
+        503,
+        "The gateway is being reconfigured; retry shortly",
+        "server_error",
+        "envoy_config_out_of_date",
+    )
+
+
+def _error_route(
+    name: str, match: RouteMatch, status: int, message: str, type_: str, code: str
+) -> Route:
+    """A route Envoy answers itself, with an OpenAI-style error."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return Route(
-        name=f"model:{model}:stale",
-        match=RouteMatch(prefix="/v1/", headers=[_exact(ROUTE_HEADER, model)]),
+        name=name,
+        match=match,
         direct_response=DirectResponseAction(
-            status=503,
-            body=DataSource(
-                inline_string='{"error":{"message":"The gateway is being reconfigured; retry '
-                'shortly","type":"server_error","param":null,"code":"envoy_config_out_of_date"}}'
-            ),
+            status=status, body=DataSource(inline_string=json.dumps(body, separators=(",", ":")))
         ),
         response_headers_to_add=[
             HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))

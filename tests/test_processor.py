@@ -794,8 +794,13 @@ SECRET_OPENAI = "sk-upstream-openai-SECRET"
 SECRET_AZURE = "azure-upstream-SECRET"
 
 
-@pytest.fixture
-def credential_services(services: Services, monkeypatch: pytest.MonkeyPatch) -> Services:
+def two_backends(
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    azure_header: str,
+    models: dict[str, Any],
+) -> Services:
+    """Services for an openai backend (Bearer) and an azure one (its key in `azure_header`)."""
     monkeypatch.setenv("EXTPROC_TEST_OPENAI_KEY", SECRET_OPENAI)
     monkeypatch.setenv("EXTPROC_TEST_AZURE_KEY", SECRET_AZURE)
     data = {
@@ -807,17 +812,19 @@ def credential_services(services: Services, monkeypatch: pytest.MonkeyPatch) -> 
             },
             "azure": {
                 "url": "https://azure.example/v1",
-                "auth_header": "api-key",
+                "auth_header": azure_header,
                 "api_key": {"env": "EXTPROC_TEST_AZURE_KEY"},
             },
         },
-        "models": {
-            "gpt-4o": {
-                "targets": [{"backend": "openai"}, {"backend": "azure", "model": "gpt4o-deploy"}]
-            }
-        },
+        "models": models,
     }
     return build_services(build_runtime(parse_config(data)), services.tokens, services.quota)
+
+
+@pytest.fixture
+def credential_services(services: Services, monkeypatch: pytest.MonkeyPatch) -> Services:
+    targets = [{"backend": "openai"}, {"backend": "azure", "model": "gpt4o-deploy"}]
+    return two_backends(services, monkeypatch, "api-key", {"gpt-4o": {"targets": targets}})
 
 
 def test_upstream_sets_bearer_credential(credential_services: Services) -> None:
@@ -853,36 +860,17 @@ def test_upstream_sets_api_key_credential(credential_services: Services) -> None
 
 @pytest.fixture
 def single_services(services: Services, monkeypatch: pytest.MonkeyPatch) -> Services:
-    """One model per backend kind: a single target (prepared by the downstream stage), a
+    """One model per route kind: a single target (prepared by the downstream stage), a
     canary, a failover pool whose pool 1 is one backend, a weight-0 spare."""
-    monkeypatch.setenv("EXTPROC_TEST_OPENAI_KEY", SECRET_OPENAI)
-    monkeypatch.setenv("EXTPROC_TEST_AZURE_KEY", SECRET_AZURE)
-    data = {
-        "teams": {"t": {"keys": [{"sha256": hashlib.sha256(b"sk-t").hexdigest()}]}},
-        "backends": {
-            "openai": {
-                "url": "https://api.openai.example/v1",
-                "api_key": {"env": "EXTPROC_TEST_OPENAI_KEY"},
-            },
-            "azure": {
-                "url": "https://azure.example/v1",
-                "auth_header": "x-api-key",
-                "api_key": {"env": "EXTPROC_TEST_AZURE_KEY"},
-            },
-        },
-        "models": {
-            "solo": {"targets": [{"backend": "azure", "model": "solo-deploy"}]},
-            "spare": {"targets": [{"backend": "openai"}, {"backend": "azure", "weight": 0}]},
-            "canary": {"targets": [{"backend": "openai"}, {"backend": "azure"}]},
-            "pooled": {
-                "targets": [
-                    {"backend": "openai", "priority": 0},
-                    {"backend": "azure", "priority": 1},
-                ]
-            },
+    models = {
+        "solo": {"targets": [{"backend": "azure", "model": "solo-deploy"}]},
+        "spare": {"targets": [{"backend": "openai"}, {"backend": "azure", "weight": 0}]},
+        "canary": {"targets": [{"backend": "openai"}, {"backend": "azure"}]},
+        "pooled": {
+            "targets": [{"backend": "openai", "priority": 0}, {"backend": "azure", "priority": 1}]
         },
     }
-    return build_services(build_runtime(parse_config(data)), services.tokens, services.quota)
+    return two_backends(services, monkeypatch, "x-api-key", models)
 
 
 def test_fixed_target_only_when_the_route_leaves_no_choice(single_services: Services) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -208,25 +208,21 @@ async def run_external(
     judged = conversation(slots)
     if prompt is not None:
         judged = [*prompt, *judged]
-    calls = [_timed(client, g, stage, team, model, texts, judged, trace) for g in external]
+    calls = [
+        _timed(g, stage, trace, _external(client, g, stage, team, model, texts, judged))
+        for g in external
+    ]
     return list(await asyncio.gather(*calls))
 
 
 async def _timed(
-    client: GuardClient,
-    guard: CompiledGuard,
-    stage: Stage,
-    team: str,
-    model: str,
-    texts: list[str],
-    judged: list[dict[str, str]],
-    trace: Any,
+    guard: CompiledGuard, stage: Stage, trace: Any, call: Awaitable[Verdict]
 ) -> Verdict:
     """One guard call, in the guard-call histogram and as a child span of the request."""
     span = trace.start(f"guard {guard.name}", {"extproc.guard.type": guard.spec.type})
     started = time.perf_counter()
     try:
-        verdict = await _external(client, guard, stage, team, model, texts, judged)
+        verdict = await call
     except BaseException:
         span.end()
         raise
