@@ -19,6 +19,7 @@ import yaml
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLog,
     AccessLogFilter,
+    MetadataFilter,
     ResponseFlagFilter,
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
@@ -33,13 +34,18 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterTransportSocketMatch,
     OutlierDetection,
 )
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as HeaderMutationRule,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    ApiVersion,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http1ProtocolOptions,
@@ -73,6 +79,10 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedClusterClusterWeight,
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
+from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
+    CommonGrpcAccessLogConfig,
+    HttpGrpcAccessLogConfig,
+)
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import (
     ClusterConfig as AggregateClusterConfig,
@@ -89,6 +99,18 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ProcessingMode,
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    HeaderMutation,
+    Mutations,
+)
+from envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3 import (
+    JsonToMetadata,
+    JsonToMetadataKeyValuePair,
+    JsonToMetadataMatchRules,
+    JsonToMetadataRule,
+    JsonToMetadataSelector,
+    JsonToMetadataValueType,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
@@ -118,10 +140,15 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher, ValueMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    StringMatcher,
+    ValueMatcher,
+)
 from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMsg
-from envoy_data_plane.google.protobuf import Struct
+from envoy_data_plane.google.protobuf import Struct, Value
 from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
 from envoy_data_plane.xds.type.matcher.v3 import (
     Matcher,
@@ -143,16 +170,28 @@ from .config import (
     split,
     split_cluster_name,
 )
-from .processor import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, OBSERVE_KEY
+from .processor import (
+    ACCOUNT_KEY,
+    CLUSTER_ATTRIBUTE,
+    HOST_ATTRIBUTE,
+    METADATA_NAMESPACE,
+    OBSERVE_KEY,
+    USAGE_KEYS,
+)
 from .routing import (
     BACKEND_METADATA,
     OBSERVE_STAGE,
+    OWN_RESPONSE_HEADERS,
     POOL_HEADER,
+    RATE_LIMIT_HEADERS,
+    RATE_LIMIT_KEY,
+    RESPONSE_HEADER_KEYS,
     ROUTE_HEADER,
     STAGE_METADATA,
     TARGET_HEADER,
     TEAM_HEADER,
 )
+from .usage import SOURCE_PROVIDER
 
 SIDECAR_CLUSTER = "extproc_sidecar"
 FAILOVER_BACKOFF_S = 0.001
@@ -162,6 +201,12 @@ INTERNAL_REQUEST_HEADERS = [ROUTE_HEADER, POOL_HEADER, TEAM_HEADER, TARGET_HEADE
 OTLP_CLUSTER = "extproc_otlp"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "extproc.stream_observer"
+RESPONSE_HEADERS_FILTER = "extproc.response_headers"
+USAGE_FILTER = "extproc.usage"
+ACCESS_LOG_NAME = "extproc"
+# Envoy sends the sidecar its access log entries in batches: this often, or this many bytes.
+ACCESS_LOG_FLUSH_S = 0.05
+ACCESS_LOG_BUFFER_BYTES = 64 * 1024
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
 DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -352,9 +397,97 @@ def observer_http_filter(cfg: Config) -> HttpFilter:
     )
 
 
+def response_headers_filter() -> HttpFilter:
+    """The gateway's headers on every answer, rendered from what the sidecar put in the
+    request's metadata: the answer itself need not pass the sidecar for them. Runs before the
+    downstream stage on the way back, so what that stage adds (inline answers) stays."""
+    overwrite = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+    rendered = {h: f"{METADATA_NAMESPACE}:{key}" for h, key in RESPONSE_HEADER_KEYS.items()}
+    rendered |= {h: f"{METADATA_NAMESPACE}:{RATE_LIMIT_KEY}:{h}" for h in RATE_LIMIT_HEADERS}
+    mutations = [HeaderMutationRule(remove=name) for name in OWN_RESPONSE_HEADERS]
+    # A key the request's metadata lacks renders empty, and Envoy adds no empty header.
+    mutations += [
+        HeaderMutationRule(
+            append=HeaderValueOption(
+                header=HeaderValue(key=name, value=f"%DYNAMIC_METADATA({path})%"),
+                append_action=overwrite,
+            )
+        )
+        for name, path in rendered.items()
+    ]
+    return HttpFilter(
+        name=RESPONSE_HEADERS_FILTER,
+        typed_config=_any(HeaderMutation(mutations=Mutations(response_mutations=mutations))),
+    )
+
+
+def usage_filter() -> HttpFilter:
+    """Envoy reads the `usage` of a JSON answer into the request's metadata, for the access
+    log entry the sidecar accounts from (json_path: access_log). Event streams pass untouched."""
+
+    def rule(path: list[str], key: str, value: str | None = None) -> JsonToMetadataRule:
+        return JsonToMetadataRule(
+            selectors=[JsonToMetadataSelector(key=k) for k in path],
+            on_present=JsonToMetadataKeyValuePair(
+                metadata_namespace=METADATA_NAMESPACE,
+                key=key,
+                # A fixed value says where the counts came from.
+                value=Value(string_value=value) if value is not None else None,
+                type=(
+                    JsonToMetadataValueType.STRING
+                    if value is not None
+                    else JsonToMetadataValueType.NUMBER
+                ),
+            ),
+        )
+
+    rules = [rule(["usage", key], key) for key in USAGE_KEYS]
+    rules.append(rule(["usage", "prompt_tokens_details", "cached_tokens"], "cached_tokens"))
+    rules.append(rule(["usage", "prompt_tokens"], "token_source", SOURCE_PROVIDER))
+    return HttpFilter(
+        name=USAGE_FILTER,
+        typed_config=_any(JsonToMetadata(response_rules=JsonToMetadataMatchRules(rules=rules))),
+    )
+
+
+def accounting_access_log(cfg: Config) -> AccessLog:
+    """Envoy's gRPC access log to the sidecar, for the requests whose answer the sidecar
+    handed over (metadata `account: true`): their usage, status and timing, in batches."""
+    return AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=AccessLogFilter(
+            metadata_filter=MetadataFilter(
+                matcher=MetadataMatcher(
+                    filter=METADATA_NAMESPACE,
+                    path=[MetadataMatcherPathSegment(key=ACCOUNT_KEY)],
+                    value=ValueMatcher(bool_match=True),
+                )
+            )
+        ),
+        typed_config=_any(
+            HttpGrpcAccessLogConfig(
+                common_config=CommonGrpcAccessLogConfig(
+                    log_name=ACCESS_LOG_NAME,
+                    grpc_service=GrpcService(
+                        envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER)
+                    ),
+                    transport_api_version=ApiVersion.V3,
+                    buffer_flush_interval=_duration(ACCESS_LOG_FLUSH_S),
+                    buffer_size_bytes=ACCESS_LOG_BUFFER_BYTES,
+                )
+            )
+        ),
+    )
+
+
 def gateway_http_filters(cfg: Config) -> list[HttpFilter]:
     """The gateway's filters, in order, to go before the router."""
-    return [ext_proc_http_filter(cfg), observer_http_filter(cfg)]
+    return [
+        ext_proc_http_filter(cfg),
+        observer_http_filter(cfg),
+        response_headers_filter(),
+        usage_filter(),
+    ]
 
 
 def _status(code: int) -> HttpStatus:
@@ -579,8 +712,9 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         request_timeout=_duration(0),
         tracing=_tracing(cfg),
     )
+    hcm.access_log = [accounting_access_log(cfg)]
     if cfg.envoy.access_log:
-        hcm.access_log = [
+        hcm.access_log += [
             AccessLog(
                 name="envoy.access_loggers.stdout",
                 typed_config=_any(
@@ -920,14 +1054,16 @@ def render_snippet(cfg: Config) -> str:
     """The drop-in for an existing Envoy: the HTTP filter and the sidecar's cluster."""
     doc = {
         "http_filters": [to_dict(f) for f in gateway_http_filters(cfg)],
+        "access_log": [to_dict(accounting_access_log(cfg))],
         "clusters": [to_dict(sidecar_cluster(cfg))],
     }
     return (
         "# Drop-in for an existing Envoy (rendered by `extproc envoy --snippet`).\n"
-        "# 1. Put the filter in your HttpConnectionManager's http_filters, before\n"
-        "#    envoy.filters.http.router, in this order. 2. Add the cluster to your clusters.\n"
-        "# 3. Give each model a route that matches the header x-aigw-model (see README).\n"
-        + yaml.safe_dump(doc, sort_keys=False, width=100)
+        "# 1. Put the filters in your HttpConnectionManager's http_filters, before\n"
+        "#    envoy.filters.http.router, in this order. 2. Add the access log to its access_log\n"
+        "#    (the sidecar accounts handed-over answers from it). 3. Add the cluster to your\n"
+        "#    clusters. 4. Give each model a route that matches the header x-aigw-model (see\n"
+        "#    README).\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
     )
 
 
@@ -953,6 +1089,26 @@ def render_istio(cfg: Config, namespace: str = "default") -> str:
         }
         for f in gateway_http_filters(cfg)
     ]
+    # The sidecar accounts handed-over answers from Envoy's gRPC access log.
+    access_log_patch = {
+        "applyTo": "NETWORK_FILTER",
+        "match": {
+            "context": "ANY",
+            "listener": {
+                "filterChain": {"filter": {"name": "envoy.filters.network.http_connection_manager"}}
+            },
+        },
+        "patch": {
+            "operation": "MERGE",
+            "value": {
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                    ".http_connection_manager.v3.HttpConnectionManager",
+                    "access_log": [to_dict(accounting_access_log(cfg))],
+                }
+            },
+        },
+    }
     manifest = {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
@@ -961,6 +1117,7 @@ def render_istio(cfg: Config, namespace: str = "default") -> str:
             "workloadSelector": {"labels": {"extproc.io/ai-gateway": "enabled"}},
             "configPatches": [
                 *filter_patches,
+                access_log_patch,
                 {
                     "applyTo": "CLUSTER",
                     "match": {"context": "ANY"},

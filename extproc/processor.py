@@ -62,6 +62,12 @@ CLUSTER_ATTRIBUTE = "xds.cluster_name"
 HOST_ATTRIBUTE = "xds.upstream_host_metadata"
 # The dynamic metadata key (set with the request body) that instantiates the stream observer.
 OBSERVE_KEY = "observe"
+# The dynamic metadata key (set with the request body) that sends the request's access log
+# entry to the sidecar: its answer is accounted there, not by this stage.
+ACCOUNT_KEY = "account"
+# The `usage` fields of a JSON answer Envoy's json_to_metadata filter copies into the
+# request's metadata (the same keys the sidecar sets for the answers it reads itself).
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 H = INTERNAL_HEADER_PREFIX
 
 
@@ -90,6 +96,8 @@ class DownstreamStream:
         "following",
         "grpc_metadata",
         "handed_off",
+        "known_backend",
+        "logged",
         "observe",
         "pool",
         "prompt",
@@ -131,6 +139,10 @@ class DownstreamStream:
         self.strip_usage = False
         self.observe = False  # a stream the observer may follow instead of this stage
         self.handed_off = False  # ... and does: it settles, this stage must not
+        # The answer is accounted from Envoy's access log (json_path: access_log): this stage
+        # ends with the request body, and neither counts nor settles the request.
+        self.logged = False
+        self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.response_guards: tuple[CompiledGuard, ...] = ()
         self.prompt_turns: list[dict[str, str]] | None = None  # for judging the response
         self.stream_block_recorded = False
@@ -160,8 +172,9 @@ class DownstreamStream:
 
     @property
     def finished(self) -> bool:
-        """No message will come after the last answer: the observer took the stream over."""
-        return self.handed_off
+        """No message will come after the last answer: the observer or the access log took
+        the request over."""
+        return self.handed_off or self.logged
 
     def failed(self) -> None:
         """The sidecar failed this stream (a bug): Envoy answers with the failure status."""
@@ -290,6 +303,7 @@ class DownstreamStream:
         )
         set_headers = {routing.ROUTE_HEADER: parsed.model}
         target = routing.fixed_target(self.rt, parsed.model, self.pool)
+        self.known_backend = target is not None
         if target is not None:
             # One backend can serve this request and its route has no upstream stage: this
             # stage prepares the request for that backend itself.
@@ -313,20 +327,54 @@ class DownstreamStream:
             "prompt_tokens_estimate": self.prompt.tokens,
         }
         if self.observe:
-            # What the observer needs to settle, in whichever sidecar process it lands.
-            data.update(observer_handover(self.reservation, self.started))
+            data[OBSERVE_KEY] = True
+            data.update(handover(self.reservation, self.started))
             if audit is not None:
                 data.update(report.handover())
             if self.trace is not NO_TRACE:
                 data["traceparent"] = self.trace.traceparent()
+        # What Envoy renders into the answer's headers (routing.RESPONSE_HEADER_KEYS).
+        if target is not None:
+            data["backend"] = target.backend
+            data["provider_model"] = target.provider_model
+            report.backend = target.backend
+            report.provider_model = target.provider_model
+        if self.reservation is not None:
+            data[routing.RATE_LIMIT_KEY] = self.services.quota.rate_headers(
+                self.reservation.specs, self.reservation.states
+            )
+        self.logged = (
+            target is not None
+            and not parsed.stream
+            and not self.response_guards
+            and self.rt.config.sidecar.json_path == "access_log"
+        )
+        if self.logged:
+            # The answer goes to the client without this stage; Envoy's access log entry
+            # brings its usage to whichever sidecar process reads the log (access_log.py).
+            data[ACCOUNT_KEY] = True
+            data.update(handover(self.reservation, self.started))
+            data["output_estimate"] = requested_output(
+                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
+            )
+            if audit is not None:
+                data.update(report.handover())
+            if self.trace is not NO_TRACE:
+                data["traceparent"] = self.trace.traceparent()
+            report.path = "logged"
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
             data["pool"] = self.pool
+            data["failover"] = "quota"
             report.failover = "quota"
-        self.route_span = self.trace.start(
-            "route", {"extproc.model": parsed.model, "extproc.pool": self.pool}
-        )
+        route_attributes: dict[str, Any] = {
+            "extproc.model": parsed.model,
+            "extproc.pool": self.pool,
+        }
+        if target is not None:
+            route_attributes["extproc.backend"] = target.backend
+        self.route_span = self.trace.start("route", route_attributes)
         if body_mutation is not None:
             # Envoy keeps the client's content-length for a mutated buffered body; the
             # headers are still held, so say the new length.
@@ -476,20 +524,21 @@ class DownstreamStream:
         headers = protocol.header_dict(msg.headers)
         self.status = int(headers.get(":status", "0") or 0)
         self.backend = answering_backend(req)
-        set_headers = self._identity_headers()
+        # Team, model, rate limits (and the backend, when one serves the model) are rendered
+        # by Envoy from the request's metadata; only what Envoy chose is added here.
+        set_headers = {} if self.known_backend else self._backend_headers()
         attempts = headers.get("x-envoy-attempt-count", "1")
         report = self.report
         if report is not None:
             report.status = self.status
             report.backend = self.backend
-            report.provider_model = set_headers.get(f"{H}provider-model")
+            if not self.known_backend:
+                report.provider_model = set_headers.get(f"{H}provider-model")
             report.attempts = int(attempts) if attempts.isdigit() else 1
-        if self.pool:
-            set_headers[f"{H}failover"] = "quota"
-        elif attempts.isdigit() and int(attempts) > 1:
+        if not self.pool and attempts.isdigit() and int(attempts) > 1:
             # Envoy retried this request on another pool: the client should know it happened.
             set_headers[f"{H}failover"] = "true"
-            set_headers[f"{H}attempts"] = attempts
+            set_headers[routing.ATTEMPTS_HEADER] = attempts
             if report is not None:
                 report.failover = "retry"
         if self.route_span is not None:
@@ -502,12 +551,6 @@ class DownstreamStream:
             )
             self.route_span.end()
             self.route_span = None
-        if self.reservation is not None:
-            set_headers.update(
-                self.services.quota.rate_headers(self.reservation.specs, self.reservation.states)
-            )
-        # A misbehaving backend must not be able to speak in the gateway's name either.
-        remove = identity.spoofed_headers(headers)
         mode = None
         # Known now, and in the access log even when the response never completes.
         metadata = {METADATA_NAMESPACE: {"backend": self.backend or "", "status": self.status}}
@@ -534,7 +577,9 @@ class DownstreamStream:
             if report is not None:
                 report.path = "inline"
         return protocol.response_headers_response(
-            protocol.common(set_headers, remove), mode_override=mode, dynamic_metadata=metadata
+            protocol.common(set_headers) if set_headers else None,
+            mode_override=mode,
+            dynamic_metadata=metadata,
         )
 
     async def on_response_body(self, msg: Any) -> protocol.ProcessingResponse:
@@ -577,14 +622,9 @@ class DownstreamStream:
         if body is not None:
             set_headers["content-length"] = str(len(body))
         if usage is not None:
-            set_headers.update(
-                {
-                    f"{H}prompt-tokens": str(usage.prompt_tokens),
-                    f"{H}completion-tokens": str(usage.completion_tokens),
-                    f"{H}total-tokens": str(usage.total_tokens),
-                    f"{H}token-source": usage.source,
-                }
-            )
+            counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+            set_headers.update(zip(routing.TOKEN_HEADERS, map(str, counts), strict=True))
+            set_headers[routing.TOKEN_SOURCE_HEADER] = usage.source
         return protocol.response_body_response(
             protocol.common(set_headers, body=body) if set_headers or body else None,
             dynamic_metadata=self._usage_metadata(usage),
@@ -651,7 +691,9 @@ class DownstreamStream:
         if self.relay is not None and self.usage is None and not self.handed_off:
             # A stream cut short: the usage event never came, so count what was delivered.
             self.usage = self._stream_usage()
-        if not (self.reservation is None or self.reservation.settled or self.handed_off):
+        if not (
+            self.reservation is None or self.reservation.settled or self.handed_off or self.logged
+        ):
             usage = self.usage
             prompt = self.prompt.tokens if self.prompt is not None else 0
             # No usage: no response seen, but the backend may still have read the prompt.
@@ -667,6 +709,17 @@ class DownstreamStream:
             return
         if self.route_span is not None:
             self.route_span.end()  # no answer came
+        if self.logged:
+            # The access log entry brings the rest; its reader counts and reports the request.
+            if self.trace is not NO_TRACE:
+                self.trace.set(
+                    {
+                        "extproc.backend": report.backend,
+                        "gen_ai.response.model": report.provider_model,
+                    }
+                )
+                self.trace.end()
+            return
         cfg = self.rt.config
         report.count_request(cfg)
         if self.handed_off:
@@ -712,17 +765,14 @@ class DownstreamStream:
             return None
         return estimate(self.prompt.tokens, self.services.tokens, self.request.model, completion)
 
-    def _identity_headers(self) -> dict[str, str]:
+    def _backend_headers(self) -> dict[str, str]:
+        """The backend Envoy chose (a pooled or canary model) and the model name it got."""
         out: dict[str, str] = {}
-        if self.team:
-            out[routing.TEAM_HEADER] = self.team
-        if self.request is not None:
-            out[f"{H}model"] = self.request.model
-            if self.backend:
-                out[f"{H}backend"] = self.backend
-                target = self.rt.targets.get((self.request.model, self.backend))
-                if target is not None:
-                    out[f"{H}provider-model"] = target.provider_model
+        if self.request is not None and self.backend:
+            out[f"{H}backend"] = self.backend
+            target = self.rt.targets.get((self.request.model, self.backend))
+            if target is not None:
+                out[f"{H}provider-model"] = target.provider_model
         return out
 
     def _stream_metadata(self, usage: Usage | None) -> dict[str, Any]:
@@ -779,9 +829,10 @@ def estimate(prompt: int, tokens: TokenCounter, model: str, completion: str) -> 
     return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
 
 
-def observer_handover(reservation: Reservation | None, started: float) -> dict[str, Any]:
+def handover(reservation: Reservation | None, started: float) -> dict[str, Any]:
+    """What the stage that settles in this stage's place (the stream observer, the access
+    log's reader) needs, in whichever sidecar process it runs."""
     return {
-        OBSERVE_KEY: True,
         "reservation": reservation.id if reservation is not None else "",
         # Names, in order, so a reload that changed the team's limits meanwhile is noticed.
         "limits": [spec.name for spec in reservation.specs] if reservation is not None else [],

@@ -31,6 +31,30 @@ STAGE_METADATA = "x-aigw-stage"
 OBSERVE_STAGE = "observe"  # the stage value of the stream observer (a non-blocking copy)
 BACKEND_METADATA = "x-aigw-backend"
 
+# The gateway's headers on an answer. Envoy renders each from the request's dynamic metadata
+# (the key, in the `extproc` namespace) when the sidecar knew the value before the answer came;
+# it first removes any a backend sent, so none can speak in the gateway's name.
+P = INTERNAL_HEADER_PREFIX
+RESPONSE_HEADER_KEYS = {
+    TEAM_HEADER: "team",
+    f"{P}model": "model",
+    f"{P}backend": "backend",
+    f"{P}provider-model": "provider_model",
+    f"{P}failover": "failover",
+}
+ATTEMPTS_HEADER = f"{P}attempts"
+# Set by the sidecar on the answers it reads itself (json_path: inline).
+TOKEN_HEADERS = (f"{P}prompt-tokens", f"{P}completion-tokens", f"{P}total-tokens")
+TOKEN_SOURCE_HEADER = f"{P}token-source"
+OWN_RESPONSE_HEADERS = (*RESPONSE_HEADER_KEYS, ATTEMPTS_HEADER, *TOKEN_HEADERS, TOKEN_SOURCE_HEADER)
+# OpenAI's rate-limit headers, from the reservation (metadata `ratelimit`, by header name).
+RATE_LIMIT_KEY = "ratelimit"
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{kind}"
+    for kind in ("tokens", "requests")
+    for what in ("limit", "remaining", "reset")
+)
+
 _CREATED = int(time.time())
 
 

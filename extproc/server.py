@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .access_log import AccessLogReceiver
 from .admin.service import ConfigAdmin, QuotaAdmin
 from .admin.v1 import config_pb2_grpc, quota_pb2_grpc
 from .config import (
@@ -273,6 +275,9 @@ class Sidecar:
         config_pb2_grpc.add_ConfigAdminServicer_to_server(
             ConfigAdmin(lambda: self.processor.services, self._admin_reload, str(self.config_path)),
             self.server,
+        )
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogReceiver(lambda: self.processor.services), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host, port = parse_address(self.listen)

@@ -51,10 +51,9 @@ def test_chat_non_streaming_rewrites_model_and_credentials(gateway: Gateway):
     assert h["x-aigw-model"] == "gpt-4o"
     assert h["x-aigw-backend"] == "fake-a"
     assert h["x-aigw-provider-model"] == "fake-gpt-4o"
-    assert int(h["x-aigw-prompt-tokens"]) == completion.usage.prompt_tokens
-    assert int(h["x-aigw-completion-tokens"]) == 8
-    assert int(h["x-aigw-total-tokens"]) == completion.usage.total_tokens
-    assert h["x-aigw-token-source"] == "provider"
+    # json_path: access_log (the default): the answer never waited for the sidecar, so it
+    # carries no token headers; its usage reached the sidecar in Envoy's access log.
+    assert "x-aigw-prompt-tokens" not in h
 
     seen = last_request(gateway, gateway.fake_a)
     assert seen["body"]["model"] == "fake-gpt-4o"
@@ -62,6 +61,34 @@ def test_chat_non_streaming_rewrites_model_and_credentials(gateway: Gateway):
     # The backend gets its own credential, never the client's key, and no internal header.
     assert seen["headers"]["authorization"] == f"Bearer {BACKEND_A_SECRET}"
     assert not [k for k in seen["headers"] if k.startswith("x-aigw-")]
+
+
+def test_inline_json_path_adds_token_headers(gateway: Gateway):
+    original = json.loads(json.dumps(gateway.config))
+    inline = json.loads(json.dumps(original))
+    inline.setdefault("sidecar", {})["json_path"] = "inline"
+    try:
+        gateway.write_config(inline)
+        deadline = time.monotonic() + 5
+        while True:
+            raw = client(gateway).chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=MESSAGES
+            )
+            if "x-aigw-prompt-tokens" in raw.headers:
+                break
+            assert time.monotonic() < deadline, "json_path: inline never applied"
+            time.sleep(0.1)
+    finally:
+        gateway.write_config(original)
+    completion, h = raw.parse(), raw.headers
+    assert int(h["x-aigw-prompt-tokens"]) == completion.usage.prompt_tokens
+    assert int(h["x-aigw-completion-tokens"]) == 8
+    assert int(h["x-aigw-total-tokens"]) == completion.usage.total_tokens
+    assert h["x-aigw-token-source"] == "provider"
+    # The headers Envoy renders are there once, whichever path the answer took.
+    assert h.get_list("x-aigw-team") == ["team-a"]
+    assert h["x-aigw-backend"] == "fake-a"
+    assert h["x-aigw-provider-model"] == "fake-gpt-4o"
 
 
 def test_chat_streaming_with_usage(gateway: Gateway):
@@ -107,6 +134,21 @@ def test_streams_and_responses_reach_the_access_log(gateway: Gateway):
     assert entry["team"] == "team-a"
     assert entry["model"] == "gpt-4o-mini"
     assert entry["backend"] == "fake-a"
+    assert entry["completion_tokens"] == 8
+    assert entry["token_source"] == "provider"
+
+    # A JSON answer the sidecar did not read (json_path: access_log): Envoy copied its usage.
+    marker += "-json"
+    c.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-request-id": marker}
+    )
+    deadline = time.monotonic() + 10
+    entry = None
+    while time.monotonic() < deadline and entry is None:
+        entry = next((e for e in gateway.access_log() if e.get("request_id") == marker), None)
+        time.sleep(0.1)
+    assert entry is not None, "no access log line for the request"
+    assert (entry["team"], entry["backend"], entry["status"]) == ("team-a", "fake-a", 200)
     assert entry["completion_tokens"] == 8
     assert entry["token_source"] == "provider"
 

@@ -12,6 +12,8 @@ from extproc.envoy_config import (
     EXT_PROC_FILTER,
     HTTP_PROTOCOL_OPTIONS,
     OBSERVER_FILTER,
+    RESPONSE_HEADERS_FILTER,
+    USAGE_FILTER,
     render_istio,
     render_snippet,
     render_yaml,
@@ -21,6 +23,7 @@ from extproc.supervisor import envoy_binary
 from .conftest import REPO
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
+GATEWAY_FILTERS = [EXT_PROC_FILTER, OBSERVER_FILTER, RESPONSE_HEADERS_FILTER, USAGE_FILTER]
 
 
 def envoy_validate(path) -> None:
@@ -53,7 +56,7 @@ def test_committed_envoy_files_match_the_renderer(committed, render):
     assert (REPO / "envoy" / committed).read_text() == expected, "run `make envoy-files`"
 
 
-def _bootstrap_around(http_filters: list[dict], cluster: dict) -> dict:
+def _bootstrap_around(http_filters: list[dict], cluster: dict, access_log: list[dict]) -> dict:
     """A minimal existing-Envoy bootstrap that takes the drop-in as an operator would."""
     return {
         "static_resources": {
@@ -70,6 +73,7 @@ def _bootstrap_around(http_filters: list[dict], cluster: dict) -> dict:
                                         "@type": "type.googleapis.com/envoy.extensions.filters."
                                         "network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "existing",
+                                        "access_log": access_log,
                                         "route_config": {
                                             "virtual_hosts": [
                                                 {
@@ -144,10 +148,14 @@ def _bootstrap_around(http_filters: list[dict], cluster: dict) -> dict:
 def test_drop_in_snippet_validates_inside_an_existing_envoy(tmp_path):
     snippet = yaml.safe_load((REPO / "envoy" / "extproc-filter.yaml").read_text())
     filters = snippet["http_filters"]
-    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", OBSERVER_FILTER]
+    assert [f["name"] for f in filters] == GATEWAY_FILTERS
     (cluster,) = snippet["clusters"]
+    (access_log,) = snippet["access_log"]
+    assert access_log["typedConfig"]["commonConfig"]["grpcService"]["envoyGrpc"] == {
+        "clusterName": cluster["name"]
+    }
     out = tmp_path / "existing.yaml"
-    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster)))
+    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster, [access_log])))
     envoy_validate(out)
 
 
@@ -160,9 +168,12 @@ def test_istio_manifest_patches_validate(tmp_path):
     assert {p["operation"] for p in filter_patches} == {"INSERT_BEFORE"}
     # Each is inserted right before the router, so applying them in order keeps this order.
     filters = [p["value"] for p in filter_patches]
-    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", OBSERVER_FILTER]
+    assert [f["name"] for f in filters] == GATEWAY_FILTERS
+    (hcm_patch,) = [p["patch"] for p in patches if p["applyTo"] == "NETWORK_FILTER"]
+    assert hcm_patch["operation"] == "MERGE"
+    access_log = hcm_patch["value"]["typed_config"]["access_log"]
     out = tmp_path / "istio.yaml"
-    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster_patch["value"])))
+    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster_patch["value"], access_log)))
     envoy_validate(out)
 
 

@@ -42,14 +42,25 @@ MESSAGES = [
 
 
 @pytest.fixture(scope="module")
-def services() -> Services:
+def logged_services() -> Services:
+    """The quickstart as shipped: JSON answers are accounted from Envoy's access log."""
     return build_services(load_runtime(QUICKSTART))
 
 
-def with_stream_path(services: Services, path: str) -> Services:
+@pytest.fixture(scope="module")
+def services(logged_services: Services) -> Services:
+    """JSON answers pass this stage (json_path: inline), so its answer phases can be tested."""
+    return with_sidecar(logged_services, json_path="inline")
+
+
+def with_sidecar(services: Services, **settings: Any) -> Services:
     cfg = services.runtime.config
-    cfg = cfg.model_copy(update={"sidecar": cfg.sidecar.model_copy(update={"stream_path": path})})
+    cfg = cfg.model_copy(update={"sidecar": cfg.sidecar.model_copy(update=settings)})
     return build_services(build_runtime(cfg), services.tokens, services.quota)
+
+
+def with_stream_path(services: Services, path: str) -> Services:
+    return with_sidecar(services, stream_path=path)
 
 
 # -- building requests ------------------------------------------------------------------------
@@ -407,8 +418,40 @@ def test_valid_chat_body(services: Services) -> None:
             "endpoint": "/v1/chat/completions",
             "stream": False,
             "prompt_tokens_estimate": expected,
+            # For the headers Envoy renders on the answer.
+            "backend": "fake",
+            "provider_model": "fake-gpt-4o",
         }
     }
+    assert not stream.finished  # json_path: inline, the answer passes this stage
+
+
+def test_json_answers_are_handed_to_the_access_log(logged_services: Services) -> None:
+    stream = downstream(logged_services)
+    body = chat("gpt-4o-mini", max_tokens=77)
+    _, resp = run(stream, request_headers(key=KEY_B), request_body(body))
+    data = metadata(resp)["extproc"]
+    assert data["account"] is True and "observe" not in data
+    assert (data["backend"], data["provider_model"]) == ("fake", "gpt-4o-mini")
+    assert data["output_estimate"] == 77  # charged if the backend reports no usage
+    assert data["started_at"] > 0
+    # team-b has token limits in the quickstart: the reservation is handed over with them.
+    assert stream.reservation is not None
+    assert data["reservation"] == stream.reservation.id
+    assert data["limits"] == [spec.name for spec in stream.reservation.specs]
+    assert data["ratelimit"]["x-ratelimit-limit-tokens"].isdigit()
+    assert stream.finished  # the server ends this stage's gRPC stream now
+    stream.close()
+    assert not stream.reservation.settled  # the access log's reader settles, not this stage
+
+
+def test_streams_and_guarded_answers_are_not_handed_to_the_access_log(
+    logged_services: Services,
+) -> None:
+    stream = downstream(logged_services)
+    _, resp = run(stream, request_headers(), request_body(chat("gpt-4o", stream=True)))
+    assert "account" not in metadata(resp)["extproc"]
+    assert not stream.finished
 
 
 def test_chat_with_tools_counts_the_tools(services: Services) -> None:
@@ -427,6 +470,8 @@ def test_valid_completions_and_embeddings_bodies(services: Services) -> None:
     assert metadata(resp)["extproc"] == {
         "team": "team-a",
         "model": "gpt-4o-mini",
+        "backend": "fake",
+        "provider_model": "gpt-4o-mini",
         "endpoint": "/v1/completions",
         "stream": True,
         "prompt_tokens_estimate": services.tokens.count_prompt(
@@ -448,28 +493,31 @@ def test_valid_completions_and_embeddings_bodies(services: Services) -> None:
 # -- response ---------------------------------------------------------------------------------
 
 
-def test_response_headers_identify_the_backend(services: Services) -> None:
+def test_response_headers_of_a_one_backend_model_come_from_envoy(services: Services) -> None:
     stream = through_body(services, chat("gpt-4o"))
-    [resp] = run(stream, response_headers(extra={"x-aigw-team": "forged", "x-aigw-cost": "0"}))
+    [resp] = run(stream, response_headers(extra={"x-aigw-team": "forged"}))
     assert resp.WhichOneof("response") == "response_headers"
-    mutation = resp.response_headers.response.header_mutation
-    assert set_headers(mutation) == {
-        "x-aigw-team": "team-a",
-        "x-aigw-model": "gpt-4o",
-        "x-aigw-backend": "fake",
-        "x-aigw-provider-model": "fake-gpt-4o",
-    }
-    assert set(mutation.remove_headers) == {"x-aigw-team", "x-aigw-cost"}
+    # Team, model, backend and rate limits are rendered by Envoy from the request's metadata
+    # (its header_mutation filter also removes a backend's forged ones first).
+    assert not resp.response_headers.HasField("response")
     assert not resp.HasField("mode_override")
+    assert metadata(resp)["extproc"] == {"backend": "fake", "status": 200}
 
 
-def test_response_headers_without_the_cluster_attribute(services: Services) -> None:
-    stream = through_body(services, chat("gpt-4o-mini"))
-    [resp] = run(stream, response_headers(cluster=None))
+def test_response_headers_name_the_backend_envoy_chose(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    targets = [{"backend": "openai"}, {"backend": "azure", "model": "gpt4o-deploy"}]
+    canary = two_backends(services, monkeypatch, "api-key", {"gpt-4o": {"targets": targets}})
+    stream = DownstreamStream(canary)
+    run(stream, request_headers(key="sk-t"), request_body(chat("gpt-4o")))
+    [resp] = run(stream, response_headers(cluster="aigw-split-azure"))
     assert set_headers(resp.response_headers.response.header_mutation) == {
-        "x-aigw-team": "team-a",
-        "x-aigw-model": "gpt-4o-mini",
+        "x-aigw-backend": "azure",
+        "x-aigw-provider-model": "gpt4o-deploy",
     }
+    [resp] = run(DownstreamStream(canary), response_headers(cluster=None))
+    assert not resp.response_headers.HasField("response")
 
 
 def test_event_stream_response_switches_to_streamed(services: Services) -> None:

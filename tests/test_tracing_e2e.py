@@ -164,8 +164,8 @@ def test_a_request_span_continues_envoys_trace_with_genai_attributes(traced: Tra
         model=MODEL, messages=[{"role": "user", "content": "Hello"}]
     )
     assert reply.usage is not None
-    children = ("guards local", "guard llama", "quota reserve", "route", "quota settle")
-    spans = traced.spans(f"chat {MODEL}", *children)
+    children = ("guards local", "guard llama", "quota reserve", "route", "response")
+    spans = traced.spans(f"chat {MODEL}", *children, "quota settle")
     request = spans[f"chat {MODEL}"]
     # The trace Envoy started: the backend got Envoy's traceparent, with the same trace id.
     (sent,) = traced.backend_traceparents()
@@ -175,20 +175,24 @@ def test_a_request_span_continues_envoys_trace_with_genai_attributes(traced: Tra
     assert attrs["gen_ai.operation.name"] == "chat"
     assert attrs["gen_ai.request.model"] == MODEL
     assert attrs["gen_ai.response.model"] == MODEL
-    assert attrs["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens
-    assert attrs["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens == 8
     assert attrs["extproc.team"] == "alpha"
     assert attrs["extproc.backend"] == "fake"
-    assert attrs["extproc.outcome"] == "served"
-    assert attrs["http.response.status_code"] == 200
-    # Its children: the guard call, the quota operations, the backend choice.
+    # Its children: the guard call, the quota operations, the backend choice, and the answer
+    # as Envoy's access log reported it (json_path: access_log, the default).
     for name in children:
         child = spans[name]
         assert child.parent is not None and child.parent.span_id == request.context.span_id, name
         assert trace_id(child) == trace_id(request)
     assert (spans["guard llama"].attributes or {})["extproc.guard.action"] == "allow"
     assert (spans["route"].attributes or {})["extproc.backend"] == "fake"
-    assert (spans["quota settle"].attributes or {})["extproc.output_tokens"] == 8
+    answer = spans["response"].attributes or {}
+    assert answer["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens
+    assert answer["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens == 8
+    assert answer["extproc.outcome"] == "served"
+    assert answer["http.response.status_code"] == 200
+    settle = spans["quota settle"]
+    assert settle.parent is not None and settle.parent.span_id == spans["response"].context.span_id
+    assert (settle.attributes or {})["extproc.output_tokens"] == 8
 
 
 def test_a_client_traceparent_is_continued_through_envoy(traced: Traced) -> None:

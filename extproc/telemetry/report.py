@@ -96,7 +96,7 @@ class RequestReport:
     code: str | None = None  # the gateway's error code when it answered itself
     failover: str = ""  # "retry" (Envoy retried on the next pool) or "quota"
     attempts: int = 1
-    path: str = ""  # how the answer passed: buffered, inline or observed
+    path: str = ""  # how the answer passed: buffered, logged, inline or observed
     guards: list[dict[str, Any]] = field(default_factory=list)
     prompt: dict[str, Any] = field(default_factory=dict)  # prompt_fields()
     trace_id: str = ""
@@ -117,7 +117,9 @@ class RequestReport:
         return out
 
     @classmethod
-    def from_handover(cls, info: dict[str, Any]) -> RequestReport:
+    def from_handover(
+        cls, info: dict[str, Any], stream: bool = True, path: str = "observed"
+    ) -> RequestReport:
         def text(key: str) -> str:
             value = info.get(key)
             return value if isinstance(value, str) else ""
@@ -128,8 +130,8 @@ class RequestReport:
             team=text("team") or None,
             model=text("model") or None,
             endpoint=text("endpoint"),
-            stream=True,
-            path="observed",
+            stream=stream,
+            path=path,
             trace_id=text("trace_id"),
         )
         guards = info.get("guards")

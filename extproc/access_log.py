@@ -1,0 +1,146 @@
+"""Accounting from Envoy's access log: the answers the downstream stage did not wait for.
+
+For a non-streamed request to a model served by one backend (`sidecar.json_path:
+access_log`), the downstream stage ends its ext_proc stream with the request body: Envoy sends
+the answer to the client without asking the sidecar (two messages per request instead of four).
+Envoy's json_to_metadata filter copies the answer's `usage` into the request's metadata, and
+Envoy's gRPC access log brings each such request's entry here, in batches, once it has ended:
+the metadata the downstream stage left (team, model, reservation, report), the usage, the status.
+This settles the reservation, counts the request and its tokens, and writes the audit record.
+
+Any sidecar process may read the log (Envoy keeps one stream per worker thread), so with
+several workers the quota store must be shared, as for the stream observer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import json_format
+
+from .processor import ACCOUNT_KEY, METADATA_NAMESPACE, Services
+from .quota.policy import Amounts, applicable
+from .telemetry.report import RequestReport
+from .telemetry.tracing import NO_TRACE
+from .usage import SOURCE_ESTIMATE, SOURCE_PROVIDER, Usage
+
+log = logging.getLogger("extproc.access_log")
+
+
+class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+    """Envoy's access log stream: one per Envoy worker thread, open as long as Envoy runs."""
+
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self.services = services  # the current ones: a reload swaps them
+        self.entries = 0
+
+    async def StreamAccessLogs(self, request_iterator, context):
+        async for message in request_iterator:
+            services = self.services()
+            for entry in message.http_logs.log_entry:
+                self.entries += 1
+                try:
+                    account(services, entry)
+                except Exception:
+                    # One bad entry must not cost the others in the batch, or the stream.
+                    log.exception("could not account an access log entry")
+        return als_pb2.StreamAccessLogsResponse()
+
+
+def account(services: Services, entry: Any) -> None:
+    """One ended request whose answer the downstream stage handed over."""
+    filter_metadata = entry.common_properties.metadata.filter_metadata
+    struct = filter_metadata.get(METADATA_NAMESPACE)
+    if struct is None:
+        return
+    info = json_format.MessageToDict(struct)
+    if info.get(ACCOUNT_KEY) is not True:
+        return
+    status = entry.response.response_code.value  # 0: the request ended without an answer
+    report = RequestReport.from_handover(info, stream=False, path="logged")
+    report.status = status
+    report.backend = _text(info, "backend") or None
+    report.provider_model = _text(info, "provider_model") or None
+    report.attempts = entry.common_properties.upstream_request_attempt_count or 1
+    prompt = _int(info.get("prompt_tokens_estimate"))
+    usage = None
+    if 200 <= status < 300:
+        usage = _usage(info)
+        if usage is None:
+            # The backend reported no usage and the answer was not read here: charge what the
+            # request could have produced, so a team is never under-counted.
+            output = _int(info.get("output_estimate"))
+            usage = Usage(prompt, output, prompt + output, source=SOURCE_ESTIMATE)
+            log.warning(
+                "backend %s sent an answer without usage; charged the request's maximum "
+                "(set sidecar.json_path: inline to count the answer itself)",
+                report.backend,
+            )
+    parent = info.get("traceparent")
+    trace = NO_TRACE
+    if isinstance(parent, str) and parent:
+        # A child of the request's span, which the downstream stage ended with the request.
+        trace = services.tracing.request({"traceparent": parent}, name="response")
+    _settle(services, info, report, usage, prompt, status, trace)
+    cfg = services.runtime.config
+    report.count_request(cfg)
+    cost = report.count_usage(cfg, usage)
+    if trace is not NO_TRACE:
+        trace.set(report.span_attributes(usage, cost))
+        outcome = report.outcome
+        trace.end(outcome if outcome in ("error", "backend_error") else None)
+    if services.audit is not None:
+        duration = time.time() - report.started_at
+        services.audit.write(report.audit_record(usage, cost, duration))
+
+
+def _settle(
+    services: Services,
+    info: dict[str, Any],
+    report: RequestReport,
+    usage: Usage | None,
+    prompt: int,
+    status: int,
+    trace: Any,
+) -> None:
+    res_id = info.get("reservation")
+    if not isinstance(res_id, str) or not res_id:
+        return
+    team, model = report.team or "", report.model or ""
+    specs = applicable(services.limits.get(team, ()), model)
+    names = tuple(str(n) for n in info.get("limits") or ())
+    reservation = services.quota.handed_over(
+        services.runtime.config, team, model, res_id, names, specs
+    )
+    if usage is not None:
+        actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
+    elif status == 0:
+        # No answer (the client went away): the backend may still have read the prompt.
+        actual = Amounts(prompt, 0)
+    else:
+        actual = Amounts(0, 0)  # the backend refused or failed: it served no tokens
+    services.quota.settle_soon(reservation, actual, trace)
+
+
+def _usage(info: dict[str, Any]) -> Usage | None:
+    """The backend's usage report, as Envoy's json_to_metadata filter copied it."""
+    if info.get("token_source") != SOURCE_PROVIDER or "prompt_tokens" not in info:
+        return None
+    prompt, completion = _int(info.get("prompt_tokens")), _int(info.get("completion_tokens"))
+    total = _int(info.get("total_tokens")) or prompt + completion
+    return Usage(prompt, completion, total, _int(info.get("cached_tokens")))
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    return 0
+
+
+def _text(info: dict[str, Any], key: str) -> str:
+    value = info.get(key)
+    return value if isinstance(value, str) else ""
