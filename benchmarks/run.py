@@ -52,7 +52,9 @@ from extproc.envoy_config import (
     EXT_PROC_FILTER,
     HTTP_PROTOCOL_OPTIONS,
     OBSERVER_FILTER,
+    RESPONSE_HEADERS_FILTER,
     SIDECAR_CLUSTER,
+    USAGE_FILTER,
     bootstrap,
     to_dict,
 )
@@ -203,8 +205,12 @@ def gateway_config(
     return config
 
 
+# The gateway's HTTP filters: the baseline has none of them (their cost is the gateway's).
+GATEWAY_FILTERS = (EXT_PROC_FILTER, OBSERVER_FILTER, RESPONSE_HEADERS_FILTER, USAGE_FILTER)
+
+
 def _without_ext_proc(filters: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-    kept = [f for f in filters if f.get("name") not in (EXT_PROC_FILTER, OBSERVER_FILTER)]
+    kept = [f for f in filters if f.get("name") not in GATEWAY_FILTERS]
     if len(kept) == len(filters):
         raise RuntimeError(f"no {EXT_PROC_FILTER} filter in {where}: the bootstrap changed shape")
     return kept
@@ -213,10 +219,10 @@ def _without_ext_proc(filters: list[dict[str, Any]], where: str) -> list[dict[st
 def baseline_bootstrap(cfg: Config, listen: str, admin: str) -> dict[str, Any]:
     """The gateway's bootstrap for `cfg`, on other ports, with every ext_proc piece removed.
 
-    Listener, connection manager, access log, clusters (a pooled model's aggregate cluster and
-    its members too), the model route's action (its retry policy too) and timeouts stay exactly
-    as the gateway renders them, so the sidecar (and the header match it needs) is the only
-    difference.
+    Listener, connection manager, stdout access log, clusters (a pooled model's aggregate
+    cluster and its members too), the model route's action (its retry policy too) and timeouts
+    stay exactly as the gateway renders them, so the sidecar (and the header match it needs)
+    is the only difference.
     """
     envoy = cfg.envoy.model_copy(update={"listen": listen, "admin": admin})
     doc = to_dict(bootstrap(cfg.model_copy(update={"envoy": envoy})))
@@ -237,6 +243,9 @@ def baseline_bootstrap(cfg: Config, listen: str, admin: str) -> dict[str, Any]:
                 if not hcm.get("@type", "").endswith(".HttpConnectionManager"):
                     continue
                 hcm["httpFilters"] = _without_ext_proc(hcm["httpFilters"], "the listener")
+                # The gRPC access log to the sidecar goes; the stdout one (if on) stays.
+                logs = hcm.get("accessLog", [])
+                hcm["accessLog"] = [x for x in logs if SIDECAR_CLUSTER not in json.dumps(x)]
                 for vhost in hcm["routeConfig"]["virtualHosts"]:
                     routes = []
                     for route in vhost["routes"]:
