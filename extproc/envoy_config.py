@@ -466,6 +466,8 @@ def accounting_access_log(cfg: Config) -> AccessLog:
         ),
         typed_config=_any(
             HttpGrpcAccessLogConfig(
+                # With the status and body size: was it a stream the observer finished?
+                additional_response_headers_to_log=["content-type"],
                 common_config=CommonGrpcAccessLogConfig(
                     log_name=ACCESS_LOG_NAME,
                     grpc_service=GrpcService(
@@ -474,7 +476,7 @@ def accounting_access_log(cfg: Config) -> AccessLog:
                     transport_api_version=ApiVersion.V3,
                     buffer_flush_interval=_duration(ACCESS_LOG_FLUSH_S),
                     buffer_size_bytes=ACCESS_LOG_BUFFER_BYTES,
-                )
+                ),
             )
         ),
     )

@@ -12,8 +12,8 @@ Per-request knobs are request headers, so one running instance can serve many te
 - ``x-fake-ttft-ms``, ``x-fake-tokens-per-second``, ``x-fake-response-tokens``.
 - ``x-fake-response-text`` (with ``x-fake-chunk-chars``, default 4): a chat answer with this
   text, streamed that many characters per event.
-- ``x-fake-no-usage: 1``: a backend whose streams ignore ``stream_options.include_usage``
-  and so report no usage.
+- ``x-fake-no-usage: 1``: a backend that reports no usage (its streams ignore
+  ``stream_options.include_usage``, its JSON answers have no ``usage``).
 
 ``reset-after:N``/``stall-after:N`` count SSE events (the role chunk and ``[DONE]`` included);
 on non-streaming requests they behave like ``reset``/``stall`` so the fault is never silently
@@ -225,7 +225,7 @@ class _Ctx:
     tokens_per_second: float
     tokens: int
     fault: _Fault | None
-    # A backend whose streams ignore stream_options.include_usage (x-fake-no-usage: 1).
+    # A backend that reports no usage, streamed or not (x-fake-no-usage: 1).
     no_usage: bool = False
     # A chat answer with this text instead of tok0 tok1 ..., streamed `chunk_chars` characters
     # per event (x-fake-response-text, x-fake-chunk-chars): response guards need real text.
@@ -923,7 +923,7 @@ class _FakeLLM:
                             "finish_reason": finish_reason,
                         }
                     ],
-                    "usage": usage,
+                    **({} if ctx.no_usage else {"usage": usage}),
                     "service_tier": "default",
                 }
             )
@@ -995,7 +995,8 @@ class _FakeLLM:
                 {"text": text, "index": i, "logprobs": None, "finish_reason": finish_reason}
                 for i, text in enumerate(texts)
             ]
-            return _json_response({**common, "choices": choices, "usage": usage})
+            usage_field = {} if ctx.no_usage else {"usage": usage}
+            return _json_response({**common, "choices": choices, **usage_field})
 
         extra = {"usage": None} if include_usage else {}
 

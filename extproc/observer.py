@@ -16,16 +16,16 @@ import logging
 import time
 from typing import Any
 
-from google.protobuf import json_format
-
 from .processor import (
+    ACCOUNT_KEY,
     METADATA_NAMESPACE,
     Services,
     answering_backend,
     observer_follows,
+    observer_owns,
     stream_usage,
 )
-from .protocol import ProcessingRequest, header_dict
+from .protocol import ProcessingRequest, header_dict, struct_dict
 from .quota.policy import Amounts, applicable
 from .sse import StreamRelay
 from .streams import ACTIVE, StreamTiming
@@ -36,7 +36,17 @@ log = logging.getLogger("extproc.observer")
 
 
 class ObservedStream:
-    __slots__ = ("done", "info", "relay", "report", "services", "timing", "trace")
+    __slots__ = (
+        "bytes",
+        "done",
+        "info",
+        "relay",
+        "report",
+        "services",
+        "status",
+        "timing",
+        "trace",
+    )
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -46,6 +56,8 @@ class ObservedStream:
         self.done = False  # finished, or not ours to follow
         self.report: RequestReport | None = None
         self.trace: Any = NO_TRACE
+        self.status = 0
+        self.bytes = 0  # of the body seen (which is what reached the client)
 
     @property
     def finished(self) -> bool:
@@ -68,6 +80,7 @@ class ObservedStream:
             assert self.timing is not None
             msg = req.response_body
             self.timing.chunk()
+            self.bytes += len(msg.body)
             self.relay.feed(msg.body, msg.end_of_stream)
             if msg.end_of_stream:
                 self._finish()
@@ -75,7 +88,7 @@ class ObservedStream:
     def _start(self, req: ProcessingRequest, headers: dict[str, str]) -> None:
         struct = req.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         # Plain Python values: a Struct's lists and nested objects are protobuf containers.
-        self.info = info = json_format.MessageToDict(struct) if struct is not None else {}
+        self.info = info = struct_dict(struct) if struct is not None else {}
         self.relay = StreamRelay(strip_usage_chunk=False)
         started_at = _number(info.get("started_at"), time.time())
         cfg = self.services.runtime.config
@@ -89,7 +102,7 @@ class ObservedStream:
         report = self.report = RequestReport.from_handover(info)
         report.backend = answering_backend(req)
         status = headers.get(":status", "0")
-        report.status = int(status) if status.isdigit() else 0
+        report.status = self.status = int(status) if status.isdigit() else 0
         attempts = headers.get("x-envoy-attempt-count", "1")
         report.attempts = int(attempts) if attempts.isdigit() else 1
         if not report.failover and report.attempts > 1:
@@ -114,6 +127,9 @@ class ObservedStream:
         ACTIVE.closed()
         assert self.relay is not None and self.timing is not None
         info, services = self.info, self.services
+        released = info.get(ACCOUNT_KEY) is True
+        if released and not observer_owns(info, self.status, "text/event-stream", self.bytes):
+            return  # nothing reached the client: the access log's reader finishes it
         team, model = str(info.get("team", "")), str(info.get("model", ""))
         prompt = int(_number(info.get("prompt_tokens_estimate"), 0))
         usage = stream_usage(self.relay, prompt, services.tokens, model)
@@ -130,6 +146,9 @@ class ObservedStream:
         report = self.report
         if report is not None:
             cfg = services.runtime.config
+            if released:
+                # The downstream stage ended with the request: the request is counted here.
+                report.count_request(cfg)
             cost = report.count_usage(cfg, usage)
             self.trace.set(report.span_attributes(usage, cost))
             self.trace.end()

@@ -97,12 +97,12 @@ class DownstreamStream:
         "grpc_metadata",
         "handed_off",
         "known_backend",
-        "logged",
         "observe",
         "pool",
         "prompt",
         "prompt_turns",
         "relay",
+        "released",
         "report",
         "request",
         "reservation",
@@ -139,9 +139,9 @@ class DownstreamStream:
         self.strip_usage = False
         self.observe = False  # a stream the observer may follow instead of this stage
         self.handed_off = False  # ... and does: it settles, this stage must not
-        # The answer is accounted from Envoy's access log (json_path: access_log): this stage
-        # ends with the request body, and neither counts nor settles the request.
-        self.logged = False
+        # The request leaves this stage with its body: the observer or the access log's reader
+        # counts and settles it (its answer never passes here).
+        self.released = False
         self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.response_guards: tuple[CompiledGuard, ...] = ()
         self.prompt_turns: list[dict[str, str]] | None = None  # for judging the response
@@ -174,7 +174,7 @@ class DownstreamStream:
     def finished(self) -> bool:
         """No message will come after the last answer: the observer or the access log took
         the request over."""
-        return self.handed_off or self.logged
+        return self.handed_off or self.released
 
     def failed(self) -> None:
         """The sidecar failed this stream (a bug): Envoy answers with the failure status."""
@@ -326,13 +326,6 @@ class DownstreamStream:
             "stream": parsed.stream,
             "prompt_tokens_estimate": self.prompt.tokens,
         }
-        if self.observe:
-            data[OBSERVE_KEY] = True
-            data.update(handover(self.reservation, self.started))
-            if audit is not None:
-                data.update(report.handover())
-            if self.trace is not NO_TRACE:
-                data["traceparent"] = self.trace.traceparent()
         # What Envoy renders into the answer's headers (routing.RESPONSE_HEADER_KEYS).
         if target is not None:
             data["backend"] = target.backend
@@ -343,25 +336,36 @@ class DownstreamStream:
             data[routing.RATE_LIMIT_KEY] = self.services.quota.rate_headers(
                 self.reservation.specs, self.reservation.states
             )
-        self.logged = (
-            target is not None
-            and not parsed.stream
-            and not self.response_guards
-            and self.rt.config.sidecar.json_path == "access_log"
-        )
-        if self.logged:
-            # The answer goes to the client without this stage; Envoy's access log entry
-            # brings its usage to whichever sidecar process reads the log (access_log.py).
-            data[ACCOUNT_KEY] = True
-            data.update(handover(self.reservation, self.started))
-            data["output_estimate"] = requested_output(
-                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
+        # With one backend, Envoy renders every header of the answer: nothing is left for this
+        # stage to do once the request is sent, unless the answer must pass it (guards, an
+        # inline stream, json_path: inline).
+        self.released = target is not None and (
+            self.observe
+            or (
+                not parsed.stream
+                and not self.response_guards
+                and self.rt.config.sidecar.json_path == "access_log"
             )
+        )
+        if self.observe or self.released:
+            # What the stage that finishes the request needs, in whichever sidecar process it
+            # runs: the observer (a stream) or the access log's reader (the rest).
+            data.update(handover(self.reservation, self.started))
             if audit is not None:
                 data.update(report.handover())
             if self.trace is not NO_TRACE:
                 data["traceparent"] = self.trace.traceparent()
-            report.path = "logged"
+        if self.observe:
+            data[OBSERVE_KEY] = True
+        if self.released:
+            # The answer goes to the client without this stage; Envoy's access log entry
+            # brings its status and usage to the sidecar (access_log.py), the observer follows
+            # a successful stream.
+            data[ACCOUNT_KEY] = True
+            data["output_estimate"] = requested_output(
+                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
+            )
+            report.path = "observed" if self.observe else "logged"
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
@@ -692,7 +696,7 @@ class DownstreamStream:
             # A stream cut short: the usage event never came, so count what was delivered.
             self.usage = self._stream_usage()
         if not (
-            self.reservation is None or self.reservation.settled or self.handed_off or self.logged
+            self.reservation is None or self.reservation.settled or self.handed_off or self.released
         ):
             usage = self.usage
             prompt = self.prompt.tokens if self.prompt is not None else 0
@@ -709,8 +713,8 @@ class DownstreamStream:
             return
         if self.route_span is not None:
             self.route_span.end()  # no answer came
-        if self.logged:
-            # The access log entry brings the rest; its reader counts and reports the request.
+        if self.released:
+            # The observer or the access log's reader counts and reports the request.
             if self.trace is not NO_TRACE:
                 self.trace.set(
                     {
@@ -808,6 +812,18 @@ def observer_follows(headers: Mapping[str, str], end_of_stream: bool) -> bool:
         and not end_of_stream
         and status.isdigit()
         and 200 <= int(status) < 300
+    )
+
+
+def observer_owns(info: Mapping[str, Any], status: int, content_type: str, body_bytes: int) -> bool:
+    """Whether the stream observer finished a released request (the access log's reader
+    finishes the others): a successful event stream of which some bytes reached the client.
+    Both sides decide with this, from what each sees of the same answer."""
+    return (
+        info.get(OBSERVE_KEY) is True
+        and 200 <= status < 300
+        and is_event_stream({"content-type": content_type})
+        and body_bytes > 0
     )
 
 

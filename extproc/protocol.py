@@ -122,6 +122,27 @@ def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
     return s
 
 
+def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python values (numbers stay floats), several times faster than
+    json_format.MessageToDict, which goes through its generic message printer."""
+    return {key: _plain(value) for key, value in struct.fields.items()}
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    return None
+
+
 def struct_value(struct: struct_pb2.Struct, *path: str) -> Any:
     """A value inside a Struct (e.g. ProcessingRequest.attributes), or None."""
     cur: Any = struct

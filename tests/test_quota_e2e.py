@@ -392,6 +392,57 @@ def test_settlement_of_streams_is_exact_on_both_paths(memory_gw: Gateway):
     assert usage.reserved == 0
 
 
+def test_an_answer_without_usage_is_charged_its_maximum(memory_gw: Gateway):
+    """json_path: access_log: the sidecar never read the answer, so when the backend reports
+    no usage the request is charged what it could have produced, never less."""
+    admin, team = memory_gw.admin, "settle"
+    messages = probe_messages(4)
+
+    def scenario() -> Any:
+        admin.reset(team)
+        with memory_gw.client(team) as client:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                max_tokens=MAX_TOKENS,
+                extra_headers={"x-fake-no-usage": "1"},
+            )
+        return admin.settled(team)["settle-tokens"]
+
+    usage = in_one_window(admin, team, scenario)
+    assert usage.used == prompt_estimate(messages) + MAX_TOKENS
+    assert usage.reserved == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("fault", ["429", "503"])
+def test_a_refused_request_is_released_unused(memory_gw: Gateway, stream: bool, fault: str):
+    """The backend's error passes Envoy without the sidecar (and a stream's error is no
+    stream for the observer): the access log's reader releases the reservation unused."""
+    admin, team = memory_gw.admin, "settle"
+
+    def scenario() -> Any:
+        admin.reset(team)
+        with memory_gw.client(team) as client:
+            with pytest.raises(openai.APIStatusError) as err:
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=probe_messages(5),
+                    max_tokens=MAX_TOKENS,
+                    extra_headers={"x-fake-fault": fault},
+                    **(
+                        {"stream": True, "stream_options": {"include_usage": True}}
+                        if stream
+                        else {}
+                    ),
+                )
+            assert err.value.status_code == int(fault)
+        return admin.settled(team)["settle-tokens"]
+
+    usage = in_one_window(admin, team, scenario)
+    assert (usage.used, usage.reserved) == (0, 0)
+
+
 @pytest.mark.parametrize("asked", [True, False], ids=["observed", "inline"])
 def test_settlement_of_a_stream_cut_by_the_client(memory_gw: Gateway, asked: bool):
     admin, team = memory_gw.admin, "settle"
