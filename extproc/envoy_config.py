@@ -205,7 +205,9 @@ RESPONSE_HEADERS_FILTER = "extproc.response_headers"
 USAGE_FILTER = "extproc.usage"
 ACCESS_LOG_NAME = "extproc"
 # Envoy sends the sidecar its access log entries in batches: this often, or this many bytes.
-ACCESS_LOG_FLUSH_S = 0.05
+# Small batches: a batch is serialized and read in one go, and 50 ms batches showed as +1 ms
+# on the p99 latency of requests in flight meanwhile (10 ms: ~100 small messages a second).
+ACCESS_LOG_FLUSH_S = 0.01
 ACCESS_LOG_BUFFER_BYTES = 64 * 1024
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
