@@ -1,10 +1,9 @@
 """Accounting from Envoy's access log: the answers the downstream stage did not wait for.
 
-For a request to a model served by one backend whose answer need not pass the sidecar (a JSON
-answer with `sidecar.json_path: access_log`, a stream the observer follows), the downstream
-stage ends its ext_proc stream with the request body: Envoy sends the answer to the client
-without asking the sidecar (two messages per request instead of four). A successful stream is
-finished by the stream observer (`observer_owns`); everything else here.
+For a non-streamed request to a model served by one backend (`sidecar.json_path:
+access_log`, no response guard), the downstream stage ends its ext_proc stream with the
+request body: Envoy sends the answer to the client without asking the sidecar (two messages
+per request instead of four).
 Envoy's json_to_metadata filter copies the answer's `usage` into the request's metadata, and
 Envoy's gRPC access log brings each such request's entry here, in batches, once it has ended:
 the metadata the downstream stage left (team, model, reservation, report), the usage, the status.
@@ -24,9 +23,11 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from .processor import ACCOUNT_KEY, METADATA_NAMESPACE, Services, observer_owns
+from .processor import ACCOUNT_KEY, METADATA_NAMESPACE, Services
 from .protocol import struct_dict
 from .quota.policy import Amounts, applicable
+from .streams import RELEASED
+from .telemetry.metrics import ACCESS_LOG_ENTRIES
 from .telemetry.report import RequestReport
 from .telemetry.tracing import NO_TRACE
 from .usage import SOURCE_ESTIMATE, SOURCE_PROVIDER, Usage
@@ -34,44 +35,58 @@ from .usage import SOURCE_ESTIMATE, SOURCE_PROVIDER, Usage
 log = logging.getLogger("extproc.access_log")
 
 
+_ACCOUNTED = ACCESS_LOG_ENTRIES.labels("accounted")
+_IGNORED = ACCESS_LOG_ENTRIES.labels("ignored")
+_FAILED = ACCESS_LOG_ENTRIES.labels("error")
+
+
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
-    """Envoy's access log stream: one per Envoy worker thread, open as long as Envoy runs."""
+    """Envoy's access log stream: one per Envoy worker thread, open as long as Envoy runs (a
+    shutdown ends them: see Sidecar.stop)."""
 
     def __init__(self, services: Callable[[], Services]) -> None:
         self.services = services  # the current ones: a reload swaps them
-        self.entries = 0
+        self.streams = 0  # open now: none means no Envoy is there to send what is pending
 
     async def StreamAccessLogs(self, request_iterator, context):
+        self.streams += 1
+        try:
+            await self._read(request_iterator)
+        finally:
+            self.streams -= 1
+        return als_pb2.StreamAccessLogsResponse()
+
+    async def _read(self, request_iterator: Any) -> None:
         async for message in request_iterator:
             services = self.services()
             for entry in message.http_logs.log_entry:
-                self.entries += 1
                 try:
-                    account(services, entry)
+                    if account(services, entry):
+                        _ACCOUNTED.inc()
+                        RELEASED.done()
+                    else:
+                        _IGNORED.inc()
                 except Exception:
                     # One bad entry must not cost the others in the batch, or the stream.
+                    _FAILED.inc()
                     log.exception("could not account an access log entry")
-                # A batch holds tens of entries: requests in flight get the loop in between,
+                # A batch holds several entries: requests in flight get the loop in between,
                 # rather than waiting for the whole batch (that showed as p99 latency).
                 await asyncio.sleep(0)
-        return als_pb2.StreamAccessLogsResponse()
 
 
-def account(services: Services, entry: Any) -> None:
-    """One ended request whose answer the downstream stage handed over."""
-    filter_metadata = entry.common_properties.metadata.filter_metadata
-    struct = filter_metadata.get(METADATA_NAMESPACE)
+def account(services: Services, entry: Any) -> bool:
+    """One ended request whose answer the downstream stage handed over; False for an entry
+    that is not one (Envoy's filter sends only those)."""
+    struct = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
     if struct is None:
-        return
+        return False
     info = struct_dict(struct)
     if info.get(ACCOUNT_KEY) is not True:
-        return
+        return False
     status = entry.response.response_code.value  # 0: the request ended without an answer
-    content_type = entry.response.response_headers.get("content-type", "")
     body_bytes = entry.response.response_body_bytes
-    if observer_owns(info, status, content_type, body_bytes):
-        return  # a stream the observer followed: it finishes the request
-    report = RequestReport.from_handover(info, stream=False, path="logged")
+    report = RequestReport.from_handover(info, stream=info.get("stream") is True, path="logged")
     report.status = status
     report.backend = _text(info, "backend") or None
     report.provider_model = _text(info, "provider_model") or None
@@ -106,8 +121,15 @@ def account(services: Services, entry: Any) -> None:
         outcome = report.outcome
         trace.end(outcome if outcome in ("error", "backend_error") else None)
     if services.audit is not None:
-        duration = time.time() - report.started_at
+        # Envoy's own measure (the entry may arrive a batch later): request start to the
+        # answer's last byte sent.
+        last_byte = entry.common_properties.time_to_last_downstream_tx_byte
+        if last_byte.seconds or last_byte.nanos:
+            duration = last_byte.seconds + last_byte.nanos / 1e9
+        else:
+            duration = time.time() - report.started_at
         services.audit.write(report.audit_record(usage, cost, duration))
+    return True
 
 
 def _settle(

@@ -143,6 +143,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import (
     MetadataMatcher,
     MetadataMatcherPathSegment,
+    RegexMatcher,
     StringMatcher,
     ValueMatcher,
 )
@@ -204,6 +205,7 @@ OBSERVER_FILTER = "extproc.stream_observer"
 RESPONSE_HEADERS_FILTER = "extproc.response_headers"
 USAGE_FILTER = "extproc.usage"
 ACCESS_LOG_NAME = "extproc"
+JSON_CONTENT_TYPE = r"(?i)application/json\s*(;.*)?"
 # Envoy sends the sidecar its access log entries in batches: this often, or this many bytes.
 # Small batches: a batch is serialized and read in one go, and 50 ms batches showed as +1 ms
 # on the p99 latency of requests in flight meanwhile (10 ms: ~100 small messages a second).
@@ -448,7 +450,15 @@ def usage_filter() -> HttpFilter:
     rules.append(rule(["usage", "prompt_tokens"], "token_source", SOURCE_PROVIDER))
     return HttpFilter(
         name=USAGE_FILTER,
-        typed_config=_any(JsonToMetadata(response_rules=JsonToMetadataMatchRules(rules=rules))),
+        typed_config=_any(
+            JsonToMetadata(
+                response_rules=JsonToMetadataMatchRules(
+                    rules=rules,
+                    # Its default takes exactly `application/json`: many backends add a charset.
+                    allow_content_types_regex=RegexMatcher(regex=JSON_CONTENT_TYPE),
+                )
+            )
+        ),
     )
 
 
@@ -463,7 +473,10 @@ def accounting_access_log(cfg: Config) -> AccessLog:
                     filter=METADATA_NAMESPACE,
                     path=[MetadataMatcherPathSegment(key=ACCOUNT_KEY)],
                     value=ValueMatcher(bool_match=True),
-                )
+                ),
+                # Envoy's default logs a request whose metadata lacks the key: every other
+                # request (and, in a mesh, every other listener's) would be sent too.
+                match_if_key_not_found=False,
             )
         ),
         typed_config=_any(

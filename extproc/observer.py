@@ -17,12 +17,10 @@ import time
 from typing import Any
 
 from .processor import (
-    ACCOUNT_KEY,
     METADATA_NAMESPACE,
     Services,
     answering_backend,
     observer_follows,
-    observer_owns,
     stream_usage,
 )
 from .protocol import ProcessingRequest, header_dict, struct_dict
@@ -36,17 +34,7 @@ log = logging.getLogger("extproc.observer")
 
 
 class ObservedStream:
-    __slots__ = (
-        "bytes",
-        "done",
-        "info",
-        "relay",
-        "report",
-        "services",
-        "status",
-        "timing",
-        "trace",
-    )
+    __slots__ = ("done", "info", "relay", "report", "services", "timing", "trace")
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -56,8 +44,6 @@ class ObservedStream:
         self.done = False  # finished, or not ours to follow
         self.report: RequestReport | None = None
         self.trace: Any = NO_TRACE
-        self.status = 0
-        self.bytes = 0  # of the body seen (which is what reached the client)
 
     @property
     def finished(self) -> bool:
@@ -80,7 +66,6 @@ class ObservedStream:
             assert self.timing is not None
             msg = req.response_body
             self.timing.chunk()
-            self.bytes += len(msg.body)
             self.relay.feed(msg.body, msg.end_of_stream)
             if msg.end_of_stream:
                 self._finish()
@@ -102,7 +87,7 @@ class ObservedStream:
         report = self.report = RequestReport.from_handover(info)
         report.backend = answering_backend(req)
         status = headers.get(":status", "0")
-        report.status = self.status = int(status) if status.isdigit() else 0
+        report.status = int(status) if status.isdigit() else 0
         attempts = headers.get("x-envoy-attempt-count", "1")
         report.attempts = int(attempts) if attempts.isdigit() else 1
         if not report.failover and report.attempts > 1:
@@ -127,9 +112,6 @@ class ObservedStream:
         ACTIVE.closed()
         assert self.relay is not None and self.timing is not None
         info, services = self.info, self.services
-        released = info.get(ACCOUNT_KEY) is True
-        if released and not observer_owns(info, self.status, "text/event-stream", self.bytes):
-            return  # nothing reached the client: the access log's reader finishes it
         team, model = str(info.get("team", "")), str(info.get("model", ""))
         prompt = int(_number(info.get("prompt_tokens_estimate"), 0))
         usage = stream_usage(self.relay, prompt, services.tokens, model)
@@ -146,9 +128,6 @@ class ObservedStream:
         report = self.report
         if report is not None:
             cfg = services.runtime.config
-            if released:
-                # The downstream stage ended with the request: the request is counted here.
-                report.count_request(cfg)
             cost = report.count_usage(cfg, usage)
             self.trace.set(report.span_attributes(usage, cost))
             self.trace.end()

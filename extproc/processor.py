@@ -32,7 +32,7 @@ from .parsing import (
 from .quota.policy import Amounts, applicable
 from .quota.service import requested_output
 from .sse import StreamRelay
-from .streams import ACTIVE, StreamTiming
+from .streams import ACTIVE, RELEASED, StreamTiming
 from .telemetry.report import (
     OFF_LOOP_CHARS,
     RequestReport,
@@ -337,19 +337,18 @@ class DownstreamStream:
                 self.reservation.specs, self.reservation.states
             )
         # With one backend, Envoy renders every header of the answer: nothing is left for this
-        # stage to do once the request is sent, unless the answer must pass it (guards, an
-        # inline stream, json_path: inline).
-        self.released = target is not None and (
-            self.observe
-            or (
-                not parsed.stream
-                and not self.response_guards
-                and self.rt.config.sidecar.json_path == "access_log"
-            )
+        # stage to do once the request is sent, unless the answer must pass it (guards, a
+        # stream, json_path: inline). (A stream the observer follows is still handed over at
+        # its headers: only this stage can count a stream the observer never sees.)
+        release = (
+            target is not None
+            and not parsed.stream
+            and not self.response_guards
+            and self.rt.config.sidecar.json_path == "access_log"
         )
-        if self.observe or self.released:
+        if self.observe or release:
             # What the stage that finishes the request needs, in whichever sidecar process it
-            # runs: the observer (a stream) or the access log's reader (the rest).
+            # runs: the observer (a stream) or the access log's reader (a JSON answer).
             data.update(handover(self.reservation, self.started))
             if audit is not None:
                 data.update(report.handover())
@@ -357,15 +356,14 @@ class DownstreamStream:
                 data["traceparent"] = self.trace.traceparent()
         if self.observe:
             data[OBSERVE_KEY] = True
-        if self.released:
+        if release:
             # The answer goes to the client without this stage; Envoy's access log entry
-            # brings its status and usage to the sidecar (access_log.py), the observer follows
-            # a successful stream.
+            # brings its status and usage to the sidecar (access_log.py).
             data[ACCOUNT_KEY] = True
             data["output_estimate"] = requested_output(
                 parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
             )
-            report.path = "observed" if self.observe else "logged"
+            report.path = "logged"
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
@@ -383,10 +381,15 @@ class DownstreamStream:
             # Envoy keeps the client's content-length for a mutated buffered body; the
             # headers are still held, so say the new length.
             set_headers["content-length"] = str(len(body_mutation))
-        return protocol.request_body_response(
+        answer = protocol.request_body_response(
             protocol.common(set_headers, body=body_mutation, clear_route_cache=True),
             dynamic_metadata=metadata,
         )
+        # Only now: a failure before this point is still this stage's to count and settle.
+        self.released = release
+        if release:
+            RELEASED.add()
+        return answer
 
     def _trace_request(self, parsed: ParsedRequest, model: str) -> None:
         assert self.endpoint is not None
@@ -812,18 +815,6 @@ def observer_follows(headers: Mapping[str, str], end_of_stream: bool) -> bool:
         and not end_of_stream
         and status.isdigit()
         and 200 <= int(status) < 300
-    )
-
-
-def observer_owns(info: Mapping[str, Any], status: int, content_type: str, body_bytes: int) -> bool:
-    """Whether the stream observer finished a released request (the access log's reader
-    finishes the others): a successful event stream of which some bytes reached the client.
-    Both sides decide with this, from what each sees of the same answer."""
-    return (
-        info.get(OBSERVE_KEY) is True
-        and 200 <= status < 300
-        and is_event_stream({"content-type": content_type})
-        and body_bytes > 0
     )
 
 

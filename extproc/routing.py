@@ -46,7 +46,20 @@ ATTEMPTS_HEADER = f"{P}attempts"
 # Set by the sidecar on the answers it reads itself (json_path: inline).
 TOKEN_HEADERS = (f"{P}prompt-tokens", f"{P}completion-tokens", f"{P}total-tokens")
 TOKEN_SOURCE_HEADER = f"{P}token-source"
-OWN_RESPONSE_HEADERS = (*RESPONSE_HEADER_KEYS, ATTEMPTS_HEADER, *TOKEN_HEADERS, TOKEN_SOURCE_HEADER)
+# Every x-aigw-* name the gateway uses, request side included: Envoy can only remove by name.
+OWN_RESPONSE_HEADERS = tuple(
+    dict.fromkeys(
+        (
+            *RESPONSE_HEADER_KEYS,
+            ATTEMPTS_HEADER,
+            *TOKEN_HEADERS,
+            TOKEN_SOURCE_HEADER,
+            ROUTE_HEADER,
+            TARGET_HEADER,
+            POOL_HEADER,
+        )
+    )
+)
 # OpenAI's rate-limit headers, from the reservation (metadata `ratelimit`, by header name).
 RATE_LIMIT_KEY = "ratelimit"
 RATE_LIMIT_HEADERS = tuple(

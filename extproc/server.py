@@ -35,6 +35,7 @@ from .quota.policy import team_limits
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
 from .routing import OBSERVE_STAGE, STAGE_METADATA
+from .streams import RELEASED
 from .telemetry import tracing as tracing_mod
 from .telemetry.audit import AuditLog, AuditTrail
 from .telemetry.exposition import MetricsServer
@@ -184,6 +185,7 @@ class Sidecar:
             build_services(runtime, tracing=self.tracing, audit=self._audit(obs.audit))
         )
         self.health = health.aio.HealthServicer()
+        self.access_log = AccessLogReceiver(lambda: self.processor.services)
         self.server: grpc.aio.Server | None = None
         self._mtime = self._stat()
         self._stopping = asyncio.Event()
@@ -276,9 +278,7 @@ class Sidecar:
             ConfigAdmin(lambda: self.processor.services, self._admin_reload, str(self.config_path)),
             self.server,
         )
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            AccessLogReceiver(lambda: self.processor.services), self.server
-        )
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host, port = parse_address(self.listen)
         target = host if port is None else f"{_bracket(host)}:{port}"
@@ -305,11 +305,33 @@ class Sidecar:
                 quota.settings.failure_mode,
             )
 
+    def _draining(self) -> bool:
+        return bool(self.processor.active or (RELEASED.pending and self.access_log.streams))
+
     async def stop(self, grace: float) -> None:
         # Tell Envoy's health checker first so new streams go elsewhere, then drain.
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
-            await self.server.stop(grace)
+            deadline = time.monotonic() + grace
+            stopping = asyncio.create_task(self.server.stop(grace))
+            # Envoy's access log streams never end by themselves: wait for the ext_proc
+            # streams, then for the entries of the answers this process released (they come
+            # when each answer has been sent, while an Envoy is connected to send them), then
+            # end the access log streams too.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    # Counts kept by every stream: polled once at shutdown, not signalled.
+                    while self._draining():  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+            if RELEASED.pending:
+                log.warning(
+                    "%d answer(s) still unaccounted at shutdown: their reservations expire at "
+                    "their estimate",
+                    RELEASED.pending,
+                )
+            if time.monotonic() < deadline:
+                await self.server.stop(None)
+            await stopping
         quota = self.processor.services.quota
         await quota.drain()  # settlements of the last requests
         await quota.store.close()

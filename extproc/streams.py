@@ -1,7 +1,8 @@
 """Per-stream timing of SSE responses: time to first token, gaps between chunks, tokens/s.
 
 Constant memory per stream: a running count, sum and maximum, never a list of chunk times.
-Each chunk also lands in the time-to-first-token and chunk-gap histograms.
+Each chunk also lands in the time-to-first-token and chunk-gap histograms. And the requests
+in flight whose answer no stage of this process follows (Released).
 """
 
 from __future__ import annotations
@@ -76,3 +77,21 @@ class ActiveStreams:
 
 
 ACTIVE = ActiveStreams()
+
+
+class Released:
+    """Requests this process released whose access log entry has not come back yet: what a
+    shutdown waits for. Exact with one process; with workers an entry may reach another one,
+    so the count is a hint, bounded by the grace period."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+
+    def add(self) -> None:
+        self.pending += 1
+
+    def done(self) -> None:
+        self.pending = max(0, self.pending - 1)
+
+
+RELEASED = Released()

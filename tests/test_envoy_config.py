@@ -17,6 +17,7 @@ from extproc.envoy_config import (
     render_istio,
     render_snippet,
     render_yaml,
+    to_dict,
 )
 from extproc.supervisor import envoy_binary
 
@@ -384,3 +385,20 @@ def test_a_direct_route_matches_its_backend_and_a_stale_config_answers_503(tmp_p
     out = tmp_path / "envoy.yaml"
     out.write_text(render_yaml(cfg))
     envoy_validate(out)
+
+
+def test_the_access_log_and_usage_reader_take_only_what_they_should() -> None:
+    import re
+
+    from extproc.envoy_config import JSON_CONTENT_TYPE, accounting_access_log, usage_filter
+
+    cfg = load_config(QUICKSTART)
+    log_filter = to_dict(accounting_access_log(cfg))["filter"]["metadataFilter"]
+    # Without this Envoy sends every request lacking the key: all of them but the released.
+    assert log_filter["matchIfKeyNotFound"] is False
+    rules = to_dict(usage_filter())["typedConfig"]["responseRules"]
+    assert rules["allowContentTypesRegex"]["regex"] == JSON_CONTENT_TYPE
+    for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        assert re.fullmatch(JSON_CONTENT_TYPE, content_type), content_type
+    for content_type in ("text/event-stream", "application/jsonl", "text/plain"):
+        assert not re.fullmatch(JSON_CONTENT_TYPE, content_type), content_type

@@ -212,6 +212,12 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
         time.sleep(0.5)
         samples = telemetry.scrape()
 
+    # JSON answers of one-backend models (json_path: access_log) came back through Envoy's
+    # access log: the four served or failed there, and nothing else (Envoy's filter).
+    entries = "extproc_access_log_entries_total"
+    assert value(samples, entries, result="accounted") == 4
+    assert value(samples, entries, result="ignored") == 0
+
     requests = "extproc_requests_total"
     assert value(samples, requests, team="alpha", model=MODEL, outcome="served", status="200") == 6
     expected = {

@@ -1,4 +1,5 @@
-"""Graceful shutdown: a SIGTERM to the sidecar lets the streams in flight finish."""
+"""Graceful shutdown: a SIGTERM to the sidecar lets the streams in flight finish, and waits
+for Envoy's access log entries of the answers it released (then ends those streams too)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,20 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
             results: list[str] = []
             errors: list[BaseException] = []
             first_chunk = threading.Barrier(4)
+            answers: list[str] = []
+
+            def ask_one() -> None:
+                # Not streamed: released to Envoy with its body, accounted from the access log.
+                try:
+                    reply = client.chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": "drain"}]
+                    )
+                    answers.append(reply.choices[0].message.content or "")
+                except BaseException as exc:
+                    errors.append(exc)
+
+            # One answer first, so Envoy's access log stream to the sidecar is open.
+            ask_one()
 
             def stream_one() -> None:
                 try:
@@ -63,9 +78,10 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
                     errors.append(exc)
 
             threads = [threading.Thread(target=stream_one) for _ in range(3)]
+            threads.append(threading.Thread(target=ask_one))
             for t in threads:
                 t.start()
-            first_chunk.wait(10)  # every stream has started flowing
+            first_chunk.wait(10)  # every stream has started flowing (and the answer is due)
             sidecar = stack.procs["sidecar"]
             sidecar.send_signal(signal.SIGTERM)
             started = time.monotonic()
@@ -74,8 +90,11 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
             assert not errors, errors
             expected = "".join(f" tok{i}" for i in range(15))
             assert results == [expected] * 3
+            assert answers == [expected] * 2
             assert sidecar.wait(30) == 0
-            # It left when the streams were done, not at the grace deadline.
+            # It left when the streams were done and the released answer accounted, not at the
+            # grace deadline (the access log stream never ends by itself).
             assert time.monotonic() - started < 15
+            assert "unaccounted at shutdown" not in (tmp_path / "stack.log").read_text()
         finally:
             stack.stop(grace=5)

@@ -132,6 +132,11 @@ EXT_PROC_STREAMS = Gauge(
     ["stage"],
     multiprocess_mode="livesum",
 )
+ACCESS_LOG_ENTRIES = Counter(
+    "extproc_access_log_entries",
+    "Envoy access log entries of answers the sidecar did not read, by result",
+    ["result"],
+)
 CONFIG_RELOADS = Counter(
     "extproc_config_reloads",
     "Config reloads by result (applied, rejected)",

@@ -1,0 +1,146 @@
+"""The access log's reader: what it settles and reports for an answer the downstream stage
+released, driven with hand-built Envoy access log entries (the e2e tests use a real Envoy)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+
+from extproc import access_log
+from extproc.access_log import account
+from extproc.processor import Services
+from extproc.quota.policy import Amounts
+from extproc.telemetry import metrics
+
+from .test_observer import MODEL, base, chat, recording, request_metadata  # noqa: F401
+
+USAGE = {"prompt_tokens": 31.0, "completion_tokens": 7.0, "total_tokens": 38.0}
+RESULTS = ("accounted", "ignored", "error")
+
+
+def entry(
+    data: dict[str, Any],
+    status: int = 200,
+    usage: dict[str, float] | None = None,
+    body_bytes: int = 300,
+    duration_ms: int = 0,
+) -> accesslog_pb2.HTTPAccessLogEntry:
+    """An entry as Envoy sends it: the downstream stage's metadata, plus what json_to_metadata
+    copied from the answer."""
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    namespace = e.common_properties.metadata.filter_metadata["extproc"]
+    namespace.update(data)
+    if usage is not None:
+        namespace.update({**usage, "token_source": "provider"})
+    if status:
+        e.response.response_code.value = status
+    e.response.response_body_bytes = body_bytes
+    if duration_ms:
+        e.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(duration_ms)
+    return e
+
+
+def released(services: Services, **fields: Any) -> dict[str, Any]:
+    stream, data = request_metadata(services, chat(stream=False, max_tokens=16, **fields))
+    assert stream.released and data["account"] is True
+    return data
+
+
+def run_account(services: Services, e: Any) -> bool:
+    async def go() -> bool:  # on a loop, as in the server: settling is scheduled there
+        return account(services, e)
+
+    return asyncio.run(go())
+
+
+def test_the_backends_usage_is_settled(base: Services) -> None:  # noqa: F811
+    services, recorder = recording(base)
+    data = released(services)
+    assert run_account(services, entry(data, usage=USAGE))
+    ((reservation, actual),) = recorder.settled
+    assert reservation is not None and reservation.id == data["reservation"]
+    assert actual == Amounts(31, 7)
+
+
+def test_an_answer_without_usage_is_charged_the_requests_maximum(base: Services) -> None:  # noqa: F811
+    services, recorder = recording(base)
+    data = released(services)
+    run_account(services, entry(data))
+    ((_, actual),) = recorder.settled
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 16)  # max_tokens
+
+
+def test_an_empty_answer_is_charged_the_prompt(base: Services) -> None:  # noqa: F811
+    services, recorder = recording(base)
+    data = released(services)
+    run_account(services, entry(data, body_bytes=0))
+    ((_, actual),) = recorder.settled
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 0)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(429, "zero"), (503, "zero"), (0, "prompt")],
+    ids=["backend-429", "envoy-503", "client-left"],
+)
+def test_no_answer_settles_nothing_or_the_prompt(
+    base: Services,  # noqa: F811
+    status: int,
+    expected: str,
+) -> None:
+    services, recorder = recording(base)
+    data = released(services)
+    run_account(services, entry(data, status=status))
+    ((_, actual),) = recorder.settled
+    prompt = int(data["prompt_tokens_estimate"])
+    assert actual == (Amounts(0, 0) if expected == "zero" else Amounts(prompt, 0))
+
+
+def test_the_request_is_counted_once_with_its_outcome(base: Services) -> None:  # noqa: F811
+    services, _ = recording(base)
+    data = released(services)
+    labels = ("team-b", MODEL, "backend_error", "503")
+    before = metrics.REQUESTS.labels(*labels)._value.get()
+    run_account(services, entry(data, status=503))
+    assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
+
+
+def test_other_entries_are_ignored(base: Services) -> None:  # noqa: F811
+    services, recorder = recording(base)
+    assert not run_account(services, entry({"team": "team-b", "model": MODEL}))
+    assert not run_account(services, accesslog_pb2.HTTPAccessLogEntry())
+    assert recorder.settled == []
+
+
+def test_the_receiver_survives_a_bad_entry_and_counts(
+    base: Services,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services, recorder = recording(base)
+    data = released(services)
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(
+        [entry({**data, "request_id": "bad"}), entry(data, usage=USAGE), entry({})]
+    )
+    real = access_log.account
+
+    def failing_once(services: Services, e: Any) -> bool:
+        if e.common_properties.metadata.filter_metadata["extproc"].fields.get("request_id"):
+            raise RuntimeError("a bug")
+        return real(services, e)
+
+    monkeypatch.setattr(access_log, "account", failing_once)
+    counts = {r: metrics.ACCESS_LOG_ENTRIES.labels(r)._value.get() for r in RESULTS}
+
+    async def batches() -> Any:
+        yield message
+
+    receiver = access_log.AccessLogReceiver(lambda: services)
+    asyncio.run(receiver.StreamAccessLogs(batches(), None))
+    after = {r: metrics.ACCESS_LOG_ENTRIES.labels(r)._value.get() for r in RESULTS}
+    assert {r: after[r] - counts[r] for r in RESULTS} == {"accounted": 1, "ignored": 1, "error": 1}
+    assert recorder.settled[-1][1] == Amounts(31, 7)
