@@ -115,6 +115,16 @@ def test_chat_streaming_without_usage(gateway: Gateway):
     assert text == " tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"
 
 
+def access_log_line(gateway: Gateway, request_id: str) -> dict:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        entry = next((e for e in gateway.access_log() if e.get("request_id") == request_id), None)
+        if entry is not None:
+            return entry
+        time.sleep(0.1)
+    raise AssertionError(f"no access log line for the request {request_id}")
+
+
 def test_streams_and_responses_reach_the_access_log(gateway: Gateway):
     c = client(gateway)
     marker = f"access-log-{time.monotonic_ns()}"
@@ -125,12 +135,7 @@ def test_streams_and_responses_reach_the_access_log(gateway: Gateway):
         extra_headers={"x-request-id": marker},
     )
     assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) == 8
-    deadline = time.monotonic() + 10
-    entry = None
-    while time.monotonic() < deadline and entry is None:
-        entry = next((e for e in gateway.access_log() if e.get("request_id") == marker), None)
-        time.sleep(0.1)
-    assert entry is not None, "no access log line for the request"
+    entry = access_log_line(gateway, marker)
     assert entry["team"] == "team-a"
     assert entry["model"] == "gpt-4o-mini"
     assert entry["backend"] == "fake-a"
@@ -142,12 +147,7 @@ def test_streams_and_responses_reach_the_access_log(gateway: Gateway):
     c.chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-request-id": marker}
     )
-    deadline = time.monotonic() + 10
-    entry = None
-    while time.monotonic() < deadline and entry is None:
-        entry = next((e for e in gateway.access_log() if e.get("request_id") == marker), None)
-        time.sleep(0.1)
-    assert entry is not None, "no access log line for the request"
+    entry = access_log_line(gateway, marker)
     assert (entry["team"], entry["backend"], entry["status"]) == ("team-a", "fake-a", 200)
     assert entry["completion_tokens"] == 8
     assert entry["token_source"] == "provider"
