@@ -312,12 +312,12 @@ class Sidecar:
         # Tell Envoy's health checker first so new streams go elsewhere, then drain.
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
-            deadline = time.monotonic() + grace
-            stopping = asyncio.create_task(self.server.stop(grace))
-            # Envoy's access log streams never end by themselves: wait for the ext_proc
-            # streams, then for the entries of the answers this process released (they come
-            # when each answer has been sent, while an Envoy is connected to send them), then
-            # end the access log streams too.
+            # Keep serving while draining: Envoy's health check stops new streams coming here,
+            # and an access log stream Envoy opens meanwhile (one per Envoy worker thread, at
+            # its first entry) must still be accepted, or the entries of answers this process
+            # released are lost. Wait for the ext_proc streams, then for those entries (they
+            # come when each answer has been sent, while an Envoy is connected to send them),
+            # then end everything left, the access log streams included.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     # Counts kept by every stream: polled once at shutdown, not signalled.
@@ -329,9 +329,7 @@ class Sidecar:
                     "their estimate",
                     RELEASED.pending,
                 )
-            if time.monotonic() < deadline:
-                await self.server.stop(None)
-            await stopping
+            await self.server.stop(None)
         quota = self.processor.services.quota
         await quota.drain()  # settlements of the last requests
         await quota.store.close()
