@@ -69,6 +69,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 except Exception:
                     # One bad entry must not cost the others in the batch, or the stream.
                     _FAILED.inc()
+                    RELEASED.done()  # it came back: a shutdown need not wait for it
                     log.exception("could not account an access log entry")
                 # A batch holds several entries: requests in flight get the loop in between,
                 # rather than waiting for the whole batch (that showed as p99 latency).

@@ -22,6 +22,7 @@ from .admin.v1 import config_pb2_grpc, quota_pb2_grpc
 from .config import (
     WORKER_ENV,
     AuditSettings,
+    Config,
     ConfigError,
     Runtime,
     load_runtime,
@@ -107,6 +108,11 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             stream.close()
 
 
+def released_horizon(cfg: Config) -> float:
+    """How long a released answer may take: the longest route timeout (0 is none: 10 min)."""
+    return max((b.timeout_s or 600.0) for b in cfg.backends.values()) + 10.0
+
+
 def build_runtime_parts(runtime: Runtime) -> tuple[Runtime, TokenCounter]:
     """The blocking part of (re)loading: tokenizer files are read here, off the event loop."""
     cfg = runtime.config
@@ -186,6 +192,7 @@ class Sidecar:
         )
         self.health = health.aio.HealthServicer()
         self.access_log = AccessLogReceiver(lambda: self.processor.services)
+        RELEASED.horizon_s = released_horizon(runtime.config)
         self.server: grpc.aio.Server | None = None
         self._mtime = self._stat()
         self._stopping = asyncio.Event()
@@ -232,6 +239,7 @@ class Sidecar:
             if fresh.quota is not old.quota:
                 await self._warm_up_quota_store(fresh.quota)
             self.processor.services = fresh  # one assignment: a stream sees old or new, whole
+            RELEASED.horizon_s = released_horizon(fresh.runtime.config)
             CONFIG_RELOADS.labels("applied").inc()
             if fresh.quota is not old.quota:
                 await old.quota.drain()

@@ -8,6 +8,7 @@ in flight whose answer no stage of this process follows (Released).
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 from .telemetry.metrics import ACTIVE_STREAMS, CHUNK_GAP_SECONDS, TTFT_SECONDS
@@ -81,17 +82,28 @@ ACTIVE = ActiveStreams()
 
 class Released:
     """Requests this process released whose access log entry has not come back yet: what a
-    shutdown waits for. Exact with one process; with workers an entry may reach another one,
-    so the count is a hint, bounded by the grace period."""
+    shutdown waits for. A hint, not a ledger: with several workers an entry may reach another
+    process, and Envoy may drop one; so entries are matched oldest first, and a release older
+    than the longest a request may take (`horizon_s`, the routes' longest timeout) is taken as
+    lost rather than waited for."""
 
     def __init__(self) -> None:
-        self.pending = 0
+        self._times: deque[float] = deque()
+        self.horizon_s = 600.0
 
     def add(self) -> None:
-        self.pending += 1
+        self._times.append(time.monotonic())
 
     def done(self) -> None:
-        self.pending = max(0, self.pending - 1)
+        if self._times:
+            self._times.popleft()
+
+    @property
+    def pending(self) -> int:
+        oldest = time.monotonic() - self.horizon_s
+        while self._times and self._times[0] < oldest:
+            self._times.popleft()
+        return len(self._times)
 
 
 RELEASED = Released()

@@ -4,6 +4,8 @@ released, driven with hand-built Envoy access log entries (the e2e tests use a r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -14,7 +16,9 @@ from extproc import access_log
 from extproc.access_log import account
 from extproc.processor import Services
 from extproc.quota.policy import Amounts
+from extproc.streams import Released
 from extproc.telemetry import metrics
+from extproc.telemetry.audit import AuditTrail
 
 from .test_observer import MODEL, base, chat, recording, request_metadata  # noqa: F401
 
@@ -107,6 +111,40 @@ def test_the_request_is_counted_once_with_its_outcome(base: Services) -> None:  
     before = metrics.REQUESTS.labels(*labels)._value.get()
     run_account(services, entry(data, status=503))
     assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
+
+
+def test_the_audit_record_takes_envoys_latency(
+    base: Services,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    trail = AuditTrail()
+    trail.configure(tmp_path / "audit.jsonl", 1 << 20, 1)
+    services, _ = recording(dataclasses.replace(base, audit=trail))
+    data = released(services)
+    run_account(services, entry(data, usage=USAGE, duration_ms=1234))
+    trail.close()
+    (record,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").open()]
+    assert record["latency_ms"] == 1234.0
+    assert (record["path"], record["stream"], record["status"]) == ("logged", False, 200)
+    assert record["tokens"]["output"] == 7 and record["tokens"]["source"] == "provider"
+
+
+def test_released_answers_are_waited_for_until_their_horizon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    released_now = Released()
+    clock = [100.0]
+    monkeypatch.setattr("extproc.streams.time.monotonic", lambda: clock[0])
+    released_now.horizon_s = 30.0
+    released_now.add()
+    released_now.add()
+    assert released_now.pending == 2
+    released_now.done()  # an entry came back (oldest first)
+    assert released_now.pending == 1
+    clock[0] += 31  # the other one is older than any request may take: lost, not waited for
+    assert released_now.pending == 0
+    released_now.done()  # a late (or another worker's) entry: nothing to match, no harm
+    assert released_now.pending == 0
 
 
 def test_other_entries_are_ignored(base: Services) -> None:  # noqa: F811

@@ -3,6 +3,7 @@ for Envoy's access log entries of the answers it released (then ends those strea
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -19,6 +20,8 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
     ports = {k: free_port() for k in ("sidecar", "envoy", "admin", "fake")}
     config = {
         "sidecar": {"listen": f"127.0.0.1:{ports['sidecar']}", "grace_s": 20},
+        # The released answers' records prove they were accounted before the sidecar left.
+        "observability": {"audit": {"path": str(tmp_path / "audit.jsonl")}},
         "envoy": {"listen": f"127.0.0.1:{ports['envoy']}", "admin": f"127.0.0.1:{ports['admin']}"},
         "teams": {"t": {"keys": [{"sha256": sha256_hex("sk-drain")}]}},
         "backends": {"fake": {"url": f"http://127.0.0.1:{ports['fake']}/v1"}},
@@ -96,5 +99,8 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
             # grace deadline (the access log stream never ends by itself).
             assert time.monotonic() - started < 15
             assert "unaccounted at shutdown" not in (tmp_path / "stack.log").read_text()
+            records = [json.loads(line) for line in (tmp_path / "audit.jsonl").open()]
+            paths = sorted(r["path"] for r in records)
+            assert paths == ["inline", "inline", "inline", "logged", "logged"], paths
         finally:
             stack.stop(grace=5)
