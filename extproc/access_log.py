@@ -23,9 +23,9 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from .processor import ACCOUNT_KEY, METADATA_NAMESPACE, Services
+from .processor import ACCOUNT_KEY, METADATA_NAMESPACE, Services, handed_back
 from .protocol import struct_dict
-from .quota.policy import Amounts, applicable
+from .quota.policy import Amounts
 from .streams import RELEASED
 from .telemetry.metrics import ACCESS_LOG_ENTRIES
 from .telemetry.report import RequestReport
@@ -113,7 +113,7 @@ def account(services: Services, entry: Any) -> bool:
     if isinstance(parent, str) and parent:
         # A child of the request's span, which the downstream stage ended with the request.
         trace = services.tracing.request({"traceparent": parent}, name="response")
-    _settle(services, info, report, usage, prompt, status, trace)
+    _settle(services, info, usage, prompt, status, trace)
     cfg = services.runtime.config
     report.count_request(cfg)
     cost = report.count_usage(cfg, usage)
@@ -136,21 +136,13 @@ def account(services: Services, entry: Any) -> bool:
 def _settle(
     services: Services,
     info: dict[str, Any],
-    report: RequestReport,
     usage: Usage | None,
     prompt: int,
     status: int,
     trace: Any,
 ) -> None:
-    res_id = info.get("reservation")
-    if not isinstance(res_id, str) or not res_id:
+    if not info.get("reservation"):
         return
-    team, model = report.team or "", report.model or ""
-    specs = applicable(services.limits.get(team, ()), model)
-    names = tuple(str(n) for n in info.get("limits") or ())
-    reservation = services.quota.handed_over(
-        services.runtime.config, team, model, res_id, names, specs
-    )
     if usage is not None:
         actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
     elif status == 0:
@@ -158,7 +150,7 @@ def _settle(
         actual = Amounts(prompt, 0)
     else:
         actual = Amounts(0, 0)  # the backend refused or failed: it served no tokens
-    services.quota.settle_soon(reservation, actual, trace)
+    services.quota.settle_soon(handed_back(services, info), actual, trace)
 
 
 def _usage(info: dict[str, Any]) -> Usage | None:

@@ -20,11 +20,12 @@ from .processor import (
     METADATA_NAMESPACE,
     Services,
     answering_backend,
+    handed_back,
     observer_follows,
     stream_usage,
 )
 from .protocol import ProcessingRequest, header_dict, struct_dict
-from .quota.policy import Amounts, applicable
+from .quota.policy import Amounts
 from .sse import StreamRelay
 from .streams import ACTIVE, StreamTiming
 from .telemetry.report import RequestReport, model_label
@@ -115,15 +116,11 @@ class ObservedStream:
         team, model = str(info.get("team", "")), str(info.get("model", ""))
         prompt = int(_number(info.get("prompt_tokens_estimate"), 0))
         usage = stream_usage(self.relay, prompt, services.tokens, model)
-        res_id = info.get("reservation")
-        if isinstance(res_id, str) and res_id:
-            specs = applicable(services.limits.get(team, ()), model)
-            names = tuple(str(n) for n in info.get("limits") or ())
-            reservation = services.quota.handed_over(
-                services.runtime.config, team, model, res_id, names, specs
-            )
+        if info.get("reservation"):
             services.quota.settle_soon(
-                reservation, Amounts(usage.prompt_tokens, usage.completion_tokens), self.trace
+                handed_back(services, info),
+                Amounts(usage.prompt_tokens, usage.completion_tokens),
+                self.trace,
             )
         report = self.report
         if report is not None:

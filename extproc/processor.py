@@ -139,8 +139,8 @@ class DownstreamStream:
         self.strip_usage = False
         self.observe = False  # a stream the observer may follow instead of this stage
         self.handed_off = False  # ... and does: it settles, this stage must not
-        # The request leaves this stage with its body: the observer or the access log's reader
-        # counts and settles it (its answer never passes here).
+        # The request leaves this stage with its body: the access log's reader counts and
+        # settles it (its answer never passes here).
         self.released = False
         self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.response_guards: tuple[CompiledGuard, ...] = ()
@@ -172,8 +172,8 @@ class DownstreamStream:
 
     @property
     def finished(self) -> bool:
-        """No message will come after the last answer: the observer or the access log took
-        the request over."""
+        """No message will come after the last answer: the observer (at the response headers)
+        or the access log's reader (with the request body) took the request over."""
         return self.handed_off or self.released
 
     def failed(self) -> None:
@@ -717,7 +717,7 @@ class DownstreamStream:
         if self.route_span is not None:
             self.route_span.end()  # no answer came
         if self.released:
-            # The observer or the access log's reader counts and reports the request.
+            # The access log's reader counts and reports the request.
             if self.trace is not NO_TRACE:
                 self.trace.set(
                     {
@@ -834,6 +834,18 @@ def stream_usage(relay: StreamRelay, prompt: int, tokens: TokenCounter, model: s
 def estimate(prompt: int, tokens: TokenCounter, model: str, completion: str) -> Usage:
     out = tokens.count_text(model, completion).tokens
     return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
+
+
+def handed_back(services: Services, info: Mapping[str, Any]) -> Reservation | None:
+    """The reservation `handover` passed on, rebuilt by the stage that finishes the request
+    (None: there was none, or the team's limits changed since; see QuotaService.handed_over)."""
+    res_id = info.get("reservation")
+    if not isinstance(res_id, str) or not res_id:
+        return None
+    team, model = str(info.get("team", "")), str(info.get("model", ""))
+    specs = applicable(services.limits.get(team, ()), model)
+    names = tuple(str(n) for n in info.get("limits") or ())
+    return services.quota.handed_over(services.runtime.config, team, model, res_id, names, specs)
 
 
 def handover(reservation: Reservation | None, started: float) -> dict[str, Any]:
