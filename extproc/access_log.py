@@ -1,9 +1,11 @@
 """Accounting from Envoy's access log: the answers the downstream stage did not wait for.
 
-For a non-streamed request to a model served by one backend (`sidecar.json_path:
-access_log`, no response guard), the downstream stage ends its ext_proc stream with the
-request body: Envoy sends the answer to the client without asking the sidecar (two messages
-per request instead of four).
+For a request to a model served by one backend whose answer need not pass the sidecar (a JSON
+answer with `sidecar.json_path: access_log` and no response guard, or a stream the observer
+follows), the downstream stage ends its ext_proc stream with the request body: Envoy sends
+the answer to the client without asking the sidecar (two messages per request instead of
+four). Every such request is counted here; a successful stream is finished (tokens, quota,
+audit) by the stream observer, everything else here (`observer_finishes`).
 Envoy's json_to_metadata filter copies the answer's `usage` into the request's metadata, and
 Envoy's gRPC access log brings each such request's entry here, in batches, once it has ended:
 the metadata the downstream stage left (team, model, reservation, report), the usage, the status.
@@ -23,7 +25,13 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from .processor import ACCOUNT_KEY, METADATA_NAMESPACE, Services, handed_back
+from .processor import (
+    ACCOUNT_KEY,
+    METADATA_NAMESPACE,
+    Services,
+    handed_back,
+    observer_finishes,
+)
 from .protocol import struct_dict
 from .quota.policy import Amounts
 from .streams import RELEASED
@@ -87,11 +95,18 @@ def account(services: Services, entry: Any) -> bool:
         return False
     status = entry.response.response_code.value  # 0: the request ended without an answer
     body_bytes = entry.response.response_body_bytes
-    report = RequestReport.from_handover(info, stream=info.get("stream") is True, path="logged")
+    streamed = info.get("stream") is True
+    report = RequestReport.from_handover(info, stream=streamed, path="logged")
     report.status = status
     report.backend = _text(info, "backend") or None
     report.provider_model = _text(info, "provider_model") or None
     report.attempts = entry.common_properties.upstream_request_attempt_count or 1
+    cfg = services.runtime.config
+    content_type = entry.response.response_headers.get("content-type", "")
+    if observer_finishes(info, status, content_type):
+        # A stream the observer followed: it has the tokens, the quota and the audit record.
+        report.count_request(cfg)
+        return True
     prompt = _int(info.get("prompt_tokens_estimate"))
     usage = None
     if 200 <= status < 300:
@@ -114,7 +129,6 @@ def account(services: Services, entry: Any) -> bool:
         # A child of the request's span, which the downstream stage ended with the request.
         trace = services.tracing.request({"traceparent": parent}, name="response")
     _settle(services, info, usage, prompt, status, trace)
-    cfg = services.runtime.config
     report.count_request(cfg)
     cost = report.count_usage(cfg, usage)
     if trace is not NO_TRACE:

@@ -481,7 +481,7 @@ def accounting_access_log(cfg: Config) -> AccessLog:
         ),
         typed_config=_any(
             HttpGrpcAccessLogConfig(
-                # With the status and body size: was it a stream the observer finished?
+                # With the status: a stream the observer finished, or an answer to finish here?
                 additional_response_headers_to_log=["content-type"],
                 common_config=CommonGrpcAccessLogConfig(
                     log_name=ACCESS_LOG_NAME,

@@ -139,8 +139,8 @@ class DownstreamStream:
         self.strip_usage = False
         self.observe = False  # a stream the observer may follow instead of this stage
         self.handed_off = False  # ... and does: it settles, this stage must not
-        # The request leaves this stage with its body: the access log's reader counts and
-        # settles it (its answer never passes here).
+        # The request leaves this stage with its body: the access log's reader counts it, and
+        # settles it unless the observer follows its stream (its answer never passes here).
         self.released = False
         self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.response_guards: tuple[CompiledGuard, ...] = ()
@@ -173,7 +173,7 @@ class DownstreamStream:
     @property
     def finished(self) -> bool:
         """No message will come after the last answer: the observer (at the response headers)
-        or the access log's reader (with the request body) took the request over."""
+        or the access log's reader and the observer (with the request body) took it over."""
         return self.handed_off or self.released
 
     def failed(self) -> None:
@@ -337,18 +337,20 @@ class DownstreamStream:
                 self.reservation.specs, self.reservation.states
             )
         # With one backend, Envoy renders every header of the answer: nothing is left for this
-        # stage to do once the request is sent, unless the answer must pass it (guards, a
-        # stream, json_path: inline). (A stream the observer follows is still handed over at
-        # its headers: only this stage can count a stream the observer never sees.)
-        release = (
-            target is not None
-            and not parsed.stream
-            and not self.response_guards
-            and self.rt.config.sidecar.json_path == "access_log"
+        # stage to do once the request is sent, unless the answer must pass it (guards, an
+        # inline stream, json_path: inline). Envoy's access log then brings every released
+        # request back to be counted; the observer finishes the streams it follows.
+        release = target is not None and (
+            self.observe
+            or (
+                not parsed.stream
+                and not self.response_guards
+                and self.rt.config.sidecar.json_path == "access_log"
+            )
         )
         if self.observe or release:
             # What the stage that finishes the request needs, in whichever sidecar process it
-            # runs: the observer (a stream) or the access log's reader (a JSON answer).
+            # runs: the observer (a stream it follows) or the access log's reader.
             data.update(handover(self.reservation, self.started))
             if audit is not None:
                 data.update(report.handover())
@@ -358,12 +360,12 @@ class DownstreamStream:
             data[OBSERVE_KEY] = True
         if release:
             # The answer goes to the client without this stage; Envoy's access log entry
-            # brings its status and usage to the sidecar (access_log.py).
+            # brings its status (and a JSON answer's usage) to the sidecar (access_log.py).
             data[ACCOUNT_KEY] = True
             data["output_estimate"] = requested_output(
                 parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
             )
-            report.path = "logged"
+            report.path = "observed" if self.observe else "logged"
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
@@ -815,6 +817,19 @@ def observer_follows(headers: Mapping[str, str], end_of_stream: bool) -> bool:
         and not end_of_stream
         and status.isdigit()
         and 200 <= int(status) < 300
+    )
+
+
+def observer_finishes(info: Mapping[str, Any], status: int, content_type: str) -> bool:
+    """Whether the stream observer finishes a released request (tokens, quota, audit): a
+    successful event stream of an observed request. The access log's reader leaves those to it
+    and finishes the others; it counts every released request either way, so a stream whose
+    observer never started is still counted (its reservation then expires at its estimate).
+    The observer follows on the same test (observer_follows), from the same headers."""
+    return (
+        info.get(OBSERVE_KEY) is True
+        and 200 <= status < 300
+        and is_event_stream({"content-type": content_type})
     )
 
 

@@ -147,6 +147,27 @@ def test_released_answers_are_waited_for_until_their_horizon(
     assert released_now.pending == 0
 
 
+def test_a_stream_the_observer_followed_is_only_counted(base: Services) -> None:  # noqa: F811
+    services, recorder = recording(base)
+    stream, data = request_metadata(
+        services, chat(stream=True, stream_options={"include_usage": True})
+    )
+    assert stream.released and data["observe"] is True and data["account"] is True
+    labels = ("team-b", MODEL, "served", "200")
+    before = metrics.REQUESTS.labels(*labels)._value.get()
+    followed = entry(data)
+    followed.response.response_headers["content-type"] = "text/event-stream; charset=utf-8"
+    assert run_account(services, followed)
+    assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
+    assert recorder.settled == []  # the observer settles what it followed
+    # An error answer to the same kind of request is no stream: finished here.
+    refused = entry(data, status=429)
+    refused.response.response_headers["content-type"] = "application/json"
+    run_account(services, refused)
+    ((_, actual),) = recorder.settled
+    assert actual == Amounts(0, 0)
+
+
 def test_other_entries_are_ignored(base: Services) -> None:  # noqa: F811
     services, recorder = recording(base)
     assert not run_account(services, entry({"team": "team-b", "model": MODEL}))

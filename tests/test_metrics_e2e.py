@@ -212,10 +212,11 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
         time.sleep(0.5)
         samples = telemetry.scrape()
 
-    # JSON answers of one-backend models (json_path: access_log) came back through Envoy's
-    # access log: the four served or failed there, and nothing else (Envoy's filter).
+    # Requests to one-backend models that left the downstream stage with their body came back
+    # through Envoy's access log: the four JSON answers (served or failed) and the two observed
+    # streams (counted there, finished by the observer), and nothing else (Envoy's filter).
     entries = "extproc_access_log_entries_total"
-    assert value(samples, entries, result="accounted") == 4
+    assert value(samples, entries, result="accounted") == 6
     assert value(samples, entries, result="ignored") == 0
 
     requests = "extproc_requests_total"
