@@ -355,9 +355,10 @@ class SidecarSettings(_Strict):
     # How non-streamed answers of a model served by one backend pass the sidecar.
     # "access_log": Envoy sends the answer on without asking the sidecar (two ext_proc
     # messages per request instead of four); its usage reaches the sidecar in Envoy's gRPC
-    # access log, where the quota is settled and the request counted. "inline": the sidecar
-    # reads each answer before it is sent, and adds the x-aigw-*-tokens headers. Answers that
-    # response guards judge, and those of pooled or canary models, are always inline.
+    # access log, where the quota is settled and the request counted (observed streams are
+    # released with their body too). "inline": the sidecar reads each answer before it is
+    # sent, and adds the x-aigw-*-tokens headers; nothing relies on the gRPC access log.
+    # Answers that response guards judge, and those of pooled or canary models, are inline.
     json_path: Literal["access_log", "inline"] = "access_log"
     # Processes serving `listen` together (SO_REUSEPORT), to use several cores. What they
     # share must live outside them: quotas need `quota.store: redis` (checked at load).

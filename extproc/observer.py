@@ -4,7 +4,8 @@ Envoy runs this stage in observability mode: it sends each chunk and moves on wi
 and ignores whatever the sidecar answers, so the stage answers nothing. It is instantiated only
 for streaming requests the downstream stage marked `observe`, and follows the response only when
 it is a successful event stream (`observer_follows`, the same test by which the downstream stage
-hands it over); an error body or a JSON answer stays with the downstream stage.
+hands it over); an error body or a JSON answer stays with the downstream stage, or, for a
+request the downstream stage released with its body, goes to the access log's reader.
 
 Everything needed to settle arrives in the forwarded dynamic metadata, so the observer may run
 in another sidecar process than the stage that reserved (the quota store must then be shared).
@@ -59,10 +60,14 @@ class ObservedStream:
         if kind == "response_headers":
             msg = req.response_headers
             headers = header_dict(msg.headers)
-            if not observer_follows(headers, msg.end_of_stream):
-                self.done = True  # an error or JSON answer: the downstream stage keeps it
+            if not observer_follows(headers):
+                # An error or a JSON answer: the downstream stage keeps it (or, for a request
+                # released with its body, the access log's reader).
+                self.done = True
                 return
             self._start(req, headers)
+            if msg.end_of_stream:
+                self._finish()  # a stream with no body: nothing more will come
         elif kind == "response_body" and self.relay is not None:
             assert self.timing is not None
             msg = req.response_body

@@ -340,13 +340,12 @@ class DownstreamStream:
         # stage to do once the request is sent, unless the answer must pass it (guards, an
         # inline stream, json_path: inline). Envoy's access log then brings every released
         # request back to be counted; the observer finishes the streams it follows.
-        release = target is not None and (
-            self.observe
-            or (
-                not parsed.stream
-                and not self.response_guards
-                and self.rt.config.sidecar.json_path == "access_log"
-            )
+        # (`json_path: inline` also keeps observed streams here until their headers: it is the
+        # setting for an Envoy without the gateway's gRPC access log.)
+        release = (
+            target is not None
+            and self.rt.config.sidecar.json_path == "access_log"
+            and (self.observe or (not parsed.stream and not self.response_guards))
         )
         if self.observe or release:
             # What the stage that finishes the request needs, in whichever sidecar process it
@@ -365,7 +364,6 @@ class DownstreamStream:
             data["output_estimate"] = requested_output(
                 parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
             )
-            report.path = "observed" if self.observe else "logged"
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
@@ -563,7 +561,7 @@ class DownstreamStream:
         mode = None
         # Known now, and in the access log even when the response never completes.
         metadata = {METADATA_NAMESPACE: {"backend": self.backend or "", "status": self.status}}
-        if self.observe and observer_follows(headers, msg.end_of_stream):
+        if self.observe and observer_follows(headers):
             # The observer follows the body from here on, without holding a chunk back; it
             # decided so on these same headers (it sees them first: the response path runs
             # the filters in reverse order).
@@ -808,16 +806,12 @@ def is_event_stream(headers: Mapping[str, str]) -> bool:
     return media_type == "text/event-stream"
 
 
-def observer_follows(headers: Mapping[str, str], end_of_stream: bool) -> bool:
-    """Whether an observed request's response goes to the observer: a successful stream.
-    The downstream stage and the observer both decide with this, on the same headers."""
+def observer_follows(headers: Mapping[str, str]) -> bool:
+    """Whether an observed request's response goes to the observer: a successful stream
+    (even one whose headers end it: the observer then finishes it at once). The downstream
+    stage, the observer and the access log's reader (observer_finishes) all decide with this."""
     status = headers.get(":status", "")
-    return (
-        is_event_stream(headers)
-        and not end_of_stream
-        and status.isdigit()
-        and 200 <= int(status) < 300
-    )
+    return is_event_stream(headers) and status.isdigit() and 200 <= int(status) < 300
 
 
 def observer_finishes(info: Mapping[str, Any], status: int, content_type: str) -> bool:
@@ -826,11 +820,8 @@ def observer_finishes(info: Mapping[str, Any], status: int, content_type: str) -
     and finishes the others; it counts every released request either way, so a stream whose
     observer never started is still counted (its reservation then expires at its estimate).
     The observer follows on the same test (observer_follows), from the same headers."""
-    return (
-        info.get(OBSERVE_KEY) is True
-        and 200 <= status < 300
-        and is_event_stream({"content-type": content_type})
-    )
+    headers = {":status": str(status), "content-type": content_type}
+    return info.get(OBSERVE_KEY) is True and observer_follows(headers)
 
 
 def stream_usage(relay: StreamRelay, prompt: int, tokens: TokenCounter, model: str) -> Usage:
@@ -859,6 +850,9 @@ def handed_back(services: Services, info: Mapping[str, Any]) -> Reservation | No
         return None
     team, model = str(info.get("team", "")), str(info.get("model", ""))
     specs = applicable(services.limits.get(team, ()), model)
+    if info.get("pool"):
+        # A quota failover reserved against the team-wide limits only (see _reserve).
+        specs = tuple(s for s in specs if not s.scoped)
     names = tuple(str(n) for n in info.get("limits") or ())
     return services.quota.handed_over(services.runtime.config, team, model, res_id, names, specs)
 

@@ -92,7 +92,10 @@ class Released:
         self.horizon_s = 600.0
 
     def add(self) -> None:
-        self._times.append(time.monotonic())
+        now = time.monotonic()
+        while self._times and self._times[0] < now - self.horizon_s:
+            self._times.popleft()  # lost: never let them pile up
+        self._times.append(now)
 
     def done(self) -> None:
         if self._times:

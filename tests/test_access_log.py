@@ -20,7 +20,8 @@ from extproc.streams import Released
 from extproc.telemetry import metrics
 from extproc.telemetry.audit import AuditTrail
 
-from .test_observer import MODEL, base, chat, recording, request_metadata  # noqa: F401
+from .test_observer import MODEL, chat, recording, request_metadata
+from .test_observer import released_base as base  # noqa: F401
 
 USAGE = {"prompt_tokens": 31.0, "completion_tokens": 7.0, "total_tokens": 38.0}
 RESULTS = ("accounted", "ignored", "error")

@@ -195,8 +195,8 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     failed_over = alpha.chat.completions.with_raw_response.create(model="pooled", messages=hello())
     assert failed_over.headers["x-aigw-failover"] == "true"
 
-    # Observed streams are counted by the observer when they end, JSON answers from Envoy's
-    # access log (batched): wait for both.
+    # Observed streams' tokens come from the observer when they end; released requests are
+    # counted from Envoy's access log (batched): wait for both.
     deadline = time.monotonic() + 10
     while True:
         samples = telemetry.scrape()

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from extproc.observer import ObservedStream
-from extproc.processor import DownstreamStream, Services
+from extproc.processor import DownstreamStream, Services, handed_back, observer_finishes
 from extproc.protocol import ProcessingMode, ProcessingRequest
-from extproc.quota.policy import Amounts
+from extproc.quota.policy import Amounts, LimitSpec
 from extproc.quota.service import QuotaService, Reservation
 from extproc.streams import ACTIVE
 from extproc.telemetry.audit import AuditTrail
@@ -34,6 +34,7 @@ from .test_processor import (
     response_body,
     response_headers,
     stream_bytes,
+    with_sidecar,
     with_stream_path,
 )
 from .test_processor import QUICKSTART as QUICKSTART_PATH
@@ -66,8 +67,17 @@ def recording(services: Services) -> tuple[Services, Recorder]:
 
 
 @pytest.fixture(scope="module")
-def base() -> Services:
+def released_base() -> Services:
+    """The quickstart as shipped: observed streams of its one-backend models are released with
+    the request body (json_path: access_log)."""
     return build_services(load_runtime(QUICKSTART_PATH))
+
+
+@pytest.fixture(scope="module")
+def base(released_base: Services) -> Services:
+    """Observed streams handed over at their response headers, as for pooled and canary
+    models (json_path: inline keeps every request on the downstream stage until then)."""
+    return with_sidecar(released_base, json_path="inline")
 
 
 def chat(**fields: Any) -> dict[str, Any]:
@@ -134,6 +144,34 @@ def test_stream_path_choice(
         assert data["limits"] == [s.name for s in stream.reservation.specs]
         assert data["started_at"] > 0
         assert metadata(headers_resp)["extproc"] == {"backend": "fake", "status": 200.0}
+
+
+def test_an_observed_stream_of_a_one_backend_model_is_released_with_its_body(
+    released_base: Services,
+) -> None:
+    stream, data = request_metadata(released_base, chat(stream_options={"include_usage": True}))
+    assert data["observe"] is True and data["account"] is True
+    assert stream.released and stream.finished  # Envoy's access log counts it, the observer
+    assert data["reservation"] == stream.reservation.id  # ... settles it
+    # The access log's reader leaves a successful stream to the observer, on the same test.
+    assert observer_finishes(data, 200, "text/event-stream; charset=utf-8")
+    assert not observer_finishes(data, 429, "application/json")
+    assert not observer_finishes({**data, "observe": False}, 200, "text/event-stream")
+
+
+def test_a_quota_failover_reservation_is_handed_back_with_its_limits(
+    released_base: Services,
+) -> None:
+    """A quota failover reserves against the team-wide limits only: those are rebuilt."""
+    specs = (
+        LimitSpec("scoped", "tokens", "minute", 10, frozenset({MODEL}), scoped=True),
+        LimitSpec("team-wide", "tokens", "minute", 99, frozenset({MODEL})),
+    )
+    services = dataclasses.replace(released_base, limits={"team-b": specs})
+    info = {"team": "team-b", "model": MODEL, "reservation": "r1", "limits": ["team-wide"]}
+    reservation = handed_back(services, {**info, "pool": 1})
+    assert reservation is not None and [s.name for s in reservation.specs] == ["team-wide"]
+    assert handed_back(services, info) is None  # without the pool, the names differ
 
 
 def test_non_streaming_request_is_never_observed(base: Services) -> None:
@@ -207,6 +245,17 @@ def test_observer_settles_the_reported_usage_exactly(base: Services) -> None:
     )
     assert reservation.specs == stream.reservation.specs
     assert actual == Amounts(123, 45)
+
+
+def test_a_stream_whose_headers_end_it_is_finished_at_once(base: Services) -> None:
+    services, recorder = recording(base)
+    _, data = request_metadata(services, chat(stream_options={"include_usage": True}))
+    observer = ObservedStream(services)
+    headers = response_headers(content_type="text/event-stream", end_of_stream=True)
+    run(observer, forwarded(headers, data))
+    assert observer.done
+    ((_, actual),) = recorder.settled
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 0)
 
 
 def test_observer_counts_a_stream_without_usage_itself(base: Services) -> None:

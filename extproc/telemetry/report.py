@@ -2,8 +2,10 @@
 
 A request's facts are gathered by the stage that sees them (RequestReport); they are reported
 once, by the stage that sees the request end: the downstream stage for answers it follows to
-the end, the stream observer for the streams it takes over (it may run in another process, so
-the downstream stage hands it the report's first half in the forwarded metadata).
+the end, the stream observer for the streams it takes over, the access log's reader for
+requests released with their body (these may run in another process, so the downstream stage
+hands them the report's first half in the forwarded metadata). The request itself is counted
+by the downstream stage, or for a released request by the access log's reader.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ class RequestReport:
         return report
 
     def count_request(self, cfg: Config) -> None:
-        """The request's outcome (once per request, by the downstream stage)."""
+        """The request's outcome (once per request: by the downstream stage, or the access log's
+        reader for a released request)."""
         model = model_label(cfg, self.model)
         metrics.REQUESTS.labels(
             team_label(cfg, self.team), model, self.outcome, str(self.status or 0)
