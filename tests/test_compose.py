@@ -71,6 +71,7 @@ REQUIRED_PANELS: dict[str, set[str]] = {
     "guard call latency": {"extproc_guard_call_seconds_bucket"},
     "quota store latency": {"extproc_quota_store_seconds_bucket"},
     "quota store errors": {"extproc_quota_store_errors_total"},
+    "answers accounted from envoy's access log": {"extproc_access_log_entries_total"},
     "active streams": {"extproc_active_streams"},
     "circuit state per backend": {"envoy_cluster_outlier_detection_ejections_active"},
 }
