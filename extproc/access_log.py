@@ -132,9 +132,7 @@ def account(services: Services, entry: Any) -> bool:
     report.count_request(cfg)
     cost = report.count_usage(cfg, usage)
     if trace is not NO_TRACE:
-        trace.set(report.span_attributes(usage, cost))
-        outcome = report.outcome
-        trace.end(outcome if outcome in ("error", "backend_error") else None)
+        report.end_span(trace, usage, cost)
     if services.audit is not None:
         # Envoy's own measure (the entry may arrive a batch later): request start to the
         # answer's last byte sent.

@@ -737,9 +737,7 @@ class DownstreamStream:
         usage = self.usage
         cost = report.count_usage(cfg, usage)
         if self.trace is not NO_TRACE:
-            self.trace.set(report.span_attributes(usage, cost))
-            outcome = report.outcome
-            self.trace.end(outcome if outcome in ("error", "backend_error") else None)
+            report.end_span(self.trace, usage, cost)
         if self.services.audit is not None:
             timing = self.timing.as_metadata(None) if self.timing is not None else None
             duration = time.perf_counter() - self.started

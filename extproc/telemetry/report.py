@@ -199,6 +199,13 @@ class RequestReport:
             attrs["extproc.cost_usd"] = cost
         return attrs
 
+    def end_span(self, trace: Any, usage: Usage | None, cost: float | None) -> None:
+        """The request's span gets its attributes and ends, marked failed when the gateway or
+        the backend failed it."""
+        trace.set(self.span_attributes(usage, cost))
+        outcome = self.outcome
+        trace.end(outcome if outcome in ("error", "backend_error") else None)
+
     def audit_record(
         self,
         usage: Usage | None,
