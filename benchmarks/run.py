@@ -52,6 +52,7 @@ from extproc.envoy_config import (
     EXT_PROC_FILTER,
     HTTP_PROTOCOL_OPTIONS,
     OBSERVER_FILTER,
+    REQUEST_BUFFER_FILTER,
     RESPONSE_HEADERS_FILTER,
     SIDECAR_CLUSTER,
     USAGE_FILTER,
@@ -206,7 +207,13 @@ def gateway_config(
 
 
 # The gateway's HTTP filters: the baseline has none of them (their cost is the gateway's).
-GATEWAY_FILTERS = (EXT_PROC_FILTER, OBSERVER_FILTER, RESPONSE_HEADERS_FILTER, USAGE_FILTER)
+GATEWAY_FILTERS = (
+    REQUEST_BUFFER_FILTER,
+    EXT_PROC_FILTER,
+    OBSERVER_FILTER,
+    RESPONSE_HEADERS_FILTER,
+    USAGE_FILTER,
+)
 
 
 def _without_ext_proc(filters: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:

@@ -19,8 +19,8 @@ import yaml
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLog,
     AccessLogFilter,
+    ExtensionFilter,
     MetadataFilter,
-    ResponseFlagFilter,
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
@@ -79,6 +79,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedClusterClusterWeight,
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
     CommonGrpcAccessLogConfig,
     HttpGrpcAccessLogConfig,
@@ -88,6 +89,7 @@ from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import (
     ClusterConfig as AggregateClusterConfig,
 )
 from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.composite.v3 import (
     Composite,
     ExecuteFilterAction,
@@ -141,6 +143,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import (
+    HttpRequestHeaderMatchInput,
     MetadataMatcher,
     MetadataMatcherPathSegment,
     RegexMatcher,
@@ -159,7 +162,11 @@ from envoy_data_plane.xds.type.matcher.v3 import (
     MatcherMatcherListPredicateSinglePredicate,
     MatcherOnMatch,
 )
+from envoy_data_plane.xds.type.matcher.v3 import RegexMatcher as XdsRegexMatcher
+from envoy_data_plane.xds.type.matcher.v3 import RegexMatcherGoogleRe2 as XdsRegexMatcherGoogleRe2
+from envoy_data_plane.xds.type.matcher.v3 import StringMatcher as XdsStringMatcher
 
+from . import parsing
 from .config import (
     Config,
     Model,
@@ -202,6 +209,7 @@ INTERNAL_REQUEST_HEADERS = [ROUTE_HEADER, POOL_HEADER, TEAM_HEADER, TARGET_HEADE
 OTLP_CLUSTER = "extproc_otlp"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "extproc.stream_observer"
+REQUEST_BUFFER_FILTER = "extproc.request_buffer"
 RESPONSE_HEADERS_FILTER = "extproc.response_headers"
 USAGE_FILTER = "extproc.usage"
 ACCESS_LOG_NAME = "extproc"
@@ -348,37 +356,48 @@ def observer_http_filter(cfg: Config) -> HttpFilter:
     """The stream observer, instantiated only for requests whose dynamic metadata says
     `observe: true` (set by the downstream stage): a composite filter matching on it, so no
     route needs to know about it and other requests pay nothing."""
+    return _instantiated_when(
+        OBSERVER_FILTER,
+        "observe",
+        DynamicMetadataInput(
+            filter=METADATA_NAMESPACE, path=[DynamicMetadataInputPathSegment(key=OBSERVE_KEY)]
+        ),
+        XdsExtension(
+            name="is_true",
+            typed_config=_any(MetadataInputMatcher(value=ValueMatcher(bool_match=True))),
+        ),
+        observer_ext_proc(cfg),
+    )
+
+
+def _instantiated_when(
+    name: str,
+    input_name: str,
+    match_input: betterproto2.Message,
+    custom_match: XdsExtension | None,
+    ext_proc: ExternalProcessor,
+    value_match: XdsStringMatcher | None = None,
+) -> HttpFilter:
+    """An ext_proc filter that Envoy creates for a request only when `match_input` matches
+    (a composite filter): a request it was not created for passes it untouched both ways."""
     matcher = Matcher(
         matcher_list=MatcherMatcherList(
             matchers=[
                 MatcherMatcherListFieldMatcher(
                     predicate=MatcherMatcherListPredicate(
                         single_predicate=MatcherMatcherListPredicateSinglePredicate(
-                            input=XdsExtension(
-                                name="observe",
-                                typed_config=_any(
-                                    DynamicMetadataInput(
-                                        filter=METADATA_NAMESPACE,
-                                        path=[DynamicMetadataInputPathSegment(key=OBSERVE_KEY)],
-                                    )
-                                ),
-                            ),
-                            custom_match=XdsExtension(
-                                name="is_true",
-                                typed_config=_any(
-                                    MetadataInputMatcher(value=ValueMatcher(bool_match=True))
-                                ),
-                            ),
+                            input=XdsExtension(name=input_name, typed_config=_any(match_input)),
+                            custom_match=custom_match,
+                            value_match=value_match,
                         )
                     ),
                     on_match=MatcherOnMatch(
                         action=XdsExtension(
-                            name="observe",
+                            name=input_name,
                             typed_config=_any(
                                 ExecuteFilterAction(
                                     typed_config=TypedExtensionConfig(
-                                        name=EXT_PROC_FILTER,
-                                        typed_config=_any(observer_ext_proc(cfg)),
+                                        name=EXT_PROC_FILTER, typed_config=_any(ext_proc)
                                     )
                                 )
                             ),
@@ -389,7 +408,7 @@ def observer_http_filter(cfg: Config) -> HttpFilter:
         )
     )
     return HttpFilter(
-        name=OBSERVER_FILTER,
+        name=name,
         typed_config=_any(
             ExtensionWithMatcher(
                 extension_config=TypedExtensionConfig(
@@ -500,6 +519,7 @@ def accounting_access_log(cfg: Config) -> AccessLog:
 def gateway_http_filters(cfg: Config) -> list[HttpFilter]:
     """The gateway's filters, in order, to go before the router."""
     return [
+        request_buffer_filter(cfg),
         ext_proc_http_filter(cfg),
         observer_http_filter(cfg),
         response_headers_filter(),
@@ -512,7 +532,32 @@ def _status(code: int) -> HttpStatus:
 
 
 def ext_proc_http_filter(cfg: Config) -> HttpFilter:
-    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(downstream_ext_proc(cfg)))
+    """The downstream stage, created for every request whose headers Envoy decoded (every
+    request that can reach a route), and for no other: Envoy answers a malformed request (a bad
+    header, chunk or method) with a local reply that runs the response filters, and an ext_proc
+    filter there holds the reply for the sidecar while Envoy closes the connection, so the
+    client got no answer at all (envoyproxy/envoy#29440)."""
+    return _instantiated_when(
+        EXT_PROC_FILTER,
+        "request",
+        HttpRequestHeaderMatchInput(header_name=":method"),
+        None,
+        downstream_ext_proc(cfg),
+        value_match=XdsStringMatcher(
+            safe_regex=XdsRegexMatcher(google_re2=XdsRegexMatcherGoogleRe2(), regex=".*")
+        ),
+    )
+
+
+def request_buffer_filter(cfg: Config) -> HttpFilter:
+    """Envoy reads the whole request body before the sidecar sees the request: a body that
+    breaks off (a bad chunk) or grows past the limit is answered by Envoy (400, 413) before the
+    downstream stage exists, so it never holds that answer (see ext_proc_http_filter). The
+    sidecar reads the body whole anyway (BUFFERED), so nothing waits longer."""
+    return HttpFilter(
+        name=REQUEST_BUFFER_FILTER,
+        typed_config=_any(Buffer(max_request_bytes=cfg.sidecar.max_body_bytes)),
+    )
 
 
 def _openai_error_body(message: str, type_: str, code: str) -> SubstitutionFormatString:
@@ -524,17 +569,84 @@ def _openai_error_body(message: str, type_: str, code: str) -> SubstitutionForma
     )
 
 
-def _local_reply() -> LocalReplyConfig:
-    # Envoy's own failures (no healthy upstream, upstream reset, timeout) carry a response flag;
-    # the sidecar's ImmediateResponses do not, so only Envoy's are rewritten into OpenAI's shape.
+# Which of Envoy's local replies the mappers below rewrite, by the reply's response code
+# details. The sidecar's own answers (details `aigw_...`, see DownstreamStream.reject) and the
+# routes Envoy answers itself (`direct_response`, see _error_route) already have their body.
+# Envoy's ext_proc filter says `ext_proc_error_gRPC_error_<code>` when the sidecar cannot be
+# reached or fails, and `ext_proc_error_per-message_timeout_exceeded` when it does not answer
+# in time; neither sets a response flag, so only these details tell them apart.
+ENVOYS_OWN_REPLY = (
+    "response.code >= 400 && !response.code_details.startsWith('aigw_') && "
+    "response.code_details != 'direct_response'"
+)
+SIDECAR_TIMED_OUT = "response.code_details.startsWith('ext_proc_error_per-message_timeout')"
+SIDECAR_FAILED = "response.code_details.startsWith('ext_proc_error')"
+
+
+def _when(expression: str) -> AccessLogFilter:
+    return AccessLogFilter(
+        extension_filter=ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=_any(ExpressionFilter(expression=expression)),
+        )
+    )
+
+
+def _local_reply(cfg: Config) -> LocalReplyConfig:
+    """Every answer Envoy makes itself gets OpenAI's error shape: a sidecar that is down or
+    does not answer in time (the configured failure status), a body over the limit (the same
+    answer as the sidecar's for a Content-Length over it), a malformed request (4xx), an
+    unreachable or failing backend (5xx). The first mapper that matches applies."""
+    failure = cfg.sidecar.failure_status
+    retry = [
+        HeaderValueOption(
+            header=HeaderValue(key="retry-after", value="1"),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    ]
+    too_large = parsing.too_large(cfg.sidecar.max_body_bytes)
     return LocalReplyConfig(
         mappers=[
             ResponseMapper(
-                filter=AccessLogFilter(response_flag_filter=ResponseFlagFilter()),
+                filter=_when(SIDECAR_TIMED_OUT),
+                status_code=failure,
+                headers_to_add=retry,
+                body_format_override=_openai_error_body(
+                    "The gateway's policy service did not answer in time; retry shortly",
+                    "server_error",
+                    "gateway_timeout",
+                ),
+            ),
+            ResponseMapper(
+                filter=_when(SIDECAR_FAILED),
+                status_code=failure,
+                headers_to_add=retry,
+                body_format_override=_openai_error_body(
+                    "The gateway's policy service is unavailable; retry shortly",
+                    "server_error",
+                    "gateway_unavailable",
+                ),
+            ),
+            ResponseMapper(
+                filter=_when(f"response.code == 413 && {ENVOYS_OWN_REPLY}"),
+                body_format_override=_openai_error_body(
+                    too_large.message, too_large.type, too_large.code or "request_too_large"
+                ),
+            ),
+            ResponseMapper(
+                filter=_when(f"response.code < 500 && {ENVOYS_OWN_REPLY}"),
+                body_format_override=_openai_error_body(
+                    "The gateway cannot accept this HTTP request (%RESPONSE_CODE_DETAILS%)",
+                    "invalid_request_error",
+                    "%RESPONSE_CODE_DETAILS%",
+                ),
+            ),
+            ResponseMapper(
+                filter=_when(ENVOYS_OWN_REPLY),
                 body_format_override=_openai_error_body(
                     "%LOCAL_REPLY_BODY%", "server_error", "%RESPONSE_CODE_DETAILS%"
                 ),
-            )
+            ),
         ]
     )
 
@@ -723,7 +835,7 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
             *gateway_http_filters(cfg),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
-        local_reply_config=_local_reply(),
+        local_reply_config=_local_reply(cfg),
         # LLM streams run for minutes; the per-route timeout bounds the whole request instead.
         stream_idle_timeout=_duration(600),
         request_timeout=_duration(0),
@@ -1072,15 +1184,17 @@ def render_snippet(cfg: Config) -> str:
     doc = {
         "http_filters": [to_dict(f) for f in gateway_http_filters(cfg)],
         "access_log": [to_dict(accounting_access_log(cfg))],
+        "local_reply_config": to_dict(_local_reply(cfg)),
         "clusters": [to_dict(sidecar_cluster(cfg))],
     }
     return (
         "# Drop-in for an existing Envoy (rendered by `extproc envoy --snippet`).\n"
         "# 1. Put the filters in your HttpConnectionManager's http_filters, before\n"
         "#    envoy.filters.http.router, in this order. 2. Add the access log to its access_log\n"
-        "#    (the sidecar accounts handed-over answers from it). 3. Add the cluster to your\n"
-        "#    clusters. 4. Give each model a route that matches the header x-aigw-model (see\n"
-        "#    README).\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
+        "#    (the sidecar accounts handed-over answers from it). 3. Set local_reply_config on it\n"
+        "#    (Envoy's own errors, and a sidecar that is down, answered in OpenAI's error shape).\n"
+        "#    4. Add the cluster to your clusters. 5. Give each model a route that matches the\n"
+        "#    header x-aigw-model (see README).\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
     )
 
 
@@ -1106,7 +1220,8 @@ def render_istio(cfg: Config, namespace: str = "default") -> str:
         }
         for f in gateway_http_filters(cfg)
     ]
-    # The sidecar accounts handed-over answers from Envoy's gRPC access log.
+    # The sidecar accounts handed-over answers from Envoy's gRPC access log; Envoy's own
+    # answers get OpenAI's error shape.
     access_log_patch = {
         "applyTo": "NETWORK_FILTER",
         "match": {
@@ -1122,6 +1237,7 @@ def render_istio(cfg: Config, namespace: str = "default") -> str:
                     "@type": "type.googleapis.com/envoy.extensions.filters.network"
                     ".http_connection_manager.v3.HttpConnectionManager",
                     "access_log": [to_dict(accounting_access_log(cfg))],
+                    "local_reply_config": to_dict(_local_reply(cfg)),
                 }
             },
         },

@@ -12,6 +12,7 @@ from extproc.envoy_config import (
     EXT_PROC_FILTER,
     HTTP_PROTOCOL_OPTIONS,
     OBSERVER_FILTER,
+    REQUEST_BUFFER_FILTER,
     RESPONSE_HEADERS_FILTER,
     USAGE_FILTER,
     render_istio,
@@ -24,7 +25,13 @@ from extproc.supervisor import envoy_binary
 from .conftest import REPO
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
-GATEWAY_FILTERS = [EXT_PROC_FILTER, OBSERVER_FILTER, RESPONSE_HEADERS_FILTER, USAGE_FILTER]
+GATEWAY_FILTERS = [
+    REQUEST_BUFFER_FILTER,
+    EXT_PROC_FILTER,
+    OBSERVER_FILTER,
+    RESPONSE_HEADERS_FILTER,
+    USAGE_FILTER,
+]
 
 
 def envoy_validate(path) -> None:
@@ -57,7 +64,9 @@ def test_committed_envoy_files_match_the_renderer(committed, render):
     assert (REPO / "envoy" / committed).read_text() == expected, "run `make envoy-files`"
 
 
-def _bootstrap_around(http_filters: list[dict], cluster: dict, access_log: list[dict]) -> dict:
+def _bootstrap_around(
+    http_filters: list[dict], cluster: dict, access_log: list[dict], local_reply: dict
+) -> dict:
     """A minimal existing-Envoy bootstrap that takes the drop-in as an operator would."""
     return {
         "static_resources": {
@@ -75,6 +84,7 @@ def _bootstrap_around(http_filters: list[dict], cluster: dict, access_log: list[
                                         "network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "existing",
                                         "access_log": access_log,
+                                        "local_reply_config": local_reply,
                                         "route_config": {
                                             "virtual_hosts": [
                                                 {
@@ -156,7 +166,8 @@ def test_drop_in_snippet_validates_inside_an_existing_envoy(tmp_path):
         "clusterName": cluster["name"]
     }
     out = tmp_path / "existing.yaml"
-    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster, [access_log])))
+    around = _bootstrap_around(filters, cluster, [access_log], snippet["local_reply_config"])
+    out.write_text(yaml.safe_dump(around))
     envoy_validate(out)
 
 
@@ -172,9 +183,12 @@ def test_istio_manifest_patches_validate(tmp_path):
     assert [f["name"] for f in filters] == GATEWAY_FILTERS
     (hcm_patch,) = [p["patch"] for p in patches if p["applyTo"] == "NETWORK_FILTER"]
     assert hcm_patch["operation"] == "MERGE"
-    access_log = hcm_patch["value"]["typed_config"]["access_log"]
+    merged = hcm_patch["value"]["typed_config"]
     out = tmp_path / "istio.yaml"
-    out.write_text(yaml.safe_dump(_bootstrap_around(filters, cluster_patch["value"], access_log)))
+    around = _bootstrap_around(
+        filters, cluster_patch["value"], merged["access_log"], merged["local_reply_config"]
+    )
+    out.write_text(yaml.safe_dump(around))
     envoy_validate(out)
 
 
