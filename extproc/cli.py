@@ -69,14 +69,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .supervisor import up
+    from .supervisor import WorkdirError, up
 
-    return up(
-        args.config,
-        workdir=args.workdir,
-        envoy_log_level=args.envoy_log_level,
-        envoy_concurrency=args.envoy_concurrency,
-    )
+    try:
+        return up(
+            args.config,
+            workdir=args.workdir,
+            envoy_log_level=args.envoy_log_level,
+            envoy_concurrency=args.envoy_concurrency,
+        )
+    except WorkdirError as exc:
+        print(f"extproc up: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_quota(args: argparse.Namespace) -> int:
@@ -169,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start Envoy, the sidecar and (if configured) the fake LLM")
     p.add_argument("--config", "-c", required=True)
-    p.add_argument("--workdir", help="where to write the rendered Envoy config (default: temp)")
+    p.add_argument(
+        "--workdir",
+        help="where to write the rendered Envoy config (created if missing; default: temp)",
+    )
     p.add_argument("--envoy-log-level", default="warning")
     p.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads")
     p.set_defaults(func=cmd_up)

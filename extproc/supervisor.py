@@ -65,6 +65,10 @@ def wait_envoy_ready(admin: str, deadline: float, proc: subprocess.Popen) -> Non
     raise TimeoutError(f"envoy did not become ready at {url}")
 
 
+class WorkdirError(Exception):
+    """The work directory (--workdir) cannot be created or written."""
+
+
 class Stack:
     """The processes of one gateway; also used by the end-to-end tests."""
 
@@ -82,6 +86,10 @@ class Stack:
         self.config: Config = load_config(config_path)
         build_runtime(self.config, self.config_path)  # fail before starting anything
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkdirError(f"cannot use {self.workdir} as the work directory: {exc}") from None
         self.envoy_log_level = envoy_log_level
         self.env = {**os.environ, **(env or {})}
         self.stdout = stdout

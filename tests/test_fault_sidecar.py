@@ -24,7 +24,6 @@ import yaml
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import wait_process_port
 
-
 FAILURE_STATUS = 502
 MESSAGE_TIMEOUT_MS = 500
 # A bound on hanging, not a performance figure: the message timeout plus room for a loaded
