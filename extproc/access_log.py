@@ -28,6 +28,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from .processor import (
     ACCOUNT_KEY,
     METADATA_NAMESPACE,
+    OUTPUT_ESTIMATE_KEY,
     Services,
     handed_back,
     observer_finishes,
@@ -38,7 +39,7 @@ from .streams import RELEASED
 from .telemetry.metrics import ACCESS_LOG_ENTRIES
 from .telemetry.report import RequestReport
 from .telemetry.tracing import NO_TRACE
-from .usage import SOURCE_ESTIMATE, SOURCE_PROVIDER, Usage
+from .usage import SOURCE_PROVIDER, Usage, estimated
 
 log = logging.getLogger("extproc.access_log")
 
@@ -111,13 +112,13 @@ def account(services: Services, entry: Any) -> bool:
     usage = None
     if 200 <= status < 300:
         usage = _usage(info)
+        max_output = _int(info.get(OUTPUT_ESTIMATE_KEY))
         if usage is None and body_bytes == 0:
-            usage = Usage(prompt, 0, prompt, source=SOURCE_ESTIMATE)  # nothing was delivered
+            usage = estimated(prompt, 0, max_output)  # nothing was delivered
         elif usage is None:
             # The backend reported no usage and the answer was not read here: charge what the
             # request could have produced, so a team is never under-counted.
-            output = _int(info.get("output_estimate"))
-            usage = Usage(prompt, output, prompt + output, source=SOURCE_ESTIMATE)
+            usage = estimated(prompt, None, max_output)
             log.warning(
                 "backend %s sent an answer without usage; charged the request's maximum "
                 "(set sidecar.json_path: inline to count the answer itself)",

@@ -18,7 +18,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 INTERNAL_HEADER_PREFIX = "x-aigw-"
 
@@ -218,8 +226,14 @@ class RedisSettings(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
     password: SecretRef | None = None
     cluster: bool = False
+    # Each command's answer; a slower one counts as "store unavailable".
     timeout_ms: int = Field(default=50, ge=1, le=10_000)
-    max_connections: int = Field(default=64, ge=1, le=10_000)
+    # What a call may spend first getting a connection: waiting for a free one of the pool,
+    # and (re)opening it after a failure. Not charged to timeout_ms.
+    connect_timeout_ms: int = Field(default=500, ge=1, le=60_000)
+    # Connections per sidecar process, opened at start-up; also the most calls in flight
+    # (more wait for a free connection, within connect_timeout_ms).
+    pool_size: int = Field(default=16, ge=1, le=1024)
 
     @field_validator("url")
     @classmethod
@@ -340,6 +354,10 @@ class SidecarSettings(_Strict):
     default_encoding: str = "cl100k_base"
     # How long Envoy waits for one answer of the sidecar before failing the request.
     message_timeout_ms: int = Field(default=2000, ge=10, le=60_000)
+    # How long counting a request's prompt may take, the wait for a tokenizer thread included:
+    # what is not counted by then is estimated (ceil(utf-8 bytes / 4)). Below
+    # message_timeout_ms; by default 500, or half of message_timeout_ms when that is lower.
+    count_budget_ms: int = Field(default=500, ge=0, le=60_000)
     # What the client sees when the sidecar is down or too slow (fail closed).
     failure_status: int = Field(default=503, ge=400, le=599)
     grace_s: float = Field(default=30.0, ge=0, description="drain time on shutdown")
@@ -368,6 +386,27 @@ class SidecarSettings(_Strict):
     @classmethod
     def _listen(cls, v: str) -> str:
         parse_address(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_count_budget(cls, data: Any) -> Any:
+        # The default fits under a short message_timeout_ms: a config that sets only that loads.
+        if isinstance(data, dict) and "count_budget_ms" not in data:
+            timeout = data.get("message_timeout_ms")
+            if type(timeout) is int and timeout < 1000:
+                data = {**data, "count_budget_ms": max(0, timeout // 2)}
+        return data
+
+    @field_validator("count_budget_ms")
+    @classmethod
+    def _count_budget(cls, v: int, info: ValidationInfo) -> int:
+        timeout = info.data.get("message_timeout_ms")
+        if timeout is not None and v >= timeout:
+            raise ValueError(
+                f"must be below sidecar.message_timeout_ms ({timeout}): Envoy would give up on "
+                "the request before its count is done"
+            )
         return v
 
 

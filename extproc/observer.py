@@ -19,6 +19,7 @@ from typing import Any
 
 from .processor import (
     METADATA_NAMESPACE,
+    OUTPUT_ESTIMATE_KEY,
     Services,
     answering_backend,
     handed_back,
@@ -120,7 +121,10 @@ class ObservedStream:
         info, services = self.info, self.services
         team, model = str(info.get("team", "")), str(info.get("model", ""))
         prompt = int(_number(info.get("prompt_tokens_estimate"), 0))
-        usage = stream_usage(self.relay, prompt, services.tokens, model)
+        # The request's max output, the cap of our own count (absent: an older sidecar's).
+        cap = _number(info.get(OUTPUT_ESTIMATE_KEY), -1)
+        max_output = int(cap) if cap >= 0 else None
+        usage = stream_usage(self.relay, prompt, services.tokens, model, max_output)
         if info.get("reservation"):
             services.quota.settle_soon(
                 handed_back(services, info),

@@ -41,7 +41,7 @@ from .telemetry.report import (
     verdict_entries,
 )
 from .telemetry.tracing import DISABLED, NO_TRACE, OPERATION, Tracing
-from .usage import SOURCE_ESTIMATE, Usage, completion_text, from_openai
+from .usage import Usage, completion_text, estimated, from_openai
 
 if TYPE_CHECKING:
     from .config import Runtime
@@ -65,6 +65,10 @@ OBSERVE_KEY = "observe"
 # The dynamic metadata key (set with the request body) that sends the request's access log
 # entry to the sidecar: its answer is accounted there, not by this stage.
 ACCOUNT_KEY = "account"
+# The dynamic metadata key (set with the request body, for the stage that finishes the request)
+# of the most output the request may produce, as reserved: an answer without a usage report is
+# charged at most that (usage.estimated).
+OUTPUT_ESTIMATE_KEY = "output_estimate"
 # The `usage` fields of a JSON answer Envoy's json_to_metadata filter copies into the
 # request's metadata (the same keys the sidecar sets for the answers it reads itself).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -97,6 +101,7 @@ class DownstreamStream:
         "grpc_metadata",
         "handed_off",
         "known_backend",
+        "max_output",
         "observe",
         "pool",
         "prompt",
@@ -130,6 +135,8 @@ class DownstreamStream:
         self.endpoint: Endpoint | None = None
         self.request: ParsedRequest | None = None
         self.prompt: Any = None  # TokenCount of the prompt
+        # The most output the request may produce (reserved; the cap of our own count).
+        self.max_output: int | None = None
         self.backend: str | None = None
         self.status = 0
         self.relay: StreamRelay | None = None
@@ -261,6 +268,9 @@ class DownstreamStream:
             self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, self.endpoint)
         self.request = parsed
+        self.max_output = requested_output(
+            parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
+        )
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
         slots = request_slots(self.endpoint, parsed.body) if request_guards else []
         # Local guards first, masking in place: what they remove never leaves the gateway.
@@ -351,6 +361,7 @@ class DownstreamStream:
             # What the stage that finishes the request needs, in whichever sidecar process it
             # runs: the observer (a stream it follows) or the access log's reader.
             data.update(handover(self.reservation, self.started))
+            data[OUTPUT_ESTIMATE_KEY] = self.max_output
             if audit is not None:
                 data.update(report.handover())
             if self.trace is not NO_TRACE:
@@ -361,9 +372,6 @@ class DownstreamStream:
             # The answer goes to the client without this stage; Envoy's access log entry
             # brings its status (and a JSON answer's usage) to the sidecar (access_log.py).
             data[ACCOUNT_KEY] = True
-            data["output_estimate"] = requested_output(
-                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
-            )
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
             set_headers[routing.POOL_HEADER] = str(self.pool)
@@ -416,14 +424,12 @@ class DownstreamStream:
     ) -> list[Verdict]:
         """External guards and the quota reservation, at the same time: neither needs the
         other, and both may take a network round trip."""
-        assert self.team is not None and self.endpoint is not None and self.prompt is not None
+        assert self.team is not None and self.prompt is not None and self.max_output is not None
         specs = applicable(self.services.limits.get(self.team, ()), parsed.model)
         reserve = None
         if specs:
-            output = requested_output(
-                parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
-            )
-            reserve = self._reserve(parsed.model, specs, Amounts(self.prompt.tokens, output))
+            amounts = Amounts(self.prompt.tokens, self.max_output)
+            reserve = self._reserve(parsed.model, specs, amounts)
         if not any(not g.local for g in guards):
             if reserve is not None:
                 try:
@@ -516,13 +522,15 @@ class DownstreamStream:
             self.report.guards.extend(verdict_entries(stage, verdicts))
 
     async def _count_prompt(self, parsed: ParsedRequest) -> Any:
-        tokens, body, model = self.services.tokens, parsed.body, parsed.model
+        # Never fails; a long prompt waits at most sidecar.count_budget_ms (then it is partly
+        # estimated), in its team's queue for the tokenizer threads.
+        tokens, body, model, team = self.services.tokens, parsed.body, parsed.model, self.team
         if parsed.endpoint is Endpoint.CHAT:
             tools = body.get("tools") if isinstance(body.get("tools"), list) else None
-            return await tokens.count_chat_async(model, body["messages"], tools)
+            return await tokens.count_chat_async(model, body["messages"], tools, team=team)
         if parsed.endpoint is Endpoint.COMPLETIONS:
-            return await tokens.count_prompt_async(model, body["prompt"])
-        return await tokens.count_embedding_input_async(model, body["input"])
+            return await tokens.count_prompt_async(model, body["prompt"], team=team)
+        return await tokens.count_embedding_input_async(model, body["input"], team=team)
 
     # -- response -----------------------------------------------------------------------------
 
@@ -750,9 +758,8 @@ class DownstreamStream:
         assert self.relay is not None
         if self.request is None or self.prompt is None:
             return self.relay.usage
-        return stream_usage(
-            self.relay, self.prompt.tokens, self.services.tokens, self.request.model
-        )
+        tokens, model = self.services.tokens, self.request.model
+        return stream_usage(self.relay, self.prompt.tokens, tokens, model, self.max_output)
 
     def _buffered_usage(self, raw: bytes) -> Usage | None:
         if self.request is None or not 200 <= self.status < 300:
@@ -768,7 +775,8 @@ class DownstreamStream:
     def _estimate(self, completion: str) -> Usage | None:
         if self.request is None or self.prompt is None:
             return None
-        return estimate(self.prompt.tokens, self.services.tokens, self.request.model, completion)
+        tokens, model = self.services.tokens, self.request.model
+        return estimate(self.prompt.tokens, tokens, model, completion, self.max_output)
 
     def _backend_headers(self) -> dict[str, str]:
         """The backend Envoy chose (a pooled or canary model) and the model name it got."""
@@ -822,22 +830,26 @@ def observer_finishes(info: Mapping[str, Any], status: int, content_type: str) -
     return info.get(OBSERVE_KEY) is True and observer_follows(headers)
 
 
-def stream_usage(relay: StreamRelay, prompt: int, tokens: TokenCounter, model: str) -> Usage:
-    """A stream's usage: the backend's report, or our own count when there is none."""
+def stream_usage(
+    relay: StreamRelay, prompt: int, tokens: TokenCounter, model: str, max_output: int | None
+) -> Usage:
+    """A stream's usage: the backend's report, or our own count when there is none (at most
+    the request's `max_output`: usage.estimated)."""
     if relay.usage is not None:
         return relay.usage
     if relay.expects_usage:
         # The backend announced a usage report, so the relay kept no text; the report never
         # came (a cut stream). OpenAI-style streams carry about one token per event: count
         # every event but the role chunk, erring towards over-counting, never losing tokens.
-        out = max(0, relay.events - 1)
-        return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
-    return estimate(prompt, tokens, model, relay.text)
+        return estimated(prompt, max(0, relay.events - 1), max_output)
+    return estimate(prompt, tokens, model, relay.text, max_output)
 
 
-def estimate(prompt: int, tokens: TokenCounter, model: str, completion: str) -> Usage:
-    out = tokens.count_text(model, completion).tokens
-    return Usage(prompt, out, prompt + out, source=SOURCE_ESTIMATE)
+def estimate(
+    prompt: int, tokens: TokenCounter, model: str, completion: str, max_output: int | None
+) -> Usage:
+    """Our own count of an answer without a usage report, charged by usage.estimated."""
+    return estimated(prompt, tokens.count_text(model, completion).tokens, max_output)
 
 
 def handed_back(services: Services, info: Mapping[str, Any]) -> Reservation | None:

@@ -117,7 +117,9 @@ def build_runtime_parts(runtime: Runtime) -> tuple[Runtime, TokenCounter]:
     """The blocking part of (re)loading: tokenizer files are read here, off the event loop."""
     cfg = runtime.config
     overrides = {name: m.encoding for name, m in cfg.models.items() if m.encoding}
-    counter = TokenCounter(cfg.sidecar.default_encoding, overrides)
+    counter = TokenCounter(
+        cfg.sidecar.default_encoding, overrides, cfg.sidecar.count_budget_ms / 1000
+    )
     wanted = {cfg.sidecar.default_encoding} | {counter.encoding_name_for(n) for n in cfg.models}
     # Loading an encoding takes most of a second: do it here, never on a request. An encoding
     # that cannot load is announced by the counter, and its counts become estimates.

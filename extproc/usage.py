@@ -27,6 +27,21 @@ class Usage:
         }
 
 
+def estimated(prompt: int, output: int | None, max_output: int | None) -> Usage:
+    """The charge of an answer without the provider's usage report, one rule on every path
+    (the downstream stage, the stream observer, the access log's reader): the prompt plus the
+    output the gateway counted, at most the most the request may produce (`max_output`:
+    `max_completion_tokens` / `max_tokens` or `quota.default_max_tokens`, times `n`, which is
+    what was reserved). `output` None: the gateway did not see the answer (a JSON answer
+    accounted from Envoy's access log), so the maximum. `max_output` None: not known (no cap).
+    """
+    if output is None:
+        output = max_output or 0
+    elif max_output is not None:
+        output = min(output, max_output)
+    return Usage(prompt, output, prompt + output, source=SOURCE_ESTIMATE)
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 

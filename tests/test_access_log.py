@@ -22,6 +22,7 @@ from extproc.telemetry.audit import AuditTrail
 
 from .test_observer import MODEL, chat, recording, request_metadata
 from .test_observer import released_base as base  # noqa: F401
+from .test_processor import with_default_max_tokens
 
 USAGE = {"prompt_tokens": 31.0, "completion_tokens": 7.0, "total_tokens": 38.0}
 RESULTS = ("accounted", "ignored", "error")
@@ -77,6 +78,29 @@ def test_an_answer_without_usage_is_charged_the_requests_maximum(base: Services)
     run_account(services, entry(data))
     ((_, actual),) = recorder.settled
     assert actual == Amounts(int(data["prompt_tokens_estimate"]), 16)  # max_tokens
+
+
+@pytest.mark.parametrize(
+    ("fields", "output"),
+    [({"max_tokens": None}, 5), ({"max_tokens": 4, "n": 3}, 12)],
+    ids=["default", "n"],
+)
+def test_an_answer_without_usage_is_charged_the_max_output_as_reserved(
+    base: Services,  # noqa: F811
+    fields: dict[str, Any],
+    output: int,
+) -> None:
+    """The access log's reader never sees the answer: the output charged is the request's max
+    output, as reserved (quota.default_max_tokens when it sets none; times n)."""
+    services, recorder = recording(with_default_max_tokens(base, 5))
+    body = {k: v for k, v in chat(stream=False, **fields).items() if v is not None}
+    stream, data = request_metadata(services, body)
+    assert stream.released and data["output_estimate"] == output
+    assert stream.reservation is not None
+    assert stream.reservation.estimate == Amounts(int(data["prompt_tokens_estimate"]), output)
+    run_account(services, entry(data))
+    ((_, actual),) = recorder.settled
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), output)
 
 
 def test_an_empty_answer_is_charged_the_prompt(base: Services) -> None:  # noqa: F811

@@ -155,9 +155,13 @@ def test_prompt_over_the_token_limit_is_blocked(stack):
 def test_slow_guard_hits_its_timeout_and_the_policy_decides(stack):
     gw, _, _ = stack
     start = time.monotonic()
-    with pytest.raises(openai.PermissionDeniedError) as err:
+    with pytest.raises(openai.InternalServerError) as err:
         ask(gw, "g", "hello [[slow:2000]]")  # llama: 300 ms, on_error block (fail closed)
-    assert_blocked(err.value, "llama")
+    # Not a policy block: the guard judged nothing, so the client is told to retry.
+    assert err.value.status_code == 503
+    assert err.value.body["code"] == "guard_unavailable:llama", err.value.body
+    assert err.value.body["type"] == "server_error"
+    assert err.value.response.headers["retry-after"] == "1"
     assert time.monotonic() - start < 1.5
     start = time.monotonic()
     out = ask(gw, "lenient", "hello [[slow:2000]]")  # nemo: 300 ms, on_error allow (fail open)

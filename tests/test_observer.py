@@ -24,6 +24,7 @@ from extproc.telemetry.tracing import NO_TRACE
 
 from .test_processor import (
     KEY_B,
+    LONG_ANSWER,
     MESSAGES,
     USAGE,
     build_services,
@@ -34,6 +35,7 @@ from .test_processor import (
     response_body,
     response_headers,
     stream_bytes,
+    with_default_max_tokens,
     with_sidecar,
     with_stream_path,
 )
@@ -266,6 +268,68 @@ def test_observer_counts_a_stream_without_usage_itself(base: Services) -> None:
     prompt = int(data["prompt_tokens_estimate"])
     completion = services.tokens.count_text(MODEL, "Bonjour 🙂").tokens
     assert actual == Amounts(prompt, completion)
+
+
+@pytest.mark.parametrize(
+    ("fields", "cap"), [({"max_tokens": 3}, 3), ({"max_tokens": None}, 5)], ids=["max", "default"]
+)
+@pytest.mark.parametrize("handover", ["released", "at-headers"])
+def test_observer_charges_a_stream_without_usage_at_most_the_max_output(
+    released_base: Services, handover: str, fields: dict[str, Any], cap: int
+) -> None:
+    """The request's max output (quota.default_max_tokens when it sets none: what was
+    reserved) comes with the hand-over metadata and caps the observer's own count."""
+    base = (
+        released_base if handover == "released" else with_sidecar(released_base, json_path="inline")
+    )
+    services, recorder = recording(with_default_max_tokens(with_stream_path(base, "observe"), 5))
+    body = {k: v for k, v in chat(**fields).items() if v is not None}
+    stream, data = request_metadata(services, body)
+    assert stream.released is (handover == "released")
+    assert data["observe"] is True and data["output_estimate"] == cap
+    observe(services, data, [stream_bytes(LONG_ANSWER.split(" "), None)])
+    ((_, actual),) = recorder.settled
+    assert services.tokens.count_text(MODEL, LONG_ANSWER).tokens > cap
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), cap)
+
+
+def test_observer_without_the_max_output_counts_without_a_cap(base: Services) -> None:
+    """Metadata from a downstream stage that did not hand the max output over."""
+    services, recorder = recording(with_stream_path(base, "observe"))
+    _, data = request_metadata(services, chat(max_tokens=3))
+    del data["output_estimate"]
+    observe(services, data, [stream_bytes(LONG_ANSWER.split(" "), None)])
+    ((_, actual),) = recorder.settled
+    counted = services.tokens.count_text(MODEL, LONG_ANSWER.replace(" ", "")).tokens
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), counted)
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["ended", "cut"])
+def test_an_inline_stream_without_usage_is_settled_at_most_the_max_output(
+    base: Services, cut: bool
+) -> None:
+    """The downstream stage follows the stream (inline): the same rule as the observer's, for
+    a stream that ended without a usage report and one cut before its report came."""
+    services, recorder = recording(with_stream_path(base, "inline"))
+    stream, _ = request_metadata(services, chat(max_tokens=3))
+    assert stream.strip_usage  # usage was asked for on the client's behalf
+    if cut:
+        # A backend that would report usage ("usage": null in each chunk); the report never came.
+        events = b"".join(
+            b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'
+            for _ in range(9)
+        )
+    else:
+        events = stream_bytes(LONG_ANSWER.split(" "), None)
+    run(
+        stream,
+        response_headers(content_type="text/event-stream"),
+        response_body(events, end_of_stream=not cut),
+    )
+    close(stream)
+    ((reservation, actual),) = recorder.settled
+    assert reservation is stream.reservation
+    assert actual == Amounts(stream.prompt.tokens, 3)
 
 
 def test_observer_settles_what_was_delivered_when_the_stream_is_cut(base: Services) -> None:

@@ -608,6 +608,62 @@ def test_buffered_response_without_usage_is_estimated(services: Services) -> Non
     assert data["cached_tokens"] == 0
 
 
+def with_default_max_tokens(services: Services, tokens: int) -> Services:
+    """quota.default_max_tokens changed: the max output of a request that sets none."""
+    cfg = services.runtime.config
+    quota = cfg.quota.model_copy(update={"default_max_tokens": tokens})
+    return build_services(
+        build_runtime(cfg.model_copy(update={"quota": quota})), services.tokens, services.quota
+    )
+
+
+LONG_ANSWER = "The answer is longer than the request allowed, " * 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "cap"),
+    [
+        ({"max_tokens": 2}, 2),
+        ({"max_completion_tokens": 3, "max_tokens": 50}, 3),
+        ({}, 4),  # no max: quota.default_max_tokens, what was reserved
+        ({"max_tokens": 2, "n": 2}, 4),
+    ],
+    ids=["max_tokens", "max_completion_tokens", "default", "n"],
+)
+def test_buffered_response_without_usage_is_charged_at_most_the_max_output(
+    services: Services, fields: dict[str, Any], cap: int
+) -> None:
+    """Our own count of an answer without usage never exceeds what the request may produce
+    (a backend that ignores max_tokens, or a count that differs from the backend's)."""
+    services = with_default_max_tokens(services, 4)
+    stream = through_body(services, chat("gpt-4o", **fields))
+    answer = {**COMPLETION, "choices": [{"index": 0, "message": {"content": LONG_ANSWER}}]}
+    _, resp = run(stream, response_headers(), response_body(answer))
+    assert services.tokens.count_text("gpt-4o", LONG_ANSWER).tokens > cap
+    prompt = services.tokens.count_chat("gpt-4o", MESSAGES).tokens
+    data = metadata(resp)["extproc"]
+    assert data["token_source"] == "estimate"
+    assert (data["prompt_tokens"], data["completion_tokens"]) == (prompt, cap)
+    assert data["total_tokens"] == prompt + cap
+    headers = set_headers(resp.response_body.response.header_mutation)
+    assert headers["x-aigw-completion-tokens"] == str(cap)
+
+
+@pytest.mark.parametrize(("fields", "cap"), [({"max_tokens": 3}, 3), ({}, 4)])
+def test_streamed_response_without_usage_is_charged_at_most_the_max_output(
+    services: Services, fields: dict[str, Any], cap: int
+) -> None:
+    services = with_default_max_tokens(services, 4)
+    stream = through_body(services, chat("gpt-4o", stream=True, **fields))
+    raw = stream_bytes(LONG_ANSWER.split(" "), None)
+    _, last = run(stream, response_headers(content_type="text/event-stream"), response_body(raw))
+    prompt = services.tokens.count_chat("gpt-4o", MESSAGES).tokens
+    data = metadata(last)["extproc"]
+    assert data["token_source"] == "estimate"
+    assert (data["prompt_tokens"], data["completion_tokens"]) == (prompt, cap)
+    assert data["total_tokens"] == prompt + cap
+
+
 def test_embeddings_response_usage(services: Services) -> None:
     body = {"model": "text-embedding-3-small", "input": "hello"}
     stream = through_body(services, body, path="/v1/embeddings")

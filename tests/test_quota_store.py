@@ -5,17 +5,32 @@ slot placement in the Cluster. Real redis-server processes (tests/redis_servers.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
+from pydantic import ValidationError
 from redis.crc import key_slot
 
+from extproc.config import QuotaSettings, RedisSettings, parse_config
+from extproc.errors import GatewayError
 from extproc.quota.memory import MemoryStore
+from extproc.quota.policy import Amounts, team_limits
 from extproc.quota.redis_store import RedisStore
-from extproc.quota.store import Charge, CounterState, QuotaStore, StoreUnavailable
+from extproc.quota.service import QuotaService, make_store
+from extproc.quota.store import (
+    Charge,
+    CounterState,
+    QuotaStore,
+    ReserveResult,
+    StoreUnavailable,
+)
+from extproc.telemetry.metrics import QUOTA_SETTLE_RETRIES
 from tests import redis_servers
 from tests.redis_servers import RedisClusterNodes, RedisServer
 
@@ -530,21 +545,28 @@ def test_redis_hung_costs_one_timeout_then_recovers(redis_server: RedisServer) -
 
 
 def test_redis_from_url_turns_retries_off() -> None:
-    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout_s=0.05, max_connections=8)
+    store = RedisStore.from_url(
+        "redis://127.0.0.1:1/0", timeout_s=0.05, connect_timeout_s=0.2, pool_size=8
+    )
     kwargs = store.client.connection_pool.connection_kwargs
     assert kwargs["retry"].get_retries() == 0
-    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.05
+    # Connecting has its own budget; the command's is the store's deadline, not redis-py's.
+    assert kwargs["socket_connect_timeout"] == 0.2
+    assert kwargs["socket_timeout"] is None
     assert store.client.connection_pool.max_connections == 8
     cluster = RedisStore.from_url("redis://127.0.0.1:1/0", cluster=True, password="pw")
     assert cluster.client.retry.get_retries() == 0
-    assert cluster.client.connection_kwargs["socket_timeout"] == 0.05
+    assert cluster.client.connection_kwargs["socket_timeout"] is None
+    assert cluster.client.connection_kwargs["socket_connect_timeout"] == 0.5
     assert cluster.client.connection_kwargs["password"] == "pw"
 
     async def unreachable() -> None:
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            await store.usage("team-a", ["tpm:1"])
-        assert time.monotonic() - started < 2.0
+        for s in (store, cluster):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as raised:
+                await s.usage("team-a", ["tpm:1"])
+            assert time.monotonic() - started < 2.0
+            assert not raised.value.maybe_applied  # it never got a connection
         await store.close()
         await cluster.close()
 
@@ -565,6 +587,368 @@ def test_missing_redis_server_fails_loudly(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match="redis-server not found on PATH"):
         redis_servers.require("redis-server")
+
+
+# --- Redis: bursts and a busy event loop with the default timeouts ------------------------------
+
+BURST = 300
+
+
+@pytest.mark.parametrize("harness", ["redis", "cluster"], indirect=True)
+def test_a_burst_after_warm_up_all_succeed_with_the_default_timeouts(harness: Harness) -> None:
+    """The pool's connections are opened ahead, and a call's wait for a free one is not
+    charged to its command's timeout (50 ms by default): 300 calls at once all succeed."""
+    team, exp = new_team(), time.time() + 3600
+    charges = [Charge("tpm:1", 10**9, 10, exp)]
+
+    async def main() -> None:
+        store = RedisStore.from_url(harness.url, cluster=harness.kind == "cluster")
+        try:
+            await store.warm_up()
+            ids = [rid() for _ in range(BURST)]
+            calls = (store.reserve(team, r, charges, 60) for r in ids)
+            reserved = await asyncio.gather(*calls, return_exceptions=True)
+            failed = [r for r in reserved if not isinstance(r, ReserveResult)]
+            assert not failed, f"{len(failed)} of {BURST} reserves failed: {failed[:3]}"
+            assert all(r.ok for r in reserved)
+            calls = (store.settle(team, r, [7]) for r in ids)
+            settled = await asyncio.gather(*calls, return_exceptions=True)
+            failed = [r for r in settled if r is not True]
+            assert not failed, f"{len(failed)} of {BURST} settles failed: {failed[:3]}"
+            assert await store.usage(team, ["tpm:1"]) == (CounterState("tpm:1", 7 * BURST, 0),)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_busy_event_loop_does_not_turn_answers_into_timeouts(
+    redis_server_module: RedisServer, loop: str
+) -> None:
+    """The loop is kept busy (80 ms at a time, past every 50 ms deadline) while calls are in
+    flight, as a burst of requests or a descheduled process does: answers that came in
+    meanwhile are taken, not thrown away as timeouts. (With plain asyncio timeouts about a
+    quarter of these calls fail.) The sidecar runs on uvloop, whose loop orders timers and I/O
+    differently from asyncio's: both are checked."""
+    team, exp = new_team(), time.time() + 3600
+    charges = [Charge("tpm:1", 10**9, 1, exp)]
+    waves, per_wave = 8, 50
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server_module.url)
+        await store.warm_up()
+        busy = True
+
+        async def hog() -> None:
+            rng = random.Random(7)
+            while busy:
+                for _ in range(rng.randint(1, 20)):
+                    await asyncio.sleep(0)
+                time.sleep(0.08)  # noqa: ASYNC251 - the point: the loop is stuck
+
+        hogging = asyncio.create_task(hog())
+        failed: list[BaseException] = []
+        try:
+            for _ in range(waves):
+                calls = (store.reserve(team, rid(), charges, 60) for _ in range(per_wave))
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                failed += [r for r in results if isinstance(r, BaseException)]
+        finally:
+            busy = False
+            await hogging
+            await store.close()
+        assert not failed, f"{len(failed)} of {waves * per_wave} failed: {failed[:3]}"
+
+    (asyncio.run if loop == "asyncio" else uvloop.run)(main())
+
+
+def test_redis_settings_reach_the_store() -> None:
+    settings = QuotaSettings(
+        store="redis",
+        redis=RedisSettings(
+            url="redis://127.0.0.1:1/0", timeout_ms=20, connect_timeout_ms=300, pool_size=4
+        ),
+    )
+    store = make_store(settings)
+    assert isinstance(store, RedisStore)
+    pool = store.client.connection_pool
+    assert pool.max_connections == 4
+    assert pool.connection_kwargs["socket_connect_timeout"] == 0.3
+    assert len(store._conns._lanes) == 4
+    assert store._timeout_s == 0.02
+    defaults = RedisSettings()
+    assert (defaults.timeout_ms, defaults.connect_timeout_ms, defaults.pool_size) == (50, 500, 16)
+    for bad in ({"pool_size": 0}, {"connect_timeout_ms": 0}, {"pool_size": 100_000}):
+        with pytest.raises(ValidationError):
+            RedisSettings(**bad)
+    # A config that still names the old setting fails loudly, with its path.
+    from extproc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"quota\.redis\.max_connections"):
+        parse_config(
+            {
+                "quota": {"store": "redis", "redis": {"max_connections": 8}},
+                "backends": {"b": {"url": "http://127.0.0.1:1/v1"}},
+                "models": {"m": {"targets": [{"backend": "b"}]}},
+            }
+        )
+
+
+# --- settles that fail are retried (QuotaService over a real Redis) ------------------------------
+
+TEAM = "t"
+MODEL = "gpt-4o"
+
+
+def one_limit_config() -> Any:
+    return parse_config(
+        {
+            "quota": {"store": "redis"},
+            "teams": {
+                TEAM: {
+                    "keys": [{"sha256": "0" * 64}],
+                    "limits": [{"name": "tokens", "window": "month", "tokens": 10**9}],
+                }
+            },
+            "backends": {"b": {"url": "http://127.0.0.1:1/v1"}},
+            "models": {MODEL: {"targets": [{"backend": "b"}]}},
+        }
+    )
+
+
+def retries(result: str) -> float:
+    return QUOTA_SETTLE_RETRIES.labels("redis", result)._value.get()
+
+
+async def wait_until(what: str, predicate: Callable[[], bool], within_s: float = 10.0) -> None:
+    """Poll (a bound on hanging, not a timing assertion)."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not {what} within {within_s}s"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "client_pause"])
+def test_a_settle_that_fails_is_retried_and_charged_once(
+    redis_server: RedisServer, fault: str
+) -> None:
+    """The settle's first attempt meets a frozen Redis (SIGSTOP: the command waits in the
+    server's socket and runs when it wakes; CLIENT PAUSE: the server holds it back) and times
+    out; the retry settles it: the counter ends at the actual amount, nothing reserved, not
+    charged twice whichever of the two runs first."""
+    cfg = one_limit_config()
+    specs = team_limits(cfg)[TEAM]
+    check = redis_server.client()
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server.url)  # the default timeouts
+        service = QuotaService(store, QuotaSettings(store="redis"))
+        settled_before, failed_before = retries("settled"), retries("failed")
+        try:
+            await store.warm_up()
+            res = await service.reserve(cfg, TEAM, MODEL, specs, Amounts(100, 50))
+            assert res is not None
+            (counter,) = (c.counter for c in res.charges)
+            assert await store.usage(TEAM, [counter]) == (CounterState(counter, 0, 150),)
+            if fault == "sigstop":
+                redis_server.pause()
+            else:
+                check.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+            try:
+                service.settle_soon(res, Amounts(30, 12))
+                await wait_until("failed", lambda: service.pending_settles == 1)
+                await asyncio.sleep(0.3)
+            finally:
+                redis_server.resume()
+            await service.drain()
+            assert service.pending_settles == 0
+            assert await store.usage(TEAM, [counter]) == (CounterState(counter, 42, 0),)
+            assert service.failures >= 1
+            assert retries("settled") == settled_before + 1
+            print(f"\n{fault}: failed retries {retries('failed') - failed_before}")
+        finally:
+            await store.close()
+            check.close()
+
+    asyncio.run(main())
+
+
+class LostReplies(QuotaStore):
+    """A real store whose first `lose` settles run, but whose answers are lost."""
+
+    def __init__(self, store: RedisStore, lose: int) -> None:
+        self.store, self.lose = store, lose
+
+    async def reserve(self, *args: Any) -> ReserveResult:
+        return await self.store.reserve(*args)
+
+    async def settle(self, team: str, reservation_id: str, actual: Sequence[int]) -> bool:
+        settled = await self.store.settle(team, reservation_id, actual)
+        if self.lose:
+            self.lose -= 1
+            raise StoreUnavailable("the answer was lost")
+        return settled
+
+    async def usage(self, team: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
+        return await self.store.usage(team, counters)
+
+    async def reset(self, team: str) -> int:
+        return await self.store.reset(team)
+
+
+def test_a_settle_retried_after_its_answer_was_lost_changes_nothing(
+    redis_server_module: RedisServer,
+) -> None:
+    """The settle ran on the server and only its answer was lost: the retries find nothing
+    left to settle (the script ignores an id it does not know), so nothing counts twice."""
+    cfg = one_limit_config()
+    specs = team_limits(cfg)[TEAM]
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server_module.url, timeout_s=CONFORMANCE_TIMEOUT_S)
+        service = QuotaService(LostReplies(store, lose=2), QuotaSettings(store="redis"))
+        try:
+            await store.reset(TEAM)
+            res = await service.reserve(cfg, TEAM, MODEL, specs, Amounts(100, 50))
+            assert res is not None
+            (counter,) = (c.counter for c in res.charges)
+            service.settle_soon(res, Amounts(30, 12))
+            await service.drain()
+            assert service.failures == 2  # the first attempt and one retry
+            assert await store.usage(TEAM, [counter]) == (CounterState(counter, 42, 0),)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_reserve_that_may_have_run_is_released(redis_server: RedisServer) -> None:
+    """A reserve whose answer never came (Redis frozen) may still run when Redis wakes: the
+    request was refused (failure_mode closed), so what it may have reserved is released."""
+    cfg = one_limit_config()
+    specs = team_limits(cfg)[TEAM]
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_server.url)
+        service = QuotaService(store, QuotaSettings(store="redis", failure_mode="closed"))
+        try:
+            await store.warm_up()
+            redis_server.pause()
+            try:
+                with pytest.raises(GatewayError) as refused:
+                    await service.reserve(cfg, TEAM, MODEL, specs, Amounts(100, 50))
+                assert (refused.value.status, refused.value.code) == (
+                    503,
+                    "quota_store_unavailable",
+                )
+                assert service.pending_settles == 1  # the release
+                await asyncio.sleep(0.3)
+            finally:
+                redis_server.resume()
+            counter = f"tokens:{_month_start()}"  # the limit's name and its window's start
+            with redis_server.client() as check:  # the reserve ran when Redis woke
+                woke = check.hmget(f"aigw:{{{TEAM}}}:c:{counter}", "u", "r")
+            print(f"\nafter waking: used, reserved = {woke}")
+            await service.drain()
+            assert service.pending_settles == 0
+            assert await store.usage(TEAM, [counter]) == (CounterState(counter, 0, 0),)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def _month_start() -> int:
+    from extproc.quota.policy import window_bounds
+
+    return window_bounds("month", time.time())[0]
+
+
+class DownStore(QuotaStore):
+    """Every settle fails; counts the attempts."""
+
+    def __init__(self) -> None:
+        self.settles = 0
+
+    async def reserve(self, *args: Any) -> ReserveResult:
+        raise AssertionError("not used")
+
+    async def settle(self, team: str, reservation_id: str, actual: Sequence[int]) -> bool:
+        self.settles += 1
+        raise StoreUnavailable("down")
+
+    async def usage(self, team: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
+        return ()
+
+    async def reset(self, team: str) -> int:
+        return 0
+
+
+def test_retries_stop_when_the_reservation_expires_and_at_drain() -> None:
+    """Retrying past a reservation's expiry is pointless (the store has charged it at its
+    estimate by then): the retries stop there. drain() gives the rest a bounded time."""
+    from extproc.quota.service import Reservation
+
+    cfg = one_limit_config()
+    specs = team_limits(cfg)[TEAM]
+
+    def reservation(expires_in: float) -> Reservation:
+        return Reservation(
+            TEAM, rid(), MODEL, specs, (), (), Amounts(0, 0), cfg,
+            expires_at=time.time() + expires_in,
+        )  # fmt: skip
+
+    async def main() -> None:
+        store = DownStore()
+        service = QuotaService(store, QuotaSettings(store="redis"))
+        abandoned = retries("abandoned")
+        service.settle_soon(reservation(0.3), Amounts(1, 1))
+        await wait_until("failed", lambda: store.settles == 1)
+        await wait_until("given up", lambda: service.pending_settles == 0)
+        assert 2 <= store.settles <= 4  # the first attempt, then a retry or two before expiry
+        assert retries("abandoned") == abandoned + 1
+
+        store.settles = 0
+        service.settle_soon(reservation(3600), Amounts(1, 1))
+        await wait_until("failed", lambda: store.settles == 1)
+        started = time.monotonic()
+        await service.drain(retries_s=0.3)
+        assert time.monotonic() - started < 5  # a bound on hanging, not a timing assertion
+        assert service.pending_settles == 0
+        assert store.settles >= 2  # drain retried at once
+        assert retries("abandoned") == abandoned + 2
+
+    asyncio.run(main())
+
+
+def test_cluster_recovers_after_a_node_hangs(redis_cluster: RedisClusterNodes) -> None:
+    """A node that hangs fails the calls in flight; once it answers again, the store renews
+    its connections and works, with the default timeouts."""
+    team, exp = new_team(), time.time() + 3600
+    charges = [Charge("tpm:1", 10**6, 10, exp)]
+    port = owner_port(redis_cluster, key_slot(team.encode()))
+    (node,) = [n for n in redis_cluster.nodes if n.port == port]
+
+    async def main() -> None:
+        store = RedisStore.from_url(redis_cluster.url, cluster=True)
+        try:
+            await store.warm_up()
+            assert (await store.reserve(team, rid(), charges, 60)).ok
+            node.pause()
+            try:
+                with pytest.raises(StoreUnavailable):
+                    await store.reserve(team, rid(), charges, 60)
+            finally:
+                node.resume()
+            results = await asyncio.gather(
+                *(store.reserve(team, rid(), charges, 60) for _ in range(50))
+            )
+            assert all(r.ok for r in results)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
 
 
 # --- Redis Cluster --------------------------------------------------------------------------

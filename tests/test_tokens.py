@@ -3,16 +3,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import string
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc import tokens
+from extproc.config import ConfigError, build_runtime, parse_config
+from extproc.server import build_runtime_parts
+from extproc.telemetry import metrics
 from extproc.tokens import (
     ASYNC_THREAD_THRESHOLD_CHARS,
+    COUNT_THREADS,
     IMAGE_TOKENS_ESTIMATE,
+    PIECE_CHARS,
     TokenCount,
     TokenCounter,
     estimate_tokens,
@@ -65,6 +77,37 @@ BIG_TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 你好�
     ASYNC_THREAD_THRESHOLD_CHARS // 50
 )
 assert len(BIG_TEXT) > ASYNC_THREAD_THRESHOLD_CHARS
+
+
+REPO = Path(__file__).resolve().parents[1]
+# Long ordinary texts: the project's own code, and prose (its documentation).
+CODE = "\n".join(p.read_text() for p in sorted((REPO / "extproc").rglob("*.py")))
+PROSE = "\n\n".join(
+    path.read_text()
+    for path in (
+        REPO / "README.md",
+        REPO / "benchmarks" / "README.md",
+        REPO / "envoy" / "README.md",
+    )
+)
+assert len(CODE) > 4 * ASYNC_THREAD_THRESHOLD_CHARS and len(PROSE) > ASYNC_THREAD_THRESHOLD_CHARS
+
+
+def estimates(reason: str) -> float:
+    return metrics.TOKEN_COUNT_ESTIMATES.labels(reason)._value.get()
+
+
+def off_loop_counts() -> float:
+    """How many counts went to the tokenizer threads (observations of the histogram)."""
+    return sum(bucket.get() for bucket in metrics.TOKEN_COUNT_SECONDS._buckets)
+
+
+def wait_idle() -> None:
+    """Until the tokenizer threads have nothing queued or running (a hang fails the test)."""
+    deadline = time.monotonic() + 30
+    while tokens._scheduler().snapshot() != ({}, 0):
+        assert time.monotonic() < deadline, tokens._scheduler().snapshot()
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +326,7 @@ def test_unavailable_default_encoding_estimates_and_warns_once(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="extproc.tokens")
     c = TokenCounter(default_encoding="no_such_encoding")
+    unavailable = estimates("unavailable")
     text = "tiktoken is great! ✓"  # 22 utf-8 bytes
     assert c.count_text("some-local-model", text) == TokenCount(6, False)
     assert c.count_prompt("some-local-model", [text, [1, 2]]) == TokenCount(8, False)
@@ -294,6 +338,7 @@ def test_unavailable_default_encoding_estimates_and_warns_once(
     )
     # Models that tiktoken maps elsewhere still count exactly.
     assert c.count_text("gpt-4", "tiktoken is great!") == TokenCount(6, True)
+    assert estimates("unavailable") == unavailable + 4
 
     records = _warnings(caplog)
     assert len(records) == 1
@@ -380,7 +425,7 @@ def test_async_matches_sync_small(counter: TokenCounter, messages: list, prompt:
     )
 
 
-def test_async_matches_sync_large_via_thread(
+def test_async_matches_sync_large_via_the_threads(
     counter: TokenCounter, to_thread_calls: list[object]
 ) -> None:
     messages = [{"role": "user", "content": BIG_TEXT}]
@@ -389,15 +434,333 @@ def test_async_matches_sync_large_via_thread(
     sync_embed = counter.count_embedding_input("gpt-4", BIG_TEXT)
     assert sync_chat.exact and sync_chat.tokens > 10_000
 
-    assert asyncio.run(counter.count_chat_async("gpt-4o", messages)) == sync_chat
-    assert asyncio.run(counter.count_prompt_async("gpt-4", [BIG_TEXT])) == sync_prompt
-    assert asyncio.run(counter.count_embedding_input_async("gpt-4", BIG_TEXT)) == sync_embed
-    assert len(to_thread_calls) == 3
+    before = off_loop_counts()
+    big = 10.0  # no budget runs out here
+    assert asyncio.run(counter.count_chat_async("gpt-4o", messages, budget=big)) == sync_chat
+    assert asyncio.run(counter.count_prompt_async("gpt-4", [BIG_TEXT], budget=big)) == sync_prompt
+    embed = asyncio.run(counter.count_embedding_input_async("gpt-4", BIG_TEXT, team="t"))
+    assert embed == sync_embed
+    # Counted on the tokenizer threads, in pieces; no thread per request.
+    assert off_loop_counts() == before + 3
+    assert to_thread_calls == []
+    assert sync_embed == TokenCount(len(counter._encoding("cl100k_base").encode(BIG_TEXT)), True)
 
 
 def test_async_small_input_stays_inline(
     counter: TokenCounter, to_thread_calls: list[object]
 ) -> None:
+    before = off_loop_counts()
     result = asyncio.run(counter.count_chat_async("gpt-4o", COOKBOOK_MESSAGES))
     assert result == TokenCount(124, True)
     assert to_thread_calls == []
+    assert off_loop_counts() == before
+
+
+# -- long texts: pieces, failures, budget, fairness ---------------------------------------------
+
+
+def safe_pieces(text: str) -> tuple[list[str], int]:
+    """`text` cut where the counter cuts it safely (hard cuts left out), and how many cuts."""
+    pieces, start, piece_start = [], 0, 0
+    while start < len(text):
+        end, safe = tokens._next_cut(text, start)
+        if safe and end < len(text):
+            pieces.append(text[piece_start:end])
+            piece_start = end
+        start = end
+    pieces.append(text[piece_start:])
+    return pieces, len(pieces) - 1
+
+
+def piece_count(text: str) -> int:
+    count, start = 0, 0
+    while start < len(text):
+        start, _ = tokens._next_cut(text, start)
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("piece_chars", [64, PIECE_CHARS])
+@pytest.mark.parametrize("model", ["gpt-4", "gpt-4o"])
+def test_safe_cuts_keep_every_token(
+    counter: TokenCounter, monkeypatch: pytest.MonkeyPatch, model: str, piece_chars: int
+) -> None:
+    monkeypatch.setattr(tokens, "PIECE_CHARS", piece_chars)
+    enc = counter._encoding(counter.encoding_name_for(model))
+    assert enc is not None
+    for text in (CODE, PROSE):
+        pieces, cuts = safe_pieces(text)
+        assert cuts >= len(text) // piece_chars // 2
+        whole = enc.encode(text, disallowed_special=())
+        assert [t for p in pieces for t in enc.encode(p, disallowed_special=())] == whole
+
+
+_CHARS = st.sampled_from(
+    [" ", " ", "  ", "\t", "\n", "\r\n", "\xa0", "\u3000", "\x1c", "a", "Zb", "é", "你", "7",
+     "42", ".", "!?", "'s", "'LL", "<|endoftext|>", "🙂", "\ud800", "the", "The"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(_CHARS, max_size=60), piece_chars=st.integers(2, 12))
+def test_safe_cuts_keep_every_token_fuzz(
+    counter: TokenCounter, parts: list[str], piece_chars: int
+) -> None:
+    text = "".join(parts)
+    with mock.patch.object(tokens, "PIECE_CHARS", piece_chars):
+        pieces, _ = safe_pieces(text)
+    for name in ("cl100k_base", "o200k_base"):
+        enc = counter._encoding(name)
+        assert enc is not None
+        whole = enc.encode(text, disallowed_special=())
+        assert [t for p in pieces for t in enc.encode(p, disallowed_special=())] == whole
+
+
+@pytest.mark.parametrize("model", ["gpt-4", "gpt-4o"])
+def test_long_prose_and_code_count_as_the_whole_text(counter: TokenCounter, model: str) -> None:
+    enc = counter._encoding(counter.encoding_name_for(model))
+    assert enc is not None
+    for text in (CODE, PROSE):
+        expected = TokenCount(len(enc.encode(text, disallowed_special=())), True)
+        assert counter.count_text(model, text, budget=30) == expected
+        result = asyncio.run(counter.count_prompt_async(model, text, team="t", budget=30))
+        assert result == expected
+
+
+WHITESPACE = {
+    "1M spaces": " " * 1_000_000,
+    "1M tabs": "\t" * 1_000_000,
+    "1M mixed": (" \t\n  \r\n\t \u3000" * 100_000)[:1_000_000],
+    "1M spaces between words": "x" + " " * 1_000_000 + "y",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "model"), list(zip(WHITESPACE, ["gpt-4o", "gpt-4", "gpt-4o", "gpt-4"], strict=True))
+)
+def test_whitespace_runs_never_fail(counter: TokenCounter, name: str, model: str) -> None:
+    # tiktoken's regex gives up on about a million whitespace characters followed by a
+    # non-space ("Max stack size exceeded for backtracking"): the pieces are far shorter.
+    text = WHITESPACE[name]
+    hard_cuts = estimates("hard_cut")
+    result = asyncio.run(
+        counter.count_chat_async(model, [{"role": "user", "content": text}], team="t")
+    )
+    assert not result.exact  # cut inside the run
+    assert 3 + 1 + 1 + 3 < result.tokens <= 3 + 1 + 1 + 3 + len(text.encode())
+    assert estimates("hard_cut") == hard_cuts + 1
+    sync = counter.count_text(model, text)  # bounded by the sync budget, estimated past it
+    assert not sync.exact
+    assert 0 < sync.tokens <= len(text.encode())
+    wait_idle()
+
+
+def test_a_huge_word_is_bounded_and_marked_inexact(counter: TokenCounter) -> None:
+    # BPE on one 4 MB piece takes seconds; in pieces it stops at the budget.
+    word = "".join(random.Random(7).choices(string.ascii_lowercase, k=4_100_000))
+    before = estimates("hard_cut") + estimates("budget")
+    messages = [{"role": "user", "content": word}]
+    result = asyncio.run(counter.count_chat_async("gpt-4o", messages, team="t", budget=0.05))
+    assert not result.exact
+    assert len(word) // 8 < result.tokens < len(word)
+    assert estimates("hard_cut") + estimates("budget") > before
+    sync = counter.count_text("gpt-4o", word, budget=0.05)
+    assert not sync.exact
+    assert len(word) // 8 < sync.tokens < len(word)
+    wait_idle()
+
+
+def test_an_exhausted_budget_estimates_what_is_left(counter: TokenCounter) -> None:
+    before = estimates("budget")
+    exact = counter.count_prompt("gpt-4", BIG_TEXT)
+    assert exact.exact
+    # Nothing may be counted: all of it is the estimate.
+    assert counter.count_prompt("gpt-4", BIG_TEXT, budget=0) == TokenCount(
+        estimate_tokens(BIG_TEXT), False
+    )
+    assert estimates("budget") == before + 1
+    # Off the loop, what the threads counted before the budget ran out is kept.
+    result = asyncio.run(counter.count_prompt_async("gpt-4", BIG_TEXT, team="t", budget=0))
+    assert not result.exact
+    low, high = sorted((exact.tokens, estimate_tokens(BIG_TEXT)))
+    assert low - 10 <= result.tokens <= high + 10
+    assert estimates("budget") == before + 2
+    wait_idle()
+
+
+class FailingEncoding:
+    """tiktoken failing on any text that holds "boom", as its regex does on some inputs."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def encode(self, text: str, disallowed_special: Any = ()) -> list[int]:
+        if "boom" in text:
+            raise ValueError("Regex error while tokenizing: Max stack size exceeded")
+        return self.real.encode(text, disallowed_special=disallowed_special)
+
+
+def test_a_piece_tiktoken_fails_on_is_estimated(counter: TokenCounter) -> None:
+    real = counter._encoding("cl100k_base")
+    c = TokenCounter()
+    c._encodings["cl100k_base"] = FailingEncoding(real)  # type: ignore[assignment]
+    before = estimates("tokenizer_error")
+    # Short texts (encoded whole, inline): only the failing text is estimated.
+    result = c.count_chat("gpt-4", [{"role": "user", "content": "boom, boom"}])
+    # 3 for the message, 3 to prime the reply, 1 for "user", the estimate of the content.
+    assert result == TokenCount(3 + 3 + 1 + estimate_tokens("boom, boom"), False)
+    assert estimates("tokenizer_error") == before + 1
+    # Long ones: only the failing piece is estimated.
+    text = "hello world " * 2_000 + "boom" + " hello world" * 8_000
+    whole = len(real.encode(text))
+    for count in (
+        c.count_text("gpt-4", text, budget=30),
+        asyncio.run(c.count_prompt_async("gpt-4", text, team="t", budget=30)),
+    ):
+        assert not count.exact
+        assert abs(count.tokens - whole) <= PIECE_CHARS // 4
+    assert estimates("tokenizer_error") == before + 3
+    wait_idle()
+
+
+class SlowEncoding:
+    """A millisecond a piece (asleep: no CPU), and a log of the pieces in the order taken."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.pieces: list[str] = []
+        self.started = threading.Event()  # set once three pieces were taken
+        self._lock = threading.Lock()
+
+    def encode(self, text: str, disallowed_special: Any = ()) -> list[int]:
+        with self._lock:
+            self.pieces.append(text)
+            if len(self.pieces) >= 3:
+                self.started.set()
+        time.sleep(0.001)
+        return self.real.encode(text, disallowed_special=disallowed_special)
+
+
+@pytest.fixture
+def slow(
+    counter: TokenCounter, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TokenCounter, SlowEncoding]]:
+    # Many small pieces: the scheduler's order shows without spending CPU on tokenizing.
+    monkeypatch.setattr(tokens, "PIECE_CHARS", 64)
+    monkeypatch.setattr(tokens, "ASYNC_THREAD_THRESHOLD_CHARS", 256)
+    c = TokenCounter()
+    enc = SlowEncoding(counter._encoding("cl100k_base"))
+    c._encodings["cl100k_base"] = enc  # type: ignore[assignment]
+    yield c, enc
+    wait_idle()
+
+
+A_TEXT = "alpha " * 2_000  # ~250 pieces of 64 characters at most
+B_TEXT = "bravo " * 60  # ~8 pieces
+
+
+def test_cancelled_count_drops_its_queued_pieces(slow: tuple[TokenCounter, SlowEncoding]) -> None:
+    counter, enc = slow
+    total = piece_count(A_TEXT)
+
+    async def main() -> dict[str, int]:
+        task = asyncio.create_task(counter.count_prompt_async("gpt-4", A_TEXT, team="a", budget=60))
+        assert await asyncio.to_thread(enc.started.wait, 30)
+        task.cancel()  # what grpc.aio does to the stream of a request Envoy gave up on
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        queued, _ = tokens._scheduler().snapshot()
+        return queued
+
+    assert asyncio.run(main()) == {}  # nothing of team a is queued any more
+    wait_idle()
+    taken = len(enc.pieces)
+    assert taken < total // 2
+    time.sleep(0.01)
+    assert len(enc.pieces) == taken  # and nothing more is encoded
+
+
+def test_teams_are_served_round_robin(slow: tuple[TokenCounter, SlowEncoding]) -> None:
+    counter, enc = slow
+    backlog = 4 * piece_count(A_TEXT)
+
+    async def main() -> tuple[TokenCount, int, list[str]]:
+        a_tasks = [
+            asyncio.create_task(counter.count_prompt_async("gpt-4", A_TEXT, team="a", budget=60))
+            for _ in range(4)
+        ]
+        assert await asyncio.to_thread(enc.started.wait, 30)
+        b = await counter.count_prompt_async("gpt-4", B_TEXT, team="b", budget=60)
+        a_done = sum(t.done() for t in a_tasks)
+        log = list(enc.pieces)
+        for t in a_tasks:
+            t.cancel()
+        await asyncio.gather(*a_tasks, return_exceptions=True)
+        return b, a_done, log
+
+    b, a_done, log = asyncio.run(main())
+    assert b == TokenCount(len(enc.real.encode(B_TEXT)), True)
+    # Team b's prompt was done while team a's backlog had hardly started...
+    assert a_done == 0
+    assert len(log) < backlog // 4
+    # ...because every other piece handed out was b's while b had some queued.
+    b_at = [i for i, piece in enumerate(log) if "bravo" in piece]
+    assert len(b_at) == piece_count(B_TEXT)
+    assert b_at[-1] - b_at[0] + 1 <= 2 * len(b_at) + 2 * COUNT_THREADS
+
+
+def test_within_a_team_the_shortest_prompt_goes_first(
+    slow: tuple[TokenCounter, SlowEncoding],
+) -> None:
+    counter, enc = slow
+
+    async def main() -> tuple[bool, list[str]]:
+        big = asyncio.create_task(counter.count_prompt_async("gpt-4", A_TEXT, team="a", budget=60))
+        assert await asyncio.to_thread(enc.started.wait, 30)
+        await counter.count_prompt_async("gpt-4", B_TEXT, team="a", budget=60)
+        big_done = big.done()
+        log = list(enc.pieces)
+        big.cancel()
+        await asyncio.gather(big, return_exceptions=True)
+        return big_done, log
+
+    big_done, log = asyncio.run(main())
+    assert not big_done
+    b_at = [i for i, piece in enumerate(log) if "bravo" in piece]
+    # Its pieces went out one after another (a piece or two of the big one were in flight).
+    assert b_at[-1] - b_at[0] + 1 <= len(b_at) + COUNT_THREADS
+
+
+def test_counters_share_a_few_threads(counter: TokenCounter) -> None:
+    # A reload builds a new counter: the threads stay the same few.
+    for budget in (1.0, 2.0, 3.0):
+        c = TokenCounter(budget_s=budget)
+        c._encodings.update(counter._encodings)
+        assert asyncio.run(c.count_prompt_async("gpt-4", BIG_TEXT)).exact
+    names = [t.name for t in threading.enumerate() if t.name.startswith("extproc-tokens-")]
+    assert len(names) == COUNT_THREADS
+
+
+# -- the setting -------------------------------------------------------------------------------
+
+_CONFIG = {
+    "teams": {"t": {"keys": [{"sha256": "0" * 64}]}},
+    "backends": {"b": {"url": "http://127.0.0.1:8081/v1"}},
+    "models": {"m": {"targets": [{"backend": "b"}]}},
+}
+
+
+def test_count_budget_setting() -> None:
+    assert parse_config(_CONFIG).sidecar.count_budget_ms == 500
+    # The default stays below a short message timeout.
+    short = {**_CONFIG, "sidecar": {"message_timeout_ms": 400}}
+    assert parse_config(short).sidecar.count_budget_ms == 200
+    runtime = build_runtime(parse_config({**_CONFIG, "sidecar": {"count_budget_ms": 300}}))
+    assert build_runtime_parts(runtime)[1].budget_s == 0.3
+
+    for sidecar in ({"count_budget_ms": 2000}, {"message_timeout_ms": 400, "count_budget_ms": 450}):
+        with pytest.raises(ConfigError) as info:
+            parse_config({**_CONFIG, "sidecar": sidecar})
+        [(path, message)] = info.value.problems
+        assert path == "sidecar.count_budget_ms"
+        assert "message_timeout_ms" in message

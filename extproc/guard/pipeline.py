@@ -121,6 +121,17 @@ class Guardrails:
 
 def blocked(verdict: Verdict, status: int, stage: Stage) -> GatewayError:
     what = "request" if stage == "request" else "response"
+    if verdict.reason.startswith(UNAVAILABLE):
+        # A guard that could not be asked (on_error: block) judged nothing: the client should
+        # retry, not rewrite its prompt, so it is told apart from a policy block.
+        return GatewayError(
+            503,
+            f"This {what} could not be checked by the gateway's content policy (guard "
+            f"'{verdict.guard}' is unavailable); retry shortly.",
+            "server_error",
+            f"guard_unavailable:{verdict.guard}",
+            headers=(("retry-after", "1"),),
+        )
     return GatewayError(
         status,
         f"This {what} was blocked by the gateway's content policy (guard '{verdict.guard}').",

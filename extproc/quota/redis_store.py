@@ -23,15 +23,23 @@ Do not change the layout without keeping the tag first in every key.
 "now" is the Redis server's clock (TIME), so sidecars with skewed clocks agree on expiry. The
 scripts are effect-replicated (the default since Redis 5), which TIME requires.
 
-Every call is bounded by `timeout_s` and any failure becomes `StoreUnavailable`; the caller
-owns the policy (fail open or closed). A call that timed out may still have run on the server:
-a reservation made that way is never settled, expires, and is charged at its reserved amount
-(over-counted, never lost). Retrying `reserve` with the same reservation id is idempotent.
+Connections and time. `pool_size` connections are opened ahead (warm_up), and a call takes one
+for itself: a burst queues for a free connection rather than opening hundreds at once (which,
+on a busy event loop, took longer than a call's whole budget). A call has two budgets: up to
+`connect_timeout_s` to get its connection (the wait for a free one, and reopening it after a
+failure or a Redis restart), then `timeout_s` for the command itself. Both are _Deadlines:
+patient with a busy event loop, so an answer that arrived in time is never thrown away.
+Any failure becomes `StoreUnavailable`; the caller owns the policy (fail open or closed). A
+call that failed after its command went out may still have run on the server (its answer
+lost, or run late by a server that was frozen): StoreUnavailable.maybe_applied says so, and
+the caller can make up for it, since both scripts are idempotent: `reserve` again with the
+same id reserves nothing twice, and `settle` of an id that is gone changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +50,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
 
 from extproc.quota.store import (
     Charge,
@@ -226,6 +234,202 @@ return n
 
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
+# Loop iterations a deadline waits, once due, before it cancels (see _Deadline).
+_GRACE_ITERATIONS = 3
+
+
+class _Deadline:
+    """asyncio.timeout(delay), patient with a busy event loop.
+
+    When the loop is late (a burst of requests, a descheduled process), a deadline's timer
+    can run in the same iteration as, or before, the I/O callback that reads a reply which
+    arrived in time; a plain timeout would then throw that reply away and report a healthy
+    Redis as unavailable. Once due, this one lets the loop run a few more iterations, so
+    whatever already sits in the socket is read and completes the call first. A server that
+    does not answer still costs only the deadline (plus a few idle iterations)."""
+
+    __slots__ = ("_delay", "_handle", "_loop", "_timeout")
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._handle: asyncio.Handle | None = None
+
+    async def __aenter__(self) -> _Deadline:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._handle = self._loop.call_later(self._delay, self._due, _GRACE_ITERATIONS)
+        return self
+
+    def _due(self, iterations: int) -> None:
+        if iterations:
+            self._handle = self._loop.call_soon(self._due, iterations - 1)
+        else:
+            self._handle = None
+            self._timeout.reschedule(self._loop.time())  # cancels the task: TimeoutError
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        return await self._timeout.__aexit__(*exc)
+
+
+class _Lanes:
+    """One Redis: `size` clients ("lanes"), each bound to its own connection of the shared
+    pool. A call takes a lane for itself (queueing when all are busy) and makes sure its
+    connection is open before the command's deadline starts."""
+
+    def __init__(self, client: Redis, size: int) -> None:
+        pool = client.connection_pool
+        self._lanes: list[Redis] = []
+        for _ in range(min(size, pool.max_connections)):
+            lane = client.client()  # single_connection_client
+            # Its connection, not opened yet: _open does that, never redis-py's lazy connect.
+            lane.connection = pool.get_available_connection()
+            self._lanes.append(lane)
+        self._free: asyncio.Queue[Redis] = asyncio.Queue()
+        for lane in self._lanes:
+            self._free.put_nowait(lane)
+
+    async def acquire(self) -> tuple[Redis, bool]:
+        """A lane with an open connection, and whether it was (re)opened just now."""
+        lane = await self._free.get()
+        try:
+            return lane, await _open(lane.connection)
+        except BaseException:
+            self._free.put_nowait(lane)
+            raise
+
+    def release(self, lane: Redis) -> None:
+        self._free.put_nowait(lane)
+
+    def failed(self) -> None:
+        """Nothing to do: the failed connection was closed, and its lane reopens it."""
+
+    async def warm(self) -> None:
+        lanes: list[Redis] = []
+        try:
+            for _ in self._lanes:
+                lanes.append(await self._free.get())
+            results = await asyncio.gather(
+                *(_open(lane.connection) for lane in lanes), return_exceptions=True
+            )
+        finally:
+            for lane in lanes:
+                self._free.put_nowait(lane)
+        _raise_first(results)
+
+    async def close(self) -> None:
+        for lane in self._lanes:
+            await lane.aclose()  # gives its connection back to the pool, which the client closes
+
+
+async def _open(conn: Any, *, fresh: bool = False) -> bool:
+    """Make sure `conn` is open and clean; whether it was (re)opened. `fresh`: reopen it
+    even when it looks fine."""
+    if conn.is_connected:
+        if not fresh:
+            try:
+                if not await conn.can_read():
+                    return False  # open, and nothing unexpected waiting in it
+            except (RedisConnectionError, OSError):
+                pass
+        # Leftover data, the server closed it (a restart), or asked to: start afresh.
+        await conn.disconnect(nowait=True)
+    try:
+        await conn.connect()
+    except BaseException:
+        # Interrupted halfway, the handshake's answers may still come: a command sent on it
+        # would read them as its own. Close it, so the next user opens it again.
+        await conn.disconnect(nowait=True)
+        raise
+    return True
+
+
+def _raise_first(results: Sequence[Any]) -> None:
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+class _ClusterSlots:
+    """Redis Cluster: the client routes each call to its node and takes one of that node's
+    connections itself. So a call takes a slot here (at most `size` calls in flight: no node
+    runs out of its `size` connections), and after any failure the next calls first wait for
+    one renewal of the topology and of every connection, shared, within their own connect
+    budget, rather than reconnecting inside their commands' deadlines."""
+
+    def __init__(self, client: RedisCluster, size: int, budget_s: float) -> None:
+        self._client = client
+        self._size = size
+        self._budget_s = budget_s
+        self._slots = asyncio.Semaphore(size)
+        self._cold = True
+        self._warming: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> tuple[RedisCluster, bool]:
+        if self._cold:
+            await self._await_warm(self._budget_s)
+        await self._slots.acquire()
+        return self._client, False
+
+    def release(self, _client: RedisCluster) -> None:
+        self._slots.release()
+
+    def failed(self) -> None:
+        self._cold = True
+
+    async def warm(self, budget_s: float = 5.0) -> None:
+        self._cold = True
+        await self._await_warm(budget_s)
+
+    async def _await_warm(self, budget_s: float) -> None:
+        # One renewal at a time, shared; a caller whose own deadline passes leaves it running
+        # (it has its own budget).
+        if self._warming is None or self._warming.done():
+            self._warming = asyncio.get_running_loop().create_task(self._warm(budget_s))
+            # Its failure is each waiter's to report; none may be left to see it.
+            self._warming.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.shield(self._warming)
+
+    async def _warm(self, budget_s: float) -> None:
+        held = 0
+        try:
+            async with asyncio.timeout(budget_s):
+                # Every slot: no call is in flight, so every connection of every node is free
+                # and may be replaced. Each is, even one that looks fine: a connection whose
+                # lazy opening a deadline interrupted would look fine and is not.
+                for _ in range(self._size):
+                    await self._slots.acquire()
+                    held += 1
+                # redis-py's async RedisCluster misroutes commands that race its lazy first
+                # initialisation; initialize() is locked, and a no-op when current.
+                await self._client.initialize()
+                for node in self._client.get_primaries():
+                    conns = []
+                    with contextlib.suppress(MaxConnectionsError):
+                        for _ in range(self._size):
+                            conns.append(node.acquire_connection())
+                    try:
+                        results = await asyncio.gather(
+                            *(_open(conn, fresh=True) for conn in conns), return_exceptions=True
+                        )
+                    finally:
+                        for conn in conns:
+                            node.release(conn)
+                    _raise_first(results)
+            self._cold = False
+        finally:
+            for _ in range(held):
+                self._slots.release()
+
+    async def close(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()
+            with contextlib.suppress(BaseException):
+                await self._warming
+
 
 class RedisStore(QuotaStore):
     def __init__(
@@ -234,18 +438,24 @@ class RedisStore(QuotaStore):
         timeout_s: float = 0.05,
         prefix: str = "aigw",
         *,
-        max_in_flight: int | None = None,
+        connect_timeout_s: float = 0.5,
+        pool_size: int = 16,
     ) -> None:
-        """`max_in_flight` caps concurrent calls (they queue, within `timeout_s`): Cluster
-        nodes raise instead of waiting when their pool is exhausted, so from_url sets it to
-        the pool size."""
+        """`timeout_s` bounds each command; `connect_timeout_s` what a call may spend first
+        waiting for a free connection and (re)opening it; `pool_size` connections are opened
+        by warm_up and are the most calls in flight (a standalone client's pool must allow
+        that many; a Cluster client's nodes too)."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix {prefix!r}: braces would break the team's hash tag")
         self._client = client
         self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
         self._prefix = prefix
-        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
-        self._cold_cluster = isinstance(client, RedisCluster)
+        self._conns: _Lanes | _ClusterSlots = (
+            _ClusterSlots(client, pool_size, connect_timeout_s)
+            if isinstance(client, RedisCluster)
+            else _Lanes(client, pool_size)
+        )
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._usage = client.register_script(_USAGE)
@@ -259,15 +469,18 @@ class RedisStore(QuotaStore):
         cluster: bool = False,
         password: str | None = None,
         timeout_s: float = 0.05,
-        max_connections: int = 64,
+        connect_timeout_s: float = 0.5,
+        pool_size: int = 16,
     ) -> RedisStore:
         options: dict[str, Any] = {
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
+            "socket_connect_timeout": connect_timeout_s,
+            # No socket_timeout: the store's own deadlines bound every call, patiently with a
+            # busy loop (_Deadline); redis-py's would not be, and costs a task per command.
+            "socket_timeout": None,
             # No retries: a slow or dead Redis must cost one timeout, and whether to fail open
             # or closed is the caller's decision, not the client's.
             "retry": Retry(NoBackoff(), 0),
-            "max_connections": max_connections,
+            "max_connections": pool_size,
         }
         if password is not None:  # else a password in the URL applies
             options["password"] = password
@@ -276,10 +489,14 @@ class RedisStore(QuotaStore):
             client = RedisCluster.from_url(url, **options)
         else:
             client = Redis.from_url(url, **options)
-        return cls(client, timeout_s=timeout_s, max_in_flight=max_connections)
+        return cls(
+            client, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, pool_size=pool_size
+        )
 
     @property
     def client(self) -> Redis | RedisCluster:
+        """The redis-py client. A standalone client's pool has just the store's connections,
+        all held by its lanes: make calls through the store."""
         return self._client
 
     def team_keys(self, team: str) -> tuple[str, str, str]:
@@ -332,52 +549,61 @@ class RedisStore(QuotaStore):
         return int(await self._call(self._reset, [rx, cx], [tag]))
 
     async def close(self) -> None:
+        await self._conns.close()
         await self._client.aclose()
 
     async def warm_up(self, timeout_s: float = 5.0) -> None:
-        """Connect (and discover a cluster's nodes) before the first request must, with a
-        start-up budget rather than the per-call one."""
+        """Open the pool's connections (and discover a cluster's nodes) and load the scripts
+        before the first request needs them, with a start-up budget rather than a call's."""
         try:
-            await asyncio.wait_for(self._warm(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._conns.warm()  # every connection of the pool, opened
+                client, _ = await self._conns.acquire()
+                try:
+                    # Else a burst of first calls would each meet NOSCRIPT and load them.
+                    for script in (self._reserve, self._settle, self._usage, self._reset):
+                        await client.script_load(script.script)
+                finally:
+                    self._conns.release(client)
         except _FAILURES as e:
-            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
-
-    async def _warm(self) -> None:
-        if self._cold_cluster:
-            await self._client.initialize()
-            self._cold_cluster = False
-        await self._client.ping()
+            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}", maybe_applied=False) from e
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await asyncio.wait_for(self._run_once_more(script, keys, args), self._timeout_s)
-        except _FAILURES as e:
-            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
-
-    async def _run_once_more(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self._run(script, keys, args)
-        except RedisConnectionError:
-            # After Redis restarts, every pooled connection to the old server fails its next
-            # call. Drop them all and try once more within the same time budget: safe, since
-            # reserve is idempotent by reservation id and a repeated settle changes nothing.
-            pool = getattr(self._client, "connection_pool", None)
-            if pool is not None:
-                await pool.disconnect()
-            return await self._run(script, keys, args)
-
-    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        if self._cold_cluster:
-            # redis-py's async RedisCluster misroutes commands that race its lazy first
-            # initialisation (MOVED storms, then it closes connections others are using).
-            # initialize() is idempotent and locked, so let every caller wait for it.
-            await self._client.initialize()
-            self._cold_cluster = False
-        # EVALSHA, and on NOSCRIPT (a restarted or new node) SCRIPT LOAD + EVALSHA.
-        if self._slots is None:
-            return await script(keys=keys, args=args)
-        async with self._slots:
-            return await script(keys=keys, args=args)
+        """Two deadlines: connect_timeout_s to get a connection (waiting for a free one and
+        opening it), then timeout_s for the command itself (EVALSHA; on NOSCRIPT, SCRIPT LOAD
+        and EVALSHA again)."""
+        sent = False  # whether a command went out: then it may have run, answer or not
+        for attempt in (1, 2):
+            try:
+                async with _Deadline(self._connect_timeout_s):
+                    client, fresh = await self._conns.acquire()
+            except _FAILURES as e:
+                self._conns.failed()
+                raise StoreUnavailable(
+                    f"redis: no connection within {self._connect_timeout_s * 1000:.0f} ms: "
+                    f"{type(e).__name__}: {e}",
+                    maybe_applied=sent,
+                ) from e
+            sent = True
+            try:
+                async with _Deadline(self._timeout_s):
+                    return await script(keys=keys, args=args, client=client)
+            except RedisConnectionError as e:
+                self._conns.failed()
+                if attempt == 1 and not fresh:
+                    # A pooled connection to a server that went away (a restart) fails its
+                    # next call: once more on a new one. Safe: reserve is idempotent by
+                    # reservation id, and a repeated settle changes nothing.
+                    continue
+                raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
+            except _FAILURES as e:
+                self._conns.failed()
+                raise StoreUnavailable(
+                    f"redis: {type(e).__name__} within {self._timeout_s * 1000:.0f} ms: {e}"
+                ) from e
+            finally:
+                self._conns.release(client)
+        raise AssertionError("unreachable")
 
 
 def _states(counters: Sequence[str], flat: Sequence[Any]) -> tuple[CounterState, ...]:

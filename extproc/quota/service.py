@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import random
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config, QuotaSettings
 from ..errors import GatewayError
 from ..parsing import Endpoint
-from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS
+from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS, QUOTA_SETTLE_RETRIES
 from ..telemetry.tracing import NO_SPAN, NO_TRACE
 from . import policy
 from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
@@ -29,6 +32,16 @@ _UNITS = {
     "usd": "micro-USD",
 }
 _ERROR_TYPE = {"requests": "requests", "usd": "insufficient_quota"}
+
+# Settles the store failed are retried in the background (see _retry_settles): the first retry
+# after about this long, then twice as long each time the store fails again, up to the cap.
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 30.0
+# Settles waiting for a retry, per process: beyond this a failed settle is given up (its
+# reservation is charged at its estimate when it expires), so an outage cannot fill memory.
+RETRY_MAX_PENDING = 10_000
+# drain() at shutdown or reload: how long the retries of failed settles may still take.
+DRAIN_RETRIES_S = 5.0
 
 
 def requested_output(body: dict[str, Any], endpoint: Endpoint, default: int) -> int:
@@ -58,6 +71,19 @@ class Reservation:
     estimate: Amounts
     cfg: Config  # the config it was admitted under: prices for settling a USD budget
     settled: bool = False
+    # Unix time by which the store has expired it (charged at its estimate): settling it is
+    # pointless after that. 0: unknown (handed over), then at most reservation_ttl_s from now.
+    expires_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _PendingSettle:
+    """A settle (or a release) the store failed, to be retried until `until`."""
+
+    team: str
+    id: str
+    amounts: list[int]
+    until: float  # unix time: the reservation has expired and been charged by then
 
 
 @dataclass(slots=True)
@@ -67,6 +93,9 @@ class QuotaService:
     failures: int = 0  # store errors seen; exported as a metric once metrics exist
     _last_warning: float = 0.0
     _tasks: set[asyncio.Task] = field(default_factory=set)
+    _pending: deque[_PendingSettle] = field(default_factory=deque)
+    _retrier: asyncio.Task | None = None
+    _hurry: asyncio.Event | None = None  # set by drain(): retry now, not after the back-off
 
     @classmethod
     def from_settings(cls, settings: QuotaSettings) -> QuotaService:
@@ -87,13 +116,17 @@ class QuotaService:
         slack = self.settings.reservation_ttl_s + 60
         charges = policy.charges(specs, estimate, cfg, model, now, slack)
         res_id = uuid.uuid4().hex
+        ttl = self.settings.reservation_ttl_s
         started = time.perf_counter()
         try:
-            result = await self.store.reserve(
-                team, res_id, charges, self.settings.reservation_ttl_s
-            )
+            result = await self.store.reserve(team, res_id, charges, ttl)
         except StoreUnavailable as exc:
             self._store_failed("reserve", exc)
+            if exc.maybe_applied:
+                # It may still have run (its answer lost, or it ran late): release what it may
+                # have reserved, since this request goes on unmetered or not at all. Settling
+                # an id the store does not know changes nothing.
+                self._retry_later(team, res_id, [0] * len(charges), now + ttl)
             if self.settings.failure_mode == "open":
                 return None
             raise GatewayError(
@@ -107,7 +140,9 @@ class QuotaService:
         if not result.ok:
             assert result.failed is not None
             raise self._exceeded(team, specs, charges, result.states, result.failed, now)
-        return Reservation(team, res_id, model, specs, charges, result.states, estimate, cfg)
+        return Reservation(
+            team, res_id, model, specs, charges, result.states, estimate, cfg, expires_at=now + ttl
+        )
 
     def _exceeded(
         self,
@@ -197,10 +232,10 @@ class QuotaService:
         try:
             await self.store.settle(reservation.team, reservation.id, amounts)
         except StoreUnavailable as exc:
-            # The reservation stays and expires into a charge at its estimate: over-counted,
-            # never lost.
             self._store_failed("settle", exc)
             span.set_attribute("extproc.error", "store_unavailable")
+            until = reservation.expires_at or time.time() + self.settings.reservation_ttl_s
+            self._retry_later(reservation.team, reservation.id, amounts, until)
         else:
             QUOTA_SECONDS.labels(self.settings.store, "settle").observe(
                 time.perf_counter() - started
@@ -208,10 +243,100 @@ class QuotaService:
         finally:
             span.end()
 
-    async def drain(self) -> None:
-        """Wait for pending settlements (shutdown)."""
+    # -- retries of failed settles ------------------------------------------------------------
+
+    def _retry_later(self, team: str, res_id: str, amounts: list[int], until: float) -> None:
+        """Queue a settle the store failed. Retrying is safe: a settle that did run (only its
+        answer was lost) left nothing to settle, and settling an unknown or expired
+        reservation changes nothing (an expired one has been charged at its estimate)."""
+        if len(self._pending) >= RETRY_MAX_PENDING:
+            QUOTA_SETTLE_RETRIES.labels(self.settings.store, "abandoned").inc()
+            return
+        self._pending.append(_PendingSettle(team, res_id, amounts, until))
+        if self._retrier is None or self._retrier.done():
+            self._hurry = asyncio.Event()
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_settles())
+
+    async def _retry_settles(self) -> None:
+        """One task works through the failed settles. While the store keeps failing it waits
+        longer each time (one call per wait, however many are pending, so a recovering store
+        is not flooded); once a call gets through, the rest follow back to back. One that
+        fails goes to the back of the line (a Cluster node that is down holds up no other
+        team's). A settle is retried until its reservation expires, no longer: by then the
+        store has charged it at its estimate."""
+        store = self.settings.store
+        delay = RETRY_FIRST_S
+        failing = True  # a call has just failed: wait before the first retry
+        while self._pending:
+            if failing:
+                if await self._pause(delay):
+                    delay = RETRY_FIRST_S  # drain() cut the wait short: back off afresh
+                delay = min(2 * delay, RETRY_MAX_S)
+                failing = False
+            item = self._pending[0]
+            if time.time() >= item.until:
+                self._pending.popleft()
+                QUOTA_SETTLE_RETRIES.labels(store, "abandoned").inc()
+                continue
+            try:
+                await self.store.settle(item.team, item.id, item.amounts)
+            except StoreUnavailable as exc:
+                self._store_failed("settle", exc)
+                QUOTA_SETTLE_RETRIES.labels(store, "failed").inc()
+                self._pending.rotate(-1)
+                failing = True
+                continue
+            except ValueError:  # the amounts do not match its charges: retrying cannot help
+                log.exception("settle of reservation %s refused by the store", item.id)
+                self._pending.popleft()
+                continue
+            self._pending.popleft()
+            QUOTA_SETTLE_RETRIES.labels(store, "settled").inc()
+            delay = RETRY_FIRST_S
+
+    async def _pause(self, delay: float) -> bool:
+        """Wait about `delay` (jittered, so sidecars do not retry in step); True when drain()
+        cut it short."""
+        assert self._hurry is not None
+        try:
+            async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
+                await self._hurry.wait()
+        except TimeoutError:
+            return False
+        self._hurry.clear()
+        return True
+
+    @property
+    def pending_settles(self) -> int:
+        """Failed settles waiting for a retry."""
+        return len(self._pending)
+
+    async def drain(self, retries_s: float = DRAIN_RETRIES_S) -> None:
+        """Wait for pending settlements (shutdown): every first attempt, then the retries of
+        those that failed, for at most `retries_s` (they start at once); any left then expire
+        into a charge at their estimate."""
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        retrier = self._retrier
+        if retrier is None or retrier.done():
+            return
+        if self._hurry is not None:
+            self._hurry.set()
+        try:
+            async with asyncio.timeout(retries_s):
+                await asyncio.shield(retrier)
+        except TimeoutError:
+            retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retrier
+            left = len(self._pending)
+            self._pending.clear()
+            QUOTA_SETTLE_RETRIES.labels(self.settings.store, "abandoned").inc(left)
+            log.warning(
+                "%d failed quota settlement(s) still pending; their reservations will be "
+                "charged at their estimate when they expire",
+                left,
+            )
 
     # -- headers ----------------------------------------------------------------------------
 
@@ -250,7 +375,7 @@ class QuotaService:
             log.error(
                 "quota store unavailable during %s (%s); failure_mode=%s; %d failures so far",
                 what,
-                exc.__cause__ or exc,
+                exc,  # names the cause: "redis: TimeoutError within 50 ms: ..."
                 self.settings.failure_mode,
                 self.failures,
             )
@@ -273,5 +398,6 @@ def make_store(settings: QuotaSettings) -> QuotaStore:
         cluster=redis.cluster,
         password=redis.password.resolve() if redis.password else None,
         timeout_s=redis.timeout_ms / 1000,
-        max_connections=redis.max_connections,
+        connect_timeout_s=redis.connect_timeout_ms / 1000,
+        pool_size=redis.pool_size,
     )

@@ -41,7 +41,14 @@ class ReserveResult:
 
 
 class StoreUnavailable(Exception):
-    """The store did not answer in time or at all; the caller applies the failure policy."""
+    """The store did not answer in time or at all; the caller applies the failure policy.
+
+    `maybe_applied` is False only when the call certainly never reached the store (no
+    connection could be had); otherwise it may have run there, its answer lost."""
+
+    def __init__(self, message: str, *, maybe_applied: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class QuotaStore(ABC):

@@ -121,6 +121,13 @@ QUOTA_ERRORS = Counter(
     "Quota store operations that failed (the failure_mode then decided)",
     ["store", "operation"],
 )
+QUOTA_SETTLE_RETRIES = Counter(
+    "extproc_quota_settle_retries",
+    "Retries of quota settlements (and releases) the store failed, by result: settled (went "
+    "through), failed (another follows, later), abandoned (given up: the reservation expired "
+    "meanwhile, too many were pending, or the process stopped; charged at its estimate)",
+    ["store", "result"],
+)
 ACTIVE_STREAMS = Gauge(
     "extproc_active_streams",
     "Streamed (SSE) answers being followed right now",
@@ -141,6 +148,25 @@ CONFIG_RELOADS = Counter(
     "extproc_config_reloads",
     "Config reloads by result (applied, rejected)",
     ["result"],
+)
+# Why a token count is not tiktoken's exact count of the whole text (TokenCount.exact=False
+# for these, besides the request shapes that are estimated by design: images, tools).
+TOKEN_COUNT_REASONS = (
+    "unavailable",  # the model's encoding could not be loaded: ceil(utf-8 bytes / 4)
+    "tokenizer_error",  # tiktoken failed on a piece of text: that piece was estimated
+    "budget",  # sidecar.count_budget_ms ran out: the text not yet counted was estimated
+    "hard_cut",  # a long text had no safe place to split: each cut may shift the count by 1
+)
+TOKEN_COUNT_ESTIMATES = Counter(
+    "extproc_token_count_estimates",
+    "Token counts that are partly estimates, by reason (a count may have several): "
+    "unavailable, tokenizer_error, budget or hard_cut",
+    ["reason"],
+)
+TOKEN_COUNT_SECONDS = Histogram(
+    "extproc_token_count_seconds",
+    "Time to count a long prompt on the tokenizer threads, the wait for one included",
+    buckets=_LATENCY_BUCKETS,
 )
 
 
