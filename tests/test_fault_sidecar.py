@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from .conftest import free_port, sha256_hex
-from .test_quota_e2e import wait_process_port
+from .redis_servers import RedisServer, start_server
+from .test_quota_e2e import Admin, wait_process_port
 
 FAILURE_STATUS = 502
 MESSAGE_TIMEOUT_MS = 500
@@ -41,8 +42,10 @@ class Stack:
     procs: dict[str, subprocess.Popen]
     log_path: Path
 
-    def client(self, timeout: float = 20.0) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key="sk-t", max_retries=0, timeout=timeout)
+    def client(self, timeout: float = 20.0, team: str = "t") -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=f"sk-{team}", max_retries=0, timeout=timeout
+        )
 
     @property
     def sidecar(self) -> subprocess.Popen:
@@ -68,7 +71,7 @@ class Stack:
 def wait_serving(stack: Stack, timeout: float = 20.0) -> None:
     """Envoy's health check marks a sidecar that was down unhealthy; poll until it answers."""
     deadline = time.monotonic() + timeout
-    client = stack.client(timeout=5)
+    client = stack.client(timeout=5, team="probe")
     while True:
         try:
             chat(client, "direct")
@@ -85,7 +88,10 @@ def chat(client: openai.OpenAI, model: str, **extra: Any) -> Any:
     )
 
 
-def base_config(ports: dict[str, int], workers: int = 1) -> dict[str, Any]:
+RESERVATION_TTL_S = 2
+
+
+def base_config(ports: dict[str, int], redis_url: str, workers: int = 1) -> dict[str, Any]:
     fake = f"127.0.0.1:{ports['fake']}"
     return {
         "sidecar": {
@@ -97,7 +103,20 @@ def base_config(ports: dict[str, int], workers: int = 1) -> dict[str, Any]:
             "workers": workers,
         },
         "envoy": {"listen": f"127.0.0.1:{ports['envoy']}", "admin": f"127.0.0.1:{ports['admin']}"},
-        "teams": {"t": {"keys": [{"sha256": sha256_hex("sk-t")}]}},
+        "teams": {
+            "t": {
+                "keys": [{"sha256": sha256_hex("sk-t")}],
+                "limits": [{"name": "t-tokens", "window": "day", "tokens": 10_000_000}],
+            },
+            "probe": {"keys": [{"sha256": sha256_hex("sk-probe")}]},
+        },
+        # In Redis, so what a dead sidecar reserved outlives it; reservations left behind
+        # expire (and are charged at their estimate) within seconds here.
+        "quota": {
+            "store": "redis",
+            "redis": {"url": redis_url},
+            "reservation_ttl_s": RESERVATION_TTL_S,
+        },
         "backends": {"fake": {"url": f"http://{fake}/v1"}, "fake2": {"url": f"http://{fake}/v1"}},
         "models": {
             # One backend: the downstream stage prepares the request itself.
@@ -114,12 +133,12 @@ def base_config(ports: dict[str, int], workers: int = 1) -> dict[str, Any]:
     }
 
 
-def start_stack(workdir: Path, workers: int = 1) -> Stack:
+def start_stack(workdir: Path, redis_url: str, workers: int = 1) -> Stack:
     from extproc.supervisor import Stack as Processes
 
     names = ("sidecar", "envoy", "admin", "fake")
     ports = {k: free_port() for k in names}
-    config = base_config(ports, workers)
+    config = base_config(ports, redis_url, workers)
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = workdir / "stack.log"
@@ -139,8 +158,17 @@ def start_stack(workdir: Path, workers: int = 1) -> Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("fault-sidecar"))
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_server(tmp_path_factory.mktemp("fault-sidecar-redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("fault-sidecar"), redis.url)
     try:
         yield s
     finally:
@@ -192,6 +220,28 @@ def test_a_frozen_sidecar_is_answered_with_the_failure_status_after_the_message_
     assert_sidecar_error(caught.value, {"gateway_timeout"})
     healthy.sidecar.send_signal(signal.SIGCONT)
     assert chat(healthy.client(), model).choices[0].message.content
+
+
+def test_a_slowed_sidecar_still_serves(healthy: Stack) -> None:
+    """Paused for less than the message timeout, again and again: slower, never refused."""
+    stop = threading.Event()
+
+    def stutter() -> None:
+        while not stop.is_set():
+            healthy.sidecar.send_signal(signal.SIGSTOP)
+            time.sleep(MESSAGE_TIMEOUT_MS / 1000 / 4)
+            healthy.sidecar.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=stutter)
+    thread.start()
+    try:
+        for model in ("direct", "pooled") * 3:
+            assert chat(healthy.client(), model).choices[0].message.content
+    finally:
+        stop.set()
+        thread.join()
+        healthy.sidecar.send_signal(signal.SIGCONT)
 
 
 # -- a killed sidecar ---------------------------------------------------------------------------
@@ -275,12 +325,43 @@ def test_streams_in_flight_when_the_sidecar_dies(healthy: Stack) -> None:
     assert time.monotonic() - started < BOUND_S + 2
 
 
+def test_a_stream_whose_sidecar_died_is_charged_once_at_its_estimate(healthy: Stack) -> None:
+    """The sidecar that was to settle it is gone: its reservation, kept in Redis, expires and
+    is charged at what was reserved (the prompt and max_tokens): over-counted, never lost, and
+    once, whatever the new sidecar sees of the request afterwards."""
+    admin = Admin(healthy.sidecar_listen)
+    try:
+        admin.reset("t")
+        stream = healthy.client(timeout=BOUND_S + 5).chat.completions.create(
+            model="direct",
+            messages=[{"role": "user", "content": "hello"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=40,
+            extra_headers=SLOW_STREAM,
+        )
+        chunks = iter(stream)
+        next(chunks)
+        reserved = admin.usage("t")["t-tokens"].reserved
+        assert reserved > 40
+        healthy.sidecar.kill()
+        assert list(chunks)[-1].usage is not None  # the client got all of it
+        healthy.restart_sidecar()
+        deadline = time.monotonic() + RESERVATION_TTL_S + 10
+        while (usage := admin.usage("t")["t-tokens"]).reserved:
+            assert time.monotonic() < deadline, usage
+            time.sleep(0.1)
+        assert usage.used == reserved  # (wait_serving's requests are another team's)
+    finally:
+        admin.close()
+
+
 # -- workers ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("fault-workers"), workers=2)
+def workers(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("fault-workers"), redis.url, workers=2)
     try:
         yield s
     finally:
