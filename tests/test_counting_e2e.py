@@ -18,12 +18,10 @@ from pathlib import Path
 
 import openai
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.supervisor import Stack
-
 from .conftest import free_port, sha256_hex
+from .test_quota_e2e import running_stack
 
 MODEL = "gpt-4o-mini"
 # Random bytes made letters (and, for "words", about one in six a space): cheap to build.
@@ -84,23 +82,15 @@ def counting(tmp_path_factory) -> Iterator[Counting]:
         "fake_llm": {"listen": f"127.0.0.1:{ports['fake']}", "response_tokens": 4},
         "observability": {"metrics": {"listen": f"127.0.0.1:{ports['metrics']}"}},
     }
-    config_path = tmp / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    log_path = tmp / "stack.log"
-    with open(log_path, "ab", buffering=0) as log:
-        stack = Stack(config_path, workdir=tmp, stdout=log)
-        try:
-            stack.start()
-            yield Counting(
-                base_url=f"http://127.0.0.1:{ports['envoy']}/v1",
-                metrics_url=f"http://127.0.0.1:{ports['metrics']}/metrics",
-                log_path=log_path,
-            )
-        finally:
-            stack.stop(grace=5)
-    assert stack.procs["sidecar"].returncode == 0
-    # Counting never failed a request: no stream ended in the sidecar's error boundary.
-    assert "internal error" not in log_path.read_text(errors="replace")
+    with running_stack(tmp, config) as gw:
+        yield Counting(
+            base_url=gw.base_url,
+            metrics_url=f"http://127.0.0.1:{ports['metrics']}/metrics",
+            log_path=gw.log_path,
+        )
+    # (running_stack checked the sidecar exited 0.) Counting never failed a request: no stream
+    # ended in the sidecar's error boundary.
+    assert "internal error" not in gw.log_path.read_text(errors="replace")
 
 
 def test_whitespace_prompts_are_answered_with_an_estimate(counting: Counting) -> None:

@@ -15,9 +15,8 @@ failed were retried, and what a failed reserve may have left on the server was r
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from .redis_servers import RedisServer, start_server
 from .test_quota_e2e import (
     MAX_TOKENS,
     MODEL,
+    Background,
     Gateway,
     gateway_config,
     in_one_window,
@@ -95,50 +95,11 @@ def ask(client: openai.OpenAI, i: int) -> Answer:
     return answer
 
 
-class Load:
+class Load(Background[Answer]):
     """Threads sending chat requests one after another until stopped."""
 
     def __init__(self, gw: Gateway) -> None:
-        self.answers: list[Answer] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._client = gw.client(TEAM, timeout=30)
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(THREADS)]
-        self._n = 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                self._n += 1
-                i = self._n
-            answer = ask(self._client, i)
-            with self._lock:
-                self.answers.append(answer)
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
-        self._client.close()
-
-    def snapshot(self) -> list[Answer]:
-        with self._lock:
-            return list(self.answers)
-
-    def wait_for(
-        self, what: str, pred: Callable[[list[Answer]], bool], timeout: float = 20
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred(self.snapshot()):
-            if time.monotonic() > deadline:
-                tail = [(round(a.started, 2), a.status, a.code) for a in self.snapshot()[-10:]]
-                pytest.fail(f"no {what} within {timeout}s; last answers: {tail}")
-            time.sleep(0.02)
+        super().__init__(gw, TEAM, THREADS, send=ask, timeout=30)
 
     def served_after(self, t: float, n: int = 3) -> None:
         """Wait until n requests that started after t were served: the store is back."""

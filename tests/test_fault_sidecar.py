@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from .conftest import free_port, sha256_hex
-from .redis_servers import RedisServer, start_server
+from .redis_servers import RedisServer, redis_server_module  # noqa: F401
 from .test_quota_e2e import Admin, wait_process_port
 
 FAILURE_STATUS = 502
@@ -158,17 +158,11 @@ def start_stack(workdir: Path, redis_url: str, workers: int = 1) -> Stack:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_server(tmp_path_factory.mktemp("fault-sidecar-redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("fault-sidecar"), redis.url)
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server_module: RedisServer,  # noqa: F811
+) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("fault-sidecar"), redis_server_module.url)
     try:
         yield s
     finally:
@@ -360,8 +354,11 @@ def test_a_stream_whose_sidecar_died_is_charged_once_at_its_estimate(healthy: St
 
 
 @pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("fault-workers"), redis.url, workers=2)
+def workers(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server_module: RedisServer,  # noqa: F811
+) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("fault-workers"), redis_server_module.url, workers=2)
     try:
         yield s
     finally:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import openai
@@ -723,14 +723,24 @@ def test_redis_cluster_concurrent_load_respects_the_limit(
 # -- 6: Redis dies under load -------------------------------------------------------------------
 
 
-class Background:
-    """Threads that send requests until stopped, recording every outcome."""
+class Background(Generic[T]):
+    """Threads that send requests until stopped, recording every outcome: `send(client, i)`
+    makes the i-th request and says how it went (chat_once, by default)."""
 
-    def __init__(self, gw: Gateway, team: str, threads: int = 2) -> None:
-        self.outcomes: list[Outcome] = []
+    def __init__(
+        self,
+        gw: Gateway,
+        team: str,
+        threads: int = 2,
+        send: Callable[[openai.OpenAI, int], T] | None = None,
+        timeout: float = 15,
+    ) -> None:
+        self.outcomes: list[T] = []
+        self._send = send or (lambda client, i: chat_once(client, i % 1000))
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._client = gw.client(team, timeout=15)
+        self._client = gw.client(team, timeout=timeout)
+        self._join_s = 2 * timeout
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
         self._n = 0
 
@@ -739,11 +749,11 @@ class Background:
             with self._lock:
                 self._n += 1
                 i = self._n
-            outcome = chat_once(self._client, i % 1000)
+            outcome = self._send(self._client, i)
             with self._lock:
                 self.outcomes.append(outcome)
 
-    def __enter__(self) -> Background:
+    def __enter__(self) -> Background[T]:
         for t in self._threads:
             t.start()
         return self
@@ -751,20 +761,23 @@ class Background:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
+            t.join(self._join_s)
         self._client.close()
 
-    def snapshot(self) -> list[Outcome]:
+    def snapshot(self) -> list[T]:
         with self._lock:
             return list(self.outcomes)
 
-    def wait_for(self, what: str, pred: Callable[[list[Outcome]], bool], timeout: float) -> None:
+    def wait_for(self, what: str, pred: Callable[[list[T]], bool], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while not pred(self.snapshot()):
             if time.monotonic() > deadline:
-                summary = [(round(o.started, 2), o.status, o.code) for o in self.snapshot()[-20:]]
+                summary = [
+                    (round(o.started, 2), o.status, o.code)  # type: ignore[attr-defined]
+                    for o in self.snapshot()[-20:]
+                ]
                 pytest.fail(f"no {what} within {timeout}s; last outcomes: {summary}")
-            time.sleep(0.05)
+            time.sleep(0.02)
 
 
 OUTAGE_TEAMS = {
