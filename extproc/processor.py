@@ -31,7 +31,7 @@ from .parsing import (
 )
 from .quota.policy import Amounts, applicable
 from .quota.service import requested_output
-from .sse import StreamRelay
+from .sse import RelayedStream, StreamRelay
 from .streams import ACTIVE, RELEASED, StreamTiming
 from .telemetry.report import (
     OFF_LOOP_CHARS,
@@ -44,7 +44,7 @@ from .telemetry.tracing import DISABLED, NO_TRACE, OPERATION, Tracing
 from .usage import Usage, completion_text, estimated, from_openai
 
 if TYPE_CHECKING:
-    from .config import Runtime
+    from .config import ResolvedTarget, Runtime
     from .guard.llm import GuardClient
     from .guard.pipeline import CompiledGuard, Guardrails
     from .guard.types import Verdict
@@ -139,7 +139,7 @@ class DownstreamStream:
         self.max_output: int | None = None
         self.backend: str | None = None
         self.status = 0
-        self.relay: StreamRelay | None = None
+        self.relay: StreamRelay | GuardedStreamRelay | None = None
         self.timing: StreamTiming | None = None
         self.following = False  # counted in ACTIVE until the stream ends
         self.reservation: Reservation | None = None
@@ -831,7 +831,7 @@ def observer_finishes(info: Mapping[str, Any], status: int, content_type: str) -
 
 
 def stream_usage(
-    relay: StreamRelay, prompt: int, tokens: TokenCounter, model: str, max_output: int | None
+    relay: RelayedStream, prompt: int, tokens: TokenCounter, model: str, max_output: int | None
 ) -> Usage:
     """A stream's usage: the backend's report, or our own count when there is none (at most
     the request's `max_output`: usage.estimated)."""
@@ -887,7 +887,7 @@ class UpstreamStream:
     def __init__(self, services: Services, metadata: Mapping[str, str]) -> None:
         self.rt = services.runtime
         self.metadata = metadata
-        self.target = None
+        self.target: ResolvedTarget | None = None
         # True once the request's last phase for this stage is answered: the headers when
         # the body stays as it is, else the body. No response phase is ever sent here.
         self.finished = False
@@ -907,11 +907,11 @@ class UpstreamStream:
                 pooled = backend is None
                 if pooled:
                     backend = _host_backend(req)
-                self.target = routing.upstream_target(self.rt, backend, headers)
+                self.target = target = routing.upstream_target(self.rt, backend, headers)
                 set_headers, remove = routing.upstream_header_mutation(
-                    self.rt, self.target, headers, retriable=pooled
+                    self.rt, target, headers, retriable=pooled
                 )
-                needs_body = self.target.provider_model != self.target.model
+                needs_body = target.provider_model != target.model
                 self.finished = not needs_body
                 if needs_body:
                     # The rewritten body has another length; Envoy only drops content-length
@@ -928,8 +928,8 @@ class UpstreamStream:
         except GatewayError as err:
             return protocol.immediate_response(err.status, err.body(), details="aigw_upstream")
         except orjson.JSONDecodeError:
-            err = bad_request("We could not parse the JSON body of your request", "invalid_json")
-            return protocol.immediate_response(err.status, err.body(), details="aigw_upstream")
+            bad = bad_request("We could not parse the JSON body of your request", "invalid_json")
+            return protocol.immediate_response(bad.status, bad.body(), details="aigw_upstream")
         return _passthrough(kind)
 
 

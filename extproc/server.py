@@ -388,13 +388,11 @@ def _bracket(host: str) -> str:
 
 
 def serve(config_path: str, listen: str | None = None) -> int:
+    sidecar = Sidecar(config_path, listen)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        uvloop = None
-    sidecar = Sidecar(config_path, listen)
-    if uvloop is not None:
-        uvloop.run(sidecar.run())
-    else:
         asyncio.run(sidecar.run())
+    else:
+        uvloop.run(sidecar.run())
     return 0

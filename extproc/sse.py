@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Protocol
 
 import orjson
 
@@ -90,6 +91,7 @@ _EOL_BYTES = b"\r\n"
 # terminator (CRLF), never a line and a blank line.
 _BLANK = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # Blank lines between events: any run of CR and LF is a run of terminators.
+# (_EOLS and _WS match everywhere, if only the empty string: their .match() is never None.)
 _EOLS = re.compile(rb"[\r\n]*")
 _DATA_FIELD = (b"data:", b"data\r", b"data\n")
 _WS = re.compile(rb"[ \t\r\n]*")
@@ -136,7 +138,7 @@ def _not_usage_only(data: bytes) -> bool:
     top-level `usage` that is not an object rule it out. Undecided means False.
     """
     n = len(data)
-    j = _WS.match(data).end()
+    j = _WS.match(data).end()  # type: ignore[union-attr]
     if j == n:
         return False
     if data[j] != _LBRACE:
@@ -157,7 +159,7 @@ def _not_usage_only(data: bytes) -> bool:
         elif data[k] != _LBRACKET:
             return True
         else:
-            k = _WS.match(data, k + 1).end()
+            k = _WS.match(data, k + 1).end()  # type: ignore[union-attr]
             if k < n and data[k] != _RBRACKET:
                 return True
     return False
@@ -168,6 +170,20 @@ def _loads(data: bytes) -> object:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+class RelayedStream(Protocol):
+    """What the stages read from a stream they relay: StreamRelay, or the response guards'
+    GuardedStreamRelay (extproc/guard/stream.py)."""
+
+    usage: Usage | None
+    events: int
+
+    @property
+    def expects_usage(self) -> bool: ...
+
+    @property
+    def text(self) -> str: ...
 
 
 class StreamRelay:
@@ -294,7 +310,7 @@ class StreamRelay:
 
         if start < 0:
             while True:
-                i = _EOLS.match(chunk, i).end()
+                i = _EOLS.match(chunk, i).end()  # type: ignore[union-attr]
                 if i == n:
                     break
                 match = _BLANK.search(chunk, i)
@@ -382,7 +398,7 @@ class StreamRelay:
             return False  # the fast path: nothing to learn from this event
         if data is None:
             data = _event_data(buf[start:end]) or b""
-        first = _WS.match(data).end()
+        first = _WS.match(data).end()  # type: ignore[union-attr]
         is_object = data[first : first + 1] == b"{"
         if expects is None and is_object:
             self._expects = expects = _USAGE_KEY.search(data) is not None

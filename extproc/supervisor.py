@@ -36,7 +36,7 @@ def wait_tcp(address: str, deadline: float, proc: subprocess.Popen | None = None
     host, port = parse_address(address)
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} while starting")
+            raise RuntimeError(f"{_program(proc)} exited with {proc.returncode} while starting")
         try:
             if port is None:
                 with socket.socket(socket.AF_UNIX) as s:
@@ -179,7 +179,7 @@ def stop_process(proc: subprocess.Popen | None, grace: float = 10.0, name: str =
     try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
-        log.warning("%s did not stop in %.0fs; killing it", name or proc.args[0], grace)
+        log.warning("%s did not stop in %.0fs; killing it", name or _program(proc), grace)
         proc.kill()
         proc.wait()
 
@@ -217,3 +217,10 @@ def up(
         return 0
     finally:
         stack.stop(grace=cfg.sidecar.grace_s)
+
+
+def _program(proc: subprocess.Popen) -> str:
+    """The program a process runs, for messages."""
+    args = proc.args
+    first = args if isinstance(args, str | bytes | os.PathLike) else args[0]
+    return os.fsdecode(first)

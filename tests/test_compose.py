@@ -38,6 +38,9 @@ from extproc.telemetry import metrics as catalogue
 
 from .conftest import REPO, Gateway, free_port
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_DIR = REPO / "examples" / "compose"
 PROMETHEUS_YML = COMPOSE_DIR / "prometheus.yml"

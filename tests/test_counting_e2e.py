@@ -23,6 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import running_stack
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 MODEL = "gpt-4o-mini"
 # Random bytes made letters (and, for "words", about one in six a space): cheap to build.
 _LETTERS = bytes(ord("a") + i % 26 for i in range(256))

@@ -16,6 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .conftest import BACKEND_A_SECRET, BACKEND_B_SECRET, Gateway, sha256_hex
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 MESSAGES = [{"role": "user", "content": "Say hello to the gateway."}]
 
 

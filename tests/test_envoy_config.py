@@ -24,6 +24,9 @@ from extproc.supervisor import envoy_binary
 
 from .conftest import REPO
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 GATEWAY_FILTERS = [
     REQUEST_BUFFER_FILTER,

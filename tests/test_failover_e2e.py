@@ -21,6 +21,9 @@ import pytest
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import Gateway, running_stack, wait_process_port
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 FAULTS = {
     "p429": "429",
     "p503": "503",

@@ -30,6 +30,9 @@ import yaml
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import Admin, wait_process_port
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 MODEL = "m"  # served by the backend under test
 SPARE = "spare"  # served by the other fake (the guard model's process), for bystander streams
 GUARD_TIMEOUT_S = 0.5

@@ -38,6 +38,9 @@ from .test_quota_e2e import (
     tokens_limit,
 )
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 TEAM = "faulty"
 LIMIT = "faulty-tokens"
 # The store's budgets, the defaults: what the config implies a request may wait for Redis.

@@ -25,6 +25,9 @@ from .conftest import free_port, sha256_hex
 from .redis_servers import RedisServer, redis_server_module  # noqa: F401
 from .test_quota_e2e import Admin, wait_process_port
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 FAILURE_STATUS = 502
 MESSAGE_TIMEOUT_MS = 500
 # A bound on hanging, not a performance figure: the message timeout plus room for a loaded

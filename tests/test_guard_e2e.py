@@ -20,6 +20,9 @@ from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
 
 from .test_quota_e2e import MODEL, Gateway, gateway_config, new_ports, running_stack
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 SECRET = "sk-proj-Abc123Def456Ghi789Jkl012Mno345"
 
 

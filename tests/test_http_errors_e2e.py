@@ -14,6 +14,9 @@ import pytest
 
 from .conftest import Gateway
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 KEY = b"Authorization: Bearer sk-team-a\r\n"
 CHAT = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
 

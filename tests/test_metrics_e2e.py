@@ -31,6 +31,9 @@ from extproc.supervisor import Stack
 from .conftest import BACKEND_A_SECRET, free_port, sha256_hex
 from .redis_servers import RedisServer, redis_server_module  # noqa: F401
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 MODEL = "gpt-4o-mini"
 PROMPT_SECRET = "sk-proj-Abc123Def456Ghi789Jkl012Mno345"
 EMAIL = "jane.doe@example.com"

@@ -32,6 +32,9 @@ from extproc.tokens import TokenCounter
 from .conftest import free_port, sha256_hex
 from .redis_servers import RedisClusterNodes, RedisServer, redis_cluster, redis_server  # noqa: F401
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 MODEL = "gpt-4o-mini"
 MAX_TOKENS = 16  # what every load request asks for; the fake answers exactly this many tokens
 N_REQUESTS = 200

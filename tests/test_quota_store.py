@@ -34,6 +34,9 @@ from extproc.telemetry.metrics import QUOTA_SETTLE_RETRIES
 from tests import redis_servers
 from tests.redis_servers import RedisClusterNodes, RedisServer
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 pytest_plugins = ["tests.redis_servers"]
 
 # Generous: these tests are about the numbers, and a loaded CI box must not turn them into

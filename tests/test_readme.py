@@ -9,9 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from .conftest import REPO, free_port
+
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
 
 
 def readme_example() -> str:

@@ -9,9 +9,13 @@ import threading
 import time
 
 import openai
+import pytest
 import yaml
 
 from .conftest import free_port, sha256_hex
+
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
 
 
 def test_sigterm_drains_in_flight_streams(tmp_path):

@@ -16,6 +16,9 @@ from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
 
 from .conftest import Gateway
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 MESSAGES = [{"role": "user", "content": "Stream to me."}]
 EXPECTED_TEXT = " tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"
 

@@ -26,6 +26,9 @@ from extproc.supervisor import Stack
 
 from .conftest import BACKEND_A_SECRET, free_port, sha256_hex
 
+# Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 MODEL = "gpt-4o-mini"
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 

@@ -29,8 +29,10 @@ async def authorized(
     services = current()
     token = services.runtime.admin_token
     if token is not None:
-        sent = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if isinstance(sent, str):
+            sent = sent.encode()
+        if not hmac.compare_digest(sent, f"Bearer {token}".encode()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
     return services
 

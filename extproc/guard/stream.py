@@ -187,7 +187,9 @@ class GuardedStreamRelay:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             delta = choice["delta"] = {}
-        out = [(delta, key, (index, key)) for key in _DELTA_TEXT if key in delta]
+        out: list[tuple[dict[str, Any], str, tuple[Any, ...]]] = [
+            (delta, key, (index, key)) for key in _DELTA_TEXT if key in delta
+        ]
         if "content" not in delta:
             out.insert(0, (delta, "content", (index, "content")))
         calls = delta.get("tool_calls")

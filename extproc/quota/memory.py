@@ -18,6 +18,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from extproc.quota.store import Charge, CounterState, QuotaStore, ReserveResult
 
@@ -207,7 +208,10 @@ class MemoryStore(QuotaStore):
                 c.used += amount
 
 
-def _due(heap: list, now: float) -> Iterator[tuple]:
+_Entry = TypeVar("_Entry", bound=tuple)
+
+
+def _due(heap: list[_Entry], now: float) -> Iterator[_Entry]:
     """Pop the entries whose time (their first item) has come, at most _BATCH per call: the
     housekeeping a call does stays bounded, and what is left waits for the next call."""
     for _ in range(_BATCH):

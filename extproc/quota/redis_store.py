@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -268,11 +268,11 @@ class _Deadline:
             self._handle = None
             self._timeout.reschedule(self._loop.time())  # cancels the task: TimeoutError
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
+    async def __aexit__(self, *exc: Any) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        return await self._timeout.__aexit__(*exc)
+        await self._timeout.__aexit__(*exc)  # raises TimeoutError if it fired
 
 
 class _Lanes:
@@ -301,8 +301,8 @@ class _Lanes:
             self._free.put_nowait(lane)
             raise
 
-    def release(self, lane: Redis) -> None:
-        self._free.put_nowait(lane)
+    def release(self, lane: Redis | RedisCluster) -> None:
+        self._free.put_nowait(cast(Redis, lane))  # one of ours, from acquire
 
     def failed(self) -> None:
         """Nothing to do: the failed connection was closed, and its lane reopens it."""
@@ -374,7 +374,7 @@ class _ClusterSlots:
         await self._slots.acquire()
         return self._client, False
 
-    def release(self, _client: RedisCluster) -> None:
+    def release(self, _client: Redis | RedisCluster) -> None:
         self._slots.release()
 
     def failed(self) -> None:

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..config import Config, QuotaSettings
 from ..errors import GatewayError
@@ -56,7 +56,7 @@ def requested_output(body: dict[str, Any], endpoint: Endpoint, default: int) -> 
     return out * (n if _positive_int(n) else 1)
 
 
-def _positive_int(v: Any) -> bool:
+def _positive_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 

@@ -44,8 +44,8 @@ class MetricsServer:
         host, port = parse_address(self.listen)
         site = web.TCPSite(self._runner, host, port, reuse_port=self.reuse_port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        addresses = self._runner.addresses  # (host, port, ...) of each bound socket
+        self.port = addresses[0][1] if addresses else port
         log.info("metrics on http://%s:%s/metrics", host, self.port)
 
     async def stop(self) -> None:
