@@ -53,6 +53,7 @@ from extproc.envoy_config import (
     HTTP_PROTOCOL_OPTIONS,
     OBSERVER_FILTER,
     REQUEST_BUFFER_FILTER,
+    REQUEST_HEADERS_FILTER,
     RESPONSE_HEADERS_FILTER,
     SIDECAR_CLUSTER,
     USAGE_FILTER,
@@ -208,6 +209,7 @@ def gateway_config(
 
 # The gateway's HTTP filters: the baseline has none of them (their cost is the gateway's).
 GATEWAY_FILTERS = (
+    REQUEST_HEADERS_FILTER,
     REQUEST_BUFFER_FILTER,
     EXT_PROC_FILTER,
     OBSERVER_FILTER,

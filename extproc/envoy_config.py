@@ -37,6 +37,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as HeaderMutationRule,
 )
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutationRemoveOnMatch,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
@@ -74,6 +77,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteAction,
     RouteConfiguration,
     RouteMatch,
+    RouteMatchConnectMatcher,
     VirtualHost,
     WeightedCluster,
     WeightedClusterClusterWeight,
@@ -168,6 +172,7 @@ from envoy_data_plane.xds.type.matcher.v3 import StringMatcher as XdsStringMatch
 
 from . import parsing
 from .config import (
+    INTERNAL_HEADER_PREFIX,
     Config,
     Model,
     Target,
@@ -210,6 +215,9 @@ OTLP_CLUSTER = "extproc_otlp"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "extproc.stream_observer"
 REQUEST_BUFFER_FILTER = "extproc.request_buffer"
+REQUEST_HEADERS_FILTER = "extproc.request_headers"
+REQUEST_RECEIVE_TIMEOUT_S = 60
+REQUEST_HEADERS_TIMEOUT_S = 10
 RESPONSE_HEADERS_FILTER = "extproc.response_headers"
 USAGE_FILTER = "extproc.usage"
 ACCESS_LOG_NAME = "extproc"
@@ -519,6 +527,7 @@ def accounting_access_log(cfg: Config) -> AccessLog:
 def gateway_http_filters(cfg: Config) -> list[HttpFilter]:
     """The gateway's filters, in order, to go before the router."""
     return [
+        request_headers_filter(),
         request_buffer_filter(cfg),
         ext_proc_http_filter(cfg),
         observer_http_filter(cfg),
@@ -544,7 +553,30 @@ def ext_proc_http_filter(cfg: Config) -> HttpFilter:
         None,
         downstream_ext_proc(cfg),
         value_match=XdsStringMatcher(
-            safe_regex=XdsRegexMatcher(google_re2=XdsRegexMatcherGoogleRe2(), regex=".*")
+            # (?s): any value at all, line breaks and all (every request has a :method).
+            safe_regex=XdsRegexMatcher(google_re2=XdsRegexMatcherGoogleRe2(), regex="(?s).*")
+        ),
+    )
+
+
+def request_headers_filter() -> HttpFilter:
+    """Envoy removes every x-aigw-* header a client sent, before anything else sees the
+    request. The downstream stage does too; this makes sure of it should that stage ever not
+    run for a request (the routes and the upstream stage trust these headers)."""
+    return HttpFilter(
+        name=REQUEST_HEADERS_FILTER,
+        typed_config=_any(
+            HeaderMutation(
+                mutations=Mutations(
+                    request_mutations=[
+                        HeaderMutationRule(
+                            remove_on_match=HeaderMutationRemoveOnMatch(
+                                key_matcher=StringMatcher(prefix=INTERNAL_HEADER_PREFIX)
+                            )
+                        )
+                    ]
+                )
+            )
         ),
     )
 
@@ -723,6 +755,18 @@ def routes(cfg: Config) -> RouteConfiguration:
             # config changed and this Envoy config is older. Refuse rather than send one
             # backend's credential to another.
             route_list.append(_stale_route(name))
+    # CONNECT has no body that ends: the request buffer would wait for it until the request
+    # timeout. A route for it makes Envoy, which has no CONNECT upgrade configured, refuse it
+    # at once (403 upgrade_failed, in OpenAI's shape); the gateway tunnels nothing.
+    connect = _error_route(
+        "connect",
+        RouteMatch(connect_matcher=RouteMatchConnectMatcher()),
+        405,
+        "The gateway does not tunnel (CONNECT)",
+        "invalid_request_error",
+        "method_not_allowed",
+    )
+    route_list.insert(0, connect)
     # Reached only by a request the sidecar did not route (it answers everything it rejects).
     route_list.append(
         _error_route(
@@ -836,9 +880,13 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
         local_reply_config=_local_reply(cfg),
-        # LLM streams run for minutes; the per-route timeout bounds the whole request instead.
+        # LLM streams run for minutes; the per-route timeout bounds the whole answer.
         stream_idle_timeout=_duration(600),
-        request_timeout=_duration(0),
+        # The request itself must arrive in time: Envoy reads the whole body before the sidecar
+        # sees it (request_buffer_filter), so a slow or idle client holds at most this long
+        # what it sent. (Disarmed once the request went upstream, or the answer began.)
+        request_timeout=_duration(REQUEST_RECEIVE_TIMEOUT_S),
+        request_headers_timeout=_duration(REQUEST_HEADERS_TIMEOUT_S),
         tracing=_tracing(cfg),
     )
     hcm.access_log = [accounting_access_log(cfg)]

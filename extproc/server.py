@@ -244,6 +244,9 @@ class Sidecar:
             RELEASED.horizon_s = released_horizon(fresh.runtime.config)
             CONFIG_RELOADS.labels("applied").inc()
             if fresh.quota is not old.quota:
+                # Streams admitted before the reload settle through the old service: what
+                # fails there (its store is closed now) is retried by the new one.
+                old.quota.hand_over_to(fresh.quota)
                 await old.quota.drain()
                 await old.quota.store.close()
             if retired is not None:

@@ -13,6 +13,7 @@ from extproc.envoy_config import (
     HTTP_PROTOCOL_OPTIONS,
     OBSERVER_FILTER,
     REQUEST_BUFFER_FILTER,
+    REQUEST_HEADERS_FILTER,
     RESPONSE_HEADERS_FILTER,
     USAGE_FILTER,
     render_istio,
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.e2e
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 GATEWAY_FILTERS = [
+    REQUEST_HEADERS_FILTER,
     REQUEST_BUFFER_FILTER,
     EXT_PROC_FILTER,
     OBSERVER_FILTER,

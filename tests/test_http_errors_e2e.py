@@ -46,6 +46,8 @@ MALFORMED = {
         400,
     ),
     "no Host": (b"GET /v1/models HTTP/1.1\r\n\r\n", 400),
+    # No body that ends: answered at once, not held by the request buffer.
+    "CONNECT": (b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n", 403),
 }
 
 

@@ -777,6 +777,40 @@ def test_a_settle_that_fails_is_retried_and_charged_once(
     asyncio.run(main())
 
 
+def test_a_reload_hands_failed_and_late_settles_to_the_new_store(
+    redis_server: RedisServer,
+) -> None:
+    """A reload that changes the quota settings closes the old store: a stream admitted before
+    it settles through the old service; the settle fails there at once (the store is closed)
+    and the new service retries it, so the reservation is charged once, at its actual amount,
+    not at its estimate when it expires."""
+    cfg = one_limit_config()
+    specs = team_limits(cfg)[TEAM]
+
+    async def main() -> None:
+        old_store = RedisStore.from_url(redis_server.url)
+        new_store = RedisStore.from_url(redis_server.url, timeout_s=0.2)
+        old = QuotaService(old_store, QuotaSettings(store="redis"))
+        new = QuotaService(new_store, QuotaSettings(store="redis"))
+        try:
+            await old_store.warm_up()
+            await new_store.warm_up()
+            res = await old.reserve(cfg, TEAM, MODEL, specs, Amounts(100, 50))
+            assert res is not None
+            (counter,) = (c.counter for c in res.charges)
+            old.hand_over_to(new)  # what Sidecar.reload does, then drain and close
+            await old.drain()
+            await old_store.close()
+            old.settle_soon(res, Amounts(30, 12))  # the in-flight stream ends now
+            await wait_until("handed over", lambda: new.pending_settles == 1)
+            await new.drain()
+            assert await new_store.usage(TEAM, [counter]) == (CounterState(counter, 42, 0),)
+        finally:
+            await new_store.close()
+
+    asyncio.run(main())
+
+
 class LostReplies(QuotaStore):
     """A real store whose first `lose` settles run, but whose answers are lost."""
 

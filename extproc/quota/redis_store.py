@@ -291,9 +291,12 @@ class _Lanes:
         self._free: asyncio.Queue[Redis] = asyncio.Queue()
         for lane in self._lanes:
             self._free.put_nowait(lane)
+        self._closed = False
 
     async def acquire(self) -> tuple[Redis, bool]:
         """A lane with an open connection, and whether it was (re)opened just now."""
+        if self._closed:
+            raise RedisConnectionError("the store is closed (a reload replaced it)")
         lane = await self._free.get()
         try:
             return lane, await _open(lane.connection)
@@ -321,6 +324,7 @@ class _Lanes:
         _raise_first(results)
 
     async def close(self) -> None:
+        self._closed = True
         for lane in self._lanes:
             await lane.aclose()  # gives its connection back to the pool, which the client closes
 
@@ -367,8 +371,11 @@ class _ClusterSlots:
         self._slots = asyncio.Semaphore(size)
         self._cold = True
         self._warming: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def acquire(self) -> tuple[RedisCluster, bool]:
+        if self._closed:
+            raise RedisConnectionError("the store is closed (a reload replaced it)")
         if self._cold:
             await self._await_warm(self._budget_s)
         await self._slots.acquire()
@@ -425,6 +432,7 @@ class _ClusterSlots:
                 self._slots.release()
 
     async def close(self) -> None:
+        self._closed = True
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()
             with contextlib.suppress(BaseException):

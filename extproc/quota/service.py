@@ -96,6 +96,9 @@ class QuotaService:
     _pending: deque[_PendingSettle] = field(default_factory=deque)
     _retrier: asyncio.Task | None = None
     _hurry: asyncio.Event | None = None  # set by drain(): retry now, not after the back-off
+    # The service a reload put in this one's place: failed settles go to its retries (its
+    # store is the one that stays open).
+    _successor: QuotaService | None = None
 
     @classmethod
     def from_settings(cls, settings: QuotaSettings) -> QuotaService:
@@ -231,7 +234,9 @@ class QuotaService:
         started = time.perf_counter()
         try:
             await self.store.settle(reservation.team, reservation.id, amounts)
-        except StoreUnavailable as exc:
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailable):  # a bug: retrying is still the best bet
+                log.exception("settle of reservation %s failed", reservation.id)
             self._store_failed("settle", exc)
             span.set_attribute("extproc.error", "store_unavailable")
             until = reservation.expires_at or time.time() + self.settings.reservation_ttl_s
@@ -249,6 +254,9 @@ class QuotaService:
         """Queue a settle the store failed. Retrying is safe: a settle that did run (only its
         answer was lost) left nothing to settle, and settling an unknown or expired
         reservation changes nothing (an expired one has been charged at its estimate)."""
+        if self._successor is not None:
+            self._successor._retry_later(team, res_id, amounts, until)
+            return
         if len(self._pending) >= RETRY_MAX_PENDING:
             QUOTA_SETTLE_RETRIES.labels(self.settings.store, "abandoned").inc()
             return
@@ -286,9 +294,10 @@ class QuotaService:
                 self._pending.rotate(-1)
                 failing = True
                 continue
-            except ValueError:  # the amounts do not match its charges: retrying cannot help
+            except Exception:  # the amounts do not match its charges, or a bug: retrying won't help
                 log.exception("settle of reservation %s refused by the store", item.id)
                 self._pending.popleft()
+                QUOTA_SETTLE_RETRIES.labels(store, "abandoned").inc()
                 continue
             self._pending.popleft()
             QUOTA_SETTLE_RETRIES.labels(store, "settled").inc()
@@ -305,6 +314,18 @@ class QuotaService:
             return False
         self._hurry.clear()
         return True
+
+    def hand_over_to(self, successor: QuotaService) -> None:
+        """A reload replaced this service (its store is about to close): the settles waiting
+        for a retry, and those of the requests still in flight that fail on the closed store,
+        are retried by `successor` instead (settling is idempotent, and an id another store
+        does not know changes nothing there)."""
+        self._successor = successor
+        if self._retrier is not None and not self._retrier.done():
+            self._retrier.cancel()
+        while self._pending:
+            item = self._pending.popleft()
+            successor._retry_later(item.team, item.id, item.amounts, item.until)
 
     @property
     def pending_settles(self) -> int:
