@@ -235,6 +235,17 @@ class RedisSettings(_Strict):
     # (more wait for a free connection, within connect_timeout_ms).
     pool_size: int = Field(default=16, ge=1, le=1024)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _max_connections(cls, data: Any) -> Any:
+        # The name this setting had before it opened its connections ahead: still taken.
+        if isinstance(data, dict) and "max_connections" in data:
+            if "pool_size" in data:
+                raise ValueError("max_connections is the old name of pool_size: set one")
+            data = {**data, "pool_size": data["max_connections"]}
+            del data["max_connections"]
+        return data
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:

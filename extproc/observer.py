@@ -19,7 +19,7 @@ from typing import Any
 
 from .processor import (
     METADATA_NAMESPACE,
-    OUTPUT_ESTIMATE_KEY,
+    OUTPUT_CAP_KEY,
     Services,
     answering_backend,
     handed_back,
@@ -122,9 +122,10 @@ class ObservedStream:
         team, model = str(info.get("team", "")), str(info.get("model", ""))
         prompt = int(_number(info.get("prompt_tokens_estimate"), 0))
         # The request's max output, the cap of our own count (absent: an older sidecar's).
-        cap = _number(info.get(OUTPUT_ESTIMATE_KEY), -1)
-        max_output = int(cap) if cap >= 0 else None
-        usage = stream_usage(self.relay, prompt, services.tokens, model, max_output)
+        # The most output the client allowed, the cap of our own count (absent: none set).
+        declared = _number(info.get(OUTPUT_CAP_KEY), -1)
+        cap = int(declared) if declared >= 0 else None
+        usage = stream_usage(self.relay, prompt, services.tokens, model, cap)
         if info.get("reservation"):
             services.quota.settle_soon(
                 handed_back(services, info),

@@ -30,7 +30,7 @@ from .parsing import (
     with_usage_requested,
 )
 from .quota.policy import Amounts, applicable
-from .quota.service import requested_output
+from .quota.service import declared_output, requested_output
 from .sse import RelayedStream, StreamRelay
 from .streams import ACTIVE, RELEASED, StreamTiming
 from .telemetry.report import (
@@ -69,6 +69,9 @@ ACCOUNT_KEY = "account"
 # of the most output the request may produce, as reserved: an answer without a usage report is
 # charged at most that (usage.estimated).
 OUTPUT_ESTIMATE_KEY = "output_estimate"
+# ... and of the most output the client allowed (absent: it set no max_tokens): the cap of the
+# gateway's own count of an answer without a usage report (usage.estimated).
+OUTPUT_CAP_KEY = "output_cap"
 # The `usage` fields of a JSON answer Envoy's json_to_metadata filter copies into the
 # request's metadata (the same keys the sidecar sets for the answers it reads itself).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -103,6 +106,7 @@ class DownstreamStream:
         "known_backend",
         "max_output",
         "observe",
+        "output_cap",
         "pool",
         "prompt",
         "prompt_turns",
@@ -137,6 +141,8 @@ class DownstreamStream:
         self.prompt: Any = None  # TokenCount of the prompt
         # The most output the request may produce (reserved; the cap of our own count).
         self.max_output: int | None = None
+        # The most output the client allowed (the backend was told): the cap of our own count.
+        self.output_cap: int | None = None
         self.backend: str | None = None
         self.status = 0
         self.relay: StreamRelay | GuardedStreamRelay | None = None
@@ -271,6 +277,7 @@ class DownstreamStream:
         self.max_output = requested_output(
             parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
         )
+        self.output_cap = declared_output(parsed.body, self.endpoint)
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
         slots = request_slots(self.endpoint, parsed.body) if request_guards else []
         # Local guards first, masking in place: what they remove never leaves the gateway.
@@ -280,7 +287,9 @@ class DownstreamStream:
         else:
             verdicts = []
         self._stop_if_blocked(verdicts, "request")
+        counting = time.perf_counter()
         self.prompt = await self._count_prompt(parsed)
+        counted_s = time.perf_counter() - counting
         self._check_prompt_size(request_guards, verdicts)
         external = await self._external_guards_and_reserve(parsed, request_guards, slots, verdicts)
         verdicts += external
@@ -288,7 +297,9 @@ class DownstreamStream:
         if guard.apply_rewrites(external, slots):
             changed = True
             # The prompt the backend will get is the rewritten one: count and size it again.
-            self.prompt = await self._count_prompt(parsed)
+            # One budget per request: the recount gets what the first count left.
+            left = max(0.0, self.services.tokens.budget_s - counted_s)
+            self.prompt = await self._count_prompt(parsed, left)
             self._check_prompt_size(request_guards, verdicts)
         self._record("request", verdicts)
         if self.trace is not NO_TRACE:
@@ -362,6 +373,8 @@ class DownstreamStream:
             # runs: the observer (a stream it follows) or the access log's reader.
             data.update(handover(self.reservation, self.started))
             data[OUTPUT_ESTIMATE_KEY] = self.max_output
+            if self.output_cap is not None:
+                data[OUTPUT_CAP_KEY] = self.output_cap
             if audit is not None:
                 data.update(report.handover())
             if self.trace is not NO_TRACE:
@@ -521,16 +534,20 @@ class DownstreamStream:
         if self.report is not None and verdicts:
             self.report.guards.extend(verdict_entries(stage, verdicts))
 
-    async def _count_prompt(self, parsed: ParsedRequest) -> Any:
-        # Never fails; a long prompt waits at most sidecar.count_budget_ms (then it is partly
-        # estimated), in its team's queue for the tokenizer threads.
+    async def _count_prompt(self, parsed: ParsedRequest, budget: float | None = None) -> Any:
+        # Never fails; a long prompt waits at most `budget` (default sidecar.count_budget_ms;
+        # then the rest is estimated), in its team's queue for the tokenizer threads.
         tokens, body, model, team = self.services.tokens, parsed.body, parsed.model, self.team
         if parsed.endpoint is Endpoint.CHAT:
             tools = body.get("tools") if isinstance(body.get("tools"), list) else None
-            return await tokens.count_chat_async(model, body["messages"], tools, team=team)
+            return await tokens.count_chat_async(
+                model, body["messages"], tools, team=team, budget=budget
+            )
         if parsed.endpoint is Endpoint.COMPLETIONS:
-            return await tokens.count_prompt_async(model, body["prompt"], team=team)
-        return await tokens.count_embedding_input_async(model, body["input"], team=team)
+            return await tokens.count_prompt_async(model, body["prompt"], team=team, budget=budget)
+        return await tokens.count_embedding_input_async(
+            model, body["input"], team=team, budget=budget
+        )
 
     # -- response -----------------------------------------------------------------------------
 
@@ -759,7 +776,7 @@ class DownstreamStream:
         if self.request is None or self.prompt is None:
             return self.relay.usage
         tokens, model = self.services.tokens, self.request.model
-        return stream_usage(self.relay, self.prompt.tokens, tokens, model, self.max_output)
+        return stream_usage(self.relay, self.prompt.tokens, tokens, model, self.output_cap)
 
     def _buffered_usage(self, raw: bytes) -> Usage | None:
         if self.request is None or not 200 <= self.status < 300:
@@ -776,7 +793,7 @@ class DownstreamStream:
         if self.request is None or self.prompt is None:
             return None
         tokens, model = self.services.tokens, self.request.model
-        return estimate(self.prompt.tokens, tokens, model, completion, self.max_output)
+        return estimate(self.prompt.tokens, tokens, model, completion, self.output_cap)
 
     def _backend_headers(self) -> dict[str, str]:
         """The backend Envoy chose (a pooled or canary model) and the model name it got."""
@@ -831,7 +848,7 @@ def observer_finishes(info: Mapping[str, Any], status: int, content_type: str) -
 
 
 def stream_usage(
-    relay: RelayedStream, prompt: int, tokens: TokenCounter, model: str, max_output: int | None
+    relay: RelayedStream, prompt: int, tokens: TokenCounter, model: str, cap: int | None
 ) -> Usage:
     """A stream's usage: the backend's report, or our own count when there is none (at most
     the request's `max_output`: usage.estimated)."""
@@ -841,15 +858,15 @@ def stream_usage(
         # The backend announced a usage report, so the relay kept no text; the report never
         # came (a cut stream). OpenAI-style streams carry about one token per event: count
         # every event but the role chunk, erring towards over-counting, never losing tokens.
-        return estimated(prompt, max(0, relay.events - 1), max_output)
-    return estimate(prompt, tokens, model, relay.text, max_output)
+        return estimated(prompt, max(0, relay.events - 1), cap)
+    return estimate(prompt, tokens, model, relay.text, cap)
 
 
 def estimate(
-    prompt: int, tokens: TokenCounter, model: str, completion: str, max_output: int | None
+    prompt: int, tokens: TokenCounter, model: str, completion: str, cap: int | None
 ) -> Usage:
     """Our own count of an answer without a usage report, charged by usage.estimated."""
-    return estimated(prompt, tokens.count_text(model, completion).tokens, max_output)
+    return estimated(prompt, tokens.count_text(model, completion).tokens, cap)
 
 
 def handed_back(services: Services, info: Mapping[str, Any]) -> Reservation | None:

@@ -61,10 +61,11 @@ __all__ = [
 
 logger = logging.getLogger("extproc.tokens")
 
-# Up to this many characters (all of a prompt's texts together) a prompt is encoded inline:
-# a millisecond or so. Longer ones go to the tokenizer threads, in pieces; tiktoken releases
-# the GIL while encoding, so the loop keeps going.
-ASYNC_THREAD_THRESHOLD_CHARS = 64 * 1024
+# Up to this many characters (all of a prompt's texts together) a prompt is encoded inline,
+# holding the event loop: about a millisecond of prose, ~5 ms of the slowest text (whitespace
+# runs, CJK). Longer ones go to the tokenizer threads, in pieces; tiktoken releases the GIL
+# while encoding, so the loop keeps going.
+ASYNC_THREAD_THRESHOLD_CHARS = 16 * 1024
 
 # Longer texts are encoded in pieces of PIECE_CHARS // 2 to PIECE_CHARS characters: a piece
 # takes at most a few milliseconds whatever it holds (whitespace, one random word, CJK), so a

@@ -30,10 +30,12 @@ class Usage:
 def estimated(prompt: int, output: int | None, max_output: int | None) -> Usage:
     """The charge of an answer without the provider's usage report, one rule on every path
     (the downstream stage, the stream observer, the access log's reader): the prompt plus the
-    output the gateway counted, at most the most the request may produce (`max_output`:
-    `max_completion_tokens` / `max_tokens` or `quota.default_max_tokens`, times `n`, which is
-    what was reserved). `output` None: the gateway did not see the answer (a JSON answer
-    accounted from Envoy's access log), so the maximum. `max_output` None: not known (no cap).
+    output the gateway counted, at most the most the client allowed (`max_output`: its
+    `max_completion_tokens` / `max_tokens` times `n`, which the backend was told; None when it
+    set none: no cap, so nothing produced goes uncharged). `output` None: the gateway did not
+    see the answer (a JSON answer accounted from Envoy's access log): then `max_output` is
+    what was reserved (the declared maximum, else `quota.default_max_tokens`), and that is
+    charged.
     """
     if output is None:
         output = max_output or 0

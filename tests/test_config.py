@@ -613,3 +613,11 @@ def test_several_workers_need_a_shared_quota_store_and_a_port() -> None:
         parse_config(cfg(sidecar={"workers": 4}, teams=limited, quota=redis)).sidecar.workers == 4
     )
     assert parse_config(cfg(sidecar={"workers": 2})).sidecar.workers == 2  # no limits: fine
+
+
+def test_redis_max_connections_is_the_old_name_of_pool_size() -> None:
+    old = parse_config(cfg(quota={"store": "redis", "redis": {"max_connections": 8}}))
+    assert old.quota.redis.pool_size == 8
+    both = {"store": "redis", "redis": {"max_connections": 8, "pool_size": 4}}
+    ((path, message),) = parse_problems(cfg(quota=both))
+    assert path == "quota.redis" and "pool_size" in message

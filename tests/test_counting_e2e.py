@@ -20,6 +20,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.tokens import TokenCounter
+
 from .conftest import free_port, sha256_hex
 from .test_quota_e2e import running_stack
 
@@ -27,6 +29,7 @@ from .test_quota_e2e import running_stack
 pytestmark = pytest.mark.e2e
 
 MODEL = "gpt-4o-mini"
+TEAM_B_LIMIT = 10_000_000
 # Random bytes made letters (and, for "words", about one in six a space): cheap to build.
 _LETTERS = bytes(ord("a") + i % 26 for i in range(256))
 _WORDS = bytes(32 if i < 43 else ord("a") + i % 26 for i in range(256))
@@ -44,14 +47,17 @@ class Counting:
 
     def chat(self, key: str, content: str) -> int:
         """The HTTP status of one chat request (the SDK raises on anything but 2xx)."""
+        return self.chat_headers(key, content)[0]
+
+    def chat_headers(self, key: str, content: str) -> tuple[int, dict[str, str]]:
         client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=30)
         try:
-            client.chat.completions.create(
+            raw = client.chat.completions.with_raw_response.create(
                 model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=4
             )
         except openai.APIStatusError as err:
-            return err.status_code
-        return 200
+            return err.status_code, dict(err.response.headers)
+        return raw.status_code, dict(raw.headers)
 
     def estimates(self) -> dict[str, float]:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
@@ -78,7 +84,11 @@ def counting(tmp_path_factory) -> Iterator[Counting]:
         "envoy": {"listen": f"127.0.0.1:{ports['envoy']}", "admin": f"127.0.0.1:{ports['admin']}"},
         "teams": {
             "team-a": {"keys": [{"sha256": sha256_hex("sk-count-a")}]},
-            "team-b": {"keys": [{"sha256": sha256_hex("sk-count-b")}]},
+            # A limit, so its answers say what was reserved: the prompt's count, plus 4.
+            "team-b": {
+                "keys": [{"sha256": sha256_hex("sk-count-b")}],
+                "limits": [{"window": "day", "tokens": TEAM_B_LIMIT}],
+            },
         },
         "backends": {"fake": {"url": f"http://127.0.0.1:{ports['fake']}/v1"}},
         "models": {MODEL: {"targets": [{"backend": "fake"}]}},
@@ -117,6 +127,13 @@ def test_one_teams_huge_prompts_do_not_starve_another_team(counting: Counting) -
     with ThreadPoolExecutor(9) as pool:
         team_a = [pool.submit(counting.chat, "sk-count-a", huge) for _ in range(8)]
         time.sleep(0.5)
-        team_b = pool.submit(counting.chat, "sk-count-b", medium)
-        assert team_b.result() == 200
+        team_b = pool.submit(counting.chat_headers, "sk-count-b", medium)
+        status, headers = team_b.result()
+        assert status == 200
         assert [f.result() for f in team_a] == [200] * 8
+    # Team B's prompt was counted exactly, not estimated at the budget's end: it was served
+    # between team A's pieces, not after them (what it reserved is its exact count + 4).
+    exact = TokenCounter().count_chat(MODEL, [{"role": "user", "content": medium}])
+    assert exact.exact
+    reserved = TEAM_B_LIMIT - int(headers["x-ratelimit-remaining-tokens"])
+    assert reserved == exact.tokens + 4

@@ -297,3 +297,16 @@ def test_a_webhooks_reason_is_masked_before_logs_spans_and_the_audit_trail() -> 
     assert entry["reason"] == "found [EMAIL] in the text"
     assert entry["categories"] == ["quoted:[EMAIL]"]
     assert EMAIL not in repr(stream.report.guards)
+
+
+def test_a_guard_that_could_not_be_asked_is_told_apart_by_its_flag_not_its_words() -> None:
+    from extproc.guard.pipeline import blocked
+    from extproc.guard.types import Verdict
+
+    down = blocked(
+        Verdict("block", "g", reason="unavailable: timeout", unavailable=True), 403, "request"
+    )
+    assert (down.status, down.code, down.type) == (503, "guard_unavailable:g", "server_error")
+    # A webhook's own reason may read the same: it is still the block it said it was.
+    said = blocked(Verdict("block", "g", reason="unavailable: content"), 403, "request")
+    assert (said.status, said.code) == (403, "guard_blocked:g")

@@ -271,14 +271,15 @@ def test_observer_counts_a_stream_without_usage_itself(base: Services) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fields", "cap"), [({"max_tokens": 3}, 3), ({"max_tokens": None}, 5)], ids=["max", "default"]
+    ("fields", "cap"), [({"max_tokens": 3}, 3), ({"max_tokens": None}, None)], ids=["max", "none"]
 )
 @pytest.mark.parametrize("handover", ["released", "at-headers"])
 def test_observer_charges_a_stream_without_usage_at_most_the_max_output(
-    released_base: Services, handover: str, fields: dict[str, Any], cap: int
+    released_base: Services, handover: str, fields: dict[str, Any], cap: int | None
 ) -> None:
-    """The request's max output (quota.default_max_tokens when it sets none: what was
-    reserved) comes with the hand-over metadata and caps the observer's own count."""
+    """The most output the client allowed comes with the hand-over metadata and caps the
+    observer's own count; a request that set none is charged its whole count (what was
+    reserved, quota.default_max_tokens, only sized the reservation)."""
     base = (
         released_base if handover == "released" else with_sidecar(released_base, json_path="inline")
     )
@@ -286,18 +287,20 @@ def test_observer_charges_a_stream_without_usage_at_most_the_max_output(
     body = {k: v for k, v in chat(**fields).items() if v is not None}
     stream, data = request_metadata(services, body)
     assert stream.released is (handover == "released")
-    assert data["observe"] is True and data["output_estimate"] == cap
+    assert data["observe"] is True and data["output_estimate"] == (cap or 5)
+    assert data.get("output_cap") == cap
     observe(services, data, [stream_bytes(LONG_ANSWER.split(" "), None)])
     ((_, actual),) = recorder.settled
-    assert services.tokens.count_text(MODEL, LONG_ANSWER).tokens > cap
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), cap)
+    counted = services.tokens.count_text(MODEL, LONG_ANSWER.replace(" ", "")).tokens
+    assert counted > 5
+    assert actual == Amounts(int(data["prompt_tokens_estimate"]), cap or counted)
 
 
 def test_observer_without_the_max_output_counts_without_a_cap(base: Services) -> None:
-    """Metadata from a downstream stage that did not hand the max output over."""
+    """Metadata from a downstream stage that did not hand the cap over."""
     services, recorder = recording(with_stream_path(base, "observe"))
     _, data = request_metadata(services, chat(max_tokens=3))
-    del data["output_estimate"]
+    del data["output_cap"]
     observe(services, data, [stream_bytes(LONG_ANSWER.split(" "), None)])
     ((_, actual),) = recorder.settled
     counted = services.tokens.count_text(MODEL, LONG_ANSWER.replace(" ", "")).tokens

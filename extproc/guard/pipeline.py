@@ -121,7 +121,7 @@ class Guardrails:
 
 def blocked(verdict: Verdict, status: int, stage: Stage) -> GatewayError:
     what = "request" if stage == "request" else "response"
-    if verdict.reason.startswith(UNAVAILABLE):
+    if verdict.unavailable:
         # A guard that could not be asked (on_error: block) judged nothing: the client should
         # retry, not rewrite its prompt, so it is told apart from a policy block.
         return GatewayError(
@@ -238,7 +238,7 @@ async def _timed(
         span.end()
         raise
     GUARD_SECONDS.labels(guard.name, stage).observe(time.perf_counter() - started)
-    if verdict.reason.startswith(UNAVAILABLE):
+    if verdict.unavailable:
         GUARD_ERRORS.labels(guard.name, _error_reason(verdict.reason)).inc()
     span.set_attributes({"extproc.guard.action": verdict.action, "extproc.guard.stage": stage})
     if verdict.reason:
@@ -303,7 +303,7 @@ async def _external(
     except GuardUnavailable as exc:
         action = "block" if spec.on_error == "block" else "allow"
         log.warning("guard %s unavailable (%s): on_error=%s", guard.name, exc, spec.on_error)
-        return Verdict(action, guard.name, reason=f"{UNAVAILABLE}{exc}")
+        return Verdict(action, guard.name, reason=f"{UNAVAILABLE}{exc}", unavailable=True)
     if reply.safe:
         return Verdict("allow", guard.name)
     if spec.categories is not None and not set(reply.categories) & set(spec.categories):

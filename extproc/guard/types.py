@@ -39,6 +39,8 @@ class Verdict:
     # For "rewrite": the replacement texts, one per text the guard was given, in order.
     texts: tuple[str, ...] | None = None
     counts: dict[str, int] = field(default_factory=dict)  # e.g. {"email": 2} for masks
+    # The guard could not be asked (GuardUnavailable): its on_error policy gave the action.
+    unavailable: bool = False
 
 
 class GuardUnavailable(Exception):

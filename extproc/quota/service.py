@@ -45,15 +45,27 @@ DRAIN_RETRIES_S = 5.0
 
 
 def requested_output(body: dict[str, Any], endpoint: Endpoint, default: int) -> int:
-    """The most output this request may produce, for the reservation."""
+    """The most output this request may produce, for the reservation: its declared maximum,
+    or `default` (quota.default_max_tokens) times n."""
+    declared = declared_output(body, endpoint)
+    if declared is not None:
+        return declared
+    n = body.get("n")
+    return default * (n if _positive_int(n) else 1)
+
+
+def declared_output(body: dict[str, Any], endpoint: Endpoint) -> int | None:
+    """The most output the client allowed (max_completion_tokens or max_tokens, times n): a
+    bound the backend was told. None: the client set none."""
     if endpoint is Endpoint.EMBEDDINGS:
         return 0
     value = body.get("max_completion_tokens")
     if not _positive_int(value):
         value = body.get("max_tokens")
-    out = value if _positive_int(value) else default
+    if not _positive_int(value):
+        return None
     n = body.get("n")
-    return out * (n if _positive_int(n) else 1)
+    return value * (n if _positive_int(n) else 1)
 
 
 def _positive_int(v: Any) -> TypeGuard[int]:
