@@ -11,6 +11,8 @@ Key layout (prefix "aigw", team "team-a"):
                                       membership is what makes a reservation exist
     aigw:{team-a}:cx            zset  the team's counter names, scored by expiry: lets reset
                                       find them without KEYS/SCAN
+    aigw:{team-a}:g:<id>        string  an id settled (or released) before it was known: a
+                                      reserve of it that runs later reserves nothing; an hour
 
 Every key of a team carries the hash tag `{<team>}`, so all of them are in one Cluster slot
 and every script runs on one node. The scripts pass the keys they know up front in KEYS, but
@@ -128,6 +130,12 @@ local function result(ok, failed)
   return out
 end
 
+-- Settled or released before it ran: a reserve that waited in a frozen server's socket while
+-- its request was answered without it (and released in case it ran). It reserves nothing.
+if redis.call('EXISTS', prefix .. 'g:' .. rid) == 1 then
+  return result(1, 0)
+end
+
 local score = redis.call('ZSCORE', rx, rid)
 if score then
   if tonumber(score) > now then
@@ -186,7 +194,12 @@ local prefix, rid = ARGV[1], ARGV[2]
 local now = now_ms()
 sweep(rx, prefix, now)
 local score = redis.call('ZSCORE', rx, rid)
-if not score then return 0 end
+if not score then
+  -- Unknown: settled already, expired and charged, or not run yet. For the last, leave word:
+  -- the reserve, should it run later, then reserves nothing.
+  redis.call('SET', prefix .. 'g:' .. rid, 1, 'PX', 3600000)
+  return 0
+end
 if tonumber(score) <= now then
   charge(rx, prefix, rid)
   return 0
