@@ -25,10 +25,8 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from .contract import ACCOUNT_KEY, METADATA_NAMESPACE, OUTPUT_ESTIMATE_KEY
 from .processor import (
-    ACCOUNT_KEY,
-    METADATA_NAMESPACE,
-    OUTPUT_ESTIMATE_KEY,
     Services,
     handed_back,
     observer_finishes,

@@ -28,8 +28,6 @@ from pydantic import (
     model_validator,
 )
 
-INTERNAL_HEADER_PREFIX = "x-aigw-"
-
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -833,27 +831,6 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
 
 def load_runtime(path: str | os.PathLike[str]) -> Runtime:
     return build_runtime(load_config(path), str(path))
-
-
-_BACKEND_PREFIX = "aigw-backend-"
-_SPLIT_PREFIX = "aigw-split-"
-
-
-def cluster_name(backend: str) -> str:
-    """Envoy cluster name of a backend; the sidecar maps it back from `xds.cluster_name`."""
-    return f"{_BACKEND_PREFIX}{backend}"
-
-
-def split_cluster_name(backend: str) -> str:
-    """The same backend as a member of a canary split: its cluster runs the upstream stage."""
-    return f"{_SPLIT_PREFIX}{backend}"
-
-
-def backend_from_cluster(cluster: str) -> str | None:
-    for prefix in (_BACKEND_PREFIX, _SPLIT_PREFIX):
-        if cluster.startswith(prefix):
-            return cluster[len(prefix) :]
-    return None
 
 
 def pooled(model: Model) -> bool:

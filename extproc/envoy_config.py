@@ -172,27 +172,22 @@ from envoy_data_plane.xds.type.matcher.v3 import StringMatcher as XdsStringMatch
 
 from . import parsing
 from .config import (
-    INTERNAL_HEADER_PREFIX,
     Config,
     Model,
     Target,
-    cluster_name,
     parse_address,
     pooled,
     pools,
     split,
-    split_cluster_name,
 )
-from .processor import (
+from .contract import (
     ACCOUNT_KEY,
+    BACKEND_METADATA,
     CLUSTER_ATTRIBUTE,
     HOST_ATTRIBUTE,
+    INTERNAL_HEADER_PREFIX,
     METADATA_NAMESPACE,
     OBSERVE_KEY,
-    USAGE_KEYS,
-)
-from .routing import (
-    BACKEND_METADATA,
     OBSERVE_STAGE,
     OWN_RESPONSE_HEADERS,
     POOL_HEADER,
@@ -203,6 +198,11 @@ from .routing import (
     STAGE_METADATA,
     TARGET_HEADER,
     TEAM_HEADER,
+    UPSTREAM_STAGE,
+    USAGE_KEYS,
+    cluster_name,
+    pool_cluster_name,
+    split_cluster_name,
 )
 from .usage import SOURCE_PROVIDER
 
@@ -330,7 +330,7 @@ def downstream_ext_proc(cfg: Config) -> ExternalProcessor:
 def upstream_ext_proc(cfg: Config, backend: str | None) -> ExternalProcessor:
     """The upstream stage of one backend's cluster (the backend in its gRPC metadata), or of a
     model's pooled cluster (each attempt's backend read from the chosen host's metadata)."""
-    metadata = {STAGE_METADATA: "upstream"}
+    metadata = {STAGE_METADATA: UPSTREAM_STAGE}
     if backend is not None:
         metadata[BACKEND_METADATA] = backend
     return ExternalProcessor(
@@ -792,10 +792,6 @@ def routes(cfg: Config) -> RouteConfiguration:
         # The internal headers are the gateway's own: a client or backend never sets them.
         internal_only_headers=[],
     )
-
-
-def pool_cluster_name(model: str) -> str:
-    return f"aigw-pool-{model}"
 
 
 def _exact(header: str, value: str) -> HeaderMatcher:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .config import INTERNAL_HEADER_PREFIX, Runtime
+from .config import Runtime
+from .contract import INTERNAL_HEADER_PREFIX
 from .errors import unauthorized
 
 

@@ -17,9 +17,8 @@ import logging
 import time
 from typing import Any
 
+from .contract import METADATA_NAMESPACE, OUTPUT_CAP_KEY
 from .processor import (
-    METADATA_NAMESPACE,
-    OUTPUT_CAP_KEY,
     Services,
     answering_backend,
     handed_back,

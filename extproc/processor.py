@@ -15,7 +15,26 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import text_format
 
 from . import identity, protocol, routing
-from .config import INTERNAL_HEADER_PREFIX, backend_from_cluster
+from .contract import (
+    ACCOUNT_KEY,
+    ATTEMPTS_HEADER,
+    BACKEND_METADATA,
+    CLUSTER_ATTRIBUTE,
+    HOST_ATTRIBUTE,
+    METADATA_NAMESPACE,
+    OBSERVE_KEY,
+    OUTPUT_CAP_KEY,
+    OUTPUT_ESTIMATE_KEY,
+    POOL_HEADER,
+    RATE_LIMIT_KEY,
+    ROUTE_HEADER,
+    TARGET_HEADER,
+    TEAM_HEADER,
+    TOKEN_HEADERS,
+    TOKEN_SOURCE_HEADER,
+    P,
+    backend_from_cluster,
+)
 from .errors import GatewayError, bad_request
 from .guard import pipeline as guard
 from .guard.stream import GuardedStreamRelay
@@ -54,28 +73,6 @@ if TYPE_CHECKING:
     from .tokens import TokenCounter
 
 log = logging.getLogger("extproc.processor")
-
-METADATA_NAMESPACE = "extproc"
-CLUSTER_ATTRIBUTE = "xds.cluster_name"
-# The metadata of the host an attempt went to: names the backend behind a pooled model's
-# aggregate cluster (whose own name says only the model).
-HOST_ATTRIBUTE = "xds.upstream_host_metadata"
-# The dynamic metadata key (set with the request body) that instantiates the stream observer.
-OBSERVE_KEY = "observe"
-# The dynamic metadata key (set with the request body) that sends the request's access log
-# entry to the sidecar: its answer is accounted there, not by this stage.
-ACCOUNT_KEY = "account"
-# The dynamic metadata key (set with the request body, for the stage that finishes the request)
-# of the most output the request may produce, as reserved: an answer without a usage report is
-# charged at most that (usage.estimated).
-OUTPUT_ESTIMATE_KEY = "output_estimate"
-# ... and of the most output the client allowed (absent: it set no max_tokens): the cap of the
-# gateway's own count of an answer without a usage report (usage.estimated).
-OUTPUT_CAP_KEY = "output_cap"
-# The `usage` fields of a JSON answer Envoy's json_to_metadata filter copies into the
-# request's metadata (the same keys the sidecar sets for the answers it reads itself).
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
-H = INTERNAL_HEADER_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,14 +246,12 @@ class DownstreamStream:
             raise bad_request("The request has no body", "missing_body")
 
         remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
-        remove = [h for h in remove if h != routing.TEAM_HEADER]
+        remove = [h for h in remove if h != TEAM_HEADER]
         if "accept-encoding" in headers:
             # The sidecar reads the answer (usage, response guards): a compressed body would
             # go uncounted and unguarded. Envoy or the client side may compress it again.
             remove.append("accept-encoding")
-        return protocol.request_headers_response(
-            protocol.common({routing.TEAM_HEADER: self.team}, remove)
-        )
+        return protocol.request_headers_response(protocol.common({TEAM_HEADER: self.team}, remove))
 
     async def on_request_body(self, msg: Any) -> protocol.ProcessingResponse:
         assert self.endpoint is not None and self.team is not None
@@ -322,13 +317,13 @@ class DownstreamStream:
             and not self.response_guards  # guards may change the stream: it goes inline
             and (path == "observe" or (path == "auto" and parsed.include_usage))
         )
-        set_headers = {routing.ROUTE_HEADER: parsed.model}
+        set_headers = {ROUTE_HEADER: parsed.model}
         target = routing.fixed_target(self.rt, parsed.model, self.pool)
         self.known_backend = target is not None
         if target is not None:
             # One backend can serve this request and its route has no upstream stage: this
             # stage prepares the request for that backend itself.
-            set_headers[routing.TARGET_HEADER] = target.backend
+            set_headers[TARGET_HEADER] = target.backend
             if target.credential is not None:
                 set_headers[target.auth_header] = target.credential
             if target.provider_model != parsed.model:
@@ -347,14 +342,14 @@ class DownstreamStream:
             "stream": parsed.stream,
             "prompt_tokens_estimate": self.prompt.tokens,
         }
-        # What Envoy renders into the answer's headers (routing.RESPONSE_HEADER_KEYS).
+        # What Envoy renders into the answer's headers (RESPONSE_HEADER_KEYS).
         if target is not None:
             data["backend"] = target.backend
             data["provider_model"] = target.provider_model
             report.backend = target.backend
             report.provider_model = target.provider_model
         if self.reservation is not None:
-            data[routing.RATE_LIMIT_KEY] = self.services.quota.rate_headers(
+            data[RATE_LIMIT_KEY] = self.services.quota.rate_headers(
                 self.reservation.specs, self.reservation.states
             )
         # With one backend, Envoy renders every header of the answer: nothing is left for this
@@ -387,7 +382,7 @@ class DownstreamStream:
             data[ACCOUNT_KEY] = True
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
-            set_headers[routing.POOL_HEADER] = str(self.pool)
+            set_headers[POOL_HEADER] = str(self.pool)
             data["pool"] = self.pool
             data["failover"] = "quota"
             report.failover = "quota"
@@ -565,12 +560,12 @@ class DownstreamStream:
             report.status = self.status
             report.backend = self.backend
             if not self.known_backend:
-                report.provider_model = set_headers.get(f"{H}provider-model")
+                report.provider_model = set_headers.get(f"{P}provider-model")
             report.attempts = int(attempts) if attempts.isdigit() else 1
         if not self.pool and attempts.isdigit() and int(attempts) > 1:
             # Envoy retried this request on another pool: the client should know it happened.
-            set_headers[f"{H}failover"] = "true"
-            set_headers[routing.ATTEMPTS_HEADER] = attempts
+            set_headers[f"{P}failover"] = "true"
+            set_headers[ATTEMPTS_HEADER] = attempts
             if report is not None:
                 report.failover = "retry"
         if self.route_span is not None:
@@ -655,8 +650,8 @@ class DownstreamStream:
             set_headers["content-length"] = str(len(body))
         if usage is not None:
             counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-            set_headers.update(zip(routing.TOKEN_HEADERS, map(str, counts), strict=True))
-            set_headers[routing.TOKEN_SOURCE_HEADER] = usage.source
+            set_headers.update(zip(TOKEN_HEADERS, map(str, counts), strict=True))
+            set_headers[TOKEN_SOURCE_HEADER] = usage.source
         return protocol.response_body_response(
             protocol.common(set_headers, body=body) if set_headers or body else None,
             dynamic_metadata=self._usage_metadata(usage),
@@ -799,10 +794,10 @@ class DownstreamStream:
         """The backend Envoy chose (a pooled or canary model) and the model name it got."""
         out: dict[str, str] = {}
         if self.request is not None and self.backend:
-            out[f"{H}backend"] = self.backend
+            out[f"{P}backend"] = self.backend
             target = self.rt.targets.get((self.request.model, self.backend))
             if target is not None:
-                out[f"{H}provider-model"] = target.provider_model
+                out[f"{P}provider-model"] = target.provider_model
         return out
 
     def _stream_metadata(self, usage: Usage | None) -> dict[str, Any]:
@@ -920,7 +915,7 @@ class UpstreamStream:
         try:
             if kind == "request_headers":
                 headers = protocol.header_dict(req.request_headers.headers)
-                backend = self.metadata.get(routing.BACKEND_METADATA)
+                backend = self.metadata.get(BACKEND_METADATA)
                 pooled = backend is None
                 if pooled:
                     backend = _host_backend(req)

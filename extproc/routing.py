@@ -13,60 +13,11 @@ from collections.abc import Mapping
 
 import orjson
 
-from .config import INTERNAL_HEADER_PREFIX, Model, ResolvedTarget, Runtime, pooled, pools, split
+from .config import Model, ResolvedTarget, Runtime, pooled, pools, split
+from .contract import ROUTE_HEADER
 from .errors import GatewayError, not_found
 from .identity import spoofed_headers
 from .parsing import ENDPOINT_MODEL_TYPES, Endpoint
-
-ROUTE_HEADER = f"{INTERNAL_HEADER_PREFIX}model"
-# With ROUTE_HEADER, on a request whose one backend the downstream stage prepared: Envoy's route
-# to that backend matches it too, so an Envoy config older than the sidecar's (a reload moved
-# the model) cannot send that backend's credential to another host.
-TARGET_HEADER = f"{INTERNAL_HEADER_PREFIX}target"
-# Set with the routing header when a pooled model's quota failover pins the request to pool 1.
-POOL_HEADER = f"{INTERNAL_HEADER_PREFIX}pool"
-TEAM_HEADER = f"{INTERNAL_HEADER_PREFIX}team"
-# gRPC initial metadata the rendered config attaches to each cluster's upstream ext_proc filter.
-STAGE_METADATA = "x-aigw-stage"
-OBSERVE_STAGE = "observe"  # the stage value of the stream observer (a non-blocking copy)
-BACKEND_METADATA = "x-aigw-backend"
-
-# The gateway's headers on an answer. Envoy renders each from the request's dynamic metadata
-# (the key, in the `extproc` namespace) when the sidecar knew the value before the answer came;
-# it first removes any a backend sent, so none can speak in the gateway's name.
-P = INTERNAL_HEADER_PREFIX
-RESPONSE_HEADER_KEYS = {
-    TEAM_HEADER: "team",
-    f"{P}model": "model",
-    f"{P}backend": "backend",
-    f"{P}provider-model": "provider_model",
-    f"{P}failover": "failover",
-}
-ATTEMPTS_HEADER = f"{P}attempts"
-# Set by the sidecar on the answers it reads itself (json_path: inline).
-TOKEN_HEADERS = (f"{P}prompt-tokens", f"{P}completion-tokens", f"{P}total-tokens")
-TOKEN_SOURCE_HEADER = f"{P}token-source"
-# Every x-aigw-* name the gateway uses, request side included: Envoy can only remove by name.
-OWN_RESPONSE_HEADERS = tuple(
-    dict.fromkeys(
-        (
-            *RESPONSE_HEADER_KEYS,
-            ATTEMPTS_HEADER,
-            *TOKEN_HEADERS,
-            TOKEN_SOURCE_HEADER,
-            ROUTE_HEADER,
-            TARGET_HEADER,
-            POOL_HEADER,
-        )
-    )
-)
-# OpenAI's rate-limit headers, from the reservation (metadata `ratelimit`, by header name).
-RATE_LIMIT_KEY = "ratelimit"
-RATE_LIMIT_HEADERS = tuple(
-    f"x-ratelimit-{what}-{kind}"
-    for kind in ("tokens", "requests")
-    for what in ("limit", "remaining", "reset")
-)
 
 _CREATED = int(time.time())
 

@@ -28,6 +28,13 @@ from .config import (
     load_runtime,
     parse_address,
 )
+from .contract import (
+    DOWNSTREAM_STAGE,
+    OBSERVE_STAGE,
+    STAGE_METADATA,
+    STAGES,
+    UPSTREAM_STAGE,
+)
 from .guard.llm import GuardClient
 from .guard.pipeline import Guardrails
 from .observer import ObservedStream
@@ -35,7 +42,6 @@ from .processor import DownstreamStream, Services, UpstreamStream
 from .quota.policy import team_limits
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
-from .routing import OBSERVE_STAGE, STAGE_METADATA
 from .streams import RELEASED
 from .telemetry import tracing as tracing_mod
 from .telemetry.audit import AuditLog, AuditTrail
@@ -53,12 +59,11 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 _PHASES = ("request_headers", "request_body", "response_headers", "response_body")
-_STAGES = ("downstream", "upstream", OBSERVE_STAGE)
 # The histogram children, looked up once: a message costs two clock reads and one observe.
 _PHASE_TIMERS = {
-    (stage, phase): PHASE_SECONDS.labels(stage, phase) for stage in _STAGES for phase in _PHASES
+    (stage, phase): PHASE_SECONDS.labels(stage, phase) for stage in STAGES for phase in _PHASES
 }
-_STREAM_GAUGES = {stage: EXT_PROC_STREAMS.labels(stage) for stage in _STAGES}
+_STREAM_GAUGES = {stage: EXT_PROC_STREAMS.labels(stage) for stage in STAGES}
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
@@ -72,10 +77,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         stream: DownstreamStream | UpstreamStream | ObservedStream
         if stage == OBSERVE_STAGE:
             stream = ObservedStream(self.services)
-        elif stage == "upstream":
+        elif stage == UPSTREAM_STAGE:
             stream = UpstreamStream(self.services, metadata)
         else:
-            stage = "downstream"
+            stage = DOWNSTREAM_STAGE
             stream = DownstreamStream(self.services, metadata)
         gauge = _STREAM_GAUGES[stage]
         gauge.inc()
