@@ -50,13 +50,9 @@ import yaml
 from extproc.config import Config, load_config
 from extproc.envoy_config import (
     EXT_PROC_FILTER,
+    GATEWAY_FILTERS,
     HTTP_PROTOCOL_OPTIONS,
-    OBSERVER_FILTER,
-    REQUEST_BUFFER_FILTER,
-    REQUEST_HEADERS_FILTER,
-    RESPONSE_HEADERS_FILTER,
     SIDECAR_CLUSTER,
-    USAGE_FILTER,
     bootstrap,
     to_dict,
 )
@@ -207,18 +203,8 @@ def gateway_config(
     return config
 
 
-# The gateway's HTTP filters: the baseline has none of them (their cost is the gateway's).
-GATEWAY_FILTERS = (
-    REQUEST_HEADERS_FILTER,
-    REQUEST_BUFFER_FILTER,
-    EXT_PROC_FILTER,
-    OBSERVER_FILTER,
-    RESPONSE_HEADERS_FILTER,
-    USAGE_FILTER,
-)
-
-
 def _without_ext_proc(filters: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """The filters without the gateway's (GATEWAY_FILTERS): their cost is the gateway's."""
     kept = [f for f in filters if f.get("name") not in GATEWAY_FILTERS]
     if len(kept) == len(filters):
         raise RuntimeError(f"no {EXT_PROC_FILTER} filter in {where}: the bootstrap changed shape")
