@@ -25,7 +25,7 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from .contract import ACCOUNT_KEY, METADATA_NAMESPACE, OUTPUT_ESTIMATE_KEY
+from .contract import METADATA_NAMESPACE, Handover
 from .processor import (
     Services,
     handed_back,
@@ -90,27 +90,27 @@ def account(services: Services, entry: Any) -> bool:
     if struct is None:
         return False
     info = struct_dict(struct)
-    if info.get(ACCOUNT_KEY) is not True:
+    handover = Handover.from_metadata(info)
+    if not handover.account:
         return False
     status = entry.response.response_code.value  # 0: the request ended without an answer
     body_bytes = entry.response.response_body_bytes
-    streamed = info.get("stream") is True
-    report = RequestReport.from_handover(info, stream=streamed, path="logged")
+    report = RequestReport.from_handover(handover, stream=handover.stream, path="logged")
     report.status = status
-    report.backend = _text(info, "backend") or None
-    report.provider_model = _text(info, "provider_model") or None
+    report.backend = handover.backend or None
+    report.provider_model = handover.provider_model or None
     report.attempts = entry.common_properties.upstream_request_attempt_count or 1
     cfg = services.runtime.config
     content_type = entry.response.response_headers.get("content-type", "")
-    if observer_finishes(info, status, content_type):
+    if observer_finishes(handover, status, content_type):
         # A stream the observer followed: it has the tokens, the quota and the audit record.
         report.count_request(cfg)
         return True
-    prompt = _int(info.get("prompt_tokens_estimate"))
+    prompt = handover.prompt_tokens
     usage = None
     if 200 <= status < 300:
-        usage = _usage(info)
-        max_output = _int(info.get(OUTPUT_ESTIMATE_KEY))
+        usage = _usage(info)  # Envoy's json_to_metadata filter put it there, not the hand-over
+        max_output = handover.output_estimate
         if usage is None and body_bytes == 0:
             usage = estimated(prompt, 0, max_output)  # nothing was delivered
         elif usage is None:
@@ -122,12 +122,11 @@ def account(services: Services, entry: Any) -> bool:
                 "(set sidecar.json_path: inline to count the answer itself)",
                 report.backend,
             )
-    parent = info.get("traceparent")
     trace = NO_TRACE
-    if isinstance(parent, str) and parent:
+    if handover.traceparent:
         # A child of the request's span, which the downstream stage ended with the request.
-        trace = services.tracing.request({"traceparent": parent}, name="response")
-    _settle(services, info, usage, prompt, status, trace)
+        trace = services.tracing.request({"traceparent": handover.traceparent}, name="response")
+    _settle(services, handover, usage, prompt, status, trace)
     report.count_request(cfg)
     cost = report.count_usage(cfg, usage)
     if trace is not NO_TRACE:
@@ -146,13 +145,13 @@ def account(services: Services, entry: Any) -> bool:
 
 def _settle(
     services: Services,
-    info: dict[str, Any],
+    handover: Handover,
     usage: Usage | None,
     prompt: int,
     status: int,
     trace: Any,
 ) -> None:
-    if not info.get("reservation"):
+    if not handover.reservation:
         return
     if usage is not None:
         actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
@@ -161,7 +160,7 @@ def _settle(
         actual = Amounts(prompt, 0)
     else:
         actual = Amounts(0, 0)  # the backend refused or failed: it served no tokens
-    services.quota.settle_soon(handed_back(services, info), actual, trace)
+    services.quota.settle_soon(handed_back(services, handover), actual, trace)
 
 
 def _usage(info: dict[str, Any]) -> Usage | None:
@@ -177,8 +176,3 @@ def _int(value: Any) -> int:
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
         return int(value)
     return 0
-
-
-def _text(info: dict[str, Any], key: str) -> str:
-    value = info.get(key)
-    return value if isinstance(value, str) else ""

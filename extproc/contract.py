@@ -6,6 +6,11 @@ agree on. Nothing else defines one; this module imports nothing of the gateway's
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 # -- request headers the gateway sets (and removes when a client sends them) --------------------
 
 INTERNAL_HEADER_PREFIX = "x-aigw-"
@@ -120,3 +125,123 @@ def backend_from_cluster(cluster: str) -> str | None:
         if cluster.startswith(prefix):
             return cluster[len(prefix) :]
     return None
+
+
+# -- the hand-over: what the downstream stage passes to the stage that finishes the request ------
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """What the downstream stage passes, in the request's dynamic metadata (METADATA_NAMESPACE),
+    to the stage that finishes the request in its place: the stream observer, or the access
+    log's reader, in whichever sidecar process that runs. to_metadata() and from_metadata() are
+    the one writer and the one reader of these keys."""
+
+    team: str
+    model: str
+    endpoint: str = ""
+    stream: bool = False
+    prompt_tokens: int = 0  # the prompt's count, as reserved
+    started_at: float = 0.0  # wall clock (the finisher may run in another process)
+    observe: bool = False  # the stream observer is instantiated (OBSERVE_KEY)
+    account: bool = False  # Envoy's access log brings the request back (ACCOUNT_KEY)
+    reservation: str = ""  # its id; "" when nothing was reserved
+    limits: tuple[str, ...] = ()  # the reservation's limit names, in order
+    pool: int = 0  # 1: a quota failover pinned the request to pool 1
+    output_estimate: int = 0  # the most output the request may produce, as reserved
+    output_cap: int | None = None  # the most the client allowed; None: it set none
+    backend: str = ""  # when one backend serves the request: known before the answer
+    provider_model: str = ""
+    traceparent: str = ""  # the request's span, for the finisher's child span
+    # For the audit record (when the audit trail is on).
+    request_id: str = ""
+    trace_id: str = ""
+    guards: tuple[dict[str, Any], ...] = ()
+    prompt_sha256: str = ""
+    prompt: tuple[str, ...] | None = None  # masked, with audit include_prompt
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The metadata values (what is empty is left out: every message of an observed stream
+        carries them)."""
+        out: dict[str, Any] = {
+            "team": self.team,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "prompt_tokens_estimate": self.prompt_tokens,
+        }
+        optional: dict[str, Any] = {
+            "started_at": self.started_at,
+            OUTPUT_ESTIMATE_KEY: self.output_estimate,
+            OBSERVE_KEY: self.observe,
+            ACCOUNT_KEY: self.account,
+            "reservation": self.reservation,
+            "limits": list(self.limits),
+            "pool": self.pool,
+            OUTPUT_CAP_KEY: self.output_cap,
+            "backend": self.backend,
+            "provider_model": self.provider_model,
+            "traceparent": self.traceparent,
+            "request_id": self.request_id,
+            "trace_id": self.trace_id,
+            "guards": list(self.guards),
+            "prompt_sha256": self.prompt_sha256,
+            "prompt": list(self.prompt) if self.prompt is not None else None,
+        }
+        out.update((k, v) for k, v in optional.items() if v or (k == OUTPUT_CAP_KEY and v == 0))
+        return out
+
+    @classmethod
+    def from_metadata(cls, info: Mapping[str, Any]) -> Handover:
+        """Read back from the metadata as Envoy forwards it (a Struct made plain: numbers are
+        floats), tolerating what an older sidecar did not write."""
+        cap = _number(info.get(OUTPUT_CAP_KEY))
+        prompt = info.get("prompt")
+        guards = info.get("guards")
+        return cls(
+            team=_text(info, "team"),
+            model=_text(info, "model"),
+            endpoint=_text(info, "endpoint"),
+            stream=info.get("stream") is True,
+            prompt_tokens=int(_number(info.get("prompt_tokens_estimate")) or 0),
+            started_at=_number(info.get("started_at")) or time.time(),
+            observe=info.get(OBSERVE_KEY) is True,
+            account=info.get(ACCOUNT_KEY) is True,
+            reservation=_text(info, "reservation"),
+            limits=tuple(str(n) for n in info.get("limits") or ()),
+            pool=int(_number(info.get("pool")) or 0),
+            output_estimate=int(_number(info.get(OUTPUT_ESTIMATE_KEY)) or 0),
+            output_cap=int(cap) if cap is not None else None,
+            backend=_text(info, "backend"),
+            provider_model=_text(info, "provider_model"),
+            traceparent=_text(info, "traceparent"),
+            request_id=_text(info, "request_id"),
+            trace_id=_text(info, "trace_id"),
+            guards=tuple(_whole(g) for g in guards if isinstance(g, dict))
+            if isinstance(guards, list | tuple)
+            else (),
+            prompt_sha256=_text(info, "prompt_sha256"),
+            prompt=tuple(str(p) for p in prompt) if isinstance(prompt, list | tuple) else None,
+        )
+
+
+def _text(info: Mapping[str, Any], key: str) -> str:
+    value = info.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _number(value: Any) -> float | None:
+    """A non-negative number, or None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
+
+
+def _whole(entry: dict[str, Any]) -> dict[str, Any]:
+    """A guard verdict entry back from a Struct, whose numbers are all floats: counts are whole
+    numbers again."""
+    out = dict(entry)
+    counts = out.get("counts")
+    if isinstance(counts, dict):
+        out["counts"] = {k: int(v) for k, v in counts.items()}
+    return out

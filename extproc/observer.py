@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from .contract import METADATA_NAMESPACE, OUTPUT_CAP_KEY
+from .contract import METADATA_NAMESPACE, Handover
 from .processor import (
     Services,
     answering_backend,
@@ -36,13 +36,13 @@ log = logging.getLogger("extproc.observer")
 
 
 class ObservedStream:
-    __slots__ = ("done", "info", "relay", "report", "services", "timing", "trace")
+    __slots__ = ("done", "handover", "relay", "report", "services", "timing", "trace")
 
     def __init__(self, services: Services) -> None:
         self.services = services
         self.relay: StreamRelay | None = None
         self.timing: StreamTiming | None = None
-        self.info: dict[str, Any] = {}
+        self.handover: Handover | None = None  # from the metadata, when the stream starts
         self.done = False  # finished, or not ours to follow
         self.report: RequestReport | None = None
         self.trace: Any = NO_TRACE
@@ -79,18 +79,18 @@ class ObservedStream:
     def _start(self, req: ProcessingRequest, headers: dict[str, str]) -> None:
         struct = req.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         # Plain Python values: a Struct's lists and nested objects are protobuf containers.
-        self.info = info = struct_dict(struct) if struct is not None else {}
+        info = struct_dict(struct) if struct is not None else {}
+        self.handover = handover = Handover.from_metadata(info)
         self.relay = StreamRelay(strip_usage_chunk=False)
-        started_at = _number(info.get("started_at"), time.time())
         cfg = self.services.runtime.config
         # The request's start on this process's perf_counter clock, for time to first token.
         self.timing = StreamTiming(
-            time.perf_counter() - (time.time() - started_at),
-            model_label(cfg, str(info.get("model", ""))),
+            time.perf_counter() - (time.time() - handover.started_at),
+            model_label(cfg, handover.model),
         )
         ACTIVE.opened()
         # The rest of the request's report: its first half came in the metadata.
-        report = self.report = RequestReport.from_handover(info)
+        report = self.report = RequestReport.from_handover(handover)
         report.backend = answering_backend(req)
         status = headers.get(":status", "0")
         report.status = int(status) if status.isdigit() else 0
@@ -100,10 +100,11 @@ class ObservedStream:
             report.failover = "retry"
         target = self.services.runtime.targets.get((report.model or "", report.backend or ""))
         report.provider_model = target.provider_model if target is not None else None
-        parent = info.get("traceparent")
-        if isinstance(parent, str) and parent:
+        if handover.traceparent:
             # A child of the request's span, which the downstream stage ended at hand-over.
-            self.trace = self.services.tracing.request({"traceparent": parent}, name="stream")
+            self.trace = self.services.tracing.request(
+                {"traceparent": handover.traceparent}, name="stream"
+            )
 
     def failed(self) -> None:
         """Nothing to mark: Envoy never waits for the observer, the client got its answer."""
@@ -117,17 +118,16 @@ class ObservedStream:
         self.done = True
         ACTIVE.closed()
         assert self.relay is not None and self.timing is not None
-        info, services = self.info, self.services
-        team, model = str(info.get("team", "")), str(info.get("model", ""))
-        prompt = int(_number(info.get("prompt_tokens_estimate"), 0))
-        # The request's max output, the cap of our own count (absent: an older sidecar's).
-        # The most output the client allowed, the cap of our own count (absent: none set).
-        declared = _number(info.get(OUTPUT_CAP_KEY), -1)
-        cap = int(declared) if declared >= 0 else None
-        usage = stream_usage(self.relay, prompt, services.tokens, model, cap)
-        if info.get("reservation"):
+        handover, services = self.handover, self.services
+        assert handover is not None
+        team, model = handover.team, handover.model
+        # The most output the client allowed caps our own count (None: it set none).
+        usage = stream_usage(
+            self.relay, handover.prompt_tokens, services.tokens, model, handover.output_cap
+        )
+        if handover.reservation:
             services.quota.settle_soon(
-                handed_back(services, info),
+                handed_back(services, handover),
                 Amounts(usage.prompt_tokens, usage.completion_tokens),
                 self.trace,
             )
@@ -149,9 +149,3 @@ class ObservedStream:
                 usage.as_metadata(),
                 self.timing.as_metadata(usage.completion_tokens),
             )
-
-
-def _number(value: Any, default: float) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return default

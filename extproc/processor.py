@@ -16,15 +16,11 @@ from google.protobuf import text_format
 
 from . import identity, protocol, routing
 from .contract import (
-    ACCOUNT_KEY,
     ATTEMPTS_HEADER,
     BACKEND_METADATA,
     CLUSTER_ATTRIBUTE,
     HOST_ATTRIBUTE,
     METADATA_NAMESPACE,
-    OBSERVE_KEY,
-    OUTPUT_CAP_KEY,
-    OUTPUT_ESTIMATE_KEY,
     POOL_HEADER,
     RATE_LIMIT_KEY,
     ROUTE_HEADER,
@@ -32,6 +28,7 @@ from .contract import (
     TEAM_HEADER,
     TOKEN_HEADERS,
     TOKEN_SOURCE_HEADER,
+    Handover,
     P,
     backend_from_cluster,
 )
@@ -335,23 +332,9 @@ class DownstreamStream:
             # client sees, since the client did not ask for it.
             body_mutation = with_usage_requested(parsed.body)
             self.strip_usage = True
-        data: dict[str, Any] = {
-            "team": self.team,
-            "model": parsed.model,
-            "endpoint": self.endpoint.value,
-            "stream": parsed.stream,
-            "prompt_tokens_estimate": self.prompt.tokens,
-        }
-        # What Envoy renders into the answer's headers (RESPONSE_HEADER_KEYS).
         if target is not None:
-            data["backend"] = target.backend
-            data["provider_model"] = target.provider_model
             report.backend = target.backend
             report.provider_model = target.provider_model
-        if self.reservation is not None:
-            data[RATE_LIMIT_KEY] = self.services.quota.rate_headers(
-                self.reservation.specs, self.reservation.states
-            )
         # With one backend, Envoy renders every header of the answer: nothing is left for this
         # stage to do once the request is sent, unless the answer must pass it (guards, an
         # inline stream, json_path: inline). Envoy's access log then brings every released
@@ -363,27 +346,47 @@ class DownstreamStream:
             and self.rt.config.sidecar.json_path == "access_log"
             and (self.observe or (not parsed.stream and not self.response_guards))
         )
+        handed: dict[str, Any] = {}
         if self.observe or release:
             # What the stage that finishes the request needs, in whichever sidecar process it
             # runs: the observer (a stream it follows) or the access log's reader.
-            data.update(handover(self.reservation, self.started))
-            data[OUTPUT_ESTIMATE_KEY] = self.max_output
-            if self.output_cap is not None:
-                data[OUTPUT_CAP_KEY] = self.output_cap
+            res = self.reservation
+            handed = {
+                # Wall clock, not perf_counter: the finisher may run in another process.
+                "started_at": time.time() - (time.perf_counter() - self.started),
+                "reservation": res.id if res is not None else "",
+                # Names, in order, so a reload that changed the team's limits is noticed.
+                "limits": tuple(spec.name for spec in res.specs) if res is not None else (),
+                "output_estimate": self.max_output or 0,
+                "output_cap": self.output_cap,
+                "traceparent": self.trace.traceparent() if self.trace is not NO_TRACE else "",
+            }
             if audit is not None:
-                data.update(report.handover())
-            if self.trace is not NO_TRACE:
-                data["traceparent"] = self.trace.traceparent()
-        if self.observe:
-            data[OBSERVE_KEY] = True
-        if release:
+                handed.update(report.handover())
+        # Also what Envoy renders into the answer's headers (RESPONSE_HEADER_KEYS): team, model
+        # and, when one backend serves the request, the backend and its name for the model.
+        data = Handover(
+            team=self.team,
+            model=parsed.model,
+            endpoint=self.endpoint.value,
+            stream=parsed.stream,
+            prompt_tokens=self.prompt.tokens,
+            observe=self.observe,
             # The answer goes to the client without this stage; Envoy's access log entry
             # brings its status (and a JSON answer's usage) to the sidecar (access_log.py).
-            data[ACCOUNT_KEY] = True
+            account=release,
+            pool=self.pool,
+            backend=target.backend if target is not None else "",
+            provider_model=target.provider_model if target is not None else "",
+            **handed,
+        ).to_metadata()
+        if self.reservation is not None:
+            data[RATE_LIMIT_KEY] = self.services.quota.rate_headers(
+                self.reservation.specs, self.reservation.states
+            )
         metadata = {METADATA_NAMESPACE: data}
         if self.pool:
             set_headers[POOL_HEADER] = str(self.pool)
-            data["pool"] = self.pool
             data["failover"] = "quota"
             report.failover = "quota"
         route_attributes: dict[str, Any] = {
@@ -832,14 +835,14 @@ def observer_follows(headers: Mapping[str, str]) -> bool:
     return is_event_stream(headers) and status.isdigit() and 200 <= int(status) < 300
 
 
-def observer_finishes(info: Mapping[str, Any], status: int, content_type: str) -> bool:
+def observer_finishes(handover: Handover, status: int, content_type: str) -> bool:
     """Whether the stream observer finishes a released request (tokens, quota, audit): a
     successful event stream of an observed request. The access log's reader leaves those to it
     and finishes the others; it counts every released request either way, so a stream whose
     observer never started is still counted (its reservation then expires at its estimate).
     The observer follows on the same test (observer_follows), from the same headers."""
     headers = {":status": str(status), "content-type": content_type}
-    return info.get(OBSERVE_KEY) is True and observer_follows(headers)
+    return handover.observe and observer_follows(headers)
 
 
 def stream_usage(
@@ -864,31 +867,20 @@ def estimate(
     return estimated(prompt, tokens.count_text(model, completion).tokens, cap)
 
 
-def handed_back(services: Services, info: Mapping[str, Any]) -> Reservation | None:
-    """The reservation `handover` passed on, rebuilt by the stage that finishes the request
-    (None: there was none, or the team's limits changed since; see QuotaService.handed_over)."""
-    res_id = info.get("reservation")
-    if not isinstance(res_id, str) or not res_id:
+def handed_back(services: Services, handover: Handover) -> Reservation | None:
+    """The reservation the downstream stage handed over, rebuilt by the stage that finishes the
+    request (None: there was none, or the team's limits changed since; see
+    QuotaService.handed_over)."""
+    if not handover.reservation:
         return None
-    team, model = str(info.get("team", "")), str(info.get("model", ""))
+    team, model = handover.team, handover.model
     specs = applicable(services.limits.get(team, ()), model)
-    if info.get("pool"):
+    if handover.pool:
         # A quota failover reserved against the team-wide limits only (see _reserve).
         specs = tuple(s for s in specs if not s.scoped)
-    names = tuple(str(n) for n in info.get("limits") or ())
-    return services.quota.handed_over(services.runtime.config, team, model, res_id, names, specs)
-
-
-def handover(reservation: Reservation | None, started: float) -> dict[str, Any]:
-    """What the stage that settles in this stage's place (the stream observer, the access
-    log's reader) needs, in whichever sidecar process it runs."""
-    return {
-        "reservation": reservation.id if reservation is not None else "",
-        # Names, in order, so a reload that changed the team's limits meanwhile is noticed.
-        "limits": [spec.name for spec in reservation.specs] if reservation is not None else [],
-        # Wall clock, not perf_counter: the observer may run in another sidecar process.
-        "started_at": time.time() - (time.perf_counter() - started),
-    }
+    return services.quota.handed_over(
+        services.runtime.config, team, model, handover.reservation, handover.limits, specs
+    )
 
 
 class UpstreamStream:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from extproc.contract import Handover
 from extproc.observer import ObservedStream
 from extproc.processor import DownstreamStream, Services, handed_back, observer_finishes
 from extproc.protocol import ProcessingMode, ProcessingRequest
@@ -156,9 +157,11 @@ def test_an_observed_stream_of_a_one_backend_model_is_released_with_its_body(
     assert stream.released and stream.finished  # Envoy's access log counts it, the observer
     assert data["reservation"] == stream.reservation.id  # ... settles it
     # The access log's reader leaves a successful stream to the observer, on the same test.
-    assert observer_finishes(data, 200, "text/event-stream; charset=utf-8")
-    assert not observer_finishes(data, 429, "application/json")
-    assert not observer_finishes({**data, "observe": False}, 200, "text/event-stream")
+    handover = Handover.from_metadata(data)
+    assert observer_finishes(handover, 200, "text/event-stream; charset=utf-8")
+    assert not observer_finishes(handover, 429, "application/json")
+    not_observed = Handover.from_metadata({**data, "observe": False})
+    assert not observer_finishes(not_observed, 200, "text/event-stream")
 
 
 def test_a_quota_failover_reservation_is_handed_back_with_its_limits(
@@ -171,9 +174,10 @@ def test_a_quota_failover_reservation_is_handed_back_with_its_limits(
     )
     services = dataclasses.replace(released_base, limits={"team-b": specs})
     info = {"team": "team-b", "model": MODEL, "reservation": "r1", "limits": ["team-wide"]}
-    reservation = handed_back(services, {**info, "pool": 1})
+    reservation = handed_back(services, Handover.from_metadata({**info, "pool": 1}))
     assert reservation is not None and [s.name for s in reservation.specs] == ["team-wide"]
-    assert handed_back(services, info) is None  # without the pool, the names differ
+    # Without the pool, the names differ.
+    assert handed_back(services, Handover.from_metadata(info)) is None
 
 
 def test_non_streaming_request_is_never_observed(base: Services) -> None:

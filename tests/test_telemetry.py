@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.metrics import MetricWrapperBase
 
 from extproc.config import TracingSettings, parse_config
+from extproc.contract import Handover
 from extproc.guard.types import Verdict
 from extproc.telemetry import metrics, tracing
 from extproc.telemetry.audit import AuditTrail
@@ -125,7 +126,7 @@ def test_the_observer_rebuilds_the_report_from_the_handover() -> None:
     report.guards = [{"stage": "request", "guard": "pii", "action": "rewrite"}]
     report.prompt = prompt_fields(["hello"], include_prompt=True)
     info = {"team": "a", "model": "m", "started_at": 12.5, "pool": 1, **report.handover()}
-    again = RequestReport.from_handover(info)
+    again = RequestReport.from_handover(Handover.from_metadata(info))
     assert (again.request_id, again.team, again.model, again.started_at) == ("r1", "a", "m", 12.5)
     assert again.guards == report.guards and again.prompt == report.prompt
     assert again.failover == "quota" and again.path == "observed" and again.stream

@@ -23,6 +23,7 @@ from . import metrics
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..contract import Handover
     from ..guard.types import Verdict
     from ..usage import Usage
 
@@ -108,43 +109,37 @@ class RequestReport:
         return metrics.outcome_of(self.status, self.code, bool(self.failover))
 
     def handover(self) -> dict[str, Any]:
-        """What the stream observer needs to finish this report, as metadata values."""
-        out: dict[str, Any] = {
+        """What the stage that finishes the request needs to write its audit record: Handover
+        fields (extproc.contract)."""
+        prompt = self.prompt.get("prompt")
+        return {
             "request_id": self.request_id,
-            "endpoint": self.endpoint,
-            "guards": self.guards,
             "trace_id": self.trace_id,
+            "guards": tuple(self.guards),
+            "prompt_sha256": self.prompt.get("prompt_sha256", ""),
+            "prompt": tuple(prompt) if prompt is not None else None,
         }
-        out.update(self.prompt)
-        return out
 
     @classmethod
     def from_handover(
-        cls, info: dict[str, Any], stream: bool = True, path: str = "observed"
+        cls, handover: Handover, stream: bool = True, path: str = "observed"
     ) -> RequestReport:
-        def text(key: str) -> str:
-            value = info.get(key)
-            return value if isinstance(value, str) else ""
-
         report = cls(
-            started_at=_number(info.get("started_at"), time.time()),
-            request_id=text("request_id"),
-            team=text("team") or None,
-            model=text("model") or None,
-            endpoint=text("endpoint"),
+            started_at=handover.started_at,
+            request_id=handover.request_id,
+            team=handover.team or None,
+            model=handover.model or None,
+            endpoint=handover.endpoint,
             stream=stream,
             path=path,
-            trace_id=text("trace_id"),
+            trace_id=handover.trace_id,
         )
-        guards = info.get("guards")
-        report.guards = [_whole(g) for g in guards] if isinstance(guards, list | tuple) else []
-        if text("prompt_sha256"):
-            report.prompt["prompt_sha256"] = text("prompt_sha256")
-        prompt = info.get("prompt")
-        if isinstance(prompt, list | tuple):
-            report.prompt["prompt"] = [str(p) for p in prompt]
-        pool = info.get("pool")
-        if isinstance(pool, int | float) and pool:
+        report.guards = list(handover.guards)
+        if handover.prompt_sha256:
+            report.prompt["prompt_sha256"] = handover.prompt_sha256
+        if handover.prompt is not None:
+            report.prompt["prompt"] = list(handover.prompt)
+        if handover.pool:
             report.failover = "quota"
         return report
 
@@ -251,23 +246,7 @@ class RequestReport:
         return record
 
 
-def _whole(entry: dict[str, Any]) -> dict[str, Any]:
-    """A verdict entry back from a protobuf Struct, whose numbers are all floats: counts are
-    whole numbers again."""
-    out = dict(entry)
-    counts = out.get("counts")
-    if isinstance(counts, dict):
-        out["counts"] = {k: int(v) for k, v in counts.items()}
-    return out
-
-
 def _decision(outcome: str) -> str:
     if outcome in ("served", "failed_over", "backend_error"):
         return "allowed"
     return "blocked" if outcome == "guard_blocked" else "rejected"
-
-
-def _number(value: Any, default: float) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return default
