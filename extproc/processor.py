@@ -849,7 +849,7 @@ def stream_usage(
     relay: RelayedStream, prompt: int, tokens: TokenCounter, model: str, cap: int | None
 ) -> Usage:
     """A stream's usage: the backend's report, or our own count when there is none (at most
-    the request's `max_output`: usage.estimated)."""
+    `cap`, the max output the client allowed: usage.estimated)."""
     if relay.usage is not None:
         return relay.usage
     if relay.expects_usage:
