@@ -59,7 +59,10 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    from .supervisor import load_up_config
+
+    # Every error `extproc up` would stop at, the fake LLM's section included.
+    cfg, _ = load_up_config(args.config)
     runtime = build_runtime(cfg, args.config)
     print(
         f"{args.config}: OK ({len(cfg.teams)} teams, {len(runtime.key_index)} keys, "
@@ -133,7 +136,7 @@ def _positive_seconds(value: str) -> float:
 
 
 def cmd_fake_llm(args: argparse.Namespace) -> int:
-    from .fake_llm import main_from_args
+    from .devtools.fake_llm import main_from_args
 
     return main_from_args(args)
 
@@ -217,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("fake-llm", help="run the fake OpenAI-compatible upstream")
-    from .fake_llm import add_arguments
+    from .devtools.fake_llm import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_fake_llm)

@@ -480,21 +480,6 @@ class ObservabilitySettings(_Strict):
     audit: AuditSettings = AuditSettings()
 
 
-class FakeLLMSettingsModel(_Strict):
-    """`extproc up` starts the fake upstream when this section is present."""
-
-    listen: str = "127.0.0.1:8081"
-    ttft_ms: float = Field(default=0.0, ge=0)
-    tokens_per_second: float = Field(default=0.0, ge=0)
-    response_tokens: int = Field(default=16, ge=0)
-
-    @field_validator("listen")
-    @classmethod
-    def _addr(cls, v: str) -> str:
-        parse_address(v)
-        return v
-
-
 class Config(_Strict):
     sidecar: SidecarSettings = SidecarSettings()
     envoy: EnvoySettings = EnvoySettings()
@@ -508,7 +493,13 @@ class Config(_Strict):
     guards: dict[Annotated[str, Field(pattern=_GUARD_NAME)], Guard] = {}
     guardrails: GuardrailSettings = GuardrailSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
-    fake_llm: FakeLLMSettingsModel | None = None
+
+
+# Top-level sections that belong to development tools, not to the gateway: the quickstart
+# keeps the fake LLM's settings in the gateway's file, so `make run` needs one file. The gateway
+# sets them aside unread (a reload ignores them too); `extproc up` and `extproc check` validate
+# them with the tool's own schema (extproc.devtools). Any other unknown section is an error.
+DEVTOOL_SECTIONS = frozenset({"fake_llm"})
 
 
 def parse_address(value: str) -> tuple[str, int | None]:
@@ -659,19 +650,25 @@ def _check_limits(cfg: Config, team_name: str, team: Team) -> list[tuple[str, st
     return problems
 
 
+def validation_problems(exc: ValidationError, loc: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Pydantic's errors as (field path, message), the path prefixed with `loc`."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append((_loc((*loc, *err["loc"])), msg))
+    return problems
+
+
 def parse_config(data: Any, source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError([("", "the file must hold a mapping")], source)
+    gateway = {key: value for key, value in data.items() if key not in DEVTOOL_SECTIONS}
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(gateway)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
-            problems.append((_loc(err["loc"]), msg))
-        raise ConfigError(problems, source) from None
+        raise ConfigError(validation_problems(exc), source) from None
     problems = _cross_check(cfg)
     if problems:
         raise ConfigError(problems, source)
@@ -700,6 +697,11 @@ _UniqueKeyLoader.add_constructor(
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
+    return parse_config(read_config_file(path), str(path))
+
+
+def read_config_file(path: str | os.PathLike[str]) -> Any:
+    """The file's YAML, not yet validated: what `parse_config` and the dev tools' sections read."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -713,7 +715,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([("", f"not valid YAML: {exc}")], source) from None
-    return parse_config(data, source)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .config import Config, build_runtime, load_config, parse_address
+from .config import (
+    Config,
+    ConfigError,
+    build_runtime,
+    parse_address,
+    parse_config,
+    read_config_file,
+)
+from .devtools.fake_llm.section import FakeLLMSection, read_section
 from .envoy_config import render_yaml
 
 log = logging.getLogger("extproc.up")
@@ -65,6 +73,29 @@ def wait_envoy_ready(admin: str, deadline: float, proc: subprocess.Popen) -> Non
     raise TimeoutError(f"envoy did not become ready at {url}")
 
 
+def load_up_config(path: str | os.PathLike[str]) -> tuple[Config, FakeLLMSection | None]:
+    """The file as `extproc up` reads it: the gateway's config, and the fake LLM's section that
+    the gateway sets aside; the problems of both are reported together."""
+    source = str(path)
+    data = read_config_file(path)
+    problems: list[tuple[str, str]] = []
+    cfg: Config | None = None
+    fake: FakeLLMSection | None = None
+    try:
+        cfg = parse_config(data, source)
+    except ConfigError as exc:
+        problems += exc.problems
+    if isinstance(data, dict):
+        try:
+            fake = read_section(data, source)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems, source)
+    assert cfg is not None
+    return cfg, fake
+
+
 class WorkdirError(Exception):
     """The work directory (--workdir) cannot be created or written."""
 
@@ -83,7 +114,7 @@ class Stack:
         sidecar: bool = True,  # False: the caller runs the sidecar (tests, in-process)
     ) -> None:
         self.config_path = str(config_path)
-        self.config: Config = load_config(config_path)
+        self.config, self.fake_llm = load_up_config(config_path)
         build_runtime(self.config, self.config_path)  # fail before starting anything
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
         try:
@@ -110,24 +141,9 @@ class Stack:
         cfg = self.config
         py = [sys.executable, "-m", "extproc"]
         try:
-            if cfg.fake_llm is not None:
-                fake = cfg.fake_llm
-                proc = self._spawn(
-                    "fake-llm",
-                    [
-                        *py,
-                        "fake-llm",
-                        "--listen",
-                        fake.listen,
-                        "--ttft-ms",
-                        str(fake.ttft_ms),
-                        "--tokens-per-second",
-                        str(fake.tokens_per_second),
-                        "--response-tokens",
-                        str(fake.response_tokens),
-                    ],
-                )
-                wait_tcp(fake.listen, deadline, proc)
+            if self.fake_llm is not None:
+                proc = self._spawn("fake-llm", [*py, *self.fake_llm.arguments()])
+                wait_tcp(self.fake_llm.listen, deadline, proc)
             if self.run_sidecar:
                 proc = self._spawn("sidecar", [*py, "serve", "--config", self.config_path])
                 wait_tcp(cfg.sidecar.listen, deadline, proc)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import yaml
+
+from extproc.config import ConfigError
 from extproc.supervisor import Stack
 
 from .conftest import REPO
@@ -17,6 +21,30 @@ def test_a_missing_workdir_is_created(tmp_path):
     stack = Stack(QUICKSTART, workdir=workdir)
     assert stack.workdir == workdir
     assert workdir.is_dir()
+
+
+def test_up_starts_the_fake_llm_its_section_describes(tmp_path):
+    stack = Stack(QUICKSTART, workdir=tmp_path)
+    assert stack.fake_llm is not None
+    assert stack.fake_llm.arguments() == [
+        "fake-llm", "--listen", "127.0.0.1:8081", "--ttft-ms", "20.0",
+        "--tokens-per-second", "200.0", "--response-tokens", "24",
+    ]  # fmt: skip
+
+
+def test_up_names_the_fake_llm_field_it_refuses(tmp_path):
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["fake_llm"]["response_tokens"] = "many"
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as info:
+        Stack(path, workdir=tmp_path)
+    assert info.value.problems == [
+        (
+            "fake_llm.response_tokens",
+            "Input should be a valid integer, unable to parse string as an integer",
+        )
+    ]
 
 
 def test_a_workdir_that_cannot_be_created_is_said_in_one_line(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from extproc.config import (
+    Config,
     ConfigError,
     Runtime,
     build_runtime,
@@ -109,6 +110,14 @@ def test_quickstart_targets(quickstart: Runtime) -> None:
 
 def test_unknown_top_level_field() -> None:
     assert parse_problems(cfg(bogus=1)) == [("bogus", "unknown field")]
+
+
+def test_dev_tool_sections_are_set_aside_unread() -> None:
+    # `fake_llm:` is `extproc up`'s to read: the gateway's schema has no such field, and the
+    # gateway (a reload too) takes the file whatever the section holds.
+    assert "fake_llm" not in Config.model_fields
+    config = parse_config(cfg(fake_llm={"response_tokens": -1, "bogus": True}))
+    assert config == parse_config(BASE)
 
 
 @pytest.mark.parametrize(
@@ -548,6 +557,23 @@ def test_cli_check_broken_file(tmp_path: Path) -> None:
         "  teams.t.keys.0.sha256: must be 64 hexadecimal characters (sha256 of the key)\n"
         "  teams.t.modles: unknown field\n"
         "  backends.b.url: must be an http:// or https:// URL with a host\n"
+    )
+
+
+def test_cli_check_reports_the_fake_llm_section_with_the_gateway(tmp_path: Path) -> None:
+    data = cfg(
+        backends={"b": {"url": "gopher://h/v1"}},
+        fake_llm={"response_tokens": -1, "listn": "127.0.0.1:1"},
+    )
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = run_check(path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"{path}: 3 error(s)\n"
+        "  backends.b.url: must be an http:// or https:// URL with a host\n"
+        "  fake_llm.response_tokens: Input should be greater than or equal to 0\n"
+        "  fake_llm.listn: unknown field\n"
     )
 
 

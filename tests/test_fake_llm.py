@@ -25,7 +25,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from extproc.fake_llm import FakeLLMSettings, add_arguments, create_app, main_from_args
+from extproc.devtools.fake_llm import FakeLLMSettings, add_arguments, create_app, main_from_args
 
 MESSAGES = [{"role": "user", "content": "hello world!"}]  # 12 UTF-8 bytes -> 3 prompt tokens
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -586,7 +586,7 @@ def test_add_arguments_defaults_and_validation() -> None:
 def test_main_from_args_serves_and_exits_cleanly_on_sigterm() -> None:
     script = (
         "import argparse, sys\n"
-        "from extproc.fake_llm import add_arguments, main_from_args\n"
+        "from extproc.devtools.fake_llm import add_arguments, main_from_args\n"
         "parser = argparse.ArgumentParser()\n"
         "add_arguments(parser)\n"
         "sys.exit(main_from_args(parser.parse_args(sys.argv[1:])))\n"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from extproc.fake_llm import FakeLLMSettings, create_app
+from extproc.devtools.fake_llm import FakeLLMSettings, create_app
 from extproc.guard.llm import (
     LLAMA_GUARD_CATEGORIES,
     NEMOGUARD_CATEGORIES,

@@ -1,0 +1,30 @@
+"""An OpenAI-compatible fake upstream LLM for end-to-end tests, the quickstart and benchmarks.
+
+The fake answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and
+``/v1/models`` with deterministic content in the exact OpenAI wire format (including SSE
+streaming), and can inject latency and faults so the gateway's retry, timeout and failover
+paths can be exercised without a real model. It also plays safety models and a guard webhook
+(`safety`), for testing the gateway's external guards.
+
+Per-request knobs are request headers, so one running instance can serve many test cases:
+
+- ``x-fake-fault``: a fault (`faults`), or ``none`` (suppresses a fault configured on the
+  instance).
+- ``x-fake-ttft-ms``, ``x-fake-tokens-per-second``, ``x-fake-response-tokens``.
+- ``x-fake-response-text`` (with ``x-fake-chunk-chars``, default 4): a chat answer with this
+  text, streamed that many characters per event.
+- ``x-fake-no-usage: 1``: a backend that reports no usage (its streams ignore
+  ``stream_options.include_usage``, its JSON answers have no ``usage``).
+
+Test helpers: ``GET /_fake/requests`` lists the recorded ``/v1/*`` and guard webhook requests
+and ``DELETE /_fake/requests`` clears them.
+
+`extproc fake-llm` runs it (`cli`); `extproc up` starts it when its config file has a
+``fake_llm:`` section (`section`).
+"""
+
+from .app import create_app, serve
+from .cli import add_arguments, main_from_args
+from .settings import FakeLLMSettings
+
+__all__ = ["FakeLLMSettings", "add_arguments", "create_app", "main_from_args", "serve"]

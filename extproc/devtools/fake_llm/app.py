@@ -1,0 +1,63 @@
+"""The fake's aiohttp application (its routes) and a server for it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from .endpoints import FakeLLM
+from .settings import FakeLLMSettings, validate_settings
+
+# The logger the fake had before it moved to devtools, so its log lines read as they did.
+log = logging.getLogger("extproc.fake_llm")
+
+# Long-context prompts and inline images easily exceed aiohttp's 1 MiB default.
+_CLIENT_MAX_SIZE = 64 * 1024 * 1024
+
+_STATE = web.AppKey("fake_llm", FakeLLM)
+
+
+def create_app(settings: FakeLLMSettings) -> web.Application:
+    """Build the fake's aiohttp application; raises ValueError for invalid settings."""
+    validate_settings(settings)
+    fake = FakeLLM(settings)
+    app = web.Application(middlewares=[fake.record_unrouted], client_max_size=_CLIENT_MAX_SIZE)
+    app[_STATE] = fake
+    app.on_response_prepare.append(fake.stamp_instance)
+    app.router.add_post("/v1/chat/completions", fake.v1(fake.chat_completions))
+    app.router.add_post("/v1/completions", fake.v1(fake.completions))
+    app.router.add_post("/v1/embeddings", fake.v1(fake.embeddings))
+    app.router.add_post("/v1/moderations", fake.v1(fake.moderations))
+    app.router.add_post("/_fake/guard-webhook", fake.v1(fake.guard_webhook))
+    app.router.add_get("/v1/models", fake.v1(fake.list_models))
+    app.router.add_get("/healthz", fake.healthz)
+    app.router.add_get("/_fake/requests", fake.get_records)
+    app.router.add_delete("/_fake/requests", fake.clear_records)
+    return app
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return str(address)
+
+
+async def serve(host: str, port: int, settings: FakeLLMSettings) -> None:
+    """Serve the fake on host:port until cancelled."""
+    app = create_app(settings)
+    # Access logging would dominate per-request cost in benchmarks. handler_cancellation stops
+    # work (pacing, stalls) for clients that have gone away, as real inference servers do.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        for address in runner.addresses:
+            log.info("fake-llm %r listening on %s", settings.name, _format_address(address))
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
