@@ -13,6 +13,7 @@ In order, each in its own fresh process tree and against its own Envoy-only base
 Then one JSON, one markdown report and the plots, all named `suite-<UTC timestamp>` in
 benchmarks/results/. A scenario that fails (a process that does not start) is reported and
 the suite goes on with the next one; the exit code is then 1, as for any request that failed.
+The machinery is in `benchmarks.lib`; this module says what the suite runs and in what order.
 """
 
 from __future__ import annotations
@@ -25,22 +26,17 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import budget, quota_store, streaming
-from benchmarks.run import (
-    Outcome,
-    Scenario,
-    _fmt,
-    _retried,
-    envelope,
-    markdown,
-    plot_links,
-    redis_binary,
-    report_header,
-    run_scenario,
-    stem_for,
-    write_plots,
-    write_result,
-)
+from benchmarks import quota_store, streaming
+from benchmarks.lib import budget
+from benchmarks.lib.chat_scenario import Outcome, run_scenario
+from benchmarks.lib.configs import Scenario
+from benchmarks.lib.quota_store import collect as collect_quota_store
+from benchmarks.lib.quota_store import markdown as quota_store_markdown
+from benchmarks.lib.report import suite_report
+from benchmarks.lib.results import envelope, stem_for, write_plots, write_result
+from benchmarks.lib.runtime import cancel_or_interrupt
+from benchmarks.lib.stack import redis_binary
+from benchmarks.lib.stream_scenario import measure_streaming
 
 # The streaming part of a full suite: the defaults of benchmarks.streaming, trimmed to keep
 # the whole suite near 12 minutes on the 2-core machine. Streams of 10 tokens instead of 20
@@ -120,10 +116,10 @@ def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
 
         print("== streaming", file=sys.stderr, flush=True)
         stream_args = streaming_argv(args)
-        signal.signal(signal.SIGTERM, streaming._on_sigterm)  # its clean-up, as it runs alone
+        signal.signal(signal.SIGTERM, cancel_or_interrupt)  # the streaming clean-up, as it runs
         stream_result: dict[str, Any] | None = None
         try:
-            code, stream_result = streaming.collect(streaming.parse_args(stream_args), stream_args)
+            code, stream_result = measure_streaming(streaming.parse_args(stream_args), stream_args)
         except (RuntimeError, TimeoutError, OSError) as exc:
             failed += 1
             notes.append(f"**streaming failed**: {exc}")
@@ -178,7 +174,7 @@ def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
         elapsed_s=round(time.monotonic() - started_at, 1),
     )
     result["plots"] = write_plots(stem, [(o, t) for t, o in outcomes]) if outcomes else {}
-    text = report(result, outcomes)
+    text = suite_report(result, [(t, o.result) for t, o in outcomes])
     out = write_result(stem, result, text)
     print(text)
     print(
@@ -199,7 +195,7 @@ def measure_quota_store(args: argparse.Namespace, notes: list[str]) -> dict[str,
         ["--requests", "1000" if args.quick else "3000", "--runs", str(args.runs)]
     )
     try:
-        medians = quota_store.collect(qs_args)
+        medians = collect_quota_store(qs_args)
     except (SystemExit, RuntimeError, OSError) as exc:
         notes.append(f"**the quota store benchmark failed**: {exc}")
         return None
@@ -208,80 +204,5 @@ def measure_quota_store(args: argparse.Namespace, notes: list[str]) -> dict[str,
         "runs": qs_args.runs,
         "concurrency": qs_args.concurrency,
         "us_per_request": medians,
-        "markdown": quota_store.markdown(qs_args, medians),
+        "markdown": quota_store_markdown(qs_args, medians),
     }
-
-
-def scenarios_table(outcomes: list[tuple[str, Outcome]]) -> list[str]:
-    lines = [
-        "| scenario | concurrency | Envoy alone (req/s) | gateway (req/s) | gateway / Envoy "
-        "alone | added p50 (ms) | added p99 (ms) | retried (gateway) | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for title, outcome in outcomes:
-        for c, row in outcome.result["summary"].items():
-            base, gw = row["baseline"], row["gateway"]
-            lines.append(
-                f"| {title} | {c} | {_fmt(base['rps'], 0)} | {_fmt(gw['rps'], 0)} | "
-                f"{_fmt(row['throughput_pct'], 1)} % | "
-                f"{_fmt(row['added_ms']['p50'], sign=True)} | "
-                f"{_fmt(row['added_ms']['p99'], sign=True)} | "
-                f"{_retried(gw) if gw.get('retried') else '0'} | "
-                f"{base['errors'] + gw['errors']} |"
-            )
-    return lines
-
-
-def report(result: dict[str, Any], outcomes: list[tuple[str, Outcome]]) -> str:
-    s = result["settings"]
-    lines = report_header(result, "Benchmark suite: the gateway against Envoy alone")
-    lines += [
-        "## Budget",
-        "",
-        f"Medians of {s['runs']} run(s) (the budget is defined for >= {budget.MIN_RUNS}); chat "
-        f"at concurrency {min(s['concurrency'])} and, for throughput, {max(s['concurrency'])} "
-        "(saturation on this machine).",
-        "",
-        budget.markdown(result["budget"]),
-        "",
-        "## Chat scenarios",
-        "",
-        "Each scenario against its own Envoy-only baseline (same routes, no ext_proc), measured "
-        f"back to back; {s['duration_s']:g} s per measurement after {s['warmup_s']:g} s "
-        "warm-up. Scenario details below.",
-        "",
-        *scenarios_table(outcomes),
-        "",
-        *plot_links(result["plots"]),
-    ]
-    for title, outcome in outcomes:
-        lines += [
-            f"### {title}: {outcome.result['scenario']['label']}",
-            "",
-            markdown({**outcome.result, "machine": result["machine"]}),
-            "",
-        ]
-    if result["quota_store"] is not None:
-        lines += [
-            "## Quota store alone",
-            "",
-            "`python -m benchmarks.quota_store`: reserve against three limits, then settle, on "
-            "one event loop in the benchmark process (the sidecar's client waits for the "
-            "reserve only; the settlement runs off the response path).",
-            "",
-            result["quota_store"]["markdown"],
-            "",
-        ]
-    if result["streaming"] is not None:
-        lines += [
-            "## Streaming",
-            "",
-            f"`python -m benchmarks.streaming {' '.join(result['settings']['streaming_argv'])}`",
-            "",
-            streaming.markdown(result["streaming"]),
-            "",
-        ]
-    if result["notes"]:
-        lines += ["## Notes", "", *(f"- {note}" for note in result["notes"]), ""]
-    lines.append(f"Whole suite: {result['elapsed_s']:.0f} s.")
-    return "\n".join(lines)

@@ -62,7 +62,7 @@ def latency_cdf(
                 continue
             color = COLORS.get(target, "tab:orange")
             x, y = _ecdf(values)
-            p50, p99 = np.quantile(values, [0.5, 0.99])  # "linear": as run.percentile
+            p50, p99 = np.quantile(values, [0.5, 0.99])  # "linear": as stats.percentile
             ax.step(
                 x,
                 y,
@@ -108,7 +108,7 @@ def latency_cdf(
 def throughput(path: Path, series: Sequence[tuple[str, dict[str, Any]]], runs: int) -> None:
     """Requests per second over the concurrencies measured, per scenario and target (left),
     and the gateway's as a share of Envoy alone's measured beside it (right, with the budget
-    at saturation). `series`: (scenario title, run.summarize() output)."""
+    at saturation). `series`: (scenario title, stats.summarize_chat() output)."""
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     ax_rps, ax_pct = fig.subplots(1, 2)
     single = len(series) == 1

@@ -1,0 +1,349 @@
+"""The markdown the benchmarks write: the chat table, the streaming tables, the suite's
+combined report and each report file's header (the budget table is `budget.markdown`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.lib import budget
+from benchmarks.lib.configs import STREAM_GATEWAY_VARIANTS, STREAM_LABELS, STREAM_VARIANTS, TARGETS
+from benchmarks.lib.stats import percent_of
+from benchmarks.lib.stream_client import CPU_WINDOW_S, OPENING_AT_ONCE
+
+
+def fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    """A number for a table or a progress line: `digits` decimals, "n/a" for None."""
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _span(values: list[float | None], digits: int, sign: bool = False, unit: str = "") -> str:
+    present = [v for v in values if v is not None]
+    if len(present) < 2:
+        return ""
+    low, high = fmt(min(present), digits, sign), fmt(max(present), digits, sign)
+    return f"runs {low}{unit} … {high}{unit}"
+
+
+def chat_markdown(result: dict[str, Any]) -> str:
+    """The chat table of one scenario's result, and what it says below it."""
+    s = result["settings"]
+    summary = result["summary"]
+    label = s.get("scenario", {}).get("label", "")
+    lines = [
+        f"Envoy-only baseline vs gateway ({label}): median of {s['runs']} run(s), "
+        f"{s['duration_s']:g} s per concurrency after {s['warmup_s']:g} s warm-up, Envoy "
+        f"--concurrency {s['envoy_concurrency']}, {result['machine']['cpus']} CPU(s) shared by "
+        "everything.",
+        "",
+        "| concurrency | metric | baseline | gateway | gateway vs baseline | spread over runs |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for c, row in summary.items():
+        base, gw = row["baseline"], row["gateway"]
+        lines.append(
+            f"| {c} | throughput (req/s) | {fmt(base['rps'], 0)} | {fmt(gw['rps'], 0)} | "
+            f"{fmt(row['throughput_pct'], 1)} % | "
+            f"{_span(row['per_run_throughput_pct'], 1, unit=' %')} |"
+        )
+        for key in ("p50", "p90", "p99"):
+            spread = row.get(f"per_run_added_{key}_ms")
+            lines.append(
+                f"| {c} | {key} latency (ms) | {fmt(base[f'{key}_ms'])} | {fmt(gw[f'{key}_ms'])} "
+                f"| {fmt(row['added_ms'][key], sign=True)} ms | "
+                f"{_span(spread, 2, sign=True, unit=' ms') if spread else ''} |"
+            )
+        errors = base["errors"] + gw["errors"]
+        lines.append(
+            f"| {c} | requests / errors | {base['requests']} / {base['errors']} | "
+            f"{gw['requests']} / {gw['errors']} | {'**ERRORS**' if errors else 'all 200'} | |"
+        )
+        if base.get("retried") or gw.get("retried"):
+            lines.append(
+                f"| {c} | retried (attempts > 1) | {_retried(base)} | {_retried(gw)} | | |"
+            )
+    lines.append("")
+    headline = result["headline"]
+    if headline.get("latency_concurrency") is not None:
+        c = headline["latency_concurrency"]
+        lines.append(
+            f"- Added latency at concurrency {c}: p50 {fmt(headline['added_p50_ms'], sign=True)} "
+            f"ms, p99 {fmt(headline['added_p99_ms'], sign=True)} ms."
+        )
+    if headline.get("throughput_concurrency") is not None:
+        c = headline["throughput_concurrency"]
+        lines.append(
+            f"- Gateway throughput at concurrency {c}: "
+            f"{fmt(headline['throughput_pct'], 1)} % of the baseline."
+        )
+    cpu_lines = []
+    for c, row in summary.items():
+        for target in TARGETS:
+            cores = row[target]["cpu_cores"]
+            if cores:
+                rps = row[target]["rps"]
+                parts = ", ".join(
+                    f"{n} {fmt(v)}" + (f" ({1000 * v / rps:.2f} ms CPU/req)" if v and rps else "")
+                    for n, v in cores.items()
+                )
+                cpu_lines.append(f"  - concurrency {c}, {target}: {parts}")
+    if cpu_lines:
+        lines += ["- CPU cores busy while measuring (median over runs):", *cpu_lines]
+    total_errors = result["errors_total"]
+    if total_errors:
+        bad = [
+            f"{x['target']} c={x['concurrency']} run {x['run']}: {x['errors']} "
+            f"(statuses {x['statuses']}, exceptions {x['exceptions']})"
+            for x in result["samples"]
+            if x["errors"]
+        ]
+        lines.append(f"- **{total_errors} request(s) did not get HTTP 200**: " + "; ".join(bad))
+    else:
+        lines.append("- Every response was HTTP 200.")
+    return "\n".join(lines)
+
+
+def _retried(row: dict[str, Any]) -> str:
+    ok = row["requests"] - row["errors"]
+    return f"{row.get('retried', 0)} ({fmt(percent_of(row.get('retried', 0), ok), 1)} %)"
+
+
+def _spread(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if len(present) < 2:
+        return ""
+    return f"runs {fmt(min(present), sign=True)} … {fmt(max(present), sign=True)} ms"
+
+
+def streaming_markdown(result: dict[str, Any]) -> str:
+    """The streaming tables (latency, then memory per concurrent stream) of a result."""
+    s = result["settings"]
+    lat = result["latency"]
+    base = lat["baseline"]
+    lines = [
+        f"Streaming, Envoy alone vs gateway: {s['runs']} run(s) x {s['latency_streams']} streams "
+        f"at concurrency 1, {s['tokens']} tokens at {s['tokens_per_second']:g} tokens/s "
+        f"(pacing {lat['pacing_ms']:g} ms), no time to first token; medians over runs; Envoy "
+        f"--concurrency {s['envoy_concurrency']}; {result['machine']['cpus']} CPU(s) shared by "
+        "the load generator, both Envoys, the fake LLM and the sidecar. *inline*: the client "
+        "did not ask for usage (the gateway injects the request and cuts the usage event, so "
+        "every chunk waits for the sidecar); *observed*: the client asked for usage (the "
+        "observer follows a copy, Envoy holds nothing back).",
+        "",
+        "| metric | Envoy alone | gateway inline | added inline | gateway observed | "
+        "added observed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = (
+        ("time to first token p50 (ms)", "ttft_p50"),
+        ("time to first token p99 (ms)", "ttft_p99"),
+        (f"gap between chunks p50 (ms, pacing {lat['pacing_ms']:g})", "gap_p50"),
+        (f"gap between chunks p99 (ms, pacing {lat['pacing_ms']:g})", "gap_p99"),
+        ("time to response headers p50 (ms)", "headers_p50"),
+        ("response headers to first token p50 (ms)", "first_after_headers_p50"),
+        ("response headers to first token p99 (ms)", "first_after_headers_p99"),
+    )
+    for label, key in rows:
+        cells = [fmt(base[f"{key}_ms"])]
+        for variant in STREAM_GATEWAY_VARIANTS:
+            spread = _spread([r[f"{key}_ms"] for r in lat["per_run_added_ms"][variant]])
+            cells.append(fmt(lat[variant][f"{key}_ms"]))
+            cells.append(
+                f"{fmt(lat['added_ms'][variant][key], sign=True)} ms"
+                + (f" ({spread})" if spread else "")
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def cpu(variant: str) -> str:
+        values = lat[variant]["cpu_ms_per_stream"].items()
+        return ", ".join(f"{name} {fmt(value)}" for name, value in values if value)
+
+    lines.append(
+        f"| CPU ms per stream | {cpu('baseline')} | {cpu('inline')} | | {cpu('observed')} | |"
+    )
+    errors = sum(lat[v]["errors"] for v in STREAM_VARIANTS)
+    lines.append(
+        "| streams / errors | "
+        + " | ".join(
+            f"{lat[v]['streams']} / {lat[v]['errors']}" + (" |" if v != "baseline" else "")
+            for v in STREAM_VARIANTS
+        )
+        + (" **ERRORS** |" if errors else " all ended with [DONE] |")
+    )
+    lines += [
+        "",
+        f"Memory per concurrent stream: K streams at {s['slow_tokens_per_second']:g} token/s, "
+        f"{s['slow_tokens']} tokens each, opened {OPENING_AT_ONCE} at a time; RSS (median of 3 "
+        f"samples) {s['settle_s']:g} s after every stream had its first chunk, against the RSS "
+        "before they opened; per stream = growth / streams live at the sample. CPU per chunk: "
+        f"CPU time over up to {CPU_WINDOW_S:g} s right after the sample (every stream open, "
+        "none opening or ending) / content chunks the client received in that window.",
+        "",
+        "| K | target | live streams | process | RSS before (MB) | RSS with K open (MB) | "
+        "growth (MB) | KB per stream | RSS after (MB) | CPU µs per chunk | ok / errors |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for m in result["memory"]:
+        per_chunk = m.get("cpu_per_chunk", {}).get("us_per_chunk", {})
+        for name, g in m["rss"].items():
+            lines.append(
+                f"| {m['k']} | {STREAM_LABELS[m['target']]} | {m['live_at_sample']} | {name} | "
+                f"{fmt(g['before_mb'], 1)} | {fmt(g['during_mb'], 1)} | "
+                f"{fmt(g['growth_mb'], 1, sign=True)} | {fmt(g['kb_per_stream'], 1)} | "
+                f"{fmt(g['after_mb'], 1)} | {fmt(per_chunk.get(name), 1)} | "
+                f"{m['ok']} / {m['errors']} |"
+            )
+    lines.append("")
+    for note in result["notes"]:
+        lines.append(f"- {note}")
+    for m in result["memory"]:
+        if m["errors"]:
+            kinds = ", ".join(f"{kind}: {n}" for kind, n in m["error_kinds"].items())
+            detail = next((d for d in m["error_details"].values() if d), "")
+            lines.append(
+                f"- **K={m['k']} {STREAM_LABELS[m['target']]}: {m['errors']} of {m['k']} stream(s) "
+                f"failed** ({kinds})" + (f"; e.g. `{detail[:160]}`" if detail else "")
+            )
+        if m["envoy_overflow"]:
+            counted = ", ".join(f"{name} +{n}" for name, n in m["envoy_overflow"].items())
+            lines.append(
+                f"  - its Envoy's circuit breakers overflowed: {counted}; active at the sample: "
+                + ", ".join(f"{name} {n}" for name, n in m["envoy_active_at_sample"].items())
+            )
+    breakers = s.get("envoy_circuit_breakers") or {}
+    limits = {
+        f"{cluster}: " + ", ".join(f"{k} {v}" for k, v in sorted(thresholds.items()))
+        for per_target in breakers.values()
+        for cluster, thresholds in per_target.items()
+    }
+    if limits:
+        lines.append(f"- Envoy circuit-breaker thresholds in force: {'; '.join(sorted(limits))}.")
+    for sample in result["latency_samples"]:
+        if sample["errors"]:
+            lines.append(
+                f"- **latency run {sample['run']} {STREAM_LABELS[sample['target']]}: "
+                f"{sample['errors']} error(s)** {sample['error_kinds']}"
+            )
+    return "\n".join(lines)
+
+
+def report_header(result: dict[str, Any], title: str, module: str = "benchmarks.run") -> list[str]:
+    """A report file's title and what was measured: when, commit, machine, command."""
+    git = result["git"]
+    commit = git["commit"] or "unknown"
+    if git.get("dirty"):
+        commit += " (with uncommitted changes)"
+    m = result["machine"]
+    return [
+        f"# {title}",
+        "",
+        f"{result['timestamp']}, commit {commit}, {m['cpus']} CPU(s), {m['platform']}, "
+        f"Python {m['python']}, {m['envoy']}. Command: "
+        f"`python -m {module} {' '.join(result['argv'])}`.",
+        "",
+    ]
+
+
+def chat_report(result: dict[str, Any]) -> str:
+    """The markdown report file of a single-scenario run."""
+    lines = report_header(result, f"Gateway vs Envoy alone: {result['scenario']['label']}")
+    if result.get("budget"):
+        lines += ["## Budget", "", budget.markdown(result["budget"]), ""]
+    lines += ["## Results", "", chat_markdown(result), "", *plot_links(result["plots"])]
+    return "\n".join(lines)
+
+
+def plot_links(plots: dict[str, str]) -> list[str]:
+    """The plots section: `plots` is {kind: file name}, the files beside the report."""
+    titles = {
+        "latency": "Latency distribution at the lowest concurrency",
+        "throughput": "Throughput vs concurrency",
+    }
+    lines = ["## Plots", ""]
+    for kind, name in plots.items():
+        lines += [f"![{titles.get(kind, kind)}]({name})", ""]
+    return lines
+
+
+def streaming_report(result: dict[str, Any]) -> str:
+    """The markdown report file of a streaming run."""
+    lines = report_header(result, "Streaming: gateway vs Envoy alone", "benchmarks.streaming")
+    lines += ["## Budget", "", budget.markdown(result["budget"]), "", "## Results", ""]
+    return "\n".join([*lines, streaming_markdown(result)])
+
+
+def _scenarios_table(scenarios: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    lines = [
+        "| scenario | concurrency | Envoy alone (req/s) | gateway (req/s) | gateway / Envoy "
+        "alone | added p50 (ms) | added p99 (ms) | retried (gateway) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for title, scenario in scenarios:
+        for c, row in scenario["summary"].items():
+            base, gw = row["baseline"], row["gateway"]
+            lines.append(
+                f"| {title} | {c} | {fmt(base['rps'], 0)} | {fmt(gw['rps'], 0)} | "
+                f"{fmt(row['throughput_pct'], 1)} % | "
+                f"{fmt(row['added_ms']['p50'], sign=True)} | "
+                f"{fmt(row['added_ms']['p99'], sign=True)} | "
+                f"{_retried(gw) if gw.get('retried') else '0'} | "
+                f"{base['errors'] + gw['errors']} |"
+            )
+    return lines
+
+
+def suite_report(result: dict[str, Any], scenarios: list[tuple[str, dict[str, Any]]]) -> str:
+    """The suite's combined report: `scenarios` are (title, result) of its chat scenarios."""
+    s = result["settings"]
+    lines = report_header(result, "Benchmark suite: the gateway against Envoy alone")
+    lines += [
+        "## Budget",
+        "",
+        f"Medians of {s['runs']} run(s) (the budget is defined for >= {budget.MIN_RUNS}); chat "
+        f"at concurrency {min(s['concurrency'])} and, for throughput, {max(s['concurrency'])} "
+        "(saturation on this machine).",
+        "",
+        budget.markdown(result["budget"]),
+        "",
+        "## Chat scenarios",
+        "",
+        "Each scenario against its own Envoy-only baseline (same routes, no ext_proc), measured "
+        f"back to back; {s['duration_s']:g} s per measurement after {s['warmup_s']:g} s "
+        "warm-up. Scenario details below.",
+        "",
+        *_scenarios_table(scenarios),
+        "",
+        *plot_links(result["plots"]),
+    ]
+    for title, scenario in scenarios:
+        lines += [
+            f"### {title}: {scenario['scenario']['label']}",
+            "",
+            chat_markdown({**scenario, "machine": result["machine"]}),
+            "",
+        ]
+    if result["quota_store"] is not None:
+        lines += [
+            "## Quota store alone",
+            "",
+            "`python -m benchmarks.quota_store`: reserve against three limits, then settle, on "
+            "one event loop in the benchmark process (the sidecar's client waits for the "
+            "reserve only; the settlement runs off the response path).",
+            "",
+            result["quota_store"]["markdown"],
+            "",
+        ]
+    if result["streaming"] is not None:
+        lines += [
+            "## Streaming",
+            "",
+            f"`python -m benchmarks.streaming {' '.join(result['settings']['streaming_argv'])}`",
+            "",
+            streaming_markdown(result["streaming"]),
+            "",
+        ]
+    if result["notes"]:
+        lines += ["## Notes", "", *(f"- {note}" for note in result["notes"]), ""]
+    lines.append(f"Whole suite: {result['elapsed_s']:.0f} s.")
+    return "\n".join(lines)

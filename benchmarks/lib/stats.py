@@ -1,0 +1,147 @@
+"""Statistics of the measurements: percentiles, medians over runs, the gateway's difference
+from and ratio to Envoy alone, and the per-concurrency (chat) and per-variant (streaming)
+summaries the reports are drawn from."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.lib.configs import STREAM_GATEWAY_VARIANTS, STREAM_VARIANTS, TARGETS
+
+# Percentiles kept in the JSON per concurrency and target (all runs pooled): enough to redraw
+# the latency distribution without keeping every sample.
+KEPT_PERCENTILES = [*range(0, 100), 99.9, 100]
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks; `ordered` sorted ascending."""
+    if not ordered:
+        return None
+    k = (len(ordered) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def percentile_ms(ordered: Sequence[float], q: float) -> float | None:
+    """`percentile` of seconds, in milliseconds rounded to the microsecond."""
+    value = percentile(ordered, q)
+    return None if value is None else round(value * 1000, 3)
+
+
+def median_of(values: Sequence[float | None]) -> float | None:
+    """The median of the values present (None for none)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def difference(a: float | None, b: float | None) -> float | None:
+    """a - b (the gateway's minus Envoy alone's), or None when either is missing."""
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def percent_of(a: float | None, b: float | None) -> float | None:
+    """a as a percentage of b (the gateway's throughput of Envoy alone's), or None."""
+    return None if a is None or not b else round(100 * a / b, 1)
+
+
+def _is(sample: dict[str, Any], run: int, target: str, c: int) -> bool:
+    return sample["run"] == run and sample["target"] == target and sample["concurrency"] == c
+
+
+def summarize_chat(
+    samples: list[dict[str, Any]],
+    concurrencies: list[int],
+    latencies: dict[tuple[int, str], list[float]] | None = None,
+) -> dict[str, Any]:
+    """Per concurrency: each target's medians over runs, the gateway's added latency and
+    throughput share, and the same comparison run by run (the spread)."""
+    summary: dict[str, Any] = {}
+    for c in concurrencies:
+        per_target: dict[str, Any] = {}
+        for target in TARGETS:
+            rows = [s for s in samples if s["target"] == target and s["concurrency"] == c]
+            per_target[target] = {
+                key: median_of([r[key] for r in rows])
+                for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms")
+            }
+            per_target[target]["requests"] = sum(r["requests"] for r in rows)
+            per_target[target]["errors"] = sum(r["errors"] for r in rows)
+            per_target[target]["retried"] = sum(r.get("retried", 0) for r in rows)
+            per_target[target]["runs_with_errors"] = sorted(r["run"] for r in rows if r["errors"])
+            per_target[target]["cpu_cores"] = {
+                name: median_of([r["cpu_cores"].get(name) for r in rows])
+                for name in sorted({n for r in rows for n in r["cpu_cores"]})
+            }
+            pooled = sorted((latencies or {}).get((c, target), []))
+            if pooled:
+                # All runs pooled (not medians over runs): the distribution the plot draws.
+                per_target[target]["pooled_percentiles_ms"] = {
+                    f"{q:g}": round(1000 * (percentile(pooled, q / 100) or 0.0), 3)
+                    for q in KEPT_PERCENTILES
+                }
+        base, gw = per_target["baseline"], per_target["gateway"]
+        # Per-run comparisons (each run's pair measured back to back) show the spread.
+        pairs = []
+        for run in sorted({s["run"] for s in samples}):
+            b = next(x for x in samples if _is(x, run, "baseline", c))
+            g = next(x for x in samples if _is(x, run, "gateway", c))
+            pairs.append((b, g))
+        summary[str(c)] = {
+            **per_target,
+            "added_ms": {
+                k: difference(gw[f"{k}_ms"], base[f"{k}_ms"]) for k in ("p50", "p90", "p99", "mean")
+            },
+            "throughput_pct": percent_of(gw["rps"], base["rps"]),
+            "per_run_added_p50_ms": [difference(g["p50_ms"], b["p50_ms"]) for b, g in pairs],
+            "per_run_added_p99_ms": [difference(g["p99_ms"], b["p99_ms"]) for b, g in pairs],
+            "per_run_throughput_pct": [percent_of(g["rps"], b["rps"]) for b, g in pairs],
+        }
+    return summary
+
+
+def summarize_stream_latency(samples: list[dict[str, Any]], pacing_ms: float) -> dict[str, Any]:
+    """Per streaming variant: medians over runs of the latency part, what each gateway path
+    adds to Envoy alone's, and the same run by run."""
+    keys = (
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "gap_p50_ms",
+        "gap_p99_ms",
+        "headers_p50_ms",
+        "first_after_headers_p50_ms",
+        "first_after_headers_p99_ms",
+    )
+    per_variant: dict[str, Any] = {}
+    for variant in STREAM_VARIANTS:
+        rows = [s for s in samples if s["target"] == variant]
+        per_variant[variant] = {key: median_of([r[key] for r in rows]) for key in keys}
+        per_variant[variant]["cpu_ms_per_stream"] = {
+            name: median_of([r["cpu_ms_per_stream"].get(name) for r in rows])
+            for name in sorted({n for r in rows for n in r["cpu_ms_per_stream"]})
+        }
+        per_variant[variant]["streams"] = sum(r["streams"] for r in rows)
+        per_variant[variant]["errors"] = sum(r["errors"] for r in rows)
+        per_variant[variant]["streams_with_missing_deltas"] = sum(
+            r["streams_with_missing_deltas"] for r in rows
+        )
+    base = per_variant["baseline"]
+    added: dict[str, Any] = {}
+    per_run: dict[str, list[dict[str, Any]]] = {}
+    for variant in STREAM_GATEWAY_VARIANTS:
+        gw = per_variant[variant]
+        added[variant] = {key.removesuffix("_ms"): difference(gw[key], base[key]) for key in keys}
+        per_run[variant] = []
+        for run in sorted({s["run"] for s in samples}):
+            b = next(s for s in samples if s["run"] == run and s["target"] == "baseline")
+            g = next(s for s in samples if s["run"] == run and s["target"] == variant)
+            per_run[variant].append({key: difference(g[key], b[key]) for key in keys})
+    return {
+        **per_variant,
+        "pacing_ms": pacing_ms,
+        "added_ms": added,
+        "per_run_added_ms": per_run,
+    }
