@@ -5,7 +5,7 @@ answer with `sidecar.json_path: access_log` and no response guard, or a stream t
 follows), the downstream stage ends its ext_proc stream with the request body: Envoy sends
 the answer to the client without asking the sidecar (two messages per request instead of
 four). Every such request is counted here; a successful stream is finished (tokens, quota,
-audit) by the stream observer, everything else here (`observer_finishes`).
+audit) by the stream observer, everything else here (settlement.SETTLED_BY).
 Envoy's json_to_metadata filter copies the answer's `usage` into the request's metadata, and
 Envoy's gRPC access log brings each such request's entry here, in batches, once it has ended:
 the metadata the downstream stage left (team, model, reservation, report), the usage, the status.
@@ -25,14 +25,11 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from . import settlement
 from .contract import METADATA_NAMESPACE, Handover
-from .processor import (
-    Services,
-    handed_back,
-    observer_finishes,
-)
 from .protocol import struct_dict
-from .quota.policy import Amounts
+from .services import Services
+from .settlement import Finisher
 from .streams import RELEASED
 from .telemetry.metrics import ACCESS_LOG_ENTRIES
 from .telemetry.report import RequestReport
@@ -95,16 +92,18 @@ def account(services: Services, entry: Any) -> bool:
         return False
     status = entry.response.response_code.value  # 0: the request ended without an answer
     body_bytes = entry.response.response_body_bytes
-    report = RequestReport.from_handover(handover, stream=handover.stream, path="logged")
+    content_type = entry.response.response_headers.get("content-type", "")
+    headers = {":status": str(status), "content-type": content_type}
+    path = settlement.answer_path(handover.observe, True, headers)
+    report = RequestReport.from_handover(handover, stream=handover.stream, path=path.value)
     report.status = status
     report.backend = handover.backend or None
     report.provider_model = handover.provider_model or None
     report.attempts = entry.common_properties.upstream_request_attempt_count or 1
-    cfg = services.runtime.config
-    content_type = entry.response.response_headers.get("content-type", "")
-    if observer_finishes(handover, status, content_type):
+    # Every request released with its body is counted here (settlement.counted_by).
+    report.count_request(services.runtime.config)
+    if settlement.SETTLED_BY[path] is not Finisher.ACCESS_LOG:
         # A stream the observer followed: it has the tokens, the quota and the audit record.
-        report.count_request(cfg)
         return True
     prompt = handover.prompt_tokens
     usage = None
@@ -126,41 +125,18 @@ def account(services: Services, entry: Any) -> bool:
     if handover.traceparent:
         # A child of the request's span, which the downstream stage ended with the request.
         trace = services.tracing.request({"traceparent": handover.traceparent}, name="response")
-    _settle(services, handover, usage, prompt, status, trace)
-    report.count_request(cfg)
-    cost = report.count_usage(cfg, usage)
-    if trace is not NO_TRACE:
-        report.end_span(trace, usage, cost)
-    if services.audit is not None:
-        # Envoy's own measure (the entry may arrive a batch later): request start to the
-        # answer's last byte sent.
-        last_byte = entry.common_properties.time_to_last_downstream_tx_byte
-        if last_byte.seconds or last_byte.nanos:
-            duration = last_byte.seconds + last_byte.nanos / 1e9
-        else:
-            duration = time.time() - report.started_at
-        services.audit.write(report.audit_record(usage, cost, duration))
-    return True
-
-
-def _settle(
-    services: Services,
-    handover: Handover,
-    usage: Usage | None,
-    prompt: int,
-    status: int,
-    trace: Any,
-) -> None:
-    if not handover.reservation:
-        return
-    if usage is not None:
-        actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
-    elif status == 0:
-        # No answer (the client went away): the backend may still have read the prompt.
-        actual = Amounts(prompt, 0)
+    reservation = settlement.handed_back(services, handover)
+    # status 0: the request ended without an answer (the client went away).
+    settlement.settle(services, reservation, usage, status, status != 0, prompt, trace)
+    # Envoy's own measure (the entry may arrive a batch later): request start to the answer's
+    # last byte sent.
+    last_byte = entry.common_properties.time_to_last_downstream_tx_byte
+    if last_byte.seconds or last_byte.nanos:
+        duration = last_byte.seconds + last_byte.nanos / 1e9
     else:
-        actual = Amounts(0, 0)  # the backend refused or failed: it served no tokens
-    services.quota.settle_soon(handed_back(services, handover), actual, trace)
+        duration = time.time() - report.started_at
+    settlement.finish(services, report, usage, trace, duration)
+    return True
 
 
 def _usage(info: dict[str, Any]) -> Usage | None:

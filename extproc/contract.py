@@ -87,6 +87,10 @@ OUTPUT_ESTIMATE_KEY = "output_estimate"
 # ... and the most the client allowed (absent: it set no max_tokens): the cap of the gateway's
 # own count of an answer without a usage report (usage.estimated).
 OUTPUT_CAP_KEY = "output_cap"
+# The client's wire format (extproc/wire/), when it is not this one: how the finisher reads the
+# answer. Left out for this one, as a sidecar from before wire formats wrote none.
+WIRE_KEY = "wire"
+DEFAULT_WIRE = "openai"
 # The `usage` fields of a JSON answer Envoy's json_to_metadata filter copies into the request's
 # metadata (the same keys the sidecar sets for the answers it reads itself).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -140,6 +144,7 @@ class Handover:
     team: str
     model: str
     endpoint: str = ""
+    wire: str = DEFAULT_WIRE  # the client's wire format: how the answer reads
     stream: bool = False
     prompt_tokens: int = 0  # the prompt's count, as reserved
     started_at: float = 0.0  # wall clock (the finisher may run in another process)
@@ -170,6 +175,8 @@ class Handover:
             "stream": self.stream,
             "prompt_tokens_estimate": self.prompt_tokens,
         }
+        if self.wire != DEFAULT_WIRE:
+            out[WIRE_KEY] = self.wire
         optional: dict[str, Any] = {
             "started_at": self.started_at,
             OUTPUT_ESTIMATE_KEY: self.output_estimate,
@@ -202,6 +209,7 @@ class Handover:
             team=_text(info, "team"),
             model=_text(info, "model"),
             endpoint=_text(info, "endpoint"),
+            wire=_text(info, WIRE_KEY) or DEFAULT_WIRE,
             stream=info.get("stream") is True,
             prompt_tokens=int(_number(info.get("prompt_tokens_estimate")) or 0),
             started_at=_number(info.get("started_at")) or time.time(),

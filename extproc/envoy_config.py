@@ -170,7 +170,7 @@ from envoy_data_plane.xds.type.matcher.v3 import RegexMatcher as XdsRegexMatcher
 from envoy_data_plane.xds.type.matcher.v3 import RegexMatcherGoogleRe2 as XdsRegexMatcherGoogleRe2
 from envoy_data_plane.xds.type.matcher.v3 import StringMatcher as XdsStringMatcher
 
-from . import parsing
+from . import errors
 from .config import (
     Config,
     Model,
@@ -647,7 +647,7 @@ def _local_reply(cfg: Config) -> LocalReplyConfig:
             append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
         )
     ]
-    too_large = parsing.too_large(cfg.sidecar.max_body_bytes)
+    too_large = errors.too_large(cfg.sidecar.max_body_bytes)
     return LocalReplyConfig(
         mappers=[
             ResponseMapper(

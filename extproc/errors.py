@@ -1,10 +1,9 @@
-"""OpenAI-style errors: every rejection the gateway makes has the same JSON shape."""
+"""The gateway's refusals: status, message, type, code and param, whatever API the client
+speaks; the client's wire format renders them in its error shape (WireFormat.error_body)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import orjson
 
 
 @dataclass(slots=True)
@@ -18,19 +17,8 @@ class GatewayError(Exception):
     param: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
 
-    def body(self) -> bytes:
-        return error_body(self.message, self.type, self.code, self.param)
-
     def __str__(self) -> str:
         return f"{self.status} {self.code or self.type}: {self.message}"
-
-
-def error_body(
-    message: str, type_: str, code: str | None = None, param: str | None = None
-) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    )
 
 
 def bad_request(message: str, code: str = "invalid_request", param: str | None = None):
@@ -45,3 +33,24 @@ def unauthorized(message: str, code: str = "invalid_api_key") -> GatewayError:
 
 def not_found(message: str, code: str, param: str | None = None) -> GatewayError:
     return GatewayError(404, message, "invalid_request_error", code, param)
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body is larger than this gateway's limit of {limit} bytes",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+def check_content_type(value: str | None) -> None:
+    """Every API the gateway speaks takes a JSON body."""
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise GatewayError(
+            415,
+            f"Content-Type must be application/json, got {value or 'none'!r}",
+            "invalid_request_error",
+            "unsupported_media_type",
+        )

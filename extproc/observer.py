@@ -3,12 +3,13 @@
 Envoy runs this stage in observability mode: it sends each chunk and moves on without waiting,
 and ignores whatever the sidecar answers, so the stage answers nothing. It is instantiated only
 for streaming requests the downstream stage marked `observe`, and follows the response only when
-it is a successful event stream (`observer_follows`, the same test by which the downstream stage
-hands it over); an error body or a JSON answer stays with the downstream stage, or, for a
+it is a successful event stream (settlement.observer_follows, the test by which the downstream
+stage hands it over); an error body or a JSON answer stays with the downstream stage, or, for a
 request the downstream stage released with its body, goes to the access log's reader.
 
 Everything needed to settle arrives in the forwarded dynamic metadata, so the observer may run
 in another sidecar process than the stage that reserved (the quota store must then be shared).
+It settles what it follows, cut streams included (close): settlement.SETTLED_BY.
 """
 
 from __future__ import annotations
@@ -17,17 +18,11 @@ import logging
 import time
 from typing import Any
 
+from . import settlement, wire
 from .contract import METADATA_NAMESPACE, Handover
-from .processor import (
-    Services,
-    answering_backend,
-    handed_back,
-    observer_follows,
-    stream_usage,
-)
-from .protocol import ProcessingRequest, header_dict, struct_dict
-from .quota.policy import Amounts
-from .sse import StreamRelay
+from .protocol import ProcessingRequest, answering_backend, header_dict, struct_dict
+from .services import Services
+from .sse import RelayedStream
 from .streams import ACTIVE, StreamTiming
 from .telemetry.report import RequestReport, model_label
 from .telemetry.tracing import NO_TRACE
@@ -40,7 +35,7 @@ class ObservedStream:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.relay: StreamRelay | None = None
+        self.relay: RelayedStream | None = None
         self.timing: StreamTiming | None = None
         self.handover: Handover | None = None  # from the metadata, when the stream starts
         self.done = False  # finished, or not ours to follow
@@ -60,7 +55,7 @@ class ObservedStream:
         if kind == "response_headers":
             msg = req.response_headers
             headers = header_dict(msg.headers)
-            if not observer_follows(headers):
+            if not settlement.observer_follows(headers):
                 # An error or a JSON answer: the downstream stage keeps it (or, for a request
                 # released with its body, the access log's reader).
                 self.done = True
@@ -81,7 +76,7 @@ class ObservedStream:
         # Plain Python values: a Struct's lists and nested objects are protobuf containers.
         info = struct_dict(struct) if struct is not None else {}
         self.handover = handover = Handover.from_metadata(info)
-        self.relay = StreamRelay(strip_usage_chunk=False)
+        self.relay = wire.get(handover.wire).stream_relay(strip_usage_chunk=False)
         cfg = self.services.runtime.config
         # The request's start on this process's perf_counter clock, for time to first token.
         self.timing = StreamTiming(
@@ -112,40 +107,38 @@ class ObservedStream:
     def close(self) -> None:
         """The gRPC stream ended: a stream cut short settles what was delivered."""
         if self.relay is not None and not self.done:
-            self._finish()
+            self._finish(complete=False)
 
-    def _finish(self) -> None:
+    def _finish(self, complete: bool = True) -> None:
         self.done = True
         ACTIVE.closed()
         assert self.relay is not None and self.timing is not None
         handover, services = self.handover, self.services
         assert handover is not None
-        team, model = handover.team, handover.model
         # The most output the client allowed caps our own count (None: it set none).
-        usage = stream_usage(
-            self.relay, handover.prompt_tokens, services.tokens, model, handover.output_cap
+        usage = settlement.stream_usage(
+            self.relay, handover.prompt_tokens, services.tokens, handover.model, handover.output_cap
         )
-        if handover.reservation:
-            services.quota.settle_soon(
-                handed_back(services, handover),
-                Amounts(usage.prompt_tokens, usage.completion_tokens),
-                self.trace,
-            )
         report = self.report
-        if report is not None:
-            cfg = services.runtime.config
-            cost = report.count_usage(cfg, usage)
-            self.trace.set(report.span_attributes(usage, cost))
-            self.trace.end()
-            if services.audit is not None:
-                duration = time.time() - report.started_at
-                timing = self.timing.as_metadata(None)
-                services.audit.write(report.audit_record(usage, cost, duration, timing))
+        assert report is not None
+        settlement.settle(
+            services,
+            settlement.handed_back(services, handover),
+            usage,
+            report.status,
+            complete,
+            handover.prompt_tokens,
+            self.trace,
+        )
+        duration = time.time() - report.started_at
+        settlement.finish(
+            services, report, usage, self.trace, duration, self.timing.as_metadata(None)
+        )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "stream done team=%s model=%s %s %s",
-                team,
-                model,
+                handover.team,
+                handover.model,
                 usage.as_metadata(),
                 self.timing.as_metadata(usage.completion_tokens),
             )

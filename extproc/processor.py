@@ -1,5 +1,5 @@
 """One ext_proc stream = one HTTP request. These classes only orchestrate: each phase hands the
-work to the module that owns it (identity, parsing, tokens, routing, usage, sse)."""
+work to the module that owns it (identity, wire, tokens, routing, usage, sse)."""
 
 from __future__ import annotations
 
@@ -7,47 +7,29 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from envoy.config.core.v3 import base_pb2
-from google.protobuf import text_format
 
-from . import identity, protocol, routing
+from . import identity, protocol, request_plan, routing, settlement, wire
 from .contract import (
     ATTEMPTS_HEADER,
     BACKEND_METADATA,
-    CLUSTER_ATTRIBUTE,
-    HOST_ATTRIBUTE,
     METADATA_NAMESPACE,
-    POOL_HEADER,
-    RATE_LIMIT_KEY,
-    ROUTE_HEADER,
-    TARGET_HEADER,
     TEAM_HEADER,
     TOKEN_HEADERS,
     TOKEN_SOURCE_HEADER,
-    Handover,
     P,
-    backend_from_cluster,
 )
-from .errors import GatewayError, bad_request
+from .errors import GatewayError, bad_request, check_content_type, too_large
 from .guard import pipeline as guard
-from .guard.stream import GuardedStreamRelay
-from .guard.texts import Slot, conversation, drop_logprobs, request_slots, response_slots
-from .parsing import (
-    Endpoint,
-    ParsedRequest,
-    check_content_type,
-    parse_body,
-    route,
-    too_large,
-    with_usage_requested,
-)
+from .guard.texts import Slot, conversation
 from .quota.policy import Amounts, applicable
-from .quota.service import declared_output, requested_output
-from .sse import RelayedStream, StreamRelay
+from .quota.service import requested_output
+from .request_plan import Admitted
+from .services import Services
+from .settlement import AnswerPath, Finisher
+from .sse import RelayedStream
 from .streams import ACTIVE, RELEASED, StreamTiming
 from .telemetry.report import (
     OFF_LOOP_CHARS,
@@ -56,35 +38,18 @@ from .telemetry.report import (
     prompt_fields,
     verdict_entries,
 )
-from .telemetry.tracing import DISABLED, NO_TRACE, OPERATION, Tracing
-from .usage import Usage, completion_text, estimated, from_openai
+from .telemetry.tracing import NO_TRACE, OPERATION
+from .usage import Usage
+from .wire import Endpoint, Operation, ParsedRequest, WireFormat
 
 if TYPE_CHECKING:
-    from .config import ResolvedTarget, Runtime
-    from .guard.llm import GuardClient
-    from .guard.pipeline import CompiledGuard, Guardrails
+    from .config import ResolvedTarget
+    from .guard.pipeline import CompiledGuard
     from .guard.types import Verdict
     from .quota.policy import LimitSpec
-    from .quota.service import QuotaService, Reservation
-    from .telemetry.audit import AuditTrail
-    from .tokens import TokenCounter
+    from .quota.service import Reservation
 
 log = logging.getLogger("extproc.processor")
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What every stream shares. A reload builds a new one and swaps it in whole; a stream
-    keeps the one it started with, so one request never mixes two configs."""
-
-    runtime: Runtime
-    tokens: TokenCounter
-    quota: QuotaService
-    limits: dict[str, tuple[LimitSpec, ...]]
-    guards: Guardrails
-    guard_client: GuardClient  # one HTTP session for every guard call, kept across reloads
-    tracing: Tracing = DISABLED  # built once at start-up
-    audit: AuditTrail | None = None  # None: no audit trail; the same trail across reloads
 
 
 class DownstreamStream:
@@ -96,16 +61,15 @@ class DownstreamStream:
         "endpoint",
         "following",
         "grpc_metadata",
-        "handed_off",
         "known_backend",
         "max_output",
         "observe",
         "output_cap",
+        "path",
         "pool",
         "prompt",
         "prompt_turns",
         "relay",
-        "released",
         "report",
         "request",
         "reservation",
@@ -121,6 +85,7 @@ class DownstreamStream:
         "timing",
         "trace",
         "usage",
+        "wire",
     )
 
     def __init__(self, services: Services, grpc_metadata: Mapping[str, str] | None = None) -> None:
@@ -131,6 +96,8 @@ class DownstreamStream:
         self.started = time.perf_counter()
         self.team: str | None = None
         self.endpoint: Endpoint | None = None
+        # The client's API, from the request line; its error shape until then.
+        self.wire: WireFormat = wire.DEFAULT
         self.request: ParsedRequest | None = None
         self.prompt: Any = None  # TokenCount of the prompt
         # The most output the request may produce (reserved; the cap of our own count).
@@ -139,16 +106,16 @@ class DownstreamStream:
         self.output_cap: int | None = None
         self.backend: str | None = None
         self.status = 0
-        self.relay: StreamRelay | GuardedStreamRelay | None = None
+        self.relay: RelayedStream | None = None
         self.timing: StreamTiming | None = None
         self.following = False  # counted in ACTIVE until the stream ends
         self.reservation: Reservation | None = None
         self.strip_usage = False
         self.observe = False  # a stream the observer may follow instead of this stage
-        self.handed_off = False  # ... and does: it settles, this stage must not
-        # The request leaves this stage with its body: the access log's reader counts it, and
-        # settles it unless the observer follows its stream (its answer never passes here).
-        self.released = False
+        # The answer's path as this stage knows it: LOGGED once the request is released with its
+        # body (the access log's reader counts it; it or the observer settles it), OBSERVED
+        # once the observer follows its answer, READ or INLINE when the answer passes here.
+        self.path = AnswerPath.NO_ANSWER
         self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.response_guards: tuple[CompiledGuard, ...] = ()
         self.prompt_turns: list[dict[str, str]] | None = None  # for judging the response
@@ -175,13 +142,13 @@ class DownstreamStream:
         except GatewayError as err:
             return self.reject(err)
         # Trailers are not requested; answering keeps Envoy moving if a config asks for them.
-        return _passthrough(kind)
+        return protocol.passthrough(kind)
 
     @property
     def finished(self) -> bool:
         """No message will come after the last answer: the observer (at the response headers)
         or the access log's reader and the observer (with the request body) took it over."""
-        return self.handed_off or self.released
+        return settlement.SETTLED_BY[self.path] is not Finisher.DOWNSTREAM
 
     def failed(self) -> None:
         """The sidecar failed this stream (a bug): Envoy answers with the failure status."""
@@ -194,7 +161,7 @@ class DownstreamStream:
             # A stream has begun: an immediate response can no longer replace it. (A buffered
             # response's headers are still held, so a response guard can replace that one.)
             log.warning("error after the response started: %s", err)
-            return _passthrough("response_body")
+            return protocol.passthrough("response_body")
         # The message may quote client input (a key fingerprint): log the code, not the text.
         log.info("rejected team=%s status=%s code=%s", self.team, err.status, err.code)
         if self.report is not None:
@@ -202,7 +169,7 @@ class DownstreamStream:
             self.report.code = err.code or err.type
         return protocol.immediate_response(
             err.status,
-            err.body(),
+            self.wire.error_body(err),
             headers=dict(err.headers),
             details=f"aigw_{err.code or err.type}",
         )
@@ -222,14 +189,16 @@ class DownstreamStream:
             report.trace_id = self.trace.trace_id()
         self.team = identity.authenticate(self.rt, headers)
         report.team = self.team
-        endpoint, model_id = route(headers.get(":method", ""), headers.get(":path", ""))
+        self.wire, endpoint, model_id = wire.route(
+            headers.get(":method", ""), headers.get(":path", "")
+        )
         self.endpoint = endpoint
-        if endpoint in (Endpoint.MODELS, Endpoint.MODEL):
+        if endpoint.operation in (Operation.LIST_MODELS, Operation.GET_MODEL):
             self.report = None  # not an LLM call: no request metric, no audit record
             self.trace.end()
-        if endpoint is Endpoint.MODELS:
+        if endpoint.operation is Operation.LIST_MODELS:
             return protocol.immediate_response(200, routing.list_models_body(self.rt, self.team))
-        if endpoint is Endpoint.MODEL:
+        if endpoint.operation is Operation.GET_MODEL:
             assert model_id is not None
             body = routing.retrieve_model_body(self.rt, self.team, model_id)
             return protocol.immediate_response(200, body)
@@ -255,23 +224,21 @@ class DownstreamStream:
         limit = self.rt.config.sidecar.max_body_bytes
         if len(msg.body) > limit:
             raise too_large(limit)
-        parsed = parse_body(self.endpoint, msg.body)
+        parsed = self.wire.parse(self.endpoint, msg.body)
         report = self.report
         assert report is not None
         # The client's words, kept for the audit record only (metric labels use config names).
         report.model = parsed.model[:256]
-        report.endpoint = self.endpoint.value
+        report.endpoint = self.endpoint.path
         report.stream = parsed.stream
         if self.trace is not NO_TRACE:
             self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, self.endpoint)
         self.request = parsed
-        self.max_output = requested_output(
-            parsed.body, self.endpoint, self.rt.config.quota.default_max_tokens
-        )
-        self.output_cap = declared_output(parsed.body, self.endpoint)
+        self.max_output = requested_output(parsed, self.rt.config.quota.default_max_tokens)
+        self.output_cap = parsed.output_cap
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
-        slots = request_slots(self.endpoint, parsed.body) if request_guards else []
+        slots = self.wire.request_slots(self.endpoint, parsed.body) if request_guards else []
         # Local guards first, masking in place: what they remove never leaves the gateway.
         if request_guards:
             with self.trace.child("guards local", {"extproc.guard.stage": "request"}):
@@ -298,7 +265,8 @@ class DownstreamStream:
             self.trace.set({"extproc.prompt_tokens_estimate": self.prompt.tokens})
         audit = self.services.audit
         if audit is not None:
-            texts = [s.get() for s in (slots or request_slots(self.endpoint, parsed.body))]
+            slots = slots or self.wire.request_slots(self.endpoint, parsed.body)
+            texts = [s.get() for s in slots]
             include = self.rt.config.observability.audit.include_prompt
             # Masking every PII kind costs ~0.1 ms per 1,000 characters: off the loop sooner.
             if sum(len(t) for t in texts) > (OFF_LOOP_CHARS // 8 if include else OFF_LOOP_CHARS):
@@ -307,120 +275,61 @@ class DownstreamStream:
                 report.prompt = prompt_fields(texts, include)
         if self.response_guards and any(not g.local for g in self.response_guards):
             # A response is judged in the context of the prompt (as the backend received it).
-            self.prompt_turns = conversation(slots or request_slots(self.endpoint, parsed.body))
-        path = self.rt.config.sidecar.stream_path
-        self.observe = (
-            parsed.stream
-            and not self.response_guards  # guards may change the stream: it goes inline
-            and (path == "observe" or (path == "auto" and parsed.include_usage))
-        )
-        set_headers = {ROUTE_HEADER: parsed.model}
-        target = routing.fixed_target(self.rt, parsed.model, self.pool)
-        self.known_backend = target is not None
-        if target is not None:
-            # One backend can serve this request and its route has no upstream stage: this
-            # stage prepares the request for that backend itself.
-            set_headers[TARGET_HEADER] = target.backend
-            if target.credential is not None:
-                set_headers[target.auth_header] = target.credential
-            if target.provider_model != parsed.model:
-                parsed.body["model"] = target.provider_model
-                changed = True
-        body_mutation = orjson.dumps(parsed.body) if changed else None
-        if parsed.stream and not parsed.include_usage and not self.observe:
-            # Ask the backend for its usage report; the relay removes it again from what the
-            # client sees, since the client did not ask for it.
-            body_mutation = with_usage_requested(parsed.body)
-            self.strip_usage = True
-        if target is not None:
-            report.backend = target.backend
-            report.provider_model = target.provider_model
-        # With one backend, Envoy renders every header of the answer: nothing is left for this
-        # stage to do once the request is sent, unless the answer must pass it (guards, an
-        # inline stream, json_path: inline). Envoy's access log then brings every released
-        # request back to be counted; the observer finishes the streams it follows.
-        # (`json_path: inline` also keeps observed streams here until their headers: it is the
-        # setting for an Envoy without the gateway's gRPC access log.)
-        release = (
-            target is not None
-            and self.rt.config.sidecar.json_path == "access_log"
-            and (self.observe or (not parsed.stream and not self.response_guards))
-        )
-        handed: dict[str, Any] = {}
-        if self.observe or release:
-            # What the stage that finishes the request needs, in whichever sidecar process it
-            # runs: the observer (a stream it follows) or the access log's reader.
-            res = self.reservation
-            handed = {
-                # Wall clock, not perf_counter: the finisher may run in another process.
-                "started_at": time.time() - (time.perf_counter() - self.started),
-                "reservation": res.id if res is not None else "",
-                # Names, in order, so a reload that changed the team's limits is noticed.
-                "limits": tuple(spec.name for spec in res.specs) if res is not None else (),
-                "output_estimate": self.max_output or 0,
-                "output_cap": self.output_cap,
-                "traceparent": self.trace.traceparent() if self.trace is not NO_TRACE else "",
-            }
-            if audit is not None:
-                handed.update(report.handover())
-        # Also what Envoy renders into the answer's headers (RESPONSE_HEADER_KEYS): team, model
-        # and, when one backend serves the request, the backend and its name for the model.
-        data = Handover(
+            slots = slots or self.wire.request_slots(self.endpoint, parsed.body)
+            self.prompt_turns = conversation(slots)
+        res = self.reservation
+        admitted = Admitted(
             team=self.team,
-            model=parsed.model,
-            endpoint=self.endpoint.value,
-            stream=parsed.stream,
+            request=parsed,
+            wire=self.wire,
             prompt_tokens=self.prompt.tokens,
-            observe=self.observe,
-            # The answer goes to the client without this stage; Envoy's access log entry
-            # brings its status (and a JSON answer's usage) to the sidecar (access_log.py).
-            account=release,
+            max_output=self.max_output,
+            body_changed=changed,
+            response_guards=bool(self.response_guards),
             pool=self.pool,
-            backend=target.backend if target is not None else "",
-            provider_model=target.provider_model if target is not None else "",
-            **handed,
-        ).to_metadata()
-        if self.reservation is not None:
-            data[RATE_LIMIT_KEY] = self.services.quota.rate_headers(
-                self.reservation.specs, self.reservation.states
-            )
-        metadata = {METADATA_NAMESPACE: data}
-        if self.pool:
-            set_headers[POOL_HEADER] = str(self.pool)
-            data["failover"] = "quota"
-            report.failover = "quota"
+            reservation=res.id if res is not None else "",
+            limits=tuple(spec.name for spec in res.specs) if res is not None else (),
+            rate_headers=self.services.quota.rate_headers(res.specs, res.states)
+            if res is not None
+            else None,
+            started_at=time.time() - (time.perf_counter() - self.started),
+            traceparent=self.trace.traceparent() if self.trace is not NO_TRACE else "",
+            audit=report.handover() if audit is not None else None,
+        )
+        target = routing.fixed_target(self.rt, parsed.model, self.pool)
+        plan = request_plan.plan(admitted, target, self.rt.config.sidecar)
+        self.observe, self.strip_usage = plan.observe, plan.strip_usage
+        self.known_backend = target is not None
         route_attributes: dict[str, Any] = {
             "extproc.model": parsed.model,
             "extproc.pool": self.pool,
         }
         if target is not None:
+            report.backend = target.backend
+            report.provider_model = target.provider_model
             route_attributes["extproc.backend"] = target.backend
+        if self.pool:
+            report.failover = "quota"
         self.route_span = self.trace.start("route", route_attributes)
-        if body_mutation is not None:
-            # Envoy keeps the client's content-length for a mutated buffered body; the
-            # headers are still held, so say the new length.
-            set_headers["content-length"] = str(len(body_mutation))
         answer = protocol.request_body_response(
-            protocol.common(set_headers, body=body_mutation, clear_route_cache=True),
-            dynamic_metadata=metadata,
+            protocol.common(plan.set_headers, body=plan.body, clear_route_cache=True),
+            dynamic_metadata=plan.metadata,
         )
         # Only now: a failure before this point is still this stage's to count and settle.
-        self.released = release
-        if release:
+        self.path = plan.path
+        if plan.release:
             RELEASED.add()
         return answer
 
     def _trace_request(self, parsed: ParsedRequest, model: str) -> None:
         assert self.endpoint is not None
-        operation = OPERATION.get(self.endpoint.value, self.endpoint.value)
+        operation = OPERATION.get(self.endpoint.operation.value, self.endpoint.path)
         self.trace.rename(f"{operation} {model}")
         self.trace.set(
             {
                 "gen_ai.operation.name": operation,
                 "gen_ai.request.model": model,
-                "gen_ai.request.max_tokens": _int_or_none(
-                    parsed.body.get("max_completion_tokens", parsed.body.get("max_tokens"))
-                ),
+                **self.wire.span_attributes(parsed.body),
                 "extproc.team": self.team,
                 "extproc.stream": parsed.stream,
             }
@@ -469,7 +378,7 @@ class DownstreamStream:
             if reserving is not None:
                 await asyncio.wait([reserving])
             # Nothing went upstream: release the reservation with no tokens used.
-            self.services.quota.settle_soon(self.reservation, Amounts(0, 0), self.trace)
+            settlement.release_unused(self.services, self.reservation, self.trace)
             self._stop_if_blocked([*local, *verdicts], "request")
         if reserving is not None:
             try:
@@ -508,7 +417,7 @@ class DownstreamStream:
         self.reservation = task.result()
         if self.closed:
             # The stream ended before the request went anywhere: nothing was used.
-            self.services.quota.settle_soon(self.reservation, Amounts(0, 0), self.trace)
+            settlement.release_unused(self.services, self.reservation, self.trace)
 
     def _check_prompt_size(
         self, guards: tuple[CompiledGuard, ...], verdicts: list[Verdict]
@@ -517,7 +426,7 @@ class DownstreamStream:
         too_long = guard.prompt_too_long(guards, self.prompt.tokens)
         if too_long is not None:
             # Nothing goes upstream: a reservation already made is released unused.
-            self.services.quota.settle_soon(self.reservation, Amounts(0, 0), self.trace)
+            settlement.release_unused(self.services, self.reservation, self.trace)
             self._stop_if_blocked([*verdicts, too_long], "request")
 
     def _stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
@@ -535,16 +444,8 @@ class DownstreamStream:
     async def _count_prompt(self, parsed: ParsedRequest, budget: float | None = None) -> Any:
         # Never fails; a long prompt waits at most `budget` (default sidecar.count_budget_ms;
         # then the rest is estimated), in its team's queue for the tokenizer threads.
-        tokens, body, model, team = self.services.tokens, parsed.body, parsed.model, self.team
-        if parsed.endpoint is Endpoint.CHAT:
-            tools = body.get("tools") if isinstance(body.get("tools"), list) else None
-            return await tokens.count_chat_async(
-                model, body["messages"], tools, team=team, budget=budget
-            )
-        if parsed.endpoint is Endpoint.COMPLETIONS:
-            return await tokens.count_prompt_async(model, body["prompt"], team=team, budget=budget)
-        return await tokens.count_embedding_input_async(
-            model, body["input"], team=team, budget=budget
+        return await self.wire.count_prompt(
+            self.services.tokens, parsed, team=self.team, budget=budget
         )
 
     # -- response -----------------------------------------------------------------------------
@@ -553,7 +454,7 @@ class DownstreamStream:
         msg = req.response_headers
         headers = protocol.header_dict(msg.headers)
         self.status = int(headers.get(":status", "0") or 0)
-        self.backend = answering_backend(req)
+        self.backend = protocol.answering_backend(req)
         # Team, model, rate limits (and the backend, when one serves the model) are rendered
         # by Envoy from the request's metadata; only what Envoy chose is added here.
         set_headers = {} if self.known_backend else self._backend_headers()
@@ -584,28 +485,26 @@ class DownstreamStream:
         mode = None
         # Known now, and in the access log even when the response never completes.
         metadata = {METADATA_NAMESPACE: {"backend": self.backend or "", "status": self.status}}
-        if self.observe and observer_follows(headers):
+        path = self.path = settlement.answer_path(self.observe, False, headers, msg.end_of_stream)
+        if report is not None:
+            report.path = path.value
+        if path is AnswerPath.OBSERVED:
             # The observer follows the body from here on, without holding a chunk back; it
             # decided so on these same headers (it sees them first: the response path runs
             # the filters in reverse order).
-            self.handed_off = True
             mode = protocol.OBSERVED_RESPONSE
-            if report is not None:
-                report.path = "observed"
-        elif is_event_stream(headers) and not msg.end_of_stream:
+        elif path is AnswerPath.INLINE:
             if self.response_guards and self.endpoint is not None and 200 <= self.status < 300:
                 find, holdback, owners = guard.stream_finder(self.response_guards)
-                self.relay = GuardedStreamRelay(
+                self.relay = self.wire.guarded_stream_relay(
                     self.endpoint, self.strip_usage, find, holdback, owners
                 )
             else:
-                self.relay = StreamRelay(strip_usage_chunk=self.strip_usage)
+                self.relay = self.wire.stream_relay(self.strip_usage)
             self.timing = StreamTiming(self.started, self._model_label())
             self.following = True
             ACTIVE.opened()
             mode = protocol.STREAMED_RESPONSE
-            if report is not None:
-                report.path = "inline"
         return protocol.response_headers_response(
             protocol.common(set_headers) if set_headers else None,
             mode_override=mode,
@@ -620,7 +519,7 @@ class DownstreamStream:
             # usage report the client did not ask for is being cut out).
             out = self.relay.feed(msg.body, msg.end_of_stream)
             common = protocol.common(body=out) if out is not None else None
-            if isinstance(self.relay, GuardedStreamRelay) and self.relay.blocked is not None:
+            if self.relay.blocked is not None:
                 self._record_stream_block(self.relay.blocked)
             if not msg.end_of_stream:
                 if self.usage is None and self.relay.usage is not None:
@@ -641,8 +540,6 @@ class DownstreamStream:
             )
 
         usage = self.usage = self._buffered_usage(msg.body)
-        if self.report is not None:
-            self.report.path = "buffered"
         self._settle(usage)
         body = None
         if self.response_guards and 200 <= self.status < 300:
@@ -668,8 +565,8 @@ class DownstreamStream:
             response = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return None
-        dropped = drop_logprobs(response)
-        slots = response_slots(self.endpoint, response)
+        dropped = self.wire.drop_logprobs(response)
+        slots = self.wire.answer_slots(self.endpoint, response)
         if not slots:
             return orjson.dumps(response) if dropped else None
         verdicts = await guard.run_local_async(self.response_guards, slots)
@@ -699,15 +596,11 @@ class DownstreamStream:
                 # The stream was cut by the guard: the request ends as a block.
                 self.report.code = f"guard_blocked:{verdict.guard}"
 
-    def _settle(self, usage: Usage | None) -> None:
-        if self.reservation is None:
-            return
-        if usage is None or not 200 <= self.status < 300:
-            # The backend refused or failed: it served no tokens, but the request was made.
-            actual = Amounts(0, 0)
-        else:
-            actual = Amounts(usage.prompt_tokens, usage.completion_tokens)
-        self.services.quota.settle_soon(self.reservation, actual, self.trace)
+    def _settle(self, usage: Usage | None, complete: bool = True) -> None:
+        prompt = self.prompt.tokens if self.prompt is not None else 0
+        settlement.settle(
+            self.services, self.reservation, usage, self.status, complete, prompt, self.trace
+        )
 
     def _end_stream(self) -> None:
         if self.following:
@@ -715,56 +608,39 @@ class DownstreamStream:
             ACTIVE.closed()
 
     def close(self) -> None:
-        """The stream ended: if the response never completed, settle what was delivered."""
+        """The stream ended: finish the request unless another stage does (SETTLED_BY); an
+        answer that never completed is charged what was delivered."""
         self.closed = True
         self._end_stream()
-        if self.relay is not None and self.usage is None and not self.handed_off:
-            # A stream cut short: the usage event never came, so count what was delivered.
-            self.usage = self._stream_usage()
-        if not (
-            self.reservation is None or self.reservation.settled or self.handed_off or self.released
-        ):
-            usage = self.usage
-            prompt = self.prompt.tokens if self.prompt is not None else 0
-            # No usage: no response seen, but the backend may still have read the prompt.
-            actual = Amounts(usage.prompt_tokens, usage.completion_tokens) if usage else None
-            self.services.quota.settle_soon(
-                self.reservation, actual or Amounts(prompt, 0), self.trace
-            )
-        self._report()
-
-    def _report(self) -> None:
         report, self.report = self.report, None  # once
-        if report is None:
-            return
         if self.route_span is not None:
             self.route_span.end()  # no answer came
-        if self.released:
-            # The access log's reader counts and reports the request.
-            if self.trace is not NO_TRACE:
+        settles = settlement.SETTLED_BY[self.path] is Finisher.DOWNSTREAM
+        if settles:
+            if self.relay is not None and self.usage is None:
+                # A stream cut short: the usage event never came, so count what was delivered.
+                self.usage = self._stream_usage()
+            self._settle(self.usage, complete=False)  # a no-op when the answer settled it
+        if report is None:
+            return
+        if settlement.counted_by(self.path is AnswerPath.LOGGED) is Finisher.DOWNSTREAM:
+            report.count_request(self.rt.config)
+        if settles:
+            timing = self.timing.as_metadata(None) if self.timing is not None else None
+            duration = time.perf_counter() - self.started
+            settlement.finish(self.services, report, self.usage, self.trace, duration, timing)
+        elif self.trace is not NO_TRACE:
+            # The request's span ends at the hand-over; the finisher's span is its child.
+            if self.path is AnswerPath.LOGGED:
                 self.trace.set(
                     {
                         "extproc.backend": report.backend,
                         "gen_ai.response.model": report.provider_model,
                     }
                 )
-                self.trace.end()
-            return
-        cfg = self.rt.config
-        report.count_request(cfg)
-        if self.handed_off:
-            # The observer has the tokens: it counts them and writes the audit record.
-            self.trace.set({"http.response.status_code": self.status})
+            else:
+                self.trace.set({"http.response.status_code": self.status})
             self.trace.end()
-            return
-        usage = self.usage
-        cost = report.count_usage(cfg, usage)
-        if self.trace is not NO_TRACE:
-            report.end_span(self.trace, usage, cost)
-        if self.services.audit is not None:
-            timing = self.timing.as_metadata(None) if self.timing is not None else None
-            duration = time.perf_counter() - self.started
-            self.services.audit.write(report.audit_record(usage, cost, duration, timing))
 
     def _model_label(self) -> str:
         return model_label(self.rt.config, self.request.model if self.request else None)
@@ -774,7 +650,9 @@ class DownstreamStream:
         if self.request is None or self.prompt is None:
             return self.relay.usage
         tokens, model = self.services.tokens, self.request.model
-        return stream_usage(self.relay, self.prompt.tokens, tokens, model, self.output_cap)
+        return settlement.stream_usage(
+            self.relay, self.prompt.tokens, tokens, model, self.output_cap
+        )
 
     def _buffered_usage(self, raw: bytes) -> Usage | None:
         if self.request is None or not 200 <= self.status < 300:
@@ -784,14 +662,14 @@ class DownstreamStream:
         except orjson.JSONDecodeError:
             log.warning("backend %s sent a 2xx body that is not JSON", self.backend)
             return None
-        usage = from_openai(response.get("usage") if isinstance(response, dict) else None)
-        return usage or self._estimate(completion_text(response))
+        usage = self.wire.answer_usage(response)
+        return usage or self._estimate(self.wire.answer_text(response))
 
     def _estimate(self, completion: str) -> Usage | None:
         if self.request is None or self.prompt is None:
             return None
         tokens, model = self.services.tokens, self.request.model
-        return estimate(self.prompt.tokens, tokens, model, completion, self.output_cap)
+        return settlement.estimate(self.prompt.tokens, tokens, model, completion, self.output_cap)
 
     def _backend_headers(self) -> dict[str, str]:
         """The backend Envoy chose (a pooled or canary model) and the model name it got."""
@@ -822,67 +700,6 @@ class DownstreamStream:
         return {METADATA_NAMESPACE: data}
 
 
-def is_event_stream(headers: Mapping[str, str]) -> bool:
-    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return media_type == "text/event-stream"
-
-
-def observer_follows(headers: Mapping[str, str]) -> bool:
-    """Whether an observed request's response goes to the observer: a successful stream
-    (even one whose headers end it: the observer then finishes it at once). The downstream
-    stage, the observer and the access log's reader (observer_finishes) all decide with this."""
-    status = headers.get(":status", "")
-    return is_event_stream(headers) and status.isdigit() and 200 <= int(status) < 300
-
-
-def observer_finishes(handover: Handover, status: int, content_type: str) -> bool:
-    """Whether the stream observer finishes a released request (tokens, quota, audit): a
-    successful event stream of an observed request. The access log's reader leaves those to it
-    and finishes the others; it counts every released request either way, so a stream whose
-    observer never started is still counted (its reservation then expires at its estimate).
-    The observer follows on the same test (observer_follows), from the same headers."""
-    headers = {":status": str(status), "content-type": content_type}
-    return handover.observe and observer_follows(headers)
-
-
-def stream_usage(
-    relay: RelayedStream, prompt: int, tokens: TokenCounter, model: str, cap: int | None
-) -> Usage:
-    """A stream's usage: the backend's report, or our own count when there is none (at most
-    `cap`, the max output the client allowed: usage.estimated)."""
-    if relay.usage is not None:
-        return relay.usage
-    if relay.expects_usage:
-        # The backend announced a usage report, so the relay kept no text; the report never
-        # came (a cut stream). OpenAI-style streams carry about one token per event: count
-        # every event but the role chunk, erring towards over-counting, never losing tokens.
-        return estimated(prompt, max(0, relay.events - 1), cap)
-    return estimate(prompt, tokens, model, relay.text, cap)
-
-
-def estimate(
-    prompt: int, tokens: TokenCounter, model: str, completion: str, cap: int | None
-) -> Usage:
-    """Our own count of an answer without a usage report, charged by usage.estimated."""
-    return estimated(prompt, tokens.count_text(model, completion).tokens, cap)
-
-
-def handed_back(services: Services, handover: Handover) -> Reservation | None:
-    """The reservation the downstream stage handed over, rebuilt by the stage that finishes the
-    request (None: there was none, or the team's limits changed since; see
-    QuotaService.handed_over)."""
-    if not handover.reservation:
-        return None
-    team, model = handover.team, handover.model
-    specs = applicable(services.limits.get(team, ()), model)
-    if handover.pool:
-        # A quota failover reserved against the team-wide limits only (see _reserve).
-        specs = tuple(s for s in specs if not s.scoped)
-    return services.quota.handed_over(
-        services.runtime.config, team, model, handover.reservation, handover.limits, specs
-    )
-
-
 class UpstreamStream:
     """The per-backend stage inside a cluster: credentials and model name for this attempt."""
 
@@ -910,7 +727,7 @@ class UpstreamStream:
                 backend = self.metadata.get(BACKEND_METADATA)
                 pooled = backend is None
                 if pooled:
-                    backend = _host_backend(req)
+                    backend = protocol.host_backend(req)
                 self.target = target = routing.upstream_target(self.rt, backend, headers)
                 set_headers, remove = routing.upstream_header_mutation(
                     self.rt, target, headers, retriable=pooled
@@ -930,59 +747,11 @@ class UpstreamStream:
                 body = routing.rewrite_model(req.request_body.body, self.target.provider_model)
                 return protocol.request_body_response(protocol.common(body=body))
         except GatewayError as err:
-            return protocol.immediate_response(err.status, err.body(), details="aigw_upstream")
+            # This stage does not know the client's API: the default's error shape.
+            body = wire.DEFAULT.error_body(err)
+            return protocol.immediate_response(err.status, body, details="aigw_upstream")
         except orjson.JSONDecodeError:
             bad = bad_request("We could not parse the JSON body of your request", "invalid_json")
-            return protocol.immediate_response(bad.status, bad.body(), details="aigw_upstream")
-        return _passthrough(kind)
-
-
-def answering_backend(req: Any) -> str | None:
-    """The backend that answered: a backend's cluster says it by its name; behind a pooled
-    model's cluster, the host's metadata does (parsed only then: it costs more)."""
-    cluster = _attribute(req, CLUSTER_ATTRIBUTE)
-    backend = backend_from_cluster(cluster) if cluster else None
-    return backend if backend is not None else _host_backend(req)
-
-
-def _host_backend(req: Any) -> str | None:
-    # Envoy renders this attribute as the text form of an envoy.config.core.v3.Metadata.
-    text = _attribute(req, HOST_ATTRIBUTE)
-    if not text:
-        return None
-    try:
-        metadata = text_format.Parse(text, base_pb2.Metadata())
-    except text_format.ParseError:
-        return None
-    struct = metadata.filter_metadata.get(METADATA_NAMESPACE)
-    value = protocol.struct_value(struct, "backend") if struct is not None else None
-    return value if isinstance(value, str) else None
-
-
-def _attribute(req: Any, name: str) -> str | None:
-    # Envoy puts attributes under the filter's name, e.g. attributes["envoy.filters.http.ext_proc"]
-    for struct in req.attributes.values():
-        value = protocol.struct_value(struct, name)
-        if isinstance(value, str):
-            return value
-    return None
-
-
-_PASS = {
-    "request_headers": lambda: protocol.request_headers_response(),
-    "response_headers": lambda: protocol.response_headers_response(),
-    "request_body": lambda: protocol.request_body_response(),
-    "response_body": lambda: protocol.response_body_response(),
-}
-
-
-def _passthrough(kind: str | None) -> protocol.ProcessingResponse:
-    if kind in _PASS:
-        return _PASS[kind]()
-    if kind == "request_trailers":
-        return protocol.ProcessingResponse(request_trailers=protocol.pb.TrailersResponse())
-    return protocol.ProcessingResponse(response_trailers=protocol.pb.TrailersResponse())
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+            body = wire.DEFAULT.error_body(bad)
+            return protocol.immediate_response(bad.status, body, details="aigw_upstream")
+        return protocol.passthrough(kind)

@@ -9,7 +9,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, text_format
+
+from .contract import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, backend_from_cluster
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
@@ -174,3 +176,51 @@ UPSTREAM_REWRITE_BODY = ProcessingMode(
     response_body_mode=ProcessingMode.NONE,
     response_trailer_mode=ProcessingMode.SKIP,
 )
+
+
+def answering_backend(req: Any) -> str | None:
+    """The backend that answered: a backend's cluster says it by its name; behind a pooled
+    model's cluster, the host's metadata does (parsed only then: it costs more)."""
+    cluster = _attribute(req, CLUSTER_ATTRIBUTE)
+    backend = backend_from_cluster(cluster) if cluster else None
+    return backend if backend is not None else host_backend(req)
+
+
+def host_backend(req: Any) -> str | None:
+    # Envoy renders this attribute as the text form of an envoy.config.core.v3.Metadata.
+    text = _attribute(req, HOST_ATTRIBUTE)
+    if not text:
+        return None
+    try:
+        metadata = text_format.Parse(text, base_pb2.Metadata())
+    except text_format.ParseError:
+        return None
+    struct = metadata.filter_metadata.get(METADATA_NAMESPACE)
+    value = struct_value(struct, "backend") if struct is not None else None
+    return value if isinstance(value, str) else None
+
+
+def _attribute(req: Any, name: str) -> str | None:
+    # Envoy puts attributes under the filter's name, e.g. attributes["envoy.filters.http.ext_proc"]
+    for struct in req.attributes.values():
+        value = struct_value(struct, name)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+_PASS = {
+    "request_headers": lambda: request_headers_response(),
+    "response_headers": lambda: response_headers_response(),
+    "request_body": lambda: request_body_response(),
+    "response_body": lambda: response_body_response(),
+}
+
+
+def passthrough(kind: str | None) -> pb.ProcessingResponse:
+    """The answer that changes nothing, for any message kind."""
+    if kind in _PASS:
+        return _PASS[kind]()
+    if kind == "request_trailers":
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())

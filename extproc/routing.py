@@ -17,9 +17,16 @@ from .config import Model, ResolvedTarget, Runtime, pooled, pools, split
 from .contract import ROUTE_HEADER
 from .errors import GatewayError, not_found
 from .identity import spoofed_headers
-from .parsing import ENDPOINT_MODEL_TYPES, Endpoint
+from .wire import Endpoint, Operation
 
 _CREATED = int(time.time())
+
+# Which config model types may serve which operation (vLLM serves /v1/completions on chat models).
+MODEL_TYPES: dict[Operation, frozenset[str]] = {
+    Operation.CHAT: frozenset({"chat"}),
+    Operation.COMPLETION: frozenset({"chat", "completion"}),
+    Operation.EMBEDDING: frozenset({"embedding"}),
+}
 
 
 def _visible_model(runtime: Runtime, team: str, model: str) -> Model:
@@ -36,10 +43,10 @@ def _visible_model(runtime: Runtime, team: str, model: str) -> Model:
 
 def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> None:
     spec = _visible_model(runtime, team, model)
-    if spec.type not in ENDPOINT_MODEL_TYPES.get(endpoint, frozenset()):
+    if spec.type not in MODEL_TYPES.get(endpoint.operation, frozenset()):
         raise GatewayError(
             400,
-            f"The model `{model}` is a {spec.type} model and cannot be used with {endpoint.value}",
+            f"The model `{model}` is a {spec.type} model and cannot be used with {endpoint.path}",
             "invalid_request_error",
             "model_not_supported",
             "model",

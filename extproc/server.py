@@ -38,10 +38,11 @@ from .contract import (
 from .guard.llm import GuardClient
 from .guard.pipeline import Guardrails
 from .observer import ObservedStream
-from .processor import DownstreamStream, Services, UpstreamStream
+from .processor import DownstreamStream, UpstreamStream
 from .quota.policy import team_limits
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
+from .services import Services
 from .streams import RELEASED
 from .telemetry import tracing as tracing_mod
 from .telemetry.audit import AuditLog, AuditTrail

@@ -1,4 +1,5 @@
-"""Token usage of one request: the provider's report when it gives one, our own count otherwise."""
+"""Token usage of one request: the provider's report when it gives one (each wire format reads
+its own: WireFormat.answer_usage, the stream relays), our own count otherwise."""
 
 from __future__ import annotations
 
@@ -42,46 +43,3 @@ def estimated(prompt: int, output: int | None, max_output: int | None) -> Usage:
     elif max_output is not None:
         output = min(output, max_output)
     return Usage(prompt, output, prompt + output, source=SOURCE_ESTIMATE)
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def from_openai(obj: Any) -> Usage | None:
-    """The `usage` object of an OpenAI-style response or chunk, if it is well formed."""
-    if not isinstance(obj, dict):
-        return None
-    prompt = _int(obj.get("prompt_tokens"))
-    if prompt is None:
-        return None
-    completion = _int(obj.get("completion_tokens")) or 0
-    total = _int(obj.get("total_tokens"))
-    details = obj.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-    return Usage(
-        prompt, completion, total if total is not None else prompt + completion, cached or 0
-    )
-
-
-def completion_text(response: Any) -> str:
-    """Text the model produced in a non-streamed response, for our own count."""
-    choices = response.get("choices") if isinstance(response, dict) else None
-    parts: list[str] = []
-    for choice in choices if isinstance(choices, list) else ():
-        if not isinstance(choice, dict):
-            continue
-        message = choice.get("message")
-        if isinstance(message, dict):
-            if isinstance(message.get("content"), str):
-                parts.append(message["content"])
-            calls = message.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict):
-                    parts.extend(
-                        v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str)
-                    )
-        elif isinstance(choice.get("text"), str):
-            parts.append(choice["text"])
-    return "".join(parts)

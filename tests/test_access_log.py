@@ -14,8 +14,9 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from extproc import access_log
 from extproc.access_log import account
-from extproc.processor import Services
 from extproc.quota.policy import Amounts
+from extproc.services import Services
+from extproc.settlement import AnswerPath
 from extproc.streams import Released
 from extproc.telemetry import metrics
 from extproc.telemetry.audit import AuditTrail
@@ -52,7 +53,7 @@ def entry(
 
 def released(services: Services, **fields: Any) -> dict[str, Any]:
     stream, data = request_metadata(services, chat(stream=False, max_tokens=16, **fields))
-    assert stream.released and data["account"] is True
+    assert (stream.path is AnswerPath.LOGGED) and data["account"] is True
     return data
 
 
@@ -95,7 +96,7 @@ def test_an_answer_without_usage_is_charged_the_max_output_as_reserved(
     services, recorder = recording(with_default_max_tokens(base, 5))
     body = {k: v for k, v in chat(stream=False, **fields).items() if v is not None}
     stream, data = request_metadata(services, body)
-    assert stream.released and data["output_estimate"] == output
+    assert (stream.path is AnswerPath.LOGGED) and data["output_estimate"] == output
     assert stream.reservation is not None
     assert stream.reservation.estimate == Amounts(int(data["prompt_tokens_estimate"]), output)
     run_account(services, entry(data))
@@ -177,7 +178,9 @@ def test_a_stream_the_observer_followed_is_only_counted(base: Services) -> None:
     stream, data = request_metadata(
         services, chat(stream=True, stream_options={"include_usage": True})
     )
-    assert stream.released and data["observe"] is True and data["account"] is True
+    assert (
+        (stream.path is AnswerPath.LOGGED) and data["observe"] is True and data["account"] is True
+    )
     labels = ("team-b", MODEL, "served", "200")
     before = metrics.REQUESTS.labels(*labels)._value.get()
     followed = entry(data)

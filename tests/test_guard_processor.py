@@ -15,11 +15,13 @@ from extproc.config import ConfigError, build_runtime, parse_config
 from extproc.guard.detectors import find_all
 from extproc.guard.llm import GuardClient
 from extproc.guard.pipeline import CompiledGuard, compile_guard, stream_finder
-from extproc.guard.stream import GuardedStreamRelay
-from extproc.parsing import Endpoint
-from extproc.processor import DownstreamStream, Services
+from extproc.processor import DownstreamStream
 from extproc.quota.policy import window_bounds
 from extproc.server import build_services
+from extproc.services import Services
+from extproc.wire import Endpoint
+from extproc.wire.openai import CHAT, COMPLETIONS
+from extproc.wire.openai.guarded_stream import GuardedStreamRelay
 
 from .test_processor import (
     KEY_B,
@@ -45,7 +47,7 @@ def services_for(data: dict[str, Any]) -> Services:
     return build_services(build_runtime(parse_config(data)))
 
 
-def relay(endpoint: Endpoint = Endpoint.CHAT, **guards: Any) -> GuardedStreamRelay:
+def relay(endpoint: Endpoint = CHAT, **guards: Any) -> GuardedStreamRelay:
     specs = parse_config(guarded_config(**guards)).guards
     compiled = [compile_guard(name, spec, None) for name, spec in specs.items()]
     find, holdback, owners = stream_finder(compiled)
@@ -141,7 +143,7 @@ def test_a_blocked_stream_still_reads_the_backends_usage() -> None:
 
 
 def test_completions_stream_text_is_masked() -> None:
-    r = relay(Endpoint.COMPLETIONS)
+    r = relay(COMPLETIONS)
     out = r.feed(sse({"choices": [{"index": 0, "text": f"mail {EMAIL}"}]}), False)
     out += r.feed(b"data: [DONE]\n\n", True)
     text = "".join(

@@ -15,10 +15,12 @@ import pytest
 
 from extproc.contract import Handover
 from extproc.observer import ObservedStream
-from extproc.processor import DownstreamStream, Services, handed_back, observer_finishes
+from extproc.processor import DownstreamStream
 from extproc.protocol import ProcessingMode, ProcessingRequest
 from extproc.quota.policy import Amounts, LimitSpec
 from extproc.quota.service import QuotaService, Reservation
+from extproc.services import Services
+from extproc.settlement import AnswerPath, answer_path, handed_back
 from extproc.streams import ACTIVE
 from extproc.telemetry.audit import AuditTrail
 from extproc.telemetry.tracing import NO_TRACE
@@ -154,14 +156,21 @@ def test_an_observed_stream_of_a_one_backend_model_is_released_with_its_body(
 ) -> None:
     stream, data = request_metadata(released_base, chat(stream_options={"include_usage": True}))
     assert data["observe"] is True and data["account"] is True
-    assert stream.released and stream.finished  # Envoy's access log counts it, the observer
-    assert data["reservation"] == stream.reservation.id  # ... settles it
+    # Envoy's access log counts it, the observer settles it.
+    assert stream.path is AnswerPath.LOGGED and stream.finished
+    assert data["reservation"] == stream.reservation.id
     # The access log's reader leaves a successful stream to the observer, on the same test.
     handover = Handover.from_metadata(data)
-    assert observer_finishes(handover, 200, "text/event-stream; charset=utf-8")
-    assert not observer_finishes(handover, 429, "application/json")
+
+    def path(h: Handover, status: int, content_type: str) -> AnswerPath:
+        return answer_path(
+            h.observe, h.account, {":status": str(status), "content-type": content_type}
+        )
+
+    assert path(handover, 200, "text/event-stream; charset=utf-8") is AnswerPath.OBSERVED
+    assert path(handover, 429, "application/json") is AnswerPath.LOGGED
     not_observed = Handover.from_metadata({**data, "observe": False})
-    assert not observer_finishes(not_observed, 200, "text/event-stream")
+    assert path(not_observed, 200, "text/event-stream") is AnswerPath.LOGGED
 
 
 def test_a_quota_failover_reservation_is_handed_back_with_its_limits(
@@ -290,7 +299,7 @@ def test_observer_charges_a_stream_without_usage_at_most_the_max_output(
     services, recorder = recording(with_default_max_tokens(with_stream_path(base, "observe"), 5))
     body = {k: v for k, v in chat(**fields).items() if v is not None}
     stream, data = request_metadata(services, body)
-    assert stream.released is (handover == "released")
+    assert (stream.path is AnswerPath.LOGGED) is (handover == "released")
     assert data["observe"] is True and data["output_estimate"] == (cap or 5)
     assert data.get("output_cap") == cap
     observe(services, data, [stream_bytes(LONG_ANSWER.split(" "), None)])
@@ -367,8 +376,7 @@ def test_observer_leaves_the_reservation_to_expire_when_the_limits_changed(
     data = {**data, "limits": ["some-other-limit"]}
     with caplog.at_level(logging.WARNING, logger="extproc.quota"):
         observe(services, data, [stream_bytes(["Bon"], USAGE)])
-    ((reservation, _),) = recorder.settled
-    assert reservation is None  # nothing settled: it is charged at its estimate on expiry
+    assert recorder.settled == []  # nothing settled: it is charged at its estimate on expiry
     assert "limits changed" in caplog.text
 
 

@@ -1,4 +1,4 @@
-"""Endpoint routing and request-body validation, with OpenAI-shaped errors."""
+"""OpenAI's wire format: endpoint routing and request-body validation, with its error shape."""
 
 from __future__ import annotations
 
@@ -7,14 +7,20 @@ from typing import Any
 import orjson
 import pytest
 
-from extproc.errors import GatewayError
-from extproc.parsing import (
-    Endpoint,
-    check_content_type,
-    parse_body,
-    route,
-    too_large,
-)
+from extproc import wire
+from extproc.errors import GatewayError, check_content_type, too_large
+from extproc.wire import Endpoint, ParsedRequest
+from extproc.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS, MODEL, MODELS, OPENAI
+
+
+def route(method: str, path: str) -> tuple[Endpoint, str | None]:
+    found = wire.route(method, path)
+    assert found.wire is OPENAI
+    return found.endpoint, found.model_id
+
+
+def parse_body(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+    return OPENAI.parse(endpoint, raw)
 
 
 def assert_error(
@@ -26,7 +32,7 @@ def assert_error(
     assert err.type == "invalid_request_error"
     if message is not None:
         assert err.message == message
-    body = orjson.loads(err.body())
+    body = orjson.loads(OPENAI.error_body(err))
     assert body == {
         "error": {
             "message": err.message,
@@ -56,24 +62,24 @@ def body_error(endpoint: Endpoint, body: Any) -> GatewayError:
 @pytest.mark.parametrize(
     ("method", "path", "expected"),
     [
-        ("POST", "/v1/chat/completions", (Endpoint.CHAT, None)),
-        ("POST", "/v1/completions", (Endpoint.COMPLETIONS, None)),
-        ("POST", "/v1/embeddings", (Endpoint.EMBEDDINGS, None)),
-        ("GET", "/v1/models", (Endpoint.MODELS, None)),
-        ("GET", "/v1/models/gpt-4o", (Endpoint.MODEL, "gpt-4o")),
-        ("GET", "/v1/models/ft:gpt-4o:org:abc", (Endpoint.MODEL, "ft:gpt-4o:org:abc")),
-        ("GET", "/v1/models/meta-llama/Llama-3", (Endpoint.MODEL, "meta-llama/Llama-3")),
+        ("POST", "/v1/chat/completions", (CHAT, None)),
+        ("POST", "/v1/completions", (COMPLETIONS, None)),
+        ("POST", "/v1/embeddings", (EMBEDDINGS, None)),
+        ("GET", "/v1/models", (MODELS, None)),
+        ("GET", "/v1/models/gpt-4o", (MODEL, "gpt-4o")),
+        ("GET", "/v1/models/ft:gpt-4o:org:abc", (MODEL, "ft:gpt-4o:org:abc")),
+        ("GET", "/v1/models/meta-llama/Llama-3", (MODEL, "meta-llama/Llama-3")),
         # trailing slash
-        ("POST", "/v1/chat/completions/", (Endpoint.CHAT, None)),
-        ("POST", "/v1/completions/", (Endpoint.COMPLETIONS, None)),
-        ("POST", "/v1/embeddings/", (Endpoint.EMBEDDINGS, None)),
-        ("GET", "/v1/models/", (Endpoint.MODELS, None)),
-        ("GET", "/v1/models/gpt-4o/", (Endpoint.MODEL, "gpt-4o")),
+        ("POST", "/v1/chat/completions/", (CHAT, None)),
+        ("POST", "/v1/completions/", (COMPLETIONS, None)),
+        ("POST", "/v1/embeddings/", (EMBEDDINGS, None)),
+        ("GET", "/v1/models/", (MODELS, None)),
+        ("GET", "/v1/models/gpt-4o/", (MODEL, "gpt-4o")),
         # query string
-        ("POST", "/v1/chat/completions?api-version=2024-10-21", (Endpoint.CHAT, None)),
-        ("POST", "/v1/embeddings/?a=1&b=2", (Endpoint.EMBEDDINGS, None)),
-        ("GET", "/v1/models?limit=5", (Endpoint.MODELS, None)),
-        ("GET", "/v1/models/gpt-4o?x=/y", (Endpoint.MODEL, "gpt-4o")),
+        ("POST", "/v1/chat/completions?api-version=2024-10-21", (CHAT, None)),
+        ("POST", "/v1/embeddings/?a=1&b=2", (EMBEDDINGS, None)),
+        ("GET", "/v1/models?limit=5", (MODELS, None)),
+        ("GET", "/v1/models/gpt-4o?x=/y", (MODEL, "gpt-4o")),
     ],
 )
 def test_route(method: str, path: str, expected: tuple[Endpoint, str | None]) -> None:
@@ -121,7 +127,7 @@ def test_route_wrong_method(method: str, path: str, allow: str) -> None:
 
 
 def test_route_percent_encoded_model_id() -> None:
-    assert route("GET", "/v1/models/meta-llama%2FLlama-3") == (Endpoint.MODEL, "meta-llama/Llama-3")
+    assert route("GET", "/v1/models/meta-llama%2FLlama-3") == (MODEL, "meta-llama/Llama-3")
 
 
 # -- content type and size --------------------------------------------------------------------
@@ -180,19 +186,19 @@ CHAT_MESSAGES = [{"role": "user", "content": "hi"}]
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"{'model': 'x'}", b'{"model": "x",}', b"\xff\xfe{}"])
 def test_malformed_json(raw: bytes) -> None:
-    err = body_error(Endpoint.CHAT, raw)
+    err = body_error(CHAT, raw)
     assert_error(err, 400, "invalid_json")
     assert err.message.startswith("We could not parse the JSON body of your request (")
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'["model"]', b"null", b'"gpt-4o"', b"42", b"true"])
 def test_body_not_an_object(raw: bytes) -> None:
-    err = body_error(Endpoint.CHAT, raw)
+    err = body_error(CHAT, raw)
     assert_error(err, 400, "invalid_json", message="The request body must be a JSON object")
 
 
 @pytest.mark.parametrize("model", ["<absent>", "", None, 4, ["gpt-4o"], {"id": "gpt-4o"}, True])
-@pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS])
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS, EMBEDDINGS])
 def test_missing_model(endpoint: Endpoint, model: Any) -> None:
     body: dict[str, Any] = {"messages": CHAT_MESSAGES, "prompt": "x", "input": "x"}
     if model != "<absent>":
@@ -203,31 +209,29 @@ def test_missing_model(endpoint: Endpoint, model: Any) -> None:
 
 @pytest.mark.parametrize("stream", ["true", 1, 0, [], {}])
 def test_stream_not_a_bool(stream: Any) -> None:
-    err = body_error(Endpoint.CHAT, {"model": "m", "messages": CHAT_MESSAGES, "stream": stream})
+    err = body_error(CHAT, {"model": "m", "messages": CHAT_MESSAGES, "stream": stream})
     assert_error(err, 400, "invalid_type", "stream", "'stream' must be a boolean")
 
 
 @pytest.mark.parametrize(("stream", "expected"), [(True, True), (False, False), (None, False)])
 def test_stream_values(stream: Any, expected: bool) -> None:
     parsed = parse_body(
-        Endpoint.CHAT,
+        CHAT,
         orjson.dumps({"model": "m", "messages": CHAT_MESSAGES, "stream": stream}),
     )
     assert parsed.stream is expected
 
 
 def test_stream_defaults_to_false() -> None:
-    parsed = parse_body(Endpoint.CHAT, orjson.dumps({"model": "m", "messages": CHAT_MESSAGES}))
+    parsed = parse_body(CHAT, orjson.dumps({"model": "m", "messages": CHAT_MESSAGES}))
     assert parsed.stream is False
     assert parsed.include_usage is False
 
 
 def test_embeddings_cannot_stream() -> None:
-    err = body_error(Endpoint.EMBEDDINGS, {"model": "e", "input": "x", "stream": True})
+    err = body_error(EMBEDDINGS, {"model": "e", "input": "x", "stream": True})
     assert_error(err, 400, "invalid_value", "stream", "Embeddings cannot be streamed")
-    parsed = parse_body(
-        Endpoint.EMBEDDINGS, orjson.dumps({"model": "e", "input": "x", "stream": False})
-    )
+    parsed = parse_body(EMBEDDINGS, orjson.dumps({"model": "e", "input": "x", "stream": False}))
     assert parsed.stream is False
 
 
@@ -244,13 +248,13 @@ def test_embeddings_cannot_stream() -> None:
 )
 def test_stream_options_include_usage(options: Any, include_usage: bool) -> None:
     body = {"model": "m", "messages": CHAT_MESSAGES, "stream": True, "stream_options": options}
-    assert parse_body(Endpoint.CHAT, orjson.dumps(body)).include_usage is include_usage
+    assert parse_body(CHAT, orjson.dumps(body)).include_usage is include_usage
 
 
 @pytest.mark.parametrize("options", [True, "include_usage", [{"include_usage": True}], 1])
 def test_stream_options_not_an_object(options: Any) -> None:
     body = {"model": "m", "messages": CHAT_MESSAGES, "stream_options": options}
-    err = body_error(Endpoint.CHAT, body)
+    err = body_error(CHAT, body)
     assert_error(err, 400, "invalid_type", "stream_options", "'stream_options' must be an object")
 
 
@@ -263,12 +267,35 @@ def test_parsed_request_fields() -> None:
         "temperature": 0.2,
         "unknown_extension": {"x": [1, 2]},
     }
-    parsed = parse_body(Endpoint.CHAT, orjson.dumps(body))
-    assert parsed.endpoint is Endpoint.CHAT
+    parsed = parse_body(CHAT, orjson.dumps(body))
+    assert parsed.endpoint is CHAT
     assert parsed.body == body
     assert parsed.model == "gpt-4o"
     assert parsed.stream is True
     assert parsed.include_usage is True
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields", "cap", "answers"),
+    [
+        (CHAT, {}, None, 1),
+        (CHAT, {"max_tokens": 50}, 50, 1),
+        (CHAT, {"max_completion_tokens": 70, "max_tokens": 50}, 70, 1),
+        (CHAT, {"max_completion_tokens": 0, "max_tokens": 50}, 50, 1),
+        (CHAT, {"max_tokens": 50, "n": 3}, 150, 3),
+        (CHAT, {"n": 3}, None, 3),
+        (CHAT, {"max_tokens": True, "n": True}, None, 1),
+        (COMPLETIONS, {"max_tokens": -5, "n": 0}, None, 1),
+        (EMBEDDINGS, {"max_tokens": 50}, 0, 1),
+    ],
+)
+def test_output_cap_and_answers(
+    endpoint: Endpoint, fields: dict[str, Any], cap: int | None, answers: int
+) -> None:
+    text = {CHAT: {"messages": CHAT_MESSAGES}, COMPLETIONS: {"prompt": "x"}}
+    body = {"model": "m", **text.get(endpoint, {"input": "x"}), **fields}
+    parsed = parse_body(endpoint, orjson.dumps(body))
+    assert (parsed.output_cap, parsed.answers) == (cap, answers)
 
 
 # -- chat messages ----------------------------------------------------------------------------
@@ -287,7 +314,7 @@ def test_parsed_request_fields() -> None:
     ],
 )
 def test_chat_messages_accepted(messages: list[Any]) -> None:
-    parsed = parse_body(Endpoint.CHAT, orjson.dumps({"model": "m", "messages": messages}))
+    parsed = parse_body(CHAT, orjson.dumps({"model": "m", "messages": messages}))
     assert parsed.body["messages"] == messages
 
 
@@ -296,7 +323,7 @@ def test_chat_messages_not_a_list(messages: Any) -> None:
     body: dict[str, Any] = {"model": "m"}
     if messages != "<absent>":
         body["messages"] = messages
-    err = body_error(Endpoint.CHAT, body)
+    err = body_error(CHAT, body)
     assert_error(err, 400, "invalid_value", "messages", "'messages' must be a non-empty array")
 
 
@@ -312,7 +339,7 @@ def test_chat_messages_not_a_list(messages: Any) -> None:
     ],
 )
 def test_chat_message_not_an_object_with_role(messages: list[Any], index: int) -> None:
-    err = body_error(Endpoint.CHAT, {"model": "m", "messages": messages})
+    err = body_error(CHAT, {"model": "m", "messages": messages})
     assert_error(
         err,
         400,
@@ -325,7 +352,7 @@ def test_chat_message_not_an_object_with_role(messages: list[Any], index: int) -
 @pytest.mark.parametrize("content", [5, {"type": "text", "text": "hi"}, True, 1.5])
 def test_chat_message_content_type(content: Any) -> None:
     messages = [{"role": "system", "content": "x"}, {"role": "user", "content": content}]
-    err = body_error(Endpoint.CHAT, {"model": "m", "messages": messages})
+    err = body_error(CHAT, {"model": "m", "messages": messages})
     assert_error(
         err,
         400,
@@ -372,14 +399,14 @@ TEXT_OR_TOKENS_BAD = [
 
 @pytest.mark.parametrize("prompt", TEXT_OR_TOKENS_OK)
 def test_completions_prompt_accepted(prompt: Any) -> None:
-    parsed = parse_body(Endpoint.COMPLETIONS, orjson.dumps({"model": "m", "prompt": prompt}))
+    parsed = parse_body(COMPLETIONS, orjson.dumps({"model": "m", "prompt": prompt}))
     assert parsed.body["prompt"] == prompt
-    assert parsed.endpoint is Endpoint.COMPLETIONS
+    assert parsed.endpoint is COMPLETIONS
 
 
 @pytest.mark.parametrize("prompt", TEXT_OR_TOKENS_BAD)
 def test_completions_prompt_rejected(prompt: Any) -> None:
-    err = body_error(Endpoint.COMPLETIONS, {"model": "m", "prompt": prompt})
+    err = body_error(COMPLETIONS, {"model": "m", "prompt": prompt})
     assert_error(
         err,
         400,
@@ -390,15 +417,15 @@ def test_completions_prompt_rejected(prompt: Any) -> None:
 
 
 def test_completions_prompt_missing() -> None:
-    err = body_error(Endpoint.COMPLETIONS, {"model": "m", "messages": CHAT_MESSAGES})
+    err = body_error(COMPLETIONS, {"model": "m", "messages": CHAT_MESSAGES})
     assert_error(err, 400, "invalid_value", "prompt")
 
 
 @pytest.mark.parametrize("value", TEXT_OR_TOKENS_OK)
 def test_embeddings_input_accepted(value: Any) -> None:
-    parsed = parse_body(Endpoint.EMBEDDINGS, orjson.dumps({"model": "e", "input": value}))
+    parsed = parse_body(EMBEDDINGS, orjson.dumps({"model": "e", "input": value}))
     assert parsed.body["input"] == value
-    assert parsed.endpoint is Endpoint.EMBEDDINGS
+    assert parsed.endpoint is EMBEDDINGS
 
 
 @pytest.mark.parametrize("value", [*TEXT_OR_TOKENS_BAD, "<absent>"])
@@ -406,7 +433,7 @@ def test_embeddings_input_rejected(value: Any) -> None:
     body: dict[str, Any] = {"model": "e", "prompt": "not the right field"}
     if value != "<absent>":
         body["input"] = value
-    err = body_error(Endpoint.EMBEDDINGS, body)
+    err = body_error(EMBEDDINGS, body)
     assert_error(
         err,
         400,
@@ -417,8 +444,8 @@ def test_embeddings_input_rejected(value: Any) -> None:
 
 
 def test_chat_does_not_check_prompt_and_completions_do_not_check_messages() -> None:
-    parse_body(Endpoint.CHAT, orjson.dumps({"model": "m", "messages": CHAT_MESSAGES, "prompt": 5}))
-    parse_body(Endpoint.COMPLETIONS, orjson.dumps({"model": "m", "prompt": "x", "messages": 5}))
+    parse_body(CHAT, orjson.dumps({"model": "m", "messages": CHAT_MESSAGES, "prompt": 5}))
+    parse_body(COMPLETIONS, orjson.dumps({"model": "m", "prompt": "x", "messages": 5}))
 
 
 def test_gateway_error_str() -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import calendar
 
+import orjson
 import pytest
 
 from extproc.config import QuotaSettings, parse_config
 from extproc.errors import GatewayError
-from extproc.parsing import Endpoint
 from extproc.quota import policy
 from extproc.quota.policy import Amounts, applicable, go_duration, team_limits, window_bounds
 from extproc.quota.service import QuotaService, requested_output
 from extproc.quota.store import CounterState, QuotaStore, ReserveResult, StoreUnavailable
+from extproc.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI
 
 T = calendar.timegm((2026, 2, 14, 13, 45, 30))
 
@@ -101,17 +102,19 @@ def test_model_groups_expand():
 @pytest.mark.parametrize(
     ("body", "endpoint", "expected"),
     [
-        ({}, Endpoint.CHAT, 4096),
-        ({"max_tokens": 50}, Endpoint.CHAT, 50),
-        ({"max_completion_tokens": 70, "max_tokens": 50}, Endpoint.CHAT, 70),
-        ({"max_tokens": 50, "n": 3}, Endpoint.CHAT, 150),
-        ({"max_tokens": True}, Endpoint.CHAT, 4096),
-        ({"max_tokens": -5}, Endpoint.COMPLETIONS, 4096),
-        ({"max_tokens": 50}, Endpoint.EMBEDDINGS, 0),
+        ({}, CHAT, 4096),
+        ({"max_tokens": 50}, CHAT, 50),
+        ({"max_completion_tokens": 70, "max_tokens": 50}, CHAT, 70),
+        ({"max_tokens": 50, "n": 3}, CHAT, 150),
+        ({"max_tokens": True}, CHAT, 4096),
+        ({"max_tokens": -5}, COMPLETIONS, 4096),
+        ({"max_tokens": 50}, EMBEDDINGS, 0),
     ],
 )
 def test_requested_output(body, endpoint, expected):
-    assert requested_output(body, endpoint, 4096) == expected
+    text = {CHAT: {"messages": [{"role": "user", "content": "hi"}]}, COMPLETIONS: {"prompt": "x"}}
+    raw = orjson.dumps({"model": "m", **text.get(endpoint, {"input": "x"}), **body})
+    assert requested_output(OPENAI.parse(endpoint, raw), 4096) == expected
 
 
 @pytest.mark.parametrize(

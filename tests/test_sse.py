@@ -10,8 +10,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.sse import SSEParser, StreamRelay
+from extproc.sse import SSEParser
 from extproc.usage import Usage
+from extproc.wire.openai.stream import StreamRelay
 
 
 def parse(chunks: Iterable[bytes]) -> list[bytes]:

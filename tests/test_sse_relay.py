@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import extproc.sse
-from extproc.sse import StreamRelay, _not_usage_only
+import extproc.wire.openai.stream
 from extproc.usage import Usage
+from extproc.wire.openai.stream import StreamRelay, _not_usage_only
 
 # -- a generated OpenAI chat stream, with the byte span of every event --------------------------
 
@@ -430,7 +430,7 @@ def test_only_usage_events_are_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(bytes(data) if not isinstance(data, str) else data.encode())
         return loads(data)
 
-    monkeypatch.setattr(extproc.sse.orjson, "loads", counting)
+    monkeypatch.setattr(extproc.wire.openai.stream.orjson, "loads", counting)
     raw = sse(ROLE, *[HELLO] * 50, STOP, USAGE_ONLY, b"[DONE]")
     for strip in (False, True):
         for size in (len(raw), 17, 1):

@@ -18,7 +18,7 @@ from ..streams import ACTIVE
 from .v1 import config_pb2, config_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 if TYPE_CHECKING:
-    from ..processor import Services
+    from ..services import Services
 
 
 async def authorized(

@@ -11,16 +11,18 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, QuotaSettings
 from ..errors import GatewayError
-from ..parsing import Endpoint
 from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS, QUOTA_SETTLE_RETRIES
 from ..telemetry.tracing import NO_SPAN, NO_TRACE
 from . import policy
 from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
 from .store import Charge, CounterState, QuotaStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..wire import ParsedRequest
 
 log = logging.getLogger("extproc.quota")
 
@@ -44,32 +46,12 @@ RETRY_MAX_PENDING = 10_000
 DRAIN_RETRIES_S = 5.0
 
 
-def requested_output(body: dict[str, Any], endpoint: Endpoint, default: int) -> int:
-    """The most output this request may produce, for the reservation: its declared maximum,
-    or `default` (quota.default_max_tokens) times n."""
-    declared = declared_output(body, endpoint)
-    if declared is not None:
-        return declared
-    n = body.get("n")
-    return default * (n if _positive_int(n) else 1)
-
-
-def declared_output(body: dict[str, Any], endpoint: Endpoint) -> int | None:
-    """The most output the client allowed (max_completion_tokens or max_tokens, times n): a
-    bound the backend was told. None: the client set none."""
-    if endpoint is Endpoint.EMBEDDINGS:
-        return 0
-    value = body.get("max_completion_tokens")
-    if not _positive_int(value):
-        value = body.get("max_tokens")
-    if not _positive_int(value):
-        return None
-    n = body.get("n")
-    return value * (n if _positive_int(n) else 1)
-
-
-def _positive_int(v: Any) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+def requested_output(parsed: ParsedRequest, default: int) -> int:
+    """The most output this request may produce, for the reservation: the most the client
+    allowed, or `default` (quota.default_max_tokens) for each answer it asked for."""
+    if parsed.output_cap is not None:
+        return parsed.output_cap
+    return default * parsed.answers
 
 
 @dataclass(slots=True)

@@ -32,11 +32,11 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 TRACEPARENT = "traceparent"
 
 # OpenTelemetry GenAI semantic conventions (gen_ai.*), and ours (extproc.*).
-# gen_ai.operation.name by endpoint path.
+# gen_ai.operation.name by the request's operation (wire.Operation's value), whatever its API.
 OPERATION = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "text_completion",
-    "/v1/embeddings": "embeddings",
+    "chat": "chat",
+    "completion": "text_completion",
+    "embedding": "embeddings",
 }
 
 

@@ -1,4 +1,4 @@
-"""Response guards on a stream: mask across chunk boundaries, or end the stream cleanly.
+"""Response guards on an OpenAI stream: mask across chunk boundaries, or end the stream cleanly.
 
 The guarded relay replaces the fast relay when a stream has response guards: every event is
 decoded, each choice's text goes through a StreamMasker (which holds back just enough text to
@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..errors import error_body
-from ..parsing import Endpoint
-from ..sse import SSEParser
-from ..usage import Usage, from_openai
-from .pipeline import CompiledGuard
-from .stream_mask import StreamMasker
-from .types import Span, Verdict
+from ...guard.stream_mask import StreamMasker
+from ...guard.types import Span, Verdict
+from ...sse import SSEParser
+from ...usage import Usage
+from ..base import Endpoint
+from .answer import error_body
+from .answer import usage as usage_of
+from .request import CHAT
+
+if TYPE_CHECKING:
+    from ...guard.pipeline import CompiledGuard
 
 _DONE = b"[DONE]"
 # Text fields of a chat delta besides tool-call arguments.
@@ -30,8 +34,8 @@ _DELTA_TEXT = ("content", "refusal", "reasoning_content")
 
 
 class GuardedStreamRelay:
-    """Same reading interface as sse.StreamRelay (usage, expects_usage, events, text), and
-    `feed` answers the bytes to send in place of each chunk."""
+    """A RelayedStream (extproc/sse.py) whose `feed` answers the bytes to send in place of
+    each chunk."""
 
     __slots__ = (
         "_endpoint",
@@ -104,7 +108,7 @@ class GuardedStreamRelay:
             return
         if isinstance(obj, dict) and "usage" in obj:
             self.expects_usage = True
-            usage = from_openai(obj.get("usage"))
+            usage = usage_of(obj.get("usage"))
             if usage is not None:
                 self.usage = usage
 
@@ -121,7 +125,7 @@ class GuardedStreamRelay:
             return _frame(data)
         if "usage" in obj:
             self.expects_usage = True
-            usage = from_openai(obj.get("usage"))
+            usage = usage_of(obj.get("usage"))
             if usage is not None:
                 self.usage = usage
         choices = obj.get("choices")
@@ -182,7 +186,7 @@ class GuardedStreamRelay:
     ) -> list[tuple[dict[str, Any], str, tuple[Any, ...]]]:
         """Every text field of a choice: (holder, key, masker id). A stream's text may be in
         the content, a refusal, reasoning, or a tool call's arguments."""
-        if self._endpoint is not Endpoint.CHAT:
+        if self._endpoint is not CHAT:
             return [(choice, "text", (index, "text"))]
         delta = choice.get("delta")
         if not isinstance(delta, dict):
@@ -257,7 +261,7 @@ def _frame(data: bytes) -> bytes:
 
 def _put(choice: dict[str, Any], slot: tuple[Any, ...], text: str, endpoint: Endpoint) -> None:
     """Add released text to a choice, in the field its masker follows."""
-    if endpoint is not Endpoint.CHAT:
+    if endpoint is not CHAT:
         choice["text"] = (choice.get("text") or "") + text
         return
     delta = choice.setdefault("delta", {})

@@ -1,0 +1,172 @@
+"""What the downstream stage tells Envoy about an admitted request: a pure function of the
+request, its target and the sidecar's settings, with no protobuf, no Envoy and no I/O.
+
+The plan says which answer path the request is set on (observed, released to Envoy's access
+log, or kept by this stage), the headers to set (the route, and for one backend its
+credential), the body to send instead of the client's (rewritten, the provider's model name,
+the stream's usage asked for), and the hand-over the finishing stage will read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .contract import (
+    METADATA_NAMESPACE,
+    POOL_HEADER,
+    RATE_LIMIT_KEY,
+    ROUTE_HEADER,
+    TARGET_HEADER,
+    Handover,
+)
+from .settlement import AnswerPath
+
+if TYPE_CHECKING:
+    from .config import ResolvedTarget, SidecarSettings
+    from .wire.base import ParsedRequest, WireFormat
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request that passed admission: who sent it, what it asks, what it was counted and
+    reserved at. The finishing stage gets the parts it needs through the hand-over."""
+
+    team: str
+    request: ParsedRequest
+    wire: WireFormat
+    prompt_tokens: int
+    max_output: int  # the most output it may produce, as reserved
+    body_changed: bool = False  # a guard masked or rewrote the body
+    response_guards: bool = False  # a response guard judges its answer
+    pool: int = 0  # 1: a quota failover pinned it to the model's next pool
+    reservation: str = ""  # the reservation's id; "" when nothing was reserved
+    limits: tuple[str, ...] = ()  # the reservation's limit names, in order
+    rate_headers: Mapping[str, str] | None = None  # x-ratelimit-* from the reservation
+    started_at: float = 0.0  # wall clock: the finisher may run in another process
+    traceparent: str = ""  # the request's span, for the finisher's child span
+    audit: Mapping[str, Any] | None = None  # RequestReport.handover(), when auditing
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    observe: bool  # the stream observer is instantiated and follows a successful stream
+    release: bool  # the stage lets the request go with its body (AnswerPath.LOGGED)
+    strip_usage: bool  # the gateway asked for the stream's usage: cut it from the client's
+    set_headers: dict[str, str]
+    body: bytes | None  # None: the client's body goes as it is
+    handover: Handover
+    metadata: dict[str, Any] = field(default_factory=dict)  # the request's dynamic metadata
+
+    @property
+    def path(self) -> AnswerPath:
+        """The path as known before the answer: LOGGED when released, else decided by the
+        answer's headers (settlement.answer_path)."""
+        return AnswerPath.LOGGED if self.release else AnswerPath.NO_ANSWER
+
+
+def plan(
+    admitted: Admitted, target: ResolvedTarget | None, sidecar: SidecarSettings
+) -> RequestPlan:
+    """The plan for an admitted request. `target`: the one backend that can serve it (its route
+    has no upstream stage), or None when Envoy chooses (a pool, a canary split)."""
+    request = admitted.request
+    observe = (
+        request.stream
+        and not admitted.response_guards  # guards may change the stream: it goes inline
+        and (
+            sidecar.stream_path == "observe"
+            or (sidecar.stream_path == "auto" and request.include_usage)
+        )
+    )
+    set_headers = {ROUTE_HEADER: request.model}
+    body = request.body
+    changed = admitted.body_changed
+    if target is not None:
+        # This stage prepares the request for its one backend itself.
+        set_headers[TARGET_HEADER] = target.backend
+        if target.credential is not None:
+            set_headers[target.auth_header] = target.credential
+        if target.provider_model != request.model:
+            body = {**body, "model": target.provider_model}
+            changed = True
+    body_bytes = orjson.dumps(body) if changed else None
+    strip_usage = request.stream and not request.include_usage and not observe
+    if strip_usage:
+        # Ask the backend for its usage report; the relay removes it again from what the
+        # client sees, since the client did not ask for it.
+        body_bytes = admitted.wire.with_usage_requested(body)
+    if body_bytes is not None:
+        # Envoy keeps the client's content-length for a mutated buffered body; the headers
+        # are still held, so say the new length.
+        set_headers["content-length"] = str(len(body_bytes))
+    if admitted.pool:
+        set_headers[POOL_HEADER] = str(admitted.pool)
+    # With one backend, Envoy renders every header of the answer: nothing is left for this
+    # stage to do once the request is sent, unless the answer must pass it (guards, an inline
+    # stream, json_path: inline). Envoy's access log then brings every released request back
+    # to be counted; the observer finishes the streams it follows. (`json_path: inline` also
+    # keeps observed streams here until their headers: it is the setting for an Envoy without
+    # the gateway's gRPC access log.)
+    release = (
+        target is not None
+        and sidecar.json_path == "access_log"
+        and (observe or (not request.stream and not admitted.response_guards))
+    )
+    handover = _handover(admitted, target, observe, release)
+    data = handover.to_metadata()
+    if admitted.rate_headers is not None:
+        data[RATE_LIMIT_KEY] = dict(admitted.rate_headers)
+    if admitted.pool:
+        data["failover"] = "quota"
+    return RequestPlan(
+        observe=observe,
+        release=release,
+        strip_usage=strip_usage,
+        set_headers=set_headers,
+        body=body_bytes,
+        handover=handover,
+        metadata={METADATA_NAMESPACE: data},
+    )
+
+
+def _handover(
+    admitted: Admitted, target: ResolvedTarget | None, observe: bool, release: bool
+) -> Handover:
+    request = admitted.request
+    finisher: dict[str, Any] = {}
+    if observe or release:
+        # What the stage that finishes the request needs, in whichever sidecar process it
+        # runs: the observer (a stream it follows) or the access log's reader.
+        finisher = {
+            "started_at": admitted.started_at,
+            "reservation": admitted.reservation,
+            # Names, in order, so a reload that changed the team's limits is noticed.
+            "limits": admitted.limits,
+            "output_estimate": admitted.max_output,
+            "output_cap": request.output_cap,
+            "traceparent": admitted.traceparent,
+        }
+        if admitted.audit is not None:
+            finisher.update(admitted.audit)
+    # Also what Envoy renders into the answer's headers (RESPONSE_HEADER_KEYS): team, model
+    # and, when one backend serves the request, the backend and its name for the model.
+    return Handover(
+        team=admitted.team,
+        model=request.model,
+        endpoint=request.endpoint.path,
+        wire=admitted.wire.name,
+        stream=request.stream,
+        prompt_tokens=admitted.prompt_tokens,
+        observe=observe,
+        # The answer goes to the client without this stage; Envoy's access log entry brings
+        # its status (and a JSON answer's usage) to the sidecar (access_log.py).
+        account=release,
+        pool=admitted.pool,
+        backend=target.backend if target is not None else "",
+        provider_model=target.provider_model if target is not None else "",
+        **finisher,
+    )

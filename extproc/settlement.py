@@ -1,0 +1,181 @@
+"""Finishing a request, written once: which answer path it took, who finishes it, what it is
+charged, and the finish itself (quota settled, tokens and cost counted, span ended, audit
+record written).
+
+A request's answer reaches the client on one of four paths (AnswerPath). On each, exactly one
+stage settles it (SETTLED_BY) and exactly one counts it in the request metric (counted_by);
+the three finishers (processor.DownstreamStream, observer.ObservedStream, access_log.account)
+decide with answer_path() and charge with charge(), so none can double-charge or drop a
+charge by deciding alone. docs/architecture.md has the same table in prose.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Final
+
+from .quota.policy import Amounts, applicable
+from .telemetry.tracing import NO_TRACE
+from .usage import Usage, estimated
+
+if TYPE_CHECKING:
+    from .contract import Handover
+    from .quota.service import Reservation
+    from .services import Services
+    from .sse import RelayedStream
+    from .telemetry.report import RequestReport
+    from .tokens import TokenCounter
+
+log = logging.getLogger("extproc.settlement")
+
+
+class AnswerPath(Enum):
+    """How the answer passed the gateway (the audit record's `path`)."""
+
+    READ = "buffered"  # a JSON answer the downstream stage read whole
+    INLINE = "inline"  # a stream the downstream stage relayed chunk by chunk
+    OBSERVED = "observed"  # a stream the observer followed from a copy; nothing held back
+    LOGGED = "logged"  # released: Envoy answered alone; its access log entry brings it back
+    NO_ANSWER = ""  # the exchange ended before an answer's headers reached the downstream stage
+
+
+class Finisher(Enum):
+    DOWNSTREAM = "processor.DownstreamStream.close"
+    OBSERVER = "observer.ObservedStream.close"
+    ACCESS_LOG = "access_log.account"
+
+
+# Who settles each path: the reservation, tokens, cost, the span and the audit record.
+SETTLED_BY: Final[Mapping[AnswerPath, Finisher]] = {
+    AnswerPath.READ: Finisher.DOWNSTREAM,
+    AnswerPath.INLINE: Finisher.DOWNSTREAM,
+    AnswerPath.OBSERVED: Finisher.OBSERVER,
+    AnswerPath.LOGGED: Finisher.ACCESS_LOG,
+    AnswerPath.NO_ANSWER: Finisher.DOWNSTREAM,
+}
+
+
+def counted_by(released: bool) -> Finisher:
+    """Who counts the request (its outcome in the request metric), once. A released request
+    (Handover.account) comes back in Envoy's access log whatever its answer, so the reader
+    counts it even when the observer settles it: a stream whose observer never started is still
+    counted. Any other request is counted by the downstream stage, which saw it end."""
+    return Finisher.ACCESS_LOG if released else Finisher.DOWNSTREAM
+
+
+def is_event_stream(headers: Mapping[str, str]) -> bool:
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media_type == "text/event-stream"
+
+
+def observer_follows(headers: Mapping[str, str]) -> bool:
+    """Whether the observer follows an observed request's answer: a successful stream (even one
+    whose headers end it: the observer then finishes it at once). The observer decides on the
+    answer's headers before the downstream stage sees them (the response path runs the filters
+    in reverse order); both decide with this, and the access log's reader with answer_path."""
+    status = headers.get(":status", "")
+    return is_event_stream(headers) and status.isdigit() and 200 <= int(status) < 300
+
+
+def answer_path(
+    observe: bool, released: bool, headers: Mapping[str, str], end_of_stream: bool = False
+) -> AnswerPath:
+    """The path of an answer with these headers. `observe`: the observer was instantiated for
+    the request; `released`: the downstream stage let it go with its body (Handover.account)."""
+    if observe and observer_follows(headers):
+        return AnswerPath.OBSERVED
+    if released:
+        return AnswerPath.LOGGED
+    if is_event_stream(headers) and not end_of_stream:
+        return AnswerPath.INLINE
+    return AnswerPath.READ
+
+
+def charge(usage: Usage | None, status: int, complete: bool, prompt: int) -> Amounts:
+    """The one charging rule. `complete`: the answer ended as the backend meant it to (False:
+    the client went away, the stream was cut, or no answer came at all: status 0)."""
+    if usage is not None and (not complete or 200 <= status < 300):
+        return Amounts(usage.prompt_tokens, usage.completion_tokens)
+    if complete:
+        # The backend answered without usage, or refused or failed: it served no tokens.
+        return Amounts(0, 0)
+    # No (whole) answer and nothing counted of it: the backend may still have read the prompt.
+    return Amounts(prompt, 0)
+
+
+def settle(
+    services: Services,
+    reservation: Reservation | None,
+    usage: Usage | None,
+    status: int,
+    complete: bool,
+    prompt: int,
+    trace: Any = NO_TRACE,
+) -> None:
+    """Settle the reservation at the charge (once: a settled reservation is left alone)."""
+    if reservation is not None and not reservation.settled:
+        amounts = charge(usage, status, complete, prompt)
+        services.quota.settle_soon(reservation, amounts, trace)
+
+
+def release_unused(services: Services, reservation: Reservation | None, trace: Any) -> None:
+    """Nothing went upstream (a guard blocked, the prompt was too long, the client left before
+    the request did): the reservation is released with no tokens used."""
+    services.quota.settle_soon(reservation, Amounts(0, 0), trace)
+
+
+def finish(
+    services: Services,
+    report: RequestReport,
+    usage: Usage | None,
+    trace: Any,
+    duration_s: float,
+    timing: dict[str, Any] | None = None,
+) -> None:
+    """The finish of the stage that settles the request (SETTLED_BY): its tokens and cost
+    counted, its span ended, its audit record written."""
+    cost = report.count_usage(services.runtime.config, usage)
+    if trace is not NO_TRACE:
+        report.end_span(trace, usage, cost)
+    if services.audit is not None:
+        services.audit.write(report.audit_record(usage, cost, duration_s, timing))
+
+
+def stream_usage(
+    relay: RelayedStream, prompt: int, tokens: TokenCounter, model: str, cap: int | None
+) -> Usage:
+    """A stream's usage: the backend's report, or our own count when there is none (at most
+    `cap`, the max output the client allowed: usage.estimated)."""
+    if relay.usage is not None:
+        return relay.usage
+    if relay.expects_usage:
+        # The backend announced a usage report, so the relay kept no text; the report never
+        # came (a cut stream). OpenAI-style streams carry about one token per event: count
+        # every event but the role chunk, erring towards over-counting, never losing tokens.
+        return estimated(prompt, max(0, relay.events - 1), cap)
+    return estimate(prompt, tokens, model, relay.text, cap)
+
+
+def estimate(
+    prompt: int, tokens: TokenCounter, model: str, completion: str, cap: int | None
+) -> Usage:
+    """Our own count of an answer without a usage report, charged by usage.estimated."""
+    return estimated(prompt, tokens.count_text(model, completion).tokens, cap)
+
+
+def handed_back(services: Services, handover: Handover) -> Reservation | None:
+    """The reservation the downstream stage handed over, rebuilt by the stage that finishes the
+    request (None: there was none, or the team's limits changed since; see
+    QuotaService.handed_over)."""
+    if not handover.reservation:
+        return None
+    team, model = handover.team, handover.model
+    specs = applicable(services.limits.get(team, ()), model)
+    if handover.pool:
+        # A quota failover reserved against the team-wide limits only (see _reserve).
+        specs = tuple(s for s in specs if not s.scoped)
+    return services.quota.handed_over(
+        services.runtime.config, team, model, handover.reservation, handover.limits, specs
+    )

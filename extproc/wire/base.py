@@ -1,0 +1,136 @@
+"""What the request path asks of an API's wire format, and the neutral shapes it gets back.
+
+The stages know a request as an Endpoint (which operation, at which path) and a ParsedRequest;
+how an API spells its request bodies, answers, stream events and errors is behind WireFormat.
+Each format is one module under extproc/wire/, registered in extproc/wire/__init__.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..errors import GatewayError
+    from ..guard.pipeline import CompiledGuard
+    from ..guard.texts import Slot
+    from ..guard.types import Span
+    from ..sse import RelayedStream
+    from ..tokens import TokenCount, TokenCounter
+    from ..usage import Usage
+
+
+class Operation(Enum):
+    """What a request asks for, whatever API it speaks."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    LIST_MODELS = "list_models"
+    GET_MODEL = "get_model"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    operation: Operation
+    # The API's path for it, as the gateway reports it (metadata, audit record, errors): one
+    # spelling per endpoint, whatever query string or trailing slash the client sent.
+    path: str
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    """A validated request body; `body` is the client's JSON, which guards and the model
+    rewrite change in place."""
+
+    endpoint: Endpoint
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool  # the client asked for the stream's usage report itself
+    # The most output the client allowed, all answers together (the backend is told it); the
+    # cap of the gateway's own count. None: the client set none.
+    output_cap: int | None = None
+    answers: int = 1  # how many answers it asked for: a default maximum applies to each
+
+
+class WireFormat(Protocol):
+    """One API's wire format: everything the request path needs that depends on how the API
+    spells its bodies, answers, stream events and errors."""
+
+    name: str  # the registry's key, and the hand-over's (contract.Handover.wire)
+
+    def route(self, method: str, path: str) -> tuple[Endpoint, str | None] | None:
+        """The endpoint a request line names and, for a GET of one model, its id; None when
+        the path is none of this API's. `path` comes without query string or trailing slash.
+        Raises the 405 of a known path asked with the wrong method."""
+        ...
+
+    def parse(self, endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+        """The body validated (raises a 400 GatewayError)."""
+        ...
+
+    async def count_prompt(
+        self,
+        tokens: TokenCounter,
+        parsed: ParsedRequest,
+        *,
+        team: str | None,
+        budget: float | None,
+    ) -> TokenCount:
+        """The prompt's tokens, as the backend will read them (TokenCounter never fails)."""
+        ...
+
+    def request_slots(self, endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
+        """The request's texts, in order, for guards to judge, mask and rewrite in place."""
+        ...
+
+    def span_attributes(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The request's gen_ai.request.* span attributes besides the model."""
+        ...
+
+    def with_usage_requested(self, body: dict[str, Any]) -> bytes:
+        """The body re-encoded to ask the backend for a stream's usage report, which the
+        client did not ask for (the relay then cuts it out: strip_usage_chunk)."""
+        ...
+
+    def answer_usage(self, answer: Any) -> Usage | None:
+        """The backend's usage report in a JSON answer (decoded), if it is well formed."""
+        ...
+
+    def answer_text(self, answer: Any) -> str:
+        """The text a JSON answer produced, for the gateway's own count."""
+        ...
+
+    def answer_slots(self, endpoint: Endpoint, answer: Any) -> list[Slot]:
+        """A JSON answer's texts, for the response guards."""
+        ...
+
+    def drop_logprobs(self, answer: Any) -> bool:
+        """Remove what repeats the answer's text around a mask (token log-probabilities); True
+        when there was some."""
+        ...
+
+    def stream_relay(self, strip_usage_chunk: bool) -> RelayedStream:
+        """The fast relay of a stream: usage and text read on the way, chunks relayed as they
+        are unless `strip_usage_chunk` cuts the usage report the gateway asked for."""
+        ...
+
+    def guarded_stream_relay(
+        self,
+        endpoint: Endpoint,
+        strip_usage_chunk: bool,
+        find: Callable[[str], list[Span]],
+        holdback: int,
+        owners: dict[str, CompiledGuard],
+    ) -> RelayedStream:
+        """The relay of a stream with response guards (guard.pipeline.stream_finder gives
+        `find`, `holdback` and `owners`): every event's text masked, a block ends the stream
+        with an error event."""
+        ...
+
+    def error_body(self, err: GatewayError) -> bytes:
+        """A refusal in this API's error shape."""
+        ...
