@@ -4,17 +4,13 @@ fields, tracing off and on, and the metrics endpoint."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import urllib.request
 
 import pytest
-import yaml
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.metrics import MetricWrapperBase
 
 from extproc.config import TracingSettings, parse_config
 from extproc.contract import Handover
@@ -193,60 +189,8 @@ def test_the_metrics_endpoint_serves_the_catalogue() -> None:
         assert f"# TYPE {name.removesuffix('_total').removesuffix('_bucket')}" in text
 
 
-# -- the README says what the code does ---------------------------------------------------------
-
-README = (REPO / "README.md").read_text()
-
-
-def readme_metrics_table() -> dict[str, set[str]]:
-    start = README.index("<!-- metrics-table:")
-    rows = {}
-    for line in README[start:].splitlines()[3:]:
-        if not line.startswith("| `"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        labels = {label.strip() for label in cells[1].split(",") if label.strip()}
-        rows[cells[0].strip("`")] = labels
-    return rows
-
-
-def catalogue() -> dict[str, set[str]]:
-    out = {}
-    for obj in vars(metrics).values():
-        if isinstance(obj, MetricWrapperBase):
-            out[obj._name] = set(obj._labelnames)
-    return out
-
-
-def test_the_readme_documents_every_metric_with_its_labels() -> None:
-    assert readme_metrics_table() == catalogue()
-
-
-def test_the_readme_audit_example_has_the_fields_a_record_has() -> None:
-    match = re.search(r"### Audit trail.*?```json\n(.*?)```", README, re.S)
-    assert match
-    example = json.loads(match.group(1))
-    report = RequestReport(started_at=0.0, team="a", model="m")
-    report.prompt = prompt_fields(["x"], include_prompt=False)
-    record = report.audit_record(Usage(1, 1, 2), 0.1, 0.01)
-    assert example.keys() == record.keys()
-    assert example["tokens"].keys() == record["tokens"].keys()
-
-
-def test_the_readme_observability_block_is_a_valid_config() -> None:
-    match = re.search(r"## Observability.*?```yaml\n(.*?)```", README, re.S)
-    assert match
-    block = yaml.safe_load(match.group(1))
-    cfg = parse_config(
-        {
-            "teams": {"a": {"keys": [{"sha256": sha256_hex("k")}]}},
-            "backends": {"b": {"url": "http://127.0.0.1:1/v1"}},
-            "models": {"gpt-4o-mini": {"targets": [{"backend": "b"}]}},
-            **block,
-        }
-    )
-    assert cfg.observability.audit.backups == 10
-    assert cfg.prices["gpt-4o-mini"].output == 0.60
+# That docs/observability.md's metrics table, audit example and config block match the code is
+# checked in tests/test_docs.py.
 
 
 def test_audit_trail_follows_reloads_without_two_writers(tmp_path) -> None:
