@@ -1,7 +1,7 @@
 """The contract between Envoy and the sidecar, in one place: every header name, gRPC metadata
 key, dynamic metadata key, attribute and cluster name that the rendered Envoy config
-(envoy_config.py) and the stages (processor.py, observer.py, access_log.py, server.py) must
-agree on. Nothing else defines one; this module imports nothing of the gateway's.
+(envoy_config.py) and the stages (downstream.py, upstream.py, observer.py, access_log.py,
+server.py) must agree on. Nothing else defines one; this module imports nothing of the gateway's.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class GatewayError(Exception):
-    """A request the gateway refuses; rendered as an ImmediateResponse by the processor."""
+    """A request the gateway refuses; the stage that refuses it answers with an immediate
+    response in the client's API shape (WireFormat.error_body)."""
 
     status: int
     message: str

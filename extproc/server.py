@@ -35,10 +35,10 @@ from .contract import (
     STAGES,
     UPSTREAM_STAGE,
 )
+from .downstream import DownstreamStream
 from .guard.llm import GuardClient
 from .guard.pipeline import Guardrails
 from .observer import ObservedStream
-from .processor import DownstreamStream, UpstreamStream
 from .quota.policy import team_limits
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
@@ -49,6 +49,7 @@ from .telemetry.audit import AuditLog, AuditTrail
 from .telemetry.exposition import MetricsServer
 from .telemetry.metrics import CONFIG_RELOADS, EXT_PROC_STREAMS, PHASE_SECONDS, process_exited
 from .tokens import TokenCounter
+from .upstream import UpstreamStream
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

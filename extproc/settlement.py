@@ -4,7 +4,7 @@ record written).
 
 A request's answer reaches the client on one of four paths (AnswerPath). On each, exactly one
 stage settles it (SETTLED_BY) and exactly one counts it in the request metric (counted_by);
-the three finishers (processor.DownstreamStream, observer.ObservedStream, access_log.account)
+the three finishers (downstream.DownstreamStream, observer.ObservedStream, access_log.account)
 decide with answer_path() and charge with charge(), so none can double-charge or drop a
 charge by deciding alone. docs/architecture.md has the same table in prose.
 """
@@ -42,7 +42,7 @@ class AnswerPath(Enum):
 
 
 class Finisher(Enum):
-    DOWNSTREAM = "processor.DownstreamStream.close"
+    DOWNSTREAM = "downstream.DownstreamStream.close"
     OBSERVER = "observer.ObservedStream.close"
     ACCESS_LOG = "access_log.account"
 

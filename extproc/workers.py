@@ -9,8 +9,8 @@ spread, see envoy_config.CONNECTIONS_PER_WORKER).
 Shared between workers: the quota counters (Redis; a memory store is refused at load), the
 metrics (prometheus-client's multiprocess directory, emptied here at start). Per worker: the
 audit file (audit-wN.jsonl), guard HTTP sessions, tokenizers, the config (each reloads the
-file itself; SIGHUP to the supervisor reaches all of them; `extproc reload` reaches one, the
-others follow when they next poll the file).
+file itself; SIGHUP to the supervisor reaches all of them; `extproc reload` lands on one,
+which passes it to the supervisor as a SIGHUP: Sidecar._admin_reload).
 
 A worker that dies is started again (its live gauges dropped first); one that keeps dying at
 start-up stops the whole group, so a broken deployment fails loudly instead of flapping.

@@ -21,9 +21,9 @@ from extproc.streams import Released
 from extproc.telemetry import metrics
 from extproc.telemetry.audit import AuditTrail
 
+from .test_downstream import with_default_max_tokens
 from .test_observer import MODEL, chat, recording, request_metadata
 from .test_observer import released_base as base  # noqa: F401
-from .test_processor import with_default_max_tokens
 
 USAGE = {"prompt_tokens": 31.0, "completion_tokens": 7.0, "total_tokens": 38.0}
 RESULTS = ("accounted", "ignored", "error")

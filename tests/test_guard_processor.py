@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from extproc.config import ConfigError, build_runtime, parse_config
+from extproc.downstream import DownstreamStream
 from extproc.guard.detectors import find_all
 from extproc.guard.llm import GuardClient
 from extproc.guard.pipeline import CompiledGuard, compile_guard, stream_finder
-from extproc.processor import DownstreamStream
 from extproc.quota.policy import window_bounds
 from extproc.server import build_services
 from extproc.services import Services
@@ -23,7 +23,7 @@ from extproc.wire import Endpoint
 from extproc.wire.openai import CHAT, COMPLETIONS
 from extproc.wire.openai.guarded_stream import GuardedStreamRelay
 
-from .test_processor import (
+from .test_downstream import (
     KEY_B,
     QUICKSTART,
     request_body,

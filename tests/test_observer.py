@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from extproc.contract import Handover
+from extproc.downstream import DownstreamStream
 from extproc.observer import ObservedStream
-from extproc.processor import DownstreamStream
 from extproc.protocol import ProcessingMode, ProcessingRequest
 from extproc.quota.policy import Amounts, LimitSpec
 from extproc.quota.service import QuotaService, Reservation
@@ -25,7 +25,7 @@ from extproc.streams import ACTIVE
 from extproc.telemetry.audit import AuditTrail
 from extproc.telemetry.tracing import NO_TRACE
 
-from .test_processor import (
+from .test_downstream import (
     KEY_B,
     LONG_ANSWER,
     MESSAGES,
@@ -42,7 +42,7 @@ from .test_processor import (
     with_sidecar,
     with_stream_path,
 )
-from .test_processor import QUICKSTART as QUICKSTART_PATH
+from .test_downstream import QUICKSTART as QUICKSTART_PATH
 
 MODEL = "gpt-4o-mini"  # team-b (KEY_B) has token and request limits on it in the quickstart
 
@@ -345,7 +345,7 @@ def test_an_inline_stream_without_usage_is_settled_at_most_the_max_output(
     close(stream)
     ((reservation, actual),) = recorder.settled
     assert reservation is stream.reservation
-    assert actual == Amounts(stream.prompt.tokens, 3)
+    assert actual == Amounts(stream.admission.prompt_tokens, 3)
 
 
 def test_observer_settles_what_was_delivered_when_the_stream_is_cut(base: Services) -> None:

@@ -217,7 +217,7 @@ def test_audit_trail_follows_reloads_without_two_writers(tmp_path) -> None:
 
 def test_a_stream_the_sidecar_failed_is_an_error_not_a_cancellation() -> None:
     from extproc.config import load_runtime
-    from extproc.processor import DownstreamStream
+    from extproc.downstream import DownstreamStream
     from extproc.server import build_services
 
     services = build_services(load_runtime(REPO / "examples" / "quickstart.yaml"))

@@ -12,12 +12,12 @@ import pytest
 
 from extproc import wire
 from extproc.contract import Handover
+from extproc.downstream import DownstreamStream
 from extproc.errors import GatewayError, bad_request
 from extproc.guard.pipeline import CompiledGuard
 from extproc.guard.texts import Slot
 from extproc.guard.types import Span, Verdict
 from extproc.observer import ObservedStream
-from extproc.processor import DownstreamStream
 from extproc.protocol import ProcessingRequest
 from extproc.services import Services
 from extproc.sse import RelayedStream, SSEParser
@@ -26,7 +26,7 @@ from extproc.usage import Usage
 from extproc.wire import Endpoint, Operation, ParsedRequest, WireFormat
 from extproc.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS, MODEL, MODELS, OPENAI
 
-from .test_processor import (
+from .test_downstream import (
     QUICKSTART,
     build_services,
     load_runtime,

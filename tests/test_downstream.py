@@ -16,10 +16,11 @@ from google.protobuf import json_format
 
 from extproc import protocol, routing
 from extproc.config import build_runtime, load_runtime, parse_config
-from extproc.processor import DownstreamStream, UpstreamStream
+from extproc.downstream import DownstreamStream
 from extproc.protocol import ProcessingMode, ProcessingRequest, ProcessingResponse, pb
 from extproc.server import build_services
 from extproc.services import Services
+from extproc.upstream import UpstreamStream
 
 # tiktoken reads this when an encoding is first loaded; the Makefile exports it too.
 os.environ.setdefault(

@@ -1,0 +1,468 @@
+"""The downstream stage: one ext_proc stream of Envoy's HTTP filter = one HTTP request.
+
+It only coordinates. The request's headers: identity.py (the team) and wire (the client's API
+and endpoint). Its body: admission.py (validation, guards, count, reserve), then
+request_plan.py (what Envoy is told). The answer: settlement.answer_path (who follows it), the
+wire format's relay or JSON reader (usage), response guards (guard/answer.py). The end:
+settlement.py (who settles, what is charged, the finish).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import identity, protocol, request_plan, routing, settlement, wire
+from .admission import Admission
+from .contract import (
+    ATTEMPTS_HEADER,
+    METADATA_NAMESPACE,
+    TEAM_HEADER,
+    TOKEN_HEADERS,
+    TOKEN_SOURCE_HEADER,
+    P,
+)
+from .errors import GatewayError, bad_request, check_content_type, too_large
+from .guard import answer as answer_guards
+from .guard import pipeline as guard
+from .settlement import AnswerPath, Finisher
+from .streams import ACTIVE, RELEASED, StreamTiming
+from .telemetry.report import RequestReport, model_label
+from .telemetry.tracing import NO_TRACE
+from .wire import Operation
+
+if TYPE_CHECKING:
+    from .guard.types import Verdict
+    from .quota.service import Reservation
+    from .request_plan import Admitted
+    from .services import Services
+    from .sse import RelayedStream
+    from .usage import Usage
+    from .wire import WireFormat
+
+log = logging.getLogger("extproc.downstream")
+
+
+class DownstreamStream:
+    """The HTTP filter stage: identity, admission, the plan, the answer's usage, the finish."""
+
+    __slots__ = (
+        "admission",
+        "admitted",
+        "backend",
+        "following",
+        "grpc_metadata",
+        "known_backend",
+        "observe",
+        "path",
+        "relay",
+        "report",
+        "route_span",
+        "rt",
+        "services",
+        "started",
+        "status",
+        "stream_block_recorded",
+        "strip_usage",
+        "team",
+        "timing",
+        "trace",
+        "usage",
+        "wire",
+    )
+
+    def __init__(self, services: Services, grpc_metadata: Mapping[str, str] | None = None) -> None:
+        self.services = services
+        self.grpc_metadata = grpc_metadata or {}
+        # One config for the whole request, even if a reload lands half-way through it.
+        self.rt = services.runtime
+        self.started = time.perf_counter()
+        self.team: str | None = None
+        # The client's API, from the request line; its error shape until then.
+        self.wire: WireFormat = wire.DEFAULT
+        self.admission: Admission | None = None  # from the request body on
+        self.admitted: Admitted | None = None  # once admission passed
+        self.backend: str | None = None
+        self.status = 0
+        self.relay: RelayedStream | None = None
+        self.timing: StreamTiming | None = None
+        self.following = False  # counted in ACTIVE until the stream ends
+        self.strip_usage = False
+        self.observe = False  # a stream the observer may follow instead of this stage
+        # The answer's path as this stage knows it: LOGGED once the request is released with its
+        # body (the access log's reader counts it; it or the observer settles it), OBSERVED
+        # once the observer follows its answer, READ or INLINE when the answer passes here.
+        self.path = AnswerPath.NO_ANSWER
+        self.known_backend = False  # one backend serves the request: its headers are in metadata
+        self.stream_block_recorded = False
+        # Reported when the stream closes; None for what is not an LLM call (GET /v1/models).
+        self.report: RequestReport | None = RequestReport()
+        self.trace: Any = NO_TRACE
+        self.route_span: Any = None  # from the routing decision to the backend's answer
+        self.usage: Usage | None = None
+
+    @property
+    def reservation(self) -> Reservation | None:
+        # Read from the admission each time: a reservation may arrive after a cancellation.
+        return self.admission.reservation if self.admission is not None else None
+
+    async def handle(self, req: protocol.ProcessingRequest) -> protocol.ProcessingResponse:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return self.on_request_headers(req.request_headers)
+            if kind == "request_body":
+                return await self.on_request_body(req.request_body)
+            if kind == "response_headers":
+                return self.on_response_headers(req)
+            if kind == "response_body":
+                return await self.on_response_body(req.response_body)
+        except GatewayError as err:
+            return self.reject(err)
+        # Trailers are not requested; answering keeps Envoy moving if a config asks for them.
+        return protocol.passthrough(kind)
+
+    @property
+    def finished(self) -> bool:
+        """No message will come after the last answer: the observer (at the response headers)
+        or the access log's reader and the observer (with the request body) took it over."""
+        return settlement.SETTLED_BY[self.path] is not Finisher.DOWNSTREAM
+
+    def failed(self) -> None:
+        """The sidecar failed this stream (a bug): Envoy answers with the failure status."""
+        if self.report is not None:
+            self.report.status = self.rt.config.sidecar.failure_status
+            self.report.code = "internal_error"
+
+    def reject(self, err: GatewayError) -> protocol.ProcessingResponse:
+        if self.relay is not None:
+            # A stream has begun: an immediate response can no longer replace it. (A buffered
+            # response's headers are still held, so a response guard can replace that one.)
+            log.warning("error after the response started: %s", err)
+            return protocol.passthrough("response_body")
+        # The message may quote client input (a key fingerprint): log the code, not the text.
+        log.info("rejected team=%s status=%s code=%s", self.team, err.status, err.code)
+        if self.report is not None:
+            self.report.status = err.status
+            self.report.code = err.code or err.type
+        return protocol.immediate_response(
+            err.status,
+            self.wire.error_body(err),
+            headers=dict(err.headers),
+            details=f"aigw_{err.code or err.type}",
+        )
+
+    # -- request ------------------------------------------------------------------------------
+
+    def on_request_headers(self, msg: Any) -> protocol.ProcessingResponse:
+        headers = protocol.header_dict(msg.headers)
+        report = self.report
+        assert report is not None
+        report.request_id = headers.get("x-request-id", "")[:128]
+        tracing = self.services.tracing
+        if tracing.enabled:
+            # Envoy's span is the parent (its traceparent in the gRPC metadata); else the
+            # client's, from the request headers.
+            self.trace = tracing.request(self.grpc_metadata, headers)
+            report.trace_id = self.trace.trace_id()
+        self.team = team = identity.authenticate(self.rt, headers)
+        report.team = team
+        self.wire, endpoint, model_id = wire.route(
+            headers.get(":method", ""), headers.get(":path", "")
+        )
+        if endpoint.operation in (Operation.LIST_MODELS, Operation.GET_MODEL):
+            self.report = None  # not an LLM call: no request metric, no audit record
+            self.trace.end()
+        if endpoint.operation is Operation.LIST_MODELS:
+            return protocol.immediate_response(200, routing.list_models_body(self.rt, team))
+        if endpoint.operation is Operation.GET_MODEL:
+            assert model_id is not None
+            body = routing.retrieve_model_body(self.rt, team, model_id)
+            return protocol.immediate_response(200, body)
+
+        check_content_type(headers.get("content-type"))
+        limit = self.rt.config.sidecar.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large(limit)
+        if msg.end_of_stream:
+            raise bad_request("The request has no body", "missing_body")
+        self.admission = Admission(
+            self.services, self.rt, self.wire, endpoint, team, report, self.trace
+        )
+
+        remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
+        remove = [h for h in remove if h != TEAM_HEADER]
+        if "accept-encoding" in headers:
+            # The sidecar reads the answer (usage, response guards): a compressed body would
+            # go uncounted and unguarded. Envoy or the client side may compress it again.
+            remove.append("accept-encoding")
+        return protocol.request_headers_response(protocol.common({TEAM_HEADER: team}, remove))
+
+    async def on_request_body(self, msg: Any) -> protocol.ProcessingResponse:
+        assert self.admission is not None and self.report is not None
+        admitted = await self.admission.admit(msg.body, self.started)
+        self.admitted = admitted
+        model, pool, report = admitted.request.model, admitted.pool, self.report
+        target = routing.fixed_target(self.rt, model, pool)
+        plan = request_plan.plan(admitted, target, self.rt.config.sidecar)
+        self.observe, self.strip_usage = plan.observe, plan.strip_usage
+        self.known_backend = target is not None
+        route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
+        if target is not None:
+            report.backend = target.backend
+            report.provider_model = target.provider_model
+            route_attributes["extproc.backend"] = target.backend
+        if pool:
+            report.failover = "quota"
+        self.route_span = self.trace.start("route", route_attributes)
+        answer = protocol.request_body_response(
+            protocol.common(plan.set_headers, body=plan.body, clear_route_cache=True),
+            dynamic_metadata=plan.metadata,
+        )
+        # Only now: a failure before this point is still this stage's to count and settle.
+        self.path = plan.path
+        if plan.release:
+            RELEASED.add()
+        return answer
+
+    # -- response -----------------------------------------------------------------------------
+
+    def on_response_headers(self, req: Any) -> protocol.ProcessingResponse:
+        msg = req.response_headers
+        headers = protocol.header_dict(msg.headers)
+        self.status = int(headers.get(":status", "0") or 0)
+        self.backend = protocol.answering_backend(req)
+        # Team, model, rate limits (and the backend, when one serves the model) are rendered
+        # by Envoy from the request's metadata; only what Envoy chose is added here.
+        set_headers = {} if self.known_backend else self._backend_headers()
+        attempts = headers.get("x-envoy-attempt-count", "1")
+        report = self.report
+        if report is not None:
+            report.status = self.status
+            report.backend = self.backend
+            if not self.known_backend:
+                report.provider_model = set_headers.get(f"{P}provider-model")
+            report.attempts = int(attempts) if attempts.isdigit() else 1
+        pool = self.admitted.pool if self.admitted is not None else 0
+        if not pool and attempts.isdigit() and int(attempts) > 1:
+            # Envoy retried this request on another pool: the client should know it happened.
+            set_headers[f"{P}failover"] = "true"
+            set_headers[ATTEMPTS_HEADER] = attempts
+            if report is not None:
+                report.failover = "retry"
+        if self.route_span is not None:
+            self.route_span.set_attributes(
+                {
+                    "extproc.backend": self.backend or "",
+                    "extproc.attempts": int(attempts) if attempts.isdigit() else 1,
+                    "http.response.status_code": self.status,
+                }
+            )
+            self.route_span.end()
+            self.route_span = None
+        mode = None
+        # Known now, and in the access log even when the response never completes.
+        metadata = {METADATA_NAMESPACE: {"backend": self.backend or "", "status": self.status}}
+        path = self.path = settlement.answer_path(self.observe, False, headers, msg.end_of_stream)
+        if report is not None:
+            report.path = path.value
+        if path is AnswerPath.OBSERVED:
+            # The observer follows the body from here on, without holding a chunk back; it
+            # decided so on these same headers (it sees them first: the response path runs
+            # the filters in reverse order).
+            mode = protocol.OBSERVED_RESPONSE
+        elif path is AnswerPath.INLINE:
+            guards = self.admission.response_guards if self.admission is not None else ()
+            if guards and self.admitted is not None and 200 <= self.status < 300:
+                find, holdback, owners = guard.stream_finder(guards)
+                self.relay = self.wire.guarded_stream_relay(
+                    self.admitted.request.endpoint, self.strip_usage, find, holdback, owners
+                )
+            else:
+                self.relay = self.wire.stream_relay(self.strip_usage)
+            self.timing = StreamTiming(self.started, self._model_label())
+            self.following = True
+            ACTIVE.opened()
+            mode = protocol.STREAMED_RESPONSE
+        return protocol.response_headers_response(
+            protocol.common(set_headers) if set_headers else None,
+            mode_override=mode,
+            dynamic_metadata=metadata,
+        )
+
+    async def on_response_body(self, msg: Any) -> protocol.ProcessingResponse:
+        if self.relay is not None:
+            assert self.timing is not None
+            self.timing.chunk()
+            # The fast path: None relays the chunk untouched; bytes replace it (only when the
+            # usage report the client did not ask for is being cut out).
+            out = self.relay.feed(msg.body, msg.end_of_stream)
+            common = protocol.common(body=out) if out is not None else None
+            if self.relay.blocked is not None:
+                self._record_stream_block(self.relay.blocked)
+            if not msg.end_of_stream:
+                if self.usage is None and self.relay.usage is not None:
+                    # The backend's usage report, before [DONE]: settle and tell the access
+                    # log now. A client may close at [DONE] (the openai SDK does), before the
+                    # stream's last message is answered.
+                    self.usage = self.relay.usage
+                    self._settle(self.usage)
+                    return protocol.response_body_response(
+                        common, dynamic_metadata=self._stream_metadata(self.usage)
+                    )
+                return protocol.response_body_response(common)
+            usage = self.usage = self._stream_usage()
+            self._settle(usage)
+            self._end_stream()
+            return protocol.response_body_response(
+                common, dynamic_metadata=self._stream_metadata(usage)
+            )
+
+        usage = self.usage = self._buffered_usage(msg.body)
+        self._settle(usage)
+        body = None
+        admission = self.admission
+        if admission is not None and admission.response_guards and 200 <= self.status < 300:
+            # The tokens were spent (settled above) whatever the guards decide now.
+            body = await answer_guards.judge(admission, msg.body)
+        set_headers = {}
+        if body is not None:
+            set_headers["content-length"] = str(len(body))
+        if usage is not None:
+            counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+            set_headers.update(zip(TOKEN_HEADERS, map(str, counts), strict=True))
+            set_headers[TOKEN_SOURCE_HEADER] = usage.source
+        return protocol.response_body_response(
+            protocol.common(set_headers, body=body) if set_headers or body else None,
+            dynamic_metadata=self._usage_metadata(usage),
+        )
+
+    def _record_stream_block(self, verdict: Verdict) -> None:
+        if not self.stream_block_recorded and self.admission is not None:
+            self.stream_block_recorded = True
+            self.admission.record("response", [verdict])
+            if self.report is not None:
+                # The stream was cut by the guard: the request ends as a block.
+                self.report.code = f"guard_blocked:{verdict.guard}"
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _settle(self, usage: Usage | None, complete: bool = True) -> None:
+        prompt = self.admission.prompt_tokens if self.admission is not None else 0
+        settlement.settle(
+            self.services, self.reservation, usage, self.status, complete, prompt, self.trace
+        )
+
+    def _end_stream(self) -> None:
+        if self.following:
+            self.following = False
+            ACTIVE.closed()
+
+    def close(self) -> None:
+        """The stream ended: finish the request unless another stage does (SETTLED_BY); an
+        answer that never completed is charged what was delivered."""
+        if self.admission is not None:
+            self.admission.abandon()
+        self._end_stream()
+        report, self.report = self.report, None  # once
+        if self.route_span is not None:
+            self.route_span.end()  # no answer came
+        settles = settlement.SETTLED_BY[self.path] is Finisher.DOWNSTREAM
+        if settles:
+            if self.relay is not None and self.usage is None:
+                # A stream cut short: the usage event never came, so count what was delivered.
+                self.usage = self._stream_usage()
+            self._settle(self.usage, complete=False)  # a no-op when the answer settled it
+        if report is None:
+            return
+        if settlement.counted_by(self.path is AnswerPath.LOGGED) is Finisher.DOWNSTREAM:
+            report.count_request(self.rt.config)
+        if settles:
+            timing = self.timing.as_metadata(None) if self.timing is not None else None
+            duration = time.perf_counter() - self.started
+            settlement.finish(self.services, report, self.usage, self.trace, duration, timing)
+        elif self.trace is not NO_TRACE:
+            # The request's span ends at the hand-over; the finisher's span is its child.
+            if self.path is AnswerPath.LOGGED:
+                self.trace.set(
+                    {
+                        "extproc.backend": report.backend,
+                        "gen_ai.response.model": report.provider_model,
+                    }
+                )
+            else:
+                self.trace.set({"http.response.status_code": self.status})
+            self.trace.end()
+
+    # -- the answer's usage -------------------------------------------------------------------
+
+    def _model_label(self) -> str:
+        model = self.admitted.request.model if self.admitted is not None else None
+        return model_label(self.rt.config, model)
+
+    def _stream_usage(self) -> Usage | None:
+        assert self.relay is not None
+        admitted = self.admitted
+        if admitted is None:
+            return self.relay.usage
+        return settlement.stream_usage(
+            self.relay,
+            admitted.prompt_tokens,
+            self.services.tokens,
+            admitted.request.model,
+            admitted.request.output_cap,
+        )
+
+    def _buffered_usage(self, raw: bytes) -> Usage | None:
+        admitted = self.admitted
+        if admitted is None or not 200 <= self.status < 300:
+            return None
+        try:
+            response = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warning("backend %s sent a 2xx body that is not JSON", self.backend)
+            return None
+        usage = self.wire.answer_usage(response)
+        if usage is not None:
+            return usage
+        completion = self.wire.answer_text(response)
+        return settlement.estimate(
+            admitted.prompt_tokens,
+            self.services.tokens,
+            admitted.request.model,
+            completion,
+            admitted.request.output_cap,
+        )
+
+    def _backend_headers(self) -> dict[str, str]:
+        """The backend Envoy chose (a pooled or canary model) and the model name it got."""
+        out: dict[str, str] = {}
+        if self.admitted is not None and self.backend:
+            out[f"{P}backend"] = self.backend
+            target = self.rt.targets.get((self.admitted.request.model, self.backend))
+            if target is not None:
+                out[f"{P}provider-model"] = target.provider_model
+        return out
+
+    def _stream_metadata(self, usage: Usage | None) -> dict[str, Any]:
+        assert self.timing is not None
+        metadata = self._usage_metadata(usage)
+        metadata[METADATA_NAMESPACE].update(
+            self.timing.as_metadata(usage.completion_tokens if usage else None)
+        )
+        return metadata
+
+    def _usage_metadata(self, usage: Usage | None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "backend": self.backend or "",
+            "status": self.status,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+        }
+        if usage is not None:
+            data.update(usage.as_metadata())
+        return {METADATA_NAMESPACE: data}

@@ -1,0 +1,116 @@
+"""request_plan.plan: what Envoy is told about an admitted request, without protobuf or Envoy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from extproc.config import ResolvedTarget, SidecarSettings
+from extproc.contract import (
+    METADATA_NAMESPACE,
+    POOL_HEADER,
+    RATE_LIMIT_KEY,
+    ROUTE_HEADER,
+    TARGET_HEADER,
+    Handover,
+)
+from extproc.request_plan import Admitted, plan
+from extproc.settlement import AnswerPath
+from extproc.wire.openai import CHAT, OPENAI
+
+TARGET = ResolvedTarget("gpt-4o", "openai", "gpt-4o-2024-08-06", 1, "authorization", "Bearer k")
+
+
+def admitted(stream: bool = False, include_usage: bool = False, **fields: Any) -> Admitted:
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        body["stream"] = True
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+    request = OPENAI.parse(CHAT, orjson.dumps(body))
+    return Admitted(
+        team="team-a",
+        request=request,
+        wire=OPENAI,
+        prompt_tokens=9,
+        max_output=100,
+        started_at=1.5,
+        **fields,
+    )
+
+
+def sidecar(**fields: Any) -> SidecarSettings:
+    return SidecarSettings.model_validate(fields)
+
+
+def test_one_backend_gets_its_credential_and_model_name_and_the_request_is_released() -> None:
+    a = admitted(reservation="r1", limits=("tpm",), rate_headers={"x-ratelimit-limit-tokens": "9"})
+    p = plan(a, TARGET, sidecar())
+    assert p.release and not p.observe and p.path is AnswerPath.LOGGED
+    assert p.set_headers[ROUTE_HEADER] == "gpt-4o"
+    assert p.set_headers[TARGET_HEADER] == "openai"
+    assert p.set_headers["authorization"] == "Bearer k"
+    assert p.body is not None and orjson.loads(p.body)["model"] == "gpt-4o-2024-08-06"
+    assert p.set_headers["content-length"] == str(len(p.body))
+    assert a.request.body["model"] == "gpt-4o"  # the admitted request is left as it was
+    data = p.metadata[METADATA_NAMESPACE]
+    assert data[RATE_LIMIT_KEY] == {"x-ratelimit-limit-tokens": "9"}
+    handover = Handover.from_metadata(data)
+    assert handover == p.handover
+    assert (handover.account, handover.reservation, handover.limits) == (True, "r1", ("tpm",))
+    assert (handover.backend, handover.provider_model) == ("openai", "gpt-4o-2024-08-06")
+    assert (handover.prompt_tokens, handover.output_estimate, handover.started_at) == (9, 100, 1.5)
+
+
+def test_a_pooled_model_is_kept_and_its_body_untouched() -> None:
+    p = plan(admitted(), None, sidecar())
+    assert not p.release and p.path is AnswerPath.NO_ANSWER
+    assert p.body is None and TARGET_HEADER not in p.set_headers
+    # Only what a finisher that is not this stage needs is left out.
+    assert p.handover.reservation == "" and p.handover.started_at != 1.5
+
+
+@pytest.mark.parametrize(
+    ("include_usage", "stream_path", "observe", "strip"),
+    [
+        (True, "auto", True, False),  # the client asked for usage: observed
+        (False, "auto", False, True),  # inline, usage asked for and cut again
+        (False, "observe", True, False),
+        (True, "inline", False, False),
+    ],
+)
+def test_a_stream_is_observed_or_kept_inline(
+    include_usage: bool, stream_path: str, observe: bool, strip: bool
+) -> None:
+    a = admitted(stream=True, include_usage=include_usage)
+    p = plan(a, None, sidecar(stream_path=stream_path))
+    assert (p.observe, p.strip_usage, p.handover.observe) == (observe, strip, observe)
+    if strip:
+        assert p.body is not None
+        assert orjson.loads(p.body)["stream_options"] == {"include_usage": True}
+
+
+def test_response_guards_keep_the_answer_with_the_stage() -> None:
+    p = plan(admitted(stream=True, include_usage=True, response_guards=True), TARGET, sidecar())
+    assert not p.observe and not p.release
+    p = plan(admitted(response_guards=True), TARGET, sidecar())
+    assert not p.release
+
+
+def test_json_path_inline_keeps_a_json_answer() -> None:
+    assert not plan(admitted(), TARGET, sidecar(json_path="inline")).release
+
+
+def test_a_quota_failover_pins_the_next_pool() -> None:
+    p = plan(admitted(pool=1), None, sidecar())
+    assert p.set_headers[POOL_HEADER] == "1"
+    assert p.metadata[METADATA_NAMESPACE]["failover"] == "quota"
+    assert p.handover.pool == 1
+
+
+def test_a_rewritten_body_is_sent() -> None:
+    a = admitted(body_changed=True)
+    p = plan(a, None, sidecar())
+    assert p.body == orjson.dumps(a.request.body)
