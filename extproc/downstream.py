@@ -130,7 +130,7 @@ class DownstreamStream:
     def finished(self) -> bool:
         """No message will come after the last answer: the observer (at the response headers)
         or the access log's reader and the observer (with the request body) took it over."""
-        return settlement.SETTLED_BY[self.path] is not Finisher.DOWNSTREAM
+        return self.path in settlement.HANDED_OVER
 
     def failed(self) -> None:
         """The sidecar failed this stream (a bug): Envoy answers with the failure status."""
@@ -372,7 +372,7 @@ class DownstreamStream:
         report, self.report = self.report, None  # once
         if self.route_span is not None:
             self.route_span.end()  # no answer came
-        settles = settlement.SETTLED_BY[self.path] is Finisher.DOWNSTREAM
+        settles = self.path not in settlement.HANDED_OVER
         if settles:
             if self.relay is not None and self.usage is None:
                 # A stream cut short: the usage event never came, so count what was delivered.

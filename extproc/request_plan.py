@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from .wire.base import ParsedRequest, WireFormat
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass costs ~1.5 µs more to build, on every request; neither is
+# changed once built.
+@dataclass(slots=True)
 class Admitted:
     """A request that passed admission: who sent it, what it asks, what it was counted and
     reserved at. The finishing stage gets the parts it needs through the hand-over."""
@@ -51,7 +53,7 @@ class Admitted:
     audit: Mapping[str, Any] | None = None  # RequestReport.handover(), when auditing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestPlan:
     observe: bool  # the stream observer is instantiated and follows a successful stream
     release: bool  # the stage lets the request go with its body (AnswerPath.LOGGED)

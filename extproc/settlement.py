@@ -57,6 +57,13 @@ SETTLED_BY: Final[Mapping[AnswerPath, Finisher]] = {
 }
 
 
+# The paths the downstream stage hands over, from the table; a tuple, since `in` on it compares
+# by identity first (an Enum's hash is Python code, asked on every message).
+HANDED_OVER: Final[tuple[AnswerPath, ...]] = tuple(
+    path for path, finisher in SETTLED_BY.items() if finisher is not Finisher.DOWNSTREAM
+)
+
+
 def counted_by(released: bool) -> Finisher:
     """Who counts the request (its outcome in the request metric), once. A released request
     (Handover.account) comes back in Envoy's access log whatever its answer, so the reader

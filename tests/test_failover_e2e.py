@@ -188,8 +188,11 @@ def test_under_load_with_the_primary_failing_half_the_time_no_request_fails(stac
     served = Counter(backend for backend, _ in results)
     print(f"\nprimary failing half the time: served by {dict(served)}")
     assert set(served) <= {"phalf", "fallback"}
-    assert served["phalf"] > 0 and served["fallback"] > 0
-    assert len(records(fakes["phalf"])) > before  # the primary kept getting its share
+    assert served["fallback"] > 0  # each failed attempt was retried on the next pool
+    # The primary got its share of attempts. (Not necessarily of answers: two failures in a
+    # row, a 1 in 4 chance at the start, eject it until outlier detection's next sweep, 5 s,
+    # longer than these 200 requests take.)
+    assert len(records(fakes["phalf"])) > before
 
 
 def test_traffic_returns_to_a_primary_that_recovers(stack):
