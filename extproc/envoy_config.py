@@ -1249,7 +1249,8 @@ def render_snippet(cfg: Config) -> str:
         "#    (the sidecar accounts handed-over answers from it). 3. Set local_reply_config on it\n"
         "#    (Envoy's own errors, and a sidecar that is down, answered in OpenAI's error shape).\n"
         "#    4. Add the cluster to your clusters. 5. Give each model a route that matches the\n"
-        "#    header x-aigw-model (see README).\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
+        "#    header x-aigw-model (see docs/dropin.md).\n"
+        + yaml.safe_dump(doc, sort_keys=False, width=100)
     )
 
 
