@@ -181,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the rendered Envoy config (created if missing; default: temp)",
     )
     p.add_argument("--envoy-log-level", default="warning")
-    p.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads")
+    p.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=None,
+        help="Envoy worker threads (default: the cores the sidecar leaves, at most half, >= 1)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("quota", help="a team's quota usage, or reset it (admin API)")

@@ -100,6 +100,22 @@ class WorkdirError(Exception):
     """The work directory (--workdir) cannot be created or written."""
 
 
+def machine_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def envoy_workers(cpus: int, sidecar_workers: int) -> int:
+    """Envoy's worker threads when `extproc up` is not told: the cores the sidecar's processes
+    leave, at most half the machine, at least one. Every LLM request waits for a sidecar process
+    (one Python thread each), so more Envoy workers only take cores from the sidecar: on 2 cores,
+    `--concurrency 2` cost the gateway ~40 % of its throughput against 1 (issue 16)."""
+    return max(1, min(cpus - sidecar_workers, cpus // 2))
+
+
 class Stack:
     """The processes of one gateway; also used by the end-to-end tests."""
 
@@ -110,7 +126,7 @@ class Stack:
         envoy_log_level: str = "warning",
         env: dict[str, str] | None = None,
         stdout=None,
-        envoy_concurrency: int = 2,
+        envoy_concurrency: int | None = None,  # None: envoy_workers() for this machine
         sidecar: bool = True,  # False: the caller runs the sidecar (tests, in-process)
     ) -> None:
         self.config_path = str(config_path)
@@ -124,6 +140,16 @@ class Stack:
         self.envoy_log_level = envoy_log_level
         self.env = {**os.environ, **(env or {})}
         self.stdout = stdout
+        if envoy_concurrency is None:
+            cpus, workers = machine_cpus(), self.config.sidecar.workers
+            envoy_concurrency = envoy_workers(cpus, workers)
+            log.info(
+                "Envoy gets %d worker thread(s): %d CPU(s), %d sidecar process(es) "
+                "(--envoy-concurrency sets it)",
+                envoy_concurrency,
+                cpus,
+                workers,
+            )
         self.envoy_concurrency = envoy_concurrency
         self.run_sidecar = sidecar
         self.procs: dict[str, subprocess.Popen] = {}
@@ -204,7 +230,7 @@ def up(
     config_path: str,
     workdir: str | None = None,
     envoy_log_level: str = "warning",
-    envoy_concurrency: int = 2,
+    envoy_concurrency: int | None = None,
 ) -> int:
     stack = Stack(config_path, workdir, envoy_log_level, envoy_concurrency=envoy_concurrency)
     stopping = False

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from extproc.config import ConfigError
-from extproc.supervisor import Stack
+from extproc.supervisor import Stack, envoy_workers, machine_cpus
 
 from .conftest import REPO
 
@@ -30,6 +30,24 @@ def test_up_starts_the_fake_llm_its_section_describes(tmp_path):
         "fake-llm", "--listen", "127.0.0.1:8081", "--ttft-ms", "20.0",
         "--tokens-per-second", "200.0", "--response-tokens", "24",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cpus", "sidecars", "workers"),
+    [(1, 1, 1), (2, 1, 1), (4, 1, 2), (8, 1, 4), (8, 6, 2), (8, 8, 1), (16, 4, 8)],
+)
+def test_envoy_gets_the_cores_the_sidecar_leaves_at_most_half(
+    cpus: int, sidecars: int, workers: int
+) -> None:
+    assert envoy_workers(cpus, sidecars) == workers
+
+
+def test_up_chooses_envoys_workers_and_says_so(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="extproc.up"):
+        stack = Stack(QUICKSTART, workdir=tmp_path)
+    assert stack.envoy_concurrency == envoy_workers(machine_cpus(), 1)
+    assert f"Envoy gets {stack.envoy_concurrency} worker thread(s)" in caplog.text
+    assert Stack(QUICKSTART, workdir=tmp_path, envoy_concurrency=3).envoy_concurrency == 3
 
 
 def test_up_names_the_fake_llm_field_it_refuses(tmp_path):
