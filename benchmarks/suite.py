@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks import quota_store, streaming
 from benchmarks.lib import budget
 from benchmarks.lib.chat_scenario import Outcome, run_scenario
-from benchmarks.lib.configs import Scenario
+from benchmarks.lib.configs import CHAT_TARGETS, Scenario
 from benchmarks.lib.quota_store import collect as collect_quota_store
 from benchmarks.lib.quota_store import markdown as quota_store_markdown
 from benchmarks.lib.report import suite_report
@@ -39,7 +39,7 @@ from benchmarks.lib.stack import redis_binary
 from benchmarks.lib.stream_scenario import measure_streaming
 
 # The streaming part of a full suite: the defaults of benchmarks.streaming, trimmed to keep
-# the whole suite near 12 minutes on the 2-core machine. Streams of 10 tokens instead of 20
+# the whole suite near 15 minutes on the 2-core machine. Streams of 10 tokens instead of 20
 # halve the latency part; time to first token and a chunk's trip do not depend on the length
 # (9 gaps per stream still show the jitter). Only K=5000, the budget's figure, and only
 # through the gateway: Envoy alone's memory is context, not a budget.
@@ -82,7 +82,8 @@ def streaming_argv(args: argparse.Namespace) -> list[str]:
 def estimate_s(args: argparse.Namespace, steps: list[tuple[str, Scenario, list[int]]]) -> float:
     """A rough duration, printed at the start (start-up ~10 s per process tree)."""
     per_measurement = args.warmup + args.duration
-    chat = sum(args.runs * len(cs) * 2 * per_measurement + 10 for _, _, cs in steps)
+    targets = len(CHAT_TARGETS)  # Envoy alone, the floor, the gateway
+    chat = sum(args.runs * len(cs) * targets * per_measurement + 10 for _, _, cs in steps)
     chat += 15  # the quota store alone
     if args.quick:
         return chat + 75

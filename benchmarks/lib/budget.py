@@ -7,7 +7,10 @@ counting and the quota on its embedded store (the headline scenario of `benchmar
 - added latency at concurrency 1 over Envoy alone: p50 <= 0.6 ms, p99 <= 2 ms;
 - throughput at saturation >= 50 % of Envoy alone's;
 - streaming: added time to first token p50 <= 1 ms, added per-chunk latency p99 <= 0.3 ms;
-- 5,000 concurrent streams per sidecar process with its RSS growing <= 200 MB.
+- 5,000 concurrent streams per sidecar process with its RSS growing <= 200 MB;
+- against the floor (the same Envoy config with a do-nothing Python ext_proc server, issue 16):
+  strict path throughput at saturation >= 90 % of the floor's, sidecar CPU per request
+  <= 1.3x the floor server's, the gateway's Envoy CPU per request <= 1.5x the floor's Envoy.
 
 A figure that was not measured the way the budget defines it (fewer runs, another scenario,
 fewer streams) still gets its verdict, with a note saying what differs; a figure that could
@@ -33,6 +36,8 @@ class Budget:
     at_least: bool = False  # the value must be >= limit (throughput), else <= limit
 
     def text(self) -> str:
+        if self.unit == "x":
+            return f"{'>=' if self.at_least else '<='} x{self.limit:g}"
         return f"{'>=' if self.at_least else '<='} {self.limit:g} {self.unit}"
 
     def verdict(self, value: float | None) -> str:
@@ -46,6 +51,19 @@ ADDED_P50 = Budget("added_p50_ms", "added latency p50 at concurrency 1", 0.6, "m
 ADDED_P99 = Budget("added_p99_ms", "added latency p99 at concurrency 1", 2.0, "ms")
 THROUGHPUT = Budget(
     "throughput_pct", "throughput at saturation, % of Envoy alone", 50.0, "%", at_least=True
+)
+FLOOR_THROUGHPUT = Budget(
+    "throughput_pct_of_floor",
+    "strict path: throughput at saturation, % of the floor's",
+    90.0,
+    "%",
+    at_least=True,
+)
+SIDECAR_CPU = Budget(
+    "sidecar_cpu_vs_floor", "sidecar CPU per request, vs the floor server's", 1.3, "x"
+)
+ENVOY_CPU = Budget(
+    "envoy_cpu_vs_floor", "gateway's Envoy CPU per request, vs the floor's Envoy", 1.5, "x"
 )
 TTFT_P50 = Budget("stream_added_ttft_p50_ms", "streaming: added time to first token p50", 1.0, "ms")
 CHUNK_P99 = Budget("stream_added_chunk_p99_ms", "streaming: added per-chunk latency p99", 0.3, "ms")
@@ -93,6 +111,13 @@ def chat_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         notes.append(f"concurrency {high}")
     rows.append(_row(THROUGHPUT, headline.get("throughput_pct"), notes))
+    if "throughput_pct_of_floor" not in headline:
+        reason = "no floor measured"
+        return rows + [_row(b, None, [reason]) for b in (FLOOR_THROUGHPUT, SIDECAR_CPU, ENVOY_CPU)]
+    rows.append(_row(FLOOR_THROUGHPUT, headline.get("throughput_pct_of_floor"), notes))
+    cpu_notes = [*common, f"concurrency {headline['cpu_concurrency']}, CPU time / requests"]
+    rows.append(_row(SIDECAR_CPU, headline.get("sidecar_cpu_vs_floor"), cpu_notes))
+    rows.append(_row(ENVOY_CPU, headline.get("envoy_cpu_vs_floor"), list(cpu_notes)))
     return rows
 
 
@@ -145,7 +170,8 @@ def streaming_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def unmeasured(part: str, reason: str) -> list[dict[str, Any]]:
     """The rows of a part (`chat` or `streaming`) that could not be measured at all."""
     if part == "chat":
-        return [_row(b, None, [reason]) for b in (ADDED_P50, ADDED_P99, THROUGHPUT)]
+        chat = (ADDED_P50, ADDED_P99, THROUGHPUT, FLOOR_THROUGHPUT, SIDECAR_CPU, ENVOY_CPU)
+        return [_row(b, None, [reason]) for b in chat]
     return [
         _row(b, None, [reason], path)
         for b in (TTFT_P50, CHUNK_P99, RSS_5000)
@@ -164,6 +190,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             shown = "n/a"
         elif r["unit"] == "%":
             shown = f"{value:.1f} %"
+        elif r["unit"] == "x":
+            shown = f"x{value:.2f}"
         else:
             sign = "+" if r["key"].startswith(("added", "stream_added")) else ""
             shown = f"{value:{sign}.2f} {r['unit']}"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.config import Config
+from extproc.contract import ROUTE_HEADER, TARGET_HEADER
 from extproc.envoy_config import (
     EXT_PROC_FILTER,
     GATEWAY_FILTERS,
@@ -26,6 +27,9 @@ API_KEY = "sk-bench"
 PATH = "/v1/chat/completions"
 # The two process trees every benchmark compares, in the order each measurement runs them.
 TARGETS = ("baseline", "gateway")
+# The chat benchmark adds the floor between them: the gateway's Envoy config with a
+# do-nothing Python ext_proc server (benchmarks/lib/floor.py) in the sidecar's place.
+CHAT_TARGETS = ("baseline", "floor", "gateway")
 QUOTA_STORES = ("memory", "redis", "none")
 # The status the failover scenario's priority-0 backend answers every request with.
 FAILOVER_FAULTS = ("429", "503")
@@ -219,3 +223,59 @@ def baseline_bootstrap(cfg: Config, listen: str, admin: str) -> dict[str, Any]:
     if SIDECAR_CLUSTER in text or EXT_PROC_FILTER in text or '"name": "v1"' not in text:
         raise RuntimeError("could not derive the Envoy-only baseline from the gateway bootstrap")
     return doc
+
+
+def floor_bootstrap(cfg: Config, listen: str, admin: str, floor: str) -> dict[str, Any]:
+    """The gateway's bootstrap for `cfg`, on other ports, its sidecar cluster pointed at the
+    floor server (`floor`, HOST:PORT): every filter, processing mode, access log and cluster
+    exactly as the gateway renders them, so the server behind them is the only difference."""
+    envoy = cfg.envoy.model_copy(update={"listen": listen, "admin": admin})
+    sidecar = cfg.sidecar.model_copy(update={"listen": floor})
+    doc = to_dict(bootstrap(cfg.model_copy(update={"envoy": envoy, "sidecar": sidecar})))
+    host, port = floor.rsplit(":", 1)
+    address = {"socketAddress": {"address": host, "portValue": int(port)}}
+    clusters = [c for c in doc["staticResources"]["clusters"] if c["name"] == SIDECAR_CLUSTER]
+    endpoints = [
+        lb["endpoint"]["address"]
+        for c in clusters
+        for group in c["loadAssignment"]["endpoints"]
+        for lb in group["lbEndpoints"]
+    ]
+    if not endpoints or any(a != address for a in endpoints):
+        raise RuntimeError("could not point the floor's Envoy at the floor server")
+    return doc
+
+
+def floor_routing(doc: dict[str, Any]) -> dict[str, str]:
+    """The request headers the model's route matches (exact values): what the floor server
+    sets so Envoy routes the request as it routes the gateway's (ROUTE_HEADER, and
+    TARGET_HEADER when one backend serves the model)."""
+    wanted_route = f"model:{MODEL}"
+    for listener in doc["staticResources"]["listeners"]:
+        for chain in listener["filterChains"]:
+            for network_filter in chain["filters"]:
+                hcm = network_filter["typedConfig"]
+                for vhost in hcm.get("routeConfig", {}).get("virtualHosts", []):
+                    for route in vhost["routes"]:
+                        if route.get("name") != wanted_route:
+                            continue
+                        headers = {
+                            h["name"]: h["stringMatch"]["exact"] for h in route["match"]["headers"]
+                        }
+                        known = {ROUTE_HEADER, TARGET_HEADER}
+                        if set(headers) - known or ROUTE_HEADER not in headers:
+                            raise RuntimeError(f"the floor cannot route {wanted_route}: {headers}")
+                        return headers
+    raise RuntimeError(f"no route {wanted_route} in the gateway bootstrap")
+
+
+def floor_releases(cfg: Config, routing: dict[str, str]) -> bool:
+    """Whether the sidecar releases this benchmark's chat request to Envoy with the request
+    body (ends its stream there, Envoy's access log brings the answer back): one backend
+    prepared by the downstream stage, `json_path: access_log`, no response guard
+    (extproc/request_plan.py). The floor then ends its stream at the same message."""
+    return (
+        TARGET_HEADER in routing
+        and cfg.sidecar.json_path == "access_log"
+        and not cfg.guardrails.response
+    )

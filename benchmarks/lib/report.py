@@ -6,7 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.lib import budget
-from benchmarks.lib.configs import STREAM_GATEWAY_VARIANTS, STREAM_LABELS, STREAM_VARIANTS, TARGETS
+from benchmarks.lib.configs import (
+    CHAT_TARGETS,
+    STREAM_GATEWAY_VARIANTS,
+    STREAM_LABELS,
+    STREAM_VARIANTS,
+)
 from benchmarks.lib.stats import percent_of
 from benchmarks.lib.stream_client import CPU_WINDOW_S, OPENING_AT_ONCE
 
@@ -26,60 +31,120 @@ def _span(values: list[float | None], digits: int, sign: bool = False, unit: str
     return f"runs {low}{unit} … {high}{unit}"
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"x{value:.2f}"
+
+
 def chat_markdown(result: dict[str, Any]) -> str:
     """The chat table of one scenario's result, and what it says below it."""
     s = result["settings"]
     summary = result["summary"]
     label = s.get("scenario", {}).get("label", "")
     lines = [
-        f"Envoy-only baseline vs gateway ({label}): median of {s['runs']} run(s), "
+        f"Envoy-only baseline vs floor vs gateway ({label}): median of {s['runs']} run(s), "
         f"{s['duration_s']:g} s per concurrency after {s['warmup_s']:g} s warm-up, Envoy "
         f"--concurrency {s['envoy_concurrency']}, {result['machine']['cpus']} CPU(s) shared by "
-        "everything.",
+        "everything. *floor*: the gateway's own Envoy config in front of a do-nothing Python "
+        "ext_proc server (`benchmarks/lib/floor.py`).",
         "",
-        "| concurrency | metric | baseline | gateway | gateway vs baseline | spread over runs |",
-        "|---:|---|---:|---:|---:|---|",
+        "| concurrency | metric | baseline | floor | gateway | floor vs baseline | "
+        "gateway vs baseline | gateway vs floor | spread over runs | spread vs floor |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for c, row in summary.items():
         base, gw = row["baseline"], row["gateway"]
+        floor = row.get("floor")
+        has = floor is not None
+
+        def of(target: dict[str, Any] | None, key: str, digits: int = 2) -> str:
+            return fmt(target[key], digits) if target is not None else "n/a"
+
         lines.append(
-            f"| {c} | throughput (req/s) | {fmt(base['rps'], 0)} | {fmt(gw['rps'], 0)} | "
+            f"| {c} | throughput (req/s) | {fmt(base['rps'], 0)} | {of(floor, 'rps', 0)} | "
+            f"{fmt(gw['rps'], 0)} | {fmt(row.get('floor_throughput_pct'), 1)} % | "
             f"{fmt(row['throughput_pct'], 1)} % | "
-            f"{_span(row['per_run_throughput_pct'], 1, unit=' %')} |"
+            f"{fmt(row.get('throughput_pct_of_floor'), 1)} % | "
+            f"{_span(row['per_run_throughput_pct'], 1, unit=' %')} | "
+            f"{_span(row.get('per_run_throughput_pct_of_floor', []), 1, unit=' %')} |"
         )
         for key in ("p50", "p90", "p99"):
             spread = row.get(f"per_run_added_{key}_ms")
+            spread_floor = row.get(f"per_run_added_vs_floor_{key}_ms")
+            floor_added = row.get("floor_added_ms", {}).get(key)
+            vs_floor = row.get("added_vs_floor_ms", {}).get(key)
             lines.append(
-                f"| {c} | {key} latency (ms) | {fmt(base[f'{key}_ms'])} | {fmt(gw[f'{key}_ms'])} "
-                f"| {fmt(row['added_ms'][key], sign=True)} ms | "
-                f"{_span(spread, 2, sign=True, unit=' ms') if spread else ''} |"
+                f"| {c} | {key} latency (ms) | {fmt(base[f'{key}_ms'])} | "
+                f"{of(floor, f'{key}_ms')} | {fmt(gw[f'{key}_ms'])} | "
+                f"{fmt(floor_added, sign=True)} ms | "
+                f"{fmt(row['added_ms'][key], sign=True)} ms | {fmt(vs_floor, sign=True)} ms | "
+                f"{_span(spread, 2, sign=True, unit=' ms') if spread else ''} | "
+                f"{_span(spread_floor, 2, sign=True, unit=' ms') if spread_floor else ''} |"
             )
-        errors = base["errors"] + gw["errors"]
+        cpu = {t: (row.get(t) or {}).get("cpu_ms_per_request", {}) for t in CHAT_TARGETS}
+        cpu_floor = row.get("cpu_vs_floor", {})
+        per_run_cpu = row.get("per_run_cpu_vs_floor", {})
+        for what, (label_, gw_name, floor_name) in CPU_ROWS.items():
+            if gw_name not in cpu["gateway"]:
+                continue
+            base_value = cpu["baseline"].get(gw_name) if what == "envoy" else None
+            lines.append(
+                f"| {c} | {label_} | {fmt(base_value, 3)} | "
+                f"{fmt(cpu['floor'].get(floor_name), 3)} | {fmt(cpu['gateway'].get(gw_name), 3)} "
+                f"| | | {_ratio(cpu_floor.get(what))} | | "
+                f"{_span_ratio(per_run_cpu.get(what, []))} |"
+            )
+        talk = {t: (row.get(t) or {}).get("ext_proc_per_request") for t in ("floor", "gateway")}
+        if any(talk.values()):
+            lines.append(
+                f"| {c} | ext_proc messages per request (sent / answered), access log "
+                f"entries | | {_talk(talk['floor'])} | {_talk(talk['gateway'])} | | | | | |"
+            )
+        errors = base["errors"] + gw["errors"] + (floor["errors"] if has else 0)
+        floor_requests = f"{floor['requests']} / {floor['errors']}" if has else "n/a"
         lines.append(
             f"| {c} | requests / errors | {base['requests']} / {base['errors']} | "
-            f"{gw['requests']} / {gw['errors']} | {'**ERRORS**' if errors else 'all 200'} | |"
+            f"{floor_requests} | {gw['requests']} / {gw['errors']} | | "
+            f"{'**ERRORS**' if errors else 'all 200'} | | | |"
         )
         if base.get("retried") or gw.get("retried"):
             lines.append(
-                f"| {c} | retried (attempts > 1) | {_retried(base)} | {_retried(gw)} | | |"
+                f"| {c} | retried (attempts > 1) | {_retried(base)} | "
+                f"{_retried(floor) if has else 'n/a'} | {_retried(gw)} | | | | | |"
             )
     lines.append("")
     headline = result["headline"]
     if headline.get("latency_concurrency") is not None:
         c = headline["latency_concurrency"]
-        lines.append(
+        text = (
             f"- Added latency at concurrency {c}: p50 {fmt(headline['added_p50_ms'], sign=True)} "
-            f"ms, p99 {fmt(headline['added_p99_ms'], sign=True)} ms."
+            f"ms, p99 {fmt(headline['added_p99_ms'], sign=True)} ms over Envoy alone"
         )
+        if "added_vs_floor_p50_ms" in headline:
+            text += (
+                f"; p50 {fmt(headline['added_vs_floor_p50_ms'], sign=True)} ms, p99 "
+                f"{fmt(headline['added_vs_floor_p99_ms'], sign=True)} ms over the floor"
+            )
+        lines.append(text + ".")
     if headline.get("throughput_concurrency") is not None:
         c = headline["throughput_concurrency"]
-        lines.append(
+        text = (
             f"- Gateway throughput at concurrency {c}: "
-            f"{fmt(headline['throughput_pct'], 1)} % of the baseline."
+            f"{fmt(headline['throughput_pct'], 1)} % of the baseline"
+        )
+        if headline.get("throughput_pct_of_floor") is not None:
+            text += f", {fmt(headline['throughput_pct_of_floor'], 1)} % of the floor"
+        lines.append(text + ".")
+    if headline.get("sidecar_cpu_vs_floor") is not None or headline.get("envoy_cpu_vs_floor"):
+        lines.append(
+            f"- CPU per request at concurrency {headline['cpu_concurrency']}: the sidecar "
+            f"{_ratio(headline.get('sidecar_cpu_vs_floor'))} the floor server's, the gateway's "
+            f"Envoy {_ratio(headline.get('envoy_cpu_vs_floor'))} the floor's Envoy."
         )
     cpu_lines = []
     for c, row in summary.items():
-        for target in TARGETS:
+        for target in CHAT_TARGETS:
+            if target not in row:
+                continue
             cores = row[target]["cpu_cores"]
             if cores:
                 rps = row[target]["rps"]
@@ -102,6 +167,29 @@ def chat_markdown(result: dict[str, Any]) -> str:
     else:
         lines.append("- Every response was HTTP 200.")
     return "\n".join(lines)
+
+
+# CPU-per-request rows of the chat table: (label, gateway's process, floor's process).
+CPU_ROWS = {
+    "envoy": ("Envoy CPU per request (ms)", "envoy", "envoy"),
+    "sidecar": ("ext_proc server CPU per request (ms): sidecar / floor", "sidecar", "floor"),
+}
+
+
+def _span_ratio(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if len(present) < 2:
+        return ""
+    return f"runs {_ratio(min(present))} … {_ratio(max(present))}"
+
+
+def _talk(per_request: dict[str, float | None] | None) -> str:
+    if not per_request:
+        return "n/a"
+    return (
+        f"{fmt(per_request.get('messages_sent'))} / {fmt(per_request.get('messages_received'))}, "
+        f"{fmt(per_request.get('access_log_entries'))}"
+    )
 
 
 def _retried(row: dict[str, Any]) -> str:
@@ -275,20 +363,26 @@ def streaming_report(result: dict[str, Any]) -> str:
 
 def _scenarios_table(scenarios: list[tuple[str, dict[str, Any]]]) -> list[str]:
     lines = [
-        "| scenario | concurrency | Envoy alone (req/s) | gateway (req/s) | gateway / Envoy "
-        "alone | added p50 (ms) | added p99 (ms) | retried (gateway) | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | concurrency | Envoy alone (req/s) | floor (req/s) | gateway (req/s) | "
+        "gateway / Envoy alone | gateway / floor | added p50 (ms) | added p99 (ms) | "
+        "added p50 vs floor (ms) | added p99 vs floor (ms) | retried (gateway) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for title, scenario in scenarios:
         for c, row in scenario["summary"].items():
             base, gw = row["baseline"], row["gateway"]
+            floor = row.get("floor")
+            vs_floor = row.get("added_vs_floor_ms", {})
+            errors = base["errors"] + gw["errors"] + (floor["errors"] if floor else 0)
             lines.append(
-                f"| {title} | {c} | {fmt(base['rps'], 0)} | {fmt(gw['rps'], 0)} | "
+                f"| {title} | {c} | {fmt(base['rps'], 0)} | "
+                f"{fmt(floor['rps'], 0) if floor else 'n/a'} | {fmt(gw['rps'], 0)} | "
                 f"{fmt(row['throughput_pct'], 1)} % | "
+                f"{fmt(row.get('throughput_pct_of_floor'), 1)} % | "
                 f"{fmt(row['added_ms']['p50'], sign=True)} | "
                 f"{fmt(row['added_ms']['p99'], sign=True)} | "
-                f"{_retried(gw) if gw.get('retried') else '0'} | "
-                f"{base['errors'] + gw['errors']} |"
+                f"{fmt(vs_floor.get('p50'), sign=True)} | {fmt(vs_floor.get('p99'), sign=True)} | "
+                f"{_retried(gw) if gw.get('retried') else '0'} | {errors} |"
             )
     return lines
 
@@ -308,8 +402,9 @@ def suite_report(result: dict[str, Any], scenarios: list[tuple[str, dict[str, An
         "",
         "## Chat scenarios",
         "",
-        "Each scenario against its own Envoy-only baseline (same routes, no ext_proc), measured "
-        f"back to back; {s['duration_s']:g} s per measurement after {s['warmup_s']:g} s "
+        "Each scenario against its own Envoy-only baseline (same routes, no ext_proc) and its own "
+        "floor (the gateway's Envoy config, a do-nothing ext_proc server), measured back to back;"
+        f" {s['duration_s']:g} s per measurement after {s['warmup_s']:g} s "
         "warm-up. Scenario details below.",
         "",
         *_scenarios_table(scenarios),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.lib.chat_scenario import Outcome
-from benchmarks.lib.configs import TARGETS
+from benchmarks.lib.configs import CHAT_TARGETS
 from benchmarks.lib.stack import envoy_version
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1]
@@ -91,7 +91,9 @@ def write_plots(stem: Path, outcomes: list[tuple[Outcome, str]]) -> dict[str, st
         result = outcome.result
         low = min(result["settings"]["concurrency"])
         by_target: dict[str, Sequence[float]] = {
-            t: [v * 1000 for v in outcome.latencies.get((low, t), [])] for t in TARGETS
+            t: [v * 1000 for v in outcome.latencies.get((low, t), [])]
+            for t in CHAT_TARGETS
+            if (low, t) in outcome.latencies
         }
         panels.append((title or result["scenario"]["label"], low, by_target))
         series.append((title or result["scenario"]["label"], result["summary"]))

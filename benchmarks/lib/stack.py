@@ -1,4 +1,5 @@
-"""The process tree a benchmark measures: the fake LLM(s), the Envoy-only baseline and the
+"""The process tree a benchmark measures: the fake LLM(s), the Envoy-only baseline, the floor
+(the gateway's Envoy config in front of a do-nothing ext_proc server, when asked) and the
 gateway's `extproc.supervisor.Stack` (and a redis-server when the scenario wants one), started
 on free loopback ports and all stopped on exit."""
 
@@ -18,8 +19,19 @@ from typing import TextIO
 
 import yaml
 
-from benchmarks.lib.configs import HOST, Scenario, baseline_bootstrap, free_port, gateway_config
+from benchmarks.lib.configs import (
+    HOST,
+    MODEL,
+    Scenario,
+    baseline_bootstrap,
+    floor_bootstrap,
+    floor_releases,
+    floor_routing,
+    free_port,
+    gateway_config,
+)
 from extproc.config import load_config
+from extproc.contract import TARGET_HEADER
 from extproc.supervisor import Stack, envoy_binary, stop_process, wait_envoy_ready, wait_tcp
 
 START_TIMEOUT_S = 60.0
@@ -44,6 +56,32 @@ def envoy_workers(admin: str) -> int | None:
         return None
 
 
+# Envoy's counters of its talk to the ext_proc server, summed over the downstream and upstream
+# filters: streams, messages each way, gRPC access log entries.
+EXT_PROC_COUNTERS = {
+    "ext_proc.streams_started": "streams",
+    "ext_proc.stream_msgs_sent": "messages_sent",
+    "ext_proc.stream_msgs_received": "messages_received",
+    "grpc_access_log.logs_written": "access_log_entries",
+}
+
+
+def ext_proc_counters(admin: str) -> dict[str, int] | None:
+    """EXT_PROC_COUNTERS of a running Envoy (its admin endpoint), or None."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/stats?format=json", timeout=2) as resp:
+            stats = json.load(resp)["stats"]
+    except (OSError, ValueError, KeyError):
+        return None
+    totals = dict.fromkeys(EXT_PROC_COUNTERS.values(), 0)
+    for stat in stats:
+        name = stat.get("name", "")
+        for suffix, key in EXT_PROC_COUNTERS.items():
+            if name.endswith(suffix) and isinstance(stat.get("value"), int):
+                totals[key] += stat["value"]
+    return totals
+
+
 def redis_binary() -> str | None:
     """Debian's redis-server (`make system-deps` installs it), or None."""
     found = shutil.which("redis-server")
@@ -65,12 +103,18 @@ class Targets:
     # (the failover scenario's failing backend).
     gateway_extra: dict[str, subprocess.Popen] = field(default_factory=dict)
     shared_extra: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # The floor target (`started(floor=True)`): its Envoy and the do-nothing ext_proc server.
+    floor: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # What the floor server answers: {"headers": routing headers, "release": bool}.
+    floor_settings: dict[str, object] = field(default_factory=dict)
 
     def pids(self, target: str) -> dict[str, int]:
         """The processes a target's requests go through (the fake is shared)."""
         shared = {name: proc.pid for name, proc in self.shared_extra.items()}
         if target == "baseline":
             return {"envoy": self.baseline.pid, **shared}
+        if target == "floor":
+            return {"envoy": self.floor["envoy"].pid, "floor": self.floor["server"].pid, **shared}
         return {
             "envoy": self.stack.procs["envoy"].pid,
             "sidecar": self.stack.procs["sidecar"].pid,
@@ -85,6 +129,7 @@ class Targets:
             "fake-llm": self.fake,
             **self.gateway_extra,
             **self.shared_extra,
+            **{f"floor {name}": proc for name, proc in self.floor.items()},
         }
         for name, proc in others.items():
             if exited is None and proc.poll() is not None:
@@ -99,8 +144,13 @@ def started(
     envoy_concurrency: int,
     fake_args: Sequence[str] = (),
     scenario: Scenario | None = None,
+    floor: bool = False,
 ) -> Iterator[Targets]:
     """Fake LLM, baseline Envoy and gateway on free loopback ports; all stopped on exit.
+
+    `floor`: also the floor target, a second Envoy on the gateway's own rendered bootstrap
+    (other ports) whose sidecar cluster points at `benchmarks.lib.floor`, which sets only the
+    routing headers the model's route matches (and ends its stream where the sidecar does).
 
     The fake runs with no time to first token and no pacing unless `fake_args` say otherwise;
     a request may set its own with the x-fake-* headers. The scenario may add a redis-server
@@ -179,6 +229,36 @@ def started(
         )  # fmt: skip
         wait_envoy_ready(base_admin, deadline, baseline)
 
+        floor_procs: dict[str, subprocess.Popen] = {}
+        floor_settings: dict[str, object] = {}
+        urls, admins = {}, {}
+        if floor:
+            floor_listen, floor_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
+            server = f"{HOST}:{free_port()}"
+            doc = floor_bootstrap(cfg, floor_listen, floor_admin, server)
+            routing = floor_routing(doc)
+            release = floor_releases(cfg, routing)
+            floor_settings = {"headers": routing, "release": release}
+            target = routing.get(TARGET_HEADER)
+            floor_procs["server"] = spawn(
+                "floor-server",
+                [sys.executable, "-m", "benchmarks.lib.floor", "--listen", server,
+                 "--model", MODEL, *(["--target", target] if target else []),
+                 *(["--release"] if release else [])],
+            )  # fmt: skip
+            wait_tcp(server, deadline, floor_procs["server"])
+            floor_path = workdir / "floor-envoy.yaml"
+            floor_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+            # The gateway's Envoy command line (extproc.supervisor.Stack), on the same config.
+            floor_procs["envoy"] = spawn(
+                "floor-envoy",
+                [envoy_binary(), "-c", str(floor_path), "--disable-hot-restart",
+                 "--file-flush-interval-msec", "1000", "--log-level", "warning",
+                 "--concurrency", str(envoy_concurrency)],
+            )  # fmt: skip
+            wait_envoy_ready(floor_admin, deadline, floor_procs["envoy"])
+            urls["floor"], admins["floor"] = f"http://{floor_listen}", floor_admin
+
         stack = Stack(
             config_path,
             workdir=workdir,
@@ -190,10 +270,16 @@ def started(
             fake=fake,
             baseline=baseline,
             stack=stack,
-            urls={"baseline": f"http://{base_listen}", "gateway": f"http://{cfg.envoy.listen}"},
-            admins={"baseline": base_admin, "gateway": cfg.envoy.admin},
+            urls={
+                "baseline": f"http://{base_listen}",
+                **urls,
+                "gateway": f"http://{cfg.envoy.listen}",
+            },
+            admins={"baseline": base_admin, **admins, "gateway": cfg.envoy.admin},
             gateway_extra=gateway_extra,
             shared_extra=shared_extra,
+            floor=floor_procs,
+            floor_settings=floor_settings,
         )
     finally:
         if stack is not None:

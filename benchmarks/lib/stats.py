@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.lib.configs import STREAM_GATEWAY_VARIANTS, STREAM_VARIANTS, TARGETS
+from benchmarks.lib.configs import CHAT_TARGETS, STREAM_GATEWAY_VARIANTS, STREAM_VARIANTS
 
 # Percentiles kept in the JSON per concurrency and target (all runs pooled): enough to redraw
 # the latency distribution without keeping every sample.
@@ -48,6 +48,23 @@ def percent_of(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(100 * a / b, 1)
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b (the gateway's CPU per request over the floor's), or None."""
+    return None if a is None or not b else round(a / b, 2)
+
+
+def _cpu_ms_per_request(sample: dict[str, Any]) -> dict[str, float]:
+    """Each process's CPU time per answered request (ms) in one measurement."""
+    rps = sample["rps"]
+    if not rps:
+        return {}
+    return {name: round(1000 * cores / rps, 3) for name, cores in sample["cpu_cores"].items()}
+
+
+# The floor comparison of CPU per request: (gateway's process, floor's process).
+CPU_VS_FLOOR = {"sidecar": ("sidecar", "floor"), "envoy": ("envoy", "envoy")}
+
+
 def _is(sample: dict[str, Any], run: int, target: str, c: int) -> bool:
     return sample["run"] == run and sample["target"] == target and sample["concurrency"] == c
 
@@ -58,11 +75,14 @@ def summarize_chat(
     latencies: dict[tuple[int, str], list[float]] | None = None,
 ) -> dict[str, Any]:
     """Per concurrency: each target's medians over runs, the gateway's added latency and
-    throughput share, and the same comparison run by run (the spread)."""
+    throughput share against Envoy alone and (when measured) against the floor, its CPU per
+    request against the floor's, and the same comparisons run by run (the spread)."""
     summary: dict[str, Any] = {}
+    measured = {s["target"] for s in samples}
+    targets = [t for t in CHAT_TARGETS if t in measured]
     for c in concurrencies:
         per_target: dict[str, Any] = {}
-        for target in TARGETS:
+        for target in targets:
             rows = [s for s in samples if s["target"] == target and s["concurrency"] == c]
             per_target[target] = {
                 key: median_of([r[key] for r in rows])
@@ -76,6 +96,17 @@ def summarize_chat(
                 name: median_of([r["cpu_cores"].get(name) for r in rows])
                 for name in sorted({n for r in rows for n in r["cpu_cores"]})
             }
+            per_run_cpu = [_cpu_ms_per_request(r) for r in rows]
+            per_target[target]["cpu_ms_per_request"] = {
+                name: median_of([x.get(name) for x in per_run_cpu])
+                for name in per_target[target]["cpu_cores"]
+            }
+            talk = [r["ext_proc_per_request"] for r in rows if r.get("ext_proc_per_request")]
+            if talk:
+                # What Envoy exchanged with the ext_proc server per request (its counters).
+                per_target[target]["ext_proc_per_request"] = {
+                    k: median_of([x[k] for x in talk]) for k in talk[0]
+                }
             pooled = sorted((latencies or {}).get((c, target), []))
             if pooled:
                 # All runs pooled (not medians over runs): the distribution the plot draws.
@@ -100,7 +131,43 @@ def summarize_chat(
             "per_run_added_p99_ms": [difference(g["p99_ms"], b["p99_ms"]) for b, g in pairs],
             "per_run_throughput_pct": [percent_of(g["rps"], b["rps"]) for b, g in pairs],
         }
+        if "floor" in per_target:
+            summary[str(c)].update(_floor_comparison(samples, c, per_target))
     return summary
+
+
+def _floor_comparison(
+    samples: list[dict[str, Any]], c: int, per_target: dict[str, Any]
+) -> dict[str, Any]:
+    """The gateway against the floor (and the floor against Envoy alone) at concurrency c."""
+    base, floor, gw = per_target["baseline"], per_target["floor"], per_target["gateway"]
+    triples = []
+    for run in sorted({s["run"] for s in samples}):
+        f = next(x for x in samples if _is(x, run, "floor", c))
+        g = next(x for x in samples if _is(x, run, "gateway", c))
+        triples.append((f, g, _cpu_ms_per_request(f), _cpu_ms_per_request(g)))
+    keys = ("p50", "p90", "p99", "mean")
+    return {
+        "floor_added_ms": {k: difference(floor[f"{k}_ms"], base[f"{k}_ms"]) for k in keys},
+        "floor_throughput_pct": percent_of(floor["rps"], base["rps"]),
+        "added_vs_floor_ms": {k: difference(gw[f"{k}_ms"], floor[f"{k}_ms"]) for k in keys},
+        "throughput_pct_of_floor": percent_of(gw["rps"], floor["rps"]),
+        "cpu_vs_floor": {
+            what: ratio(gw["cpu_ms_per_request"].get(mine), floor["cpu_ms_per_request"].get(theirs))
+            for what, (mine, theirs) in CPU_VS_FLOOR.items()
+        },
+        "per_run_added_vs_floor_p50_ms": [
+            difference(g["p50_ms"], f["p50_ms"]) for f, g, *_ in triples
+        ],
+        "per_run_added_vs_floor_p99_ms": [
+            difference(g["p99_ms"], f["p99_ms"]) for f, g, *_ in triples
+        ],
+        "per_run_throughput_pct_of_floor": [percent_of(g["rps"], f["rps"]) for f, g, *_ in triples],
+        "per_run_cpu_vs_floor": {
+            what: [ratio(gc.get(mine), fc.get(theirs)) for _, _, fc, gc in triples]
+            for what, (mine, theirs) in CPU_VS_FLOOR.items()
+        },
+    }
 
 
 def summarize_stream_latency(samples: list[dict[str, Any]], pacing_ms: float) -> dict[str, Any]:
