@@ -26,7 +26,7 @@ from typing import Any
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from . import settlement
-from .contract import METADATA_NAMESPACE, Handover
+from .contract import METADATA_NAMESPACE, USAGE_KEYS, Handover
 from .protocol import struct_dict
 from .services import Services
 from .settlement import Finisher
@@ -38,6 +38,9 @@ from .usage import SOURCE_PROVIDER, Usage, estimated
 
 log = logging.getLogger("extproc.access_log")
 
+
+# The hand-over, and the answer's usage as Envoy's json_to_metadata filter copied it (_usage).
+_READ_KEYS = Handover.KEYS | {*USAGE_KEYS, "cached_tokens", "token_source"}
 
 _ACCOUNTED = ACCESS_LOG_ENTRIES.labels("accounted")
 _IGNORED = ACCESS_LOG_ENTRIES.labels("ignored")
@@ -86,7 +89,7 @@ def account(services: Services, entry: Any) -> bool:
     struct = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
     if struct is None:
         return False
-    info = struct_dict(struct)
+    info = struct_dict(struct, _READ_KEYS)
     handover = Handover.from_metadata(info)
     if not handover.account:
         return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 # -- request headers the gateway sets (and removes when a client sends them) --------------------
 
@@ -164,6 +164,17 @@ class Handover:
     guards: tuple[dict[str, Any], ...] = ()
     prompt_sha256: str = ""
     prompt: tuple[str, ...] | None = None  # masked, with audit include_prompt
+
+    # Every key to_metadata may write: what a reader takes out of the request's metadata, which
+    # also holds what it does not need (rate-limit headers, the answer's status and timing).
+    KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "team", "model", "endpoint", "stream", "prompt_tokens_estimate", WIRE_KEY,
+            "started_at", OUTPUT_ESTIMATE_KEY, OBSERVE_KEY, ACCOUNT_KEY, "reservation", "limits",
+            "pool", OUTPUT_CAP_KEY, "backend", "provider_model", "traceparent", "request_id",
+            "trace_id", "guards", "prompt_sha256", "prompt",
+        }
+    )  # fmt: skip
 
     def to_metadata(self) -> dict[str, Any]:
         """The metadata values (what is empty is left out: every message of an observed stream

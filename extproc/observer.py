@@ -74,7 +74,7 @@ class ObservedStream:
     def _start(self, req: ProcessingRequest, headers: dict[str, str]) -> None:
         struct = req.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         # Plain Python values: a Struct's lists and nested objects are protobuf containers.
-        info = struct_dict(struct) if struct is not None else {}
+        info = struct_dict(struct, Handover.KEYS) if struct is not None else {}
         self.handover = handover = Handover.from_metadata(info)
         self.relay = wire.get(handover.wire).stream_relay(strip_usage_chunk=False)
         cfg = self.services.runtime.config

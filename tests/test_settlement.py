@@ -107,3 +107,19 @@ def test_the_architecture_doc_has_the_table() -> None:
             assert f"`{path.value}`" in doc, path
     for finisher in Finisher:
         assert finisher.value in doc, finisher
+
+
+def test_a_reader_of_the_hand_over_reads_every_key_the_writer_writes() -> None:
+    """The finishers read only Handover.KEYS out of the request's metadata."""
+    from extproc.contract import Handover
+
+    full = Handover(
+        team="t", model="m", endpoint="/v1/chat/completions", wire="other", stream=True,
+        prompt_tokens=1, started_at=1.0, observe=True, account=True, reservation="r",
+        limits=("l",), pool=1, output_estimate=2, output_cap=3, backend="b",
+        provider_model="p", traceparent="tp", request_id="id", trace_id="tr",
+        guards=({"guard": "g"},), prompt_sha256="h", prompt=("x",),
+    )  # fmt: skip
+    written = full.to_metadata()
+    assert set(written) == Handover.KEYS
+    assert Handover.from_metadata({k: v for k, v in written.items() if k in Handover.KEYS}) == full
