@@ -45,8 +45,18 @@ check: $(BIN)/.installed
 envoy: $(BIN)/.installed
 	$(BIN)/extproc envoy --config $(CONFIG)
 
+# The chat benchmark's load generator is wrk (Debian's package), installed when missing the way
+# system-deps installs its tools; without it benchmarks.run falls back to its Python client
+# and says so in the report.
 bench: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "not found: wrk; installing Debian's package"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    wrk >/dev/null; \
+	}
 	$(BIN)/python -m benchmarks.run
 
 # The Debian packages the tests run, each installed when its tool is missing: redis-server (the

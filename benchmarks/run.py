@@ -8,7 +8,8 @@
   backend cluster, no sidecar cluster, one route from `/v1/` straight to the fake's cluster);
 - the *gateway*: `extproc.supervisor.Stack` (sidecar + Envoy) in front of the same fake.
 
-Then it drives both with a small asyncio client, alternating baseline and gateway for every
+Then it drives them with wrk (or, with `--generator python` or without wrk, a small asyncio
+client; the pre-flight requests are always Python's), alternating them for every
 concurrency of every run, and reports medians over runs: a markdown table on stdout, and JSON,
 markdown and PNG plots in benchmarks/results/. Flags pick what the gateway runs (`--quota`,
 `--guards`, `--failover`, `--workers`); `--suite full` runs every scenario and the streaming
@@ -24,7 +25,7 @@ import datetime as dt
 import signal
 import sys
 
-from benchmarks.lib import budget
+from benchmarks.lib import budget, wrk
 from benchmarks.lib.argtypes import int_list, positive_float, positive_int
 from benchmarks.lib.chat_scenario import run_scenario
 from benchmarks.lib.configs import FAILOVER_FAULTS, QUOTA_STORES, Scenario
@@ -34,6 +35,7 @@ from benchmarks.lib.runtime import raise_interrupt
 from benchmarks.suite import run_suite
 
 DEFAULT_CONCURRENCY = [1, 4, 16]
+GENERATORS = ("wrk", "python")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("full",),
         help="every scenario, then the streaming benchmark: one combined report with the budget",
     )
+    p.add_argument(
+        "--generator",
+        choices=GENERATORS,
+        help="the chat load generator: wrk (the default when it is installed) or python (the "
+        "aiohttp client; the default otherwise, with a warning in the report)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 run of 2 s per measurement")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and process logs")
     args = p.parse_args(argv)
@@ -88,6 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.suite and (args.guards or args.failover):
         p.error("--suite full runs the guards and failover scenarios itself")
+    args.generator_warning = None
+    if args.generator is None:
+        args.generator = "wrk" if wrk.binary() is not None else "python"
+        if args.generator == "python":
+            args.generator_warning = (
+                "wrk is not installed (`make bench` installs Debian's package): the chat load "
+                "came from the Python client, which caps Envoy alone's throughput"
+            )
+            print(f"warning: {args.generator_warning}", file=sys.stderr)
+    elif args.generator == "wrk" and wrk.binary() is None:
+        p.error("--generator wrk: wrk is not installed (`make bench` installs Debian's package)")
     if args.quick:
         args.runs, args.duration, args.warmup = 1, 2.0, min(args.warmup, 0.5)
     return args

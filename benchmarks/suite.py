@@ -155,6 +155,7 @@ def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
     errors = sum(o.result["errors_total"] for _, o in outcomes)
     errors += stream_result["errors_total"] if stream_result is not None else 0
     result.update(
+        generator=next((o.result["generator"] for _, o in outcomes), None),
         suite="full",
         settings={
             "runs": args.runs,

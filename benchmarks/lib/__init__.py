@@ -7,7 +7,8 @@ One module owns one thing:
 - `stack`: the process tree (fake LLMs, baseline Envoy, gateway, redis-server), started and
   stopped;
 - `procstat`: CPU time, RSS and open-files limits of running processes (/proc);
-- `chat_client`: the closed-loop chat load client and the pre-flight request;
+- `chat_client`: the closed-loop Python chat load client and the pre-flight request;
+- `wrk`: wrk as the chat load generator (its Lua script, runs and output);
 - `stream_client`: the streaming load client, its latency and memory phases;
 - `chat_scenario`: one chat scenario measured (Envoy alone and gateway alternated);
 - `stream_scenario`: the streaming benchmark measured;

@@ -9,11 +9,13 @@ import json
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 
 from benchmarks.lib.configs import API_KEY, MODEL, PATH, Scenario
+from benchmarks.lib.runtime import loop_factory
 from benchmarks.lib.stats import percentile_ms
 
 # The fake LLM's answer to every chat request: this many tokens, no pacing.
@@ -70,11 +72,23 @@ async def phase(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = clock() - start
     latencies.sort()
-    ok = len(latencies)
-    errors = sum(n for s, n in statuses.items() if s != 200) + sum(exceptions.values())
     if keep is not None:
         keep.extend(latencies)
+    return sample_of(statuses, exceptions, retried, wall, latencies)
 
+
+def sample_of(
+    statuses: Mapping[int, int],
+    exceptions: Mapping[str, int],
+    retried: int,
+    wall: float,
+    latencies: list[float],
+) -> dict[str, Any]:
+    """One measurement's figures, whichever generator made it: `statuses` counts the answers by
+    HTTP status, `exceptions` the requests that got none (by kind), `latencies` (seconds,
+    sorted) are the HTTP 200 answers' (wrk's: every answer's)."""
+    ok = statuses.get(200, 0)
+    errors = sum(n for s, n in statuses.items() if s != 200) + sum(exceptions.values())
     return {
         "requests": ok + errors,
         "ok": ok,
@@ -97,8 +111,9 @@ async def measure(
     warmup: float,
     duration: float,
     keep: list[float] | None = None,
+    mark: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then measure, over one keep-alive session pooled to `concurrency`."""
+    """Warm up, `mark()`, then measure, over one keep-alive session pooled to `concurrency`."""
     connector = aiohttp.TCPConnector(
         limit=concurrency, limit_per_host=concurrency, keepalive_timeout=60
     )
@@ -106,9 +121,17 @@ async def measure(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         url = base_url + PATH
         warm = await phase(session, url, concurrency, warmup) if warmup > 0 else {"requests": 0}
+        if mark is not None:
+            mark()
         sample = await phase(session, url, concurrency, duration, keep)
         sample["warmup_requests"] = warm["requests"]
         return sample
+
+
+def describe() -> str:
+    """The Python client, for a report's header: aiohttp's version and the event loop."""
+    loop = "uvloop" if loop_factory() is not None else "asyncio"
+    return f"aiohttp {aiohttp.__version__} on {loop}, in the benchmark process"
 
 
 def _reported_header(name: str) -> bool:

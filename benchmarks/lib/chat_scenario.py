@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import os
 import shutil
@@ -24,15 +25,50 @@ from benchmarks.lib.chat_client import (
     PAYLOAD,
     RESPONSE_TOKENS,
     check_preflight,
+    describe,
     measure,
     preflight,
 )
 from benchmarks.lib.configs import CHAT_TARGETS, LOCAL_GUARDS, QUOTA_LIMITS, Scenario
-from benchmarks.lib.procstat import cpu_seconds, self_cpu_seconds
+from benchmarks.lib.procstat import children_cpu_seconds, cpu_seconds, self_cpu_seconds
 from benchmarks.lib.report import fmt
 from benchmarks.lib.runtime import loop_factory
 from benchmarks.lib.stack import Targets, envoy_workers, ext_proc_counters, started
 from benchmarks.lib.stats import summarize_chat
+from benchmarks.lib.wrk import Wrk
+
+PYTHON_CAVEAT = (
+    "the Python client spends ~0.1 ms of CPU per request on the cores it shares with the "
+    "targets: it caps Envoy alone below what Envoy serves and so flatters every ratio "
+    "against Envoy alone at saturation (benchmarks/README.md)"
+)
+
+
+def loadgen_cpu_seconds() -> float:
+    """CPU time of the load generator so far: this process and its waited-for children."""
+    return self_cpu_seconds() + children_cpu_seconds()
+
+
+def cpu_now(pids: dict[str, int], tree: dict[str, bool]) -> dict[str, float | None]:
+    """CPU time so far of every process measured, and of the load generator ("loadgen": this
+    process and the children it waited for, i.e. the wrk runs)."""
+    cpu = {n: cpu_seconds(pid, tree[n]) for n, pid in pids.items()}
+    cpu["loadgen"] = loadgen_cpu_seconds()
+    return cpu
+
+
+def _record_cpu(into: dict[str, float | None], pids: dict[str, int], tree: dict[str, bool]) -> None:
+    into.update(cpu_now(pids, tree))
+
+
+def generator_settings(args: argparse.Namespace, generator: Wrk | None) -> dict[str, Any]:
+    """Which load generator drove the chat load, for the result and every report's header."""
+    if generator is not None:
+        found = generator.settings()
+    else:
+        found = {"name": "python", "client": describe(), "caveat": PYTHON_CAVEAT}
+    warning = getattr(args, "generator_warning", None)
+    return {**found, "warning": warning} if warning else found
 
 
 @dataclass
@@ -60,7 +96,10 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, concurrencies: li
             scenario=scenario,
             floor=True,
         ) as targets:
-            outcome = measure_scenario(args, scenario, concurrencies, targets, started_at)
+            generator = Wrk(workdir) if args.generator == "wrk" else None
+            outcome = measure_scenario(
+                args, scenario, concurrencies, targets, started_at, generator
+            )
         ok = True
         return outcome
     finally:
@@ -76,10 +115,12 @@ def measure_scenario(
     concurrencies: list[int],
     targets: Targets,
     started: float,
+    generator: Wrk | None = None,
 ) -> Outcome:
     """Measure `scenario` on running `targets`: a pre-flight per target, then for every run and
     concurrency Envoy alone, the floor and the gateway back to back. `started`: when the
-    scenario began (time.monotonic()), for its elapsed time."""
+    scenario began (time.monotonic()), for its elapsed time. `generator`: wrk, or None for the
+    Python client (the pre-flight is always the Python client's)."""
     measured = [t for t in CHAT_TARGETS if t in targets.urls]
     workers = {t: envoy_workers(targets.admins[t]) for t in measured}
     if len(set(workers.values())) != 1:
@@ -109,12 +150,19 @@ def measure_scenario(
                     talk_before = (
                         ext_proc_counters(targets.admins[target]) if target in talking else None
                     )
-                    cpu_before = {n: cpu_seconds(pid, tree[n]) for n, pid in pids[target].items()}
-                    self_before = self_cpu_seconds()
+                    # The CPU window opens after the warm-up, right before the measurement.
+                    cpu_before: dict[str, float | None] = {}
+                    mark = functools.partial(_record_cpu, cpu_before, pids[target], tree)
                     keep = latencies.setdefault((c, target), [])
-                    sample = runner.run(measure(urls[target], c, args.warmup, args.duration, keep))
-                    cpu = {n: cpu_seconds(pid, tree[n]) for n, pid in pids[target].items()}
-                    self_after = self_cpu_seconds()
+                    if generator is not None:
+                        sample = generator.measure(
+                            urls[target], c, args.warmup, args.duration, keep, mark
+                        )
+                    else:
+                        sample = runner.run(
+                            measure(urls[target], c, args.warmup, args.duration, keep, mark)
+                        )
+                    cpu = cpu_now(pids[target], tree)
                     talk_after = (
                         ext_proc_counters(targets.admins[target]) if target in talking else None
                     )
@@ -130,11 +178,6 @@ def measure_scenario(
                         for n, before in cpu_before.items()
                         if before is not None and (after := cpu[n]) is not None
                     }
-                    # Includes warm-up time too; an approximation for the client's share.
-                    cores["loadgen"] = round(
-                        (self_after - self_before) / (sample["wall_s"] + args.warmup),
-                        2,
-                    )
                     sample.update(run=run, target=target, concurrency=c, cpu_cores=cores)
                     samples.append(sample)
                     print(
@@ -167,6 +210,7 @@ def measure_scenario(
             envoy_cpu_vs_floor=summary[str(high)]["cpu_vs_floor"]["envoy"],
         )
     result = {
+        "generator": generator_settings(args, generator),
         "scenario": {
             "name": scenario.name,
             "label": scenario.label,
@@ -184,6 +228,7 @@ def measure_scenario(
             "warmup_s": args.warmup,
             "concurrency": concurrencies,
             "envoy_concurrency": args.envoy_concurrency,
+            "generator": args.generator,
             "envoy_workers_reported": workers,
             "targets": measured,
             "floor": targets.floor_settings or None,

@@ -52,6 +52,13 @@ def self_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's children that have ended and been waited for
+    (wrk runs: the load generator when it is wrk)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_kb(pid: int) -> int | None:
     """Resident set size of a process in KiB (VmRSS in /proc/<pid>/status), or None."""
     try:

@@ -44,8 +44,9 @@ def chat_markdown(result: dict[str, Any]) -> str:
         f"Envoy-only baseline vs floor vs gateway ({label}): median of {s['runs']} run(s), "
         f"{s['duration_s']:g} s per concurrency after {s['warmup_s']:g} s warm-up, Envoy "
         f"--concurrency {s['envoy_concurrency']}, {result['machine']['cpus']} CPU(s) shared by "
-        "everything. *floor*: the gateway's own Envoy config in front of a do-nothing Python "
-        "ext_proc server (`benchmarks/lib/floor.py`).",
+        f"everything, load from {s.get('generator', 'python')}. *floor*: the gateway's own "
+        "Envoy config in front of a do-nothing Python ext_proc server "
+        "(`benchmarks/lib/floor.py`).",
         "",
         "| concurrency | metric | baseline | floor | gateway | floor vs baseline | "
         "gateway vs baseline | gateway vs floor | spread over runs | spread vs floor |",
@@ -323,7 +324,7 @@ def report_header(result: dict[str, Any], title: str, module: str = "benchmarks.
     if git.get("dirty"):
         commit += " (with uncommitted changes)"
     m = result["machine"]
-    return [
+    lines = [
         f"# {title}",
         "",
         f"{result['timestamp']}, commit {commit}, {m['cpus']} CPU(s), {m['platform']}, "
@@ -331,6 +332,28 @@ def report_header(result: dict[str, Any], title: str, module: str = "benchmarks.
         f"`python -m {module} {' '.join(result['argv'])}`.",
         "",
     ]
+    if result.get("generator"):
+        lines += [generator_line(result["generator"]), ""]
+    return lines
+
+
+def generator_line(gen: dict[str, Any]) -> str:
+    """Which load generator drove the load (`chat_scenario.generator_settings`, or the
+    streaming benchmark's): said at the top of every report."""
+    if gen["name"] == "wrk":
+        text = (
+            f"Load generator: **{gen['version']}** ({gen['threads']}, {gen['timeout_s']:g} s "
+            f"timeout, Lua script `{gen['script']}`); the pre-flight requests are the Python "
+            "client's."
+        )
+    else:
+        text = f"Load generator: **the Python client** ({gen['client']})"
+        text += f": {gen['why']}." if gen.get("why") else "."
+        if gen.get("caveat"):
+            text += f" Caveat: {gen['caveat']}."
+    if gen.get("warning"):
+        text += f" **Warning: {gen['warning']}.**"
+    return text
 
 
 def chat_report(result: dict[str, Any]) -> str:
@@ -434,6 +457,8 @@ def suite_report(result: dict[str, Any], scenarios: list[tuple[str, dict[str, An
             "## Streaming",
             "",
             f"`python -m benchmarks.streaming {' '.join(result['settings']['streaming_argv'])}`",
+            "",
+            generator_line(result["streaming"]["generator"]),
             "",
             streaming_markdown(result["streaming"]),
             "",

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.lib.chat_client import preflight
+from benchmarks.lib.chat_client import describe, preflight
 from benchmarks.lib.configs import STREAM_GATEWAY_VARIANTS, STREAM_VARIANTS, TARGETS, Scenario
 from benchmarks.lib.procstat import cpu_seconds, open_files_limit, raise_open_files_limit
 from benchmarks.lib.report import fmt
@@ -190,6 +190,11 @@ def measure_streaming(
         errors_total = sum(s["errors"] for s in latency_samples) + sum(m["errors"] for m in memory)
         result = {
             **envelope(args, argv, now),
+            "generator": {
+                "name": "python",
+                "client": describe(),
+                "why": "wrk cannot time the events of a stream, which this benchmark measures",
+            },
             "settings": {
                 "quota": args.quota,
                 "runs": args.runs,
