@@ -10,7 +10,6 @@ the sidecar, so the rendered file is safe to keep.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -205,6 +204,7 @@ from .contract import (
     split_cluster_name,
 )
 from .usage import SOURCE_PROVIDER
+from .wire.openai.answer import error_body, error_object
 
 SIDECAR_CLUSTER = "extproc_sidecar"
 FAILOVER_BACKOFF_S = 0.001
@@ -605,9 +605,7 @@ def request_buffer_filter(cfg: Config) -> HttpFilter:
 
 def _openai_error_body(message: str, type_: str, code: str) -> SubstitutionFormatString:
     return SubstitutionFormatString(
-        json_format=Struct.from_dict(
-            {"error": {"message": message, "type": type_, "param": None, "code": code}}
-        ),
+        json_format=Struct.from_dict(error_object(message, type_, code)),
         content_type="application/json",
     )
 
@@ -824,13 +822,11 @@ def _error_route(
     name: str, match: RouteMatch, status: int, message: str, type_: str, code: str
 ) -> Route:
     """A route Envoy answers itself, with an OpenAI-style error."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    body = error_body(message, type_, code).decode()
     return Route(
         name=name,
         match=match,
-        direct_response=DirectResponseAction(
-            status=status, body=DataSource(inline_string=json.dumps(body, separators=(",", ":")))
-        ),
+        direct_response=DirectResponseAction(status=status, body=DataSource(inline_string=body)),
         response_headers_to_add=[
             HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
         ],

@@ -113,9 +113,14 @@ def drop_logprobs(body: Any) -> bool:
     return dropped
 
 
+def error_object(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape: the sidecar's refusals and Envoy's own (envoy_config) alike."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def error_body(
     message: str, type_: str, code: str | None = None, param: str | None = None
 ) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    )
+    return orjson.dumps(error_object(message, type_, code, param))
