@@ -1,12 +1,14 @@
 """Accounting from Envoy's access log: the answers the downstream stage did not wait for.
 
 For a request to a model served by one backend whose answer need not pass the sidecar (a JSON
-answer with `sidecar.json_path: access_log` and no response guard, or a stream the observer
-follows), the downstream stage ends its ext_proc stream with the request body: Envoy sends
-the answer to the client without asking the sidecar (two messages per request instead of
-four). Every such request is counted here; a successful stream is finished (tokens, quota,
-audit) by the stream observer, everything else here (settlement.SETTLED_BY).
-Envoy's json_to_metadata filter copies the answer's `usage` into the request's metadata, and
+answer with `sidecar.json_path: access_log` and no response guard, a stream that carries its
+own usage report, or a stream the observer follows), the downstream stage ends its ext_proc
+stream with the request body: Envoy sends the answer to the client without asking the sidecar
+(two messages per request instead of four). Every such request is counted here; a successful
+stream the observer followed is finished (tokens, quota, audit) by the observer, everything
+else here (settlement.SETTLED_BY).
+Envoy's json_to_metadata filter copies a JSON answer's `usage` into the request's metadata
+(its sse_to_metadata filter, a stream's usage report), and
 Envoy's gRPC access log brings each such request's entry here, in batches, once it has ended:
 the metadata the downstream stage left (team, model, reservation, report), the usage, the status.
 This settles the reservation, counts the request and its tokens, and writes the audit record.
@@ -116,14 +118,23 @@ def account(services: Services, entry: Any) -> bool:
         if usage is None and body_bytes == 0:
             usage = estimated(prompt, 0, max_output)  # nothing was delivered
         elif usage is None:
-            # The backend reported no usage and the answer was not read here: charge what the
+            # No usage report reached Envoy and nothing here read the answer: charge what the
             # request could have produced, so a team is never under-counted.
             usage = estimated(prompt, None, max_output)
-            log.warning(
-                "backend %s sent an answer without usage; charged the request's maximum "
-                "(set sidecar.json_path: inline to count the answer itself)",
-                report.backend,
-            )
+            if entry.common_properties.response_flags.downstream_connection_termination:
+                pass  # the client left before the report: a stream cut short, not a fault
+            elif handover.stream:
+                log.warning(
+                    "backend %s sent a stream without a usage report; charged the request's "
+                    "maximum (set sidecar.stream_path: observe to count streams themselves)",
+                    report.backend,
+                )
+            else:
+                log.warning(
+                    "backend %s sent an answer without usage; charged the request's maximum "
+                    "(set sidecar.json_path: inline to count the answer itself)",
+                    report.backend,
+                )
     trace = NO_TRACE
     if handover.traceparent:
         # A child of the request's span, which the downstream stage ended with the request.

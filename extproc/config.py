@@ -376,8 +376,11 @@ class SidecarSettings(_Strict):
     # How SSE responses pass the sidecar. "observe": chunks are never held; a second,
     # observe-only filter follows a copy (a client that did not ask for usage gets no usage
     # chunk injected, so its completion is the sidecar's own count). "inline": every chunk
-    # waits for the sidecar's answer (exact usage always). "auto": observe whenever the stream
-    # needs no change, i.e. the client asked for usage itself; inline otherwise.
+    # waits for the sidecar's answer (exact usage always). "auto": no stage of the sidecar
+    # follows a stream that needs no change (the client asked for usage itself) when one
+    # backend serves it and json_path is access_log: Envoy reads its usage report and the
+    # access log brings it back; such a stream is observed when Envoy chooses the backend;
+    # every other stream is inline.
     stream_path: Literal["auto", "inline", "observe"] = "auto"
     # How non-streamed answers of a model served by one backend pass the sidecar.
     # "access_log": Envoy sends the answer on without asking the sidecar (two ext_proc

@@ -92,6 +92,10 @@ from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import (
     ClusterConfig as AggregateClusterConfig,
 )
 from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
+from envoy_data_plane.envoy.extensions.content_parsers.json.v3 import (
+    JsonContentParser,
+    JsonContentParserRuleConfig,
+)
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.composite.v3 import (
     Composite,
@@ -118,6 +122,10 @@ from envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3 import (
     JsonToMetadataValueType,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.http.sse_to_metadata.v3 import (
+    SseToMetadata,
+    SseToMetadataProcessingRules,
+)
 from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
@@ -220,6 +228,7 @@ REQUEST_RECEIVE_TIMEOUT_S = 60
 REQUEST_HEADERS_TIMEOUT_S = 10
 RESPONSE_HEADERS_FILTER = "extproc.response_headers"
 USAGE_FILTER = "extproc.usage"
+STREAM_USAGE_FILTER = "extproc.stream_usage"
 ACCESS_LOG_NAME = "extproc"
 JSON_CONTENT_TYPE = r"(?i)application/json\s*(;.*)?"
 # Envoy sends the sidecar its access log entries in batches: this often, or this many bytes.
@@ -452,9 +461,9 @@ def response_headers_filter() -> HttpFilter:
     )
 
 
-def usage_filter() -> HttpFilter:
-    """Envoy reads the `usage` of a JSON answer into the request's metadata, for the access
-    log entry the sidecar accounts from (json_path: access_log). Event streams pass untouched."""
+def _usage_rules() -> list[JsonToMetadataRule]:
+    """Where an answer's (or a stream event's) `usage` goes in the request's metadata: the keys
+    the access log's reader takes the counts from (access_log._usage)."""
 
     def rule(path: list[str], key: str, value: str | None = None) -> JsonToMetadataRule:
         return JsonToMetadataRule(
@@ -475,14 +484,49 @@ def usage_filter() -> HttpFilter:
     rules = [rule(["usage", key], key) for key in USAGE_KEYS]
     rules.append(rule(["usage", "prompt_tokens_details", "cached_tokens"], "cached_tokens"))
     rules.append(rule(["usage", "prompt_tokens"], "token_source", SOURCE_PROVIDER))
+    return rules
+
+
+def usage_filter() -> HttpFilter:
+    """Envoy reads the `usage` of a JSON answer into the request's metadata, for the access
+    log entry the sidecar accounts from (json_path: access_log). Event streams pass untouched."""
     return HttpFilter(
         name=USAGE_FILTER,
         typed_config=_any(
             JsonToMetadata(
                 response_rules=JsonToMetadataMatchRules(
-                    rules=rules,
+                    rules=_usage_rules(),
                     # Its default takes exactly `application/json`: many backends add a charset.
                     allow_content_types_regex=RegexMatcher(regex=JSON_CONTENT_TYPE),
+                )
+            )
+        ),
+    )
+
+
+def stream_usage_filter() -> HttpFilter:
+    """Envoy reads the usage report of an event stream (the event that carries `usage`, sent
+    last when the client asked for it) into the request's metadata, as usage_filter does for a
+    JSON answer: a stream the downstream stage releases with its body is then accounted from the
+    access log alone, with no stage of the sidecar following its chunks (request_plan). It
+    parses events as they pass and holds none back."""
+    return HttpFilter(
+        name=STREAM_USAGE_FILTER,
+        typed_config=_any(
+            SseToMetadata(
+                response_rules=SseToMetadataProcessingRules(
+                    content_parser=TypedExtensionConfig(
+                        name="envoy.content_parsers.json",
+                        typed_config=_any(
+                            JsonContentParser(
+                                rules=[
+                                    # Every event is read: the last report wins.
+                                    JsonContentParserRuleConfig(rule=rule)
+                                    for rule in _usage_rules()
+                                ]
+                            )
+                        ),
+                    ),
                 )
             )
         ),
@@ -532,6 +576,7 @@ GATEWAY_FILTERS = (
     OBSERVER_FILTER,
     RESPONSE_HEADERS_FILTER,
     USAGE_FILTER,
+    STREAM_USAGE_FILTER,
 )
 
 
@@ -544,6 +589,7 @@ def gateway_http_filters(cfg: Config) -> list[HttpFilter]:
         observer_http_filter(cfg),
         response_headers_filter(),
         usage_filter(),
+        stream_usage_filter(),
     ]
 
 

@@ -118,9 +118,42 @@ def _finish(
 
 
 def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(data)
-    return s
+    """`data` as a Struct; what Struct.update does, in about half its time (it runs on every
+    request's hand-over): plain JSON values only."""
+    return _fill(struct_pb2.Struct(), data)
+
+
+def _fill(struct: struct_pb2.Struct, data: Mapping[str, Any]) -> struct_pb2.Struct:
+    fields = struct.fields
+    for key, value in data.items():
+        _set_value(fields[key], value)
+    return struct
+
+
+def _set_value(target: struct_pb2.Value, value: Any) -> None:
+    kind = type(value)
+    if kind is str:
+        target.string_value = value
+    elif kind is bool:
+        target.bool_value = value
+    elif kind is int or kind is float:
+        target.number_value = value
+    elif value is None:
+        target.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(value, str):  # a StrEnum
+        target.string_value = str(value)
+    elif isinstance(value, int | float):  # an IntEnum
+        target.number_value = float(value)
+    elif isinstance(value, Mapping):
+        target.struct_value.SetInParent()  # an empty one is still one
+        _fill(target.struct_value, value)
+    elif isinstance(value, list | tuple):
+        target.list_value.SetInParent()
+        values = target.list_value.values
+        for item in value:
+            _set_value(values.add(), item)
+    else:
+        raise ValueError(f"not a JSON value: {kind.__name__}")
 
 
 def struct_dict(struct: struct_pb2.Struct, keys: Collection[str] | None = None) -> dict[str, Any]:

@@ -76,8 +76,21 @@ def plan(
     """The plan for an admitted request. `target`: the one backend that can serve it (its route
     has no upstream stage), or None when Envoy chooses (a pool, a canary split)."""
     request = admitted.request
+    # One backend, its answer accounted from Envoy's access log, no response guard: nothing of
+    # the answer need pass the sidecar (the JSON answer's usage, or the usage report of a stream
+    # whose client asked for one, reaches the access log through Envoy's usage filters).
+    releasable = (
+        target is not None and sidecar.json_path == "access_log" and not admitted.response_guards
+    )
+    # A stream that brings its own usage report needs no stage to follow it when Envoy reads
+    # the report: no observer on its response path (`stream_path: observe` keeps one, for the
+    # chunk timings and an exact count of a stream cut short).
+    envoy_reads = (
+        releasable and request.stream and request.include_usage and sidecar.stream_path == "auto"
+    )
     observe = (
         request.stream
+        and not envoy_reads
         and not admitted.response_guards  # guards may change the stream: it goes inline
         and (
             sidecar.stream_path == "observe"
@@ -110,13 +123,13 @@ def plan(
     # With one backend, Envoy renders every header of the answer: nothing is left for this
     # stage to do once the request is sent, unless the answer must pass it (guards, an inline
     # stream, json_path: inline). Envoy's access log then brings every released request back
-    # to be counted; the observer finishes the streams it follows. (`json_path: inline` also
-    # keeps observed streams here until their headers: it is the setting for an Envoy without
-    # the gateway's gRPC access log.)
+    # to be counted and (but for the streams the observer follows and finishes) settled.
+    # (`json_path: inline` also keeps observed streams here until their headers: it is the
+    # setting for an Envoy without the gateway's gRPC access log.)
     release = (
         target is not None
         and sidecar.json_path == "access_log"
-        and (observe or (not request.stream and not admitted.response_guards))
+        and (observe or envoy_reads or (not request.stream and not admitted.response_guards))
     )
     handover = _handover(admitted, target, observe, release)
     data = handover.to_metadata()

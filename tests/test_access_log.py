@@ -21,7 +21,7 @@ from extproc.streams import Released
 from extproc.telemetry import metrics
 from extproc.telemetry.audit import AuditTrail
 
-from .test_downstream import with_default_max_tokens
+from .test_downstream import unpacked, with_default_max_tokens, with_sidecar
 from .test_observer import MODEL, chat, recording, request_metadata
 from .test_observer import released_base as base  # noqa: F401
 
@@ -69,7 +69,7 @@ def test_the_backends_usage_is_settled(base: Services) -> None:  # noqa: F811
     data = released(services)
     assert run_account(services, entry(data, usage=USAGE))
     ((reservation, actual),) = recorder.settled
-    assert reservation is not None and reservation.id == data["reservation"]
+    assert reservation is not None and reservation.id == unpacked(data)["reservation"]
     assert actual == Amounts(31, 7)
 
 
@@ -78,7 +78,7 @@ def test_an_answer_without_usage_is_charged_the_requests_maximum(base: Services)
     data = released(services)
     run_account(services, entry(data))
     ((_, actual),) = recorder.settled
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 16)  # max_tokens
+    assert actual == Amounts(int(unpacked(data)["prompt_tokens_estimate"]), 16)  # max_tokens
 
 
 @pytest.mark.parametrize(
@@ -96,12 +96,14 @@ def test_an_answer_without_usage_is_charged_the_max_output_as_reserved(
     services, recorder = recording(with_default_max_tokens(base, 5))
     body = {k: v for k, v in chat(stream=False, **fields).items() if v is not None}
     stream, data = request_metadata(services, body)
-    assert (stream.path is AnswerPath.LOGGED) and data["output_estimate"] == output
+    assert (stream.path is AnswerPath.LOGGED) and unpacked(data)["output_estimate"] == output
     assert stream.reservation is not None
-    assert stream.reservation.estimate == Amounts(int(data["prompt_tokens_estimate"]), output)
+    assert stream.reservation.estimate == Amounts(
+        int(unpacked(data)["prompt_tokens_estimate"]), output
+    )
     run_account(services, entry(data))
     ((_, actual),) = recorder.settled
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), output)
+    assert actual == Amounts(int(unpacked(data)["prompt_tokens_estimate"]), output)
 
 
 def test_an_empty_answer_is_charged_the_prompt(base: Services) -> None:  # noqa: F811
@@ -109,7 +111,7 @@ def test_an_empty_answer_is_charged_the_prompt(base: Services) -> None:  # noqa:
     data = released(services)
     run_account(services, entry(data, body_bytes=0))
     ((_, actual),) = recorder.settled
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 0)
+    assert actual == Amounts(int(unpacked(data)["prompt_tokens_estimate"]), 0)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +128,7 @@ def test_no_answer_settles_nothing_or_the_prompt(
     data = released(services)
     run_account(services, entry(data, status=status))
     ((_, actual),) = recorder.settled
-    prompt = int(data["prompt_tokens_estimate"])
+    prompt = int(unpacked(data)["prompt_tokens_estimate"])
     assert actual == (Amounts(0, 0) if expected == "zero" else Amounts(prompt, 0))
 
 
@@ -174,7 +176,7 @@ def test_released_answers_are_waited_for_until_their_horizon(
 
 
 def test_a_stream_the_observer_followed_is_only_counted(base: Services) -> None:  # noqa: F811
-    services, recorder = recording(base)
+    services, recorder = recording(with_sidecar(base, stream_path="observe"))
     stream, data = request_metadata(
         services, chat(stream=True, stream_options={"include_usage": True})
     )
@@ -194,6 +196,51 @@ def test_a_stream_the_observer_followed_is_only_counted(base: Services) -> None:
     run_account(services, refused)
     ((_, actual),) = recorder.settled
     assert actual == Amounts(0, 0)
+
+
+def test_a_stream_whose_usage_envoy_read_is_settled_here(base: Services) -> None:  # noqa: F811
+    """stream_path auto: Envoy's stream usage filter copied the report into the metadata."""
+    services, recorder = recording(base)
+    stream, data = request_metadata(
+        services, chat(stream=True, stream_options={"include_usage": True})
+    )
+    assert stream.path is AnswerPath.LOGGED and "observe" not in data
+    labels = ("team-b", MODEL, "served", "200")
+    before = metrics.REQUESTS.labels(*labels)._value.get()
+    streamed = entry(data, usage=USAGE)
+    streamed.response.response_headers["content-type"] = "text/event-stream"
+    assert run_account(services, streamed)
+    assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
+    ((reservation, actual),) = recorder.settled
+    assert reservation is not None and reservation.id == unpacked(data)["reservation"]
+    assert actual == Amounts(31, 7)
+
+
+def test_a_stream_cut_before_its_usage_report_is_charged_its_maximum(
+    base: Services,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No report reached Envoy (the client left, or the backend broke off): nothing counted the
+    chunks, so the most the request could have produced is charged, never less. Only a backend
+    that ends a stream without the report it was asked for is worth a warning."""
+    services, recorder = recording(base)
+    for client_left in (True, False):
+        caplog.clear()
+        _, data = request_metadata(
+            services, chat(stream=True, max_tokens=16, stream_options={"include_usage": True})
+        )
+        cut = entry(data)
+        cut.response.response_headers["content-type"] = "text/event-stream"
+        cut.common_properties.response_flags.downstream_connection_termination = client_left
+        with caplog.at_level("WARNING", logger="extproc.access_log"):
+            assert run_account(services, cut)
+        *_, (_, actual) = recorder.settled
+        assert actual == Amounts(int(unpacked(data)["prompt_tokens_estimate"]), 16)
+        warned = [r.getMessage() for r in caplog.records if r.name == "extproc.access_log"]
+        if client_left:
+            assert warned == []
+        else:
+            assert len(warned) == 1 and "stream_path: observe" in warned[0]
 
 
 def test_other_entries_are_ignored(base: Services) -> None:  # noqa: F811

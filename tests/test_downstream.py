@@ -16,6 +16,7 @@ from google.protobuf import json_format
 
 from extproc import protocol, routing
 from extproc.config import build_runtime, load_runtime, parse_config
+from extproc.contract import HANDOVER_KEY
 from extproc.downstream import DownstreamStream
 from extproc.protocol import ProcessingMode, ProcessingRequest, ProcessingResponse, pb
 from extproc.server import build_services
@@ -143,6 +144,17 @@ def set_headers(mutation: Any) -> dict[str, str]:
 
 def metadata(resp: ProcessingResponse) -> dict[str, Any]:
     return json_format.MessageToDict(resp.dynamic_metadata)
+
+
+def unpacked(data: dict[str, Any]) -> dict[str, Any]:
+    """The hand-over's keys as written, what only the sidecar reads unpacked from its one JSON
+    string (contract.HANDOVER_KEY)."""
+    out = dict(data)
+    packed = out.pop(HANDOVER_KEY, None)
+    if packed is not None:
+        assert isinstance(packed, str)
+        out.update(orjson.loads(packed))
+    return out
 
 
 def immediate(resp: ProcessingResponse) -> tuple[int, dict[str, str], Any]:
@@ -413,7 +425,7 @@ def test_valid_chat_body(services: Services) -> None:
     assert common.clear_route_cache is True
     expected = services.tokens.count_chat("gpt-4o", MESSAGES).tokens
     assert expected > 20
-    assert metadata(resp) == {
+    assert {k: unpacked(v) for k, v in metadata(resp).items()} == {
         "extproc": {
             "team": "team-a",
             "model": "gpt-4o",
@@ -435,12 +447,12 @@ def test_json_answers_are_handed_to_the_access_log(logged_services: Services) ->
     data = metadata(resp)["extproc"]
     assert data["account"] is True and "observe" not in data
     assert (data["backend"], data["provider_model"]) == ("fake", "gpt-4o-mini")
-    assert data["output_estimate"] == 77  # charged if the backend reports no usage
-    assert data["started_at"] > 0
+    assert unpacked(data)["output_estimate"] == 77  # charged if the backend reports no usage
+    assert unpacked(data)["started_at"] > 0
     # team-b has token limits in the quickstart: the reservation is handed over with them.
     assert stream.reservation is not None
-    assert data["reservation"] == stream.reservation.id
-    assert data["limits"] == [spec.name for spec in stream.reservation.specs]
+    assert unpacked(data)["reservation"] == stream.reservation.id
+    assert unpacked(data)["limits"] == [spec.name for spec in stream.reservation.specs]
     assert data["ratelimit"]["x-ratelimit-limit-tokens"].isdigit()
     assert stream.finished  # the server ends this stage's gRPC stream now
     stream.close()
@@ -460,7 +472,7 @@ def test_chat_with_tools_counts_the_tools(services: Services) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     stream = downstream(services)
     _, resp = run(stream, request_headers(), request_body(chat("gpt-4o-mini", tools=tools)))
-    estimate = metadata(resp)["extproc"]["prompt_tokens_estimate"]
+    estimate = unpacked(metadata(resp)["extproc"])["prompt_tokens_estimate"]
     assert estimate == services.tokens.count_chat("gpt-4o-mini", MESSAGES, tools).tokens
     assert estimate > services.tokens.count_chat("gpt-4o-mini", MESSAGES).tokens
 
@@ -469,7 +481,7 @@ def test_valid_completions_and_embeddings_bodies(services: Services) -> None:
     stream = downstream(services)
     body = {"model": "gpt-4o-mini", "prompt": ["Once upon", "a time"], "stream": True}
     _, resp = run(stream, request_headers(path="/v1/completions"), request_body(body))
-    assert metadata(resp)["extproc"] == {
+    assert unpacked(metadata(resp)["extproc"]) == {
         "team": "team-a",
         "model": "gpt-4o-mini",
         "backend": "fake",
@@ -488,7 +500,7 @@ def test_valid_completions_and_embeddings_bodies(services: Services) -> None:
         "x-aigw-model": "text-embedding-3-small",
         "x-aigw-target": "fake",
     }
-    assert metadata(resp)["extproc"]["prompt_tokens_estimate"] == 5
+    assert unpacked(metadata(resp)["extproc"])["prompt_tokens_estimate"] == 5
     assert metadata(resp)["extproc"]["team"] == "team-b"
 
 

@@ -15,6 +15,7 @@ from extproc.envoy_config import (
     REQUEST_BUFFER_FILTER,
     REQUEST_HEADERS_FILTER,
     RESPONSE_HEADERS_FILTER,
+    STREAM_USAGE_FILTER,
     USAGE_FILTER,
     render_istio,
     render_snippet,
@@ -36,6 +37,7 @@ GATEWAY_FILTERS = [
     OBSERVER_FILTER,
     RESPONSE_HEADERS_FILTER,
     USAGE_FILTER,
+    STREAM_USAGE_FILTER,
 ]
 
 
@@ -421,3 +423,33 @@ def test_the_access_log_and_usage_reader_take_only_what_they_should() -> None:
         assert re.fullmatch(JSON_CONTENT_TYPE, content_type), content_type
     for content_type in ("text/event-stream", "application/jsonl", "text/plain"):
         assert not re.fullmatch(JSON_CONTENT_TYPE, content_type), content_type
+
+
+def test_a_streams_usage_report_lands_where_a_json_answers_usage_does() -> None:
+    """extproc.stream_usage reads each event of a stream with the JSON usage filter's rules:
+    the access log's reader finds a stream's report under the same keys, marked `provider`."""
+    from extproc.envoy_config import stream_usage_filter, usage_filter
+
+    json_rules = to_dict(usage_filter())["typedConfig"]["responseRules"]["rules"]
+    typed = to_dict(stream_usage_filter())["typedConfig"]
+    assert typed["@type"].endswith("sse_to_metadata.v3.SseToMetadata")
+    parser = typed["responseRules"]["contentParser"]
+    assert parser["name"] == "envoy.content_parsers.json"
+    stream_rules = parser["typedConfig"]["rules"]
+    # Every event is read (no rule stops after its first match): the last report wins.
+    assert all(set(r) == {"rule"} for r in stream_rules), stream_rules
+
+    # The same rules, nothing more: no onMissing that an event without `usage` (every event
+    # but the report) would write.
+    assert [r["rule"] for r in stream_rules] == json_rules
+    assert all(set(r) == {"selectors", "onPresent"} for r in json_rules), json_rules
+    targets = {r["rule"]["onPresent"]["key"]: r["rule"]["onPresent"] for r in stream_rules}
+    assert targets.keys() == {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "token_source",
+    }
+    assert {t["metadataNamespace"] for t in targets.values()} == {"extproc"}
+    assert targets["token_source"]["value"] == "provider"

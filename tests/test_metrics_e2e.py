@@ -7,6 +7,7 @@ the exact sums over both, and each worker writes its own audit file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -123,16 +124,13 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= set(lbls))
 
 
-@pytest.fixture(scope="module")
-def telemetry(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_server_module: RedisServer,  # noqa: F811
-) -> Iterator[Telemetry]:
-    tmp = tmp_path_factory.mktemp("telemetry")
+@contextlib.contextmanager
+def telemetry_stack(tmp: Path, redis_url: str, **sidecar: Any) -> Iterator[Telemetry]:
     names = ("sidecar", "envoy", "admin", "fake", "dead", "metrics")
     ports = {k: free_port() for k in names}
     audit_dir = tmp / "audit"
-    config = telemetry_config(ports, audit_dir / "audit.jsonl", redis_server_module.url)
+    config = telemetry_config(ports, audit_dir / "audit.jsonl", redis_url)
+    config["sidecar"].update(sidecar)
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     multiproc = tmp / "prom"
@@ -160,13 +158,42 @@ def telemetry(
     assert stack.procs["sidecar"].returncode == 0, tail
 
 
+@pytest.fixture(scope="module")
+def telemetry(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server_module: RedisServer,  # noqa: F811
+) -> Iterator[Telemetry]:
+    """The default paths (stream_path auto, json_path access_log)."""
+    with telemetry_stack(tmp_path_factory.mktemp("telemetry"), redis_server_module.url) as t:
+        yield t
+
+
+@pytest.fixture
+def observing_telemetry(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server_module: RedisServer,  # noqa: F811
+) -> Iterator[Telemetry]:
+    """stream_path: observe: the observer follows every stream (no response guard here)."""
+    tmp = tmp_path_factory.mktemp("telemetry-observe")
+    with telemetry_stack(tmp, redis_server_module.url, stream_path="observe") as t:
+        yield t
+
+
 def hello() -> list[dict[str, str]]:
     return [{"role": "user", "content": "Hello there"}]
 
 
+@pytest.mark.parametrize("path", ["observed", "released"])
 def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
-    telemetry: Telemetry,
+    request: pytest.FixtureRequest, path: str
 ) -> None:
+    # observed: stream_path observe, the observer follows the streams; released: the default,
+    # a stream whose client asks for usage is released with its request (Envoy reads its usage
+    # report).
+    observed = path == "observed"
+    telemetry: Telemetry = request.getfixturevalue(
+        "observing_telemetry" if observed else "telemetry"
+    )
     alpha = telemetry.client()
     first = alpha.chat.completions.create(model=MODEL, messages=hello())
     assert first.usage is not None
@@ -174,15 +201,23 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     assert first.usage.completion_tokens == RESPONSE_TOKENS
     for _ in range(2):
         alpha.chat.completions.create(model=MODEL, messages=hello())
-    # Two observed streams (the client asked for usage), one inline (usage cut by the relay).
-    for _ in range(2):
+    # Three streams. By default the first two, whose client asks for usage, are released with
+    # their request (Envoy reads their usage report) and the third, whose client does not, is
+    # relayed inline (the usage event cut). Under stream_path: observe the observer follows all
+    # three; the third asks for usage too there, so that every count is the backend's.
+    for n in range(3):
+        asks = n < 2 or observed
         chunks = list(
             alpha.chat.completions.create(
-                model=MODEL, messages=hello(), stream=True, stream_options={"include_usage": True}
+                model=MODEL,
+                messages=hello(),
+                stream=True,
+                **({"stream_options": {"include_usage": True}} if asks else {}),
             )
         )
-        assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == prompt
-    assert list(alpha.chat.completions.create(model=MODEL, messages=hello(), stream=True))
+        assert chunks
+        if asks:
+            assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == prompt
     with pytest.raises(openai.PermissionDeniedError):
         alpha.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "say forbidden-word"}]
@@ -198,13 +233,15 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     failed_over = alpha.chat.completions.with_raw_response.create(model="pooled", messages=hello())
     assert failed_over.headers["x-aigw-failover"] == "true"
 
+    # Only the streams a stage of the sidecar follows are timed: three observed, or one inline.
+    timed = 3 if observed else 1
     # Observed streams' tokens come from the observer when they end; released requests are
     # counted from Envoy's access log (batched): wait for both.
     deadline = time.monotonic() + 10
     while True:
         samples = telemetry.scrape()
         if (
-            value(samples, "extproc_time_to_first_token_seconds_count", model=MODEL) == 3
+            value(samples, "extproc_time_to_first_token_seconds_count", model=MODEL) == timed
             and total(samples, "extproc_requests_total") == 12
         ):
             break
@@ -216,10 +253,11 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
         samples = telemetry.scrape()
 
     # Requests to one-backend models that left the downstream stage with their body came back
-    # through Envoy's access log: the four JSON answers (served or failed) and the two observed
-    # streams (counted there, finished by the observer), and nothing else (Envoy's filter).
+    # through Envoy's access log: the four JSON answers (served or failed) and the streams no
+    # stage holds (observed: counted there, finished by the observer; released: counted and
+    # settled there), and nothing else (Envoy's filter).
     entries = "extproc_access_log_entries_total"
-    assert value(samples, entries, result="accounted") == 6
+    assert value(samples, entries, result="accounted") == 4 + (3 if observed else 2)
     assert value(samples, entries, result="ignored") == 0
 
     requests = "extproc_requests_total"
@@ -259,7 +297,7 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     # Every request's headers, timed once in the downstream stage.
     phase = "extproc_ext_proc_phase_seconds_count"
     assert value(samples, phase, stage="downstream", phase="request_headers") == 12
-    assert value(samples, "extproc_time_to_first_token_seconds_count", model=MODEL) == 3
+    assert value(samples, "extproc_time_to_first_token_seconds_count", model=MODEL) == timed
     assert value(samples, "extproc_active_streams") == 0
     assert value(samples, "extproc_ext_proc_streams", stage="observe") == 0
 
@@ -280,7 +318,15 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
         0
     ].items()
     served = [r for r in records if r["outcome"] == "served"]
-    assert {r["path"] for r in served} == {"logged", "observed", "inline"}
+    # Three JSON answers and three streams.
+    paths = Counter((r["path"], r["stream"]) for r in served)
+    if observed:
+        assert paths == {("logged", False): 3, ("observed", True): 3}, paths
+    else:
+        assert paths == {("logged", False): 3, ("logged", True): 2, ("inline", True): 1}, paths
+    # Chunk timings where a stage timed the chunks.
+    for r in served:
+        assert ("ttft_ms" in r) is (r["path"] != "logged"), r
     for r in served:
         assert r["tokens"]["input"] == prompt and r["tokens"]["output"] == RESPONSE_TOKENS
         assert r["backend"] == "fake"

@@ -38,6 +38,7 @@ from .test_downstream import (
     response_body,
     response_headers,
     stream_bytes,
+    unpacked,
     with_default_max_tokens,
     with_sidecar,
     with_stream_path,
@@ -145,20 +146,21 @@ def test_stream_path_choice(
     body_mode = headers_resp.mode_override.response_body_mode
     assert body_mode == (ProcessingMode.NONE if observed else ProcessingMode.STREAMED)
     if observed:
-        assert data["reservation"] == stream.reservation.id
-        assert data["limits"] == [s.name for s in stream.reservation.specs]
-        assert data["started_at"] > 0
+        assert unpacked(data)["reservation"] == stream.reservation.id
+        assert unpacked(data)["limits"] == [s.name for s in stream.reservation.specs]
+        assert unpacked(data)["started_at"] > 0
         assert metadata(headers_resp)["extproc"] == {"backend": "fake", "status": 200.0}
 
 
 def test_an_observed_stream_of_a_one_backend_model_is_released_with_its_body(
     released_base: Services,
 ) -> None:
-    stream, data = request_metadata(released_base, chat(stream_options={"include_usage": True}))
+    services = with_sidecar(released_base, stream_path="observe")
+    stream, data = request_metadata(services, chat(stream_options={"include_usage": True}))
     assert data["observe"] is True and data["account"] is True
     # Envoy's access log counts it, the observer settles it.
     assert stream.path is AnswerPath.LOGGED and stream.finished
-    assert data["reservation"] == stream.reservation.id
+    assert unpacked(data)["reservation"] == stream.reservation.id
     # The access log's reader leaves a successful stream to the observer, on the same test.
     handover = Handover.from_metadata(data)
 
@@ -171,6 +173,24 @@ def test_an_observed_stream_of_a_one_backend_model_is_released_with_its_body(
     assert path(handover, 429, "application/json") is AnswerPath.LOGGED
     not_observed = Handover.from_metadata({**data, "observe": False})
     assert path(not_observed, 200, "text/event-stream") is AnswerPath.LOGGED
+
+
+def test_a_stream_with_its_own_usage_report_is_left_to_envoy(released_base: Services) -> None:
+    """stream_path auto, one backend: no observer; Envoy reads the usage report the client asked
+    for, and the access log's reader settles the stream like a JSON answer."""
+    stream, data = request_metadata(released_base, chat(stream_options={"include_usage": True}))
+    assert "observe" not in data and data["account"] is True
+    assert stream.path is AnswerPath.LOGGED and stream.finished
+    handover = Handover.from_metadata(data)
+    headers = {":status": "200", "content-type": "text/event-stream"}
+    assert answer_path(handover.observe, handover.account, headers) is AnswerPath.LOGGED
+    # A client that did not ask for usage: inline, its usage is asked for and cut out again.
+    stream, data = request_metadata(released_base, chat())
+    assert "account" not in data and "observe" not in data and stream.strip_usage
+    # Pooled and canary models (Envoy chooses the backend): the observer follows it still.
+    inline_json = with_sidecar(released_base, json_path="inline")
+    stream, data = request_metadata(inline_json, chat(stream_options={"include_usage": True}))
+    assert data["observe"] is True and "account" not in data
 
 
 def test_a_quota_failover_reservation_is_handed_back_with_its_limits(
@@ -255,7 +275,7 @@ def test_observer_settles_the_reported_usage_exactly(base: Services) -> None:
     assert reservation is not None and reservation is not stream.reservation
     assert (reservation.team, reservation.id, reservation.model) == (
         "team-b",
-        data["reservation"],
+        unpacked(data)["reservation"],
         MODEL,
     )
     assert reservation.specs == stream.reservation.specs
@@ -270,7 +290,7 @@ def test_a_stream_whose_headers_end_it_is_finished_at_once(base: Services) -> No
     run(observer, forwarded(headers, data))
     assert observer.done
     ((_, actual),) = recorder.settled
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 0)
+    assert actual == Amounts(int(unpacked(data)["prompt_tokens_estimate"]), 0)
 
 
 def test_observer_counts_a_stream_without_usage_itself(base: Services) -> None:
@@ -278,7 +298,7 @@ def test_observer_counts_a_stream_without_usage_itself(base: Services) -> None:
     _, data = request_metadata(services, chat())
     observe(services, data, [stream_bytes(["Bon", "jour", " 🙂"], None)])
     ((_, actual),) = recorder.settled
-    prompt = int(data["prompt_tokens_estimate"])
+    prompt = int(unpacked(data)["prompt_tokens_estimate"])
     completion = services.tokens.count_text(MODEL, "Bonjour 🙂").tokens
     assert actual == Amounts(prompt, completion)
 
@@ -300,24 +320,26 @@ def test_observer_charges_a_stream_without_usage_at_most_the_max_output(
     body = {k: v for k, v in chat(**fields).items() if v is not None}
     stream, data = request_metadata(services, body)
     assert (stream.path is AnswerPath.LOGGED) is (handover == "released")
-    assert data["observe"] is True and data["output_estimate"] == (cap or 5)
-    assert data.get("output_cap") == cap
+    assert data["observe"] is True and unpacked(data)["output_estimate"] == (cap or 5)
+    assert unpacked(data).get("output_cap") == cap
     observe(services, data, [stream_bytes(LONG_ANSWER.split(" "), None)])
     ((_, actual),) = recorder.settled
     counted = services.tokens.count_text(MODEL, LONG_ANSWER.replace(" ", "")).tokens
     assert counted > 5
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), cap or counted)
+    assert actual == Amounts(int(unpacked(data)["prompt_tokens_estimate"]), cap or counted)
 
 
 def test_observer_without_the_max_output_counts_without_a_cap(base: Services) -> None:
     """Metadata from a downstream stage that did not hand the cap over."""
     services, recorder = recording(with_stream_path(base, "observe"))
     _, data = request_metadata(services, chat(max_tokens=3))
-    del data["output_cap"]
+    inner = json.loads(data["handover"])
+    del inner["output_cap"]
+    data = {**data, "handover": json.dumps(inner)}
     observe(services, data, [stream_bytes(LONG_ANSWER.split(" "), None)])
     ((_, actual),) = recorder.settled
     counted = services.tokens.count_text(MODEL, LONG_ANSWER.replace(" ", "")).tokens
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), counted)
+    assert actual == Amounts(int(unpacked(data)["prompt_tokens_estimate"]), counted)
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["ended", "cut"])
@@ -363,7 +385,9 @@ def test_observer_settles_what_was_delivered_when_the_stream_is_cut(base: Servic
     close(observer)  # the client went away: Envoy ends the observer's gRPC stream
     assert ACTIVE.current == before
     ((_, actual),) = recorder.settled
-    assert actual == Amounts(int(data["prompt_tokens_estimate"]), 5)  # events minus the first
+    assert actual == Amounts(
+        int(unpacked(data)["prompt_tokens_estimate"]), 5
+    )  # events minus the first
     close(observer)
     assert len(recorder.settled) == 1
 
@@ -373,7 +397,7 @@ def test_observer_leaves_the_reservation_to_expire_when_the_limits_changed(
 ) -> None:
     services, recorder = recording(base)
     _, data = request_metadata(services, chat(stream_options={"include_usage": True}))
-    data = {**data, "limits": ["some-other-limit"]}
+    data = {**data, "handover": json.dumps({**unpacked(data), "limits": ["some-other-limit"]})}
     with caplog.at_level(logging.WARNING, logger="extproc.quota"):
         observe(services, data, [stream_bytes(["Bon"], USAGE)])
     assert recorder.settled == []  # nothing settled: it is charged at its estimate on expiry
@@ -394,7 +418,7 @@ def test_the_observer_reads_the_handed_over_report_from_the_forwarded_struct(
     trail.configure(tmp_path / "audit.jsonl", 1 << 20, 1)
     services = dataclasses.replace(base, audit=trail)
     _, data = request_metadata(services, chat(stream_options={"include_usage": True}))
-    assert len(data["prompt_sha256"]) == 64  # the first half of the report, handed over
+    assert len(unpacked(data)["prompt_sha256"]) == 64  # the first half of the report, handed over
     # As Envoy forwards it: lists and objects inside a protobuf Struct.
     guards = [{"stage": "request", "guard": "pii", "action": "rewrite", "counts": {"email": 1}}]
     data = {**data, "guards": guards, "prompt": ["hello [EMAIL]"]}

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
+from extproc.config import QuotaSettings
 from extproc.quota.policy import window_bounds
 from extproc.tokens import TokenCounter
 
@@ -127,6 +128,10 @@ class Admin:
 
     def reset(self, team: str) -> None:
         self._stub.ResetUsage(quota_pb2.ResetUsageRequest(team=team), timeout=10)
+
+    def streams_followed(self) -> int:
+        """How many SSE answers a stage of this sidecar has followed since it started."""
+        return self._stub.GetStats(quota_pb2.GetStatsRequest(), timeout=10).sse_streams_total
 
     def settled(self, team: str, timeout: float = SETTLE_TIMEOUT_S) -> dict[str, Any]:
         """Usage once no reservation is in flight (settlement runs after the response)."""
@@ -327,6 +332,59 @@ def memory_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gw
 
 
+# The streams' gateways: the team "settle" as above, the embedded store, Envoy's file access
+# log on (its stdout: the stack log).
+STREAM_TEAMS = {"settle": [tokens_limit("settle-tokens", BIG_LIMIT)]}
+# What a request that does not say max_tokens reserves (quota.default_max_tokens).
+DEFAULT_MAX_TOKENS = QuotaSettings.model_fields["default_max_tokens"].default
+
+
+def streams_config(**sidecar: Any) -> dict[str, Any]:
+    config = gateway_config(new_ports(), STREAM_TEAMS, {"store": "memory"})
+    del config["envoy"]["access_log"]  # the default: on
+    config["sidecar"].update(sidecar)
+    return config
+
+
+@pytest.fixture(scope="module")
+def default_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The default stream and JSON paths (`stream_path: auto`, `json_path: access_log`)."""
+    with running_stack(tmp_path_factory.mktemp("quota-default"), streams_config()) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def observe_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """`stream_path: observe`: the observer follows every stream that needs no change."""
+    config = streams_config(stream_path="observe")
+    with running_stack(tmp_path_factory.mktemp("quota-observe"), config) as gw:
+        yield gw
+
+
+def access_log_entry(gw: Gateway, request_id: str) -> dict[str, Any]:
+    """Envoy's file access log line of a request (it writes them in batches)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in gw.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"{request_id}"' in line:
+                entry = json.loads(line)
+                if entry.get("request_id") == request_id:
+                    return entry
+        time.sleep(0.1)
+    pytest.fail(f"no access log line for {request_id}")
+
+
+def log_since(gw: Gateway, offset: int) -> str:
+    """What the stack (the sidecar's log among it) wrote after `offset` bytes."""
+    with open(gw.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+# The sidecar's warning about a released stream whose usage report never reached Envoy.
+NO_REPORT_WARNING = "sent a stream without a usage report"
+
+
 def test_memory_store_concurrent_load_respects_the_limit_exactly(memory_gw: Gateway):
     result = concurrent_load(memory_gw, "load", [memory_gw.admin])
     check_load(result, "memory")
@@ -358,15 +416,21 @@ def test_settlement_non_streaming_is_exact_and_headers_are_set(memory_gw: Gatewa
     assert "x-ratelimit-limit-requests" not in h  # the team has no requests limit
 
 
-def test_settlement_of_streams_is_exact_on_both_paths(memory_gw: Gateway):
-    """A client that asks for usage is followed by the observer (nothing held back); one that
-    does not is relayed inline with the injected usage event cut out. Both settle exactly what
-    the backend reported."""
-    admin, team = memory_gw.admin, "settle"
+@pytest.mark.parametrize("path", ["released", "observed"])
+def test_settlement_of_streams_is_exact_on_both_paths(
+    request: pytest.FixtureRequest, memory_gw: Gateway, path: str
+):
+    """A client that asks for usage gets the stream untouched: released with its request (the
+    default, stream_path auto: Envoy reads the stream's usage report and its access log brings
+    it back) or followed by the observer (stream_path: observe), nothing held back either way;
+    one that does not is relayed inline with the injected usage event cut out. Each settles
+    exactly what the backend reported."""
+    team = "settle"
+    asking = memory_gw if path == "released" else request.getfixturevalue("observe_gw")
 
-    def scenario(asked: bool) -> tuple[list[Any], Any]:
-        admin.reset(team)
-        with memory_gw.client(team) as client:
+    def scenario(gw: Gateway, asked: bool) -> tuple[list[Any], Any]:
+        gw.admin.reset(team)
+        with gw.client(team) as client:
             raw = client.chat.completions.with_raw_response.create(
                 model=MODEL,
                 messages=probe_messages(2),
@@ -378,9 +442,9 @@ def test_settlement_of_streams_is_exact_on_both_paths(memory_gw: Gateway):
             assert raw.headers["x-ratelimit-remaining-tokens"]
             assert GO_DURATION.match(raw.headers["x-ratelimit-reset-tokens"])
             chunks = list(raw.parse())
-        return chunks, admin.settled(team)["settle-tokens"]
+        return chunks, gw.admin.settled(team)["settle-tokens"]
 
-    chunks, usage = in_one_window(admin, team, lambda: scenario(asked=True))
+    chunks, usage = in_one_window(asking.admin, team, lambda: scenario(asking, asked=True))
     final = chunks[-1]
     assert final.choices == [] and final.usage is not None
     assert final.usage.completion_tokens == MAX_TOKENS
@@ -388,7 +452,7 @@ def test_settlement_of_streams_is_exact_on_both_paths(memory_gw: Gateway):
     assert usage.reserved == 0
 
     # The same request again (the fake's usage is deterministic), without asking for usage.
-    chunks, usage = in_one_window(admin, team, lambda: scenario(asked=False))
+    chunks, usage = in_one_window(memory_gw.admin, team, lambda: scenario(memory_gw, asked=False))
     assert all(chunk.usage is None and chunk.choices for chunk in chunks)
     assert sum(1 for c in chunks if c.choices[0].delta.content) == MAX_TOKENS
     assert usage.used == final.usage.total_tokens
@@ -446,43 +510,177 @@ def test_a_refused_request_is_released_unused(memory_gw: Gateway, stream: bool, 
     assert (usage.used, usage.reserved) == (0, 0)
 
 
-@pytest.mark.parametrize("asked", [True, False], ids=["observed", "inline"])
-def test_settlement_of_a_stream_cut_by_the_client(memory_gw: Gateway, asked: bool):
-    admin, team = memory_gw.admin, "settle"
+CUT_FULL = 200  # the tokens of a stream the client cuts: it hangs up long before the end
+
+
+def cut_stream(
+    gw: Gateway,
+    messages: list[dict[str, str]],
+    asked: bool,
+    max_tokens: int | None = 300,
+    request_id: str | None = None,
+) -> tuple[int, Any]:
+    """A stream of 200 tokens at 20 tokens/s (10 s) whose client hangs up after the third: the
+    tokens read, and the team's settled usage."""
+    team = "settle"
+    gw.admin.reset(team)
+    received = 0
+    with gw.client(team) as client:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            stream=True,
+            **({"max_tokens": max_tokens} if max_tokens is not None else {}),
+            **({"stream_options": {"include_usage": True}} if asked else {}),
+            extra_headers={
+                "x-fake-tokens-per-second": "20",
+                "x-fake-response-tokens": str(CUT_FULL),
+                **({"x-request-id": request_id} if request_id else {}),
+            },
+        )
+        for chunk in stream:
+            assert chunk.usage is None  # the usage event comes after the last token
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+            if received == 3:
+                break
+        stream.close()
+    return received, gw.admin.settled(team)["settle-tokens"]
+
+
+@pytest.mark.parametrize("path", ["observed", "inline"])
+def test_settlement_of_a_stream_cut_by_the_client(request: pytest.FixtureRequest, path: str):
+    """A stream some stage of the sidecar follows: the observer (the client asked for usage,
+    stream_path: observe) or the inline relay (it did not ask, the default)."""
+    gw = request.getfixturevalue("observe_gw" if path == "observed" else "memory_gw")
     messages = probe_messages(3)
     prompt = prompt_estimate(messages)
-    full = 200  # 10 s at 20 tokens/s: the client hangs up long before the end
 
-    def scenario() -> tuple[int, Any]:
-        admin.reset(team)
-        received = 0
-        with memory_gw.client(team) as client:
-            stream = client.chat.completions.create(
-                model=MODEL,
-                messages=messages,
-                max_tokens=300,
-                stream=True,
-                **({"stream_options": {"include_usage": True}} if asked else {}),
-                extra_headers={
-                    "x-fake-tokens-per-second": "20",
-                    "x-fake-response-tokens": str(full),
-                },
-            )
-            for chunk in stream:
-                assert chunk.usage is None  # the usage event comes after the last token
-                if chunk.choices and chunk.choices[0].delta.content:
-                    received += 1
-                if received == 3:
-                    break
-            stream.close()
-        return received, admin.settled(team)["settle-tokens"]
-
-    received, usage = in_one_window(admin, team, scenario)
+    received, usage = in_one_window(
+        gw.admin, "settle", lambda: cut_stream(gw, messages, asked=path == "observed")
+    )
     print(f"\ncut stream: used={usage.used} prompt_estimate={prompt} chunks_read={received}")
     assert received == 3
     assert usage.reserved == 0
     # The delivered tokens count too (about one per event), not just the prompt.
-    assert prompt + received - 1 <= usage.used < prompt + full
+    assert prompt + received - 1 <= usage.used < prompt + CUT_FULL
+
+
+def test_a_stream_with_its_usage_report_is_settled_from_envoys_access_log(default_gw: Gateway):
+    """The default path of a stream whose client asked for usage, to a model one backend
+    serves: released with its request, no stage of the sidecar follows it; Envoy's stream usage
+    filter copies the report into the request's metadata, and the access log's reader settles
+    exactly what the backend reported (not the request's maximum)."""
+    gw, team = default_gw, "settle"
+    messages = probe_messages(6)
+    max_tokens = 4 * MAX_TOKENS  # the fake answers MAX_TOKENS: the maximum is well above
+    marker = f"reported-{time.monotonic_ns()}"
+    followed = gw.admin.streams_followed()
+
+    def scenario() -> tuple[list[Any], Any, str]:
+        gw.admin.reset(team)
+        offset = gw.log_path.stat().st_size
+        with gw.client(team) as client:
+            chunks = list(
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=messages,
+                    max_tokens=max_tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_headers={"x-request-id": marker},
+                )
+            )
+        return chunks, gw.admin.settled(team)["settle-tokens"], log_since(gw, offset)
+
+    chunks, usage, log = in_one_window(gw.admin, team, scenario)
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None  # the report, untouched
+    reported = final.usage
+    assert reported.completion_tokens == MAX_TOKENS
+    assert reported.total_tokens == reported.prompt_tokens + reported.completion_tokens
+    assert usage.used == reported.prompt_tokens + reported.completion_tokens
+    assert usage.reserved == 0
+    assert usage.used < prompt_estimate(messages) + max_tokens  # not charged the maximum
+    assert NO_REPORT_WARNING not in log
+    entry = access_log_entry(gw, marker)
+    assert (entry["team"], entry["model"], entry["status"]) == ("settle", MODEL, 200)
+    assert entry["prompt_tokens"] == reported.prompt_tokens
+    assert entry["completion_tokens"] == reported.completion_tokens
+    assert entry["total_tokens"] == reported.total_tokens
+    assert entry["token_source"] == "provider"
+    # No stage of the sidecar followed it, or timed its chunks.
+    assert gw.admin.streams_followed() == followed
+    for key in ("ttft_ms", "chunks", "max_gap_ms", "mean_gap_ms", "output_tokens_per_s"):
+        assert entry[key] is None, (key, entry)
+
+
+@pytest.mark.parametrize("max_tokens", [300, None], ids=["max_tokens", "default_max_tokens"])
+def test_a_released_stream_cut_by_the_client_is_charged_its_maximum(
+    default_gw: Gateway, max_tokens: int | None
+):
+    """The same stream, cut by its client before its usage report: nothing counted what was
+    delivered, so the team is charged what the request could have produced (the prompt
+    estimate + max_tokens, or quota.default_max_tokens), never less; Envoy flags the client's
+    leaving, so the sidecar does not warn about a backend without usage."""
+    gw = default_gw
+    messages = probe_messages(7)
+    prompt = prompt_estimate(messages)
+    marker = f"cut-released-{time.monotonic_ns()}"
+
+    def scenario() -> tuple[int, Any, str]:
+        offset = gw.log_path.stat().st_size
+        received, usage = cut_stream(gw, messages, True, max_tokens, request_id=marker)
+        return received, usage, log_since(gw, offset)
+
+    received, usage, log = in_one_window(gw.admin, "settle", scenario)
+    print(f"\ncut released stream: used={usage.used} prompt_estimate={prompt}")
+    assert received == 3
+    assert usage.reserved == 0
+    assert usage.used == prompt + (max_tokens or DEFAULT_MAX_TOKENS)
+    assert NO_REPORT_WARNING not in log and "without usage" not in log
+    entry = access_log_entry(gw, marker)
+    assert "DC" in entry["flags"].split(","), entry  # downstream connection termination
+    assert entry["completion_tokens"] is None and entry["token_source"] is None, entry
+
+
+def test_a_released_stream_without_a_usage_report_is_charged_its_maximum(default_gw: Gateway):
+    """A client asked for usage but the backend sent none (x-fake-no-usage): the whole stream
+    was delivered and nothing counted it, so the request's maximum is charged, with a warning
+    (the backend's fault, not the client's)."""
+    gw, team = default_gw, "settle"
+    messages = probe_messages(8)
+    marker = f"no-report-{time.monotonic_ns()}"
+
+    def scenario() -> tuple[list[Any], Any, str]:
+        gw.admin.reset(team)
+        offset = gw.log_path.stat().st_size
+        with gw.client(team) as client:
+            chunks = list(
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=messages,
+                    max_tokens=MAX_TOKENS,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_headers={"x-fake-no-usage": "1", "x-request-id": marker},
+                )
+            )
+        usage = gw.admin.settled(team)["settle-tokens"]
+        deadline = time.monotonic() + 5
+        while NO_REPORT_WARNING not in log_since(gw, offset):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return chunks, usage, log_since(gw, offset)
+
+    chunks, usage, log = in_one_window(gw.admin, team, scenario)
+    assert all(c.usage is None for c in chunks)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == MAX_TOKENS
+    assert (usage.used, usage.reserved) == (prompt_estimate(messages) + MAX_TOKENS, 0)
+    assert log.count(NO_REPORT_WARNING) == 1, log[-2000:]
+    entry = access_log_entry(gw, marker)
+    assert entry["flags"] == "-" and entry["completion_tokens"] is None, entry
 
 
 def test_observe_path_counts_the_streams_it_leaves_untouched(tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import orjson
 import pytest
 
 from extproc import settlement
@@ -111,7 +112,7 @@ def test_the_architecture_doc_has_the_table() -> None:
 
 def test_a_reader_of_the_hand_over_reads_every_key_the_writer_writes() -> None:
     """The finishers read only Handover.KEYS out of the request's metadata."""
-    from extproc.contract import Handover
+    from extproc.contract import ACCOUNT_KEY, HANDOVER_KEY, OBSERVE_KEY, Handover
 
     full = Handover(
         team="t", model="m", endpoint="/v1/chat/completions", wire="other", stream=True,
@@ -121,5 +122,17 @@ def test_a_reader_of_the_hand_over_reads_every_key_the_writer_writes() -> None:
         guards=({"guard": "g"},), prompt_sha256="h", prompt=("x",),
     )  # fmt: skip
     written = full.to_metadata()
-    assert set(written) == Handover.KEYS
+    assert set(written) <= Handover.KEYS
     assert Handover.from_metadata({k: v for k, v in written.items() if k in Handover.KEYS}) == full
+    # What Envoy reads itself are keys of their own; the rest is one string (HANDOVER_KEY).
+    assert set(written) == {
+        "team", "model", HANDOVER_KEY, OBSERVE_KEY, ACCOUNT_KEY, "backend", "provider_model"
+    }  # fmt: skip
+    assert isinstance(written[HANDOVER_KEY], str)
+    # A sidecar from before the packing wrote every key on its own: still read.
+    legacy = {**written, **orjson.loads(written.pop(HANDOVER_KEY))}
+    assert set(legacy) <= Handover.KEYS
+    assert Handover.from_metadata(legacy) == full
+    # A packed string that is not JSON is ignored, not a crash (defaults, like an old writer).
+    broken = Handover.from_metadata({"team": "t", "model": "m", HANDOVER_KEY: "{nope"})
+    assert (broken.team, broken.reservation, broken.prompt_tokens) == ("t", "", 0)

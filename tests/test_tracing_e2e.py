@@ -4,6 +4,7 @@ exporter, so its spans can be read back; Envoy and the fake LLM are real process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -130,22 +131,22 @@ class InProcessSidecar:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
-    tmp = tmp_path_factory.mktemp("tracing")
+@contextlib.contextmanager
+def traced_stack(tmp: Path, **sidecar: Any) -> Iterator[Traced]:
     ports = {k: free_port() for k in ("sidecar", "envoy", "admin", "fake", "collector")}
     config = tracing_config(ports)
+    config["sidecar"].update(sidecar)
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     os.environ["TEST_BACKEND_A_KEY"] = BACKEND_A_SECRET
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    sidecar = InProcessSidecar(path, provider)
+    in_process = InProcessSidecar(path, provider)
     with open(tmp / "stack.log", "ab", buffering=0) as log:
         stack = Stack(path, workdir=tmp, stdout=log, sidecar=False)
         try:
-            sidecar.start()
+            in_process.start()
             stack.start()
             yield Traced(
                 base_url=f"http://{config['envoy']['listen']}/v1",
@@ -154,7 +155,21 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
             )
         finally:
             stack.stop(grace=10)
-            sidecar.stop()
+            in_process.stop()
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    """The default paths (stream_path auto, json_path access_log)."""
+    with traced_stack(tmp_path_factory.mktemp("tracing")) as t:
+        yield t
+
+
+@pytest.fixture
+def observing_traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    """stream_path: observe: the observer follows the streams the default releases."""
+    with traced_stack(tmp_path_factory.mktemp("tracing-observe"), stream_path="observe") as t:
+        yield t
 
 
 def trace_id(span: ReadableSpan) -> str:
@@ -212,7 +227,8 @@ def test_a_client_traceparent_is_continued_through_envoy(traced: Traced) -> None
     assert sent.split("-")[1] == CLIENT_TRACE_ID
 
 
-def test_an_observed_stream_reports_its_usage_in_the_same_trace(traced: Traced) -> None:
+def streamed_usage(traced: Traced) -> Any:
+    """A stream whose client asked for usage: the backend's report, as the client got it."""
     traced.clear()
     chunks = list(
         traced.client().chat.completions.create(
@@ -224,7 +240,14 @@ def test_an_observed_stream_reports_its_usage_in_the_same_trace(traced: Traced) 
     )
     usage = chunks[-1].usage
     assert usage is not None
-    spans = traced.spans(f"chat {MODEL}", "stream")
+    return usage
+
+
+def test_an_observed_stream_reports_its_usage_in_the_same_trace(
+    observing_traced: Traced,
+) -> None:
+    usage = streamed_usage(observing_traced)
+    spans = observing_traced.spans(f"chat {MODEL}", "stream")
     request, stream = spans[f"chat {MODEL}"], spans["stream"]
     assert trace_id(stream) == trace_id(request)
     assert stream.parent is not None and stream.parent.span_id == request.context.span_id
@@ -232,3 +255,23 @@ def test_an_observed_stream_reports_its_usage_in_the_same_trace(traced: Traced) 
     assert attrs["gen_ai.usage.input_tokens"] == usage.prompt_tokens
     assert attrs["gen_ai.usage.output_tokens"] == usage.completion_tokens
     assert (request.attributes or {})["extproc.stream"] is True
+
+
+def test_a_released_stream_reports_its_usage_in_the_same_trace(traced: Traced) -> None:
+    """The default path of such a stream: no stage follows it (no "stream" span); its usage
+    report, read by Envoy, comes back in the access log, whose reader answers for it in the
+    request's trace as for a JSON answer ("response", then "quota settle")."""
+    usage = streamed_usage(traced)
+    spans = traced.spans(f"chat {MODEL}", "response", "quota settle")
+    request, answer = spans[f"chat {MODEL}"], spans["response"]
+    assert "stream" not in spans
+    assert (request.attributes or {})["extproc.stream"] is True
+    assert trace_id(answer) == trace_id(request)
+    assert answer.parent is not None and answer.parent.span_id == request.context.span_id
+    attrs = answer.attributes or {}
+    assert attrs["gen_ai.usage.input_tokens"] == usage.prompt_tokens
+    assert attrs["gen_ai.usage.output_tokens"] == usage.completion_tokens == 8
+    assert attrs["extproc.outcome"] == "served"
+    settle = spans["quota settle"]
+    assert settle.parent is not None and settle.parent.span_id == answer.context.span_id
+    assert (settle.attributes or {})["extproc.output_tokens"] == 8

@@ -36,6 +36,7 @@ from .test_downstream import (
     response_body,
     response_headers,
     set_headers,
+    unpacked,
     with_sidecar,
 )
 
@@ -79,10 +80,10 @@ def test_a_format_name_is_registered_once() -> None:
 
 def test_the_hand_over_names_the_format_when_it_is_not_openai() -> None:
     plain = Handover(team="t", model="m")
-    assert plain.wire == "openai" and "wire" not in plain.to_metadata()
+    assert plain.wire == "openai" and "wire" not in unpacked(plain.to_metadata())
     assert Handover.from_metadata(plain.to_metadata()).wire == "openai"
     other = Handover(team="t", model="m", wire="fake")
-    assert other.to_metadata()["wire"] == "fake"
+    assert unpacked(other.to_metadata())["wire"] == "fake"
     assert Handover.from_metadata(other.to_metadata()).wire == "fake"
 
 
@@ -225,9 +226,9 @@ def test_the_downstream_stage_speaks_the_format_the_request_routed_to(
     assert sent.WhichOneof("response") == "request_body"
     assert [(p.model, p.body["say"]) for p in fake.parsed] == [("gpt-4o", body["say"])]
     data = metadata(sent)["extproc"]
-    assert (data["endpoint"], data["wire"]) == ("/fake/chat", "fake")
+    assert (unpacked(data)["endpoint"], unpacked(data)["wire"]) == ("/fake/chat", "fake")
     prompt = services.tokens.count_text("gpt-4o", body["say"]).tokens
-    assert data["prompt_tokens_estimate"] == prompt
+    assert unpacked(data)["prompt_tokens_estimate"] == prompt
 
     _, answered = run(stream, response_headers(), response_body({"said": "hi", "used": [7, 2]}))
     headers = set_headers(answered.response_body.response.header_mutation)
@@ -272,7 +273,7 @@ def test_the_observer_reads_a_stream_with_the_handed_over_format(
     body = {"model": "gpt-4o", "say": "x", "stream": True}
     _, sent = run(stream, request_headers(path="/fake/chat"), request_body(body))
     data = metadata(sent)["extproc"]
-    assert data["observe"] is True and data["wire"] == "fake"
+    assert data["observe"] is True and unpacked(data)["wire"] == "fake"
 
     def forwarded(req: ProcessingRequest) -> ProcessingRequest:
         req.metadata_context.filter_metadata["extproc"].update(data)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config, QuotaSettings
 from ..errors import GatewayError
-from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS, QUOTA_SETTLE_RETRIES
+from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS, QUOTA_SETTLE_RETRIES, child
 from ..telemetry.tracing import NO_SPAN, NO_TRACE
 from . import policy
 from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
@@ -133,7 +133,7 @@ class QuotaService:
                 "quota_store_unavailable",
                 headers=(("retry-after", "1"),),
             ) from None
-        QUOTA_SECONDS.labels(self.settings.store, "reserve").observe(time.perf_counter() - started)
+        child(QUOTA_SECONDS, self.settings.store, "reserve").observe(time.perf_counter() - started)
         if not result.ok:
             assert result.failed is not None
             raise self._exceeded(team, specs, charges, result.states, result.failed, now)
@@ -236,7 +236,7 @@ class QuotaService:
             until = reservation.expires_at or time.time() + self.settings.reservation_ttl_s
             self._retry_later(reservation.team, reservation.id, amounts, until)
         else:
-            QUOTA_SECONDS.labels(self.settings.store, "settle").observe(
+            child(QUOTA_SECONDS, self.settings.store, "settle").observe(
                 time.perf_counter() - started
             )
         finally:

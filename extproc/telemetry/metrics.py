@@ -13,6 +13,7 @@ worker's /metrics answers with the sum over all of them.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
@@ -168,6 +169,20 @@ TOKEN_COUNT_SECONDS = Histogram(
     "Time to count a long prompt on the tokenizer threads, the wait for one included",
     buckets=_LATENCY_BUCKETS,
 )
+
+
+_CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, looked up once: labels() checks and locks on every call, a few
+    microseconds that several metrics a request add up to. As bounded as the labels (above);
+    nothing removes a child."""
+    key = (metric, values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*values)
+    return found
 
 
 def multiprocess_dir() -> str | None:

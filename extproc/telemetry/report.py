@@ -147,11 +147,13 @@ class RequestReport:
         """The request's outcome (once per request: by the downstream stage, or the access log's
         reader for a released request)."""
         model = model_label(cfg, self.model)
-        metrics.REQUESTS.labels(
-            team_label(cfg, self.team), model, self.outcome, str(self.status or 0)
+        metrics.child(
+            metrics.REQUESTS, team_label(cfg, self.team), model, self.outcome, str(self.status or 0)
         ).inc()
         if self.failover and 200 <= self.status < 300:
-            metrics.FAILOVERS.labels(model, backend_label(cfg, self.backend), self.failover).inc()
+            metrics.child(
+                metrics.FAILOVERS, model, backend_label(cfg, self.backend), self.failover
+            ).inc()
 
     def count_usage(self, cfg: Config, usage: Usage | None) -> float | None:
         """Tokens and cost (once per request, by the stage that settles it)."""
@@ -162,18 +164,18 @@ class RequestReport:
         source = usage.source
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         if usage.prompt_tokens - cached:
-            metrics.TOKENS.labels(team, model, backend, "input", source).inc(
+            metrics.child(metrics.TOKENS, team, model, backend, "input", source).inc(
                 usage.prompt_tokens - cached
             )
         if cached:
-            metrics.TOKENS.labels(team, model, backend, "cached_input", source).inc(cached)
+            metrics.child(metrics.TOKENS, team, model, backend, "cached_input", source).inc(cached)
         if usage.completion_tokens:
-            metrics.TOKENS.labels(team, model, backend, "output", source).inc(
+            metrics.child(metrics.TOKENS, team, model, backend, "output", source).inc(
                 usage.completion_tokens
             )
         cost = cost_usd(cfg, self.model, usage)
         if cost:
-            metrics.COST.labels(team, model).inc(cost)
+            metrics.child(metrics.COST, team, model).inc(cost)
         return cost
 
     def span_attributes(self, usage: Usage | None, cost: float | None) -> dict[str, Any]:
