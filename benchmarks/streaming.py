@@ -1,23 +1,40 @@
-"""Streaming cost of the gateway against an Envoy-only baseline, measured side by side.
+"""Streaming cost of the gateway against Envoy alone and against the floor, side by side.
 
 `python -m benchmarks.streaming` starts the same process tree as `benchmarks.run` (one fake LLM,
-an Envoy-only baseline derived from the gateway's bootstrap, and the gateway via
-`extproc.supervisor.Stack`, all on free loopback ports) and measures, alternating Envoy alone
-and the gateway's two stream paths within every run (*inline*: the client did not ask for
-usage, every chunk waits for the sidecar; *observed*: the client asked for usage, the stream
-observer follows a copy and Envoy holds nothing back):
+an Envoy-only baseline derived from the gateway's bootstrap, the floor: the gateway's own Envoy
+config in front of a do-nothing Python ext_proc server, and the gateway via
+`extproc.supervisor.Stack`, all on free loopback ports) and measures, alternating within every
+run Envoy alone and, for each of two client requests, the floor then the gateway:
+
+- *inline* (variant key kept from the results before): the client did not ask for usage.
+  With `--stream-path auto` (the gateway's `sidecar.stream_path`, the product's default) the
+  stream is relayed inline: the sidecar asks the backend for its usage report, the response
+  body switches to ext_proc STREAMED mode, every chunk waits for the sidecar, which cuts the
+  report out again.
+- *observed* (key kept too): the client asked for usage (`stream_options.include_usage`).
+  With `auto`, one backend (the benchmark's), the sidecar releases the request with its body:
+  no sidecar stage follows the stream; Envoy's `extproc.stream_usage` filter reads the usage
+  report as it passes and the access log brings it back. Nothing is observed.
+- `--stream-path observe`: the stream observer follows every stream (both requests are
+  released with their body and observed; Envoy holds no chunk back): the client that asked
+  for usage is accounted from the backend's report, the other from the observer's own count.
+
+The floor server answers each stream as the sidecar's stage does on that path, doing no work
+(benchmarks/lib/floor.py). Measured:
 
 1. added time to first token: streaming chat requests at concurrency 1, the fake pacing 20
    tokens at 100 tokens/s with no time to first token; client-side time from sending the request
-   to the first event carrying a content delta, p50 and p99 over N streams;
+   to the first event carrying a content delta, p50 and p99 over N streams; against Envoy
+   alone and against the floor of the same request;
 2. added per-chunk latency: for the same streams, response headers to the first content delta
    (one chunk's trip), and the gaps between successive deltas against the fake's pacing
    (10 ms), p50 and p99;
 3. memory per concurrent stream: K slow streams (1 token/s, 21 tokens: 20 s each) held open
-   at once, in a fresh process tree per K and variant; the RSS of the sidecar and of Envoy
-   once every stream has received its first chunk (or the ramp stalls on a limit), against the
-   RSS before they opened, per stream live at that moment; the Envoy circuit-breaker overflows
-   it caused; and the CPU each process spends per chunk while the K streams flow.
+   at once, in a fresh process tree per K and variant (Envoy alone and the gateway; not the
+   floor); the RSS of the sidecar and of Envoy once every stream has received its first chunk
+   (or the ramp stalls on a limit), against the RSS before they opened, per stream live at
+   that moment; the Envoy circuit-breaker overflows it caused; and the CPU each process spends
+   per chunk while the K streams flow.
 
 The gateway's team has quota limits that never reject (`--quota`, default the embedded store),
 as in `benchmarks.run`. Medians over runs; a markdown table on stdout, the full result as JSON
@@ -37,7 +54,7 @@ import sys
 
 from benchmarks.lib import budget
 from benchmarks.lib.argtypes import int_list, positive_float, positive_int
-from benchmarks.lib.configs import QUOTA_STORES
+from benchmarks.lib.configs import QUOTA_STORES, STREAM_PATHS
 from benchmarks.lib.report import streaming_markdown, streaming_report
 from benchmarks.lib.results import stem_for, write_result
 from benchmarks.lib.runtime import cancel_or_interrupt
@@ -48,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.streaming", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--runs", type=positive_int, default=3, help="baseline/gateway pairs")
+    p.add_argument(
+        "--runs", type=positive_int, default=3, help="runs of Envoy alone, the floors, the gateway"
+    )
     p.add_argument(
         "--latency-streams", type=positive_int, default=200, help="streams per run and target"
     )
@@ -74,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--memory-paths",
         choices=("inline", "observed", "both"),
         default="both",
-        help="the gateway stream path(s) whose memory is measured",
+        help="the client request(s) whose memory through the gateway is measured: without "
+        "usage asked (inline) or with it (observed)",
     )
     p.add_argument("--settle", type=float, default=1.0, help="seconds before sampling RSS")
     p.add_argument(
@@ -84,7 +104,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the team's limits and their store, as benchmarks.run (default memory)",
     )
     p.add_argument(
-        "--envoy-concurrency", type=positive_int, default=1, help="Envoy worker threads (both)"
+        "--stream-path",
+        choices=STREAM_PATHS,
+        default="auto",
+        help="the gateway's sidecar.stream_path (default auto, the product's): with auto a "
+        "stream whose client asked for usage is released (Envoy reads the usage), the other "
+        "is relayed inline; with observe the stream observer follows every stream",
+    )
+    p.add_argument(
+        "--envoy-concurrency",
+        type=positive_int,
+        default=1,
+        help="Envoy worker threads (every Envoy)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 run, 30 streams, K=200")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and process logs")

@@ -7,8 +7,10 @@ In order, each in its own fresh process tree and against its own Envoy-only base
 2. the variants, at the sweep's lowest and highest concurrency: the quota on Redis, the local
    guard pipeline, the failover path (each the headline plus that one change);
 3. `benchmarks.quota_store`: the quota's reserve + settle alone, embedded store vs Redis;
-4. `benchmarks.streaming`: time to first token and per-chunk latency on both stream paths,
-   then 5,000 concurrent slow streams through the gateway (memory and CPU per chunk).
+4. `benchmarks.streaming`: time to first token and per-chunk latency of a stream whose client
+   did not ask for usage and of one whose client did (each through Envoy alone, the floor and
+   the gateway, with the gateway's default `sidecar.stream_path: auto`), then 5,000 concurrent
+   slow streams through the gateway (memory and CPU per chunk).
 
 Then one JSON, one markdown report and the plots, all named `suite-<UTC timestamp>` in
 benchmarks/results/. A scenario that fails (a process that does not start) is reported and
@@ -39,7 +41,7 @@ from benchmarks.lib.stack import redis_binary
 from benchmarks.lib.stream_scenario import measure_streaming
 
 # The streaming part of a full suite: the defaults of benchmarks.streaming, trimmed to keep
-# the whole suite near 15 minutes on the 2-core machine. Streams of 10 tokens instead of 20
+# the whole suite near 17 minutes on the 2-core machine. Streams of 10 tokens instead of 20
 # halve the latency part; time to first token and a chunk's trip do not depend on the length
 # (9 gaps per stream still show the jitter). Only K=5000, the budget's figure, and only
 # through the gateway: Envoy alone's memory is context, not a budget.
@@ -86,9 +88,10 @@ def estimate_s(args: argparse.Namespace, steps: list[tuple[str, Scenario, list[i
     chat = sum(args.runs * len(cs) * targets * per_measurement + 10 for _, _, cs in steps)
     chat += 15  # the quota store alone
     if args.quick:
-        return chat + 75
-    # 3 variants x runs x 205 streams of ~0.11 s, then 2 memory phases of ~55 s.
-    return chat + args.runs * 3 * 205 * 0.11 + 2 * 55
+        return chat + 90
+    # 5 variants (Envoy alone, 2 floors, 2 gateway paths) x runs x 205 streams of ~0.11 s,
+    # then 2 memory phases of ~55 s.
+    return chat + args.runs * 5 * 205 * 0.11 + 2 * 55
 
 
 def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:

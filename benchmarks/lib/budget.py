@@ -15,6 +15,17 @@ counting and the quota on its embedded store (the headline scenario of `benchmar
 A figure that was not measured the way the budget defines it (fewer runs, another scenario,
 fewer streams) still gets its verdict, with a note saying what differs; a figure that could
 not be measured at all is "n/a".
+
+The streaming figures are per client request: *inline* (the client did not ask for usage) and
+*observed* (it asked for usage), keys kept from when the second one was the stream observer's
+path. Which path each takes depends on the gateway's `sidecar.stream_path` (configs.
+STREAM_PATH_OF): with `auto` (the default) the first is relayed inline and the second released
+(Envoy reads its usage report, no sidecar stage follows it); with `observe` the observer
+follows both. Each row names the path it measured.
+
+Rows for information only (verdict "info", no budget, not counted as pass or miss): the
+streaming time to first token against the floor of the same request (issue 16: every
+streaming figure against Envoy alone and against the floor, in the same run).
 """
 
 from __future__ import annotations
@@ -22,9 +33,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.lib.configs import STREAM_CLIENT, STREAM_PATH_OF
+
 MIN_RUNS = 3
 BUDGET_STREAMS = 5000
-STREAM_PATHS = {"inline": "inline path", "observed": "observed path"}
+# The streaming rows' suffixes: the variant keys (configs.STREAM_VARIANTS).
+STREAM_PATHS = ("inline", "observed")
+INFO = "info"  # the verdict of a row for information only
+
+
+def stream_path_text(variant: str, stream_path: str = "auto") -> str:
+    """A streaming row's client request and the path it took: "usage asked: released"."""
+    return f"{STREAM_CLIENT[variant]}: {STREAM_PATH_OF[stream_path][variant]}"
 
 
 @dataclass(frozen=True)
@@ -75,10 +95,28 @@ RSS_5000 = Budget(
 )
 
 
-def _row(budget: Budget, value: float | None, notes: list[str], suffix: str = "") -> dict:
+@dataclass(frozen=True)
+class Info:
+    """A figure reported beside the budget, for information: no limit, no verdict."""
+
+    key: str
+    figure: str
+    unit: str
+
+
+TTFT_P50_VS_FLOOR = Info(
+    "stream_added_ttft_p50_vs_floor_ms",
+    "streaming: added time to first token p50 vs the floor",
+    "ms",
+)
+
+
+def _row(
+    budget: Budget, value: float | None, notes: list[str], suffix: str = "", stream_path: str = ""
+) -> dict:
     return {
         "key": budget.key + (f".{suffix}" if suffix else ""),
-        "figure": budget.figure + (f" ({STREAM_PATHS[suffix]})" if suffix else ""),
+        "figure": budget.figure + _path_text(suffix, stream_path),
         "measured": value,
         "unit": budget.unit,
         "budget": budget.text(),
@@ -86,6 +124,27 @@ def _row(budget: Budget, value: float | None, notes: list[str], suffix: str = ""
         "verdict": budget.verdict(value),
         "notes": notes,
     }
+
+
+def _info_row(
+    info: Info, value: float | None, notes: list[str], suffix: str = "", stream_path: str = ""
+) -> dict:
+    return {
+        "key": info.key + (f".{suffix}" if suffix else ""),
+        "figure": info.figure + _path_text(suffix, stream_path),
+        "measured": value,
+        "unit": info.unit,
+        "budget": "none",
+        "limit": None,
+        "verdict": INFO,
+        "notes": notes,
+    }
+
+
+def _path_text(suffix: str, stream_path: str) -> str:
+    if not suffix:
+        return ""
+    return f" ({stream_path_text(suffix, stream_path or 'auto')})"
 
 
 def _runs_notes(result: dict[str, Any]) -> list[str]:
@@ -122,25 +181,31 @@ def chat_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def streaming_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The streaming figures of a `benchmarks.streaming` result, per stream path."""
+    """The streaming figures of a `benchmarks.streaming` result, per client request (and the
+    path it took), then the informational rows against the floor."""
     latency = result["latency"]
     common = _runs_notes(result)
-    quota = result["settings"].get("quota", "none")
+    settings = result["settings"]
+    quota = settings.get("quota", "none")
     if quota != "memory":
         common.append(f"quota {quota}")
+    stream_path = settings.get("stream_path", "auto")
+    if stream_path != "auto":
+        common.append(f"sidecar.stream_path: {stream_path}")
     rows = []
     for path in STREAM_PATHS:
         added = latency["added_ms"].get(path, {})
-        rows.append(_row(TTFT_P50, added.get("ttft_p50"), list(common), path))
+        rows.append(_row(TTFT_P50, added.get("ttft_p50"), list(common), path, stream_path))
     for path in STREAM_PATHS:
         added = latency["added_ms"].get(path, {})
         # One chunk's trip alone: response headers to the first content delta.
         notes = [*common, "response headers to first token"]
-        rows.append(_row(CHUNK_P99, added.get("first_after_headers_p99"), notes, path))
+        value = added.get("first_after_headers_p99")
+        rows.append(_row(CHUNK_P99, value, notes, path, stream_path))
     for path in STREAM_PATHS:
         measured = [m for m in result["memory"] if m["target"] == path and "sidecar" in m["rss"]]
         if not measured:
-            rows.append(_row(RSS_5000, None, ["not measured"], path))
+            rows.append(_row(RSS_5000, None, ["not measured"], path, stream_path))
             continue
         m = max(measured, key=lambda x: x["k"])
         sidecar = m["rss"]["sidecar"]
@@ -163,7 +228,14 @@ def streaming_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             value = None
         else:
             notes.append(f"K={m['k']:,}, {m['live_at_sample']:,} live")
-        rows.append(_row(RSS_5000, value, notes, path))
+        rows.append(_row(RSS_5000, value, notes, path, stream_path))
+    for path in STREAM_PATHS:
+        vs_floor = latency.get("added_vs_floor_ms", {}).get(path)
+        notes = [*common, "gateway - the floor, same client request"]
+        if vs_floor is None:
+            notes = ["no floor measured"]
+        value = vs_floor.get("ttft_p50") if vs_floor else None
+        rows.append(_info_row(TTFT_P50_VS_FLOOR, value, notes, path, stream_path))
     return rows
 
 
@@ -201,9 +273,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         )
     missed = sum(1 for r in rows if r["verdict"] == "miss")
     passed = sum(1 for r in rows if r["verdict"] == "pass")
-    unknown = len(rows) - missed - passed
+    info = sum(1 for r in rows if r["verdict"] == INFO)
+    unknown = len(rows) - missed - passed - info
     lines += [
         "",
-        f"{passed} pass, {missed} miss" + (f", {unknown} not measured" if unknown else "") + ".",
+        f"{passed} pass, {missed} miss"
+        + (f", {unknown} not measured" if unknown else "")
+        + (f"; {info} row(s) for information, with no budget" if info else "")
+        + ".",
     ]
     return "\n".join(lines)

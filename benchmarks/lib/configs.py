@@ -31,6 +31,8 @@ TARGETS = ("baseline", "gateway")
 # do-nothing Python ext_proc server (benchmarks/lib/floor.py) in the sidecar's place.
 CHAT_TARGETS = ("baseline", "floor", "gateway")
 QUOTA_STORES = ("memory", "redis", "none")
+# The gateway's `sidecar.stream_path` settings the streaming benchmark measures (`--stream-path`).
+STREAM_PATHS = ("auto", "observe")
 # The status the failover scenario's priority-0 backend answers every request with.
 FAILOVER_FAULTS = ("429", "503")
 
@@ -44,6 +46,7 @@ class Scenario:
     failover: bool = False
     failover_fault: str = "429"
     workers: int = 1
+    stream_path: str = "auto"  # the gateway's sidecar.stream_path (the product's default: auto)
 
     @property
     def name(self) -> str:
@@ -55,6 +58,8 @@ class Scenario:
             parts.append(f"failover-{self.failover_fault}")
         if self.workers > 1:
             parts.append(f"workers-{self.workers}")
+        if self.stream_path != "auto":
+            parts.append(f"stream-path-{self.stream_path}")
         return "+".join(parts)
 
     @property
@@ -72,6 +77,8 @@ class Scenario:
             parts.append(f"failover (priority 0 answers {self.failover_fault}, retried on 1)")
         if self.workers > 1:
             parts.append(f"{self.workers} sidecar workers")
+        if self.stream_path != "auto":
+            parts.append(f"sidecar.stream_path: {self.stream_path}")
         return ", ".join(parts)
 
     @property
@@ -80,21 +87,79 @@ class Scenario:
         return self == Scenario(failover_fault=self.failover_fault)
 
 
-# What the streaming benchmark measures: Envoy alone, and the gateway on each of its two stream
-# paths. A client that asks for usage is followed by the observer (Envoy holds no chunk back);
-# one that does not is relayed inline (the usage event the gateway asked for is cut out of its
-# stream).
+# What the streaming benchmark measures, in this order within every run: Envoy alone, and for
+# each of the two client behaviours the floor then the gateway. The keys say what the client
+# does, not which path the gateway takes: "inline", the client did not ask for usage;
+# "observed", it asked for it (`stream_options.include_usage`). Which path each takes depends
+# on the gateway's `sidecar.stream_path` (STREAM_PATH_OF; extproc/request_plan.py): with
+# `auto` (the default) and one backend, a stream whose client asked for usage is released with
+# its body (no sidecar stage follows it, Envoy's extproc.stream_usage filter reads the usage
+# report); with `observe` the stream observer follows every stream. The keys are kept from when
+# "observed" meant the observer under the default: the budget and every result use them.
 STREAM_VARIANTS: dict[str, tuple[str, bool]] = {  # variant -> (target, client asks for usage)
     "baseline": ("baseline", False),
+    "floor_inline": ("floor", False),
     "inline": ("gateway", False),
+    "floor_observed": ("floor", True),
     "observed": ("gateway", True),
 }
 STREAM_GATEWAY_VARIANTS = ("inline", "observed")
-STREAM_LABELS = {
-    "baseline": "Envoy alone",
-    "inline": "gateway, inline",
-    "observed": "gateway, observed",
+# Each gateway variant's floor: the same client request through the floor target.
+STREAM_FLOOR_OF = {"inline": "floor_inline", "observed": "floor_observed"}
+# The client behaviour a variant (or its floor) stands for.
+STREAM_CLIENT = {"inline": "no usage asked", "observed": "usage asked"}
+# The path a gateway variant's streams take, per `sidecar.stream_path` (request_plan.plan with
+# one backend, `json_path: access_log`, no response guard: the benchmark's gateway).
+STREAM_PATH_OF = {
+    "auto": {"inline": "inline", "observed": "released"},
+    "observe": {"inline": "observer", "observed": "observer"},
 }
+# What the gateway does on that path, and what the floor server does in its place.
+STREAM_PATH_TEXT = {
+    ("auto", "inline"): (
+        "the sidecar asks the backend for the usage report, the response body switches to "
+        "ext_proc STREAMED mode and every chunk waits for the sidecar, which cuts the report "
+        "out again"
+    ),
+    ("auto", "observed"): (
+        "the sidecar releases the request with its body: no sidecar stage follows the stream; "
+        "Envoy's extproc.stream_usage filter reads the usage report as it passes and the access "
+        "log brings it to the sidecar"
+    ),
+    ("observe", "inline"): (
+        "released with its body, the stream observer follows a copy (observability mode: Envoy "
+        "holds no chunk back) and counts the completion itself (no usage report is asked for)"
+    ),
+    ("observe", "observed"): (
+        "released with its body, the stream observer follows a copy (observability mode: Envoy "
+        "holds no chunk back) and reads the backend's usage report"
+    ),
+}
+FLOOR_PATH_TEXT = {
+    ("auto", "inline"): (
+        "the floor server keeps the stream, switches the response body to STREAMED at the "
+        "headers and answers every chunk with an empty answer"
+    ),
+    ("auto", "observed"): "the floor server releases the request with its body (`account: true`)",
+    ("observe", "inline"): (
+        "the floor server releases the request with its body (`account: true`, `observe: "
+        "true`); the observer's stream to it is read and not answered"
+    ),
+    ("observe", "observed"): (
+        "the floor server releases the request with its body (`account: true`, `observe: "
+        "true`); the observer's stream to it is read and not answered"
+    ),
+}
+
+
+def stream_label(variant: str, stream_path: str = "auto") -> str:
+    """A streaming variant for the reports: its target, what the client asked, the path."""
+    if variant == "baseline":
+        return "Envoy alone"
+    floor = variant.startswith("floor_")
+    path = variant.removeprefix("floor_")
+    target = "floor" if floor else "gateway"
+    return f"{target}, {STREAM_CLIENT[path]} ({STREAM_PATH_OF[stream_path][path]})"
 
 
 def free_port() -> int:
@@ -148,6 +213,9 @@ def gateway_config(
     if scenario.workers > 1:
         # Only when asked: a config without the key is what every earlier result measured.
         config["sidecar"]["workers"] = scenario.workers
+    if scenario.stream_path != "auto":
+        # The same: the default (auto) is left unwritten.
+        config["sidecar"]["stream_path"] = scenario.stream_path
     if scenario.quota != "none":
         team["limits"] = QUOTA_LIMITS
     if scenario.quota == "redis":
@@ -279,3 +347,16 @@ def floor_releases(cfg: Config, routing: dict[str, str]) -> bool:
         and cfg.sidecar.json_path == "access_log"
         and not cfg.guardrails.response
     )
+
+
+def floor_settings(cfg: Config, routing: dict[str, str]) -> dict[str, Any]:
+    """What the floor server needs to answer each request as the sidecar's downstream stage
+    would (its command line, benchmarks/lib/floor.py): the routing headers, whether a request
+    is releasable (`floor_releases`), the gateway's `sidecar.stream_path` and whether it has a
+    response guard (which keeps every stream inline, with no observer)."""
+    return {
+        "headers": routing,
+        "release": floor_releases(cfg, routing),
+        "stream_path": cfg.sidecar.stream_path,
+        "response_guards": bool(cfg.guardrails.response),
+    }

@@ -8,9 +8,12 @@ from typing import Any
 from benchmarks.lib import budget
 from benchmarks.lib.configs import (
     CHAT_TARGETS,
+    FLOOR_PATH_TEXT,
+    STREAM_FLOOR_OF,
     STREAM_GATEWAY_VARIANTS,
-    STREAM_LABELS,
-    STREAM_VARIANTS,
+    STREAM_PATH_OF,
+    STREAM_PATH_TEXT,
+    stream_label,
 )
 from benchmarks.lib.stats import percent_of
 from benchmarks.lib.stream_client import CPU_WINDOW_S, OPENING_AT_ONCE
@@ -205,69 +208,126 @@ def _spread(values: list[float | None]) -> str:
     return f"runs {fmt(min(present), sign=True)} … {fmt(max(present), sign=True)} ms"
 
 
-def streaming_markdown(result: dict[str, Any]) -> str:
-    """The streaming tables (latency, then memory per concurrent stream) of a result."""
-    s = result["settings"]
-    lat = result["latency"]
-    base = lat["baseline"]
-    lines = [
-        f"Streaming, Envoy alone vs gateway: {s['runs']} run(s) x {s['latency_streams']} streams "
-        f"at concurrency 1, {s['tokens']} tokens at {s['tokens_per_second']:g} tokens/s "
-        f"(pacing {lat['pacing_ms']:g} ms), no time to first token; medians over runs; Envoy "
-        f"--concurrency {s['envoy_concurrency']}; {result['machine']['cpus']} CPU(s) shared by "
-        "the load generator, both Envoys, the fake LLM and the sidecar. *inline*: the client "
-        "did not ask for usage (the gateway injects the request and cuts the usage event, so "
-        "every chunk waits for the sidecar); *observed*: the client asked for usage (the "
-        "observer follows a copy, Envoy holds nothing back).",
-        "",
-        "| metric | Envoy alone | gateway inline | added inline | gateway observed | "
-        "added observed |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    rows = (
-        ("time to first token p50 (ms)", "ttft_p50"),
-        ("time to first token p99 (ms)", "ttft_p99"),
-        (f"gap between chunks p50 (ms, pacing {lat['pacing_ms']:g})", "gap_p50"),
-        (f"gap between chunks p99 (ms, pacing {lat['pacing_ms']:g})", "gap_p99"),
-        ("time to response headers p50 (ms)", "headers_p50"),
-        ("response headers to first token p50 (ms)", "first_after_headers_p50"),
-        ("response headers to first token p99 (ms)", "first_after_headers_p99"),
-    )
-    for label, key in rows:
-        cells = [fmt(base[f"{key}_ms"])]
-        for variant in STREAM_GATEWAY_VARIANTS:
-            spread = _spread([r[f"{key}_ms"] for r in lat["per_run_added_ms"][variant]])
-            cells.append(fmt(lat[variant][f"{key}_ms"]))
-            cells.append(
-                f"{fmt(lat['added_ms'][variant][key], sign=True)} ms"
-                + (f" ({spread})" if spread else "")
-            )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+# The latency rows of the streaming tables: (label, key in the summary without `_ms`).
+STREAM_ROWS = (
+    ("time to first token p50 (ms)", "ttft_p50"),
+    ("time to first token p99 (ms)", "ttft_p99"),
+    ("gap between chunks p50 (ms, pacing {pacing})", "gap_p50"),
+    ("gap between chunks p99 (ms, pacing {pacing})", "gap_p99"),
+    ("time to response headers p50 (ms)", "headers_p50"),
+    ("response headers to first token p50 (ms)", "first_after_headers_p50"),
+    ("response headers to first token p99 (ms)", "first_after_headers_p99"),
+)
 
-    def cpu(variant: str) -> str:
-        values = lat[variant]["cpu_ms_per_stream"].items()
+
+def _added(added: dict[str, Any], per_run: list[dict[str, Any]], key: str) -> str:
+    """An added figure (ms) with its spread over runs, or n/a."""
+    if key not in added:
+        return "n/a"
+    spread = _spread([r[f"{key}_ms"] for r in per_run])
+    return f"{fmt(added[key], sign=True)} ms" + (f" ({spread})" if spread else "")
+
+
+def _stream_table(lat: dict[str, Any], variant: str) -> list[str]:
+    """One client request's table: Envoy alone, the floor and the gateway; what the floor and
+    the gateway add to Envoy alone, and what the gateway adds to the floor."""
+    floor = STREAM_FLOOR_OF[variant]
+    base, fl, gw = lat["baseline"], lat.get(floor), lat.get(variant)
+    added = lat["added_ms"]
+    per_run = lat["per_run_added_ms"]
+    vs_floor = lat.get("added_vs_floor_ms", {}).get(variant, {})
+    per_run_vs_floor = lat.get("per_run_added_vs_floor_ms", {}).get(variant, [])
+
+    def of(row: dict[str, Any] | None, key: str) -> str:
+        return fmt(row[key]) if row is not None else "n/a"
+
+    lines = [
+        "| metric | Envoy alone | floor | gateway | floor vs Envoy alone | gateway vs Envoy alone "
+        "| gateway vs floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    pacing = f"{lat['pacing_ms']:g}"
+    for label, key in STREAM_ROWS:
+        lines.append(
+            f"| {label.format(pacing=pacing)} | {fmt(base[f'{key}_ms'])} | "
+            f"{of(fl, f'{key}_ms')} | {of(gw, f'{key}_ms')} | "
+            f"{_added(added.get(floor, {}), per_run.get(floor, []), key)} | "
+            f"{_added(added.get(variant, {}), per_run.get(variant, []), key)} | "
+            f"{_added(vs_floor, per_run_vs_floor, key)} |"
+        )
+
+    def cpu(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "n/a"
+        values = row["cpu_ms_per_stream"].items()
         return ", ".join(f"{name} {fmt(value)}" for name, value in values if value)
 
-    lines.append(
-        f"| CPU ms per stream | {cpu('baseline')} | {cpu('inline')} | | {cpu('observed')} | |"
-    )
-    errors = sum(lat[v]["errors"] for v in STREAM_VARIANTS)
+    lines.append(f"| CPU ms per stream | {cpu(base)} | {cpu(fl)} | {cpu(gw)} | | | |")
+    talk = {v: (row or {}).get("ext_proc_per_stream") for v, row in ((floor, fl), (variant, gw))}
+    if any(talk.values()):
+        lines.append(
+            "| ext_proc messages per stream (sent / answered), access log entries | | "
+            f"{_talk(talk[floor])} | {_talk(talk[variant])} | | | |"
+        )
+    shown = [row for row in (base, fl, gw) if row is not None]
+    errors = sum(row["errors"] for row in shown)
     lines.append(
         "| streams / errors | "
         + " | ".join(
-            f"{lat[v]['streams']} / {lat[v]['errors']}" + (" |" if v != "baseline" else "")
-            for v in STREAM_VARIANTS
+            f"{row['streams']} / {row['errors']}" if row else "n/a" for row in (base, fl, gw)
         )
-        + (" **ERRORS** |" if errors else " all ended with [DONE] |")
+        + (" | | **ERRORS** | |" if errors else " | | all ended with [DONE] | |")
     )
-    lines += [
+    return lines
+
+
+def streaming_markdown(result: dict[str, Any]) -> str:
+    """The streaming tables (latency per client request, then memory per concurrent stream)."""
+    s = result["settings"]
+    lat = result["latency"]
+    stream_path = s.get("stream_path", "auto")
+    has_floor = any(v in lat for v in STREAM_FLOOR_OF.values())
+    lines = [
+        f"Streaming, Envoy alone vs the floor vs the gateway with `sidecar.stream_path: "
+        f"{stream_path}`: {s['runs']} run(s) x {s['latency_streams']} streams per target and "
+        f"request at concurrency 1, {s['tokens']} tokens at {s['tokens_per_second']:g} tokens/s "
+        f"(pacing {lat['pacing_ms']:g} ms), no time to first token; medians over runs; Envoy "
+        f"--concurrency {s['envoy_concurrency']}; {result['machine']['cpus']} CPU(s) shared by "
+        "the load generator, the three Envoys, the fake LLM, the floor server and the sidecar. "
+        "*floor*: the gateway's own Envoy config in front of a do-nothing Python ext_proc server "
+        "(`benchmarks/lib/floor.py`) that answers each stream as the sidecar's stage does on "
+        "that path; *floor vs Envoy alone* is what any Python ext_proc server costs on the "
+        "path, *gateway vs floor* what the sidecar's own work costs on top.",
         "",
+    ]
+    if not has_floor:
+        lines += ["No floor was measured in this run.", ""]
+    for variant in STREAM_GATEWAY_VARIANTS:
+        if variant not in lat:
+            continue
+        what = "asked for usage" if variant == "observed" else "did not ask for usage"
+        path = STREAM_PATH_OF.get(stream_path, {}).get(variant, "?")
+        lines += [
+            f"**The client {what}** (variant `{variant}`; {path} path): the gateway: "
+            f"{STREAM_PATH_TEXT.get((stream_path, variant), '?')}; the floor: "
+            f"{FLOOR_PATH_TEXT.get((stream_path, variant), '?')}.",
+            "",
+            *_stream_table(lat, variant),
+            "",
+        ]
+
+    def label(variant: str) -> str:
+        return stream_label(variant, stream_path)
+
+    lines += [
         f"Memory per concurrent stream: K streams at {s['slow_tokens_per_second']:g} token/s, "
         f"{s['slow_tokens']} tokens each, opened {OPENING_AT_ONCE} at a time; RSS (median of 3 "
         f"samples) {s['settle_s']:g} s after every stream had its first chunk, against the RSS "
         "before they opened; per stream = growth / streams live at the sample. CPU per chunk: "
         f"CPU time over up to {CPU_WINDOW_S:g} s right after the sample (every stream open, "
-        "none opening or ending) / content chunks the client received in that window.",
+        "none opening or ending) / content chunks the client received in that window. Each K "
+        "and target in a fresh process tree (Envoy alone and the gateway; no floor), with the "
+        "same `sidecar.stream_path`.",
         "",
         "| K | target | live streams | process | RSS before (MB) | RSS with K open (MB) | "
         "growth (MB) | KB per stream | RSS after (MB) | CPU µs per chunk | ok / errors |",
@@ -277,7 +337,7 @@ def streaming_markdown(result: dict[str, Any]) -> str:
         per_chunk = m.get("cpu_per_chunk", {}).get("us_per_chunk", {})
         for name, g in m["rss"].items():
             lines.append(
-                f"| {m['k']} | {STREAM_LABELS[m['target']]} | {m['live_at_sample']} | {name} | "
+                f"| {m['k']} | {label(m['target'])} | {m['live_at_sample']} | {name} | "
                 f"{fmt(g['before_mb'], 1)} | {fmt(g['during_mb'], 1)} | "
                 f"{fmt(g['growth_mb'], 1, sign=True)} | {fmt(g['kb_per_stream'], 1)} | "
                 f"{fmt(g['after_mb'], 1)} | {fmt(per_chunk.get(name), 1)} | "
@@ -291,7 +351,7 @@ def streaming_markdown(result: dict[str, Any]) -> str:
             kinds = ", ".join(f"{kind}: {n}" for kind, n in m["error_kinds"].items())
             detail = next((d for d in m["error_details"].values() if d), "")
             lines.append(
-                f"- **K={m['k']} {STREAM_LABELS[m['target']]}: {m['errors']} of {m['k']} stream(s) "
+                f"- **K={m['k']} {label(m['target'])}: {m['errors']} of {m['k']} stream(s) "
                 f"failed** ({kinds})" + (f"; e.g. `{detail[:160]}`" if detail else "")
             )
         if m["envoy_overflow"]:
@@ -311,7 +371,7 @@ def streaming_markdown(result: dict[str, Any]) -> str:
     for sample in result["latency_samples"]:
         if sample["errors"]:
             lines.append(
-                f"- **latency run {sample['run']} {STREAM_LABELS[sample['target']]}: "
+                f"- **latency run {sample['run']} {label(sample['target'])}: "
                 f"{sample['errors']} error(s)** {sample['error_kinds']}"
             )
     return "\n".join(lines)
@@ -379,7 +439,12 @@ def plot_links(plots: dict[str, str]) -> list[str]:
 
 def streaming_report(result: dict[str, Any]) -> str:
     """The markdown report file of a streaming run."""
-    lines = report_header(result, "Streaming: gateway vs Envoy alone", "benchmarks.streaming")
+    stream_path = result["settings"].get("stream_path", "auto")
+    lines = report_header(
+        result,
+        f"Streaming: gateway vs the floor vs Envoy alone (sidecar.stream_path: {stream_path})",
+        "benchmarks.streaming",
+    )
     lines += ["## Budget", "", budget.markdown(result["budget"]), "", "## Results", ""]
     return "\n".join([*lines, streaming_markdown(result)])
 

@@ -25,8 +25,8 @@ from benchmarks.lib.configs import (
     Scenario,
     baseline_bootstrap,
     floor_bootstrap,
-    floor_releases,
     floor_routing,
+    floor_settings,
     free_port,
     gateway_config,
 )
@@ -105,7 +105,8 @@ class Targets:
     shared_extra: dict[str, subprocess.Popen] = field(default_factory=dict)
     # The floor target (`started(floor=True)`): its Envoy and the do-nothing ext_proc server.
     floor: dict[str, subprocess.Popen] = field(default_factory=dict)
-    # What the floor server answers: {"headers": routing headers, "release": bool}.
+    # What the floor server answers (configs.floor_settings): {"headers": routing headers,
+    # "release": bool, "stream_path": the gateway's sidecar.stream_path, "response_guards"}.
     floor_settings: dict[str, object] = field(default_factory=dict)
 
     def pids(self, target: str) -> dict[str, int]:
@@ -150,7 +151,9 @@ def started(
 
     `floor`: also the floor target, a second Envoy on the gateway's own rendered bootstrap
     (other ports) whose sidecar cluster points at `benchmarks.lib.floor`, which sets only the
-    routing headers the model's route matches (and ends its stream where the sidecar does).
+    routing headers the model's route matches, ends its stream where the sidecar does and
+    switches a stream it keeps to STREAMED, deciding per request as the sidecar would with the
+    gateway's config (`--release`, `--stream-path`, `--response-guards`).
 
     The fake runs with no time to first token and no pacing unless `fake_args` say otherwise;
     a request may set its own with the x-fake-* headers. The scenario may add a redis-server
@@ -230,21 +233,22 @@ def started(
         wait_envoy_ready(base_admin, deadline, baseline)
 
         floor_procs: dict[str, subprocess.Popen] = {}
-        floor_settings: dict[str, object] = {}
+        settings: dict[str, object] = {}
         urls, admins = {}, {}
         if floor:
             floor_listen, floor_admin = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
             server = f"{HOST}:{free_port()}"
             doc = floor_bootstrap(cfg, floor_listen, floor_admin, server)
             routing = floor_routing(doc)
-            release = floor_releases(cfg, routing)
-            floor_settings = {"headers": routing, "release": release}
+            settings = floor_settings(cfg, routing)
             target = routing.get(TARGET_HEADER)
             floor_procs["server"] = spawn(
                 "floor-server",
                 [sys.executable, "-m", "benchmarks.lib.floor", "--listen", server,
                  "--model", MODEL, *(["--target", target] if target else []),
-                 *(["--release"] if release else [])],
+                 *(["--release"] if settings["release"] else []),
+                 "--stream-path", str(settings["stream_path"]),
+                 *(["--response-guards"] if settings["response_guards"] else [])],
             )  # fmt: skip
             wait_tcp(server, deadline, floor_procs["server"])
             floor_path = workdir / "floor-envoy.yaml"
@@ -279,7 +283,7 @@ def started(
             gateway_extra=gateway_extra,
             shared_extra=shared_extra,
             floor=floor_procs,
-            floor_settings=floor_settings,
+            floor_settings=settings,
         )
     finally:
         if stack is not None:

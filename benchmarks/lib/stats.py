@@ -9,7 +9,12 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.lib.configs import CHAT_TARGETS, STREAM_GATEWAY_VARIANTS, STREAM_VARIANTS
+from benchmarks.lib.configs import (
+    CHAT_TARGETS,
+    STREAM_FLOOR_OF,
+    STREAM_GATEWAY_VARIANTS,
+    STREAM_VARIANTS,
+)
 
 # Percentiles kept in the JSON per concurrency and target (all runs pooled): enough to redraw
 # the latency distribution without keeping every sample.
@@ -170,45 +175,80 @@ def _floor_comparison(
     }
 
 
+STREAM_KEYS = (
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "gap_p50_ms",
+    "gap_p99_ms",
+    "headers_p50_ms",
+    "first_after_headers_p50_ms",
+    "first_after_headers_p99_ms",
+)
+
+
+def _stream_difference(
+    samples: list[dict[str, Any]], variant: str, reference: str
+) -> tuple[dict[str, float | None], list[dict[str, float | None]]]:
+    """What `variant` adds to `reference`: medians over runs, then run by run (the spread)."""
+    rows = {v: [s for s in samples if s["target"] == v] for v in (variant, reference)}
+    medians = {v: {key: median_of([r[key] for r in rows[v]]) for key in STREAM_KEYS} for v in rows}
+    added = {
+        key.removesuffix("_ms"): difference(medians[variant][key], medians[reference][key])
+        for key in STREAM_KEYS
+    }
+    per_run = []
+    for run in sorted({s["run"] for s in samples}):
+        ref = next(s for s in rows[reference] if s["run"] == run)
+        mine = next(s for s in rows[variant] if s["run"] == run)
+        per_run.append({key: difference(mine[key], ref[key]) for key in STREAM_KEYS})
+    return added, per_run
+
+
 def summarize_stream_latency(samples: list[dict[str, Any]], pacing_ms: float) -> dict[str, Any]:
-    """Per streaming variant: medians over runs of the latency part, what each gateway path
-    adds to Envoy alone's, and the same run by run."""
-    keys = (
-        "ttft_p50_ms",
-        "ttft_p99_ms",
-        "gap_p50_ms",
-        "gap_p99_ms",
-        "headers_p50_ms",
-        "first_after_headers_p50_ms",
-        "first_after_headers_p99_ms",
-    )
+    """Per streaming variant: medians over runs of the latency part; what each gateway path
+    and each floor variant adds to Envoy alone's, and what each gateway path adds to the floor
+    of the same client request; each of those run by run too."""
+    measured = {s["target"] for s in samples}
+    variants = [v for v in STREAM_VARIANTS if v in measured]
     per_variant: dict[str, Any] = {}
-    for variant in STREAM_VARIANTS:
+    for variant in variants:
         rows = [s for s in samples if s["target"] == variant]
-        per_variant[variant] = {key: median_of([r[key] for r in rows]) for key in keys}
+        per_variant[variant] = {key: median_of([r[key] for r in rows]) for key in STREAM_KEYS}
         per_variant[variant]["cpu_ms_per_stream"] = {
             name: median_of([r["cpu_ms_per_stream"].get(name) for r in rows])
             for name in sorted({n for r in rows for n in r["cpu_ms_per_stream"]})
         }
+        talk = [r["ext_proc_per_stream"] for r in rows if r.get("ext_proc_per_stream")]
+        if talk:
+            # What Envoy exchanged with the ext_proc server per stream (its counters).
+            per_variant[variant]["ext_proc_per_stream"] = {
+                k: median_of([x.get(k) for x in talk]) for k in talk[0]
+            }
         per_variant[variant]["streams"] = sum(r["streams"] for r in rows)
         per_variant[variant]["errors"] = sum(r["errors"] for r in rows)
         per_variant[variant]["streams_with_missing_deltas"] = sum(
             r["streams_with_missing_deltas"] for r in rows
         )
-    base = per_variant["baseline"]
     added: dict[str, Any] = {}
     per_run: dict[str, list[dict[str, Any]]] = {}
+    added_vs_floor: dict[str, Any] = {}
+    per_run_vs_floor: dict[str, list[dict[str, Any]]] = {}
+    for variant in variants:
+        if variant != "baseline":
+            added[variant], per_run[variant] = _stream_difference(samples, variant, "baseline")
     for variant in STREAM_GATEWAY_VARIANTS:
-        gw = per_variant[variant]
-        added[variant] = {key.removesuffix("_ms"): difference(gw[key], base[key]) for key in keys}
-        per_run[variant] = []
-        for run in sorted({s["run"] for s in samples}):
-            b = next(s for s in samples if s["run"] == run and s["target"] == "baseline")
-            g = next(s for s in samples if s["run"] == run and s["target"] == variant)
-            per_run[variant].append({key: difference(g[key], b[key]) for key in keys})
+        floor = STREAM_FLOOR_OF[variant]
+        if variant in measured and floor in measured:
+            added_vs_floor[variant], per_run_vs_floor[variant] = _stream_difference(
+                samples, variant, floor
+            )
     return {
         **per_variant,
         "pacing_ms": pacing_ms,
+        # Against Envoy alone: every gateway and floor variant.
         "added_ms": added,
         "per_run_added_ms": per_run,
+        # Against the floor of the same client request: the gateway variants.
+        "added_vs_floor_ms": added_vs_floor,
+        "per_run_added_vs_floor_ms": per_run_vs_floor,
     }

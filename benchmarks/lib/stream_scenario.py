@@ -1,6 +1,7 @@
-"""The streaming benchmark measured: the latency part (Envoy alone and the gateway's two
-stream paths alternated within every run) in one process tree, then the memory part (K slow
-streams held open) in a fresh process tree per K and variant; the result, JSON-ready.
+"""The streaming benchmark measured: the latency part (Envoy alone, then for each client
+request, without and with usage asked for, the floor and the gateway, alternated within every
+run) in one process tree, then the memory part (K slow streams held open, Envoy alone and the
+gateway) in a fresh process tree per K and variant; the result, JSON-ready.
 
 `args` are the options of `python -m benchmarks.streaming`; the suite passes its own.
 """
@@ -26,7 +27,7 @@ from benchmarks.lib.procstat import cpu_seconds, open_files_limit, raise_open_fi
 from benchmarks.lib.report import fmt
 from benchmarks.lib.results import envelope
 from benchmarks.lib.runtime import loop_factory
-from benchmarks.lib.stack import Targets, envoy_workers, started
+from benchmarks.lib.stack import Targets, envoy_workers, ext_proc_counters, started
 from benchmarks.lib.stats import summarize_stream_latency
 from benchmarks.lib.stream_client import (
     OPENING_AT_ONCE,
@@ -40,15 +41,22 @@ FD_MARGIN = 64
 
 
 def ready(runner: asyncio.Runner, targets: Targets, warm_streams: int = 0) -> dict[str, Any]:
-    """Both targets answer (pre-flight), run the same number of Envoy workers, and have served
-    `warm_streams` streams (so lazy start-up work is not counted as per-stream memory)."""
-    workers = {t: envoy_workers(targets.admins[t]) for t in TARGETS}
-    if workers["baseline"] != workers["gateway"]:
+    """Every target (Envoy alone, the floor when started, the gateway) answers (pre-flight),
+    runs the same number of Envoy workers, and has served `warm_streams` streams (so lazy
+    start-up work is not counted as per-stream memory). The floor's Envoy must have talked to
+    the floor server, or the floor would measure Envoy alone."""
+    measured = [t for t in (*TARGETS, "floor") if t in targets.urls]
+    workers = {t: envoy_workers(targets.admins[t]) for t in measured}
+    if len(set(workers.values())) != 1:
         raise RuntimeError(f"Envoy worker counts differ: {workers}")
-    for target in TARGETS:
+    for target in measured:
         runner.run(preflight(targets.urls[target], time.monotonic() + 20))
         if warm_streams:
             runner.run(latency_phase(targets.urls[target], warm_streams, 0, 5, 0, False))
+    if "floor" in measured and not (ext_proc_counters(targets.admins["floor"]) or {}).get(
+        "streams"
+    ):
+        raise RuntimeError("the floor's Envoy opened no ext_proc stream to the floor server")
     return workers
 
 
@@ -75,7 +83,7 @@ def measure_streaming(
     The caller installs the SIGTERM handler (`runtime.cancel_or_interrupt`) and writes the
     result.
     """
-    scenario = Scenario(quota=args.quota)
+    scenario = Scenario(quota=args.quota, stream_path=args.stream_path)
     rlimit = raise_open_files_limit()  # before starting anything: the children inherit it
     workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-streaming-"))
     started_at = time.monotonic()
@@ -83,7 +91,8 @@ def measure_streaming(
     notes: list[str] = []
     loop = asyncio.Runner(loop_factory=loop_factory())
     try:
-        with started(workdir / "latency", args.envoy_concurrency, scenario=scenario) as targets:
+        latency_dir = workdir / "latency"
+        with started(latency_dir, args.envoy_concurrency, scenario=scenario, floor=True) as targets:
             workers = ready(loop, targets)
             fd_limits = {
                 "loadgen": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
@@ -103,7 +112,10 @@ def measure_streaming(
             print(f"open-files limits {fd_limits}: up to {fits} streams", file=sys.stderr)
             breakers = {t: loop.run(envoy_circuit_breakers(targets.admins[t])) for t in TARGETS}
 
-            # 1 + 2: latency, baseline then gateway in every run.
+            floor_settings = targets.floor_settings
+
+            # 1 + 2: latency, in every run Envoy alone, then per client request (no usage
+            # asked, usage asked) the floor and the gateway (STREAM_VARIANTS' order).
             pacing_ms = 1000 / args.tokens_per_second
             latency_samples: list[dict[str, Any]] = []
             total = args.runs * len(STREAM_VARIANTS)
@@ -111,6 +123,10 @@ def measure_streaming(
                 for variant, (target, include_usage) in STREAM_VARIANTS.items():
                     targets.check()
                     pids = {**targets.pids(target), "fake-llm": targets.fake.pid}
+                    # Envoy's counters of its talk to the ext_proc server, read outside the
+                    # CPU window (a stats dump costs Envoy).
+                    talks = target != "baseline"
+                    talk_before = ext_proc_counters(targets.admins[target]) if talks else None
                     gc.collect()
                     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     sample = loop.run(
@@ -130,10 +146,16 @@ def measure_streaming(
                         for name, before in cpu_before.items()
                         if before is not None and (after := cpu_after[name]) is not None
                     }
+                    talk_after = ext_proc_counters(targets.admins[target]) if talks else None
+                    if talk_before is not None and talk_after is not None:
+                        sample["ext_proc_per_stream"] = {
+                            key: round((talk_after[key] - talk_before[key]) / measured, 2)
+                            for key in talk_after
+                        }
                     sample.update(run=run, target=variant)
                     latency_samples.append(sample)
                     print(
-                        f"[{len(latency_samples)}/{total}] run {run} {variant:<8} "
+                        f"[{len(latency_samples)}/{total}] run {run} {variant:<14} "
                         f"ttft p50 {fmt(sample['ttft_p50_ms'])} p99 {fmt(sample['ttft_p99_ms'])}"
                         f" ms  gap p50 {fmt(sample['gap_p50_ms'])} p99 "
                         f"{fmt(sample['gap_p99_ms'])} ms  errors {sample['errors']}",
@@ -197,6 +219,8 @@ def measure_streaming(
             },
             "settings": {
                 "quota": args.quota,
+                "stream_path": args.stream_path,
+                "floor": floor_settings or None,
                 "runs": args.runs,
                 "latency_streams": args.latency_streams,
                 "warmup_streams": args.warmup_streams,
