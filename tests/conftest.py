@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -137,14 +139,16 @@ def gateway_config(ports: dict[str, int]) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory) -> Iterator[Gateway]:
+@contextlib.contextmanager
+def running_gateway(tmp: Path, **sidecar: Any) -> Iterator[Gateway]:
+    """The gateway of gateway_config (with these `sidecar` settings) and its second fake
+    backend, on free ports; stopped on exit, and checked to have stopped cleanly."""
     from extproc.supervisor import Stack
 
-    tmp = tmp_path_factory.mktemp("gateway")
     names = ("sidecar", "envoy", "admin", "fake_a", "fake_b", "dead", "metrics")
     ports = {k: free_port() for k in names}
     config = gateway_config(ports)
+    config["sidecar"].update(sidecar)
     config_path = tmp / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = tmp / "stack.log"
@@ -180,5 +184,11 @@ def gateway(tmp_path_factory) -> Iterator[Gateway]:
             fake_b.wait(10)
     codes = {name: proc.returncode for name, proc in stack.procs.items()}
     # A graceful shutdown: every process ended by SIGTERM exits cleanly (Envoy: 0).
-    assert codes.get("sidecar") == 0, codes
+    assert codes.get("sidecar") == 0, (codes, log_path.read_text(errors="replace")[-3000:])
     assert codes.get("fake-llm") == 0, codes
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with running_gateway(tmp_path_factory.mktemp("gateway")) as gw:
+        yield gw

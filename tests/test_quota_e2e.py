@@ -566,6 +566,23 @@ def test_settlement_of_a_stream_cut_by_the_client(request: pytest.FixtureRequest
     assert prompt + received - 1 <= usage.used < prompt + CUT_FULL
 
 
+def stream_asking_for_usage(
+    gw: Gateway, team: str, messages: list[Any], max_tokens: int, headers: dict[str, str]
+) -> list[Any]:
+    """A whole stream through the official SDK, whose client asked for the usage report."""
+    with gw.client(team) as client:
+        return list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers=headers,
+            )
+        )
+
+
 def test_a_stream_with_its_usage_report_is_settled_from_envoys_access_log(default_gw: Gateway):
     """The default path of a stream whose client asked for usage, to a model one backend
     serves: released with its request, no stage of the sidecar follows it; Envoy's stream usage
@@ -580,17 +597,7 @@ def test_a_stream_with_its_usage_report_is_settled_from_envoys_access_log(defaul
     def scenario() -> tuple[list[Any], Any, str]:
         gw.admin.reset(team)
         offset = gw.log_path.stat().st_size
-        with gw.client(team) as client:
-            chunks = list(
-                client.chat.completions.create(
-                    model=MODEL,
-                    messages=messages,
-                    max_tokens=max_tokens,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    extra_headers={"x-request-id": marker},
-                )
-            )
+        chunks = stream_asking_for_usage(gw, team, messages, max_tokens, {"x-request-id": marker})
         return chunks, gw.admin.settled(team)["settle-tokens"], log_since(gw, offset)
 
     chunks, usage, log = in_one_window(gw.admin, team, scenario)
@@ -655,17 +662,8 @@ def test_a_released_stream_without_a_usage_report_is_charged_its_maximum(default
     def scenario() -> tuple[list[Any], Any, str]:
         gw.admin.reset(team)
         offset = gw.log_path.stat().st_size
-        with gw.client(team) as client:
-            chunks = list(
-                client.chat.completions.create(
-                    model=MODEL,
-                    messages=messages,
-                    max_tokens=MAX_TOKENS,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    extra_headers={"x-fake-no-usage": "1", "x-request-id": marker},
-                )
-            )
+        headers = {"x-fake-no-usage": "1", "x-request-id": marker}
+        chunks = stream_asking_for_usage(gw, team, messages, MAX_TOKENS, headers)
         usage = gw.admin.settled(team)["settle-tokens"]
         deadline = time.monotonic() + 5
         while NO_REPORT_WARNING not in log_since(gw, offset):

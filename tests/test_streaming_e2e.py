@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -13,17 +12,10 @@ import grpc
 import openai
 import pytest
 import tiktoken
-import yaml
 
 from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
 
-from .conftest import (
-    BACKEND_A_SECRET,
-    BACKEND_B_SECRET,
-    Gateway,
-    free_port,
-    gateway_config,
-)
+from .conftest import Gateway, running_gateway
 
 # Starts a real Envoy, Redis or Prometheus: `pytest -m "not e2e"` leaves it out.
 pytestmark = pytest.mark.e2e
@@ -55,40 +47,8 @@ def observing_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
     """The shared gateway's config on a stack of its own, with `sidecar.stream_path: observe`:
     the observer follows every stream that needs no change, a client that asked for usage too
     (`auto`, the shared gateway's, lets Envoy read such a stream's usage report instead)."""
-    from extproc.supervisor import Stack
-
-    tmp = tmp_path_factory.mktemp("observing")
-    names = ("sidecar", "envoy", "admin", "fake_a", "fake_b", "dead", "metrics")
-    ports = {k: free_port() for k in names}
-    config = gateway_config(ports)
-    config["sidecar"]["stream_path"] = "observe"
-    config_path = tmp / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    log_path = tmp / "stack.log"
-    env = {
-        "TEST_TEAM_B_KEY": "sk-team-b",
-        "TEST_BACKEND_A_KEY": BACKEND_A_SECRET,
-        "TEST_BACKEND_B_KEY": BACKEND_B_SECRET,
-    }
-    os.environ.update(env)  # as the shared gateway sets them
-    with open(log_path, "ab", buffering=0) as log:
-        stack = Stack(config_path, workdir=tmp, env=env, stdout=log)
-        try:
-            stack.start()
-            yield Gateway(
-                base_url=f"http://127.0.0.1:{ports['envoy']}/v1",
-                fake_a=f"http://127.0.0.1:{ports['fake_a']}",
-                fake_b=f"http://127.0.0.1:{ports['fake_b']}",  # nothing listens there
-                config_path=config_path,
-                config=config,
-                log_path=log_path,
-                sidecar_listen=config["sidecar"]["listen"],
-                admin=config["envoy"]["admin"],
-            )
-        finally:
-            stack.stop(grace=10)
-    tail = log_path.read_text(errors="replace")[-3000:]
-    assert stack.procs["sidecar"].returncode == 0, tail
+    with running_gateway(tmp_path_factory.mktemp("observing"), stream_path="observe") as gw:
+        yield gw
 
 
 def gateway_for(request: pytest.FixtureRequest, path: str) -> Gateway:
