@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
@@ -278,3 +279,51 @@ def test_the_receiver_survives_a_bad_entry_and_counts(
     after = {r: metrics.ACCESS_LOG_ENTRIES.labels(r)._value.get() for r in RESULTS}
     assert {r: after[r] - counts[r] for r in RESULTS} == {"accounted": 1, "ignored": 1, "error": 1}
     assert recorder.settled[-1][1] == Amounts(31, 7)
+
+
+@pytest.mark.parametrize("entry_s", [0.0, 0.0003])
+def test_a_long_batch_gives_the_loop_back_a_short_one_does_not(
+    base: Services,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    entry_s: float,
+) -> None:
+    """Requests in flight get the event loop between entries once the reader has held it for
+    YIELD_AFTER_S; a batch of quick entries is read in one go (each turn of the loop costs)."""
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend([entry({}) for _ in range(20)])
+
+    def account(services: Services, e: Any) -> bool:
+        until = time.perf_counter() + entry_s
+        while time.perf_counter() < until:
+            pass
+        return False
+
+    monkeypatch.setattr(access_log, "account", account)
+    receiver = access_log.AccessLogReceiver(lambda: base)
+
+    async def batches() -> Any:
+        yield message
+
+    async def turns_while_reading() -> int:
+        turns, reading = 0, True
+
+        async def other_request() -> None:
+            nonlocal turns
+            while reading:
+                turns += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_request())
+        await asyncio.sleep(0)
+        started = turns
+        await receiver.StreamAccessLogs(batches(), None)
+        reading = False
+        await task
+        return turns - started
+
+    turns = asyncio.run(turns_while_reading())
+    held = 20 * entry_s
+    if entry_s:
+        assert turns >= held / access_log.YIELD_AFTER_S / 2  # ~every 0.5 ms
+    else:
+        assert turns <= 2
