@@ -47,6 +47,15 @@ _READ_KEYS = Handover.KEYS | {*USAGE_KEYS, "cached_tokens", "token_source"}
 # The longest the reader holds the loop within a batch (an entry takes ~50 µs).
 YIELD_AFTER_S = 0.0005
 
+_NO_USAGE = (
+    "backend %s sent an answer without usage; charged the request's maximum "
+    "(set sidecar.json_path: inline to count the answer itself)"
+)
+_NO_STREAM_USAGE = (
+    "backend %s sent a stream without a usage report; charged the request's maximum "
+    "(set sidecar.stream_path: observe to count streams themselves)"
+)
+
 _ACCOUNTED = ACCESS_LOG_ENTRIES.labels("accounted")
 _IGNORED = ACCESS_LOG_ENTRIES.labels("ignored")
 _FAILED = ACCESS_LOG_ENTRIES.labels("error")
@@ -130,20 +139,9 @@ def account(services: Services, entry: Any) -> bool:
             # No usage report reached Envoy and nothing here read the answer: charge what the
             # request could have produced, so a team is never under-counted.
             usage = estimated(prompt, None, max_output)
-            if entry.common_properties.response_flags.downstream_connection_termination:
-                pass  # the client left before the report: a stream cut short, not a fault
-            elif handover.stream:
-                log.warning(
-                    "backend %s sent a stream without a usage report; charged the request's "
-                    "maximum (set sidecar.stream_path: observe to count streams themselves)",
-                    report.backend,
-                )
-            else:
-                log.warning(
-                    "backend %s sent an answer without usage; charged the request's maximum "
-                    "(set sidecar.json_path: inline to count the answer itself)",
-                    report.backend,
-                )
+            # A client that left before the report cut the stream short: not the backend's fault.
+            if not entry.common_properties.response_flags.downstream_connection_termination:
+                log.warning(_NO_STREAM_USAGE if handover.stream else _NO_USAGE, report.backend)
     trace = NO_TRACE
     if handover.traceparent:
         # A child of the request's span, which the downstream stage ended with the request.

@@ -126,11 +126,8 @@ def plan(
     # to be counted and (but for the streams the observer follows and finishes) settled.
     # (`json_path: inline` also keeps observed streams here until their headers: it is the
     # setting for an Envoy without the gateway's gRPC access log.)
-    release = (
-        target is not None
-        and sidecar.json_path == "access_log"
-        and (observe or envoy_reads or (not request.stream and not admitted.response_guards))
-    )
+    # (An observed stream has no response guard, so it is releasable whenever it is observed.)
+    release = releasable and (observe or envoy_reads or not request.stream)
     handover = _handover(admitted, target, observe, release)
     data = handover.to_metadata()
     if admitted.rate_headers is not None:

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from typing import Any
 
-from .telemetry.metrics import ACTIVE_STREAMS, CHUNK_GAP_SECONDS, TTFT_SECONDS
+from .telemetry.metrics import ACTIVE_STREAMS, CHUNK_GAP_SECONDS, TTFT_SECONDS, child
 
 
 class StreamTiming:
@@ -31,8 +31,8 @@ class StreamTiming:
         now = time.perf_counter() if now is None else now
         if self.chunks == 0:
             self.first = now
-            TTFT_SECONDS.labels(self.model).observe(now - self.started)
-            self.gap_hist = CHUNK_GAP_SECONDS.labels(self.model)  # looked up once per stream
+            child(TTFT_SECONDS, self.model).observe(now - self.started)
+            self.gap_hist = child(CHUNK_GAP_SECONDS, self.model)  # looked up once per stream
         else:
             gap = now - self.last
             self.sum_gap += gap

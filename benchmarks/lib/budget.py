@@ -112,31 +112,21 @@ TTFT_P50_VS_FLOOR = Info(
 
 
 def _row(
-    budget: Budget, value: float | None, notes: list[str], suffix: str = "", stream_path: str = ""
+    figure: Budget | Info,
+    value: float | None,
+    notes: list[str],
+    suffix: str = "",
+    stream_path: str = "",
 ) -> dict:
+    """A budget row, or (an Info) a row for information only: no budget, no verdict."""
     return {
-        "key": budget.key + (f".{suffix}" if suffix else ""),
-        "figure": budget.figure + _path_text(suffix, stream_path),
+        "key": figure.key + (f".{suffix}" if suffix else ""),
+        "figure": figure.figure + _path_text(suffix, stream_path),
         "measured": value,
-        "unit": budget.unit,
-        "budget": budget.text(),
-        "limit": budget.limit,
-        "verdict": budget.verdict(value),
-        "notes": notes,
-    }
-
-
-def _info_row(
-    info: Info, value: float | None, notes: list[str], suffix: str = "", stream_path: str = ""
-) -> dict:
-    return {
-        "key": info.key + (f".{suffix}" if suffix else ""),
-        "figure": info.figure + _path_text(suffix, stream_path),
-        "measured": value,
-        "unit": info.unit,
-        "budget": "none",
-        "limit": None,
-        "verdict": INFO,
+        "unit": figure.unit,
+        "budget": figure.text() if isinstance(figure, Budget) else "none",
+        "limit": figure.limit if isinstance(figure, Budget) else None,
+        "verdict": figure.verdict(value) if isinstance(figure, Budget) else INFO,
         "notes": notes,
     }
 
@@ -235,7 +225,7 @@ def streaming_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         if vs_floor is None:
             notes = ["no floor measured"]
         value = vs_floor.get("ttft_p50") if vs_floor else None
-        rows.append(_info_row(TTFT_P50_VS_FLOOR, value, notes, path, stream_path))
+        rows.append(_row(TTFT_P50_VS_FLOOR, value, notes, path, stream_path))
     return rows
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 
 from ..errors import GatewayError
-from ..telemetry.metrics import GUARD_ERRORS, GUARD_SECONDS, GUARD_VERDICTS
+from ..telemetry.metrics import GUARD_ERRORS, GUARD_SECONDS, GUARD_VERDICTS, child
 from ..telemetry.tracing import NO_TRACE
 from .detectors import PII_KINDS, DenyList, count_kinds, detector, find_all, known_kinds, mask
 from .llm import GuardClient, GuardEndpoint
@@ -237,9 +237,9 @@ async def _timed(
     except BaseException:
         span.end()
         raise
-    GUARD_SECONDS.labels(guard.name, stage).observe(time.perf_counter() - started)
+    child(GUARD_SECONDS, guard.name, stage).observe(time.perf_counter() - started)
     if verdict.unavailable:
-        GUARD_ERRORS.labels(guard.name, _error_reason(verdict.reason)).inc()
+        child(GUARD_ERRORS, guard.name, _error_reason(verdict.reason)).inc()
     span.set_attributes({"extproc.guard.action": verdict.action, "extproc.guard.stage": stage})
     if verdict.reason:
         span.set_attribute("extproc.guard.reason", verdict.reason)
@@ -356,7 +356,7 @@ def record(stage: Stage, team: str | None, model: str | None, verdicts: Sequence
     as one JSON object, never the text itself."""
     VERDICTS.add(verdicts)
     for v in verdicts:
-        GUARD_VERDICTS.labels(v.guard, stage, v.action).inc()
+        child(GUARD_VERDICTS, v.guard, stage, v.action).inc()
     acted = [v for v in verdicts if v.action != "allow" or v.reason]
     if not acted or not audit.isEnabledFor(logging.INFO):
         return
