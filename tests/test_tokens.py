@@ -579,10 +579,13 @@ def test_an_exhausted_budget_estimates_what_is_left(counter: TokenCounter) -> No
         estimate_tokens(BIG_TEXT), False
     )
     assert estimates("budget") == before + 1
-    # Off the loop, what the threads counted before the budget ran out is kept.
-    result = asyncio.run(counter.count_prompt_async("gpt-4", BIG_TEXT, team="t", budget=0))
+    # Off the loop, what the threads counted before the budget ran out is kept. A text the
+    # threads cannot count before the loop's next turn (BIG_TEXT alone, ~3 ms of counting,
+    # sometimes was, when the loop waited that long for the GIL).
+    big = BIG_TEXT * 32
+    result = asyncio.run(counter.count_prompt_async("gpt-4", big, team="t", budget=0))
     assert not result.exact
-    low, high = sorted((exact.tokens, estimate_tokens(BIG_TEXT)))
+    low, high = sorted((exact.tokens * 32, estimate_tokens(big)))
     assert low - 10 <= result.tokens <= high + 10
     assert estimates("budget") == before + 2
     wait_idle()
