@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=positive_int, default=1, help="sidecar worker processes (sidecar.workers)"
     )
     p.add_argument(
+        "--native",
+        action="store_true",
+        help="the native path: a JWT caller whose team has no limit, served by Envoy alone",
+    )
+    p.add_argument(
         "--suite",
         choices=("full",),
         help="every scenario, then the streaming benchmark: one combined report with the budget",
@@ -94,8 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--workers > 1 needs --quota redis or --quota none: each worker would keep its own "
             "embedded counters (extproc check refuses that config)"
         )
-    if args.suite and (args.guards or args.failover):
-        p.error("--suite full runs the guards and failover scenarios itself")
+    if args.suite and (args.guards or args.failover or args.native):
+        p.error("--suite full runs the guards, failover and native scenarios itself")
+    if args.native and (args.guards or args.failover or args.quota != "memory"):
+        p.error("--native: a team with no limit and no guard (no --guards, --failover, --quota)")
     args.generator_warning = None
     if args.generator is None:
         args.generator = "wrk" if wrk.binary() is not None else "python"
@@ -114,11 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def scenario_of(args: argparse.Namespace) -> Scenario:
     return Scenario(
-        quota=args.quota,
+        quota="none" if args.native else args.quota,
         guards=args.guards,
         failover=args.failover,
         failover_fault=args.failover_fault,
         workers=args.workers,
+        native=args.native,
     )
 
 
@@ -136,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {**envelope(args, argv, now), **outcome.result}
     stem = stem_for(now)
     result["plots"] = write_plots(stem, [(outcome, "")])
-    result["budget"] = budget.chat_rows(result) if result["scenario"]["headline"] else []
+    if result["scenario"]["headline"]:
+        result["budget"] = budget.chat_rows(result)
+    else:
+        result["budget"] = budget.native_rows(result) if args.native else []
     out = write_result(stem, result, chat_report(result))
     print(chat_markdown(result))
     if result["budget"]:

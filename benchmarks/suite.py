@@ -68,6 +68,8 @@ def plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[str, Scenario
     steps.append(("local guards", dataclasses.replace(headline, guards=True), ends))
     failover = dataclasses.replace(headline, failover=True, failover_fault=args.failover_fault)
     steps.append(("failover path", failover, ends))
+    native = dataclasses.replace(headline, quota="none", native=True)
+    steps.append(("native path", native, ends))
     return steps
 
 
@@ -144,6 +146,12 @@ def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
         budget.chat_rows(headline.result)
         if headline is not None
         else budget.unmeasured("chat", "the headline scenario failed")
+    )
+    native = next((o for t, o in outcomes if t == "native path"), None)
+    rows += (
+        budget.native_rows(native.result)
+        if native is not None
+        else budget.unmeasured("native", "the native path scenario failed")
     )
     rows += (
         budget.streaming_rows(stream_result)

@@ -27,8 +27,8 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from . import settlement
-from .contract import METADATA_NAMESPACE, USAGE_KEYS, Handover
+from . import native, routing, settlement
+from .contract import METADATA_NAMESPACE, USAGE_KEYS, Handover, native_from_route
 from .protocol import struct_dict
 from .services import Services
 from .settlement import Finisher
@@ -104,13 +104,17 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
 
 
 def account(services: Services, entry: Any) -> bool:
-    """One ended request whose answer the downstream stage handed over; False for an entry
-    that is not one (Envoy's filter sends only those)."""
+    """One ended request whose answer the downstream stage handed over, or that Envoy served on
+    a native route; False for an entry that is not one (Envoy's filter sends only those)."""
     struct = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    if struct is None:
+    info = struct_dict(struct, _READ_KEYS) if struct is not None else {}
+    served = native_from_route(entry.common_properties.route_name)
+    if served is not None:
+        handover = _native_handover(services, entry, *served)
+    elif struct is None:
         return False
-    info = struct_dict(struct, _READ_KEYS)
-    handover = Handover.from_metadata(info)
+    else:
+        handover = Handover.from_metadata(info)
     if not handover.account:
         return False
     status = entry.response.response_code.value  # 0: the request ended without an answer
@@ -158,6 +162,40 @@ def account(services: Services, entry: Any) -> bool:
         duration = time.time() - report.started_at
     settlement.finish(services, report, usage, trace, duration)
     return True
+
+
+def _native_handover(services: Services, entry: Any, team: str, model: str) -> Handover:
+    """What the downstream stage would have handed over, for a request Envoy served on a
+    native route (native.py): no count, no reservation; the answer's usage is the account."""
+    cfg = services.runtime.config
+    spec = cfg.models.get(model)
+    target = routing.fixed_target(services.runtime, model, 0) if spec is not None else None
+    if spec is not None and team in cfg.teams:
+        reason = native.why_not(cfg, team, model)
+        if reason is not None and (team, model) not in _STALE_WARNED:
+            # A reload gave the team a limit or a guard, and Envoy's routes are older: until
+            # they are rendered again, its requests to this model are not admitted.
+            _STALE_WARNED.add((team, model))
+            log.warning(_STALE_NATIVE, team, model, reason)
+    start = entry.common_properties.start_time
+    content_type = entry.response.response_headers.get("content-type", "")
+    return Handover(
+        team=team,
+        model=model,
+        endpoint=native.ENDPOINT_PATHS[spec.type] if spec is not None else "",
+        stream=settlement.is_event_stream({"content-type": content_type}),
+        started_at=start.seconds + start.nanos / 1e9,
+        account=True,
+        backend=target.backend if target is not None else "",
+        provider_model=target.provider_model if target is not None else "",
+    )
+
+
+_STALE_WARNED: set[tuple[str, str]] = set()
+_STALE_NATIVE = (
+    "Envoy served team %s's request to %s on its native route, but now %s: its requests are "
+    "not admitted until Envoy's config is rendered again (extproc envoy) and Envoy restarted"
+)
 
 
 def _usage(info: dict[str, Any]) -> Usage | None:

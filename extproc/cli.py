@@ -68,6 +68,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({len(cfg.teams)} teams, {len(runtime.key_index)} keys, "
         f"{len(cfg.backends)} backends, {len(cfg.models)} models)"
     )
+    from .native import native_routes, why_not
+
+    # Which teams' requests Envoy serves alone, and why the JWT teams' others are not.
+    served = {(r.team, r.model) for r in native_routes(cfg)}
+    teams = {rule.team: None for i in cfg.identities.jwt.values() for rule in i.teams}
+    for team in teams:
+        for model in cfg.models:
+            if (team, model) in served:
+                print(f"  JWT callers of team {team}, model {model}: native path (Envoy alone)")
+            else:
+                print(f"  JWT callers of team {team}, model {model}: {why_not(cfg, team, model)}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -206,7 +207,8 @@ class GuardrailSettings(_Strict):
 
 
 class Team(_Strict):
-    keys: Annotated[list[ApiKey], Field(min_length=1)]
+    # A team's callers: its API keys, and the JWTs that identities.jwt maps to it (either).
+    keys: list[ApiKey] = []
     # None: every configured model. An explicit list restricts the team to those.
     models: list[str] | None = None
     limits: list[Limit] = []
@@ -429,6 +431,10 @@ class EnvoySettings(_Strict):
     # Requests in flight through one Envoy: each holds an ext_proc stream to the sidecar for
     # its whole life (a long LLM stream too), so Envoy's default cap of 1024 is far too low.
     max_requests: int = Field(default=100_000, ge=1, le=10_000_000)
+    # Envoy serves a request that needs no admission by the sidecar on its own (native.py): a
+    # caller identified by a JWT, of a team with no limits and no guards, to a model of one
+    # backend. Envoy then holds that backend's credential (from the same env or file).
+    native_path: bool = True
 
     @field_validator("listen", "admin")
     @classmethod
@@ -483,6 +489,84 @@ class ObservabilitySettings(_Strict):
     audit: AuditSettings = AuditSettings()
 
 
+class JwksSource(_Strict):
+    """Where an issuer's public keys (a JWKS document) come from: exactly one of them."""
+
+    uri: str | None = Field(default=None, description="https://... fetched and cached by Envoy")
+    file: Path | None = None
+    inline: str | None = Field(default=None, description="the JWKS JSON itself (public keys)")
+    cache_s: float = Field(default=600.0, gt=0, le=86_400, description="for uri")
+    timeout_s: float = Field(default=5.0, gt=0, le=60, description="for uri")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> JwksSource:
+        given = [k for k in ("uri", "file", "inline") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'uri', 'file' or 'inline'")
+        if self.uri is not None:
+            parts = urlsplit(self.uri)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("uri must be an http:// or https:// URL with a host")
+        if self.inline is not None:
+            problem = jwks_problem(self.inline)
+            if problem is not None:
+                raise ValueError(f"inline: {problem}")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.uri or "").hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.uri or "")
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def jwks_problem(text: str) -> str | None:
+    """Why a JWKS document would be refused by Envoy at start-up (None: it looks usable)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return "not JSON"
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list) or not keys:
+        return 'not a JWKS: no "keys", or an empty list'
+    if not all(isinstance(k, dict) and "kty" in k for k in keys):
+        return 'a key without "kty"'
+    return None
+
+
+class ClaimRule(_Strict):
+    """A verified token whose `claim` is `value` (or, for a list claim, contains it) belongs to
+    `team`. `claim` is a top-level claim's name, or a list of names for a nested one
+    (Keycloak's [realm_access, roles])."""
+
+    claim: str | Annotated[list[str], Field(min_length=1)]
+    value: str
+    team: str
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return (self.claim,) if isinstance(self.claim, str) else tuple(self.claim)
+
+
+class JwtIssuer(_Strict):
+    """An identity provider whose signed tokens (JWTs) Envoy verifies (jwt_authn)."""
+
+    issuer: str = Field(min_length=1, description="the tokens' `iss`")
+    audiences: list[str] = Field(default=[], description="one must be in `aud`; [] = any")
+    jwks: JwksSource
+    clock_skew_s: int = Field(default=60, ge=0, le=600)
+    # The first rule a token's claims match names its team; a token no rule matches gets 403.
+    teams: Annotated[list[ClaimRule], Field(min_length=1)]
+
+
+class IdentitySettings(_Strict):
+    # Issuers by a name you choose; a request may carry an API key or one of their tokens.
+    jwt: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")], JwtIssuer] = {}
+
+
 class Config(_Strict):
     sidecar: SidecarSettings = SidecarSettings()
     envoy: EnvoySettings = EnvoySettings()
@@ -496,6 +580,7 @@ class Config(_Strict):
     guards: dict[Annotated[str, Field(pattern=_GUARD_NAME)], Guard] = {}
     guardrails: GuardrailSettings = GuardrailSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    identities: IdentitySettings = IdentitySettings()
 
 
 # Top-level sections that belong to development tools, not to the gateway: the quickstart
@@ -558,7 +643,18 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                     problems.append(
                         (f"models.{name}.targets", f"no target of priority {p} has a weight")
                     )
+    mapped = set()
+    for issuer_name, issuer in cfg.identities.jwt.items():
+        for i, rule in enumerate(issuer.teams):
+            mapped.add(rule.team)
+            if rule.team not in cfg.teams:
+                where = f"identities.jwt.{issuer_name}.teams.{i}.team"
+                problems.append((where, f"unknown team {rule.team!r}"))
     for team_name, team in cfg.teams.items():
+        if not team.keys and team_name not in mapped:
+            problems.append(
+                (f"teams.{team_name}.keys", "the team has no keys and no JWT maps to it")
+            )
         for i, model_name in enumerate(team.models or ()):
             if model_name not in cfg.models:
                 problems.append((f"teams.{team_name}.models.{i}", f"unknown model {model_name!r}"))
@@ -618,6 +714,21 @@ def _check_guard_lists(cfg: Config) -> list[tuple[str, str]]:
             elif stage == "response" and guard.type not in _RESPONSE_GUARDS:
                 problems.append((f"{where}.{i}", f"a {guard.type} guard cannot judge a response"))
     return problems
+
+
+def stage_guards(cfg: Config, team: str, model: str) -> tuple[list[str], list[str]]:
+    """The names of the guards of a team's request to a model, (request, response): the team's
+    own lists or the defaults, then the model's, each guard once."""
+    team_cfg, model_cfg = cfg.teams.get(team), cfg.models.get(model)
+    out = []
+    for stage in ("request", "response"):
+        names = list(getattr(cfg.guardrails, stage))
+        if team_cfg is not None and getattr(team_cfg.guardrails, stage) is not None:
+            names = list(getattr(team_cfg.guardrails, stage))
+        if model_cfg is not None:
+            names += getattr(model_cfg.guardrails, stage) or []
+        out.append(list(dict.fromkeys(names)))
+    return out[0], out[1]
 
 
 def limit_models(cfg: Config, team: Team, limit: Limit) -> tuple[str, ...]:
@@ -824,6 +935,17 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 rt.guard_keys[name] = guard.api_key.resolve()
             except LookupError as exc:
                 problems.append((f"guards.{name}.api_key", str(exc)))
+    for name, issuer in cfg.identities.jwt.items():
+        # Envoy reads the file; a bad one would only show as Envoy refusing to start.
+        path = issuer.jwks.file
+        if path is not None:
+            where = f"identities.jwt.{name}.jwks.file"
+            try:
+                problem = jwks_problem(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                problem = f"cannot read {path}: {exc}"
+            if problem is not None:
+                problems.append((where, problem))
     if cfg.quota.store == "redis" and cfg.quota.redis.password is not None:
         try:
             cfg.quota.redis.password.resolve()

@@ -99,6 +99,40 @@ DEFAULT_WIRE = "openai"
 # metadata (the same keys the sidecar sets for the answers it reads itself).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
+# -- the native path: requests Envoy serves without the sidecar (native.py) ---------------------
+
+# Envoy's jwt_authn filter writes each verified token's claims here, under the issuer's name
+# (identities.jwt), and a failed verification's {code, message} under jwt_failure_key(name).
+# The downstream stage receives this namespace (ext_proc forwarding_namespaces).
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+
+
+def jwt_failure_key(issuer: str) -> str:
+    return f"{issuer}.failed"
+
+
+# What Envoy's json_to_metadata filter reads of a request body when the native path is on, for
+# the native routes to match: the model, and whether (and how) it streams.
+REQUEST_NAMESPACE = "extproc.request"
+REQUEST_FACT_KEYS = ("model", "stream", "include_usage")
+
+# A native route's name says whose request it served and to which model: the access log's
+# reader accounts the request from it (team and model names never hold "|").
+NATIVE_ROUTE_PREFIX = "native|"
+
+
+def native_route_name(team: str, model: str, variant: str) -> str:
+    return f"{NATIVE_ROUTE_PREFIX}{team}|{model}|{variant}"
+
+
+def native_from_route(name: str) -> tuple[str, str] | None:
+    """(team, model) of a native route's name; None for any other route."""
+    if not name.startswith(NATIVE_ROUTE_PREFIX):
+        return None
+    parts = name[len(NATIVE_ROUTE_PREFIX) :].split("|")
+    return (parts[0], parts[1]) if len(parts) == 3 else None
+
+
 # -- attributes Envoy sends with a response -----------------------------------------------------
 
 CLUSTER_ATTRIBUTE = "xds.cluster_name"

@@ -20,6 +20,7 @@ from . import identity, protocol, request_plan, routing, settlement, wire
 from .admission import Admission
 from .contract import (
     ATTEMPTS_HEADER,
+    JWT_NAMESPACE,
     METADATA_NAMESPACE,
     TEAM_HEADER,
     TOKEN_HEADERS,
@@ -114,7 +115,7 @@ class DownstreamStream:
         kind = req.WhichOneof("request")
         try:
             if kind == "request_headers":
-                return self.on_request_headers(req.request_headers)
+                return self.on_request_headers(req.request_headers, req.metadata_context)
             if kind == "request_body":
                 return await self.on_request_body(req.request_body)
             if kind == "response_headers":
@@ -158,7 +159,7 @@ class DownstreamStream:
 
     # -- request ------------------------------------------------------------------------------
 
-    def on_request_headers(self, msg: Any) -> protocol.ProcessingResponse:
+    def on_request_headers(self, msg: Any, metadata: Any = None) -> protocol.ProcessingResponse:
         headers = protocol.header_dict(msg.headers)
         report = self.report
         assert report is not None
@@ -169,7 +170,10 @@ class DownstreamStream:
             # client's, from the request headers.
             self.trace = tracing.request(self.grpc_metadata, headers)
             report.trace_id = self.trace.trace_id()
-        self.team = team = identity.authenticate(self.rt, headers)
+        verified = None
+        if metadata is not None and JWT_NAMESPACE in metadata.filter_metadata:
+            verified = protocol.struct_dict(metadata.filter_metadata[JWT_NAMESPACE])
+        self.team = team = identity.authenticate(self.rt, headers, verified)
         report.team = team
         self.wire, endpoint, model_id = wire.route(
             headers.get(":method", ""), headers.get(":path", "")

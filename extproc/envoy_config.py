@@ -20,6 +20,7 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLogFilter,
     ExtensionFilter,
     MetadataFilter,
+    OrFilter,
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
@@ -52,6 +53,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheckGrpcHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
+    HttpUri,
     Metadata,
     Pipe,
     SocketAddress,
@@ -101,8 +103,12 @@ from envoy_data_plane.envoy.extensions.filters.http.composite.v3 import (
     Composite,
     ExecuteFilterAction,
 )
+from envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3 import (
+    CredentialInjector,
+)
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    ExtProcPerRoute,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
     ProcessingMode,
@@ -111,6 +117,7 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
 )
 from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
     HeaderMutation,
+    HeaderMutationPerRoute,
     Mutations,
 )
 from envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3 import (
@@ -120,6 +127,17 @@ from envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3 import (
     JsonToMetadataRule,
     JsonToMetadataSelector,
     JsonToMetadataValueType,
+)
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwksAsyncFetch,
+    JwtAuthentication,
+    JwtCacheConfig,
+    JwtHeader,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementOrList,
+    RemoteJwks,
+    RequirementRule,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.http.sse_to_metadata.v3 import (
@@ -134,6 +152,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     LocalReplyConfig,
     ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3 import Generic
 from envoy_data_plane.envoy.extensions.matching.common_inputs.network.v3 import (
     DynamicMetadataInput,
     DynamicMetadataInputPathSegment,
@@ -147,6 +166,9 @@ from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 imp
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
+    GenericSecret,
+    SdsSecretConfig,
+    Secret,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -155,15 +177,17 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import (
     HttpRequestHeaderMatchInput,
+    ListMatcher,
     MetadataMatcher,
     MetadataMatcherPathSegment,
+    OrMatcher,
     RegexMatcher,
     StringMatcher,
     ValueMatcher,
 )
 from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMsg
-from envoy_data_plane.google.protobuf import Struct, Value
+from envoy_data_plane.google.protobuf import Empty, Struct, Value
 from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
 from envoy_data_plane.xds.type.matcher.v3 import (
     Matcher,
@@ -179,6 +203,7 @@ from envoy_data_plane.xds.type.matcher.v3 import StringMatcher as XdsStringMatch
 
 from . import errors
 from .config import (
+    ClaimRule,
     Config,
     Model,
     Target,
@@ -193,13 +218,16 @@ from .contract import (
     CLUSTER_ATTRIBUTE,
     HOST_ATTRIBUTE,
     INTERNAL_HEADER_PREFIX,
+    JWT_NAMESPACE,
     METADATA_NAMESPACE,
+    NATIVE_ROUTE_PREFIX,
     OBSERVE_KEY,
     OBSERVE_STAGE,
     OWN_RESPONSE_HEADERS,
     POOL_HEADER,
     RATE_LIMIT_HEADERS,
     RATE_LIMIT_KEY,
+    REQUEST_NAMESPACE,
     RESPONSE_HEADER_KEYS,
     ROUTE_HEADER,
     STAGE_METADATA,
@@ -208,9 +236,12 @@ from .contract import (
     UPSTREAM_STAGE,
     USAGE_KEYS,
     cluster_name,
+    jwt_failure_key,
+    native_route_name,
     pool_cluster_name,
     split_cluster_name,
 )
+from .native import NativeRoute, native_routes
 from .usage import SOURCE_PROVIDER
 from .wire.openai.answer import error_body, error_object
 
@@ -229,6 +260,10 @@ REQUEST_HEADERS_TIMEOUT_S = 10
 RESPONSE_HEADERS_FILTER = "extproc.response_headers"
 USAGE_FILTER = "extproc.usage"
 STREAM_USAGE_FILTER = "extproc.stream_usage"
+JWT_FILTER = JWT_NAMESPACE  # jwt_authn writes its metadata under its own name
+REQUEST_FACTS_FILTER = "extproc.request_facts"
+CREDENTIAL_FILTER = "envoy.filters.http.credential_injector"
+JWT_CACHE_SIZE = 4096  # verified tokens kept per Envoy worker thread
 ACCESS_LOG_NAME = "extproc"
 JSON_CONTENT_TYPE = r"(?i)application/json\s*(;.*)?"
 # Envoy sends the sidecar its access log entries in batches: this often, or this many bytes.
@@ -330,7 +365,13 @@ def downstream_ext_proc(cfg: Config) -> ExternalProcessor:
         message_timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
         response_attributes=[CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE],
         metadata_options=MetadataOptions(
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE]),
+            # The verified claims of a JWT (jwt_filter): who is calling.
+            forwarding_namespaces=(
+                MetadataOptionsMetadataNamespaces(untyped=[JWT_NAMESPACE])
+                if cfg.identities.jwt
+                else None
+            ),
         ),
         status_on_error=_status(cfg.sidecar.failure_status),
     )
@@ -535,21 +576,26 @@ def stream_usage_filter() -> HttpFilter:
 
 def accounting_access_log(cfg: Config) -> AccessLog:
     """Envoy's gRPC access log to the sidecar, for the requests whose answer the sidecar
-    handed over (metadata `account: true`): their usage, status and timing, in batches."""
+    handed over (metadata `account: true`) and those Envoy served on a native route: their
+    usage, status and timing, in batches."""
+    handed_over = AccessLogFilter(
+        metadata_filter=MetadataFilter(
+            matcher=MetadataMatcher(
+                filter=METADATA_NAMESPACE,
+                path=[MetadataMatcherPathSegment(key=ACCOUNT_KEY)],
+                value=ValueMatcher(bool_match=True),
+            ),
+            # Envoy's default logs a request whose metadata lacks the key: every other
+            # request (and, in a mesh, every other listener's) would be sent too.
+            match_if_key_not_found=False,
+        )
+    )
+    if native_routes(cfg):
+        served = _when(f"xds.route_name.startsWith('{NATIVE_ROUTE_PREFIX}')")
+        handed_over = AccessLogFilter(or_filter=OrFilter(filters=[handed_over, served]))
     return AccessLog(
         name="envoy.access_loggers.http_grpc",
-        filter=AccessLogFilter(
-            metadata_filter=MetadataFilter(
-                matcher=MetadataMatcher(
-                    filter=METADATA_NAMESPACE,
-                    path=[MetadataMatcherPathSegment(key=ACCOUNT_KEY)],
-                    value=ValueMatcher(bool_match=True),
-                ),
-                # Envoy's default logs a request whose metadata lacks the key: every other
-                # request (and, in a mesh, every other listener's) would be sent too.
-                match_if_key_not_found=False,
-            )
-        ),
+        filter=handed_over,
         typed_config=_any(
             HttpGrpcAccessLogConfig(
                 # With the status: a stream the observer finished, or an answer to finish here?
@@ -571,7 +617,9 @@ def accounting_access_log(cfg: Config) -> AccessLog:
 # The names of gateway_http_filters, in order (the benchmark's baseline removes them all).
 GATEWAY_FILTERS = (
     REQUEST_HEADERS_FILTER,
+    JWT_FILTER,
     REQUEST_BUFFER_FILTER,
+    REQUEST_FACTS_FILTER,
     EXT_PROC_FILTER,
     OBSERVER_FILTER,
     RESPONSE_HEADERS_FILTER,
@@ -581,10 +629,13 @@ GATEWAY_FILTERS = (
 
 
 def gateway_http_filters(cfg: Config) -> list[HttpFilter]:
-    """The gateway's filters, in order, to go before the router (named GATEWAY_FILTERS)."""
+    """The gateway's filters, in order, to go before the router (named GATEWAY_FILTERS; the
+    JWT filter only with identities.jwt, the request facts only with native routes)."""
     return [
         request_headers_filter(),
+        *([jwt_filter(cfg)] if cfg.identities.jwt else []),
         request_buffer_filter(cfg),
+        *([request_facts_filter(cfg)] if native_routes(cfg) else []),
         ext_proc_http_filter(cfg),
         observer_http_filter(cfg),
         response_headers_filter(),
@@ -821,7 +872,7 @@ def routes(cfg: Config) -> RouteConfiguration:
         "invalid_request_error",
         "method_not_allowed",
     )
-    route_list.insert(0, connect)
+    route_list[0:0] = [connect, *native_route_list(cfg)]
     # Reached only by a request the sidecar did not route (it answers everything it rejects).
     route_list.append(
         _error_route(
@@ -918,6 +969,268 @@ def pool_cluster(cfg: Config, name: str, model: Model) -> Cluster:
         ),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, None)},
     )
+
+
+# -- the native path (native.py): Envoy identifies, routes and serves on its own ---------------
+
+
+def jwks_cluster_name(issuer: str) -> str:
+    return f"aigw-jwks-{issuer}"
+
+
+def _jwt_provider(cfg: Config, name: str) -> JwtProvider:
+    issuer = cfg.identities.jwt[name]
+    provider = JwtProvider(
+        issuer=issuer.issuer,
+        audiences=issuer.audiences,
+        require_expiration=True,
+        clock_skew_seconds=issuer.clock_skew_s,
+        # Only the Authorization header: a token in a query string ends up in logs.
+        from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
+        # The token never goes upstream: the backend gets its own credential.
+        forward=False,
+        payload_in_metadata=name,
+        failed_status_in_metadata=jwt_failure_key(name),
+        # A client sends the same token until it expires: its signature is checked once
+        # (per Envoy worker), not on every request; a cached token's expiry is still checked.
+        jwt_cache_config=JwtCacheConfig(jwt_cache_size=JWT_CACHE_SIZE),
+    )
+    jwks = issuer.jwks
+    if jwks.uri is not None:
+        provider.remote_jwks = RemoteJwks(
+            http_uri=HttpUri(
+                uri=jwks.uri, cluster=jwks_cluster_name(name), timeout=_duration(jwks.timeout_s)
+            ),
+            cache_duration=_duration(jwks.cache_s),
+            # Fetched when Envoy starts, not by the first request that needs it.
+            async_fetch=JwksAsyncFetch(),
+        )
+    elif jwks.file is not None:
+        provider.local_jwks = DataSource(filename=str(jwks.file))
+    else:
+        provider.local_jwks = DataSource(inline_string=jwks.inline)
+    return provider
+
+
+def jwt_filter(cfg: Config) -> HttpFilter:
+    """Envoy verifies the bearer tokens of identities.jwt (signature, issuer, audiences,
+    expiry) and writes a valid token's claims into the request's metadata (JWT_NAMESPACE, under
+    the issuer's name). Nothing is refused here: a request with an API key, with no credential
+    or with a token that failed goes on to the downstream stage, which checks the key or answers
+    the token's failure (also in the metadata) with a 401 in the client's API shape."""
+    names = list(cfg.identities.jwt)
+    requirement = JwtRequirement(
+        requires_any=JwtRequirementOrList(
+            requirements=[JwtRequirement(provider_name=n) for n in names]
+            + [JwtRequirement(allow_missing_or_failed=Empty())]
+        )
+    )
+    return HttpFilter(
+        name=JWT_FILTER,
+        typed_config=_any(
+            JwtAuthentication(
+                providers={n: _jwt_provider(cfg, n) for n in names},
+                rules=[RequirementRule(match=RouteMatch(prefix="/"), requires=requirement)],
+            )
+        ),
+    )
+
+
+def request_facts_filter(cfg: Config) -> HttpFilter:
+    """Envoy reads the request body's model and whether it streams (and asked for the stream's
+    usage) into the request's metadata, for the native routes to match, and picks the route
+    again (json_to_metadata clears the route cache)."""
+
+    def rule(path: list[str], key: str, kind: JsonToMetadataValueType) -> JsonToMetadataRule:
+        return JsonToMetadataRule(
+            selectors=[JsonToMetadataSelector(key=k) for k in path],
+            on_present=JsonToMetadataKeyValuePair(
+                metadata_namespace=REQUEST_NAMESPACE, key=key, type=kind
+            ),
+        )
+
+    as_is = JsonToMetadataValueType.PROTOBUF_VALUE
+    return HttpFilter(
+        name=REQUEST_FACTS_FILTER,
+        typed_config=_any(
+            JsonToMetadata(
+                request_rules=JsonToMetadataMatchRules(
+                    rules=[
+                        rule(["model"], "model", JsonToMetadataValueType.STRING),
+                        rule(["stream"], "stream", as_is),
+                        rule(["stream_options", "include_usage"], "include_usage", as_is),
+                    ],
+                    allow_content_types_regex=RegexMatcher(regex=JSON_CONTENT_TYPE),
+                )
+            )
+        ),
+    )
+
+
+def _segments(*keys: str) -> list[MetadataMatcherPathSegment]:
+    return [MetadataMatcherPathSegment(key=k) for k in keys]
+
+
+def _claim_matcher(issuer: str, rule: ClaimRule, invert: bool = False) -> MetadataMatcher:
+    """The token's claim is the rule's value, or a list that holds it."""
+    exact = ValueMatcher(string_match=StringMatcher(exact=rule.value))
+    return MetadataMatcher(
+        filter=JWT_NAMESPACE,
+        path=_segments(issuer, *rule.path),
+        value=ValueMatcher(
+            or_match=OrMatcher(
+                value_matchers=[exact, ValueMatcher(list_match=ListMatcher(one_of=exact))]
+            )
+        ),
+        invert=invert,
+    )
+
+
+def _fact(key: str, value: ValueMatcher, invert: bool = False) -> MetadataMatcher:
+    return MetadataMatcher(
+        filter=REQUEST_NAMESPACE, path=_segments(key), value=value, invert=invert
+    )
+
+
+def native_route_list(cfg: Config) -> list[Route]:
+    """Two routes per native (team, model) pair, tried before every other route: one for
+    requests that do not stream, one for streams whose client asked for the usage report
+    (Envoy's stream_usage filter reads it; a stream without one goes to the sidecar, which asks
+    the backend for it). No ext_proc stage runs on them."""
+    out: list[Route] = []
+    is_true = ValueMatcher(bool_match=True)
+    for native in native_routes(cfg):
+        backend = cfg.backends[native.backend]
+        caller = [_claim_matcher(native.issuer, r, invert=True) for r in native.earlier]
+        caller.append(_claim_matcher(native.issuer, native.rule))
+        caller.append(_fact("model", ValueMatcher(string_match=StringMatcher(exact=native.model))))
+        rewrite = "" if backend.base_path == "/v1" else backend.base_path + native.path[3:]
+        for variant, condition in (
+            ("json", _fact("stream", is_true, invert=True)),
+            ("stream", _fact("include_usage", is_true)),
+        ):
+            out.append(
+                Route(
+                    name=native_route_name(native.team, native.model, variant),
+                    match=RouteMatch(
+                        path=native.path,
+                        headers=[_exact(":method", "POST")],
+                        dynamic_metadata=[*caller, condition],
+                    ),
+                    route=RouteAction(
+                        cluster=cluster_name(native.backend),
+                        timeout=_duration(backend.timeout_s),
+                        auto_host_rewrite=True,
+                        prefix_rewrite=rewrite,
+                    ),
+                    # The backend's own credential replaces the client's (credential_injector);
+                    # an answer must come uncompressed for Envoy to read its usage.
+                    request_headers_to_remove=["api-key", "accept-encoding"],
+                    typed_per_filter_config={
+                        EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True)),
+                        RESPONSE_HEADERS_FILTER: _any(
+                            HeaderMutationPerRoute(mutations=_native_headers(native))
+                        ),
+                    },
+                )
+            )
+    return out
+
+
+def _native_headers(native: NativeRoute) -> Mutations:
+    """The gateway's headers on a native route's answer, as the downstream stage would have put
+    them in the metadata (the response headers filter applies them after its own)."""
+    values = {"team": native.team, "model": native.model, "backend": native.backend}
+    values["provider_model"] = native.model
+    overwrite = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+    return Mutations(
+        response_mutations=[
+            HeaderMutationRule(
+                append=HeaderValueOption(
+                    header=HeaderValue(key=header, value=values[key]), append_action=overwrite
+                )
+            )
+            for header, key in RESPONSE_HEADER_KEYS.items()
+            if key in values
+        ]
+    )
+
+
+def native_backends(cfg: Config) -> set[str]:
+    return {native.backend for native in native_routes(cfg)}
+
+
+def credential_secret_name(backend: str) -> str:
+    return f"aigw-credential-{backend}"
+
+
+def credential_secret(cfg: Config, backend: str) -> Secret:
+    """A backend's credential for Envoy to send on native routes: a reference to the same
+    environment variable or file the sidecar reads, never the secret itself."""
+    ref = cfg.backends[backend].api_key
+    assert ref is not None
+    source = (
+        DataSource(environment_variable=ref.env)
+        if ref.env is not None
+        else DataSource(filename=str(ref.file))
+    )
+    return Secret(name=credential_secret_name(backend), generic_secret=GenericSecret(secret=source))
+
+
+def credential_filter(cfg: Config, backend: str) -> HttpFilter:
+    """In the backend's cluster: its credential on every request (what the downstream stage
+    set is the same value), so the native routes need no stage of the sidecar for it."""
+    header = cfg.backends[backend].auth_header
+    return HttpFilter(
+        name=CREDENTIAL_FILTER,
+        typed_config=_any(
+            CredentialInjector(
+                overwrite=True,
+                credential=TypedExtensionConfig(
+                    name="envoy.http.injected_credentials.generic",
+                    typed_config=_any(
+                        Generic(
+                            credential=SdsSecretConfig(name=credential_secret_name(backend)),
+                            header=header,
+                            header_value_prefix="Bearer " if header == "authorization" else "",
+                        )
+                    ),
+                ),
+            )
+        ),
+    )
+
+
+def jwks_cluster(cfg: Config, issuer: str) -> Cluster:
+    jwks = cfg.identities.jwt[issuer].jwks
+    name = jwks_cluster_name(issuer)
+    cluster = Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STRICT_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        connect_timeout=_duration(jwks.timeout_s),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(
+                            endpoint=Endpoint(
+                                address=Address(
+                                    socket_address=SocketAddress(
+                                        address=jwks.host, port_value=jwks.port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    if jwks.uri is not None and jwks.uri.startswith("https:"):
+        cluster.transport_socket = _tls_socket(jwks.host)
+    return cluster
 
 
 def http_connection_manager(cfg: Config) -> HttpConnectionManager:
@@ -1029,21 +1342,29 @@ def _http2_options() -> AnyMsg:
     )
 
 
-def _upstream_http_options(cfg: Config, backend: str | None, stage: bool = True) -> AnyMsg:
+def _upstream_http_options(
+    cfg: Config, backend: str | None, stage: bool = True, credential_of: str | None = None
+) -> AnyMsg:
     """HTTP/1.1 to the backend; with `stage`, the upstream ext_proc stage before the codec
-    (`backend` names the cluster's one backend; None: each attempt's host says it)."""
+    (`backend` names the cluster's one backend; None: each attempt's host says it); with
+    `credential_of`, Envoy sets that backend's credential itself (a backend of native routes)."""
     options = HttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http_protocol_options=Http1ProtocolOptions()
         )
     )
+    filters = []
     if stage:
-        options.http_filters = [
-            HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(upstream_ext_proc(cfg, backend))),
-            HttpFilter(
-                name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())
-            ),
-        ]
+        filters.append(
+            HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(upstream_ext_proc(cfg, backend)))
+        )
+    if credential_of is not None and cfg.backends[credential_of].api_key is not None:
+        filters.append(credential_filter(cfg, credential_of))
+    if filters:
+        codec = HttpFilter(
+            name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())
+        )
+        options.http_filters = [*filters, codec]
     return _any(options)
 
 
@@ -1128,7 +1449,12 @@ def backend_cluster(cfg: Config, name: str, staged: bool = False) -> Cluster:
             endpoints=[LocalityLbEndpoints(lb_endpoints=[_endpoint(cfg, name)])],
         ),
         typed_extension_protocol_options={
-            HTTP_PROTOCOL_OPTIONS: _upstream_http_options(cfg, name if staged else None, staged)
+            HTTP_PROTOCOL_OPTIONS: _upstream_http_options(
+                cfg,
+                name if staged else None,
+                staged,
+                credential_of=name if not staged and name in native_backends(cfg) else None,
+            )
         },
         outlier_detection=_outlier_detection(backend.eject_after_failures, backend.eject_for_s),
     )
@@ -1246,9 +1572,17 @@ def bootstrap(cfg: Config) -> Bootstrap:
             clusters.append(pool_cluster(cfg, name, m))
     if envoy_traces(cfg):
         clusters.append(otlp_cluster(cfg))
+    clusters += _dropin_clusters(cfg)[1:]  # the JWKS clusters
+    secrets = [
+        credential_secret(cfg, name)
+        for name in sorted(native_backends(cfg))
+        if cfg.backends[name].api_key is not None
+    ]
     return Bootstrap(
         admin=Admin(address=_socket(cfg.envoy.admin)),
-        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
+        static_resources=BootstrapStaticResources(
+            listeners=[listener], clusters=clusters, secrets=secrets
+        ),
     )
 
 
@@ -1276,13 +1610,20 @@ def render_yaml(cfg: Config) -> str:
     return header + yaml.safe_dump(to_dict(bootstrap(cfg)), sort_keys=False, width=100)
 
 
+def _dropin_clusters(cfg: Config) -> list[Cluster]:
+    """The clusters a drop-in adds: the sidecar's, and those Envoy fetches JWKS from."""
+    return [sidecar_cluster(cfg)] + [
+        jwks_cluster(cfg, name) for name, i in cfg.identities.jwt.items() if i.jwks.uri is not None
+    ]
+
+
 def render_snippet(cfg: Config) -> str:
     """The drop-in for an existing Envoy: the HTTP filter and the sidecar's cluster."""
     doc = {
         "http_filters": [to_dict(f) for f in gateway_http_filters(cfg)],
         "access_log": [to_dict(accounting_access_log(cfg))],
         "local_reply_config": to_dict(_local_reply(cfg)),
-        "clusters": [to_dict(sidecar_cluster(cfg))],
+        "clusters": [to_dict(c) for c in _dropin_clusters(cfg)],
     }
     return (
         "# Drop-in for an existing Envoy (rendered by `extproc envoy --snippet`).\n"
@@ -1298,7 +1639,6 @@ def render_snippet(cfg: Config) -> str:
 
 def render_istio(cfg: Config, namespace: str = "default") -> str:
     """An Istio EnvoyFilter that adds the same filter and cluster to sidecars and gateways."""
-    cluster_value = to_dict(sidecar_cluster(cfg))
     # Each patch goes right before the router, so applied in order they keep the filters'.
     filter_patches = [
         {
@@ -1349,11 +1689,14 @@ def render_istio(cfg: Config, namespace: str = "default") -> str:
             "configPatches": [
                 *filter_patches,
                 access_log_patch,
-                {
-                    "applyTo": "CLUSTER",
-                    "match": {"context": "ANY"},
-                    "patch": {"operation": "ADD", "value": cluster_value},
-                },
+                *(
+                    {
+                        "applyTo": "CLUSTER",
+                        "match": {"context": "ANY"},
+                        "patch": {"operation": "ADD", "value": to_dict(cluster)},
+                    }
+                    for cluster in _dropin_clusters(cfg)
+                ),
             ],
         },
     }

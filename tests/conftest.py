@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,15 +140,20 @@ def gateway_config(ports: dict[str, int]) -> dict:
 
 
 @contextlib.contextmanager
-def running_gateway(tmp: Path, **sidecar: Any) -> Iterator[Gateway]:
-    """The gateway of gateway_config (with these `sidecar` settings) and its second fake
-    backend, on free ports; stopped on exit, and checked to have stopped cleanly."""
+def running_gateway(
+    tmp: Path, edit: Callable[[dict], None] | None = None, **sidecar: Any
+) -> Iterator[Gateway]:
+    """The gateway of gateway_config (with these `sidecar` settings, then changed by `edit`) and
+    its second fake backend, on free ports; stopped on exit, and checked to have stopped
+    cleanly."""
     from extproc.supervisor import Stack
 
     names = ("sidecar", "envoy", "admin", "fake_a", "fake_b", "dead", "metrics")
     ports = {k: free_port() for k in names}
     config = gateway_config(ports)
     config["sidecar"].update(sidecar)
+    if edit is not None:
+        edit(config)
     config_path = tmp / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = tmp / "stack.log"

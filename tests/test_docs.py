@@ -451,6 +451,7 @@ PLACEHOLDERS = {
     "guards": "<guard>",
     "prices": "<model>",
     "model_groups": "<group>",
+    "jwt": "<issuer>",
 }
 REQUIRED = "required"
 

@@ -453,3 +453,36 @@ def test_a_streams_usage_report_lands_where_a_json_answers_usage_does() -> None:
     }
     assert {t["metadataNamespace"] for t in targets.values()} == {"extproc"}
     assert targets["token_source"]["value"] == "provider"
+
+
+def test_jwt_identities_and_native_routes_pass_envoy_validate(tmp_path, monkeypatch):
+    """Every JWKS source, and the native path's routes, secrets and credential filters, as the
+    real Envoy reads them (a backend credential Envoy reads from the environment must be set)."""
+    monkeypatch.setenv("OPENAI_KEY", "sk-live-must-not-leak-1234")
+    monkeypatch.setenv("AZURE_KEY", "azure-secret-0000")
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())
+    jwks = f'{{"keys": [{jwk}]}}'
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(jwks)
+    rules = [{"claim": "groups", "value": "ml", "team": "t"}]
+    identities = {
+        "jwt": {
+            "remote": {
+                "issuer": "https://a/",
+                "jwks": {"uri": "https://idp.test/k"},
+                "teams": rules,
+            },
+            "local": {"issuer": "https://b/", "jwks": {"file": str(jwks_file)}, "teams": rules},
+            "inline": {"issuer": "https://c/", "jwks": {"inline": jwks}, "teams": rules},
+        }
+    }
+    data = _config(identities=identities)
+    data["teams"]["t"] = {}
+    text = render_yaml(parse_config(data))
+    assert "sk-live-must-not-leak" not in text and "native|t|gpt-4o|json" in text
+    out = tmp_path / "envoy.yaml"
+    out.write_text(text)
+    envoy_validate(out)

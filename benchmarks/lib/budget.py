@@ -10,7 +10,10 @@ counting and the quota on its embedded store (the headline scenario of `benchmar
 - 5,000 concurrent streams per sidecar process with its RSS growing <= 200 MB;
 - against the floor (the same Envoy config with a do-nothing Python ext_proc server, issue 16):
   strict path throughput at saturation >= 90 % of the floor's, sidecar CPU per request
-  <= 1.3x the floor server's, the gateway's Envoy CPU per request <= 1.5x the floor's Envoy.
+  <= 1.3x the floor server's, the gateway's Envoy CPU per request <= 1.5x the floor's Envoy;
+- the native path (`benchmarks.run --native`: a JWT caller of a team with no limit, served by
+  Envoy alone): added latency p50 at concurrency 1 <= 0.3 ms, throughput at saturation >= 70 %
+  of Envoy alone's.
 
 A figure that was not measured the way the budget defines it (fewer runs, another scenario,
 fewer streams) still gets its verdict, with a note saying what differs; a figure that could
@@ -84,6 +87,16 @@ SIDECAR_CPU = Budget(
 )
 ENVOY_CPU = Budget(
     "envoy_cpu_vs_floor", "gateway's Envoy CPU per request, vs the floor's Envoy", 1.5, "x"
+)
+NATIVE_P50 = Budget(
+    "native_added_p50_ms", "native path: added latency p50 at concurrency 1", 0.3, "ms"
+)
+NATIVE_THROUGHPUT = Budget(
+    "native_throughput_pct",
+    "native path: throughput at saturation, % of Envoy alone",
+    70.0,
+    "%",
+    at_least=True,
 )
 TTFT_P50 = Budget("stream_added_ttft_p50_ms", "streaming: added time to first token p50", 1.0, "ms")
 CHUNK_P99 = Budget("stream_added_chunk_p99_ms", "streaming: added per-chunk latency p99", 0.3, "ms")
@@ -170,6 +183,21 @@ def chat_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def native_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The native path's figures of a `benchmarks.run --native` result: against Envoy alone,
+    which is its floor (no Python on the request's path)."""
+    headline = result["headline"]
+    notes = _runs_notes(result)
+    low = headline["latency_concurrency"]
+    at = [] if low == 1 else [f"measured at concurrency {low}"]
+    high = headline.get("throughput_concurrency")
+    saturation = [f"concurrency {high}"] if high else ["one concurrency only: no saturation"]
+    return [
+        _row(NATIVE_P50, headline["added_p50_ms"], notes + at),
+        _row(NATIVE_THROUGHPUT, headline.get("throughput_pct"), notes + saturation),
+    ]
+
+
 def streaming_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The streaming figures of a `benchmarks.streaming` result, per client request (and the
     path it took), then the informational rows against the floor."""
@@ -234,6 +262,8 @@ def unmeasured(part: str, reason: str) -> list[dict[str, Any]]:
     if part == "chat":
         chat = (ADDED_P50, ADDED_P99, THROUGHPUT, FLOOR_THROUGHPUT, SIDECAR_CPU, ENVOY_CPU)
         return [_row(b, None, [reason]) for b in chat]
+    if part == "native":
+        return [_row(b, None, [reason]) for b in (NATIVE_P50, NATIVE_THROUGHPUT)]
     return [
         _row(b, None, [reason], path)
         for b in (TTFT_P50, CHUNK_P99, RSS_5000)

@@ -30,13 +30,14 @@ async def phase(
     concurrency: int,
     seconds: float,
     keep: list[float] | None = None,
+    bearer: str = API_KEY,
 ) -> dict[str, Any]:
     """`concurrency` closed-loop workers; none starts a request after `seconds`.
 
     `keep`: a list that receives every HTTP 200 latency (seconds), for the plots.
     """
     body = json.dumps(PAYLOAD).encode()
-    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     exceptions: Counter[str] = Counter()
@@ -112,6 +113,7 @@ async def measure(
     duration: float,
     keep: list[float] | None = None,
     mark: Callable[[], None] | None = None,
+    bearer: str = API_KEY,
 ) -> dict[str, Any]:
     """Warm up, `mark()`, then measure, over one keep-alive session pooled to `concurrency`."""
     connector = aiohttp.TCPConnector(
@@ -120,10 +122,14 @@ async def measure(
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         url = base_url + PATH
-        warm = await phase(session, url, concurrency, warmup) if warmup > 0 else {"requests": 0}
+        warm = (
+            await phase(session, url, concurrency, warmup, bearer=bearer)
+            if warmup > 0
+            else {"requests": 0}
+        )
         if mark is not None:
             mark()
-        sample = await phase(session, url, concurrency, duration, keep)
+        sample = await phase(session, url, concurrency, duration, keep, bearer)
         sample["warmup_requests"] = warm["requests"]
         return sample
 
@@ -138,14 +144,14 @@ def _reported_header(name: str) -> bool:
     return name.startswith(("x-aigw-", "x-ratelimit-")) or name == "x-envoy-attempt-count"
 
 
-async def preflight(base_url: str, deadline: float) -> dict[str, str]:
+async def preflight(base_url: str, deadline: float, bearer: str = API_KEY) -> dict[str, str]:
     """One request until it answers 200 (Envoy may still be health-checking the sidecar).
 
     Returns the response's gateway, rate-limit and attempt-count headers.
     """
     last = "no answer"
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {bearer}"}
     async with aiohttp.ClientSession(timeout=timeout) as session:
         while time.monotonic() < deadline:
             try:

@@ -94,9 +94,10 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, concurrencies: li
             args.envoy_concurrency,
             ["--response-tokens", str(RESPONSE_TOKENS)],
             scenario=scenario,
-            floor=True,
+            # The native path's floor is Envoy alone: no Python on the request's path.
+            floor=not scenario.native,
         ) as targets:
-            generator = Wrk(workdir) if args.generator == "wrk" else None
+            generator = Wrk(workdir, scenario.bearer) if args.generator == "wrk" else None
             outcome = measure_scenario(
                 args, scenario, concurrencies, targets, started_at, generator
             )
@@ -131,7 +132,7 @@ def measure_scenario(
     latencies: dict[tuple[int, str], list[float]] = {}
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         preflight_headers = {
-            target: runner.run(preflight(urls[target], time.monotonic() + 20))
+            target: runner.run(preflight(urls[target], time.monotonic() + 20, scenario.bearer))
             for target in measured
         }
         check_preflight(scenario, preflight_headers)
@@ -139,6 +140,8 @@ def measure_scenario(
         counters = {t: ext_proc_counters(targets.admins[t]) for t in talking}
         if "floor" in counters and not (counters["floor"] or {}).get("streams"):
             raise RuntimeError(f"the floor's Envoy opened no ext_proc stream: {counters}")
+        if scenario.native and (counters["gateway"] or {}).get("streams"):
+            raise RuntimeError(f"the native path opened ext_proc streams: {counters}")
         total = args.runs * len(concurrencies) * len(measured)
         for run in range(1, args.runs + 1):
             for c in concurrencies:
@@ -160,7 +163,15 @@ def measure_scenario(
                         )
                     else:
                         sample = runner.run(
-                            measure(urls[target], c, args.warmup, args.duration, keep, mark)
+                            measure(
+                                urls[target],
+                                c,
+                                args.warmup,
+                                args.duration,
+                                keep,
+                                mark,
+                                scenario.bearer,
+                            )
                         )
                     cpu = cpu_now(pids[target], tree)
                     talk_after = (
@@ -220,6 +231,7 @@ def measure_scenario(
             "failover": scenario.failover,
             "failover_fault": scenario.failover_fault if scenario.failover else None,
             "workers": scenario.workers,
+            "native": scenario.native,
         },
         "settings": {
             "scenario": {"name": scenario.name, "label": scenario.label},

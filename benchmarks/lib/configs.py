@@ -3,9 +3,11 @@ bootstrap derived from it, on free loopback ports; the streaming benchmark's var
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,9 @@ class Scenario:
     failover_fault: str = "429"
     workers: int = 1
     stream_path: str = "auto"  # the gateway's sidecar.stream_path (the product's default: auto)
+    # The caller is identified by a JWT Envoy verifies, its team has no limit and no guard:
+    # Envoy serves every request alone (extproc/native.py), the sidecar only accounts them.
+    native: bool = False
 
     @property
     def name(self) -> str:
@@ -60,6 +65,8 @@ class Scenario:
             parts.append(f"workers-{self.workers}")
         if self.stream_path != "auto":
             parts.append(f"stream-path-{self.stream_path}")
+        if self.native:
+            parts.append("native")
         return "+".join(parts)
 
     @property
@@ -70,6 +77,12 @@ class Scenario:
             "redis": "quota (Redis on loopback)",
             "none": "no quota",
         }[self.quota]
+        if self.native:
+            return (
+                "native path: a JWT verified by Envoy, a team without limits or guards; Envoy "
+                "routes by the body's model and serves alone, the sidecar accounts each answer "
+                "from the access log"
+            )
         parts = ["auth", "token counting", quota]
         if self.guards:
             parts.append("local guards")
@@ -80,6 +93,11 @@ class Scenario:
         if self.stream_path != "auto":
             parts.append(f"sidecar.stream_path: {self.stream_path}")
         return ", ".join(parts)
+
+    @property
+    def bearer(self) -> str:
+        """What the load clients send as `Authorization: Bearer ...`."""
+        return native_identity()[1] if self.native else API_KEY
 
     @property
     def is_headline(self) -> bool:
@@ -162,6 +180,25 @@ def stream_label(variant: str, stream_path: str = "auto") -> str:
     return f"{target}, {STREAM_CLIENT[path]} ({STREAM_PATH_OF[stream_path][path]})"
 
 
+NATIVE_ISSUER = "https://bench.extproc.test/"
+
+
+@functools.cache
+def native_identity() -> tuple[str, str]:
+    """(JWKS JSON, a token it verifies) for the native scenario: RS256, as identity providers
+    sign, valid for a day; one token, as one client reuses its token until it expires."""
+    import jwt  # PyJWT, with cryptography: the test extra
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwks = json.dumps({"keys": [{**jwk, "kid": "bench", "alg": "RS256"}]})
+    now = int(time.time())
+    claims = {"iss": NATIVE_ISSUER, "sub": "bench-client", "team": "bench"}
+    claims.update(iat=now, exp=now + 86_400)
+    return jwks, jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -216,7 +253,19 @@ def gateway_config(
     if scenario.stream_path != "auto":
         # The same: the default (auto) is left unwritten.
         config["sidecar"]["stream_path"] = scenario.stream_path
-    if scenario.quota != "none":
+    if scenario.native:
+        # No key: the team's callers carry the JWT (Scenario.bearer); no limit, no guard.
+        del team["keys"]
+        config["identities"] = {
+            "jwt": {
+                "bench": {
+                    "issuer": NATIVE_ISSUER,
+                    "jwks": {"inline": native_identity()[0]},
+                    "teams": [{"claim": "team", "value": "bench", "team": "bench"}],
+                }
+            }
+        }
+    elif scenario.quota != "none":
         team["limits"] = QUOTA_LIMITS
     if scenario.quota == "redis":
         assert redis_url is not None

@@ -115,9 +115,9 @@ def threads_for(concurrency: int) -> int:
     return 2 if concurrency >= TWO_THREADS_FROM else 1
 
 
-def script_text() -> str:
+def script_text(bearer: str = API_KEY) -> str:
     body = json.dumps(PAYLOAD)
-    return LUA % {"path": PATH, "body": body, "key": API_KEY, "mark": MARK}
+    return LUA % {"path": PATH, "body": body, "key": bearer, "mark": MARK}
 
 
 def measured_latencies(raw: dict[str, Any], connections: int) -> dict[int, int]:
@@ -155,14 +155,14 @@ def measured_latencies(raw: dict[str, Any], connections: int) -> dict[int, int]:
 class Wrk:
     """wrk as the chat load generator: `measure` has `chat_client.measure`'s contract."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, bearer: str = API_KEY) -> None:
         path = binary()
         if path is None:
             raise RuntimeError("wrk is not installed (`make bench` installs Debian's package)")
         self.path = path
         self.version = version(path)
         self.script = workdir / "wrk-chat.lua"
-        self.script.write_text(script_text(), encoding="utf-8")
+        self.script.write_text(script_text(bearer), encoding="utf-8")
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
+from ..config import stage_guards
 from ..errors import GatewayError
 from ..telemetry.metrics import GUARD_ERRORS, GUARD_SECONDS, GUARD_VERDICTS, child
 from ..telemetry.tracing import NO_TRACE
@@ -102,15 +103,7 @@ class Guardrails:
             return hit
         cfg = self._cfg
         assert cfg is not None
-        team_cfg, model_cfg = cfg.teams.get(team), cfg.models.get(model)
-        out = []
-        for stage in ("request", "response"):
-            names = list(getattr(cfg.guardrails, stage))
-            if team_cfg is not None and getattr(team_cfg.guardrails, stage) is not None:
-                names = list(getattr(team_cfg.guardrails, stage))
-            if model_cfg is not None:
-                names += getattr(model_cfg.guardrails, stage) or []
-            out.append(tuple(self.guards[n] for n in dict.fromkeys(names)))
+        out = [tuple(self.guards[n] for n in names) for names in stage_guards(cfg, team, model)]
         result = (out[0], out[1])
         self._lists[(team, model)] = result
         return result

@@ -1,0 +1,98 @@
+"""The native path: which requests Envoy serves without asking the sidecar.
+
+A request needs no admission by the sidecar when there is nothing to admit it against: its
+caller is identified by Envoy itself (a JWT that Envoy's jwt_authn filter verified, whose
+claims map to a team), that team has no limits and no guards for the model, and the model is
+served by one backend under its own name (no body to rewrite). Envoy then picks the route from
+the body's `model` (json_to_metadata), sets the backend's credential (credential_injector) and
+sends the request on; the sidecar's downstream stage is not created for it. The answer's usage
+reaches the sidecar through the gRPC access log, as for any released request, and is counted
+there (access_log.account_native): metrics and the team's usage, no reservation.
+
+Everything else (API keys, which Envoy cannot check without holding them in clear; teams with
+limits, whose tokens are reserved before the call; guards; pooled and canary models; streams
+without a usage report, which the sidecar asks for) takes the strict path through the sidecar.
+
+Envoy's routes are rendered when its bootstrap is: a team that gains a limit or a guard in a
+reload keeps its native routes until Envoy's config is rendered again (configuration.md,
+"Reload"); the access log's reader warns when it sees that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ClaimRule, Config, Model, pooled, split, stage_guards
+
+# The endpoint a model's type answers on: the one path its native route matches.
+ENDPOINT_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NativeRoute:
+    """Envoy serves `team`'s requests to `model` on its own, for callers whose token from
+    `issuer` matches `rule` and none of `earlier` (the issuer's rules before it: the first rule
+    a token matches names its team, in Envoy as in the sidecar)."""
+
+    team: str
+    model: str
+    backend: str
+    path: str
+    issuer: str
+    rule: ClaimRule
+    earlier: tuple[ClaimRule, ...]
+
+
+def why_not(cfg: Config, team: str, model: str) -> str | None:
+    """Why a team's requests to a model take the strict path; None: they can take the native
+    one (when a JWT identifies the caller)."""
+    team_cfg, model_cfg = cfg.teams[team], cfg.models[model]
+    if not cfg.envoy.native_path:
+        return "envoy.native_path is off"
+    if team_cfg.models is not None and model not in team_cfg.models:
+        return "the team may not use the model"
+    if team_cfg.limits:
+        return "the team has limits (reserved before the call)"
+    if any(stage_guards(cfg, team, model)):
+        return "guards apply"
+    if cfg.observability.audit.path is not None:
+        return "the audit trail records each prompt's hash"
+    if cfg.sidecar.json_path != "access_log":
+        return "sidecar.json_path is inline"
+    return _model_why_not(model, model_cfg)
+
+
+def _model_why_not(name: str, model: Model) -> str | None:
+    if pooled(model) or split(model):
+        return "Envoy chooses among several backends"
+    target = next(t for t in model.targets if t.weight > 0)
+    if target.model is not None and target.model != name:
+        return "the body's model name is rewritten for the backend"
+    return None
+
+
+def native_routes(cfg: Config) -> list[NativeRoute]:
+    """The native routes, in the order Envoy must try them (before every other route)."""
+    out: list[NativeRoute] = []
+    for issuer_name, issuer in cfg.identities.jwt.items():
+        for i, rule in enumerate(issuer.teams):
+            for model_name, model in cfg.models.items():
+                if rule.team not in cfg.teams or why_not(cfg, rule.team, model_name):
+                    continue
+                target = next(t for t in model.targets if t.weight > 0)
+                out.append(
+                    NativeRoute(
+                        team=rule.team,
+                        model=model_name,
+                        backend=target.backend,
+                        path=ENDPOINT_PATHS[model.type],
+                        issuer=issuer_name,
+                        rule=rule,
+                        earlier=tuple(issuer.teams[:i]),
+                    )
+                )
+    return out
