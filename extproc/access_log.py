@@ -82,16 +82,21 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
             services = self.services()
             yielded = time.perf_counter()
             for entry in message.http_logs.log_entry:
+                # A native route's request was never released by a downstream stage: a
+                # shutdown does not wait for it (RELEASED counts only those it does).
+                released = native_from_route(entry.common_properties.route_name) is None
                 try:
                     if account(services, entry):
                         _ACCOUNTED.inc()
-                        RELEASED.done()
+                        if released:
+                            RELEASED.done()
                     else:
                         _IGNORED.inc()
                 except Exception:
                     # One bad entry must not cost the others in the batch, or the stream.
                     _FAILED.inc()
-                    RELEASED.done()  # it came back: a shutdown need not wait for it
+                    if released:
+                        RELEASED.done()  # it came back: a shutdown need not wait for it
                     log.exception("could not account an access log entry")
                 # A batch holds several entries: requests in flight get the loop in between,
                 # rather than waiting for the whole batch (that showed as p99 latency). Not
@@ -166,17 +171,22 @@ def account(services: Services, entry: Any) -> bool:
 
 def _native_handover(services: Services, entry: Any, team: str, model: str) -> Handover:
     """What the downstream stage would have handed over, for a request Envoy served on a
-    native route (native.py): no count, no reservation; the answer's usage is the account."""
+    native route (native.py): no count and no reservation; the answer's usage is the account.
+    Without a usage report the request is charged its maximum, as on the strict path: the
+    prompt estimated from the body's size, the output at quota.default_max_tokens."""
     cfg = services.runtime.config
     spec = cfg.models.get(model)
     target = routing.fixed_target(services.runtime, model, 0) if spec is not None else None
-    if spec is not None and team in cfg.teams:
-        reason = native.why_not(cfg, team, model)
-        if reason is not None and (team, model) not in _STALE_WARNED:
-            # A reload gave the team a limit or a guard, and Envoy's routes are older: until
-            # they are rendered again, its requests to this model are not admitted.
-            _STALE_WARNED.add((team, model))
-            log.warning(_STALE_NATIVE, team, model, reason)
+    if (team, model) not in native.served(cfg) and (team, model) not in _STALE_WARNED:
+        # A reload changed the team, its rules, limits or guards, and Envoy's routes are
+        # older: until they are rendered again, these requests are not admitted.
+        _STALE_WARNED.add((team, model))
+        reason = (
+            native.why_not(cfg, team, model)
+            if team in cfg.teams and spec is not None
+            else "the team or the model is gone"
+        )
+        log.warning(_STALE_NATIVE, team, model, reason or "no JWT rule maps to the team now")
     start = entry.common_properties.start_time
     content_type = entry.response.response_headers.get("content-type", "")
     return Handover(
@@ -184,6 +194,8 @@ def _native_handover(services: Services, entry: Any, team: str, model: str) -> H
         model=model,
         endpoint=native.ENDPOINT_PATHS[spec.type] if spec is not None else "",
         stream=settlement.is_event_stream({"content-type": content_type}),
+        prompt_tokens=-(-entry.request.request_body_bytes // 4),
+        output_estimate=cfg.quota.default_max_tokens,
         started_at=start.seconds + start.nanos / 1e9,
         account=True,
         backend=target.backend if target is not None else "",
@@ -193,8 +205,9 @@ def _native_handover(services: Services, entry: Any, team: str, model: str) -> H
 
 _STALE_WARNED: set[tuple[str, str]] = set()
 _STALE_NATIVE = (
-    "Envoy served team %s's request to %s on its native route, but now %s: its requests are "
-    "not admitted until Envoy's config is rendered again (extproc envoy) and Envoy restarted"
+    "Envoy served team %s's request to %s on a native route, but by the current config: %s. "
+    "Such requests are not admitted until Envoy's config is rendered again (extproc envoy) "
+    "and Envoy restarted"
 )
 
 

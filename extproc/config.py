@@ -507,6 +507,9 @@ class JwksSource(_Strict):
             parts = urlsplit(self.uri)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError("uri must be an http:// or https:// URL with a host")
+            if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+                # Whoever is on the path could serve their own keys and sign any token.
+                raise ValueError("uri must be https:// (plain http only on loopback)")
         if self.inline is not None:
             problem = jwks_problem(self.inline)
             if problem is not None:
@@ -523,6 +526,11 @@ class JwksSource(_Strict):
         return parts.port or (443 if parts.scheme == "https" else 80)
 
 
+ClaimName = Annotated[str, Field(min_length=1)]
+# What each kind of key must hold for Envoy to take it (RFC 7518, section 6).
+_JWK_FIELDS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}
+
+
 def jwks_problem(text: str) -> str | None:
     """Why a JWKS document would be refused by Envoy at start-up (None: it looks usable)."""
     try:
@@ -532,8 +540,13 @@ def jwks_problem(text: str) -> str | None:
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list) or not keys:
         return 'not a JWKS: no "keys", or an empty list'
-    if not all(isinstance(k, dict) and "kty" in k for k in keys):
-        return 'a key without "kty"'
+    for i, key in enumerate(keys):
+        kty = key.get("kty") if isinstance(key, dict) else None
+        if kty not in _JWK_FIELDS:
+            return f"key {i}: kty must be one of {', '.join(_JWK_FIELDS)}"
+        missing = [f for f in _JWK_FIELDS[kty] if not key.get(f)]
+        if missing:
+            return f"key {i} ({kty}): no {', '.join(missing)}"
     return None
 
 
@@ -542,7 +555,7 @@ class ClaimRule(_Strict):
     `team`. `claim` is a top-level claim's name, or a list of names for a nested one
     (Keycloak's [realm_access, roles])."""
 
-    claim: str | Annotated[list[str], Field(min_length=1)]
+    claim: ClaimName | Annotated[list[ClaimName], Field(min_length=1)]
     value: str
     team: str
 

@@ -169,6 +169,8 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     GenericSecret,
     SdsSecretConfig,
     Secret,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -318,6 +320,8 @@ ACCESS_LOG_FORMAT = {
     "duration_ms": "%DURATION%",
     "upstream": "%UPSTREAM_CLUSTER%",
     "request_id": "%REQ(X-REQUEST-ID)%",
+    # A native route's name holds the team and model, which no sidecar put in the metadata.
+    "route": "%ROUTE_NAME%",
     "team": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:team)%",
     "model": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%",
     "backend": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:backend)%",
@@ -985,8 +989,12 @@ def _jwt_provider(cfg: Config, name: str) -> JwtProvider:
         audiences=issuer.audiences,
         require_expiration=True,
         clock_skew_seconds=issuer.clock_skew_s,
-        # Only the Authorization header: a token in a query string ends up in logs.
-        from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
+        # Only the Authorization header (a token in a query string ends up in logs), its
+        # scheme in either case, as the sidecar takes a key's (RFC 7235: case-insensitive).
+        from_headers=[
+            JwtHeader(name="authorization", value_prefix=prefix)
+            for prefix in ("Bearer ", "bearer ")
+        ],
         # The token never goes upstream: the backend gets its own credential.
         forward=False,
         payload_in_metadata=name,
@@ -1105,10 +1113,11 @@ def native_route_list(cfg: Config) -> list[Route]:
         caller.append(_claim_matcher(native.issuer, native.rule))
         caller.append(_fact("model", ValueMatcher(string_match=StringMatcher(exact=native.model))))
         rewrite = "" if backend.base_path == "/v1" else backend.base_path + native.path[3:]
-        for variant, condition in (
-            ("json", _fact("stream", is_true, invert=True)),
-            ("stream", _fact("include_usage", is_true)),
-        ):
+        variants = [("json", _fact("stream", is_true, invert=True))]
+        if cfg.sidecar.stream_path == "auto":
+            # (`observe` and `inline` want every stream followed by the sidecar.)
+            variants.append(("stream", _fact("include_usage", is_true)))
+        for variant, condition in variants:
             out.append(
                 Route(
                     name=native_route_name(native.team, native.model, variant),
@@ -1125,7 +1134,9 @@ def native_route_list(cfg: Config) -> list[Route]:
                     ),
                     # The backend's own credential replaces the client's (credential_injector);
                     # an answer must come uncompressed for Envoy to read its usage.
-                    request_headers_to_remove=["api-key", "accept-encoding"],
+                    request_headers_to_remove=list(
+                        dict.fromkeys(["api-key", backend.auth_header, "accept-encoding"])
+                    ),
                     typed_per_filter_config={
                         EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True)),
                         RESPONSE_HEADERS_FILTER: _any(
@@ -1178,14 +1189,15 @@ def credential_secret(cfg: Config, backend: str) -> Secret:
 
 
 def credential_filter(cfg: Config, backend: str) -> HttpFilter:
-    """In the backend's cluster: its credential on every request (what the downstream stage
-    set is the same value), so the native routes need no stage of the sidecar for it."""
+    """In the backend's cluster: its credential, on the requests that come without one (the
+    native routes remove the client's). Not over what the downstream stage set: the sidecar
+    re-reads a rotated credential on reload, while Envoy reads its secret once, at start."""
     header = cfg.backends[backend].auth_header
     return HttpFilter(
         name=CREDENTIAL_FILTER,
         typed_config=_any(
             CredentialInjector(
-                overwrite=True,
+                overwrite=False,
                 credential=TypedExtensionConfig(
                     name="envoy.http.injected_credentials.generic",
                     typed_config=_any(
@@ -1413,7 +1425,14 @@ def _tls_socket(host: str) -> TransportSocket:
                 sni=host,
                 common_tls_context=CommonTlsContext(
                     validation_context=CertificateValidationContext(
-                        trusted_ca=DataSource(filename=DEFAULT_CA_BUNDLE)
+                        trusted_ca=DataSource(filename=DEFAULT_CA_BUNDLE),
+                        # The certificate must be the host's, not just any a public CA signed.
+                        match_typed_subject_alt_names=[
+                            SubjectAltNameMatcher(
+                                san_type=SubjectAltNameMatcherSanType.DNS,
+                                matcher=StringMatcher(exact=host),
+                            )
+                        ],
                     )
                 ),
             )

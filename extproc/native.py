@@ -75,6 +75,17 @@ def _model_why_not(name: str, model: Model) -> str | None:
     return None
 
 
+_SERVED: tuple[Config | None, frozenset[tuple[str, str]]] = (None, frozenset())
+
+
+def served(cfg: Config) -> frozenset[tuple[str, str]]:
+    """The (team, model) pairs of `cfg`'s native routes (kept for the last config asked)."""
+    global _SERVED
+    if _SERVED[0] is not cfg:
+        _SERVED = (cfg, frozenset((r.team, r.model) for r in native_routes(cfg)))
+    return _SERVED[1]
+
+
 def native_routes(cfg: Config) -> list[NativeRoute]:
     """The native routes, in the order Envoy must try them (before every other route)."""
     out: list[NativeRoute] = []

@@ -291,3 +291,19 @@ def test_api_keys_work_beside_tokens(gw: Gateway) -> None:
         )
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["code"] == "invalid_api_key"
+
+
+def test_the_bearer_scheme_may_be_lowercase(gw: Gateway) -> None:
+    """RFC 7235: the scheme is case-insensitive; the sidecar takes a key's either way, and
+    Envoy a token's."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    request = urllib.request.Request(
+        f"{gw.base_url}/chat/completions",
+        data=body.encode(),
+        headers={
+            "authorization": f"bearer {token(['ml-platform'])}",
+            "content-type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200 and resp.headers["x-aigw-team"] == "ml"

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
 
 from extproc import access_log, identity, native
 from extproc.config import ConfigError, build_runtime, parse_config
@@ -33,6 +34,7 @@ from extproc.envoy_config import (
 from extproc.errors import GatewayError
 from extproc.server import build_services
 from extproc.services import Services
+from extproc.streams import RELEASED
 from extproc.telemetry import metrics
 
 from .conftest import sha256_hex
@@ -46,7 +48,7 @@ def config(**over: Any) -> dict[str, Any]:
             "jwt": {
                 "corp": {
                     "issuer": "https://idp.example.test/",
-                    "jwks": {"inline": '{"keys": [{"kty": "RSA"}]}'},
+                    "jwks": {"inline": '{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}'},
                     "teams": [
                         {"claim": "groups", "value": "search", "team": "search"},
                         {"claim": ["realm_access", "roles"], "value": "ml", "team": "ml"},
@@ -104,6 +106,32 @@ def test_a_jwks_comes_from_exactly_one_place() -> None:
     assert any(k.startswith("identities.jwt.corp.jwks") for k in problems(data))
     data["identities"]["jwt"]["corp"]["jwks"] = {"inline": '{"keys": []}'}
     assert "empty" in str(problems(data))
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "words"),
+    [
+        ({"teams": [{"claim": "", "value": "x", "team": "ml"}]}, "teams.0.claim", "at least 1"),
+        ({"jwks": {"uri": "http://idp.example.test/k"}}, "jwks", "https"),
+        ({"jwks": {"inline": '{"keys": [{"kty": "RSA", "e": "AQAB"}]}'}}, "jwks", "no n"),
+        ({"jwks": {"inline": '{"keys": [{"kty": "XYZ"}]}'}}, "jwks", "kty must be"),
+    ],
+    ids=["empty-claim", "plain-http", "rsa-without-n", "unknown-kty"],
+)
+def test_what_envoy_would_refuse_is_refused_at_load(
+    change: dict[str, Any], where: str, words: str
+) -> None:
+    data = config()
+    data["identities"]["jwt"]["corp"].update(change)
+    found = problems(data)
+    fields = [k for k in found if k.startswith(f"identities.jwt.corp.{where}")]
+    assert fields and any(words in found[k] for k in fields), found
+
+
+def test_a_jwks_on_loopback_may_be_plain_http() -> None:
+    data = config()
+    data["identities"]["jwt"]["corp"]["jwks"] = {"uri": "http://127.0.0.1:8080/jwks"}
+    parse_config(data)
 
 
 def test_a_jwks_file_is_checked_when_the_runtime_is_built(tmp_path: Any) -> None:
@@ -272,6 +300,41 @@ def test_the_native_path_as_rendered(monkeypatch: pytest.MonkeyPatch) -> None:
     assert JWT_NAMESPACE in ext_proc  # the downstream stage gets the verified claims
 
 
+def test_the_credential_is_envoys_only_where_nothing_set_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The injector fills the native routes' requests, whose client credential the route
+    removes, and leaves the downstream stage's (re-read on reload) alone; TLS backends are
+    checked for their own name."""
+    doc = to_dict(bootstrap(parse_config(config())))
+    routes = {r["name"]: r for r in hcm(doc)["routeConfig"]["virtualHosts"][0]["routes"]}
+    assert routes["native|ml|embed|json"]["requestHeadersToRemove"] == [
+        "api-key",
+        "accept-encoding",
+    ]  # azure takes its key in api-key
+    assert "authorization" in routes["native|ml|gpt-4o|json"]["requestHeadersToRemove"]
+    clusters = {c["name"]: c for c in doc["staticResources"]["clusters"]}
+    options = clusters["aigw-backend-openai"]["typedExtensionProtocolOptions"]
+    (injector,) = [
+        f for f in next(iter(options.values()))["httpFilters"] if "credential" in f["name"]
+    ]
+    assert not injector["typedConfig"].get("overwrite", False)
+    tls = clusters["aigw-backend-openai"]["transportSocket"]["typedConfig"]
+    sans = tls["commonTlsContext"]["validationContext"]["matchTypedSubjectAltNames"]
+    assert sans == [{"sanType": "DNS", "matcher": {"exact": "api.openai.com"}}]
+
+
+def test_streams_take_the_native_path_only_with_stream_path_auto() -> None:
+    def native_names(**sidecar: Any) -> list[str]:
+        doc = to_dict(bootstrap(parse_config(config(sidecar=sidecar))))
+        routes = hcm(doc)["routeConfig"]["virtualHosts"][0]["routes"]
+        return [r["name"] for r in routes if r["name"].startswith(NATIVE_ROUTE_PREFIX)]
+
+    assert "native|ml|gpt-4o|stream" in native_names()
+    observed = native_names(stream_path="observe")
+    assert "native|ml|gpt-4o|json" in observed and "native|ml|gpt-4o|stream" not in observed
+
+
 def test_the_snippet_brings_the_jwks_clusters() -> None:
     data = config()
     data["identities"]["jwt"]["corp"]["jwks"] = {"uri": "https://idp.example.test/jwks.json"}
@@ -282,8 +345,11 @@ def test_the_snippet_brings_the_jwks_clusters() -> None:
 # -- the access log's reader ----------------------------------------------------------------------
 
 
-def native_entry(team: str, model: str, usage: dict[str, float] | None) -> Any:
+def native_entry(
+    team: str, model: str, usage: dict[str, float] | None, body_bytes: int = 400
+) -> Any:
     e = accesslog_pb2.HTTPAccessLogEntry()
+    e.request.request_body_bytes = body_bytes
     e.common_properties.route_name = native_route_name(team, model, "json")
     e.common_properties.start_time.GetCurrentTime()
     if usage is not None:
@@ -360,3 +426,55 @@ def test_extproc_check_says_which_requests_envoy_serves_alone(
     assert "team ml, model llama: Envoy chooses among several backends" in out
     assert "team search, model gpt-4o: the team has limits" in out
     assert BACKEND_SECRET not in out
+
+
+def test_an_answer_without_usage_is_counted_at_its_maximum(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    services = services_for(config(), monkeypatch, tmp_path)
+    before = {kind: estimated_tokens(kind) for kind in ("input", "output")}
+    assert account(services, native_entry("ml", "gpt-4o", None, body_bytes=401))
+    assert estimated_tokens("input") == before["input"] + 101  # ceil(401 / 4)
+    assert estimated_tokens("output") == before["output"] + 4096  # quota.default_max_tokens
+
+
+def estimated_tokens(kind: str) -> float:
+    child = metrics.TOKENS.labels("ml", "gpt-4o", "openai", kind, "estimate")
+    return child._value.get()
+
+
+def test_a_native_entry_is_not_a_release_a_shutdown_waits_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    services = services_for(config(), monkeypatch, tmp_path)
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend([native_entry("ml", "gpt-4o", None) for _ in range(3)])
+    receiver = access_log.AccessLogReceiver(lambda: services)
+
+    async def batches() -> Any:
+        yield message
+
+    async def read() -> None:
+        await receiver.StreamAccessLogs(batches(), None)
+
+    pending = RELEASED.pending
+    RELEASED.add()  # a strict-path request whose entry is still to come
+    try:
+        asyncio.run(read())
+        assert RELEASED.pending == pending + 1
+    finally:
+        RELEASED.done()
+
+
+def test_a_team_whose_rule_is_gone_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    data = config()
+    del data["identities"]["jwt"]["corp"]["teams"][1]  # ml's rule
+    data["teams"]["ml"] = {"keys": [{"sha256": sha256_hex("sk-ml")}]}
+    services = services_for(data, monkeypatch, tmp_path)
+    access_log._STALE_WARNED.clear()
+    with caplog.at_level(logging.WARNING, "extproc.access_log"):
+        assert account(services, native_entry("ml", "gpt-4o", None))
+    (warned,) = [r.getMessage() for r in caplog.records if "native route" in r.getMessage()]
+    assert "no JWT rule maps to the team now" in warned
