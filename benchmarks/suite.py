@@ -86,8 +86,11 @@ def streaming_argv(args: argparse.Namespace) -> list[str]:
 def estimate_s(args: argparse.Namespace, steps: list[tuple[str, Scenario, list[int]]]) -> float:
     """A rough duration, printed at the start (start-up ~10 s per process tree)."""
     per_measurement = args.warmup + args.duration
-    targets = len(CHAT_TARGETS)  # Envoy alone, the floor, the gateway
-    chat = sum(args.runs * len(cs) * targets * per_measurement + 10 for _, _, cs in steps)
+
+    def targets(scenario: Scenario) -> int:  # Envoy alone, the floor (not native), the gateway
+        return len(CHAT_TARGETS) - (1 if scenario.native else 0)
+
+    chat = sum(args.runs * len(cs) * targets(s) * per_measurement + 10 for _, s, cs in steps)
     chat += 15  # the quota store alone
     if args.quick:
         return chat + 90

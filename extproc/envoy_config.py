@@ -1215,34 +1215,8 @@ def credential_filter(cfg: Config, backend: str) -> HttpFilter:
 
 def jwks_cluster(cfg: Config, issuer: str) -> Cluster:
     jwks = cfg.identities.jwt[issuer].jwks
-    name = jwks_cluster_name(issuer)
-    cluster = Cluster(
-        name=name,
-        type=ClusterDiscoveryType.STRICT_DNS,
-        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
-        connect_timeout=_duration(jwks.timeout_s),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(
-                            endpoint=Endpoint(
-                                address=Address(
-                                    socket_address=SocketAddress(
-                                        address=jwks.host, port_value=jwks.port
-                                    )
-                                )
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
-    if jwks.uri is not None and jwks.uri.startswith("https:"):
-        cluster.transport_socket = _tls_socket(jwks.host)
-    return cluster
+    tls = (jwks.uri or "").startswith("https:")
+    return _host_cluster(jwks_cluster_name(issuer), jwks.host, jwks.port, tls, jwks.timeout_s)
 
 
 def http_connection_manager(cfg: Config) -> HttpConnectionManager:
@@ -1313,31 +1287,28 @@ def otlp_cluster(cfg: Config) -> Cluster:
     endpoint = cfg.observability.tracing.otlp_endpoint
     assert endpoint is not None
     parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    host = parts.hostname or "127.0.0.1"
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 4317)
+    cluster = _host_cluster(OTLP_CLUSTER, parts.hostname or "127.0.0.1", port, tls, 1.0)
+    cluster.typed_extension_protocol_options = {HTTP_PROTOCOL_OPTIONS: _http2_options()}
+    return cluster
+
+
+def _host_cluster(name: str, host: str, port: int, tls: bool, connect_timeout_s: float) -> Cluster:
+    """A cluster of one host found by DNS (a collector, an identity provider), over TLS when
+    `tls`, its certificate checked for the host's name."""
+    address = Address(socket_address=SocketAddress(address=host, port_value=port))
     cluster = Cluster(
-        name=OTLP_CLUSTER,
+        name=name,
         type=ClusterDiscoveryType.STRICT_DNS,
         dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
-        connect_timeout=_duration(1),
+        connect_timeout=_duration(connect_timeout_s),
         load_assignment=ClusterLoadAssignment(
-            cluster_name=OTLP_CLUSTER,
+            cluster_name=name,
             endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(
-                            endpoint=Endpoint(
-                                address=Address(
-                                    socket_address=SocketAddress(address=host, port_value=port)
-                                )
-                            )
-                        )
-                    ]
-                )
+                LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))])
             ],
         ),
-        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http2_options()},
     )
     if tls:
         cluster.transport_socket = _tls_socket(host)
