@@ -31,6 +31,7 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     app.router.add_post("/v1/completions", fake.v1(fake.completions))
     app.router.add_post("/v1/embeddings", fake.v1(fake.embeddings))
     app.router.add_post("/v1/moderations", fake.v1(fake.moderations))
+    app.router.add_post("/v1/messages", fake.anthropic_messages)
     app.router.add_post("/_fake/guard-webhook", fake.v1(fake.guard_webhook))
     app.router.add_get("/v1/models", fake.v1(fake.list_models))
     app.router.add_get("/healthz", fake.healthz)

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import anthropic
 from .faults import (
     Aborted,
     EventWriter,
@@ -445,6 +446,18 @@ class FakeLLM:
             for name in names
         ]
         return json_response({"object": "list", "data": data})
+
+    async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API (anthropic.py): recorded like the others, with its own
+        error shape, faults included (the `v1` wrapper answers in OpenAI's)."""
+        body = await self.observe(request)
+        try:
+            ctx = request_settings(self.settings, request.headers)
+            return await anthropic.messages(request, ctx, body, self.settings.stall_seconds)
+        except RequestError as exc:
+            return anthropic.error_response(anthropic.AnthropicError(exc.message))
+        except (Aborted, ConnectionError):
+            return web.Response()
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -1,0 +1,519 @@
+"""Anthropic's Messages API (`POST /v1/messages`) behind OpenAI's chat completions: the
+request translated to a Messages request, the answer and its event stream back to OpenAI's
+shapes, Anthropic's errors to OpenAI's.
+
+Nothing is dropped without a word: a parameter Anthropic has no equivalent for is refused
+with a 400 naming it (unless it has its neutral value), and what Anthropic returns beyond
+OpenAI's shape (thinking) is passed as `reasoning_content`, the field OpenAI-compatible servers
+use for it. References: Anthropic's Messages API and streaming docs; OpenAI's chat
+completions API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from ..errors import GatewayError, bad_request
+from ..sse import SSEParser
+from ..usage import Usage
+from .base import ProviderError
+
+PATH = "/v1/messages"
+API_VERSION = "2023-06-01"
+# The credential header Anthropic takes (the backend's `auth_header`), and its version header.
+AUTH_HEADER = "x-api-key"
+VERSION_HEADER = "anthropic-version"
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "pause_turn": "stop",
+    "refusal": "content_filter",
+    "model_context_window_exceeded": "length",
+}
+
+# OpenAI parameters with no Anthropic counterpart, and their neutral values: a request that
+# sets one to anything else is refused rather than served differently than asked.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "seed": (),
+    "response_format": ({"type": "text"},),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+}
+# Taken and translated, or without effect on what Anthropic produces.
+_HANDLED = frozenset(
+    {
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+        "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+        "user", "metadata", "store", "service_tier",
+    }
+)  # fmt: skip
+
+
+def unsupported(param: str) -> GatewayError:
+    return bad_request(
+        f"`{param}` is not supported by this model's provider (Anthropic)",
+        "unsupported_parameter",
+        param,
+    )
+
+
+# -- the request --------------------------------------------------------------------------------
+
+
+def messages_request(body: dict[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
+    """A validated OpenAI chat completions body as a Messages request for `model` (the
+    provider's name). Raises a 400 for what Anthropic cannot do as asked."""
+    for key, value in body.items():
+        if key in _HANDLED or value is None:
+            continue
+        neutral = _NEUTRAL.get(key)
+        if neutral is None or value not in neutral:
+            raise unsupported(key)
+    system, messages = _messages(body["messages"])
+    out: dict[str, Any] = {
+        "model": model,
+        "max_tokens": body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or default_max_tokens,
+        "messages": messages,
+    }
+    if system:
+        out["system"] = system
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if temperature > 1:
+            raise bad_request(
+                "`temperature` above 1 is not supported by this model's provider (Anthropic: "
+                "0 to 1)",
+                "unsupported_value",
+                "temperature",
+            )
+        out["temperature"] = temperature
+    if body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("stream"):
+        out["stream"] = True
+    if body.get("user"):
+        out["metadata"] = {"user_id": body["user"]}
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = [_tool(t) for t in tools]
+    choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if choice is not None:
+        if choice["type"] != "none" and not tools:
+            raise bad_request("`tool_choice` needs `tools`", "invalid_value", "tool_choice")
+        out["tool_choice"] = choice
+    return out
+
+
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise unsupported(f"tools[].type={tool.get('type')}")
+    function = tool["function"]
+    out = {
+        "name": function["name"],
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if function.get("description"):
+        out["description"] = function["description"]
+    return out
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    if choice is None and parallel is not False:
+        return None
+    if choice is None or choice == "auto":
+        out: dict[str, Any] = {"type": "auto"}
+    elif choice == "none":
+        return {"type": "none"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        out = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        raise bad_request("`tool_choice` is not one OpenAI defines", "invalid_value", "tool_choice")
+    if parallel is False:
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def _messages(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """(system prompt, the turns): system and developer messages become the system prompt;
+    tool results go back in a user turn; consecutive turns of one role are merged, as
+    Anthropic reads them."""
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_only(message.get("content"), f"messages[{i}].content"))
+            continue
+        if role == "user":
+            blocks = _blocks(message.get("content"), f"messages[{i}].content")
+            turn_role = "user"
+        elif role == "assistant":
+            blocks = _assistant_blocks(message, i)
+            turn_role = "assistant"
+        elif role == "tool":
+            blocks = [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": message["tool_call_id"],
+                    "content": _blocks(message.get("content"), f"messages[{i}].content"),
+                }
+            ]
+            turn_role = "user"
+        else:
+            raise bad_request(
+                f"messages[{i}].role {role!r} is not supported by this model's provider",
+                "unsupported_value",
+                f"messages[{i}].role",
+            )
+        if not blocks:
+            continue
+        if turns and turns[-1]["role"] == turn_role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": turn_role, "content": blocks})
+    return "\n\n".join(s for s in system if s), turns
+
+
+def _text_only(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content or ():
+        if part.get("type") != "text":
+            raise bad_request(f"{where}: only text is allowed here", "unsupported_value", where)
+        parts.append(part["text"])
+    return "\n".join(parts)
+
+
+def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text":
+            if part["text"]:
+                out.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            out.append(_image(part["image_url"]["url"], f"{where}[{j}]"))
+        else:
+            raise bad_request(
+                f"{where}[{j}]: content of type {kind!r} is not supported by this model's provider",
+                "unsupported_value",
+                f"{where}[{j}].type",
+            )
+    return out
+
+
+def _image(url: str, where: str) -> dict[str, Any]:
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        media_type, _, encoding = header[5:].partition(";")
+        if encoding != "base64" or not data:
+            raise bad_request(f"{where}: a data URL must be base64", "invalid_value", where)
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _assistant_blocks(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, list):
+        # An assistant's parts are text (or a refusal, which is text the model said).
+        content = "".join(p.get("text") or p.get("refusal") or "" for p in content)
+    blocks = _blocks(content, f"messages[{i}].content")
+    for call in message.get("tool_calls") or ():
+        arguments = call["function"].get("arguments") or "{}"
+        try:
+            parsed = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            raise bad_request(
+                f"messages[{i}].tool_calls: arguments are not JSON",
+                "invalid_value",
+                f"messages[{i}].tool_calls",
+            ) from None
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call["id"],
+                "name": call["function"]["name"],
+                "input": parsed if isinstance(parsed, dict) else {"value": parsed},
+            }
+        )
+    return blocks
+
+
+# -- the answer ---------------------------------------------------------------------------------
+
+
+def usage(report: Any) -> Usage | None:
+    """Anthropic's usage in OpenAI's terms: the prompt counts the cached input read and the
+    input written to the cache too (OpenAI's `prompt_tokens` holds the cached ones), the cached
+    reads are `cached_tokens`."""
+    if not isinstance(report, dict) or not isinstance(report.get("input_tokens"), int):
+        return None
+    read = report.get("cache_read_input_tokens") or 0
+    written = report.get("cache_creation_input_tokens") or 0
+    prompt = report["input_tokens"] + read + written
+    completion = report.get("output_tokens") or 0
+    return Usage(prompt, completion, prompt + completion, read)
+
+
+def _usage_object(report: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": report.prompt_tokens,
+        "completion_tokens": report.completion_tokens,
+        "total_tokens": report.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": report.cached_tokens},
+    }
+
+
+def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
+    """A Messages answer as an OpenAI chat completion for the client's `model` name."""
+    text: list[str] = []
+    thinking: list[str] = []
+    calls = []
+    for block in answer.get("content") or ():
+        kind = block.get("type")
+        if kind == "text":
+            text.append(block.get("text", ""))
+        elif kind == "thinking":
+            thinking.append(block.get("thinking", ""))
+        elif kind == "tool_use":
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {
+                        "name": block["name"],
+                        "arguments": orjson.dumps(block.get("input") or {}).decode(),
+                    },
+                }
+            )
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(text) if text or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
+    out: dict[str, Any] = {
+        "id": answer.get("id", ""),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": FINISH_REASONS.get(answer.get("stop_reason") or "", "stop"),
+                "logprobs": None,
+            }
+        ],
+    }
+    report = usage(answer.get("usage"))
+    if report is not None:
+        out["usage"] = _usage_object(report)
+    return out
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+# Anthropic's error types as OpenAI's (type, status the client gets).
+_ERRORS = {
+    "invalid_request_error": ("invalid_request_error", None),
+    "authentication_error": ("authentication_error", None),
+    "permission_error": ("permission_error", None),
+    "not_found_error": ("invalid_request_error", None),
+    "request_too_large": ("invalid_request_error", 413),
+    "rate_limit_error": ("rate_limit_error", 429),
+    "api_error": ("server_error", None),
+    # 529: Anthropic is overloaded. Not a status OpenAI clients know: 503, retriable.
+    "overloaded_error": ("server_error", 503),
+}
+
+
+def error(status: int, body: bytes) -> ProviderError:
+    """An Anthropic error answer as the client's: its status (529 as 503) and message, the
+    error's type as the code."""
+    try:
+        parsed = orjson.loads(body)
+        err = parsed.get("error") if isinstance(parsed, dict) else None
+    except orjson.JSONDecodeError:
+        err = None
+    kind = err.get("type") if isinstance(err, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    openai_type, fixed = _ERRORS.get(kind or "", ("server_error", None))
+    if status == 529:
+        fixed = 503
+    return ProviderError(
+        status=fixed or status,
+        message=str(message or f"The provider answered {status}"),
+        type=openai_type,
+        code=kind or f"provider_{status}",
+    )
+
+
+# -- the event stream ---------------------------------------------------------------------------
+
+
+def _chunk(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class StreamTranslator:
+    """Anthropic's event stream, as it arrives in pieces, to OpenAI's chunk stream: each piece
+    in, the OpenAI events it completes out (none is held back longer than its event takes to
+    arrive). `include_usage`: end with OpenAI's usage chunk (Anthropic always reports usage;
+    it is read either way)."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.parser = SSEParser()
+        self.id = ""
+        self.created = int(time.time())
+        self.input: dict[str, Any] = {}
+        self.output_tokens = 0
+        self.finish_reason: str | None = None
+        self.tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool call index
+        self.text_parts: list[str] = []
+        self.done = False
+        self.failed: ProviderError | None = None
+
+    @property
+    def usage(self) -> Usage | None:
+        if not self.input:
+            return None
+        return usage({**self.input, "output_tokens": self.output_tokens})
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def feed(self, piece: bytes) -> bytes:
+        out = bytearray()
+        for data in self.parser.feed(piece):
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue  # not an event of this API: nothing to translate
+            if isinstance(event, dict):
+                out += b"".join(self._event(event))
+        return bytes(out)
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _chunk(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                ],
+            }
+        )
+
+    def _event(self, event: dict[str, Any]) -> Iterable[bytes]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self.id = message.get("id", "")
+            self.input = {k: v for k, v in (message.get("usage") or {}).items() if k != "output"}
+            self.output_tokens = (message.get("usage") or {}).get("output_tokens") or 0
+            yield self._delta({"role": "assistant", "content": ""})
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = self.tool_index.setdefault(event.get("index", 0), len(self.tool_index))
+                call = {
+                    "index": index,
+                    "id": block.get("id", ""),
+                    "type": "function",
+                    "function": {"name": block.get("name", ""), "arguments": ""},
+                }
+                yield self._delta({"tool_calls": [call]})
+            elif block.get("type") == "text" and block.get("text"):
+                self.text_parts.append(block["text"])
+                yield self._delta({"content": block["text"]})
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                self.text_parts.append(delta.get("text", ""))
+                yield self._delta({"content": delta.get("text", "")})
+            elif dtype == "input_json_delta":
+                index = self.tool_index.get(event.get("index", 0), 0)
+                arguments = {"arguments": delta.get("partial_json", "")}
+                yield self._delta({"tool_calls": [{"index": index, "function": arguments}]})
+            elif dtype == "thinking_delta":
+                yield self._delta({"reasoning_content": delta.get("thinking", "")})
+        elif kind == "message_delta":
+            delta = event.get("delta") or {}
+            self.output_tokens = (event.get("usage") or {}).get("output_tokens", self.output_tokens)
+            for key in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+                value = (event.get("usage") or {}).get(key)
+                if value is not None:
+                    self.input[key] = value
+            self.finish_reason = FINISH_REASONS.get(delta.get("stop_reason") or "", "stop")
+            yield self._delta({}, self.finish_reason)
+        elif kind == "message_stop":
+            self.done = True
+            report = self.usage
+            if self.include_usage and report is not None:
+                yield _chunk(
+                    {
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": _usage_object(report),
+                    }
+                )
+            yield b"data: [DONE]\n\n"
+        elif kind == "error":
+            err = event.get("error") or {}
+            self.failed = error(500, orjson.dumps({"error": err}))
+            self.done = True
+            yield _chunk(
+                {
+                    "error": {
+                        "message": self.failed.message,
+                        "type": self.failed.type,
+                        "code": self.failed.code,
+                    }
+                }
+            )
+            yield b"data: [DONE]\n\n"
+        # ping, content_block_stop, and events added later: nothing to say.

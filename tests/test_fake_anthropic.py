@@ -1,0 +1,208 @@
+"""The fake's Anthropic Messages API, driven through the official `anthropic` SDK, and the
+gateway's translation (extproc/providers/anthropic.py) checked against it: a translated
+request the fake (after Anthropic's reference) would refuse fails here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from extproc.devtools.fake_llm import FakeLLMSettings
+from extproc.providers import anthropic as translation
+
+from .test_fake_llm import _http, _running
+from .test_provider_anthropic import PNG
+
+MODEL = "claude-sonnet-4-5"
+HEADERS = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    with _running(FakeLLMSettings(name="fake-anthropic", response_tokens=6)) as bound:
+        yield bound
+
+
+@pytest.fixture
+def client(port: int) -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        base_url=f"http://127.0.0.1:{port}", api_key="sk-ant-test", max_retries=0, timeout=5
+    )
+
+
+def post(port: int, body: dict[str, Any], **headers: str) -> tuple[int, dict[str, Any]]:
+    status, _, raw = _http(
+        port,
+        "/v1/messages",
+        method="POST",
+        body=orjson.dumps(body),
+        headers={**HEADERS, "content-type": "application/json", **headers},
+    )
+    return status, json.loads(raw)
+
+
+def test_a_message_through_the_sdk(client: anthropic.Anthropic) -> None:
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "hello"}],
+    )
+    assert message.type == "message" and message.stop_reason == "end_turn"
+    assert message.content[0].type == "text" and message.content[0].text
+    assert message.usage.output_tokens == 6 and message.usage.input_tokens > 0
+
+
+def test_a_stream_through_the_sdk(client: anthropic.Anthropic) -> None:
+    with client.messages.stream(
+        model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hello"}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == final.content[0].text  # type: ignore[union-attr]
+    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+        ({"max_tokens": 5, "n": 2, "messages": [{"role": "user", "content": "x"}]}, "Extra"),
+        ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
+        (
+            {
+                "max_tokens": 5,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "toolu_x"}],
+                    }
+                ],
+            },
+            "tool_use",
+        ),
+        (
+            {"max_tokens": 5, "temperature": 1.5, "messages": [{"role": "user", "content": "x"}]},
+            "temperature",
+        ),
+    ],
+    ids=["no-max-tokens", "openai-field", "system-role", "orphan-tool-result", "temperature"],
+)
+def test_what_anthropic_refuses_the_fake_refuses(
+    port: int, body: dict[str, Any], words: str
+) -> None:
+    status, answer = post(port, {"model": MODEL, **body})
+    assert status == 400
+    assert answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error"
+    assert words in answer["error"]["message"]
+
+
+def test_headers_are_required(port: int) -> None:
+    status, answer = post(
+        port, {"model": MODEL, "max_tokens": 5, "messages": []}, **{"x-api-key": ""}
+    )
+    assert status == 401 and answer["error"]["type"] == "authentication_error"
+
+
+def test_faults_in_anthropics_shape(client: anthropic.Anthropic) -> None:
+    request = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        client.messages.create(**request, extra_headers={"x-fake-fault": "503"})  # type: ignore[call-overload]
+    assert caught.value.status_code == 529
+    with pytest.raises(anthropic.RateLimitError):
+        client.messages.create(**request, extra_headers={"x-fake-fault": "429"})  # type: ignore[call-overload]
+
+
+# -- the gateway's translation against the fake ---------------------------------------------------
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is this, and the weather?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"tools": TOOLS, "tool_choice": "auto", "temperature": 0.5, "stop": ["END"]},
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "weather"}}},
+        {"user": "jane", "parallel_tool_calls": False, "tools": TOOLS},
+    ],
+    ids=["plain", "tools-auto", "tools-forced", "user-no-parallel"],
+)
+def test_translated_requests_pass_the_fake_and_come_back_as_openai(
+    port: int, extra: dict[str, Any]
+) -> None:
+    body = {"model": "claude", "messages": CONVERSATION, **extra}
+    status, answer = post(port, translation.messages_request(body, MODEL, 64))
+    assert status == 200, answer
+    out = ChatCompletion.model_validate(translation.chat_completion(answer, "claude"))
+    if extra.get("tool_choice", {}) == TOOLS[0] or isinstance(extra.get("tool_choice"), dict):
+        assert out.choices[0].finish_reason == "tool_calls"
+        assert out.choices[0].message.tool_calls is not None
+    else:
+        assert out.choices[0].finish_reason == "stop" and out.choices[0].message.content
+    assert out.usage is not None and out.usage.completion_tokens >= 1
+
+
+def test_a_translated_stream_from_the_fake_reads_as_openai_chunks(port: int) -> None:
+    body = {"model": "claude", "messages": CONVERSATION, "stream": True}
+    status, _, raw = _http(
+        port,
+        "/v1/messages",
+        method="POST",
+        body=orjson.dumps(translation.messages_request(body, MODEL, 64)),
+        headers={**HEADERS, "content-type": "application/json"},
+    )
+    assert status == 200
+    translator = translation.StreamTranslator("claude", include_usage=True)
+    out = b"".join(translator.feed(raw[i : i + 5]) for i in range(0, len(raw), 5))
+    events = [orjson.loads(line[6:]) for line in out.split(b"\n\n") if line.startswith(b"data: {")]
+    chunks = [ChatCompletionChunk.model_validate(e) for e in events]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == translator.text and len(text.split()) == 6
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_the_openai_sdk_reads_a_translated_error(port: int) -> None:
+    """A provider error becomes the OpenAI error the openai SDK raises by status."""
+    status, answer = post(port, {"model": MODEL, "max_tokens": 5, "messages": []})
+    err = translation.error(status, orjson.dumps(answer))
+    assert err.status == 400 and err.body()["error"]["type"] == "invalid_request_error"
+    assert issubclass(openai.BadRequestError, openai.APIStatusError)

@@ -1,0 +1,403 @@
+"""OpenAI chat completions to Anthropic's Messages API and back (extproc/providers/anthropic.py):
+golden request/answer pairs (text, images, tools, multi-turn), the event stream split at every
+byte, errors. The OpenAI side is checked with the official SDK's own types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from extproc.errors import GatewayError
+from extproc.providers import anthropic
+
+MODEL = "claude-sonnet-4-5"
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
+    "AAAABJRU5ErkJggg=="
+)
+
+
+def translate(**body: Any) -> dict[str, Any]:
+    return anthropic.messages_request(
+        {"model": "claude", "messages": [{"role": "user", "content": "hi"}], **body}, MODEL, 4096
+    )
+
+
+# -- the request ----------------------------------------------------------------------------------
+
+
+def test_a_multi_turn_conversation_with_tools_and_images() -> None:
+    body = {
+        "model": "claude",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this picture, and the weather?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "Let me look.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    {
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Rome"}'},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+            {
+                "role": "tool",
+                "tool_call_id": "call_2",
+                "content": [{"type": "text", "text": "24 C"}],
+            },
+            {"role": "user", "content": "Thanks."},
+        ],
+        "max_completion_tokens": 300,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop": "END",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": "jane",
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "weather",
+                    "description": "The weather in a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "n": 1,
+        "presence_penalty": 0,
+    }
+    assert anthropic.messages_request(body, MODEL, 4096) == {
+        "model": MODEL,
+        "max_tokens": 300,
+        "system": "Be brief.\n\nUse tools.",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this picture, and the weather?"},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                    },
+                    {
+                        "type": "image",
+                        "source": {"type": "url", "url": "https://example.com/a.jpg"},
+                    },
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me look."},
+                    {
+                        "type": "tool_use",
+                        "id": "call_1",
+                        "name": "weather",
+                        "input": {"city": "Paris"},
+                    },
+                    {
+                        "type": "tool_use",
+                        "id": "call_2",
+                        "name": "weather",
+                        "input": {"city": "Rome"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "call_1",
+                        "content": [{"type": "text", "text": "18 C"}],
+                    },
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "call_2",
+                        "content": [{"type": "text", "text": "24 C"}],
+                    },
+                    {"type": "text", "text": "Thanks."},
+                ],
+            },
+        ],
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop_sequences": ["END"],
+        "stream": True,
+        "metadata": {"user_id": "jane"},
+        "tools": [
+            {
+                "name": "weather",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+                "description": "The weather in a city",
+            }
+        ],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+    }
+
+
+def test_max_tokens_defaults_because_anthropic_requires_it() -> None:
+    assert translate()["max_tokens"] == 4096
+    assert translate(max_tokens=12)["max_tokens"] == 12
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ("auto", {"type": "auto"}),
+        ("none", {"type": "none"}),
+        ({"type": "function", "function": {"name": "f"}}, {"type": "tool", "name": "f"}),
+    ],
+)
+def test_tool_choice(choice: Any, expected: dict[str, Any]) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    out = translate(tools=tools, tool_choice=choice)
+    assert out["tool_choice"] == expected
+    assert out["tools"] == [{"name": "f", "input_schema": {"type": "object", "properties": {}}}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"seed": 7}, "seed"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, None),
+    ],
+)
+def test_what_anthropic_cannot_do_as_asked_is_refused(
+    fields: dict[str, Any], param: str | None
+) -> None:
+    with pytest.raises(GatewayError) as caught:
+        translate(**fields)
+    assert caught.value.status == 400
+    if param is not None:
+        assert caught.value.param == param
+
+
+# -- the answer -----------------------------------------------------------------------------------
+
+ANSWER = {
+    "id": "msg_01",
+    "type": "message",
+    "role": "assistant",
+    "model": MODEL,
+    "content": [
+        {"type": "thinking", "thinking": "The user wants weather.", "signature": "sig"},
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}},
+    ],
+    "stop_reason": "tool_use",
+    "stop_sequence": None,
+    "usage": {
+        "input_tokens": 20,
+        "output_tokens": 9,
+        "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 5,
+    },
+}
+
+
+def test_an_answer_with_tools_thinking_and_cached_input() -> None:
+    out = anthropic.chat_completion(ANSWER, "claude")
+    parsed = ChatCompletion.model_validate(out)  # the openai SDK reads it
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking."
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    assert (call.id, call.function.name) == ("toolu_1", "weather")
+    assert orjson.loads(call.function.arguments) == {"city": "Paris"}
+    assert out["choices"][0]["message"]["reasoning_content"] == "The user wants weather."
+    assert parsed.model == "claude"
+    # OpenAI's prompt_tokens holds the cached input; cached reads are its cached_tokens.
+    assert out["usage"] == {
+        "prompt_tokens": 125,
+        "completion_tokens": 9,
+        "total_tokens": 134,
+        "prompt_tokens_details": {"cached_tokens": 100},
+    }
+
+
+@pytest.mark.parametrize(
+    ("reason", "finish"),
+    [
+        ("end_turn", "stop"),
+        ("max_tokens", "length"),
+        ("stop_sequence", "stop"),
+        ("refusal", "content_filter"),
+    ],
+)
+def test_stop_reasons(reason: str, finish: str) -> None:
+    answer = {**ANSWER, "content": [{"type": "text", "text": "x"}], "stop_reason": reason}
+    assert anthropic.chat_completion(answer, "claude")["choices"][0]["finish_reason"] == finish
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "client_status", "openai_type"),
+    [
+        (529, "overloaded_error", 503, "server_error"),
+        (429, "rate_limit_error", 429, "rate_limit_error"),
+        (400, "invalid_request_error", 400, "invalid_request_error"),
+        (401, "authentication_error", 401, "authentication_error"),
+        (413, "request_too_large", 413, "invalid_request_error"),
+    ],
+)
+def test_errors_in_openais_shape(
+    status: int, kind: str, client_status: int, openai_type: str
+) -> None:
+    body = orjson.dumps({"type": "error", "error": {"type": kind, "message": "why"}})
+    err = anthropic.error(status, body)
+    assert (err.status, err.type, err.code, err.message) == (
+        client_status,
+        openai_type,
+        kind,
+        "why",
+    )
+    assert err.body()["error"]["code"] == kind
+
+
+def test_an_error_that_is_not_anthropics_json() -> None:
+    err = anthropic.error(502, b"<html>bad gateway</html>")
+    assert (err.status, err.code) == (502, "provider_502")
+
+
+# -- the stream -----------------------------------------------------------------------------------
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(
+        b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events
+    )
+
+
+STREAM = sse(
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_02",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 10},
+        },
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "ping"},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": ", wörld"}},
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {"type": "tool_use", "id": "toolu_9", "name": "weather", "input": {}},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '{"city": '},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'},
+    },
+    {"type": "content_block_stop", "index": 1},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"output_tokens": 15},
+    },
+    {"type": "message_stop"},
+)
+
+
+def chunks(raw: bytes) -> list[dict[str, Any]]:
+    out = []
+    for line in raw.split(b"\n\n"):
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            out.append(orjson.loads(line[6:]))
+    return out
+
+
+def test_a_stream_becomes_openai_chunks_the_sdk_reads() -> None:
+    translator = anthropic.StreamTranslator("claude", include_usage=True)
+    raw = translator.feed(STREAM)
+    assert raw.endswith(b"data: [DONE]\n\n") and translator.done
+    events = chunks(raw)
+    parsed = [ChatCompletionChunk.model_validate(e) for e in events]
+    assert parsed[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+    assert text == "Hello, wörld" == translator.text
+    calls = [tc for c in parsed if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert calls[0].id == "toolu_9" and calls[0].function is not None
+    assert calls[0].function.name == "weather"
+    arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function is not None)
+    assert orjson.loads(arguments) == {"city": "Paris"} and {tc.index for tc in calls} == {0}
+    finish = [
+        c.choices[0].finish_reason for c in parsed if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["tool_calls"]
+    assert parsed[-1].choices == [] and parsed[-1].usage is not None
+    assert parsed[-1].usage.prompt_tokens == 35 and parsed[-1].usage.completion_tokens == 15
+    assert translator.usage == anthropic.usage(
+        {"input_tokens": 25, "cache_read_input_tokens": 10, "output_tokens": 15}
+    )
+
+
+def test_the_stream_split_anywhere_translates_the_same() -> None:
+    whole = chunks(anthropic.StreamTranslator("claude", include_usage=False).feed(STREAM))
+    for size in (1, 2, 3, 7, 64):
+        translator = anthropic.StreamTranslator("claude", include_usage=False)
+        raw = b"".join(translator.feed(STREAM[i : i + size]) for i in range(0, len(STREAM), size))
+        got = chunks(raw)
+        for chunk in (*whole, *got):
+            chunk.pop("created", None)
+        assert got == whole, size
+        assert not any("usage" in c for c in got)  # the client did not ask for it
+        assert translator.usage is not None  # read all the same, for the account
+
+
+def test_an_error_event_ends_the_stream_with_an_openai_error() -> None:
+    translator = anthropic.StreamTranslator("claude", include_usage=False)
+    raw = translator.feed(
+        STREAM[: STREAM.index(b"event: content_block_stop")]
+        + sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    )
+    *_, last = chunks(raw)
+    assert last == {
+        "error": {"message": "Overloaded", "type": "server_error", "code": "overloaded_error"}
+    }
+    assert raw.endswith(b"data: [DONE]\n\n") and translator.failed is not None
