@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import routing, settlement
+from . import providers, routing, settlement
 from .errors import GatewayError, too_large
 from .guard import pipeline as guard
 from .guard.texts import conversation
@@ -102,6 +102,10 @@ class Admission:
         if self.trace is not NO_TRACE:
             self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, endpoint)
+        target = routing.fixed_target(self.rt, parsed.model)
+        if target is not None and target.provider != "openai":
+            # What the provider cannot do as asked is refused before anything is reserved.
+            providers.check(target, parsed.body)
         self.request = parsed
         self.max_output = requested_output(parsed, self.rt.config.quota.default_max_tokens)
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)

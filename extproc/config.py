@@ -273,11 +273,20 @@ class AdminSettings(_Strict):
     token: SecretRef | None = None
 
 
+ProviderType = Literal["openai", "anthropic"]
+
+
 class Backend(_Strict):
     url: str = Field(description="OpenAI-style base URL, e.g. https://api.openai.com/v1")
+    # The API the backend speaks: OpenAI's (and compatible servers'), or one the gateway
+    # translates the OpenAI clients' requests into (extproc/providers/).
+    type: ProviderType = "openai"
     api_key: SecretRef | None = None
-    # Most providers take "Authorization: Bearer <key>"; Azure-style ones take "api-key: <key>".
+    # Most providers take "Authorization: Bearer <key>"; Azure-style ones take "api-key: <key>";
+    # Anthropic takes "x-api-key: <key>" (its default there).
     auth_header: str = "authorization"
+    # Anthropic requires max_tokens: what a request that sets none asks for.
+    max_tokens: int = Field(default=4096, ge=1)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
     # Envoy's circuit breaker: requests in flight to this backend (Envoy's default is 1024).
@@ -308,6 +317,12 @@ class Backend(_Strict):
         if not re.match(r"^[a-z0-9-]+$", v):
             raise ValueError("must be an HTTP header name")
         return v
+
+    @model_validator(mode="after")
+    def _provider_header(self) -> Backend:
+        if self.type == "anthropic" and "auth_header" not in self.model_fields_set:
+            object.__setattr__(self, "auth_header", "x-api-key")
+        return self
 
     @property
     def tls(self) -> bool:
@@ -642,6 +657,20 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                     f"the backends' URLs have different paths: {sorted(paths)}",
                 )
             )
+        translated = [
+            t.backend
+            for t in model.targets
+            if t.backend in cfg.backends and cfg.backends[t.backend].type != "openai"
+        ]
+        if translated and (len(model.targets) > 1 or model.type != "chat"):
+            # The upstream stage (canaries, pools) does not translate yet.
+            problems.append(
+                (
+                    f"models.{name}.targets",
+                    f"backend {translated[0]!r} speaks another API than OpenAI's: it can only "
+                    "be the one target of a chat model for now",
+                )
+            )
         if sum(t.weight for t in model.targets) == 0:
             problems.append((f"models.{name}.targets", "the weights add up to 0"))
         priorities = sorted({t.priority for t in model.targets})
@@ -857,6 +886,8 @@ class ResolvedTarget:
     weight: int
     auth_header: str
     credential: str | None  # the full header value, e.g. "Bearer sk-..."; never logged
+    provider: str = "openai"  # the API the backend speaks (Backend.type)
+    max_tokens: int = 4096  # what a translated request asks for when the client set none
 
 
 @dataclass(slots=True)
@@ -936,6 +967,8 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 weight=target.weight,
                 auth_header=backend.auth_header,
                 credential=credentials.get(target.backend),
+                provider=backend.type,
+                max_tokens=backend.max_tokens,
             )
     if cfg.admin.token is not None:
         try:

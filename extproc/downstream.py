@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import identity, protocol, request_plan, routing, settlement, wire
+from . import identity, protocol, providers, request_plan, routing, settlement, wire
 from .admission import Admission
 from .contract import (
     ATTEMPTS_HEADER,
@@ -60,6 +60,7 @@ class DownstreamStream:
         "known_backend",
         "observe",
         "path",
+        "provider",
         "relay",
         "report",
         "route_span",
@@ -99,6 +100,7 @@ class DownstreamStream:
         # once the observer follows its answer, READ or INLINE when the answer passes here.
         self.path = AnswerPath.NO_ANSWER
         self.known_backend = False  # one backend serves the request: its headers are in metadata
+        self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.stream_block_recorded = False
         # Reported when the stream closes; None for what is not an LLM call (GET /v1/models).
         self.report: RequestReport | None = RequestReport()
@@ -216,6 +218,8 @@ class DownstreamStream:
         plan = request_plan.plan(admitted, target, self.rt.config.sidecar)
         self.observe, self.strip_usage = plan.observe, plan.strip_usage
         self.known_backend = target is not None
+        if target is not None:
+            self.provider = target.provider
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
         if target is not None:
             report.backend = target.backend
@@ -289,6 +293,10 @@ class DownstreamStream:
                 )
             else:
                 self.relay = self.wire.stream_relay(self.strip_usage)
+            if self.provider != "openai" and self.admitted is not None:
+                # The provider's events become OpenAI's before the relay reads them.
+                model = self.admitted.request.model
+                self.relay = providers.stream_relay(self.provider, model, self.relay)
             self.timing = StreamTiming(self.started, self._model_label())
             self.following = True
             ACTIVE.opened()
@@ -327,13 +335,19 @@ class DownstreamStream:
                 common, dynamic_metadata=self._stream_metadata(usage)
             )
 
-        usage = self.usage = self._buffered_usage(msg.body)
+        raw, body = msg.body, None
+        if self.provider != "openai" and self.admitted is not None:
+            translated = self._translate(raw)
+            if not isinstance(translated, bytes):
+                self._settle(None)  # a refusal or failure: it served no tokens
+                return translated  # the provider's error, in OpenAI's shape and status
+            raw = body = translated
+        usage = self.usage = self._buffered_usage(raw)
         self._settle(usage)
-        body = None
         admission = self.admission
         if admission is not None and admission.response_guards and 200 <= self.status < 300:
             # The tokens were spent (settled above) whatever the guards decide now.
-            body = await answer_guards.judge(admission, msg.body)
+            body = await answer_guards.judge(admission, raw) or body
         set_headers = {}
         if body is not None:
             set_headers["content-length"] = str(len(body))
@@ -345,6 +359,28 @@ class DownstreamStream:
             protocol.common(set_headers, body=body) if set_headers or body else None,
             dynamic_metadata=self._usage_metadata(usage),
         )
+
+    def _translate(self, raw: bytes) -> bytes | protocol.ProcessingResponse:
+        """A translated provider's whole answer in OpenAI's shape; its error as the immediate
+        answer the client gets when the provider's status is not one OpenAI clients know."""
+        assert self.admitted is not None
+        try:
+            status, body = providers.answer(
+                self.provider, self.admitted.request.model, self.status, raw
+            )
+        except ValueError:
+            log.warning("backend %s sent a 2xx body that is not its API's JSON", self.backend)
+            status, body = 502, self.wire.error_body(
+                GatewayError(502, "The provider's answer could not be read", "server_error",
+                             "bad_provider_answer")
+            )  # fmt: skip
+        if status != self.status:
+            # (529, Anthropic's "overloaded": 503, retriable for any OpenAI client.)
+            self.status = status
+            if self.report is not None:
+                self.report.status = status
+            return protocol.immediate_response(status, body, details="aigw_provider_error")
+        return body
 
     def _record_stream_block(self, verdict: Verdict) -> None:
         if not self.stream_block_recorded and self.admission is not None:

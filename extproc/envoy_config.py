@@ -183,6 +183,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     MetadataMatcher,
     MetadataMatcherPathSegment,
     OrMatcher,
+    RegexMatchAndSubstitute,
     RegexMatcher,
     StringMatcher,
     ValueMatcher,
@@ -244,6 +245,7 @@ from .contract import (
     split_cluster_name,
 )
 from .native import NativeRoute, native_routes
+from .providers import anthropic
 from .usage import SOURCE_PROVIDER
 from .wire.openai.answer import error_body, error_object
 
@@ -822,6 +824,20 @@ def routes(cfg: Config) -> RouteConfiguration:
             action.cluster = cluster_name(active[0].backend)
             direct = INTERNAL_REQUEST_HEADERS
             target = active[0].backend
+        provider_headers = []
+        if backends[0].type == "anthropic":
+            # The downstream stage translated the body to a Messages request (providers/).
+            action.prefix_rewrite = ""
+            action.regex_rewrite = RegexMatchAndSubstitute(
+                pattern=RegexMatcher(regex="^/v1/.*$"),
+                substitution=f"{backends[0].base_path}{anthropic.PATH.removeprefix('/v1')}",
+            )
+            provider_headers = [
+                HeaderValueOption(
+                    header=HeaderValue(key=anthropic.VERSION_HEADER, value=anthropic.API_VERSION),
+                    append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+            ]
         if model.quota_failover:
             # The sidecar pins a request whose quota is exhausted to the next pool.
             pool1 = pools(model)[1]
@@ -858,6 +874,7 @@ def routes(cfg: Config) -> RouteConfiguration:
                 route=action,
                 # No upstream stage on a direct route removes them: the route does.
                 request_headers_to_remove=direct,
+                request_headers_to_add=provider_headers,
             )
         )
         if target:

@@ -63,12 +63,14 @@ def why_not(cfg: Config, team: str, model: str) -> str | None:
         return "the audit trail records each prompt's hash"
     if cfg.sidecar.json_path != "access_log":
         return "sidecar.json_path is inline"
-    return _model_why_not(model, model_cfg)
+    return _model_why_not(cfg, model, model_cfg)
 
 
-def _model_why_not(name: str, model: Model) -> str | None:
+def _model_why_not(cfg: Config, name: str, model: Model) -> str | None:
     if pooled(model) or split(model):
         return "Envoy chooses among several backends"
+    if any(cfg.backends[t.backend].type != "openai" for t in model.targets):
+        return "the backend speaks another API: its answer is translated"
     target = next(t for t in model.targets if t.weight > 0)
     if target.model is not None and target.model != name:
         return "the body's model name is rewritten for the backend"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import providers
 from .contract import (
     METADATA_NAMESPACE,
     POOL_HEADER,
@@ -76,11 +77,17 @@ def plan(
     """The plan for an admitted request. `target`: the one backend that can serve it (its route
     has no upstream stage), or None when Envoy chooses (a pool, a canary split)."""
     request = admitted.request
+    # A backend that speaks another API: its answer is translated here, so it passes the
+    # sidecar (inline), and the request goes as that API's.
+    translated = target is not None and target.provider != "openai"
     # One backend, its answer accounted from Envoy's access log, no response guard: nothing of
     # the answer need pass the sidecar (the JSON answer's usage, or the usage report of a stream
     # whose client asked for one, reaches the access log through Envoy's usage filters).
     releasable = (
-        target is not None and sidecar.json_path == "access_log" and not admitted.response_guards
+        target is not None
+        and not translated
+        and sidecar.json_path == "access_log"
+        and not admitted.response_guards
     )
     # A stream that brings its own usage report needs no stage to follow it when Envoy reads
     # the report: no observer on its response path (`stream_path: observe` keeps one, for the
@@ -90,6 +97,7 @@ def plan(
     )
     observe = (
         request.stream
+        and not translated
         and not envoy_reads
         and not admitted.response_guards  # guards may change the stream: it goes inline
         and (
@@ -109,8 +117,12 @@ def plan(
             body = {**body, "model": target.provider_model}
             changed = True
     body_bytes = orjson.dumps(body) if changed else None
+    if translated:
+        assert target is not None
+        body_bytes = providers.request_body(target, request.body)
+    # (A translated stream always carries its usage: the relay cuts it when not asked for.)
     strip_usage = request.stream and not request.include_usage and not observe
-    if strip_usage:
+    if strip_usage and not translated:
         # Ask the backend for its usage report; the relay removes it again from what the
         # client sees, since the client did not ask for it.
         body_bytes = admitted.wire.with_usage_requested(body)

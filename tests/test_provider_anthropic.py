@@ -401,3 +401,53 @@ def test_an_error_event_ends_the_stream_with_an_openai_error() -> None:
         "error": {"message": "Overloaded", "type": "server_error", "code": "overloaded_error"}
     }
     assert raw.endswith(b"data: [DONE]\n\n") and translator.failed is not None
+
+
+# -- the config -----------------------------------------------------------------------------------
+
+
+def provider_config(**model: Any) -> dict[str, Any]:
+    return {
+        "teams": {"t": {"keys": [{"sha256": "0" * 64}]}},
+        "backends": {
+            "claude-api": {"url": "https://api.anthropic.com/v1", "type": "anthropic"},
+            "openai": {"url": "https://api.openai.com/v1"},
+        },
+        "models": {"claude": {"targets": [{"backend": "claude-api", "model": MODEL}], **model}},
+    }
+
+
+def test_an_anthropic_backend_takes_its_key_in_x_api_key() -> None:
+    from extproc.config import parse_config
+
+    cfg = parse_config(provider_config())
+    assert cfg.backends["claude-api"].auth_header == "x-api-key"
+    data = provider_config()
+    data["backends"]["claude-api"]["auth_header"] = "authorization"  # said: kept
+    assert parse_config(data).backends["claude-api"].auth_header == "authorization"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"targets": [{"backend": "claude-api", "weight": 5}, {"backend": "openai", "weight": 5}]},
+        {"type": "embedding"},
+    ],
+    ids=["canary", "embedding"],
+)
+def test_a_translated_backend_is_a_chat_models_one_target_for_now(model: dict[str, Any]) -> None:
+    from extproc.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(provider_config(**model))
+    (where, problem), *_ = caught.value.problems
+    assert where == "models.claude.targets" and "another API" in problem
+
+
+def test_envoy_never_serves_a_translated_model_alone() -> None:
+    """Its answer must be rewritten: no native route (test_request_plan: no release either)."""
+    from extproc import native
+    from extproc.config import parse_config
+
+    cfg = parse_config(provider_config())
+    assert native.why_not(cfg, "t", "claude") is not None

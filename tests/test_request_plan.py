@@ -114,3 +114,24 @@ def test_a_rewritten_body_is_sent() -> None:
     a = admitted(body_changed=True)
     p = plan(a, None, sidecar())
     assert p.body == orjson.dumps(a.request.body)
+
+
+ANTHROPIC = ResolvedTarget(
+    "gpt-4o", "claude-api", "claude-sonnet-4-5", 1, "x-api-key", "sk-ant", "anthropic", 77
+)
+
+
+@pytest.mark.parametrize(("stream", "include_usage"), [(False, False), (True, False), (True, True)])
+def test_a_translated_request_goes_in_its_providers_terms_and_its_answer_passes_here(
+    stream: bool, include_usage: bool
+) -> None:
+    p = plan(admitted(stream=stream, include_usage=include_usage), ANTHROPIC, sidecar())
+    assert not p.release and not p.observe and p.path is AnswerPath.NO_ANSWER
+    assert p.body is not None
+    body = orjson.loads(p.body)
+    assert body["model"] == "claude-sonnet-4-5" and body["max_tokens"] == 77
+    assert "stream_options" not in body  # Anthropic reports a stream's usage unasked
+    assert p.set_headers["x-api-key"] == "sk-ant"
+    assert p.set_headers["content-length"] == str(len(p.body))
+    # The relay cuts the usage chunk the client did not ask for.
+    assert p.strip_usage is (stream and not include_usage)
