@@ -28,7 +28,7 @@ import sys
 from benchmarks.lib import budget, wrk
 from benchmarks.lib.argtypes import int_list, positive_float, positive_int
 from benchmarks.lib.chat_scenario import run_scenario
-from benchmarks.lib.configs import FAILOVER_FAULTS, QUOTA_STORES, Scenario
+from benchmarks.lib.configs import FAILOVER_FAULTS, PROVIDERS, QUOTA_STORES, Scenario
 from benchmarks.lib.report import chat_markdown, chat_report
 from benchmarks.lib.results import envelope, stem_for, write_plots, write_result
 from benchmarks.lib.runtime import raise_interrupt
@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=positive_int, default=1, help="sidecar worker processes (sidecar.workers)"
     )
     p.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="openai",
+        help="the API the backend speaks: another than OpenAI's is translated by the sidecar",
+    )
+    p.add_argument(
         "--native",
         action="store_true",
         help="the native path: a JWT caller whose team has no limit, served by Envoy alone",
@@ -99,8 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--workers > 1 needs --quota redis or --quota none: each worker would keep its own "
             "embedded counters (extproc check refuses that config)"
         )
-    if args.suite and (args.guards or args.failover or args.native):
-        p.error("--suite full runs the guards, failover and native scenarios itself")
+    if args.suite and (args.guards or args.failover or args.native or args.provider != "openai"):
+        p.error("--suite full runs the guards, failover, native and provider scenarios itself")
+    if args.provider != "openai" and (args.native or args.failover):
+        p.error("--provider: a translated backend serves neither the native path nor a pool")
     if args.native and (args.guards or args.failover or args.quota != "memory"):
         p.error("--native: a team with no limit and no guard (no --guards, --failover, --quota)")
     args.generator_warning = None
@@ -127,6 +135,7 @@ def scenario_of(args: argparse.Namespace) -> Scenario:
         failover_fault=args.failover_fault,
         workers=args.workers,
         native=args.native,
+        provider=args.provider,
     )
 
 

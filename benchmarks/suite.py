@@ -70,6 +70,8 @@ def plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[str, Scenario
     steps.append(("failover path", failover, ends))
     native = dataclasses.replace(headline, quota="none", native=True)
     steps.append(("native path", native, ends))
+    anthropic = dataclasses.replace(headline, provider="anthropic")
+    steps.append(("Anthropic backend", anthropic, ends))
     return steps
 
 
@@ -87,8 +89,8 @@ def estimate_s(args: argparse.Namespace, steps: list[tuple[str, Scenario, list[i
     """A rough duration, printed at the start (start-up ~10 s per process tree)."""
     per_measurement = args.warmup + args.duration
 
-    def targets(scenario: Scenario) -> int:  # Envoy alone, the floor (not native), the gateway
-        return len(CHAT_TARGETS) - (1 if scenario.native else 0)
+    def targets(scenario: Scenario) -> int:  # Envoy alone, the floor (not all), the gateway
+        return len(CHAT_TARGETS) - (1 if scenario.native or scenario.provider != "openai" else 0)
 
     chat = sum(args.runs * len(cs) * targets(s) * per_measurement + 10 for _, s, cs in steps)
     chat += 15  # the quota store alone

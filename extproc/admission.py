@@ -102,12 +102,15 @@ class Admission:
         if self.trace is not NO_TRACE:
             self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, endpoint)
+        default_output = self.rt.config.quota.default_max_tokens
         target = routing.fixed_target(self.rt, parsed.model)
         if target is not None and target.provider != "openai":
             # What the provider cannot do as asked is refused before anything is reserved.
             providers.check(target, parsed.body)
+            # A request that sets no maximum asks the provider for the backend's.
+            default_output = target.max_tokens
         self.request = parsed
-        self.max_output = requested_output(parsed, self.rt.config.quota.default_max_tokens)
+        self.max_output = requested_output(parsed, default_output)
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
         slots = self.wire.request_slots(endpoint, parsed.body) if request_guards else []
         # Local guards first, masking in place: what they remove never leaves the gateway.

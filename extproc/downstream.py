@@ -63,6 +63,7 @@ class DownstreamStream:
         "provider",
         "relay",
         "report",
+        "retry_after",
         "route_span",
         "rt",
         "services",
@@ -101,6 +102,7 @@ class DownstreamStream:
         self.path = AnswerPath.NO_ANSWER
         self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.provider = "openai"  # the API of the one backend: another's answer is translated
+        self.retry_after = ""  # the backend's, for an answer the stage replaces
         self.stream_block_recorded = False
         # Reported when the stream closes; None for what is not an LLM call (GET /v1/models).
         self.report: RequestReport | None = RequestReport()
@@ -219,7 +221,7 @@ class DownstreamStream:
         self.observe, self.strip_usage = plan.observe, plan.strip_usage
         self.known_backend = target is not None
         if target is not None:
-            self.provider = target.provider
+            self.provider = report.provider = target.provider
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
         if target is not None:
             report.backend = target.backend
@@ -244,6 +246,7 @@ class DownstreamStream:
         msg = req.response_headers
         headers = protocol.header_dict(msg.headers)
         self.status = int(headers.get(":status", "0") or 0)
+        self.retry_after = headers.get("retry-after", "")
         self.backend = protocol.answering_backend(req)
         # Team, model, rate limits (and the backend, when one serves the model) are rendered
         # by Envoy from the request's metadata; only what Envoy chose is added here.
@@ -317,6 +320,10 @@ class DownstreamStream:
             common = protocol.common(body=out) if out is not None else None
             if self.relay.blocked is not None:
                 self._record_stream_block(self.relay.blocked)
+            if self.relay.error_code is not None and self.report is not None:
+                # The backend failed the stream after it began (an error event): the request
+                # ends as that error, not as served.
+                self.report.code = f"provider_error:{self.relay.error_code}"
             if not msg.end_of_stream:
                 if self.usage is None and self.relay.usage is not None:
                     # The backend's usage report, before [DONE]: settle and tell the access
@@ -379,7 +386,10 @@ class DownstreamStream:
             self.status = status
             if self.report is not None:
                 self.report.status = status
-            return protocol.immediate_response(status, body, details="aigw_provider_error")
+            headers = {"retry-after": self.retry_after} if self.retry_after else None
+            return protocol.immediate_response(
+                status, body, headers=headers, details="aigw_provider_error"
+            )
         return body
 
     def _record_stream_block(self, verdict: Verdict) -> None:

@@ -872,8 +872,9 @@ def routes(cfg: Config) -> RouteConfiguration:
                     ],
                 ),
                 route=action,
-                # No upstream stage on a direct route removes them: the route does.
-                request_headers_to_remove=direct,
+                # No upstream stage on a direct route removes them: the route does. (A client
+                # speaks OpenAI's API: its Anthropic options would change what it asked.)
+                request_headers_to_remove=direct + (["anthropic-beta"] if provider_headers else []),
                 request_headers_to_add=provider_headers,
             )
         )

@@ -143,7 +143,11 @@ def finish(
 ) -> None:
     """The finish of the stage that settles the request (SETTLED_BY): its tokens and cost
     counted, its span ended, its audit record written."""
-    cost = report.count_usage(services.runtime.config, usage)
+    cfg = services.runtime.config
+    if report.provider is None and report.backend in cfg.backends:
+        # Known from the backend's config wherever the request was finished.
+        report.provider = cfg.backends[report.backend].type
+    cost = report.count_usage(cfg, usage)
     if trace is not NO_TRACE:
         report.end_span(trace, usage, cost)
     if services.audit is not None:
@@ -157,6 +161,10 @@ def stream_usage(
     `cap`, the max output the client allowed: usage.estimated)."""
     if relay.usage is not None:
         return relay.usage
+    partial = relay.partial_usage
+    if partial is not None:
+        # What the backend reported before the cut (its prompt's count), the output estimated.
+        return estimated(partial.prompt_tokens, partial.completion_tokens, cap)
     if relay.expects_usage:
         # The backend announced a usage report, so the relay kept no text; the report never
         # came (a cut stream). OpenAI-style streams carry about one token per event: count

@@ -105,6 +105,11 @@ class RelayedStream(Protocol):
 
     usage: Usage | None
     events: int
+    # A stream that ended without its usage report: what the backend did report of it (a
+    # provider that gives the prompt's count first), the output estimated; None: nothing.
+    partial_usage: Usage | None
+    # An error the backend reported inside the stream (its code); None: none.
+    error_code: str | None
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         """The bytes to send in the chunk's place; None: the chunk goes on unchanged."""

@@ -206,3 +206,27 @@ def test_the_openai_sdk_reads_a_translated_error(port: int) -> None:
     err = translation.error(status, orjson.dumps(answer))
     assert err.status == 400 and err.body()["error"]["type"] == "invalid_request_error"
     assert issubclass(openai.BadRequestError, openai.APIStatusError)
+
+
+def test_a_streamed_forced_tool_call_translated(port: int) -> None:
+    body = {"model": "claude", "messages": CONVERSATION, "stream": True, "tools": TOOLS,
+            "tool_choice": "required"}  # fmt: skip
+    status, _, raw = _http(
+        port,
+        "/v1/messages",
+        method="POST",
+        body=orjson.dumps(translation.messages_request(body, MODEL, 64)),
+        headers={**HEADERS, "content-type": "application/json"},
+    )
+    assert status == 200
+    out = translation.StreamTranslator("claude", include_usage=False).feed(raw)
+    chunks = [
+        ChatCompletionChunk.model_validate(orjson.loads(line[6:]))
+        for line in out.split(b"\n\n")
+        if line.startswith(b"data: {")
+    ]
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert calls[0].function is not None and calls[0].function.name == "weather"
+    arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function is not None)
+    assert orjson.loads(arguments) == {"fake": "input"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"

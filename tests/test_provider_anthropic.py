@@ -69,7 +69,7 @@ def test_a_multi_turn_conversation_with_tools_and_images() -> None:
         ],
         "max_completion_tokens": 300,
         "temperature": 0.2,
-        "top_p": 0.9,
+        "top_p": 1,  # neutral: left out (recent Claude models take one of the two)
         "stop": "END",
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -144,7 +144,6 @@ def test_a_multi_turn_conversation_with_tools_and_images() -> None:
             },
         ],
         "temperature": 0.2,
-        "top_p": 0.9,
         "stop_sequences": ["END"],
         "stream": True,
         "metadata": {"user_id": "jane"},
@@ -157,6 +156,30 @@ def test_a_multi_turn_conversation_with_tools_and_images() -> None:
         ],
         "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
     }
+
+
+def test_whitespace_only_text_is_left_out() -> None:
+    """Anthropic refuses a text block of whitespace only; an assistant's "\n\n" before its
+    tool calls is common."""
+    out = translate(
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": "\n\n",
+                "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": " "}]},
+        ]
+    )
+    assert out["messages"][1]["content"] == [
+        {"type": "tool_use", "id": "c", "name": "f", "input": {}}
+    ]
+    assert out["messages"][2]["content"] == [
+        {"type": "tool_result", "tool_use_id": "c", "content": []}
+    ]
 
 
 def test_max_tokens_defaults_because_anthropic_requires_it() -> None:
@@ -189,6 +212,10 @@ def test_tool_choice(choice: Any, expected: dict[str, Any]) -> None:
         ({"seed": 7}, "seed"),
         ({"temperature": 1.5}, "temperature"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"temperature": 0.5, "top_p": 0.9}, "top_p"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, None),  # not OpenAI's shape
+        ({"messages": [{"role": "tool", "content": "x"}]}, None),  # no tool_call_id
+        ({"temperature": "hot"}, None),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, None),
     ],
 )
@@ -451,3 +478,28 @@ def test_envoy_never_serves_a_translated_model_alone() -> None:
 
     cfg = parse_config(provider_config())
     assert native.why_not(cfg, "t", "claude") is not None
+
+
+def test_a_cut_stream_is_counted_from_what_anthropic_reported_first() -> None:
+    """The input Anthropic counted (images, cache) is known at message_start; a stream cut
+    before message_delta is charged it, and its output estimated from every delta, tool
+    arguments included."""
+    translator = anthropic.StreamTranslator("claude", include_usage=False)
+    translator.feed(STREAM[: STREAM.index(b"event: message_delta")])
+    partial = translator.partial_usage
+    assert partial is not None and partial.prompt_tokens == 35  # 25 + 10 read from the cache
+    produced = len("Hello") + len(", wörld") + len('{"city": ') + len('"Paris"}')
+    assert partial.completion_tokens == -(-produced // 4)
+    assert translator.usage is not None  # (the report so far, not final: the relay waits)
+
+
+def test_an_error_event_marks_the_relay_failed() -> None:
+    from extproc.providers import registry
+    from extproc.wire.openai import OPENAI
+
+    relay = registry.stream_relay("anthropic", "claude", OPENAI.stream_relay(False))
+    cut = STREAM[: STREAM.index(b"event: content_block_stop")]
+    error = sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    relay.feed(cut + error, True)
+    assert relay.error_code == "overloaded_error" and relay.usage is None
+    assert relay.partial_usage is not None and relay.partial_usage.prompt_tokens == 35

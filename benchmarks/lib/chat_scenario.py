@@ -94,8 +94,9 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, concurrencies: li
             args.envoy_concurrency,
             ["--response-tokens", str(RESPONSE_TOKENS)],
             scenario=scenario,
-            # The native path's floor is Envoy alone: no Python on the request's path.
-            floor=not scenario.native,
+            # The native path's floor is Envoy alone: no Python on the request's path. A
+            # translated backend has none: the floor server translates nothing.
+            floor=not scenario.native and scenario.provider == "openai",
         ) as targets:
             generator = Wrk(workdir, scenario.bearer) if args.generator == "wrk" else None
             outcome = measure_scenario(
@@ -232,6 +233,7 @@ def measure_scenario(
             "failover_fault": scenario.failover_fault if scenario.failover else None,
             "workers": scenario.workers,
             "native": scenario.native,
+            "provider": scenario.provider,
         },
         "settings": {
             "scenario": {"name": scenario.name, "label": scenario.label},

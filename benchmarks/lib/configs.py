@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class Scenario:
     # The caller is identified by a JWT Envoy verifies, its team has no limit and no guard:
     # Envoy serves every request alone (extproc/native.py), the sidecar only accounts them.
     native: bool = False
+    # The API the backend speaks (a backend `type`): another than OpenAI's is translated both
+    # ways by the sidecar (extproc/providers/); Envoy alone then calls the fake's OpenAI API.
+    provider: str = "openai"
 
     @property
     def name(self) -> str:
@@ -67,6 +71,8 @@ class Scenario:
             parts.append(f"stream-path-{self.stream_path}")
         if self.native:
             parts.append("native")
+        if self.provider != "openai":
+            parts.append(f"provider-{self.provider}")
         return "+".join(parts)
 
     @property
@@ -92,6 +98,10 @@ class Scenario:
             parts.append(f"{self.workers} sidecar workers")
         if self.stream_path != "auto":
             parts.append(f"sidecar.stream_path: {self.stream_path}")
+        if self.provider != "openai":
+            parts.append(
+                f"a backend speaking {PROVIDER_NAMES[self.provider]} (translated both ways)"
+            )
         return ", ".join(parts)
 
     @property
@@ -181,6 +191,9 @@ def stream_label(variant: str, stream_path: str = "auto") -> str:
 
 
 NATIVE_ISSUER = "https://bench.extproc.test/"
+PROVIDERS = ("openai", "anthropic")
+PROVIDER_KEY_ENV = "EXTPROC_BENCH_PROVIDER_KEY"
+PROVIDER_NAMES = {"openai": "OpenAI's API", "anthropic": "Anthropic's Messages API"}
 
 
 @functools.cache
@@ -253,6 +266,12 @@ def gateway_config(
     if scenario.stream_path != "auto":
         # The same: the default (auto) is left unwritten.
         config["sidecar"]["stream_path"] = scenario.stream_path
+    if scenario.provider != "openai":
+        config["backends"]["fake"]["type"] = scenario.provider
+        # A provider's API wants a key (the fake checks there is one); the gateway's processes
+        # inherit this one's environment.
+        os.environ.setdefault(PROVIDER_KEY_ENV, "sk-bench-provider")
+        config["backends"]["fake"]["api_key"] = {"env": PROVIDER_KEY_ENV}
     if scenario.native:
         # No key: the team's callers carry the JWT (Scenario.bearer); no limit, no guard.
         del team["keys"]
@@ -332,6 +351,12 @@ def baseline_bootstrap(cfg: Config, listen: str, admin: str) -> dict[str, Any]:
                         if route.get("name") == wanted_route:
                             # No sidecar sets x-aigw-model: route /v1/ straight to the cluster.
                             route = {**route, "name": "v1", "match": {"prefix": "/v1/"}}
+                            # Envoy alone speaks OpenAI's API to the fake, whatever API the
+                            # gateway's backend type makes it translate to.
+                            route["route"] = {
+                                k: v for k, v in route["route"].items() if k != "regexRewrite"
+                            }
+                            route.pop("requestHeadersToAdd", None)
                         elif route["match"].get("headers"):
                             continue  # another model's header route
                         routes.append(route)

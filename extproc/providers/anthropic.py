@@ -78,7 +78,19 @@ def unsupported(param: str) -> GatewayError:
 
 def messages_request(body: dict[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
     """A validated OpenAI chat completions body as a Messages request for `model` (the
-    provider's name). Raises a 400 for what Anthropic cannot do as asked."""
+    provider's name). Raises a 400 for what Anthropic cannot do as asked, and for a part of
+    the body that does not have the shape OpenAI's API gives it."""
+    try:
+        return _messages_request(body, model, default_max_tokens)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise bad_request(
+            f"The request does not have the shape OpenAI's API defines ({type(exc).__name__}: "
+            f"{str(exc)[:200]})",
+            "invalid_request",
+        ) from None
+
+
+def _messages_request(body: dict[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
     for key, value in body.items():
         if key in _HANDLED or value is None:
             continue
@@ -105,8 +117,18 @@ def messages_request(body: dict[str, Any], model: str, default_max_tokens: int) 
                 "temperature",
             )
         out["temperature"] = temperature
-    if body.get("top_p") is not None:
-        out["top_p"] = body["top_p"]
+    top_p = body.get("top_p")
+    if top_p is not None and top_p != 1:
+        # Recent Claude models take one of the two; 1 is top_p's neutral value (many clients
+        # send it with a temperature).
+        if "temperature" in out:
+            raise bad_request(
+                "`temperature` and `top_p` cannot both be set for this model's provider "
+                "(Anthropic)",
+                "unsupported_value",
+                "top_p",
+            )
+        out["top_p"] = top_p
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -212,12 +234,14 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        # Anthropic refuses a text block of whitespace only (an assistant's "\n\n" before its
+        # tool calls is common): it says nothing, so it is left out.
+        return [{"type": "text", "text": content}] if content.strip() else []
     out = []
     for j, part in enumerate(content):
         kind = part.get("type")
         if kind == "text":
-            if part["text"]:
+            if part["text"].strip():
                 out.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             out.append(_image(part["image_url"]["url"], f"{where}[{j}]"))
@@ -356,6 +380,8 @@ _ERRORS = {
     "not_found_error": ("invalid_request_error", None),
     "request_too_large": ("invalid_request_error", 413),
     "rate_limit_error": ("rate_limit_error", 429),
+    "billing_error": ("insufficient_quota", None),
+    "timeout_error": ("timeout", None),
     "api_error": ("server_error", None),
     # 529: Anthropic is overloaded. Not a status OpenAI clients know: 503, retriable.
     "overloaded_error": ("server_error", 503),
@@ -407,6 +433,7 @@ class StreamTranslator:
         self.finish_reason: str | None = None
         self.tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool call index
         self.text_parts: list[str] = []
+        self.produced = 0  # characters of every delta (text, tool arguments, thinking)
         self.done = False
         self.failed: ProviderError | None = None
 
@@ -419,6 +446,16 @@ class StreamTranslator:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    @property
+    def partial_usage(self) -> Usage | None:
+        """A stream cut before its final usage: the input Anthropic reported at its start,
+        the output estimated from what was produced (4 characters a token, or the count it
+        reported, whichever is more: over, never under)."""
+        if not self.input:
+            return None
+        output = max(self.output_tokens, -(-self.produced // 4))
+        return usage({**self.input, "output_tokens": output})
 
     def feed(self, piece: bytes) -> bytes:
         out = bytearray()
@@ -449,7 +486,9 @@ class StreamTranslator:
         if kind == "message_start":
             message = event.get("message") or {}
             self.id = message.get("id", "")
-            self.input = {k: v for k, v in (message.get("usage") or {}).items() if k != "output"}
+            self.input = {
+                k: v for k, v in (message.get("usage") or {}).items() if k != "output_tokens"
+            }
             self.output_tokens = (message.get("usage") or {}).get("output_tokens") or 0
             yield self._delta({"role": "assistant", "content": ""})
         elif kind == "content_block_start":
@@ -469,6 +508,9 @@ class StreamTranslator:
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             dtype = delta.get("type")
+            self.produced += len(
+                delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""
+            )
             if dtype == "text_delta":
                 self.text_parts.append(delta.get("text", ""))
                 yield self._delta({"content": delta.get("text", "")})

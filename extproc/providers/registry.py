@@ -42,11 +42,17 @@ class TranslatedStream:
         self.inner = inner
         self.usage: Usage | None = None  # the inner relay's, after each piece
         self.events = 0
+        self.error_code: str | None = None
+        self.partial_usage: Usage | None = None
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         openai_bytes = self.translator.feed(chunk)
         out = self.inner.feed(openai_bytes, end_of_stream)
         self.usage, self.events = self.inner.usage, self.inner.events
+        if self.translator.failed is not None:
+            self.error_code = self.translator.failed.code
+        if self.usage is None:
+            self.partial_usage = self.translator.partial_usage
         # The client never gets the provider's own bytes: the translation, or what the relay
         # made of it.
         return out if out is not None else openai_bytes

@@ -212,6 +212,8 @@ def outcome_of(status: int, code: str | None, failed_over: bool) -> str:
     """The outcome of a request from its final status and the gateway's error code."""
     if code is not None and code.startswith("guard_blocked"):
         return "guard_blocked"  # also a stream a response guard cut after its 200
+    if code is not None and code.startswith("provider_error"):
+        return "backend_error"  # a stream the backend failed after its 200 (an error event)
     if 200 <= status < 300:
         return "failed_over" if failed_over else "served"
     if status == 0:

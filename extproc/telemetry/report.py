@@ -95,6 +95,7 @@ class RequestReport:
     stream: bool = False
     backend: str | None = None
     provider_model: str | None = None
+    provider: str | None = None  # the API the backend speaks (its type), when known
     status: int = 0
     code: str | None = None  # the gateway's error code when it answered itself
     failover: str = ""  # "retry" (Envoy retried on the next pool) or "quota"
@@ -184,6 +185,7 @@ class RequestReport:
             "extproc.outcome": self.outcome,
             "extproc.backend": self.backend,
             "gen_ai.response.model": self.provider_model,
+            "gen_ai.system": self.provider,
             "extproc.error_code": self.code,
             "extproc.failover": self.failover or None,
         }
@@ -219,6 +221,7 @@ class RequestReport:
             "stream": self.stream,
             "backend": self.backend,
             "provider_model": self.provider_model,
+            "provider": self.provider,
             "status": self.status,
             "outcome": self.outcome,
             "decision": _decision(self.outcome),

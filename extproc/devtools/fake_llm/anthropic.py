@@ -84,6 +84,9 @@ def check_request(body: Any) -> None:
         value = body.get(name)
         if value is not None and not (isinstance(value, int | float) and 0 <= value <= top):
             raise AnthropicError(f"{name}: Input should be between 0 and {top}")
+    if body.get("temperature") is not None and body.get("top_p") is not None:
+        # As the recent Claude models answer.
+        raise AnthropicError("`temperature` and `top_p` cannot both be specified for this model")
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise AnthropicError("stream: Input should be a valid boolean")
     stops = body.get("stop_sequences")
@@ -107,7 +110,11 @@ def check_request(body: Any) -> None:
             raise AnthropicError(f"{where}.role: Input should be 'user' or 'assistant'")
         blocks: Any = message.get("content")
         if isinstance(blocks, str):
-            tool_uses = set()
+            if tool_uses:
+                raise AnthropicError(
+                    f"{where}: `tool_use` ids were found without `tool_result` blocks "
+                    "immediately after"
+                )
             continue
         allowed = (
             {"text", "image", "tool_result"}
@@ -115,6 +122,7 @@ def check_request(body: Any) -> None:
             else {"text", "tool_use", "thinking", "redacted_thinking"}
         )
         _blocks(blocks, f"{where}.content", allowed)
+        results = {b["tool_use_id"] for b in blocks if b["type"] == "tool_result"}
         for j, block in enumerate(blocks):
             if block["type"] == "tool_result" and block["tool_use_id"] not in tool_uses:
                 raise AnthropicError(
@@ -122,6 +130,11 @@ def check_request(body: Any) -> None:
                     "blocks: each `tool_result` block must have a corresponding `tool_use` "
                     "block in the previous message"
                 )
+        if tool_uses - results:
+            raise AnthropicError(
+                f"{where}: `tool_use` ids were found without `tool_result` blocks immediately "
+                f"after: {sorted(tool_uses - results)[0]}"
+            )
         tool_uses = {b["id"] for b in blocks if b["type"] == "tool_use"}
     _check_tools(body.get("tools"), body.get("tool_choice"))
 
@@ -140,8 +153,8 @@ def _blocks(blocks: Any, where: str, allowed: set[str]) -> None:
             raise AnthropicError(f"{at}.{sorted(required - fields)[0]}: Field required")
         if fields - required - optional:
             raise AnthropicError(f"{at}.{sorted(fields - required - optional)[0]}: Extra inputs")
-        if kind == "text" and (not isinstance(block["text"], str) or not block["text"]):
-            raise AnthropicError(f"{at}.text: text content blocks must be non-empty")
+        if kind == "text" and (not isinstance(block["text"], str) or not block["text"].strip()):
+            raise AnthropicError(f"{at}.text: text content blocks must contain non-whitespace text")
         if kind == "image":
             _image(block["source"], f"{at}.source")
         if kind == "tool_use" and not isinstance(block["input"], dict):
@@ -260,7 +273,7 @@ async def messages(
                 "usage": _usage(prompt, count),
             }
         )
-    return await _stream(request, ctx, stall_seconds, model, message_id, prompt, count, stop)
+    return await _stream(request, ctx, stall_seconds, model, message_id, prompt, count, stop, tool)
 
 
 async def _stream(
@@ -272,6 +285,7 @@ async def _stream(
     prompt: int,
     count: int,
     stop: str,
+    tool: str | None,
 ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     first_at = loop.time() + ctx.ttft
@@ -285,18 +299,29 @@ async def _stream(
         "stop_reason": None, "stop_sequence": None, "usage": _usage(prompt, 1),
     }  # fmt: skip
     await out.send(_event({"type": "message_start", "message": start}))
-    await out.send(_event({"type": "content_block_start", "index": 0,
-                           "content_block": {"type": "text", "text": ""}}))  # fmt: skip
-    await out.send(_event({"type": "ping"}))
-    text = content(count)
-    words = text.split(" ")
-    pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)] or [""]
-    for i, piece in enumerate(pieces):
-        if ctx.tokens_per_second > 0 and i:
-            await sleep_until(request, first_at + out.stalled + i / ctx.tokens_per_second)
-        delta = {"type": "text_delta", "text": piece}
-        await out.send(_event({"type": "content_block_delta", "index": 0, "delta": delta}))
-    await out.send(_event({"type": "content_block_stop", "index": 0}))
+    if tool is None:
+        await out.send(_event({"type": "content_block_start", "index": 0,
+                               "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+        await out.send(_event({"type": "ping"}))
+        words = content(count).split(" ")
+        pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)] or [""]
+        for i, piece in enumerate(pieces):
+            if ctx.tokens_per_second > 0 and i:
+                await sleep_until(request, first_at + out.stalled + i / ctx.tokens_per_second)
+            delta = {"type": "text_delta", "text": piece}
+            await out.send(_event({"type": "content_block_delta", "index": 0, "delta": delta}))
+        await out.send(_event({"type": "content_block_stop", "index": 0}))
+    else:
+        # A forced tool choice: the model answers with the call alone (as Anthropic's do),
+        # its input in two JSON pieces.
+        block = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": tool,
+                 "input": {}}  # fmt: skip
+        await out.send(_event({"type": "content_block_start", "index": 0, "content_block": block}))
+        for piece in ('{"fake": ', '"input"}'):
+            delta = {"type": "input_json_delta", "partial_json": piece}
+            await out.send(_event({"type": "content_block_delta", "index": 0, "delta": delta}))
+        await out.send(_event({"type": "content_block_stop", "index": 0}))
+        stop, count = "tool_use", 1
     usage = {"output_tokens": count} if not ctx.no_usage else {}
     await out.send(_event({"type": "message_delta", "usage": usage,
                            "delta": {"stop_reason": stop, "stop_sequence": None}}))  # fmt: skip

@@ -37,6 +37,10 @@ class GuardedStreamRelay:
     """A RelayedStream (extproc/sse.py) whose `feed` answers the bytes to send in place of
     each chunk."""
 
+    # OpenAI reports nothing before its usage chunk, and no error event the relay reads.
+    partial_usage: Usage | None = None
+    error_code: str | None = None
+
     __slots__ = (
         "_endpoint",
         "_find",

@@ -133,6 +133,9 @@ class StreamRelay:
     # No guards here: this relay never ends a stream. A class attribute, not a property: the
     # downstream stage reads it for every chunk.
     blocked: Verdict | None = None
+    # OpenAI reports nothing before its usage chunk, and no error event the relay reads.
+    partial_usage: Usage | None = None
+    error_code: str | None = None
 
     def __init__(
         self, strip_usage_chunk: bool, text_cap: int = 64 * 1024, *, max_event: int = 1 << 20
