@@ -124,7 +124,9 @@ def test_envoy_fetched_the_jwks_at_start_and_keeps_it(gw: Gateway, jwks_server: 
     fetched = jwks_server.fetches
     assert fetched >= 1  # at start-up (async_fetch), before any request needed it
     for _ in range(3):
-        client(gw, token(["ml-platform"])).chat.completions.create(
+        # Team `search`: the tests below count team `ml`'s tokens, and these are accounted a
+        # moment later, from the access log.
+        client(gw, token(["search"])).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}]
         )
     assert jwks_server.fetches == fetched  # kept for cache_s
@@ -157,10 +159,10 @@ def metric(gw: Gateway, name: str, **labels: str) -> float:
     return total
 
 
-def eventually(check: Any, timeout: float = 5.0) -> None:
+def eventually(check: Any, timeout: float = 5.0, say: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, "not reached in time"
+        assert time.monotonic() < deadline, f"not reached in time: {say() if say else ''}"
         time.sleep(0.05)
 
 
@@ -184,7 +186,13 @@ def test_a_native_request_never_reaches_the_sidecar_and_is_accounted(gw: Gateway
         lambda: (
             metric(gw, "extproc_tokens_total", team="ml", model=MODEL, type="output")
             == tokens_before + RESPONSE_TOKENS
-        )
+        ),
+        say=lambda: (
+            tokens_before,
+            metric(gw, "extproc_tokens_total", team="ml", model=MODEL, type="output"),
+            [e for e in gw.access_log() if "native" in str(e.get("route"))][-2:],
+            gw.log_path.read_text(errors="replace")[-2500:],
+        ),
     )
     assert metric(gw, "extproc_requests_total", team="ml", model=MODEL, status="200") >= 1
 
@@ -206,7 +214,12 @@ def test_a_native_stream_with_its_usage_report_is_accounted(gw: Gateway) -> None
         lambda: (
             metric(gw, "extproc_tokens_total", team="ml", model=MODEL, type="output")
             == tokens_before + RESPONSE_TOKENS
-        )
+        ),
+        say=lambda: (
+            tokens_before,
+            metric(gw, "extproc_tokens_total", team="ml", model=MODEL, type="output"),
+            [e for e in gw.access_log() if "native" in str(e.get("route"))][-2:],
+        ),
     )
 
 
