@@ -180,8 +180,11 @@ def test_translated_requests_pass_the_fake_and_come_back_as_openai(
     assert out.usage is not None and out.usage.completion_tokens >= 1
 
 
-def test_a_translated_stream_from_the_fake_reads_as_openai_chunks(port: int) -> None:
-    body = {"model": "claude", "messages": CONVERSATION, "stream": True}
+def translated_stream(
+    port: int, body: dict[str, Any], include_usage: bool
+) -> tuple[translation.StreamTranslator, bytes, list[ChatCompletionChunk]]:
+    """The OpenAI `body` translated, streamed by the fake, its events translated back (fed in
+    pieces of 5 bytes) and read with the openai SDK's chunk type."""
     status, _, raw = _http(
         port,
         "/v1/messages",
@@ -189,11 +192,17 @@ def test_a_translated_stream_from_the_fake_reads_as_openai_chunks(port: int) -> 
         body=orjson.dumps(translation.messages_request(body, MODEL, 64)),
         headers={**HEADERS, "content-type": "application/json"},
     )
-    assert status == 200
-    translator = translation.StreamTranslator("claude", include_usage=True)
+    assert status == 200, raw
+    translator = translation.StreamTranslator("claude", include_usage=include_usage)
     out = b"".join(translator.feed(raw[i : i + 5]) for i in range(0, len(raw), 5))
-    events = [orjson.loads(line[6:]) for line in out.split(b"\n\n") if line.startswith(b"data: {")]
-    chunks = [ChatCompletionChunk.model_validate(e) for e in events]
+    lines = [line for line in out.split(b"\n\n") if line.startswith(b"data: {")]
+    chunks = [ChatCompletionChunk.model_validate(orjson.loads(line[6:])) for line in lines]
+    return translator, out, chunks
+
+
+def test_a_translated_stream_from_the_fake_reads_as_openai_chunks(port: int) -> None:
+    body = {"model": "claude", "messages": CONVERSATION, "stream": True}
+    translator, out, chunks = translated_stream(port, body, include_usage=True)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == translator.text and len(text.split()) == 6
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
@@ -211,20 +220,7 @@ def test_the_openai_sdk_reads_a_translated_error(port: int) -> None:
 def test_a_streamed_forced_tool_call_translated(port: int) -> None:
     body = {"model": "claude", "messages": CONVERSATION, "stream": True, "tools": TOOLS,
             "tool_choice": "required"}  # fmt: skip
-    status, _, raw = _http(
-        port,
-        "/v1/messages",
-        method="POST",
-        body=orjson.dumps(translation.messages_request(body, MODEL, 64)),
-        headers={**HEADERS, "content-type": "application/json"},
-    )
-    assert status == 200
-    out = translation.StreamTranslator("claude", include_usage=False).feed(raw)
-    chunks = [
-        ChatCompletionChunk.model_validate(orjson.loads(line[6:]))
-        for line in out.split(b"\n\n")
-        if line.startswith(b"data: {")
-    ]
+    _, _, chunks = translated_stream(port, body, include_usage=False)
     calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
     assert calls[0].function is not None and calls[0].function.name == "weather"
     arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function is not None)
