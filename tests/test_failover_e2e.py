@@ -89,6 +89,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, d
                 {"backend": "fallback", "model": "small-model", "priority": 1},
             ]
         }
+        # Ejected after two failures in a row, as the tests below expect: with the default
+        # five, a run of 200 requests at a 50 % failure rate has no five in a row a few times
+        # in a hundred (the ejection test then failed).
+        backends["phalf"]["eject_after_failures"] = 2
         backends["returning"] = {
             "url": f"http://127.0.0.1:{ports['returning']}/v1",
             "eject_after_failures": 2,
