@@ -220,6 +220,28 @@ class Price(_Strict):
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
+    # Input read from the provider's prompt cache (OpenAI's cached_tokens, Anthropic's cache
+    # reads) and input written to it (Anthropic's cache writes); unset: the input price.
+    cached_input: float | None = Field(default=None, ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
+
+    def micro_usd(
+        self, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0
+    ) -> float:
+        """The cost in micro-USD (USD per million x tokens): the one pricing rule, for the
+        metrics, the audit record and USD budgets alike. `input_tokens` includes the cached
+        and written ones, as providers' prompt counts do."""
+        cached = min(cached, input_tokens)
+        written = min(written, input_tokens - cached)
+        plain = input_tokens - cached - written
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        write_price = self.input if self.cache_write is None else self.cache_write
+        return (
+            plain * self.input
+            + cached * cached_price
+            + written * write_price
+            + output_tokens * self.output
+        )
 
 
 class RedisSettings(_Strict):

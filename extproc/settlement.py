@@ -104,7 +104,12 @@ def charge(usage: Usage | None, status: int, complete: bool, prompt: int) -> Amo
     """The one charging rule. `complete`: the answer ended as the backend meant it to (False:
     the client went away, the stream was cut, or no answer came at all: status 0)."""
     if usage is not None and (not complete or 200 <= status < 300):
-        return Amounts(usage.prompt_tokens, usage.completion_tokens)
+        return Amounts(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            cached_input_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+        )
     if complete:
         # The backend answered without usage, or refused or failed: it served no tokens.
         return Amounts(0, 0)

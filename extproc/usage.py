@@ -17,6 +17,8 @@ class Usage:
     total_tokens: int
     cached_tokens: int = 0
     source: str = SOURCE_PROVIDER
+    # Of the prompt, what the provider wrote to its prompt cache (Anthropic reports it).
+    cache_write_tokens: int = 0
 
     def as_metadata(self) -> dict[str, Any]:
         return {

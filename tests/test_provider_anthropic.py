@@ -4,6 +4,7 @@ byte, errors. The OpenAI side is checked with the official SDK's own types."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -503,3 +504,28 @@ def test_an_error_event_marks_the_relay_failed() -> None:
     relay.feed(cut + error, True)
     assert relay.error_code == "overloaded_error" and relay.usage is None
     assert relay.partial_usage is not None and relay.partial_usage.prompt_tokens == 35
+
+
+def test_cached_and_written_input_are_priced_apart() -> None:
+    """A cached token is not charged as a full input token: the cost metric, the audit record
+    and USD budgets share Price.micro_usd."""
+    from extproc.config import Price
+    from extproc.quota.policy import Amounts, LimitSpec, amount
+    from extproc.settlement import charge
+
+    report = anthropic.usage(ANSWER["usage"])  # 20 plain, 100 read, 5 written, 9 out
+    assert report is not None and report.cache_write_tokens == 5
+    price = Price(input=3.0, output=15.0, cached_input=0.3, cache_write=3.75)
+    expected = 20 * 3.0 + 100 * 0.3 + 5 * 3.75 + 9 * 15.0
+    assert price.micro_usd(125, 9, 100, 5) == pytest.approx(expected)
+    assert Price(input=3.0, output=15.0).micro_usd(125, 9, 100, 5) == pytest.approx(
+        125 * 3.0 + 9 * 15.0
+    )  # no cache prices: the input price
+    amounts = charge(report, 200, True, 0)
+    assert amounts == Amounts(125, 9, cached_input_tokens=100, cache_write_tokens=5)
+
+    class Cfg:
+        prices = {"claude": price}
+
+    spec = LimitSpec("budget", "usd", "day", 10**9, frozenset({"claude"}), False)
+    assert amount(spec, amounts, Cfg(), "claude") == math.ceil(expected)  # type: ignore[arg-type]

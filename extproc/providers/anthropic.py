@@ -307,7 +307,7 @@ def usage(report: Any) -> Usage | None:
     written = report.get("cache_creation_input_tokens") or 0
     prompt = report["input_tokens"] + read + written
     completion = report.get("output_tokens") or 0
-    return Usage(prompt, completion, prompt + completion, read)
+    return Usage(prompt, completion, prompt + completion, read, cache_write_tokens=written)
 
 
 def _usage_object(report: Usage) -> dict[str, Any]:

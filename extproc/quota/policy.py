@@ -47,6 +47,10 @@ class Amounts:
     input_tokens: int
     output_tokens: int
     requests: int = 1
+    # Of the input, read from and written to the provider's prompt cache: priced apart
+    # (Price.micro_usd); a reservation's estimate has none, so it is never under a settlement.
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 def team_limits(cfg: Config) -> dict[str, tuple[LimitSpec, ...]]:
@@ -86,8 +90,15 @@ def amount(spec: LimitSpec, amounts: Amounts, cfg: Config, model: str) -> int:
     if spec.metric == "requests":
         return amounts.requests
     price = cfg.prices[model]  # validated at load for every model a USD limit counts
-    # USD per 1M tokens x tokens = micro-USD; rounded up so a budget is never undercounted.
-    return math.ceil(amounts.input_tokens * price.input + amounts.output_tokens * price.output)
+    # Rounded up so a budget is never undercounted.
+    return math.ceil(
+        price.micro_usd(
+            amounts.input_tokens,
+            amounts.output_tokens,
+            amounts.cached_input_tokens,
+            amounts.cache_write_tokens,
+        )
+    )
 
 
 def applicable(specs: tuple[LimitSpec, ...], model: str) -> tuple[LimitSpec, ...]:

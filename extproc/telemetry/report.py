@@ -54,7 +54,15 @@ def cost_usd(cfg: Config, model: str | None, usage: Usage) -> float | None:
     price = cfg.prices.get(model) if model else None
     if price is None:
         return None
-    return (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / 1e6
+    return (
+        price.micro_usd(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.cache_write_tokens,
+        )
+        / 1e6
+    )
 
 
 def verdict_entries(stage: str, verdicts: list[Verdict]) -> list[dict[str, Any]]:
