@@ -295,6 +295,12 @@ class AdminSettings(_Strict):
     token: SecretRef | None = None
 
 
+def url_port(url: str) -> int:
+    """An http(s) URL's port, or its scheme's."""
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
 ProviderType = Literal["openai", "anthropic"]
 
 
@@ -356,8 +362,7 @@ class Backend(_Strict):
 
     @property
     def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (443 if parts.scheme == "https" else 80)
+        return url_port(self.url)
 
     @property
     def base_path(self) -> str:
@@ -559,8 +564,7 @@ class JwksSource(_Strict):
 
     @property
     def port(self) -> int:
-        parts = urlsplit(self.uri or "")
-        return parts.port or (443 if parts.scheme == "https" else 80)
+        return url_port(self.uri or "")
 
 
 ClaimName = Annotated[str, Field(min_length=1)]

@@ -114,7 +114,6 @@ def jwt_failure_key(issuer: str) -> str:
 # What Envoy's json_to_metadata filter reads of a request body when the native path is on, for
 # the native routes to match: the model, and whether (and how) it streams.
 REQUEST_NAMESPACE = "extproc.request"
-REQUEST_FACT_KEYS = ("model", "stream", "include_usage")
 
 # A native route's name says whose request it served and to which model: the access log's
 # reader accounts the request from it (team and model names never hold "|").

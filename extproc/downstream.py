@@ -220,10 +220,9 @@ class DownstreamStream:
         plan = request_plan.plan(admitted, target, self.rt.config.sidecar)
         self.observe, self.strip_usage = plan.observe, plan.strip_usage
         self.known_backend = target is not None
-        if target is not None:
-            self.provider = report.provider = target.provider
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
         if target is not None:
+            self.provider = report.provider = target.provider
             report.backend = target.backend
             report.provider_model = target.provider_model
             route_attributes["extproc.backend"] = target.backend

@@ -1580,7 +1580,7 @@ def bootstrap(cfg: Config) -> Bootstrap:
             clusters.append(pool_cluster(cfg, name, m))
     if envoy_traces(cfg):
         clusters.append(otlp_cluster(cfg))
-    clusters += _dropin_clusters(cfg)[1:]  # the JWKS clusters
+    clusters += jwks_clusters(cfg)
     secrets = [
         credential_secret(cfg, name)
         for name in sorted(native_backends(cfg))
@@ -1618,11 +1618,16 @@ def render_yaml(cfg: Config) -> str:
     return header + yaml.safe_dump(to_dict(bootstrap(cfg)), sort_keys=False, width=100)
 
 
-def _dropin_clusters(cfg: Config) -> list[Cluster]:
-    """The clusters a drop-in adds: the sidecar's, and those Envoy fetches JWKS from."""
-    return [sidecar_cluster(cfg)] + [
+def jwks_clusters(cfg: Config) -> list[Cluster]:
+    """The clusters Envoy fetches the issuers' JWKS from (those given by `uri`)."""
+    return [
         jwks_cluster(cfg, name) for name, i in cfg.identities.jwt.items() if i.jwks.uri is not None
     ]
+
+
+def _dropin_clusters(cfg: Config) -> list[Cluster]:
+    """The clusters a drop-in adds: the sidecar's, and those Envoy fetches JWKS from."""
+    return [sidecar_cluster(cfg), *jwks_clusters(cfg)]
 
 
 def render_snippet(cfg: Config) -> str:

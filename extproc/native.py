@@ -23,13 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ClaimRule, Config, Model, pooled, split, stage_guards
+from .wire.openai.request import CHAT, COMPLETIONS, EMBEDDINGS
 
 # The endpoint a model's type answers on: the one path its native route matches.
-ENDPOINT_PATHS = {
-    "chat": "/v1/chat/completions",
-    "completion": "/v1/completions",
-    "embedding": "/v1/embeddings",
-}
+ENDPOINT_PATHS = {"chat": CHAT.path, "completion": COMPLETIONS.path, "embedding": EMBEDDINGS.path}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,19 +74,31 @@ def _model_why_not(cfg: Config, name: str, model: Model) -> str | None:
     return None
 
 
-_SERVED: tuple[Config | None, frozenset[tuple[str, str]]] = (None, frozenset())
+# The last config asked about, and its routes: the renderer asks once per piece it renders,
+# the access log's reader once per native entry.
+_CACHE: tuple[Config | None, tuple[NativeRoute, ...], frozenset[tuple[str, str]]] = (
+    None,
+    (),
+    frozenset(),
+)
+
+
+def native_routes(cfg: Config) -> tuple[NativeRoute, ...]:
+    """The native routes, in the order Envoy must try them (before every other route)."""
+    global _CACHE
+    if _CACHE[0] is not cfg:
+        routes = tuple(_native_routes(cfg))
+        _CACHE = (cfg, routes, frozenset((r.team, r.model) for r in routes))
+    return _CACHE[1]
 
 
 def served(cfg: Config) -> frozenset[tuple[str, str]]:
-    """The (team, model) pairs of `cfg`'s native routes (kept for the last config asked)."""
-    global _SERVED
-    if _SERVED[0] is not cfg:
-        _SERVED = (cfg, frozenset((r.team, r.model) for r in native_routes(cfg)))
-    return _SERVED[1]
+    """The (team, model) pairs of `cfg`'s native routes."""
+    native_routes(cfg)
+    return _CACHE[2]
 
 
-def native_routes(cfg: Config) -> list[NativeRoute]:
-    """The native routes, in the order Envoy must try them (before every other route)."""
+def _native_routes(cfg: Config) -> list[NativeRoute]:
     out: list[NativeRoute] = []
     for issuer_name, issuer in cfg.identities.jwt.items():
         for i, rule in enumerate(issuer.teams):

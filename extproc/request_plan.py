@@ -116,10 +116,12 @@ def plan(
         if target.provider_model != request.model:
             body = {**body, "model": target.provider_model}
             changed = True
-    body_bytes = orjson.dumps(body) if changed else None
     if translated:
         assert target is not None
-        body_bytes = providers.request_body(target, request.body)
+        # The provider's request names its model itself: the rewritten body is not needed.
+        body_bytes: bytes | None = providers.request_body(target, request.body)
+    else:
+        body_bytes = orjson.dumps(body) if changed else None
     # (A translated stream always carries its usage: the relay cuts it when not asked for.)
     strip_usage = request.stream and not request.include_usage and not observe
     if strip_usage and not translated:

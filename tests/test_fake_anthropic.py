@@ -16,6 +16,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from extproc.devtools.fake_llm import FakeLLMSettings
 from extproc.providers import anthropic as translation
+from extproc.providers import registry
 
 from .test_fake_llm import _http, _running
 from .test_provider_anthropic import PNG
@@ -212,8 +213,8 @@ def test_a_translated_stream_from_the_fake_reads_as_openai_chunks(port: int) -> 
 def test_the_openai_sdk_reads_a_translated_error(port: int) -> None:
     """A provider error becomes the OpenAI error the openai SDK raises by status."""
     status, answer = post(port, {"model": MODEL, "max_tokens": 5, "messages": []})
-    err = translation.error(status, orjson.dumps(answer))
-    assert err.status == 400 and err.body()["error"]["type"] == "invalid_request_error"
+    client_status, body = registry.answer("anthropic", "claude", status, orjson.dumps(answer))
+    assert client_status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request_error"
     assert issubclass(openai.BadRequestError, openai.APIStatusError)
 
 

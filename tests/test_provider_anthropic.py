@@ -12,7 +12,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from extproc.errors import GatewayError
-from extproc.providers import anthropic
+from extproc.providers import anthropic, registry
 
 MODEL = "claude-sonnet-4-5"
 PNG = (
@@ -312,7 +312,9 @@ def test_errors_in_openais_shape(
         kind,
         "why",
     )
-    assert err.body()["error"]["code"] == kind
+    rendered_status, rendered = registry.answer("anthropic", "claude", status, body)
+    assert rendered_status == client_status
+    assert orjson.loads(rendered)["error"]["code"] == kind
 
 
 def test_an_error_that_is_not_anthropics_json() -> None:
@@ -426,7 +428,12 @@ def test_an_error_event_ends_the_stream_with_an_openai_error() -> None:
     )
     *_, last = chunks(raw)
     assert last == {
-        "error": {"message": "Overloaded", "type": "server_error", "code": "overloaded_error"}
+        "error": {
+            "message": "Overloaded",
+            "type": "server_error",
+            "param": None,
+            "code": "overloaded_error",
+        }
     }
     assert raw.endswith(b"data: [DONE]\n\n") and translator.failed is not None
 
@@ -495,7 +502,6 @@ def test_a_cut_stream_is_counted_from_what_anthropic_reported_first() -> None:
 
 
 def test_an_error_event_marks_the_relay_failed() -> None:
-    from extproc.providers import registry
     from extproc.wire.openai import OPENAI
 
     relay = registry.stream_relay("anthropic", "claude", OPENAI.stream_relay(False))

@@ -1,5 +1,6 @@
 """Backends that speak another API than OpenAI's, translated for the OpenAI clients: one
-module per provider format (`anthropic.py`, ...), the shared types in `base.py`."""
+module per provider format (`anthropic.py`, ...), and which one a backend's type takes
+(`registry.py`). A provider's error becomes a GatewayError, rendered like any refusal."""
 
 from .registry import TranslatedStream, answer, check, request_body, stream_relay
 

@@ -20,7 +20,7 @@ import orjson
 from ..errors import GatewayError, bad_request
 from ..sse import SSEParser
 from ..usage import Usage
-from .base import ProviderError
+from ..wire.openai.answer import error_body
 
 PATH = "/v1/messages"
 API_VERSION = "2023-06-01"
@@ -388,9 +388,9 @@ _ERRORS = {
 }
 
 
-def error(status: int, body: bytes) -> ProviderError:
+def error(status: int, body: bytes) -> GatewayError:
     """An Anthropic error answer as the client's: its status (529 as 503) and message, the
-    error's type as the code."""
+    error's type as the code (rendered in the client's error shape like any refusal)."""
     try:
         parsed = orjson.loads(body)
         err = parsed.get("error") if isinstance(parsed, dict) else None
@@ -401,11 +401,11 @@ def error(status: int, body: bytes) -> ProviderError:
     openai_type, fixed = _ERRORS.get(kind or "", ("server_error", None))
     if status == 529:
         fixed = 503
-    return ProviderError(
-        status=fixed or status,
-        message=str(message or f"The provider answered {status}"),
-        type=openai_type,
-        code=kind or f"provider_{status}",
+    return GatewayError(
+        fixed or status,
+        str(message or f"The provider answered {status}"),
+        openai_type,
+        kind or f"provider_{status}",
     )
 
 
@@ -435,7 +435,7 @@ class StreamTranslator:
         self.text_parts: list[str] = []
         self.produced = 0  # characters of every delta (text, tool arguments, thinking)
         self.done = False
-        self.failed: ProviderError | None = None
+        self.failed: GatewayError | None = None
 
     @property
     def usage(self) -> Usage | None:
@@ -548,14 +548,7 @@ class StreamTranslator:
             err = event.get("error") or {}
             self.failed = error(500, orjson.dumps({"error": err}))
             self.done = True
-            yield _chunk(
-                {
-                    "error": {
-                        "message": self.failed.message,
-                        "type": self.failed.type,
-                        "code": self.failed.code,
-                    }
-                }
-            )
+            failed = self.failed
+            yield b"data: " + error_body(failed.message, failed.type, failed.code) + b"\n\n"
             yield b"data: [DONE]\n\n"
         # ping, content_block_stop, and events added later: nothing to say.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..wire.openai.answer import error_body
 from . import anthropic
 
 if TYPE_CHECKING:
@@ -89,4 +90,4 @@ def answer(target_provider: str, model: str, status: int, raw: bytes) -> tuple[i
             raise ValueError("not a JSON object")
         return status, orjson.dumps(anthropic.chat_completion(parsed, model))
     err = anthropic.error(status, raw)
-    return err.status, orjson.dumps(err.body())
+    return err.status, error_body(err.message, err.type, err.code, err.param)

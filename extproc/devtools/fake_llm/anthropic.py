@@ -10,7 +10,6 @@ as on the OpenAI endpoints.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from typing import Any
@@ -18,9 +17,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .faults import EventWriter, Fault, pause, reset_connection, sleep_until
+from .faults import Fault, open_event_stream, pause, reset_connection, sleep_until
 from .settings import RequestSettings
-from .wire import MALFORMED, SSE_HEADERS, content, estimate_tokens, is_int, json_response
+from .wire import MALFORMED, content, estimate_tokens, is_int, json_response
 
 VERSION = "2023-06-01"
 _TOP_LEVEL = frozenset(
@@ -287,13 +286,7 @@ async def _stream(
     stop: str,
     tool: str | None,
 ) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
-    first_at = loop.time() + ctx.ttft
-    if ctx.ttft > 0:
-        await sleep_until(request, first_at)
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    out = EventWriter(request, response, ctx.fault, stall_seconds)
+    response, out, first_at = await open_event_stream(request, ctx.ttft, ctx.fault, stall_seconds)
     start: dict[str, Any] = {
         "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": _usage(prompt, 1),

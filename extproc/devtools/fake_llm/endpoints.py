@@ -3,7 +3,6 @@ each endpoint answers, paced and faulted as the request's settings say."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -16,8 +15,8 @@ from aiohttp import web
 from . import anthropic
 from .faults import (
     Aborted,
-    EventWriter,
     non_stream_fault,
+    open_event_stream,
     pause,
     pre_response_fault,
     sleep_until,
@@ -40,7 +39,6 @@ from .wire import (
     MALFORMED,
     MAX_EMBEDDING_DIMENSIONS,
     SLOT,
-    SSE_HEADERS,
     SYSTEM_FINGERPRINT,
     VOCAB,
     RequestError,
@@ -160,13 +158,9 @@ class FakeLLM:
         token_events: Callable[[int], Iterable[bytes]],
         tail: Iterable[bytes],
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        first_token_at = loop.time() + ctx.ttft
-        if ctx.ttft > 0:
-            await sleep_until(request, first_token_at)
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        out = EventWriter(request, response, ctx.fault, self.settings.stall_seconds)
+        response, out, first_token_at = await open_event_stream(
+            request, ctx.ttft, ctx.fault, self.settings.stall_seconds
+        )
         for event in head:
             await out.send(event)
         tps = ctx.tokens_per_second

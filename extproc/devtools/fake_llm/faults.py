@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from .wire import error_response
+from .wire import SSE_HEADERS, error_response
 
 FAULT_HELP = "429, 500, 503, reset, stall, reset-after:N, stall-after:N or none"
 _SIMPLE_FAULTS = frozenset({"429", "500", "503", "reset", "stall"})
@@ -158,3 +158,16 @@ class EventWriter:
         started = loop.time()
         await pause(self._request, self._stall_seconds)
         self.stalled += loop.time() - started
+
+
+async def open_event_stream(
+    request: web.Request, ttft: float, fault: Fault | None, stall_seconds: float
+) -> tuple[web.StreamResponse, EventWriter, float]:
+    """Wait for the first token, then start an SSE answer: (response, its event writer, the
+    loop time of the first token, which pacing counts from)."""
+    first_at = asyncio.get_running_loop().time() + ttft
+    if ttft > 0:
+        await sleep_until(request, first_at)
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    return response, EventWriter(request, response, fault, stall_seconds), first_at
