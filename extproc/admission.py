@@ -103,12 +103,18 @@ class Admission:
             self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, endpoint)
         default_output = self.rt.config.quota.default_max_tokens
-        target = routing.fixed_target(self.rt, parsed.model)
-        if target is not None and target.provider != "openai":
-            # What the provider cannot do as asked is refused before anything is reserved.
-            providers.check(target, parsed.body)
-            # A request that sets no maximum asks the provider for the backend's.
-            default_output = target.max_tokens
+        translated = self.rt.translated.get(parsed.model)
+        if translated:
+            # What a provider that may serve it cannot do as asked is refused before anything
+            # is reserved (in a failover pool: any of them, whichever answers).
+            for target in translated:
+                providers.check(target, parsed.body)
+            # A request that sets no maximum asks the provider for the backend's (and an
+            # OpenAI backend beside it for the usual default).
+            others = len(self.rt.config.models[parsed.model].targets) > len(translated)
+            default_output = max(
+                *(t.max_tokens for t in translated), default_output if others else 1
+            )
         self.request = parsed
         self.max_output = requested_output(parsed, default_output)
         request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)

@@ -675,7 +675,13 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         paths = {
             cfg.backends[t.backend].base_path for t in model.targets if t.backend in cfg.backends
         }
-        if len(paths) > 1:
+        translated = [
+            t.backend
+            for t in model.targets
+            if t.backend in cfg.backends and cfg.backends[t.backend].type != "openai"
+        ]
+        # (A model with a translated backend has every request's path set by the sidecar.)
+        if len(paths) > 1 and not translated:
             # One route serves all of a model's backends, so they share its path rewrite.
             problems.append(
                 (
@@ -683,18 +689,12 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                     f"the backends' URLs have different paths: {sorted(paths)}",
                 )
             )
-        translated = [
-            t.backend
-            for t in model.targets
-            if t.backend in cfg.backends and cfg.backends[t.backend].type != "openai"
-        ]
-        if translated and (len(model.targets) > 1 or model.type != "chat"):
-            # The upstream stage (canaries, pools) does not translate yet.
+        if translated and model.type != "chat":
             problems.append(
                 (
                     f"models.{name}.targets",
-                    f"backend {translated[0]!r} speaks another API than OpenAI's: it can only "
-                    "be the one target of a chat model for now",
+                    f"backend {translated[0]!r} speaks another API than OpenAI's: the gateway "
+                    "translates chat completions only (not yet embeddings or completions)",
                 )
             )
         if sum(t.weight for t in model.targets) == 0:
@@ -914,6 +914,8 @@ class ResolvedTarget:
     credential: str | None  # the full header value, e.g. "Bearer sk-..."; never logged
     provider: str = "openai"  # the API the backend speaks (Backend.type)
     max_tokens: int = 4096  # what a translated request asks for when the client set none
+    base_path: str = "/v1"  # Backend.base_path: what replaces the client's /v1
+    url_path: str = ""  # the backend URL's own path, without a trailing slash ("" for none)
 
 
 @dataclass(slots=True)
@@ -927,6 +929,9 @@ class Runtime:
     targets: dict[tuple[str, str], ResolvedTarget] = field(default_factory=dict)
     admin_token: str | None = None  # never logged
     guard_keys: dict[str, str] = field(default_factory=dict)  # guard -> API key; never logged
+    # model -> its targets whose backend speaks another API (translated), for the models
+    # that have any
+    translated: dict[str, tuple[ResolvedTarget, ...]] = field(default_factory=dict)
 
     def team_for_key(self, presented: str) -> str | None:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
@@ -995,7 +1000,12 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 credential=credentials.get(target.backend),
                 provider=backend.type,
                 max_tokens=backend.max_tokens,
+                base_path=backend.base_path,
+                url_path=urlsplit(backend.url).path.rstrip("/"),
             )
+    for resolved in rt.targets.values():
+        if resolved.provider != "openai":
+            rt.translated[resolved.model] = (*rt.translated.get(resolved.model, ()), resolved)
     if cfg.admin.token is not None:
         try:
             rt.admin_token = cfg.admin.token.resolve()

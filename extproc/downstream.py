@@ -217,7 +217,8 @@ class DownstreamStream:
         self.admitted = admitted
         model, pool, report = admitted.request.model, admitted.pool, self.report
         target = routing.fixed_target(self.rt, model, pool)
-        plan = request_plan.plan(admitted, target, self.rt.config.sidecar)
+        translates = model in self.rt.translated
+        plan = request_plan.plan(admitted, target, self.rt.config.sidecar, translates)
         self.observe, self.strip_usage = plan.observe, plan.strip_usage
         self.known_backend = target is not None
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
@@ -250,6 +251,22 @@ class DownstreamStream:
         # Team, model, rate limits (and the backend, when one serves the model) are rendered
         # by Envoy from the request's metadata; only what Envoy chose is added here.
         set_headers = {} if self.known_backend else self._backend_headers()
+        admitted = self.admitted
+        if not self.known_backend and admitted is not None and self.backend is not None:
+            if admitted.request.model in self.rt.translated:
+                # Envoy chose among backends of several APIs: the answer is the chosen one's.
+                answering = self.rt.targets.get((admitted.request.model, self.backend))
+                if answering is not None:
+                    self.provider = answering.provider
+                    if self.report is not None:
+                        self.report.provider = answering.provider
+        if self.provider != "openai":
+            content_type = headers.get("content-type", "")
+            if providers.is_stream(self.provider, content_type) and not settlement.is_event_stream(
+                headers
+            ):
+                # (Bedrock's binary event stream: the client gets OpenAI's server-sent events.)
+                headers["content-type"] = set_headers["content-type"] = "text/event-stream"
         attempts = headers.get("x-envoy-attempt-count", "1")
         report = self.report
         if report is not None:
@@ -297,8 +314,7 @@ class DownstreamStream:
                 self.relay = self.wire.stream_relay(self.strip_usage)
             if self.provider != "openai" and self.admitted is not None:
                 # The provider's events become OpenAI's before the relay reads them.
-                model = self.admitted.request.model
-                self.relay = providers.stream_relay(self.provider, model, self.relay)
+                self.relay = providers.stream_relay(self.provider, self._served(), self.relay)
             self.timing = StreamTiming(self.started, self._model_label())
             self.following = True
             ACTIVE.opened()
@@ -371,9 +387,7 @@ class DownstreamStream:
         answer the client gets when the provider's status is not one OpenAI clients know."""
         assert self.admitted is not None
         try:
-            status, body = providers.answer(
-                self.provider, self.admitted.request.model, self.status, raw
-            )
+            status, body = providers.answer(self.provider, self._served(), self.status, raw)
         except ValueError:
             log.warning("backend %s sent a 2xx body that is not its API's JSON", self.backend)
             status, body = 502, self.wire.error_body(
@@ -487,6 +501,14 @@ class DownstreamStream:
             completion,
             admitted.request.output_cap,
         )
+
+    def _served(self) -> str:
+        """The model that served a translated answer, as the answer names it: the provider's
+        name for it, as an OpenAI backend's answer names its own."""
+        assert self.admitted is not None
+        model = self.admitted.request.model
+        target = self.rt.targets.get((model, self.backend or ""))
+        return target.provider_model if target is not None else model
 
     def _backend_headers(self) -> dict[str, str]:
         """The backend Envoy chose (a pooled or canary model) and the model name it got."""

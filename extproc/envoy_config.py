@@ -183,7 +183,6 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     MetadataMatcher,
     MetadataMatcherPathSegment,
     OrMatcher,
-    RegexMatchAndSubstitute,
     RegexMatcher,
     StringMatcher,
     ValueMatcher,
@@ -206,6 +205,7 @@ from envoy_data_plane.xds.type.matcher.v3 import StringMatcher as XdsStringMatch
 
 from . import errors
 from .config import (
+    Backend,
     ClaimRule,
     Config,
     Model,
@@ -245,7 +245,7 @@ from .contract import (
     split_cluster_name,
 )
 from .native import NativeRoute, native_routes
-from .providers import anthropic
+from .providers.registry import PROVIDER_HEADERS, PROVIDERS
 from .usage import SOURCE_PROVIDER
 from .wire.openai.answer import error_body, error_object
 
@@ -824,28 +824,26 @@ def routes(cfg: Config) -> RouteConfiguration:
             action.cluster = cluster_name(active[0].backend)
             direct = INTERNAL_REQUEST_HEADERS
             target = active[0].backend
-        provider_headers = []
-        if backends[0].type == "anthropic":
-            # The downstream stage translated the body to a Messages request (providers/).
+        # A model with a backend of another API (providers/): the sidecar sets every request's
+        # path (each API has its own), so its routes match any path and rewrite none.
+        translates = any(b.type != "openai" for b in backends)
+        prefix = "/" if translates else "/v1/"
+        if translates:
             action.prefix_rewrite = ""
-            action.regex_rewrite = RegexMatchAndSubstitute(
-                pattern=RegexMatcher(regex="^/v1/.*$"),
-                substitution=f"{backends[0].base_path}{anthropic.PATH.removeprefix('/v1')}",
-            )
-            provider_headers = [
-                HeaderValueOption(
-                    header=HeaderValue(key=anthropic.VERSION_HEADER, value=anthropic.API_VERSION),
-                    append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-                )
-            ]
+        add, strip = _provider_headers(backends[0]) if target and translates else ([], [])
         if model.quota_failover:
             # The sidecar pins a request whose quota is exhausted to the next pool.
             pool1 = pools(model)[1]
+            pool1_add, pool1_strip = (
+                _provider_headers(cfg.backends[pool1[0].backend])
+                if translates and len(pool1) == 1
+                else ([], [])
+            )
             route_list.append(
                 Route(
                     name=f"model:{name}:pool1",
                     match=RouteMatch(
-                        prefix="/v1/",
+                        prefix=prefix,
                         headers=[
                             _exact(ROUTE_HEADER, name),
                             _exact(POOL_HEADER, "1"),
@@ -858,24 +856,26 @@ def routes(cfg: Config) -> RouteConfiguration:
                         auto_host_rewrite=True,
                         prefix_rewrite=action.prefix_rewrite,
                     ),
-                    request_headers_to_remove=INTERNAL_REQUEST_HEADERS if len(pool1) == 1 else [],
+                    request_headers_to_remove=(
+                        INTERNAL_REQUEST_HEADERS + pool1_strip if len(pool1) == 1 else []
+                    ),
+                    request_headers_to_add=pool1_add,
                 )
             )
         route_list.append(
             Route(
                 name=f"model:{name}",
                 match=RouteMatch(
-                    prefix="/v1/",
+                    prefix=prefix,
                     headers=[
                         _exact(ROUTE_HEADER, name),
                         *([_exact(TARGET_HEADER, target)] if target else []),
                     ],
                 ),
                 route=action,
-                # No upstream stage on a direct route removes them: the route does. (A client
-                # speaks OpenAI's API: its Anthropic options would change what it asked.)
-                request_headers_to_remove=direct + (["anthropic-beta"] if provider_headers else []),
-                request_headers_to_add=provider_headers,
+                # No upstream stage on a direct route removes them: the route does.
+                request_headers_to_remove=direct + strip,
+                request_headers_to_add=add,
             )
         )
         if target:
@@ -950,6 +950,23 @@ def _error_route(
             HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
         ],
     )
+
+
+def _provider_headers(backend: Backend) -> tuple[list[HeaderValueOption], list[str]]:
+    """What a direct route to `backend` adds for its API (a version header), and what it
+    removes: the headers of other providers' APIs a client may have sent (a client speaks
+    OpenAI's API: another API's options would change what it asked)."""
+    if backend.type == "openai":
+        return [], sorted(PROVIDER_HEADERS)
+    provider = PROVIDERS[backend.type]
+    add = [
+        HeaderValueOption(
+            header=HeaderValue(key=key, value=value),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for key, value in provider.request_headers.items()
+    ]
+    return add, sorted(PROVIDER_HEADERS - set(provider.request_headers))
 
 
 def _failover_retries(model: Model) -> RetryPolicy:

@@ -72,20 +72,26 @@ class RequestPlan:
 
 
 def plan(
-    admitted: Admitted, target: ResolvedTarget | None, sidecar: SidecarSettings
+    admitted: Admitted,
+    target: ResolvedTarget | None,
+    sidecar: SidecarSettings,
+    translates: bool = False,
 ) -> RequestPlan:
     """The plan for an admitted request. `target`: the one backend that can serve it (its route
-    has no upstream stage), or None when Envoy chooses (a pool, a canary split)."""
+    has no upstream stage), or None when Envoy chooses (a pool, a canary split). `translates`:
+    some backend of the model speaks another API than OpenAI's."""
     request = admitted.request
     # A backend that speaks another API: its answer is translated here, so it passes the
-    # sidecar (inline), and the request goes as that API's.
+    # sidecar (inline), and the request goes as that API's. (When Envoy chooses among backends
+    # of several APIs, the upstream stage translates the request: the answer may need it.)
     translated = target is not None and target.provider != "openai"
+    translates = translates or translated
     # One backend, its answer accounted from Envoy's access log, no response guard: nothing of
     # the answer need pass the sidecar (the JSON answer's usage, or the usage report of a stream
     # whose client asked for one, reaches the access log through Envoy's usage filters).
     releasable = (
         target is not None
-        and not translated
+        and not translates
         and sidecar.json_path == "access_log"
         and not admitted.response_guards
     )
@@ -97,7 +103,7 @@ def plan(
     )
     observe = (
         request.stream
-        and not translated
+        and not translates
         and not envoy_reads
         and not admitted.response_guards  # guards may change the stream: it goes inline
         and (
@@ -116,6 +122,9 @@ def plan(
         if target.provider_model != request.model:
             body = {**body, "model": target.provider_model}
             changed = True
+    if target is not None and translates:
+        # The model's routes leave the path to the sidecar: each API has its own.
+        set_headers[":path"] = providers.backend_path(target, request.stream)
     if translated:
         assert target is not None
         # The provider's request names its model itself: the rewritten body is not needed.

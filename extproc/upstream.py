@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from . import protocol, routing, wire
+from . import protocol, providers, routing, wire
 from .contract import BACKEND_METADATA
 from .errors import GatewayError, bad_request
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 class UpstreamStream:
-    """The per-backend stage inside a cluster: credentials and model name for this attempt."""
+    """The per-backend stage inside a cluster: credentials, model name and, for a backend of
+    another API, the translated request, for this attempt."""
 
     __slots__ = ("finished", "metadata", "rt", "target")
 
@@ -50,7 +51,16 @@ class UpstreamStream:
                 set_headers, remove = routing.upstream_header_mutation(
                     self.rt, target, headers, retriable=pooled
                 )
-                needs_body = target.provider_model != target.model
+                translated = target.provider != "openai"
+                if target.model in self.rt.translated:
+                    # The model's backends speak several APIs: this attempt's path and headers
+                    # are its backend's (an attempt starts from the headers the last one left).
+                    own, others = providers.request_headers(target)
+                    set_headers.update(own)
+                    remove.extend(others)
+                    if not translated:
+                        set_headers[":path"] = providers.backend_path(target, stream=False)
+                needs_body = translated or target.provider_model != target.model
                 self.finished = not needs_body
                 if needs_body:
                     # The rewritten body has another length; Envoy only drops content-length
@@ -62,8 +72,18 @@ class UpstreamStream:
                 )
             if kind == "request_body" and self.target is not None:
                 self.finished = True
-                body = routing.rewrite_model(req.request_body.body, self.target.provider_model)
-                return protocol.request_body_response(protocol.common(body=body))
+                target = self.target
+                if target.provider == "openai":
+                    body = routing.rewrite_model(req.request_body.body, target.provider_model)
+                    return protocol.request_body_response(protocol.common(body=body))
+                # This attempt goes to a backend of another API: the request in its terms
+                # (the downstream stage checked that every backend of the model can serve it).
+                parsed = orjson.loads(req.request_body.body)
+                if not isinstance(parsed, dict):
+                    raise orjson.JSONDecodeError("not a JSON object", "", 0)
+                body = providers.request_body(target, parsed)
+                path = providers.backend_path(target, parsed.get("stream") is True)
+                return protocol.request_body_response(protocol.common({":path": path}, body=body))
         except GatewayError as err:
             # This stage does not know the client's API: the default's error shape.
             body = wire.DEFAULT.error_body(err)

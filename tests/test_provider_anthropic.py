@@ -462,21 +462,27 @@ def test_an_anthropic_backend_takes_its_key_in_x_api_key() -> None:
     assert parse_config(data).backends["claude-api"].auth_header == "authorization"
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        {"targets": [{"backend": "claude-api", "weight": 5}, {"backend": "openai", "weight": 5}]},
-        {"type": "embedding"},
-    ],
-    ids=["canary", "embedding"],
-)
-def test_a_translated_backend_is_a_chat_models_one_target_for_now(model: dict[str, Any]) -> None:
+def test_a_translated_backend_serves_chat_models_only_for_now() -> None:
     from extproc.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError) as caught:
-        parse_config(provider_config(**model))
+        parse_config(provider_config(type="embedding"))
     (where, problem), *_ = caught.value.problems
-    assert where == "models.claude.targets" and "another API" in problem
+    assert where == "models.claude.targets" and "chat completions only" in problem
+
+
+def test_a_canary_or_pool_may_mix_apis_and_their_urls_paths() -> None:
+    """The sidecar sets each request's path for such a model, so the backends' URL paths need
+    not agree (they must for a model of OpenAI backends alone: one route rewrites them)."""
+    from extproc.config import build_runtime, parse_config
+
+    canary = {
+        "targets": [{"backend": "claude-api", "weight": 5}, {"backend": "openai", "weight": 5}]
+    }
+    data = provider_config(**canary)
+    data["backends"]["openai"]["url"] = "http://127.0.0.1:1/openai/v1"
+    rt = build_runtime(parse_config(data))
+    assert [t.backend for t in rt.translated["claude"]] == ["claude-api"]
 
 
 def test_envoy_never_serves_a_translated_model_alone() -> None:

@@ -133,5 +133,22 @@ def test_a_translated_request_goes_in_its_providers_terms_and_its_answer_passes_
     assert "stream_options" not in body  # Anthropic reports a stream's usage unasked
     assert p.set_headers["x-api-key"] == "sk-ant"
     assert p.set_headers["content-length"] == str(len(p.body))
+    # Its route leaves the path to the sidecar (Anthropic's, under the backend URL's path).
+    assert p.set_headers[":path"] == "/v1/messages"
     # The relay cuts the usage chunk the client did not ask for.
     assert p.strip_usage is (stream and not include_usage)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_model_whose_backends_speak_several_apis_is_never_released(stream: bool) -> None:
+    """Envoy chooses the backend (a pool, a split): the upstream stage translates each attempt
+    for its backend; the answer passes here, whichever API it is in."""
+    a = admitted(stream=stream, include_usage=True)
+    p = plan(a, None, sidecar(), translates=True)
+    assert not p.release and not p.observe and p.path is AnswerPath.NO_ANSWER
+    assert ":path" not in p.set_headers  # the upstream stage sets each attempt's
+    assert p.body is None  # the OpenAI request, for the OpenAI backends among them
+    # An OpenAI backend pinned by a quota failover in such a model: the sidecar sets its path.
+    openai = ResolvedTarget("gpt-4o", "openai", "gpt-4o", 1, "authorization", None, "openai")
+    p = plan(a, openai, sidecar(), translates=True)
+    assert not p.release and p.set_headers[":path"] == "/v1/chat/completions"

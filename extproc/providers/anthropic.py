@@ -12,8 +12,8 @@ completions API.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -21,6 +21,9 @@ from ..errors import GatewayError, bad_request
 from ..sse import SSEParser
 from ..usage import Usage
 from ..wire.openai.answer import error_body
+
+if TYPE_CHECKING:
+    from ..config import ResolvedTarget
 
 PATH = "/v1/messages"
 API_VERSION = "2023-06-01"
@@ -552,3 +555,35 @@ class StreamTranslator:
             yield b"data: " + error_body(failed.message, failed.type, failed.code) + b"\n\n"
             yield b"data: [DONE]\n\n"
         # ping, content_block_stop, and events added later: nothing to say.
+
+
+# -- the provider -------------------------------------------------------------------------------
+
+
+class Anthropic:
+    """Anthropic's Messages API as a provider (base.Provider)."""
+
+    name = "anthropic"
+    request_headers: Mapping[str, str] = {VERSION_HEADER: API_VERSION}
+    # Beta features of Anthropic's API: the OpenAI client's request did not ask for them.
+    strip_headers: tuple[str, ...] = ("anthropic-beta",)
+    stream_content_type = "text/event-stream"
+
+    def path(self, target: ResolvedTarget, stream: bool) -> str:
+        return f"{target.base_path}{PATH.removeprefix('/v1')}"
+
+    def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
+        return messages_request(body, target.provider_model, target.max_tokens)
+
+    def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
+        return chat_completion(answer, model)
+
+    def error(self, status: int, body: bytes) -> GatewayError:
+        return error(status, body)
+
+    def stream(self, model: str) -> StreamTranslator:
+        # Anthropic always reports usage; the relay cuts the chunk if not asked for.
+        return StreamTranslator(model, include_usage=True)
+
+
+PROVIDER = Anthropic()
