@@ -70,8 +70,12 @@ def plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[str, Scenario
     steps.append(("failover path", failover, ends))
     native = dataclasses.replace(headline, quota="none", native=True)
     steps.append(("native path", native, ends))
-    anthropic = dataclasses.replace(headline, provider="anthropic")
-    steps.append(("Anthropic backend", anthropic, ends))
+    for provider, title in (
+        ("anthropic", "Anthropic backend"),
+        ("bedrock", "Bedrock backend"),
+        ("azure", "Azure OpenAI deployment"),
+    ):
+        steps.append((title, dataclasses.replace(headline, provider=provider), ends))
     return steps
 
 

@@ -103,7 +103,8 @@ class Admission:
             self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, endpoint)
         default_output = self.rt.config.quota.default_max_tokens
-        translated = self.rt.translated.get(parsed.model)
+        adapted = self.rt.adapted.get(parsed.model)
+        translated = [t for t in adapted if providers.translates(t.provider)] if adapted else ()
         if translated:
             # What a provider that may serve it cannot do as asked is refused before anything
             # is reserved (in a failover pool: any of them, whichever answers).

@@ -7,6 +7,7 @@ from the environment or files, lookup tables built). `extproc check` builds both
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import json
@@ -301,7 +302,24 @@ def url_port(url: str) -> int:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
-ProviderType = Literal["openai", "anthropic"]
+ProviderType = Literal["openai", "azure", "anthropic", "bedrock", "gemini"]
+
+# bedrock-runtime.<region>.amazonaws.com (and its FIPS and dual-stack spellings)
+_BEDROCK_HOST = re.compile(
+    r"^bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.(?:api\.aws|amazonaws\.com)$"
+)
+
+
+# The credential header of a provider's API, where it is not "Authorization: Bearer".
+# Azure OpenAI's latest generally available data-plane API version when this was written: the
+# api-version of an azure backend's requests unless it says another.
+AZURE_API_VERSION = "2024-10-21"
+# The types whose requests and answers the gateway translates (providers/).
+TRANSLATED_TYPES = frozenset({"anthropic", "bedrock", "gemini"})
+# Who can take a token from which identity: Azure OpenAI (its deployments, or its v1 API as an
+# openai backend), Vertex AI (Gemini, or its OpenAI-compatible endpoint).
+_TOKEN_TYPES = {"azure_identity": {"azure", "openai"}, "google_adc": {"gemini", "openai"}}
+_AUTH_HEADERS = {"anthropic": "x-api-key", "azure": "api-key", "gemini": "x-goog-api-key"}
 
 
 class Backend(_Strict):
@@ -313,8 +331,18 @@ class Backend(_Strict):
     # Most providers take "Authorization: Bearer <key>"; Azure-style ones take "api-key: <key>";
     # Anthropic takes "x-api-key: <key>" (its default there).
     auth_header: str = "authorization"
-    # Anthropic requires max_tokens: what a request that sets none asks for.
+    # Anthropic and Bedrock require max_tokens: what a request that sets none asks for.
     max_tokens: int = Field(default=4096, ge=1)
+    # Instead of an api_key: a bearer token from an identity, refreshed by the sidecar
+    # (backend_tokens.py): `azure_identity` (Entra ID, azure-identity's default credential
+    # chain; Azure OpenAI) or `google_adc` (Google's application default credentials; Vertex).
+    token_from: Literal["azure_identity", "google_adc"] | None = None
+    # Azure OpenAI's deployment API: the api-version every request names.
+    api_version: str = Field(default=AZURE_API_VERSION, pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+    # Bedrock: the AWS region its requests are signed for (SigV4, by Envoy, with the standard
+    # AWS credential chain of Envoy's environment); by default the one the URL's host names.
+    # A Bedrock backend with an `api_key` (a Bedrock API key) is not signed.
+    aws_region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
     # Envoy's circuit breaker: requests in flight to this backend (Envoy's default is 1024).
@@ -338,6 +366,12 @@ class Backend(_Strict):
             raise ValueError(f"bad port: {exc}") from None
         return v
 
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        # YAML reads an unquoted 2024-10-21 as a date.
+        return v.isoformat() if isinstance(v, datetime.date) else v
+
     @field_validator("auth_header")
     @classmethod
     def _header(cls, v: str) -> str:
@@ -348,9 +382,38 @@ class Backend(_Strict):
 
     @model_validator(mode="after")
     def _provider_header(self) -> Backend:
-        if self.type == "anthropic" and "auth_header" not in self.model_fields_set:
-            object.__setattr__(self, "auth_header", "x-api-key")
+        if self.token_from is not None:
+            if self.api_key is not None:
+                raise ValueError("a backend takes an api_key or a token_from, not both")
+            if self.type not in _TOKEN_TYPES[self.token_from]:
+                raise ValueError(
+                    f"token_from {self.token_from} is for a backend of type "
+                    f"{' or '.join(sorted(_TOKEN_TYPES[self.token_from]))}"
+                )
+            if "auth_header" in self.model_fields_set and self.auth_header != "authorization":
+                raise ValueError("a token from token_from goes in auth_header: authorization")
+        elif "auth_header" not in self.model_fields_set and self.type in _AUTH_HEADERS:
+            object.__setattr__(self, "auth_header", _AUTH_HEADERS[self.type])
+        if "api_version" in self.model_fields_set and self.type != "azure":
+            raise ValueError("api_version is for an azure backend")
+        if self.aws_region is not None and self.type != "bedrock":
+            raise ValueError("aws_region is for a bedrock backend")
+        if self.type == "bedrock" and self.api_key is None and self.signing_region is None:
+            raise ValueError(
+                "a bedrock backend signed with AWS credentials needs aws_region (its URL's "
+                f"host {self.host!r} names none)"
+            )
         return self
+
+    @property
+    def signing_region(self) -> str | None:
+        """The AWS region a Bedrock backend's requests are signed for; None: not signed."""
+        if self.type != "bedrock" or self.api_key is not None:
+            return None
+        if self.aws_region is not None:
+            return self.aws_region
+        named = _BEDROCK_HOST.match(self.host)
+        return named.group(1) if named else None
 
     @property
     def tls(self) -> bool:
@@ -675,18 +738,35 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         paths = {
             cfg.backends[t.backend].base_path for t in model.targets if t.backend in cfg.backends
         }
-        translated = [
+        adapted = [
             t.backend
             for t in model.targets
             if t.backend in cfg.backends and cfg.backends[t.backend].type != "openai"
         ]
-        # (A model with a translated backend has every request's path set by the sidecar.)
-        if len(paths) > 1 and not translated:
+        translated = [b for b in adapted if cfg.backends[b].type in TRANSLATED_TYPES]
+        # (A model with such a backend has every request's path set by the sidecar.)
+        if len(paths) > 1 and not adapted:
             # One route serves all of a model's backends, so they share its path rewrite.
             problems.append(
                 (
                     f"models.{name}.targets",
                     f"the backends' URLs have different paths: {sorted(paths)}",
+                )
+            )
+        signed = [
+            t.backend
+            for t in model.targets
+            if t.backend in cfg.backends and cfg.backends[t.backend].signing_region is not None
+        ]
+        if signed and pooled(model):
+            # Envoy signs in the backend's own cluster, whose filters a pool's attempts do
+            # not pass (they go through the pool's aggregate cluster).
+            problems.append(
+                (
+                    f"models.{name}.targets",
+                    f"backend {signed[0]!r} is signed with AWS credentials, which a failover "
+                    "pool cannot do yet: give it an api_key (a Bedrock API key), or serve the "
+                    "model by it alone or in a canary split",
                 )
             )
         if translated and model.type != "chat":
@@ -915,6 +995,9 @@ class ResolvedTarget:
     provider: str = "openai"  # the API the backend speaks (Backend.type)
     max_tokens: int = 4096  # what a translated request asks for when the client set none
     base_path: str = "/v1"  # Backend.base_path: what replaces the client's /v1
+    api_version: str = ""  # Azure's deployment API: the api-version of its requests
+    # Backend.token_from: the credential is a token the sidecar keeps (backend_tokens.py)
+    token_from: str | None = None
     url_path: str = ""  # the backend URL's own path, without a trailing slash ("" for none)
 
 
@@ -929,9 +1012,10 @@ class Runtime:
     targets: dict[tuple[str, str], ResolvedTarget] = field(default_factory=dict)
     admin_token: str | None = None  # never logged
     guard_keys: dict[str, str] = field(default_factory=dict)  # guard -> API key; never logged
-    # model -> its targets whose backend speaks another API (translated), for the models
-    # that have any
-    translated: dict[str, tuple[ResolvedTarget, ...]] = field(default_factory=dict)
+    # model -> its targets whose backend is not a plain OpenAI one (another API, translated;
+    # or Azure's deployment paths), for the models that have any: the sidecar sets such a
+    # model's paths and reads its answers
+    adapted: dict[str, tuple[ResolvedTarget, ...]] = field(default_factory=dict)
 
     def team_for_key(self, presented: str) -> str | None:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
@@ -1002,10 +1086,12 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 max_tokens=backend.max_tokens,
                 base_path=backend.base_path,
                 url_path=urlsplit(backend.url).path.rstrip("/"),
+                api_version=backend.api_version,
+                token_from=backend.token_from,
             )
     for resolved in rt.targets.values():
         if resolved.provider != "openai":
-            rt.translated[resolved.model] = (*rt.translated.get(resolved.model, ()), resolved)
+            rt.adapted[resolved.model] = (*rt.adapted.get(resolved.model, ()), resolved)
     if cfg.admin.token is not None:
         try:
             rt.admin_token = cfg.admin.token.resolve()

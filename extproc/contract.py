@@ -27,6 +27,10 @@ TARGET_HEADER = f"{P}target"
 # Set with the routing header when a pooled model's quota failover pins the request to pool 1.
 POOL_HEADER = f"{P}pool"
 TEAM_HEADER = f"{P}team"
+# With ROUTE_HEADER, for a model whose backends differ in API or addressing when Envoy chooses
+# the backend: the client's endpoint (`/v1/chat/completions`, ...), from which the upstream
+# stage makes each attempt's path (an attempt starts from the path the last one left).
+ENDPOINT_HEADER = f"{P}endpoint"
 
 # -- gRPC initial metadata of the ext_proc streams: which stage a stream is ---------------------
 
@@ -65,6 +69,7 @@ OWN_RESPONSE_HEADERS = tuple(
             ROUTE_HEADER,
             TARGET_HEADER,
             POOL_HEADER,
+            ENDPOINT_HEADER,
         )
     )
 )

@@ -217,8 +217,10 @@ class DownstreamStream:
         self.admitted = admitted
         model, pool, report = admitted.request.model, admitted.pool, self.report
         target = routing.fixed_target(self.rt, model, pool)
-        translates = model in self.rt.translated
-        plan = request_plan.plan(admitted, target, self.rt.config.sidecar, translates)
+        if target is not None and target.token_from is not None:
+            target = routing.with_token(target, self.services.backend_tokens)
+        adapted = model in self.rt.adapted
+        plan = request_plan.plan(admitted, target, self.rt.config.sidecar, adapted)
         self.observe, self.strip_usage = plan.observe, plan.strip_usage
         self.known_backend = target is not None
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
@@ -253,7 +255,7 @@ class DownstreamStream:
         set_headers = {} if self.known_backend else self._backend_headers()
         admitted = self.admitted
         if not self.known_backend and admitted is not None and self.backend is not None:
-            if admitted.request.model in self.rt.translated:
+            if admitted.request.model in self.rt.adapted:
                 # Envoy chose among backends of several APIs: the answer is the chosen one's.
                 answering = self.rt.targets.get((admitted.request.model, self.backend))
                 if answering is not None:
@@ -360,10 +362,11 @@ class DownstreamStream:
         raw, body = msg.body, None
         if self.provider != "openai" and self.admitted is not None:
             translated = self._translate(raw)
-            if not isinstance(translated, bytes):
+            if not isinstance(translated, bytes | None):
                 self._settle(None)  # a refusal or failure: it served no tokens
                 return translated  # the provider's error, in OpenAI's shape and status
-            raw = body = translated
+            if translated is not None:
+                raw = body = translated
         usage = self.usage = self._buffered_usage(raw)
         self._settle(usage)
         admission = self.admission
@@ -382,9 +385,10 @@ class DownstreamStream:
             dynamic_metadata=self._usage_metadata(usage),
         )
 
-    def _translate(self, raw: bytes) -> bytes | protocol.ProcessingResponse:
-        """A translated provider's whole answer in OpenAI's shape; its error as the immediate
-        answer the client gets when the provider's status is not one OpenAI clients know."""
+    def _translate(self, raw: bytes) -> bytes | protocol.ProcessingResponse | None:
+        """A provider's whole answer in OpenAI's shape (None: it is already); its error as the
+        immediate answer the client gets when the provider's status is not one OpenAI clients
+        know."""
         assert self.admitted is not None
         try:
             status, body = providers.answer(self.provider, self._served(), self.status, raw)
@@ -394,7 +398,7 @@ class DownstreamStream:
                 GatewayError(502, "The provider's answer could not be read", "server_error",
                              "bad_provider_answer")
             )  # fmt: skip
-        if status != self.status:
+        if status != self.status and body is not None:
             # (529, Anthropic's "overloaded": 503, retriable for any OpenAI client.)
             self.status = status
             if self.report is not None:

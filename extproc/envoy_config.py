@@ -98,6 +98,9 @@ from envoy_data_plane.envoy.extensions.content_parsers.json.v3 import (
     JsonContentParser,
     JsonContentParserRuleConfig,
 )
+from envoy_data_plane.envoy.extensions.filters.http.aws_request_signing.v3 import (
+    AwsRequestSigning,
+)
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.composite.v3 import (
     Composite,
@@ -245,7 +248,7 @@ from .contract import (
     split_cluster_name,
 )
 from .native import NativeRoute, native_routes
-from .providers.registry import PROVIDER_HEADERS, PROVIDERS
+from .providers.registry import request_headers
 from .usage import SOURCE_PROVIDER
 from .wire.openai.answer import error_body, error_object
 
@@ -824,8 +827,9 @@ def routes(cfg: Config) -> RouteConfiguration:
             action.cluster = cluster_name(active[0].backend)
             direct = INTERNAL_REQUEST_HEADERS
             target = active[0].backend
-        # A model with a backend of another API (providers/): the sidecar sets every request's
-        # path (each API has its own), so its routes match any path and rewrite none.
+        # A model with a backend of another API or addressing (providers/: Anthropic's, Azure's
+        # deployments, ...): the sidecar sets every request's path, so its routes match any
+        # path and rewrite none.
         translates = any(b.type != "openai" for b in backends)
         prefix = "/" if translates else "/v1/"
         if translates:
@@ -956,17 +960,15 @@ def _provider_headers(backend: Backend) -> tuple[list[HeaderValueOption], list[s
     """What a direct route to `backend` adds for its API (a version header), and what it
     removes: the headers of other providers' APIs a client may have sent (a client speaks
     OpenAI's API: another API's options would change what it asked)."""
-    if backend.type == "openai":
-        return [], sorted(PROVIDER_HEADERS)
-    provider = PROVIDERS[backend.type]
+    own, others = request_headers(backend.type)
     add = [
         HeaderValueOption(
             header=HeaderValue(key=key, value=value),
             append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
         )
-        for key, value in provider.request_headers.items()
+        for key, value in own.items()
     ]
-    return add, sorted(PROVIDER_HEADERS - set(provider.request_headers))
+    return add, others
 
 
 def _failover_retries(model: Model) -> RetryPolicy:
@@ -1360,12 +1362,22 @@ def _http2_options() -> AnyMsg:
     )
 
 
+AWS_SIGNING_FILTER = "envoy.filters.http.aws_request_signing"
+
+
 def _upstream_http_options(
-    cfg: Config, backend: str | None, stage: bool = True, credential_of: str | None = None
+    cfg: Config,
+    backend: str | None,
+    stage: bool = True,
+    credential_of: str | None = None,
+    signing_region: str | None = None,
+    signing_host: str = "",
 ) -> AnyMsg:
     """HTTP/1.1 to the backend; with `stage`, the upstream ext_proc stage before the codec
     (`backend` names the cluster's one backend; None: each attempt's host says it); with
-    `credential_of`, Envoy sets that backend's credential itself (a backend of native routes)."""
+    `credential_of`, Envoy sets that backend's credential itself (a backend of native routes);
+    with `signing_region`, Envoy signs each request for Bedrock in that AWS region (SigV4),
+    after the stage: what it signs is the request as it leaves."""
     options = HttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http_protocol_options=Http1ProtocolOptions()
@@ -1378,6 +1390,16 @@ def _upstream_http_options(
         )
     if credential_of is not None and cfg.backends[credential_of].api_key is not None:
         filters.append(credential_filter(cfg, credential_of))
+    if signing_region is not None:
+        # The standard AWS credential chain of Envoy's environment (variables, shared profile,
+        # web identity, container and instance roles), refreshed by Envoy. The body is hashed
+        # (buffered): Bedrock's runtime takes no unsigned payload.
+        # The host is set before signing: Envoy can otherwise sign the client's Host and only
+        # then rewrite it for the backend (seen on a cluster's first request).
+        signing = AwsRequestSigning(
+            service_name="bedrock", region=signing_region, host_rewrite=signing_host
+        )
+        filters.append(HttpFilter(name=AWS_SIGNING_FILTER, typed_config=_any(signing)))
     if filters:
         codec = HttpFilter(
             name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())
@@ -1479,6 +1501,8 @@ def backend_cluster(cfg: Config, name: str, staged: bool = False) -> Cluster:
                 name if staged else None,
                 staged,
                 credential_of=name if not staged and name in native_backends(cfg) else None,
+                signing_region=backend.signing_region,
+                signing_host=backend.host,
             )
         },
         outlier_detection=_outlier_detection(backend.eject_after_failures, backend.eject_for_s),

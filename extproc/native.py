@@ -67,8 +67,10 @@ def _model_why_not(cfg: Config, name: str, model: Model) -> str | None:
     if pooled(model) or split(model):
         return "Envoy chooses among several backends"
     if any(cfg.backends[t.backend].type != "openai" for t in model.targets):
-        return "the backend speaks another API: its answer is translated"
+        return "the backend is not a plain OpenAI one: its paths and answers pass the sidecar"
     target = next(t for t in model.targets if t.weight > 0)
+    if cfg.backends[target.backend].token_from is not None:
+        return "the backend's credential is a token the sidecar keeps"
     if target.model is not None and target.model != name:
         return "the body's model name is rewritten for the backend"
     return None

@@ -17,6 +17,7 @@ import orjson
 
 from . import providers
 from .contract import (
+    ENDPOINT_HEADER,
     METADATA_NAMESPACE,
     POOL_HEADER,
     RATE_LIMIT_KEY,
@@ -75,23 +76,25 @@ def plan(
     admitted: Admitted,
     target: ResolvedTarget | None,
     sidecar: SidecarSettings,
-    translates: bool = False,
+    adapted: bool = False,
 ) -> RequestPlan:
     """The plan for an admitted request. `target`: the one backend that can serve it (its route
-    has no upstream stage), or None when Envoy chooses (a pool, a canary split). `translates`:
-    some backend of the model speaks another API than OpenAI's."""
+    has no upstream stage), or None when Envoy chooses (a pool, a canary split). `adapted`:
+    some backend of the model is not a plain OpenAI one (Runtime.adapted)."""
     request = admitted.request
-    # A backend that speaks another API: its answer is translated here, so it passes the
-    # sidecar (inline), and the request goes as that API's. (When Envoy chooses among backends
-    # of several APIs, the upstream stage translates the request: the answer may need it.)
-    translated = target is not None and target.provider != "openai"
-    translates = translates or translated
+    # A backend that speaks another API: the request goes as that API's, and its answer is
+    # translated here. Such a backend, or Azure's deployments, anywhere among the model's:
+    # the sidecar sets the path and reads the answer (a translation, or Azure's errors made
+    # OpenAI's), which never goes past it. (When Envoy chooses the backend, the upstream stage
+    # adapts each attempt.)
+    translated = target is not None and providers.translates(target.provider)
+    adapted = adapted or (target is not None and target.provider != "openai")
     # One backend, its answer accounted from Envoy's access log, no response guard: nothing of
     # the answer need pass the sidecar (the JSON answer's usage, or the usage report of a stream
     # whose client asked for one, reaches the access log through Envoy's usage filters).
     releasable = (
         target is not None
-        and not translates
+        and not adapted
         and sidecar.json_path == "access_log"
         and not admitted.response_guards
     )
@@ -103,7 +106,7 @@ def plan(
     )
     observe = (
         request.stream
-        and not translates
+        and not adapted
         and not envoy_reads
         and not admitted.response_guards  # guards may change the stream: it goes inline
         and (
@@ -122,9 +125,13 @@ def plan(
         if target.provider_model != request.model:
             body = {**body, "model": target.provider_model}
             changed = True
-    if target is not None and translates:
+    if adapted:
         # The model's routes leave the path to the sidecar: each API has its own.
-        set_headers[":path"] = providers.backend_path(target, request.stream)
+        endpoint = request.endpoint.path
+        if target is not None:
+            set_headers[":path"] = providers.backend_path(target, endpoint, request.stream)
+        else:
+            set_headers[ENDPOINT_HEADER] = endpoint  # the upstream stage sets each attempt's
     if translated:
         assert target is not None
         # The provider's request names its model itself: the rewritten body is not needed.

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import orjson
 
 from .config import Model, ResolvedTarget, Runtime, pooled, pools, split
-from .contract import ROUTE_HEADER
+from .contract import ENDPOINT_HEADER, ROUTE_HEADER
 from .errors import GatewayError, not_found
 from .identity import spoofed_headers
 from .wire import Endpoint, Operation
+
+if TYPE_CHECKING:
+    from .backend_tokens import BackendTokens
 
 _CREATED = int(time.time())
 
@@ -92,6 +97,14 @@ def fixed_target(runtime: Runtime, model: str, pool: int = 0) -> ResolvedTarget 
     return runtime.targets.get((model, candidates[0].backend))
 
 
+def with_token(target: ResolvedTarget, tokens: BackendTokens) -> ResolvedTarget:
+    """The target with its current credential, for a backend whose credential is a token the
+    sidecar keeps (raises the 503 of one that has none valid now)."""
+    if target.token_from is None:
+        return target
+    return replace(target, credential=tokens.header(target.backend))
+
+
 def upstream_target(
     runtime: Runtime, backend: str | None, headers: Mapping[str, str]
 ) -> ResolvedTarget:
@@ -123,7 +136,7 @@ def upstream_header_mutation(
     for, nothing else of the gateway's."""
     remove = spoofed_headers(headers)  # the backend sees none of the gateway's own headers
     if retriable:
-        remove = [h for h in remove if h != ROUTE_HEADER]
+        remove = [h for h in remove if h not in (ROUTE_HEADER, ENDPOINT_HEADER)]
     set_headers: dict[str, str] = {}
     # Every header that carries some backend's credential, this one's excepted: whatever set
     # it (a client, or the downstream stage under a newer config), it is not for this host.

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .access_log import AccessLogReceiver
 from .admin.service import ConfigAdmin, QuotaAdmin
 from .admin.v1 import config_pb2_grpc, quota_pb2_grpc
+from .backend_tokens import BackendTokens
 from .config import (
     WORKER_ENV,
     AuditSettings,
@@ -141,6 +142,7 @@ def build_services(
     guard_client: GuardClient | None = None,
     tracing: tracing_mod.Tracing = tracing_mod.DISABLED,
     audit: AuditTrail | None = None,
+    backend_tokens: BackendTokens | None = None,
 ) -> Services:
     if tokens is None:
         runtime, tokens = build_runtime_parts(runtime)
@@ -155,6 +157,7 @@ def build_services(
         limits=team_limits(cfg),
         guards=Guardrails.from_config(cfg, runtime.guard_keys),
         guard_client=guard_client or GuardClient(),
+        backend_tokens=backend_tokens or BackendTokens(),
         tracing=tracing,
         audit=audit,
     )
@@ -242,9 +245,12 @@ class Sidecar:
             except ConfigError as exc:
                 return _rejected(exc)
             audit = self.audit_trail if self.audit_trail.log is not None else None
+            # The first tokens of backends new to this config, before anything can use them.
+            await old.backend_tokens.configure(runtime)
             fresh = build_services(
-                runtime, tokens, old.quota, old.guard_client, self.tracing, audit
-            )
+                runtime, tokens, old.quota, old.guard_client, self.tracing, audit,
+                old.backend_tokens,
+            )  # fmt: skip
             if fresh.quota is not old.quota:
                 await self._warm_up_quota_store(fresh.quota)
             self.processor.services = fresh  # one assignment: a stream sees old or new, whole
@@ -309,6 +315,9 @@ class Sidecar:
         if self.metrics_server is not None:
             await self.metrics_server.start()
         await self._warm_up_quota_store(self.services.quota)
+        # Before Envoy sends anything: a backend's identity token (a failed fetch is retried in
+        # the background; its requests get a 503 that says why meanwhile).
+        await self.services.backend_tokens.configure(self.services.runtime)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("extproc sidecar listening on %s", target if port is None else self.bound_port)
@@ -354,6 +363,7 @@ class Sidecar:
         await quota.drain()  # settlements of the last requests
         await quota.store.close()
         await self.processor.services.guard_client.close()
+        await self.processor.services.backend_tokens.close()
         await asyncio.to_thread(self.audit_trail.close)  # every record on disk
         await asyncio.to_thread(self.tracing.shutdown)  # the spans still batched
         if self.metrics_server is not None:

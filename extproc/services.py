@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .telemetry.tracing import DISABLED, Tracing
 
 if TYPE_CHECKING:
+    from .backend_tokens import BackendTokens
     from .config import Runtime
     from .guard.llm import GuardClient
     from .guard.pipeline import Guardrails
@@ -28,5 +29,6 @@ class Services:
     limits: dict[str, tuple[LimitSpec, ...]]
     guards: Guardrails
     guard_client: GuardClient  # one HTTP session for every guard call, kept across reloads
+    backend_tokens: BackendTokens  # the backends' identity tokens, kept across reloads
     tracing: Tracing = DISABLED  # built once at start-up
     audit: AuditTrail | None = None  # None: no audit trail; the same trail across reloads

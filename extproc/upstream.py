@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import orjson
 
 from . import protocol, providers, routing, wire
-from .contract import BACKEND_METADATA
+from .contract import BACKEND_METADATA, ENDPOINT_HEADER
 from .errors import GatewayError, bad_request
+from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
     from .config import ResolvedTarget
@@ -22,10 +23,11 @@ class UpstreamStream:
     """The per-backend stage inside a cluster: credentials, model name and, for a backend of
     another API, the translated request, for this attempt."""
 
-    __slots__ = ("finished", "metadata", "rt", "target")
+    __slots__ = ("finished", "metadata", "rt", "target", "tokens")
 
     def __init__(self, services: Services, metadata: Mapping[str, str]) -> None:
         self.rt = services.runtime
+        self.tokens = services.backend_tokens
         self.metadata = metadata
         self.target: ResolvedTarget | None = None
         # True once the request's last phase for this stage is answered: the headers when
@@ -47,19 +49,21 @@ class UpstreamStream:
                 pooled = backend is None
                 if pooled:
                     backend = protocol.host_backend(req)
-                self.target = target = routing.upstream_target(self.rt, backend, headers)
+                target = routing.upstream_target(self.rt, backend, headers)
+                self.target = target = routing.with_token(target, self.tokens)
                 set_headers, remove = routing.upstream_header_mutation(
                     self.rt, target, headers, retriable=pooled
                 )
-                translated = target.provider != "openai"
-                if target.model in self.rt.translated:
-                    # The model's backends speak several APIs: this attempt's path and headers
-                    # are its backend's (an attempt starts from the headers the last one left).
-                    own, others = providers.request_headers(target)
+                translated = providers.translates(target.provider)
+                if target.model in self.rt.adapted:
+                    # The model's backends differ in API or addressing: this attempt's path and
+                    # headers are its backend's (it starts from the headers the last one left).
+                    own, others = providers.request_headers(target.provider)
                     set_headers.update(own)
                     remove.extend(others)
                     if not translated:
-                        set_headers[":path"] = providers.backend_path(target, stream=False)
+                        endpoint = headers.get(ENDPOINT_HEADER, CHAT.path)
+                        set_headers[":path"] = providers.backend_path(target, endpoint, False)
                 needs_body = translated or target.provider_model != target.model
                 self.finished = not needs_body
                 if needs_body:
@@ -73,7 +77,7 @@ class UpstreamStream:
             if kind == "request_body" and self.target is not None:
                 self.finished = True
                 target = self.target
-                if target.provider == "openai":
+                if not providers.translates(target.provider):
                     body = routing.rewrite_model(req.request_body.body, target.provider_model)
                     return protocol.request_body_response(protocol.common(body=body))
                 # This attempt goes to a backend of another API: the request in its terms
@@ -82,7 +86,7 @@ class UpstreamStream:
                 if not isinstance(parsed, dict):
                     raise orjson.JSONDecodeError("not a JSON object", "", 0)
                 body = providers.request_body(target, parsed)
-                path = providers.backend_path(target, parsed.get("stream") is True)
+                path = providers.backend_path(target, CHAT.path, parsed.get("stream") is True)
                 return protocol.request_body_response(protocol.common({":path": path}, body=body))
         except GatewayError as err:
             # This stage does not know the client's API: the default's error shape.

@@ -482,7 +482,7 @@ def test_a_canary_or_pool_may_mix_apis_and_their_urls_paths() -> None:
     data = provider_config(**canary)
     data["backends"]["openai"]["url"] = "http://127.0.0.1:1/openai/v1"
     rt = build_runtime(parse_config(data))
-    assert [t.backend for t in rt.translated["claude"]] == ["claude-api"]
+    assert [t.backend for t in rt.adapted["claude"]] == ["claude-api"]
 
 
 def test_envoy_never_serves_a_translated_model_alone() -> None:

@@ -1,17 +1,28 @@
-"""A backend that speaks Anthropic's Messages API behind the one OpenAI endpoint, through the
-real Envoy, with the openai SDK as the client and the fake LLM speaking Anthropic's API (it
-refuses what Anthropic would)."""
+"""Backends of other providers behind the one OpenAI endpoint (Anthropic's Messages API, AWS
+Bedrock's Converse signed by Envoy, Google's Gemini API with a key and Vertex AI with a token
+from application default credentials, Azure OpenAI's deployments with a key or an Entra ID
+token),
+alone, in failover pools and in canary splits, through the real Envoy, with the openai SDK as
+the client and the fake LLM speaking each provider's API (it refuses what the provider
+would)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import openai
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from extproc.devtools.fake_llm.identity import IDENTITY_HEADER_SECRET
 
 from .conftest import (
     BACKEND_A_SECRET,
@@ -30,8 +41,95 @@ RESPONSE_TOKENS = 8  # the second fake's
 OPENAI_MODEL = "fake-gpt-4o"  # the first fake's name for it
 
 
-def with_anthropic(config: dict, overloaded: str) -> None:
+# Envoy signs Bedrock's requests with these (the standard AWS variables of its environment);
+# the fake checks each signature with the same.
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDGATEWAYTEST0001",
+    "AWS_SECRET_ACCESS_KEY": "gateway-test-secret-key",
+    "AWS_SESSION_TOKEN": "gateway-test-session-token",
+}
+BEDROCK_MODEL = "anthropic.claude-3-5-sonnet-20241022-v2:0"
+GEMINI_MODEL = "gemini-2.5-flash"
+
+
+def write_service_account(path: Path, token_uri: str) -> None:
+    """A Google service account key (a fresh RSA key) whose token endpoint is `token_uri`."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    account = {
+        "type": "service_account",
+        "project_id": "gw-test",
+        "private_key_id": "k1",
+        "private_key": pem,
+        "client_email": "gateway@gw-test.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path.write_text(json.dumps(account))
+
+
+def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
     fake_b = config["backends"]["fake-b"]["url"].rstrip("/")
+    # Gemini: the Gemini API with a key; Vertex AI with a token from Google's application
+    # default credentials (a service account key whose token endpoint is the second fake's).
+    config["backends"]["gemini"] = {
+        "url": f"{fake_b}/v1beta",
+        "type": "gemini",
+        "api_key": {"env": "TEST_BACKEND_B_KEY"},
+    }
+    config["backends"]["vertex"] = {
+        "url": f"{fake_b}/v1/projects/gw-test/locations/us-central1/publishers/google",
+        "type": "gemini",
+        "token_from": "google_adc",
+    }
+    config["models"]["gemini"] = {"targets": [{"backend": "gemini", "model": GEMINI_MODEL}]}
+    config["models"]["gemini-vertex"] = {"targets": [{"backend": "vertex", "model": GEMINI_MODEL}]}
+    config["models"]["gpt-then-vertex"] = {
+        "targets": [
+            {"backend": "openai-overloaded", "model": OPENAI_MODEL, "priority": 0},
+            {"backend": "vertex", "model": GEMINI_MODEL, "priority": 1},
+        ]
+    }
+    write_service_account(google_key, f"{fake_b}/_fake/identity/google-token")
+    os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(google_key)
+    config["backends"]["bedrock"] = {
+        "url": fake_b.replace("localhost", "127.0.0.1"),
+        "type": "bedrock",
+        "aws_region": "us-east-1",
+        "max_tokens": 48,
+    }
+    config["models"]["claude-bedrock"] = {
+        "targets": [{"backend": "bedrock", "model": BEDROCK_MODEL}]
+    }
+    config["models"]["bedrock-or-gpt"] = {
+        "targets": [
+            {"backend": "bedrock", "model": BEDROCK_MODEL, "weight": 50},
+            {"backend": "fake-a", "model": OPENAI_MODEL, "weight": 50},
+        ]
+    }
+    config["backends"]["azure"] = {
+        "url": f"{fake_b}/openai",
+        "type": "azure",
+        "api_key": {"env": "TEST_BACKEND_B_KEY"},
+    }
+    config["models"]["gpt-azure"] = {"targets": [{"backend": "azure", "model": "my-gpt-4o"}]}
+    # Entra ID: the sidecar's azure-identity finds App Service's managed identity, the second
+    # fake's identity endpoint (the variables are read when the stack starts, after this).
+    config["backends"]["azure-entra"] = {
+        "url": f"{fake_b}/openai",
+        "type": "azure",
+        "token_from": "azure_identity",
+        "api_version": "2025-04-01-preview",
+    }
+    config["models"]["gpt-entra"] = {"targets": [{"backend": "azure-entra", "model": "my-gpt-4o"}]}
+    os.environ["IDENTITY_ENDPOINT"] = f"{fake_b}/_fake/identity/azure-msi"
+    os.environ["IDENTITY_HEADER"] = IDENTITY_HEADER_SECRET
+    config["models"]["embed-azure"] = {
+        "type": "embedding",
+        "targets": [{"backend": "azure", "model": "my-embedder"}],
+    }
     config["backends"]["anthropic"] = {
         "url": f"{fake_b}/v1",
         "type": "anthropic",
@@ -78,14 +176,20 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
              "--listen", f"127.0.0.1:{port}", "--fault", "503"],
             stdout=log, stderr=log,
         )  # fmt: skip
+    identity = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "GOOGLE_APPLICATION_CREDENTIALS")
+    saved = {k: os.environ.get(k) for k in (*AWS_ENV, *identity)}
+    os.environ.update(AWS_ENV)  # for Envoy and the second fake, started below
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz")
-        with running_gateway(tmp, edit=partial(with_anthropic, overloaded=url)) as gateway:
+        edit = partial(with_providers, overloaded=url, google_key=tmp / "google-sa.json")
+        with running_gateway(tmp, edit=edit) as gateway:
             yield gateway
     finally:
         overloaded.terminate()
         overloaded.wait(10)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def client(gw: Gateway) -> openai.OpenAI:
@@ -268,3 +372,208 @@ def test_what_a_pools_anthropic_backend_cannot_do_is_refused_before_any_attempt(
         )
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "seed"
     assert gw.fake_requests(gw.fake_a) == [] and gw.fake_requests(gw.fake_b) == []
+
+
+# -- AWS Bedrock (Converse), signed by Envoy -----------------------------------------------------
+
+
+def test_a_chat_completion_served_by_bedrock_signed_by_envoy(gw: Gateway) -> None:
+    """Envoy's aws_request_signing signs the translated request with the AWS credentials of its
+    environment; the fake checks the signature (path, headers, body) with botocore."""
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="claude-bedrock",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    )
+    answer = raw.parse()
+    assert answer.model == BEDROCK_MODEL and answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None and answer.usage.completion_tokens == RESPONSE_TOKENS
+    assert raw.headers["x-aigw-backend"] == "bedrock"
+    sent = last_sent(gw)
+    assert sent["path"] == "/model/anthropic.claude-3-5-sonnet-20241022-v2:0/converse"
+    authorization = sent["headers"]["authorization"]
+    assert (
+        authorization.startswith("AWS4-HMAC-SHA256 Credential=AKIDGATEWAYTEST0001/")
+        and "/us-east-1/bedrock/aws4_request" in authorization
+    )
+    assert sent["headers"]["x-amz-security-token"] == AWS_ENV["AWS_SESSION_TOKEN"]
+    assert sent["body"] == {
+        "messages": [{"role": "user", "content": [{"text": "hi"}]}],
+        "system": [{"text": "Be brief."}],
+        "inferenceConfig": {"maxTokens": 48},  # the backend's default: Bedrock requires one
+    }
+
+
+@pytest.mark.parametrize("split", ["1", "random"])
+def test_a_bedrock_event_stream_becomes_openai_chunks(gw: Gateway, split: str) -> None:
+    """The binary event stream, cut anywhere on its way, reaches the client as OpenAI's
+    server-sent events, its usage read for the account."""
+    with client(gw).chat.completions.with_streaming_response.create(
+        model="claude-bedrock",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-fake-split": split},
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = list(response.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == RESPONSE_TOKENS
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert usage and usage[-1].completion_tokens == RESPONSE_TOKENS
+    assert last_sent(gw)["path"].endswith("/converse-stream")
+
+
+def test_bedrocks_throttling_is_a_429_in_openais_shape(gw: Gateway) -> None:
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(gw).chat.completions.create(
+            model="claude-bedrock",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-fault": "429"},
+        )
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "ThrottlingException"
+
+
+def test_a_canary_split_between_bedrock_and_openai_is_signed_in_the_split(gw: Gateway) -> None:
+    """The split's cluster runs the upstream stage (translation), then Envoy's signing."""
+    served: Counter[str] = Counter()
+    for _ in range(24):
+        raw = client(gw).chat.completions.with_raw_response.create(
+            model="bedrock-or-gpt", messages=[{"role": "user", "content": "hi"}]
+        )
+        answer = raw.parse()
+        assert answer.usage is not None and answer.usage.completion_tokens == RESPONSE_TOKENS
+        served[raw.headers["x-aigw-backend"]] += 1
+    assert set(served) == {"bedrock", "fake-a"}, served
+
+
+# -- Azure OpenAI's deployments ----------------------------------------------------------------
+
+
+def test_a_chat_completion_at_an_azure_deployment(gw: Gateway) -> None:
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="gpt-azure", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-aigw-completion-tokens"] == str(RESPONSE_TOKENS)
+    sent = last_sent(gw)
+    assert sent["path"] == "/openai/deployments/my-gpt-4o/chat/completions"
+    assert sent["headers"]["api-key"] == BACKEND_B_SECRET
+    assert "authorization" not in sent["headers"]
+
+
+def test_embeddings_at_an_azure_deployment(gw: Gateway) -> None:
+    result = client(gw).embeddings.create(model="embed-azure", input=["a", "b"])
+    assert len(result.data) == 2
+    assert last_sent(gw)["path"] == "/openai/deployments/my-embedder/embeddings"
+
+
+def test_a_stream_from_an_azure_deployment(gw: Gateway) -> None:
+    chunks = list(
+        client(gw).chat.completions.create(
+            model="gpt-azure", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == RESPONSE_TOKENS
+    assert not [c for c in chunks if c.usage is not None]  # not asked for: cut
+
+
+def test_azures_content_filter_is_a_clear_openai_error(gw: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(gw).chat.completions.create(
+            model="gpt-azure",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-azure-filter": "prompt"},
+        )
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "content_filter"
+    assert body["type"] == "invalid_request_error" and body["param"] == "prompt"
+    assert "content filter" in body["message"] and "violence: medium" in body["message"]
+
+
+def test_an_azure_deployment_with_an_entra_id_token(gw: Gateway) -> None:
+    """The sidecar's token from Entra ID (azure-identity, App Service's managed identity)
+    goes as the bearer; the fake takes only tokens its identity endpoint issued."""
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="gpt-entra", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().choices[0].message.content
+    sent = last_sent(gw)
+    assert sent["path"] == "/openai/deployments/my-gpt-4o/chat/completions"
+    assert sent["headers"]["authorization"].startswith("Bearer fake-azure-")
+    assert "api-key" not in sent["headers"]
+
+
+# -- Google: the Gemini API, Vertex AI ---------------------------------------------------------
+
+
+def test_a_chat_completion_served_by_gemini_with_an_api_key(gw: Gateway) -> None:
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="gemini",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    )
+    answer = raw.parse()
+    assert answer.model == GEMINI_MODEL and answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None and answer.usage.completion_tokens == RESPONSE_TOKENS
+    sent = last_sent(gw)
+    assert sent["path"] == f"/v1beta/models/{GEMINI_MODEL}:generateContent"
+    assert sent["headers"]["x-goog-api-key"] == BACKEND_B_SECRET
+    assert "authorization" not in sent["headers"]
+    assert sent["body"]["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
+    assert sent["body"]["contents"] == [{"role": "user", "parts": [{"text": "hi"}]}]
+
+
+def test_a_stream_served_by_vertex_with_an_adc_token(gw: Gateway) -> None:
+    """google-auth's token (a service account's, from the fake's token endpoint) goes as the
+    bearer; the stream's server-sent events are Gemini's, read as OpenAI's chunks."""
+    chunks = list(
+        client(gw).chat.completions.create(
+            model="gemini-vertex",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == RESPONSE_TOKENS
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert usage and usage[-1].completion_tokens == RESPONSE_TOKENS
+    sent = last_sent(gw)
+    assert sent["path"] == (
+        "/v1/projects/gw-test/locations/us-central1/publishers/google/models/"
+        f"{GEMINI_MODEL}:streamGenerateContent"
+    )
+    assert sent["headers"]["authorization"].startswith("Bearer fake-google-")
+
+
+def test_a_gemini_function_call(gw: Gateway) -> None:
+    answer = client(gw).chat.completions.create(
+        model="gemini",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
+        tool_choice="required",
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    assert choice.message.tool_calls[0].function.name == "weather"  # type: ignore[union-attr]
+
+
+def test_a_failover_to_vertex_takes_its_token_in_the_upstream_stage(gw: Gateway) -> None:
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="gpt-then-vertex", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-aigw-backend"] == "vertex" and raw.headers["x-aigw-failover"] == "true"
+    sent = last_sent(gw)
+    assert sent["headers"]["authorization"].startswith("Bearer fake-google-")
+    assert sent["path"].endswith(f"/models/{GEMINI_MODEL}:generateContent")

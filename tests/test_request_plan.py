@@ -144,11 +144,11 @@ def test_a_model_whose_backends_speak_several_apis_is_never_released(stream: boo
     """Envoy chooses the backend (a pool, a split): the upstream stage translates each attempt
     for its backend; the answer passes here, whichever API it is in."""
     a = admitted(stream=stream, include_usage=True)
-    p = plan(a, None, sidecar(), translates=True)
+    p = plan(a, None, sidecar(), adapted=True)
     assert not p.release and not p.observe and p.path is AnswerPath.NO_ANSWER
     assert ":path" not in p.set_headers  # the upstream stage sets each attempt's
     assert p.body is None  # the OpenAI request, for the OpenAI backends among them
     # An OpenAI backend pinned by a quota failover in such a model: the sidecar sets its path.
     openai = ResolvedTarget("gpt-4o", "openai", "gpt-4o", 1, "authorization", None, "openai")
-    p = plan(a, openai, sidecar(), translates=True)
+    p = plan(a, openai, sidecar(), adapted=True)
     assert not p.release and p.set_headers[":path"] == "/v1/chat/completions"

@@ -15,6 +15,7 @@ from typing import Any
 from extproc.config import Config
 from extproc.contract import ROUTE_HEADER, TARGET_HEADER
 from extproc.envoy_config import (
+    AWS_SIGNING_FILTER,
     EXT_PROC_FILTER,
     GATEWAY_FILTERS,
     HTTP_PROTOCOL_OPTIONS,
@@ -100,7 +101,8 @@ class Scenario:
             parts.append(f"sidecar.stream_path: {self.stream_path}")
         if self.provider != "openai":
             parts.append(
-                f"a backend speaking {PROVIDER_NAMES[self.provider]} (translated both ways)"
+                f"a backend speaking {PROVIDER_NAMES[self.provider]}"
+                + (" (translated both ways)" if self.provider not in ("openai", "azure") else "")
             )
         return ", ".join(parts)
 
@@ -191,9 +193,16 @@ def stream_label(variant: str, stream_path: str = "auto") -> str:
 
 
 NATIVE_ISSUER = "https://bench.extproc.test/"
-PROVIDERS = ("openai", "anthropic")
+PROVIDERS = ("openai", "anthropic", "bedrock", "azure")
 PROVIDER_KEY_ENV = "EXTPROC_BENCH_PROVIDER_KEY"
-PROVIDER_NAMES = {"openai": "OpenAI's API", "anthropic": "Anthropic's Messages API"}
+PROVIDER_NAMES = {
+    "openai": "OpenAI's API",
+    "anthropic": "Anthropic's Messages API",
+    "bedrock": "AWS Bedrock's Converse (signed by Envoy)",
+    "azure": "Azure OpenAI's deployments",
+}
+# Bedrock: Envoy signs with these, the fake checks the signatures with the same.
+BENCH_AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIDBENCH0000001", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
 
 
 @functools.cache
@@ -266,12 +275,25 @@ def gateway_config(
     if scenario.stream_path != "auto":
         # The same: the default (auto) is left unwritten.
         config["sidecar"]["stream_path"] = scenario.stream_path
-    if scenario.provider != "openai":
-        config["backends"]["fake"]["type"] = scenario.provider
+    if scenario.provider == "bedrock":
+        # Signed by Envoy with the AWS variables of its environment (inherited from this one,
+        # as the fake's are).
+        for name, value in BENCH_AWS_ENV.items():
+            os.environ.setdefault(name, value)
+        config["backends"]["fake"] = {
+            "url": f"http://{HOST}:{fake_port}",
+            "type": "bedrock",
+            "aws_region": "us-east-1",
+        }
+    elif scenario.provider != "openai":
+        backend = config["backends"]["fake"]
+        backend["type"] = scenario.provider
+        if scenario.provider == "azure":
+            backend["url"] = f"http://{HOST}:{fake_port}/openai"
         # A provider's API wants a key (the fake checks there is one); the gateway's processes
         # inherit this one's environment.
         os.environ.setdefault(PROVIDER_KEY_ENV, "sk-bench-provider")
-        config["backends"]["fake"]["api_key"] = {"env": PROVIDER_KEY_ENV}
+        backend["api_key"] = {"env": PROVIDER_KEY_ENV}
     if scenario.native:
         # No key: the team's callers carry the JWT (Scenario.bearer); no limit, no guard.
         del team["keys"]
@@ -331,8 +353,14 @@ def baseline_bootstrap(cfg: Config, listen: str, admin: str) -> dict[str, Any]:
         options = cluster.get("typedExtensionProtocolOptions", {}).get(HTTP_PROTOCOL_OPTIONS)
         if options and "httpFilters" in options:
             # What remains is envoy.filters.http.upstream_codec, Envoy's default upstream chain.
-            options["httpFilters"] = _without_ext_proc(
-                options["httpFilters"], f"cluster {cluster['name']}"
+            # (Envoy alone speaks OpenAI's API to the fake: Bedrock's signing goes too, its
+            # cost is the gateway's.)
+            filters = [f for f in options["httpFilters"] if f.get("name") != AWS_SIGNING_FILTER]
+            signed = len(filters) < len(options["httpFilters"])
+            options["httpFilters"] = (
+                [f for f in filters if f.get("name") not in GATEWAY_FILTERS]
+                if signed
+                else _without_ext_proc(filters, f"cluster {cluster['name']}")
             )
     wanted_route = f"model:{MODEL}"
     for listener in resources["listeners"]:

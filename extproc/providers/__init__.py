@@ -12,6 +12,7 @@ from .registry import (
     request_body,
     request_headers,
     stream_relay,
+    translates,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "request_body",
     "request_headers",
     "stream_relay",
+    "translates",
 ]

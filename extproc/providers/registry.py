@@ -1,7 +1,10 @@
 """Which provider format a backend's `type` takes, and what the stages ask of it: the request
 checked and translated (its body, path and headers), a whole answer translated, the relay of a
 translated stream. A new provider format is a module beside anthropic.py (base.Provider) and a
-line in PROVIDERS."""
+line in PROVIDERS.
+
+Two types are not translated: `openai` (the request goes as it is, under the backend URL's
+path) and `azure` (OpenAI's bodies at Azure's deployment paths, its errors made OpenAI's)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..wire.openai.answer import error_body
-from . import anthropic
+from . import anthropic, azure, bedrock, gemini
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
@@ -20,7 +23,9 @@ if TYPE_CHECKING:
     from .base import Provider, StreamTranslator
 
 # backend type -> its provider ("openai": none, the request goes as it is)
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (anthropic.PROVIDER,)}
+PROVIDERS: dict[str, Provider] = {
+    p.name: p for p in (anthropic.PROVIDER, bedrock.PROVIDER, gemini.PROVIDER)
+}
 
 # Every header some provider sets or strips: an attempt of a failover pool starts from the
 # headers the previous attempt left, so each removes the others' (upstream.py).
@@ -28,8 +33,10 @@ PROVIDER_HEADERS = frozenset(
     h for p in PROVIDERS.values() for h in (*p.request_headers, *p.strip_headers)
 )
 
-# The path of a chat completion at an OpenAI backend, after the backend URL's path.
-OPENAI_CHAT_PATH = "/chat/completions"
+
+def translates(provider_type: str) -> bool:
+    """A backend of this type gets the request in its own API (and answers in it)."""
+    return provider_type in PROVIDERS
 
 
 def provider(name: str) -> Provider:
@@ -42,7 +49,8 @@ def provider(name: str) -> Provider:
 def check(target: ResolvedTarget, body: dict[str, Any]) -> None:
     """Raises the 400 of a request the target's provider cannot serve as asked (before any
     quota is reserved for it)."""
-    provider(target.provider).request(target, body)
+    if target.provider in PROVIDERS:
+        PROVIDERS[target.provider].request(target, body)
 
 
 def request_body(target: ResolvedTarget, body: dict[str, Any]) -> bytes:
@@ -50,27 +58,29 @@ def request_body(target: ResolvedTarget, body: dict[str, Any]) -> bytes:
     return orjson.dumps(provider(target.provider).request(target, body))
 
 
-def backend_path(target: ResolvedTarget, stream: bool) -> str:
-    """The path of a chat request at the target's backend, whichever API it speaks."""
+def backend_path(target: ResolvedTarget, endpoint_path: str, stream: bool) -> str:
+    """The path of a request at the target's backend, whichever API it speaks, for the client's
+    OpenAI endpoint (`/v1/chat/completions`, ...; a translated backend serves chat only)."""
     if target.provider == "openai":
-        return target.base_path + OPENAI_CHAT_PATH
+        return target.base_path + endpoint_path.removeprefix("/v1")
+    if target.provider == "azure":
+        return azure.path(target, endpoint_path, target.api_version)
     return provider(target.provider).path(target, stream)
 
 
-def request_headers(target: ResolvedTarget) -> tuple[dict[str, str], list[str]]:
-    """The headers a request to the target's backend gets, and those it must not carry (the
+def request_headers(provider_type: str) -> tuple[dict[str, str], list[str]]:
+    """The headers a request to a backend of this type gets, and those it must not carry (the
     other providers' own, which an earlier attempt or the client may have set)."""
-    if target.provider == "openai":
+    p = PROVIDERS.get(provider_type)
+    if p is None:
         return {}, sorted(PROVIDER_HEADERS)
-    p = provider(target.provider)
     return dict(p.request_headers), sorted(PROVIDER_HEADERS - set(p.request_headers))
 
 
 def is_stream(target_provider: str, content_type: str) -> bool:
     """A provider's answer with this content type is its event stream."""
-    if target_provider == "openai":
-        return False
-    return content_type.startswith(provider(target_provider).stream_content_type)
+    p = PROVIDERS.get(target_provider)
+    return p is not None and content_type.startswith(p.stream_content_type)
 
 
 class TranslatedStream:
@@ -112,13 +122,22 @@ class TranslatedStream:
 
 
 def stream_relay(target_provider: str, model: str, inner: RelayedStream) -> RelayedStream:
-    """The relay of a translated stream for the client's `model` name."""
-    return TranslatedStream(provider(target_provider).stream(model), inner)
+    """The relay of a stream from a backend of this type, `model` naming what served it."""
+    p = PROVIDERS.get(target_provider)
+    return inner if p is None else TranslatedStream(p.stream(model), inner)
 
 
-def answer(target_provider: str, model: str, status: int, raw: bytes) -> tuple[int, bytes]:
-    """A provider's whole answer (JSON, or its error) as the OpenAI client's: (status, body).
-    Raises ValueError for a 2xx body that is not the provider's JSON."""
+def answer(target_provider: str, model: str, status: int, raw: bytes) -> tuple[int, bytes | None]:
+    """A provider's whole answer (JSON, or its error) as the OpenAI client's: (status, body);
+    body None: the answer is OpenAI's as it is. Raises ValueError for a 2xx body that is not
+    the provider's JSON."""
+    if target_provider == "azure":
+        if 200 <= status < 300:
+            return status, None
+        mapped = azure.error(status, raw)
+        if mapped is None:
+            return status, None
+        return mapped.status, error_body(mapped.message, mapped.type, mapped.code, mapped.param)
     p = provider(target_provider)
     if 200 <= status < 300:
         parsed = orjson.loads(raw)

@@ -32,6 +32,19 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     app.router.add_post("/v1/embeddings", fake.v1(fake.embeddings))
     app.router.add_post("/v1/moderations", fake.v1(fake.moderations))
     app.router.add_post("/v1/messages", fake.anthropic_messages)
+    # Gemini's `/v1beta/models/{model}:generateContent`, and Vertex AI's under
+    # `/v1/projects/{p}/locations/{l}/publishers/google` (gemini.py checks the prefix).
+    app.router.add_post("/{prefix:.+}/models/{model}:{method}", fake.gemini_generate_content)
+    # Bedrock's model ids hold ':' and, as ARNs, '/' (percent-encoded): bedrock.py reads the
+    # id from the raw path.
+    app.router.add_post("/model/{model_id:.+}/converse", fake.bedrock_converse)
+    app.router.add_post("/model/{model_id:.+}/converse-stream", fake.bedrock_converse)
+    app.router.add_post(
+        r"/openai/deployments/{deployment}/{operation:chat/completions|completions|embeddings}",
+        fake.azure_deployment,
+    )
+    app.router.add_get("/_fake/identity/azure-msi", fake.issuer.azure_msi)
+    app.router.add_post("/_fake/identity/google-token", fake.issuer.google_token)
     app.router.add_post("/_fake/guard-webhook", fake.v1(fake.guard_webhook))
     app.router.add_get("/v1/models", fake.v1(fake.list_models))
     app.router.add_get("/healthz", fake.healthz)

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import anthropic
+from . import anthropic, azure, bedrock, gemini
 from .faults import (
     Aborted,
     non_stream_fault,
@@ -21,6 +21,7 @@ from .faults import (
     pre_response_fault,
     sleep_until,
 )
+from .identity import Issuer
 from .safety import (
     DEFAULT_MODERATION_MODEL,
     directives,
@@ -73,6 +74,8 @@ class FakeLLM:
         self.records: deque[dict[str, Any]] = deque(maxlen=settings.record_limit)
         self.models: OrderedDict[str, None] = OrderedDict()
         self.created = int(time.time())
+        self.bedrock_cache = bedrock.PromptCache()
+        self.issuer = Issuer()  # the identity tokens it issued (identity.py)
 
     # ----- plumbing
 
@@ -452,6 +455,45 @@ class FakeLLM:
             return anthropic.error_response(anthropic.AnthropicError(exc.message))
         except (Aborted, ConnectionError):
             return web.Response()
+
+    async def gemini_generate_content(self, request: web.Request) -> web.StreamResponse:
+        """Google's Gemini API, and Vertex AI's (gemini.py): recorded like the others (with the
+        credential it carried), with Google's error shape, faults included."""
+        body = await self.observe(request)
+        record = self.records[-1] if self.records.maxlen else None
+        self.note_model(request.match_info["model"])
+        try:
+            ctx = request_settings(self.settings, request.headers)
+            return await gemini.generate_content(
+                request, ctx, body, self.settings.stall_seconds, record, self.issuer
+            )
+        except RequestError as exc:
+            return gemini.error_response(gemini.GeminiError(exc.message))
+        except (Aborted, ConnectionError):
+            return web.Response()
+
+    async def bedrock_converse(self, request: web.Request) -> web.StreamResponse:
+        """AWS Bedrock's Converse and ConverseStream (bedrock.py): recorded like the others,
+        signatures checked, with Bedrock's error shape, faults included."""
+        body = await self.observe(request)
+        try:
+            return await bedrock.converse(request, body, self.settings, self.bedrock_cache)
+        except (Aborted, ConnectionError):
+            return web.Response()
+
+    async def azure_deployment(self, request: web.Request) -> web.StreamResponse:
+        """Azure OpenAI's deployment API (azure.py): its refusals in Azure's shapes, then the
+        OpenAI endpoint the path names."""
+        refused = azure.refusal(request, self.issuer)
+        if refused is not None:
+            await self.observe(request)
+            return refused
+        endpoint = {
+            "chat/completions": self.chat_completions,
+            "completions": self.completions,
+            "embeddings": self.embeddings,
+        }[request.match_info["operation"]]
+        return await self.v1(endpoint)(request)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .faults import Fault, parse_fault
 from .wire import MAX_EMBEDDING_DIMENSIONS, RequestError
@@ -28,6 +29,23 @@ class FakeLLMSettings:
     stall_seconds: float = 3600.0
     name: str = "fake-llm"
     record_limit: int = 1000
+    # The AWS credentials the Bedrock endpoints check requests' SigV4 signatures with
+    # (bedrock.py); by default the standard AWS environment variables of the fake's process.
+    # No key: a signed request is taken unchecked. The bearer token: a Bedrock API key.
+    aws_access_key_id: str | None = field(default_factory=lambda: _env("AWS_ACCESS_KEY_ID"))
+    aws_secret_access_key: str | None = field(
+        default_factory=lambda: _env("AWS_SECRET_ACCESS_KEY"), repr=False
+    )
+    aws_session_token: str | None = field(
+        default_factory=lambda: _env("AWS_SESSION_TOKEN"), repr=False
+    )
+    aws_bearer_token: str | None = field(
+        default_factory=lambda: _env("AWS_BEARER_TOKEN_BEDROCK"), repr=False
+    )
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
 
 
 def validate_settings(settings: FakeLLMSettings) -> None:
@@ -49,6 +67,8 @@ def validate_settings(settings: FakeLLMSettings) -> None:
         raise ValueError(f"fault_rate must be in [0, 1], got {settings.fault_rate!r}")
     if settings.fault is not None:
         parse_fault(settings.fault)
+    if (settings.aws_access_key_id is None) != (settings.aws_secret_access_key is None):
+        raise ValueError("aws_access_key_id and aws_secret_access_key go together")
 
 
 @dataclass(slots=True)

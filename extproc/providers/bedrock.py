@@ -1,0 +1,785 @@
+"""AWS Bedrock's Converse API (`POST /model/{modelId}/converse`, and `/converse-stream` for
+ConverseStream) behind OpenAI's chat completions: the request translated to a Converse
+request, the answer, its errors and its binary event stream (application/vnd.amazon.eventstream)
+back to OpenAI's shapes.
+
+The request is signed for AWS (SigV4) after the sidecar has set its body, by the proxy (Envoy's
+aws_request_signing filter): nothing here knows about credentials.
+
+Nothing is dropped without a word: a parameter Converse has no equivalent for is refused with a
+400 naming it (unless it has its neutral value), and what Converse returns beyond OpenAI's
+shape (reasoning) is passed as `reasoning_content`, as in anthropic.py. Where the reference
+leaves a choice:
+
+- `tool_choice: "none"`: Converse has no such choice. The tools are left out of the request
+  (the model cannot call what it is not told of), which serves it exactly; but Converse refuses
+  a conversation holding toolUse/toolResult blocks without a `toolConfig`, so such a request
+  is refused (400 naming `tool_choice`) rather than served with callable tools.
+- `parallel_tool_calls: false`: Converse has no counterpart (one model family's own field
+  would be a model-specific `additionalModelRequestFields`). Neutral, so accepted, when no
+  tools are sent (no tools, or `tool_choice: "none"`); refused (400 naming it) otherwise.
+- Images: Converse takes an image's bytes or an S3 location, never a web URL; a `data:` URL
+  becomes the bytes, any other URL is refused (400 naming the part) rather than fetched.
+- `user`, `metadata`, `store`, `service_tier`: without effect on what the model produces; not
+  sent (`requestMetadata` only takes a restricted alphabet, and a tier is the operator's choice).
+- `top_p: 1` is left out (its neutral value, sent by many clients with a temperature, which
+  recent Claude models on Bedrock refuse together with one).
+
+Usage: Bedrock's `inputTokens` does not hold the input read from or written to the prompt
+cache (`cacheReadInputTokens`, `cacheWriteInputTokens`, reported apart, as Anthropic does);
+OpenAI's `prompt_tokens` holds all of it, the reads as `cached_tokens`. `totalTokens` is not
+read: the total is recomputed from the parts.
+
+Errors: Bedrock's exception name (the `x-amzn-errortype` header, `__type` in some bodies, the
+`:exception-type` of a stream's exception frame) is the code; the status a client gets is one
+OpenAI clients know: ModelTimeoutException (408, the model took too long) is a 504 `timeout`
+(a gateway timeout, which OpenAI's SDKs retry like any 5xx; 408 reads as the client's own
+slowness), ModelErrorException and ModelStreamErrorException (424) are a 502 `server_error`,
+ModelNotReadyException (429 in the service model, but not the client's rate) a 503.
+
+References: AWS's Amazon Bedrock Runtime API reference (Converse, ConverseStream, and the
+service model botocore ships), the AWS event stream encoding; OpenAI's chat completions API.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import orjson
+from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untyped]
+
+from ..errors import GatewayError, bad_request
+from ..usage import Usage
+from ..wire.openai.answer import error_body
+
+if TYPE_CHECKING:
+    from ..config import ResolvedTarget
+    from .base import Provider
+
+STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter",
+    # The model's output could not be read as what it meant to say: it ended all the same.
+    "malformed_model_output": "stop",
+    "malformed_tool_use": "stop",
+}
+
+# Converse's image formats by the media type of a data: URL.
+IMAGE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+}
+
+# OpenAI parameters with no Converse counterpart, and their neutral values: a request that
+# sets one to anything else is refused rather than served differently than asked.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "seed": (),
+    "response_format": ({"type": "text"},),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+}
+# Taken and translated, or without effect on what the model produces.
+_HANDLED = frozenset(
+    {
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+        "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+        "user", "metadata", "store", "service_tier",
+    }
+)  # fmt: skip
+
+
+def unsupported(param: str) -> GatewayError:
+    return bad_request(
+        f"`{param}` is not supported by this model's provider (AWS Bedrock)",
+        "unsupported_parameter",
+        param,
+    )
+
+
+def model_path(url_path: str, model_id: str, stream: bool) -> str:
+    """The request's path: the model id percent-encoded whole (an ARN holds `:` and `/`)."""
+    operation = "converse-stream" if stream else "converse"
+    return f"{url_path}/model/{quote(model_id, safe='')}/{operation}"
+
+
+# -- the request --------------------------------------------------------------------------------
+
+
+def converse_request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
+    """A validated OpenAI chat completions body as a Converse request (the model id is in the
+    path, streaming is the path's choice). Raises a 400 for what Converse cannot do as asked,
+    and for a part of the body that does not have the shape OpenAI's API gives it."""
+    try:
+        return _converse_request(body, default_max_tokens)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise bad_request(
+            f"The request does not have the shape OpenAI's API defines ({type(exc).__name__}: "
+            f"{str(exc)[:200]})",
+            "invalid_request",
+        ) from None
+
+
+def _converse_request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
+    for key, value in body.items():
+        if key in _HANDLED or value is None:
+            continue
+        neutral = _NEUTRAL.get(key)
+        if neutral is None or value not in neutral:
+            raise unsupported(key)
+    system, messages, has_tool_blocks = _messages(body["messages"])
+    out: dict[str, Any] = {"messages": messages}
+    if system:
+        out["system"] = system
+    config: dict[str, Any] = {
+        "maxTokens": body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or default_max_tokens
+    }
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+            raise TypeError("temperature is not a number")
+        if temperature > 1:
+            raise bad_request(
+                "`temperature` above 1 is not supported by this model's provider (AWS Bedrock: "
+                "0 to 1)",
+                "unsupported_value",
+                "temperature",
+            )
+        config["temperature"] = temperature
+    top_p = body.get("top_p")
+    if top_p is not None and top_p != 1:
+        config["topP"] = top_p
+    stop = body.get("stop")
+    if stop:
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise TypeError("stop is not a string or a list of strings")
+        stops = [s for s in stops if s]  # an empty stop sequence stops nothing
+        if stops:
+            config["stopSequences"] = stops
+    out["inferenceConfig"] = config
+    tool_config = _tool_config(
+        body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    )
+    if tool_config is not None:
+        out["toolConfig"] = tool_config
+    elif has_tool_blocks and body.get("tool_choice") == "none":
+        raise bad_request(
+            "`tool_choice: none` cannot be served by this model's provider (AWS Bedrock) for a "
+            "conversation with tool calls: Converse needs the tools declared then, and has no "
+            "choice that forbids calling them",
+            "unsupported_value",
+            "tool_choice",
+        )
+    elif has_tool_blocks:
+        raise bad_request(
+            "This model's provider (AWS Bedrock) needs `tools` declared for a conversation with "
+            "tool calls",
+            "invalid_value",
+            "tools",
+        )
+    return out
+
+
+def _tool_config(tools: Any, choice: Any, parallel: Any) -> dict[str, Any] | None:
+    if choice is not None and choice != "none" and not tools:
+        raise bad_request("`tool_choice` needs `tools`", "invalid_value", "tool_choice")
+    if not tools or choice == "none":
+        # No tool can be called: parallel_tool_calls has its neutral effect whatever it says.
+        return None
+    if parallel is False:
+        raise bad_request(
+            "`parallel_tool_calls: false` is not supported by this model's provider (AWS "
+            "Bedrock's Converse has no such option)",
+            "unsupported_value",
+            "parallel_tool_calls",
+        )
+    out: dict[str, Any] = {"tools": [_tool(t) for t in tools]}
+    if choice is None:
+        return out
+    if choice == "auto":
+        out["toolChoice"] = {"auto": {}}
+    elif choice == "required":
+        out["toolChoice"] = {"any": {}}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        out["toolChoice"] = {"tool": {"name": choice["function"]["name"]}}
+    else:
+        raise bad_request("`tool_choice` is not one OpenAI defines", "invalid_value", "tool_choice")
+    return out
+
+
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise unsupported(f"tools[].type={tool.get('type')}")
+    function = tool["function"]
+    spec: dict[str, Any] = {
+        "name": function["name"],
+        "inputSchema": {"json": function.get("parameters") or {"type": "object", "properties": {}}},
+    }
+    if function.get("description"):
+        spec["description"] = function["description"]
+    if function.get("strict") is True:
+        spec["strict"] = True
+    return {"toolSpec": spec}
+
+
+def _messages(
+    messages: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """(system blocks, the turns, whether the turns hold tool calls or results): system and
+    developer messages become system blocks; tool results go back in a user turn; consecutive
+    turns of one role are merged, as Converse wants them alternating, from a user turn on."""
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    tool_blocks = False
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = _text_only(message.get("content"), f"messages[{i}].content")
+            if text.strip():  # Converse refuses a blank system text
+                system.append({"text": text})
+            continue
+        if role == "user":
+            blocks = _blocks(message.get("content"), f"messages[{i}].content")
+            turn_role = "user"
+        elif role == "assistant":
+            blocks = _assistant_blocks(message, i)
+            turn_role = "assistant"
+        elif role == "tool":
+            result = _text_blocks(message.get("content"), f"messages[{i}].content")
+            blocks = [{"toolResult": {"toolUseId": message["tool_call_id"], "content": result}}]
+            turn_role = "user"
+        else:
+            raise bad_request(
+                f"messages[{i}].role {role!r} is not supported by this model's provider",
+                "unsupported_value",
+                f"messages[{i}].role",
+            )
+        if not blocks:
+            continue
+        tool_blocks = tool_blocks or any("toolUse" in b or "toolResult" in b for b in blocks)
+        if turns and turns[-1]["role"] == turn_role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": turn_role, "content": blocks})
+    if not turns or turns[0]["role"] != "user":
+        raise bad_request(
+            "This model's provider (AWS Bedrock) needs the conversation to start with a user "
+            "message (after any system messages)",
+            "invalid_value",
+            "messages",
+        )
+    return system, turns, tool_blocks
+
+
+def _text_only(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content or ():
+        if part.get("type") != "text":
+            raise bad_request(f"{where}: only text is allowed here", "unsupported_value", where)
+        parts.append(part["text"])
+    return "\n".join(parts)
+
+
+def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    """Text parts as Converse text blocks; Converse refuses a blank text block (an assistant's
+    "\\n\\n" before its tool calls is common): it says nothing, so it is left out."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content.strip() else []
+    out = []
+    for j, part in enumerate(content):
+        if part.get("type") != "text":
+            raise bad_request(
+                f"{where}[{j}]: only text is allowed here", "unsupported_value", f"{where}[{j}]"
+            )
+        if not isinstance(part["text"], str):
+            raise TypeError(f"{where}[{j}].text is not a string")
+        if part["text"].strip():
+            out.append({"text": part["text"]})
+    return out
+
+
+def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if content is None or isinstance(content, str):
+        return _text_blocks(content, where)
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text":
+            out.extend(_text_blocks([part], where))
+        elif kind == "image_url":
+            out.append(_image(part["image_url"]["url"], f"{where}[{j}]"))
+        else:
+            raise bad_request(
+                f"{where}[{j}]: content of type {kind!r} is not supported by this model's provider",
+                "unsupported_value",
+                f"{where}[{j}].type",
+            )
+    return out
+
+
+def _image(url: str, where: str) -> dict[str, Any]:
+    if not url.startswith("data:"):
+        raise bad_request(
+            f"{where}: this model's provider (AWS Bedrock) takes an image's bytes only (a "
+            "base64 data: URL), not an image URL",
+            "unsupported_value",
+            f"{where}.image_url",
+        )
+    header, _, data = url.partition(",")
+    media_type, _, encoding = header[5:].partition(";")
+    if encoding != "base64" or not data:
+        raise bad_request(f"{where}: a data URL must be base64", "invalid_value", where)
+    image_format = IMAGE_FORMATS.get(media_type.lower())
+    if image_format is None:
+        raise bad_request(
+            f"{where}: images of type {media_type!r} are not supported by this model's provider "
+            "(AWS Bedrock: png, jpeg, gif, webp)",
+            "unsupported_value",
+            f"{where}.image_url",
+        )
+    # A blob in Converse's JSON is its base64 text: the data URL's as it is.
+    return {"image": {"format": image_format, "source": {"bytes": data}}}
+
+
+def _assistant_blocks(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, list):
+        # An assistant's parts are text (or a refusal, which is text the model said).
+        content = "".join(p.get("text") or p.get("refusal") or "" for p in content)
+    blocks = _text_blocks(content, f"messages[{i}].content")
+    for call in message.get("tool_calls") or ():
+        arguments = call["function"].get("arguments") or "{}"
+        try:
+            parsed = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            raise bad_request(
+                f"messages[{i}].tool_calls: arguments are not JSON",
+                "invalid_value",
+                f"messages[{i}].tool_calls",
+            ) from None
+        blocks.append(
+            {
+                "toolUse": {
+                    "toolUseId": call["id"],
+                    "name": call["function"]["name"],
+                    "input": parsed if isinstance(parsed, dict) else {"value": parsed},
+                }
+            }
+        )
+    return blocks
+
+
+# -- the answer ---------------------------------------------------------------------------------
+
+
+def usage(report: Any) -> Usage | None:
+    """Bedrock's usage in OpenAI's terms: the prompt counts the input read from the cache and
+    written to it too (Bedrock's `inputTokens` holds neither), the reads are `cached_tokens`."""
+    if not isinstance(report, dict) or not _count(report.get("inputTokens")):
+        return None
+    read = report.get("cacheReadInputTokens") or 0
+    written = report.get("cacheWriteInputTokens") or 0
+    if not _count(read) or not _count(written):
+        return None
+    prompt = report["inputTokens"] + read + written
+    completion = report.get("outputTokens") or 0
+    if not _count(completion):
+        return None
+    return Usage(prompt, completion, prompt + completion, read, cache_write_tokens=written)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _usage_object(report: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": report.prompt_tokens,
+        "completion_tokens": report.completion_tokens,
+        "total_tokens": report.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": report.cached_tokens},
+    }
+
+
+def _completion_id() -> str:
+    # Converse answers carry no id (the request id is a header): one of OpenAI's shape.
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
+    """A Converse answer as an OpenAI chat completion for the client's `model` name."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls = []
+    output = answer.get("output") or {}
+    message = output.get("message") if isinstance(output, dict) else None
+    for block in (message or {}).get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            text.append(block["text"])
+        elif isinstance(block.get("toolUse"), dict):
+            use = block["toolUse"]
+            calls.append(
+                {
+                    "id": str(use.get("toolUseId", "")),
+                    "type": "function",
+                    "function": {
+                        "name": str(use.get("name", "")),
+                        "arguments": orjson.dumps(use.get("input") or {}).decode(),
+                    },
+                }
+            )
+        elif isinstance(block.get("reasoningContent"), dict):
+            said = block["reasoningContent"].get("reasoningText")
+            if isinstance(said, dict) and isinstance(said.get("text"), str):
+                reasoning.append(said["text"])
+    out_message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(text) if text or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        out_message["tool_calls"] = calls
+    if reasoning:
+        out_message["reasoning_content"] = "".join(reasoning)
+    out: dict[str, Any] = {
+        "id": _completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": out_message,
+                "finish_reason": FINISH_REASONS.get(str(answer.get("stopReason") or ""), "stop"),
+                "logprobs": None,
+            }
+        ],
+    }
+    report = usage(answer.get("usage"))
+    if report is not None:
+        out["usage"] = _usage_object(report)
+    return out
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+# Bedrock's exceptions as OpenAI's (type, status the client gets: None keeps Bedrock's).
+_ERRORS: dict[str, tuple[str, int | None]] = {
+    "ValidationException": ("invalid_request_error", 400),
+    "SerializationException": ("invalid_request_error", 400),
+    "AccessDeniedException": ("permission_error", 403),
+    "ResourceNotFoundException": ("invalid_request_error", 404),
+    "ThrottlingException": ("rate_limit_error", 429),
+    "ServiceQuotaExceededException": ("rate_limit_error", 429),
+    "ModelTimeoutException": ("timeout", 504),
+    "ModelErrorException": ("server_error", 502),
+    "ModelStreamErrorException": ("server_error", 502),
+    "InternalServerException": ("server_error", 500),
+    "ServiceUnavailableException": ("server_error", 503),
+    "ModelNotReadyException": ("server_error", 503),
+    # AWS's authentication layer (the gateway's own credentials, not the client's).
+    "UnrecognizedClientException": ("authentication_error", None),
+    "InvalidSignatureException": ("authentication_error", None),
+    "IncompleteSignatureException": ("authentication_error", None),
+    "MissingAuthenticationTokenException": ("authentication_error", None),
+    "ExpiredTokenException": ("authentication_error", None),
+}
+# The exception a status means when the answer does not name it.
+_BY_STATUS = {
+    400: "ValidationException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    424: "ModelErrorException",
+    429: "ThrottlingException",
+    500: "InternalServerException",
+    503: "ServiceUnavailableException",
+}
+
+
+def exception_name(raw: Any) -> str | None:
+    """`ValidationException` from any of the spellings AWS uses: `ValidationException`,
+    `com.amazon.coral.validate#ValidationException`, `ValidationException:http://...`, and a
+    stream's `validationException`."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    name = raw.rpartition("#")[2].partition(":")[0].strip()
+    return name[:1].upper() + name[1:] if name else None
+
+
+def gateway_error(status: int, name: str | None, message: Any) -> GatewayError:
+    """A Bedrock exception (its name, or None: only the status is known) as the client's."""
+    name = name or _BY_STATUS.get(status)
+    known = _ERRORS.get(name or "")
+    if known is not None:
+        openai_type, fixed = known
+    else:
+        openai_type = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        fixed = None if status >= 400 else 502  # (an error answer that does not say it is one)
+    return GatewayError(
+        fixed or status,
+        str(message or f"The provider answered {status}"),
+        openai_type,
+        name or f"provider_{status}",
+    )
+
+
+def error(status: int, body: bytes) -> GatewayError:
+    """A Bedrock error answer (`{"message": ...}`, `Message` in some, `__type` in some) as the
+    client's: the exception's name as the code, from `__type` or else by status."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        parsed = {}
+    name = exception_name(parsed.get("__type") or parsed.get("code"))
+    return gateway_error(status, name, parsed.get("message") or parsed.get("Message"))
+
+
+# -- the event stream ---------------------------------------------------------------------------
+
+# A stream's exception frames (`:exception-type`) and the status each stands for.
+_STREAM_EXCEPTIONS = {
+    "ThrottlingException": 429,
+    "ModelStreamErrorException": 424,
+    "ValidationException": 400,
+    "InternalServerException": 500,
+    "ServiceUnavailableException": 503,
+}
+
+
+def _chunk(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class StreamTranslator:
+    """ConverseStream's event stream (AWS's binary event stream framing, decoded by botocore's
+    EventStreamBuffer as it arrives, split anywhere) to OpenAI's chunk stream: each piece in,
+    the OpenAI events its whole frames make out. The usage chunk and `[DONE]` come with the
+    `metadata` event, which ConverseStream sends after `messageStop`. A frame that cannot be
+    decoded (a checksum that does not match) ends the stream with an error chunk."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.buffer = EventStreamBuffer()
+        self.id = _completion_id()
+        self.created = int(time.time())
+        self.report: Usage | None = None
+        self.finish_reason: str | None = None
+        self.tool_index: dict[int, int] = {}  # contentBlockIndex -> OpenAI tool call index
+        self.text_parts: list[str] = []
+        self.produced = 0  # characters of every delta (text, tool arguments, reasoning)
+        self.done = False
+        self.failed: GatewayError | None = None
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.report
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def partial_usage(self) -> Usage | None:
+        """None: ConverseStream reports usage (the input's count included) in its last event
+        only, so a stream cut before it reported nothing. The output could be estimated from
+        what was produced, but not the input: the gateway then charges its own count of the
+        prompt and of the text the relay kept (settlement.stream_usage), which a partial report
+        with no input would undercut."""
+        return None
+
+    def feed(self, piece: bytes) -> bytes:
+        if self.done:
+            return b""
+        out = bytearray()
+        self.buffer.add_data(piece)
+        while not self.done:
+            try:
+                message = next(self.buffer, None)
+            except Exception as exc:  # botocore's ParserError, or struct/unicode errors
+                out += self._fail(
+                    GatewayError(
+                        502,
+                        f"The provider's event stream could not be read ({type(exc).__name__})",
+                        "server_error",
+                        "bad_event_stream",
+                    )
+                )
+                break
+            if message is None:
+                break
+            out += b"".join(self._message(message.headers, message.payload))
+        return bytes(out)
+
+    def _fail(self, err: GatewayError) -> bytes:
+        self.failed = err
+        self.done = True
+        return (
+            b"data: " + error_body(err.message, err.type, err.code) + b"\n\n" + b"data: [DONE]\n\n"
+        )
+
+    def _message(self, headers: Mapping[str, Any], payload: bytes) -> Iterable[bytes]:
+        kind = headers.get(":message-type")
+        if kind == "exception":
+            name = exception_name(headers.get(":exception-type")) or "InternalServerException"
+            try:
+                body = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                body = None
+            if not isinstance(body, dict):
+                body = {}
+            message = body.get("message") or body.get("Message")
+            status = _STREAM_EXCEPTIONS.get(name, 500)
+            yield self._fail(gateway_error(status, name, message))
+            return
+        if kind == "error":  # the event stream's own error frame (no payload)
+            name = exception_name(headers.get(":error-code")) or "InternalServerException"
+            yield self._fail(gateway_error(500, name, headers.get(":error-message")))
+            return
+        if kind != "event":
+            return
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return  # not an event of this API: nothing to translate
+        if isinstance(event, dict):
+            yield from self._event(str(headers.get(":event-type")), event)
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _chunk(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                ],
+            }
+        )
+
+    def _tool(self, block_index: Any) -> int:
+        return self.tool_index.setdefault(
+            block_index if isinstance(block_index, int) else 0, len(self.tool_index)
+        )
+
+    def _event(self, kind: str, event: dict[str, Any]) -> Iterable[bytes]:
+        if kind == "messageStart":
+            yield self._delta({"role": "assistant", "content": ""})
+        elif kind == "contentBlockStart":
+            start = event.get("start") or {}
+            use = start.get("toolUse") if isinstance(start, dict) else None
+            if isinstance(use, dict):
+                call = {
+                    "index": self._tool(event.get("contentBlockIndex")),
+                    "id": str(use.get("toolUseId", "")),
+                    "type": "function",
+                    "function": {"name": str(use.get("name", "")), "arguments": ""},
+                }
+                yield self._delta({"tool_calls": [call]})
+        elif kind == "contentBlockDelta":
+            delta = event.get("delta") or {}
+            if not isinstance(delta, dict):
+                return
+            if isinstance(delta.get("text"), str):
+                self.produced += len(delta["text"])
+                self.text_parts.append(delta["text"])
+                yield self._delta({"content": delta["text"]})
+            elif isinstance(delta.get("toolUse"), dict):
+                fragment = delta["toolUse"].get("input")
+                if isinstance(fragment, str):
+                    self.produced += len(fragment)
+                    index = self._tool(event.get("contentBlockIndex"))
+                    arguments = {"arguments": fragment}
+                    yield self._delta({"tool_calls": [{"index": index, "function": arguments}]})
+            elif isinstance(delta.get("reasoningContent"), dict):
+                said = delta["reasoningContent"].get("text")
+                if isinstance(said, str):
+                    self.produced += len(said)
+                    yield self._delta({"reasoning_content": said})
+        elif kind == "messageStop":
+            self.finish_reason = FINISH_REASONS.get(str(event.get("stopReason") or ""), "stop")
+            yield self._delta({}, self.finish_reason)
+        elif kind == "metadata":
+            self.done = True
+            self.report = usage(event.get("usage"))
+            if self.report is not None:
+                yield _chunk(
+                    {
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": _usage_object(self.report),
+                    }
+                )
+            yield b"data: [DONE]\n\n"
+        # contentBlockStop, and events added later: nothing to say.
+
+
+# -- the provider -------------------------------------------------------------------------------
+
+
+class Bedrock:
+    """AWS Bedrock's Converse API as a provider (base.Provider)."""
+
+    name = "bedrock"
+    # The request is signed by the proxy (SigV4); Converse takes no version header.
+    request_headers: Mapping[str, str] = {}
+    strip_headers: tuple[str, ...] = ()
+    stream_content_type = STREAM_CONTENT_TYPE
+
+    def path(self, target: ResolvedTarget, stream: bool) -> str:
+        return model_path(target.url_path, target.provider_model, stream)
+
+    def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
+        return converse_request(body, target.max_tokens)
+
+    def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
+        return chat_completion(answer, model)
+
+    def error(self, status: int, body: bytes) -> GatewayError:
+        return error(status, body)
+
+    def stream(self, model: str) -> StreamTranslator:
+        return StreamTranslator(model)
+
+
+PROVIDER = Bedrock()
+
+if TYPE_CHECKING:
+    _PROVIDER: Provider = PROVIDER  # checked against the protocol by mypy

@@ -1,0 +1,860 @@
+"""Google's Gemini API (`POST .../models/{model}:generateContent`, and
+`:streamGenerateContent?alt=sse` for its event stream) behind OpenAI's chat completions: the
+request translated to a GenerateContentRequest, the answer, its errors and its event stream
+back to OpenAI's shapes. Vertex AI serves the same bodies under another URL
+(`/v1/projects/{p}/locations/{l}/publishers/google/models/{model}:generateContent`): the
+backend URL's path is the prefix, so one translation serves both.
+
+Nothing is dropped without a word: a parameter Gemini has no equivalent for is refused with a
+400 naming it (unless it has its neutral value), and what Gemini returns beyond OpenAI's shape
+(thoughts) is passed as `reasoning_content`, as in anthropic.py. Where the reference leaves a
+choice:
+
+- Images: a `data:` URL becomes `inlineData` (the bytes). Any other URL is refused (400 naming
+  the part): `fileData` takes the Gemini API's own uploaded-file URIs (Cloud Storage on
+  Vertex), not an arbitrary web URL, and the gateway does not fetch images.
+- Tool results: Gemini's `functionResponse` needs the function's name and takes a JSON object.
+  The name is the one of the assistant's tool call the result's `tool_call_id` answers (an id
+  no earlier assistant message holds: 400 naming the message). A result's text that is a JSON
+  object is that object (the function's structured output); any other text is wrapped as
+  `{"output": text}`, the key Gemini's reference gives a function's output.
+- Tool call ids: Gemini's `functionCall.id` is optional (the Gemini API mostly leaves it out);
+  the client's id is Gemini's when it gave one, else one of OpenAI's shape (`call_...`). Ids are
+  not sent back (optional again): a result is matched to its call by name and order, as
+  Gemini's reference does. A call's `thoughtSignature` (which Gemini 3 requires back with the
+  call in later turns) rides in the client's tool call id, after `~sig~`, and is restored from
+  it: an OpenAI client echoes ids as it got them.
+- `n` > 1: `candidateCount`, each candidate a choice; refused (400 naming `n`) for a stream,
+  whose end the translator could not tell before every candidate had finished.
+- `response_format`: `json_object` is `responseMimeType: application/json`; `json_schema` adds
+  its schema as `responseJsonSchema` (JSON Schema, as OpenAI's). Its `name` has no counterpart.
+- Tool parameters: sent as `parametersJsonSchema` (JSON Schema, as OpenAI's) rather than
+  `parameters` (an OpenAPI 3.0 subset that refuses `additionalProperties`, `$ref`, type
+  lists...): nothing to strip but `$schema` (which only names the dialect). A function's
+  `strict` has no counterpart and is not sent.
+- `tool_choice`: auto, none, required are AUTO, NONE, ANY; a named function is ANY limited to it
+  (`allowedFunctionNames`). `parallel_tool_calls: false` has no counterpart: refused when tools
+  can be called, neutral otherwise.
+- A prompt Gemini blocks (`promptFeedback.blockReason`, no candidates) is an answer with an
+  empty content and `finish_reason: content_filter` (a 200, as Gemini's), in a stream too.
+- `reasoning_effort` is refused: Gemini's thinking budgets and levels differ by model.
+- `user`, `metadata`, `store`, `service_tier`, `stream_options`: without effect on what the
+  model produces; not sent (Gemini reports usage on its stream either way).
+
+Usage: Gemini's `promptTokenCount` holds the cached input (`cachedContentTokenCount`), as
+OpenAI's `prompt_tokens` does (plus `toolUsePromptTokenCount`, input from Google's own tools);
+the output is `candidatesTokenCount` and `thoughtsTokenCount` (thinking is billed as output),
+the thoughts also as `reasoning_tokens`.
+
+References: Google's Gemini API reference (models.generateContent, streamGenerateContent,
+Content, Part, Tool, ToolConfig, GenerationConfig, UsageMetadata, FinishReason, BlockReason),
+Vertex AI's GenerateContent reference, Google's API error model (google.rpc.Status); OpenAI's
+chat completions API.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import orjson
+
+from ..errors import GatewayError, bad_request
+from ..sse import SSEParser
+from ..usage import Usage
+from ..wire.openai.answer import error_body
+
+if TYPE_CHECKING:
+    from ..config import ResolvedTarget
+    from .base import Provider
+
+# Where a call's thought signature rides in the client's tool call id (not a base64 character).
+SIGNATURE_MARK = "~sig~"
+
+_FILTERED = frozenset(
+    {
+        "SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR",
+    }
+)  # fmt: skip
+
+
+def finish_reason(reason: Any, calls: bool) -> str:
+    """Gemini's finishReason in OpenAI's terms (`calls`: the candidate called functions)."""
+    if reason in _FILTERED:
+        return "content_filter"
+    if reason == "MAX_TOKENS":
+        return "length"
+    return "tool_calls" if calls else "stop"
+
+
+# OpenAI parameters with no Gemini counterpart, and their neutral values: a request that
+# sets one to anything else is refused rather than served differently than asked.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+}
+# Taken and translated, or without effect on what Gemini produces.
+_HANDLED = frozenset(
+    {
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+        "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+        "user", "metadata", "store", "service_tier", "n", "presence_penalty",
+        "frequency_penalty", "seed", "response_format",
+    }
+)  # fmt: skip
+
+
+def unsupported(param: str) -> GatewayError:
+    return bad_request(
+        f"`{param}` is not supported by this model's provider (Google Gemini)",
+        "unsupported_parameter",
+        param,
+    )
+
+
+def model_path(url_path: str, model: str, stream: bool) -> str:
+    """The request's path: the model id percent-encoded (a `/` or `:` in it would change the
+    method the path names)."""
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    return f"{url_path}/models/{quote(model, safe='')}:{method}"
+
+
+# -- the request --------------------------------------------------------------------------------
+
+
+def generate_content_request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
+    """A validated OpenAI chat completions body as a GenerateContentRequest (the model is in
+    the path, streaming is the path's choice). Raises a 400 for what Gemini cannot do as
+    asked, and for a part of the body that does not have the shape OpenAI's API gives it."""
+    try:
+        return _request(body, default_max_tokens)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise bad_request(
+            f"The request does not have the shape OpenAI's API defines ({type(exc).__name__}: "
+            f"{str(exc)[:200]})",
+            "invalid_request",
+        ) from None
+
+
+def _number(value: Any, name: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} is not a number")
+    return value
+
+
+def _request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
+    for key, value in body.items():
+        if key in _HANDLED or value is None:
+            continue
+        neutral = _NEUTRAL.get(key)
+        if neutral is None or value not in neutral:
+            raise unsupported(key)
+    system, contents = _contents(body["messages"])
+    out: dict[str, Any] = {"contents": contents}
+    if system:
+        out["systemInstruction"] = {"parts": system}
+    config: dict[str, Any] = {
+        "maxOutputTokens": body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or default_max_tokens
+    }
+    if body.get("temperature") is not None:
+        config["temperature"] = _number(body["temperature"], "temperature")
+    top_p = body.get("top_p")
+    if top_p is not None and top_p != 1:
+        config["topP"] = _number(top_p, "top_p")
+    stop = body.get("stop")
+    if stop:
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise TypeError("stop is not a string or a list of strings")
+        stops = [s for s in stops if s]  # an empty stop sequence stops nothing
+        if len(stops) > 5:
+            raise bad_request(
+                "`stop` takes at most 5 sequences with this model's provider (Google Gemini)",
+                "unsupported_value",
+                "stop",
+            )
+        if stops:
+            config["stopSequences"] = stops
+    n = body.get("n")
+    if n is not None and n != 1:
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError("n is not an integer")
+        if body.get("stream"):
+            raise bad_request(
+                "`n` above 1 is not supported for a stream by this model's provider (Google "
+                "Gemini)",
+                "unsupported_value",
+                "n",
+            )
+        config["candidateCount"] = n
+    for name, field in (("presence_penalty", "presencePenalty"),
+                        ("frequency_penalty", "frequencyPenalty")):  # fmt: skip
+        value = body.get(name)
+        if value is not None and value != 0:
+            config[field] = _number(value, name)
+    seed = body.get("seed")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError("seed is not an integer")
+        config["seed"] = seed
+    config.update(_response_format(body.get("response_format")))
+    out["generationConfig"] = config
+    tools, tool_config = _tools(
+        body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    )
+    if tools:
+        out["tools"] = tools
+    if tool_config:
+        out["toolConfig"] = tool_config
+    return out
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    kind = value.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"responseMimeType": "application/json"}
+    if kind == "json_schema":
+        schema = value["json_schema"].get("schema")
+        out: dict[str, Any] = {"responseMimeType": "application/json"}
+        if schema is not None:
+            out["responseJsonSchema"] = _json_schema(schema)
+        return out
+    raise bad_request(
+        f"`response_format` of type {kind!r} is not supported by this model's provider "
+        "(Google Gemini)",
+        "unsupported_value",
+        "response_format",
+    )
+
+
+def _json_schema(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        raise TypeError("a JSON schema is not an object")
+    return {k: v for k, v in schema.items() if k != "$schema"}
+
+
+def _tools(
+    tools: Any, choice: Any, parallel: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    if choice is not None and choice != "none" and not tools:
+        raise bad_request("`tool_choice` needs `tools`", "invalid_value", "tool_choice")
+    if not tools:
+        return [], None
+    declarations = [_declaration(t) for t in tools]
+    if parallel is False and choice != "none":
+        raise bad_request(
+            "`parallel_tool_calls: false` is not supported by this model's provider (Google "
+            "Gemini has no such option)",
+            "unsupported_value",
+            "parallel_tool_calls",
+        )
+    out = [{"functionDeclarations": declarations}]
+    if choice is None:
+        return out, None
+    if choice == "auto":
+        calling: dict[str, Any] = {"mode": "AUTO"}
+    elif choice == "none":
+        calling = {"mode": "NONE"}
+    elif choice == "required":
+        calling = {"mode": "ANY"}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        calling = {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
+    else:
+        raise bad_request(
+            "`tool_choice` is not one this model's provider (Google Gemini) supports",
+            "unsupported_value",
+            "tool_choice",
+        )
+    return out, {"functionCallingConfig": calling}
+
+
+def _declaration(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise unsupported(f"tools[].type={tool.get('type')}")
+    function = tool["function"]
+    out: dict[str, Any] = {"name": function["name"]}
+    if function.get("description"):
+        out["description"] = function["description"]
+    if function.get("parameters") is not None:
+        out["parametersJsonSchema"] = _json_schema(function["parameters"])
+    return out
+
+
+def _contents(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the system instruction's parts, the turns): system and developer messages become the
+    system instruction; tool results go back in a user turn; consecutive turns of one role are
+    merged, as Gemini wants them alternating."""
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    calls: dict[str, str] = {}  # the tool call ids of the assistant's messages -> their names
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = _text_only(message.get("content"), f"messages[{i}].content")
+            if text.strip():
+                system.append({"text": text})
+            continue
+        if role == "user":
+            parts = _parts(message.get("content"), f"messages[{i}].content")
+            turn_role = "user"
+        elif role == "assistant":
+            parts = _assistant_parts(message, i, calls)
+            turn_role = "model"
+        elif role == "tool":
+            name = calls.get(message["tool_call_id"])
+            if name is None:
+                raise bad_request(
+                    f"messages[{i}].tool_call_id answers no tool call of an earlier assistant "
+                    "message (Google Gemini needs the function's name)",
+                    "invalid_value",
+                    f"messages[{i}].tool_call_id",
+                )
+            text = _text_only(message.get("content"), f"messages[{i}].content")
+            parts = [{"functionResponse": {"name": name, "response": _tool_response(text)}}]
+            turn_role = "user"
+        else:
+            raise bad_request(
+                f"messages[{i}].role {role!r} is not supported by this model's provider",
+                "unsupported_value",
+                f"messages[{i}].role",
+            )
+        if not parts:
+            continue
+        if turns and turns[-1]["role"] == turn_role:
+            turns[-1]["parts"].extend(parts)
+        else:
+            turns.append({"role": turn_role, "parts": parts})
+    return system, turns
+
+
+def _tool_response(text: str) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"output": text}
+
+
+def _text_only(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if part.get("type") != "text":
+            raise bad_request(
+                f"{where}[{j}]: only text is allowed here", "unsupported_value", f"{where}[{j}]"
+            )
+        if not isinstance(part["text"], str):
+            raise TypeError(f"{where}[{j}].text is not a string")
+        parts.append(part["text"])
+    return "\n".join(parts)
+
+
+def _text(text: Any, where: str) -> list[dict[str, Any]]:
+    """A text part; Gemini refuses an empty one, and a blank one says nothing: left out."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where} is not a string")
+    return [{"text": text}] if text.strip() else []
+
+
+def _parts(content: Any, where: str) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return _text(content, where)
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text":
+            out.extend(_text(part["text"], f"{where}[{j}].text"))
+        elif kind == "image_url":
+            out.append(_image(part["image_url"]["url"], f"{where}[{j}]"))
+        else:
+            raise bad_request(
+                f"{where}[{j}]: content of type {kind!r} is not supported by this model's provider",
+                "unsupported_value",
+                f"{where}[{j}].type",
+            )
+    return out
+
+
+def _image(url: str, where: str) -> dict[str, Any]:
+    if not url.startswith("data:"):
+        raise bad_request(
+            f"{where}: this model's provider (Google Gemini) takes an image's bytes (a base64 "
+            "data: URL), not an image URL",
+            "unsupported_value",
+            f"{where}.image_url",
+        )
+    header, _, data = url.partition(",")
+    media_type, _, encoding = header[5:].partition(";")
+    if encoding != "base64" or not data or not media_type:
+        raise bad_request(
+            f"{where}: a data URL must be base64 with a media type", "invalid_value", where
+        )
+    if media_type.lower() == "image/jpg":  # a common misspelling Gemini does not take
+        media_type = "image/jpeg"
+    # Bytes in Gemini's JSON are their base64 text: the data URL's as it is.
+    return {"inlineData": {"mimeType": media_type, "data": data}}
+
+
+def _assistant_parts(
+    message: dict[str, Any], i: int, calls: dict[str, str]
+) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, list):
+        # An assistant's parts are text (or a refusal, which is text the model said).
+        content = "".join(p.get("text") or p.get("refusal") or "" for p in content)
+    parts = _parts(content, f"messages[{i}].content")
+    for call in message.get("tool_calls") or ():
+        if call.get("type", "function") != "function":
+            raise unsupported(f"messages[{i}].tool_calls[].type={call.get('type')}")
+        name = call["function"]["name"]
+        arguments = call["function"].get("arguments") or "{}"
+        try:
+            parsed = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            raise bad_request(
+                f"messages[{i}].tool_calls: arguments are not JSON",
+                "invalid_value",
+                f"messages[{i}].tool_calls",
+            ) from None
+        part: dict[str, Any] = {
+            "functionCall": {
+                "name": name,
+                "args": parsed if isinstance(parsed, dict) else {"value": parsed},
+            }
+        }
+        call_id = call["id"]
+        if not isinstance(call_id, str):
+            raise TypeError(f"messages[{i}].tool_calls[].id is not a string")
+        signature = call_id.partition(SIGNATURE_MARK)[2]
+        if signature:
+            part["thoughtSignature"] = signature
+        calls[call_id] = name
+        parts.append(part)
+    return parts
+
+
+# -- the answer ---------------------------------------------------------------------------------
+
+
+def _count(value: Any) -> int | None:
+    """A count of Gemini's JSON: absent is 0 (proto3 leaves zeros out); None: not a count."""
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def usage(report: Any) -> Usage | None:
+    """Gemini's usageMetadata in OpenAI's terms: the prompt (which holds the cached input,
+    `cached_tokens`) and the input of Google's own tools; the output and the thoughts."""
+    if not isinstance(report, dict):
+        return None
+    counts = [
+        _count(report.get(key))
+        for key in (
+            "promptTokenCount",
+            "toolUsePromptTokenCount",
+            "cachedContentTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+        )
+    ]
+    if any(c is None for c in counts) or "promptTokenCount" not in report:
+        return None
+    prompt, tool_use, cached, candidates, thoughts = (c or 0 for c in counts)
+    prompt += tool_use
+    completion = candidates + thoughts
+    return Usage(prompt, completion, prompt + completion, min(cached, prompt))
+
+
+def _usage_object(report: Usage, thoughts: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": report.prompt_tokens,
+        "completion_tokens": report.completion_tokens,
+        "total_tokens": report.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": report.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": thoughts},
+    }
+
+
+def _thoughts(report: Any) -> int:
+    value = report.get("thoughtsTokenCount") if isinstance(report, dict) else None
+    return _count(value) or 0
+
+
+def _completion_id(answer: dict[str, Any]) -> str:
+    response_id = answer.get("responseId")
+    if isinstance(response_id, str) and response_id:
+        return f"chatcmpl-{response_id}"
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def tool_call(call: Any, signature: Any) -> dict[str, Any]:
+    """A functionCall (and the thought signature of its part) as an OpenAI tool call."""
+    given = call.get("id")
+    call_id = given if isinstance(given, str) and given else f"call_{uuid.uuid4().hex[:24]}"
+    if isinstance(signature, str) and signature:
+        call_id += SIGNATURE_MARK + signature
+    args = call.get("args")
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {
+            "name": str(call.get("name", "")),
+            "arguments": orjson.dumps(args if isinstance(args, dict) else {}).decode(),
+        },
+    }
+
+
+def _choice(candidate: dict[str, Any], position: int) -> dict[str, Any]:
+    text: list[str] = []
+    thoughts: list[str] = []
+    calls = []
+    content = candidate.get("content")
+    parts = content.get("parts") if isinstance(content, dict) else None
+    for part in parts if isinstance(parts, list) else ():
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("text"), str):
+            (thoughts if part.get("thought") is True else text).append(part["text"])
+        elif isinstance(part.get("functionCall"), dict):
+            calls.append(tool_call(part["functionCall"], part.get("thoughtSignature")))
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(text) if text or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    if thoughts:
+        message["reasoning_content"] = "".join(thoughts)
+    index = candidate.get("index", position)
+    return {
+        "index": index if isinstance(index, int) else position,
+        "message": message,
+        "finish_reason": finish_reason(candidate.get("finishReason"), bool(calls)),
+        "logprobs": None,
+    }
+
+
+def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
+    """A GenerateContentResponse as an OpenAI chat completion for the client's `model` name; a
+    prompt Gemini blocked (no candidates) as an empty answer filtered."""
+    candidates = answer.get("candidates")
+    choices = [
+        _choice(c, i)
+        for i, c in enumerate(candidates if isinstance(candidates, list) else ())
+        if isinstance(c, dict)
+    ]
+    if not choices:
+        choices = [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "", "refusal": None},
+                "finish_reason": "content_filter" if _blocked(answer) else "stop",
+                "logprobs": None,
+            }
+        ]
+    out: dict[str, Any] = {
+        "id": _completion_id(answer),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    report = usage(answer.get("usageMetadata"))
+    if report is not None:
+        out["usage"] = _usage_object(report, _thoughts(answer.get("usageMetadata")))
+    return out
+
+
+def _blocked(answer: dict[str, Any]) -> bool:
+    feedback = answer.get("promptFeedback")
+    return isinstance(feedback, dict) and bool(feedback.get("blockReason"))
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+# Google's canonical error codes (google.rpc.Code) as OpenAI's (type, status the client gets).
+_ERRORS: dict[str, tuple[str, int]] = {
+    "INVALID_ARGUMENT": ("invalid_request_error", 400),
+    "FAILED_PRECONDITION": ("invalid_request_error", 400),
+    "OUT_OF_RANGE": ("invalid_request_error", 400),
+    "UNAUTHENTICATED": ("authentication_error", 401),
+    "PERMISSION_DENIED": ("permission_error", 403),
+    "NOT_FOUND": ("invalid_request_error", 404),
+    "ALREADY_EXISTS": ("invalid_request_error", 409),
+    "ABORTED": ("server_error", 409),
+    "RESOURCE_EXHAUSTED": ("rate_limit_error", 429),
+    # 499, the request was cancelled (not by this client): a status OpenAI clients know.
+    "CANCELLED": ("server_error", 500),
+    "UNKNOWN": ("server_error", 500),
+    "INTERNAL": ("server_error", 500),
+    "DATA_LOSS": ("server_error", 500),
+    "UNIMPLEMENTED": ("invalid_request_error", 501),
+    "UNAVAILABLE": ("server_error", 503),
+    "DEADLINE_EXCEEDED": ("timeout", 504),
+}
+# The status a code means when the answer does not name it.
+_BY_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def _error_object(parsed: Any) -> dict[str, Any]:
+    # `{"error": {...}}`, or in a list of one (a streamed answer's JSON array form).
+    if isinstance(parsed, list) and len(parsed) == 1:
+        parsed = parsed[0]
+    err = parsed.get("error") if isinstance(parsed, dict) else None
+    return err if isinstance(err, dict) else {}
+
+
+def gateway_error(status: int, err: dict[str, Any]) -> GatewayError:
+    """A Google error object (`{"code", "message", "status"}`) as the client's: the `status`
+    (the canonical code's name) is the code."""
+    name = err.get("status")
+    if not isinstance(name, str) or not name:
+        name = _BY_STATUS.get(status)
+    known = _ERRORS.get(name or "")
+    if known is not None:
+        openai_type, fixed = known
+    else:
+        openai_type = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        fixed = status if status >= 400 else 502  # (an error answer that does not say it is one)
+    return GatewayError(
+        fixed,
+        str(err.get("message") or f"The provider answered {status}"),
+        openai_type,
+        name or f"provider_{status}",
+    )
+
+
+def error(status: int, body: bytes) -> GatewayError:
+    """A Gemini error answer (`{"error": {"code", "message", "status", "details"}}`) as the
+    client's."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    return gateway_error(status, _error_object(parsed))
+
+
+# -- the event stream ---------------------------------------------------------------------------
+
+
+def _chunk(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class StreamTranslator:
+    """Gemini's event stream (`data: {GenerateContentResponse}` events, separated by CRLF
+    pairs; SSEParser takes any line ending) to OpenAI's chunk stream: each piece in, the OpenAI
+    events its whole events make out. Function calls arrive whole: one tool call delta each.
+
+    Gemini's stream has no closing event (the body's end is its end): the usage chunk and
+    `[DONE]` come with the event holding a finishReason, when it holds the usageMetadata too
+    (as Gemini's last event does); when it does not but earlier events did, with the next
+    event that does (a body that ends before one does ends without them: the relay charges
+    `partial_usage`); when no event held any, at once. A prompt blocked (promptFeedback, no
+    candidates) ends it filtered. An error object in the stream ends it with OpenAI's error
+    chunk. One candidate is followed (`n` > 1 is refused for streams)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.parser = SSEParser()
+        self.id = ""
+        self.created = int(time.time())
+        self.metadata: dict[str, Any] | None = None  # the latest usageMetadata
+        self.report: Usage | None = None  # the usage the stream ended with
+        self.started = False
+        self.finish: str | None = None
+        self.calls = 0  # tool calls so far (the next one's OpenAI index)
+        self.text_parts: list[str] = []
+        self.produced = 0  # characters of text, thoughts and calls
+        self.done = False
+        self.failed: GatewayError | None = None
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.report
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def partial_usage(self) -> Usage | None:
+        """A stream cut before its end: the prompt Gemini reported (on every event), the output
+        estimated from what was produced (4 characters a token, or the count reported, whichever
+        is more: over, never under)."""
+        if self.metadata is None:
+            return None
+        report = usage(self.metadata)
+        if report is None:
+            return None
+        output = max(report.completion_tokens, -(-self.produced // 4))
+        prompt = report.prompt_tokens
+        return Usage(prompt, output, prompt + output, report.cached_tokens)
+
+    def feed(self, piece: bytes) -> bytes:
+        out = bytearray()
+        for data in self.parser.feed(piece):
+            if self.done:
+                break
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue  # not an event of this API: nothing to translate
+            if isinstance(event, dict):
+                out += b"".join(self._event(event))
+        return bytes(out)
+
+    def _delta(self, delta: dict[str, Any], index: int = 0, finish: str | None = None) -> bytes:
+        return _chunk(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+                ],
+            }
+        )
+
+    def _end(self) -> Iterable[bytes]:
+        self.done = True
+        self.report = usage(self.metadata)
+        if self.report is not None:
+            yield _chunk(
+                {
+                    "id": self.id,
+                    "object": "chat.completion.chunk",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": _usage_object(self.report, _thoughts(self.metadata)),
+                }
+            )
+        yield b"data: [DONE]\n\n"
+
+    def _event(self, event: dict[str, Any]) -> Iterable[bytes]:
+        if "error" in event:
+            err = _error_object(event)
+            code = err.get("code")
+            self.failed = gateway_error(code if isinstance(code, int) else 500, err)
+            self.done = True
+            failed = self.failed
+            yield b"data: " + error_body(failed.message, failed.type, failed.code) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            return
+        if not self.started:
+            self.started = True
+            self.id = _completion_id(event)
+            yield self._delta({"role": "assistant", "content": ""})
+        metadata = event.get("usageMetadata")
+        if isinstance(metadata, dict):
+            self.metadata = metadata
+        if self.finish is not None:
+            # The finish was said; this event brings the usage it waited for.
+            if isinstance(metadata, dict):
+                yield from self._end()
+            return
+        candidates = event.get("candidates")
+        candidate = candidates[0] if isinstance(candidates, list) and candidates else None
+        if not isinstance(candidate, dict):
+            if _blocked(event):
+                self.finish = "content_filter"
+                yield self._delta({}, 0, self.finish)
+                yield from self._end()
+            return
+        index = candidate.get("index", 0)
+        index = index if isinstance(index, int) else 0
+        content = candidate.get("content")
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else ():
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str) and part["text"]:
+                said = part["text"]
+                self.produced += len(said)
+                if part.get("thought") is True:
+                    yield self._delta({"reasoning_content": said}, index)
+                else:
+                    self.text_parts.append(said)
+                    yield self._delta({"content": said}, index)
+            elif isinstance(part.get("functionCall"), dict):
+                call = tool_call(part["functionCall"], part.get("thoughtSignature"))
+                function = call["function"]
+                self.produced += len(function["name"]) + len(function["arguments"])
+                yield self._delta({"tool_calls": [{"index": self.calls, **call}]}, index)
+                self.calls += 1
+        reason = candidate.get("finishReason")
+        if reason and reason != "FINISH_REASON_UNSPECIFIED":
+            self.finish = finish_reason(reason, self.calls > 0)
+            yield self._delta({}, index, self.finish)
+            if isinstance(metadata, dict) or self.metadata is None:
+                yield from self._end()
+
+
+# -- the provider -------------------------------------------------------------------------------
+
+
+class Gemini:
+    """Google's Gemini API (and Vertex AI's, the same bodies) as a provider (base.Provider)."""
+
+    name = "gemini"
+    # The credential (an API key, or a Vertex AI bearer token) is the backend's auth header.
+    request_headers: Mapping[str, str] = {}
+    strip_headers: tuple[str, ...] = ()
+    stream_content_type = "text/event-stream"
+
+    def path(self, target: ResolvedTarget, stream: bool) -> str:
+        return model_path(target.url_path, target.provider_model, stream)
+
+    def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
+        return generate_content_request(body, target.max_tokens)
+
+    def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
+        return chat_completion(answer, model)
+
+    def error(self, status: int, body: bytes) -> GatewayError:
+        return error(status, body)
+
+    def stream(self, model: str) -> StreamTranslator:
+        return StreamTranslator(model)
+
+
+PROVIDER = Gemini()
+
+if TYPE_CHECKING:
+    _PROVIDER: Provider = PROVIDER  # checked against the protocol by mypy

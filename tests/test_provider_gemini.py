@@ -1,0 +1,812 @@
+"""OpenAI chat completions to Google's Gemini API and back (extproc/providers/gemini.py): golden
+request/answer pairs (text, system, multi-turn, tools and their results, images), refusals
+naming the parameter, the event stream split at every byte and in random pieces, errors. The
+OpenAI side is checked with the official SDK's own types."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from extproc.config import ResolvedTarget
+from extproc.errors import GatewayError
+from extproc.providers import gemini
+
+from .test_provider_anthropic import PNG
+
+MODEL = "gemini-2.5-flash"
+
+
+def translate(**body: Any) -> dict[str, Any]:
+    return gemini.generate_content_request(
+        {"model": "gem", "messages": [{"role": "user", "content": "hi"}], **body}, 4096
+    )
+
+
+def target(url_path: str, model: str = MODEL) -> ResolvedTarget:
+    return ResolvedTarget(
+        model="gem",
+        backend="google",
+        provider_model=model,
+        weight=1,
+        auth_header="x-goog-api-key",
+        credential="k",
+        provider="gemini",
+        url_path=url_path,
+    )
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+
+# -- the request ----------------------------------------------------------------------------------
+
+
+def test_a_multi_turn_conversation_with_tools_and_images() -> None:
+    body = {
+        "model": "gem",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this picture, and the weather?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpg;base64,/9j/"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "Let me look.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    {
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "clock", "arguments": ""},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+            {
+                "role": "tool",
+                "tool_call_id": "call_2",
+                "content": [{"type": "text", "text": '{"time": "12:00"}'}],
+            },
+            {"role": "user", "content": "Thanks."},
+            {"role": "assistant", "content": [{"type": "text", "text": "You're welcome."}]},
+            {"role": "user", "content": "\n"},  # blank: nothing to say
+            {"role": "user", "content": "Bye."},
+        ],
+        "max_completion_tokens": 300,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop": ["END", ""],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": "jane",
+        "tools": [WEATHER, {"type": "function", "function": {"name": "clock"}}],
+        "tool_choice": "auto",
+        "parallel_tool_calls": True,
+        "n": 1,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0,
+        "seed": 7,
+        "logprobs": False,
+    }
+    assert gemini.generate_content_request(body, 4096) == {
+        "contents": [
+            {
+                "role": "user",
+                "parts": [
+                    {"text": "What is in this picture, and the weather?"},
+                    {"inlineData": {"mimeType": "image/png", "data": PNG}},
+                    {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/"}},
+                ],
+            },
+            {
+                "role": "model",
+                "parts": [
+                    {"text": "Let me look."},
+                    {"functionCall": {"name": "weather", "args": {"city": "Paris"}}},
+                    {"functionCall": {"name": "clock", "args": {}}},
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [
+                    {"functionResponse": {"name": "weather", "response": {"output": "18 C"}}},
+                    {"functionResponse": {"name": "clock", "response": {"time": "12:00"}}},
+                    {"text": "Thanks."},
+                ],
+            },
+            {"role": "model", "parts": [{"text": "You're welcome."}]},
+            {"role": "user", "parts": [{"text": "Bye."}]},
+        ],
+        "systemInstruction": {"parts": [{"text": "Be brief."}, {"text": "Use tools."}]},
+        "generationConfig": {
+            "maxOutputTokens": 300,
+            "temperature": 0.2,
+            "topP": 0.9,
+            "stopSequences": ["END"],
+            "presencePenalty": 0.5,
+            "seed": 7,
+        },
+        "tools": [
+            {
+                "functionDeclarations": [
+                    {
+                        "name": "weather",
+                        "description": "The weather in a city",
+                        # JSON Schema as the client gave it, but for the dialect's name.
+                        "parametersJsonSchema": {
+                            "type": "object",
+                            "properties": {"city": {"type": "string"}},
+                            "required": ["city"],
+                            "additionalProperties": False,
+                        },
+                    },
+                    {"name": "clock"},
+                ]
+            }
+        ],
+        "toolConfig": {"functionCallingConfig": {"mode": "AUTO"}},
+    }
+
+
+def test_a_plain_request_and_the_default_max_tokens() -> None:
+    assert translate() == {
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+        "generationConfig": {"maxOutputTokens": 4096},
+    }
+    assert translate(max_tokens=12)["generationConfig"] == {"maxOutputTokens": 12}
+    assert translate(top_p=1, n=1, presence_penalty=0.0)["generationConfig"] == {
+        "maxOutputTokens": 4096
+    }
+
+
+def test_the_path_at_the_gemini_api_and_at_vertex() -> None:
+    provider = gemini.PROVIDER
+    assert provider.path(target("/v1beta"), False) == (
+        "/v1beta/models/gemini-2.5-flash:generateContent"
+    )
+    vertex = "/v1/projects/p/locations/us-central1/publishers/google"
+    assert provider.path(target(vertex), True) == (
+        f"{vertex}/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    )
+    # A `/` or `:` in the id would change what the path names.
+    assert (
+        provider.path(target("/v1beta", "a/b:c"), False)
+        == "/v1beta/models/a%2Fb%3Ac:generateContent"
+    )
+    assert provider.name == "gemini" and provider.request_headers == {}
+    assert provider.stream_content_type == "text/event-stream"
+    assert provider.request(target("/v1beta"), {"model": "gem", "messages": []}) == {
+        "contents": [],
+        "generationConfig": {"maxOutputTokens": 4096},
+    }
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ("auto", {"mode": "AUTO"}),
+        ("none", {"mode": "NONE"}),
+        ("required", {"mode": "ANY"}),
+        (
+            {"type": "function", "function": {"name": "weather"}},
+            {"mode": "ANY", "allowedFunctionNames": ["weather"]},
+        ),
+    ],
+)
+def test_tool_choice(choice: Any, expected: dict[str, Any]) -> None:
+    out = translate(tools=[WEATHER], tool_choice=choice)
+    assert out["toolConfig"] == {"functionCallingConfig": expected}
+
+
+def test_parallel_tool_calls_false_is_neutral_when_no_tool_can_be_called() -> None:
+    assert "tools" not in translate(parallel_tool_calls=False)
+    out = translate(tools=[WEATHER], tool_choice="none", parallel_tool_calls=False)
+    assert out["toolConfig"] == {"functionCallingConfig": {"mode": "NONE"}}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "expected"),
+    [
+        ({"type": "text"}, {}),
+        ({"type": "json_object"}, {"responseMimeType": "application/json"}),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "answer",
+                    "strict": True,
+                    "schema": {
+                        "$schema": "https://json-schema.org/draft/2020-12/schema",
+                        "type": "object",
+                        "properties": {"a": {"type": ["string", "null"]}},
+                    },
+                },
+            },
+            {
+                "responseMimeType": "application/json",
+                "responseJsonSchema": {
+                    "type": "object",
+                    "properties": {"a": {"type": ["string", "null"]}},
+                },
+            },
+        ),
+    ],
+)
+def test_response_format(response_format: dict[str, Any], expected: dict[str, Any]) -> None:
+    config = translate(response_format=response_format)["generationConfig"]
+    assert config == {"maxOutputTokens": 4096, **expected}
+
+
+def test_n_is_gemini_candidate_count_but_not_for_a_stream() -> None:
+    assert translate(n=3)["generationConfig"]["candidateCount"] == 3
+    with pytest.raises(GatewayError) as caught:
+        translate(n=3, stream=True)
+    assert (caught.value.status, caught.value.param) == (400, "n")
+
+
+def test_tool_results_name_the_function_of_the_call_they_answer() -> None:
+    calls = [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[1]"}},
+        {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+    ]
+    out = translate(
+        messages=[
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": "\n\n", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "b", "content": "[1, 2]"},
+            {"role": "tool", "tool_call_id": "a", "content": ""},
+        ]
+    )
+    assert out["contents"][1:] == [
+        {
+            "role": "model",
+            "parts": [
+                # Arguments that are not an object are wrapped (Gemini's args are an object).
+                {"functionCall": {"name": "f", "args": {"value": [1]}}},
+                {"functionCall": {"name": "g", "args": {}}},
+            ],
+        },
+        {
+            "role": "user",
+            "parts": [
+                # Not an object: the text as the function's output.
+                {"functionResponse": {"name": "g", "response": {"output": "[1, 2]"}}},
+                {"functionResponse": {"name": "f", "response": {"output": ""}}},
+            ],
+        },
+    ]
+
+
+def test_a_tool_result_for_no_known_call_is_refused() -> None:
+    with pytest.raises(GatewayError) as caught:
+        translate(messages=[{"role": "tool", "tool_call_id": "call_9", "content": "x"}])
+    assert caught.value.status == 400
+    assert caught.value.param == "messages[0].tool_call_id"
+
+
+def test_a_thought_signature_rides_in_the_tool_call_id() -> None:
+    """Gemini 3 wants a call's thought signature back with it: the client echoes the id."""
+    answer = {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [
+                        {
+                            "functionCall": {"name": "weather", "args": {"city": "Oslo"}},
+                            "thoughtSignature": "c2lnbmF0dXJl",
+                        }
+                    ],
+                },
+                "finishReason": "STOP",
+            }
+        ]
+    }
+    (call,) = gemini.chat_completion(answer, "gem")["choices"][0]["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["id"].endswith("~sig~c2lnbmF0dXJl")
+    out = translate(
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": '{"c": 5}'},
+        ]
+    )
+    assert out["contents"][1]["parts"] == [
+        {
+            "functionCall": {"name": "weather", "args": {"city": "Oslo"}},
+            "thoughtSignature": "c2lnbmF0dXJl",
+        }
+    ]
+    assert out["contents"][2]["parts"] == [
+        {"functionResponse": {"name": "weather", "response": {"c": 5}}}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"1": 2}}, "logit_bias"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"audio": {"voice": "x"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"tools": [WEATHER], "parallel_tool_calls": False}, "parallel_tool_calls"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}},
+            },
+            "tool_choice",
+        ),
+        ({"response_format": {"type": "grammar"}}, "response_format"),
+        ({"stop": ["a", "b", "c", "d", "e", "f"]}, "stop"),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[].type=custom"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].tool_calls",
+        ),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, None),  # not OpenAI's shape
+        ({"messages": [{"role": "tool", "content": "x"}]}, None),  # no tool_call_id
+        ({"temperature": "hot"}, None),
+        ({"seed": 1.5}, None),
+    ],
+)
+def test_what_gemini_cannot_do_as_asked_is_refused(
+    fields: dict[str, Any], param: str | None
+) -> None:
+    with pytest.raises(GatewayError) as caught:
+        translate(**fields)
+    assert caught.value.status == 400
+    assert caught.value.param == param
+
+
+# -- the answer -----------------------------------------------------------------------------------
+
+ANSWER = {
+    "candidates": [
+        {
+            "content": {
+                "role": "model",
+                "parts": [
+                    {"text": "The user wants weather.", "thought": True},
+                    {"text": "Checking"},
+                    {"text": " now."},
+                    {"functionCall": {"name": "weather", "args": {"city": "Paris"}}},
+                    {"functionCall": {"id": "fc_7", "name": "clock"}},
+                ],
+            },
+            "finishReason": "STOP",
+            "index": 0,
+        }
+    ],
+    "usageMetadata": {
+        "promptTokenCount": 120,
+        "cachedContentTokenCount": 100,
+        "candidatesTokenCount": 9,
+        "thoughtsTokenCount": 30,
+        "totalTokenCount": 159,
+    },
+    "modelVersion": MODEL,
+    "responseId": "resp-1",
+}
+
+
+def test_an_answer_with_calls_thoughts_and_cached_input() -> None:
+    out = gemini.chat_completion(ANSWER, "gem")
+    parsed = ChatCompletion.model_validate(out)  # the openai SDK reads it
+    assert parsed.id == "chatcmpl-resp-1" and parsed.model == "gem"
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking now."
+    assert out["choices"][0]["message"]["reasoning_content"] == "The user wants weather."
+    assert choice.message.tool_calls is not None
+    first, second = choice.message.tool_calls
+    assert first.id.startswith("call_") and first.function.name == "weather"
+    assert orjson.loads(first.function.arguments) == {"city": "Paris"}
+    # Gemini's own id when it gives one; no args: no arguments.
+    assert (second.id, second.function.name, second.function.arguments) == ("fc_7", "clock", "{}")
+    # Gemini's prompt count holds the cached input; the thoughts are output.
+    assert out["usage"] == {
+        "prompt_tokens": 120,
+        "completion_tokens": 39,
+        "total_tokens": 159,
+        "prompt_tokens_details": {"cached_tokens": 100},
+        "completion_tokens_details": {"reasoning_tokens": 30},
+    }
+
+
+@pytest.mark.parametrize(
+    ("reason", "finish"),
+    [
+        ("STOP", "stop"),
+        ("MAX_TOKENS", "length"),
+        ("SAFETY", "content_filter"),
+        ("RECITATION", "content_filter"),
+        ("BLOCKLIST", "content_filter"),
+        ("PROHIBITED_CONTENT", "content_filter"),
+        ("SPII", "content_filter"),
+        ("MALFORMED_FUNCTION_CALL", "stop"),
+        ("OTHER", "stop"),
+        (None, "stop"),
+    ],
+)
+def test_finish_reasons(reason: str | None, finish: str) -> None:
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": "x"}]}}
+    if reason is not None:
+        candidate["finishReason"] = reason
+    out = gemini.chat_completion({"candidates": [candidate]}, "gem")
+    assert out["choices"][0]["finish_reason"] == finish
+    assert "usage" not in out
+
+
+def test_a_call_cut_by_the_token_limit_is_length() -> None:
+    candidate = {
+        "content": {"parts": [{"functionCall": {"name": "f", "args": {}}}]},
+        "finishReason": "MAX_TOKENS",
+    }
+    assert (
+        gemini.chat_completion({"candidates": [candidate]}, "gem")["choices"][0]["finish_reason"]
+        == "length"
+    )
+
+
+def test_a_filtered_candidate_without_content() -> None:
+    out = gemini.chat_completion({"candidates": [{"finishReason": "SAFETY", "index": 0}]}, "gem")
+    choice = ChatCompletion.model_validate(out).choices[0]
+    assert (choice.message.content, choice.finish_reason) == ("", "content_filter")
+
+
+def test_a_blocked_prompt_is_an_empty_answer_filtered() -> None:
+    answer = {
+        "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []},
+        "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8},
+    }
+    out = gemini.chat_completion(answer, "gem")
+    parsed = ChatCompletion.model_validate(out)
+    assert parsed.choices[0].finish_reason == "content_filter"
+    assert parsed.choices[0].message.content == ""
+    assert parsed.usage is not None and parsed.usage.prompt_tokens == 8
+    assert parsed.usage.completion_tokens == 0
+
+
+def test_candidates_are_choices() -> None:
+    answer = {
+        "candidates": [
+            {"content": {"parts": [{"text": "a"}]}, "finishReason": "STOP"},
+            {"content": {"parts": [{"text": "b"}]}, "finishReason": "MAX_TOKENS", "index": 1},
+        ]
+    }
+    parsed = ChatCompletion.model_validate(gemini.chat_completion(answer, "gem"))
+    assert [(c.index, c.message.content, c.finish_reason) for c in parsed.choices] == [
+        (0, "a", "stop"),
+        (1, "b", "length"),
+    ]
+
+
+def test_usage_that_is_not_a_report_is_left_out() -> None:
+    for report in (
+        {"promptTokenCount": -1},
+        {"candidatesTokenCount": 3},
+        {"promptTokenCount": "1"},
+    ):
+        assert "usage" not in gemini.chat_completion({"usageMetadata": report}, "gem")
+    # The input of Google's own tools is input too.
+    report = gemini.usage({"promptTokenCount": 10, "toolUsePromptTokenCount": 5})
+    assert report is not None and (report.prompt_tokens, report.total_tokens) == (15, 15)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "name", "client_status", "openai_type"),
+    [
+        (400, "INVALID_ARGUMENT", 400, "invalid_request_error"),
+        (400, "FAILED_PRECONDITION", 400, "invalid_request_error"),
+        (401, "UNAUTHENTICATED", 401, "authentication_error"),
+        (403, "PERMISSION_DENIED", 403, "permission_error"),
+        (404, "NOT_FOUND", 404, "invalid_request_error"),
+        (429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
+        (499, "CANCELLED", 500, "server_error"),
+        (500, "INTERNAL", 500, "server_error"),
+        (503, "UNAVAILABLE", 503, "server_error"),
+        (504, "DEADLINE_EXCEEDED", 504, "timeout"),
+    ],
+)
+def test_errors_in_openais_shape(
+    status: int, name: str, client_status: int, openai_type: str
+) -> None:
+    body = orjson.dumps(
+        {"error": {"code": status, "message": "why", "status": name, "details": [{"@type": "x"}]}}
+    )
+    err = gemini.error(status, body)
+    assert (err.status, err.type, err.code, err.message) == (
+        client_status,
+        openai_type,
+        name,
+        "why",
+    )
+
+
+def test_errors_google_leaves_unnamed_or_not_json() -> None:
+    listed = orjson.dumps([{"error": {"code": 429, "message": "slow down"}}])
+    err = gemini.error(429, listed)  # a streamed answer's JSON array form
+    assert (err.status, err.type, err.code, err.message) == (
+        429,
+        "rate_limit_error",
+        "RESOURCE_EXHAUSTED",
+        "slow down",
+    )
+    err = gemini.error(502, b"<html>bad gateway</html>")
+    assert (err.status, err.type, err.code) == (502, "server_error", "provider_502")
+    err = gemini.error(418, b"{}")
+    assert (err.status, err.type, err.code) == (418, "invalid_request_error", "provider_418")
+
+
+# -- the stream -----------------------------------------------------------------------------------
+
+
+def events(*payloads: dict[str, Any]) -> bytes:
+    """Gemini's event stream: CRLF line endings."""
+    return b"".join(b"data: " + orjson.dumps(p) + b"\r\n\r\n" for p in payloads)
+
+
+def _prompt_only(n: int) -> dict[str, Any]:
+    return {"promptTokenCount": n, "totalTokenCount": n}
+
+
+STREAM = events(
+    {
+        "candidates": [
+            {"content": {"role": "model", "parts": [{"text": "Hmm.", "thought": True}]}}
+        ],
+        "usageMetadata": _prompt_only(25),
+        "responseId": "r9",
+    },
+    {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "Hello"}]}, "index": 0}],
+        "usageMetadata": _prompt_only(25),
+        "responseId": "r9",
+    },
+    {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [
+                        {"text": ", wörld"},
+                        {
+                            "functionCall": {"name": "weather", "args": {"city": "Paris"}},
+                            "thoughtSignature": "c2ln",
+                        },
+                        {"functionCall": {"id": "fc_2", "name": "clock", "args": {}}},
+                    ],
+                },
+                "finishReason": "STOP",
+            }
+        ],
+        "usageMetadata": {
+            "promptTokenCount": 25,
+            "cachedContentTokenCount": 10,
+            "candidatesTokenCount": 15,
+            "thoughtsTokenCount": 4,
+            "totalTokenCount": 44,
+        },
+        "responseId": "r9",
+    },
+)
+
+
+def chunks(raw: bytes) -> list[dict[str, Any]]:
+    out = []
+    for line in raw.split(b"\n\n"):
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            out.append(orjson.loads(line[6:]))
+    return out
+
+
+def _normalized(raw: bytes) -> list[dict[str, Any]]:
+    """The chunks without what differs from one translator to the next (generated call ids)."""
+    out = chunks(raw)
+    for chunk in out:
+        for choice in chunk.get("choices", ()):
+            for call in choice["delta"].get("tool_calls", ()):
+                if call["id"].startswith("call_"):
+                    call["id"] = "call_" + call["id"].partition("~sig~")[2]
+    return out
+
+
+def test_a_stream_becomes_openai_chunks_the_sdk_reads() -> None:
+    translator = gemini.StreamTranslator("gem")
+    raw = translator.feed(STREAM)
+    assert raw.endswith(b"data: [DONE]\n\n") and translator.done
+    parsed = [ChatCompletionChunk.model_validate(e) for e in chunks(raw)]
+    assert {c.id for c in parsed} == {"chatcmpl-r9"} and {c.model for c in parsed} == {"gem"}
+    assert parsed[0].choices[0].delta.role == "assistant"
+    assert chunks(raw)[1]["choices"][0]["delta"] == {"reasoning_content": "Hmm."}
+    text = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+    assert text == "Hello, wörld" == translator.text
+    calls = [tc for c in parsed if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert [tc.index for tc in calls] == [0, 1]
+    assert calls[0].function is not None and calls[0].function.name == "weather"
+    assert calls[0].id is not None and calls[0].id.endswith("~sig~c2ln")
+    assert orjson.loads(calls[0].function.arguments or "") == {"city": "Paris"}
+    assert calls[1].id == "fc_2"
+    finish = [
+        c.choices[0].finish_reason for c in parsed if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["tool_calls"]
+    assert parsed[-1].choices == [] and parsed[-1].usage is not None
+    assert chunks(raw)[-1]["usage"] == {
+        "prompt_tokens": 25,
+        "completion_tokens": 19,
+        "total_tokens": 44,
+        "prompt_tokens_details": {"cached_tokens": 10},
+        "completion_tokens_details": {"reasoning_tokens": 4},
+    }
+    report = translator.usage
+    assert report is not None and (report.prompt_tokens, report.completion_tokens) == (25, 19)
+    assert translator.failed is None
+    assert translator.feed(b"data: {}\r\n\r\n") == b""  # nothing after the end
+
+
+def test_the_stream_split_at_every_byte_gives_the_same_chunks() -> None:
+    whole = _normalized(gemini.StreamTranslator("gem").feed(STREAM))
+    translator = gemini.StreamTranslator("gem")
+    out = b"".join(translator.feed(STREAM[i : i + 1]) for i in range(len(STREAM)))
+    assert _normalized(out) == whole
+    rng = random.Random(7)
+    for _ in range(20):
+        translator = gemini.StreamTranslator("gem")
+        pieces, i = [], 0
+        while i < len(STREAM):
+            size = rng.randint(1, 40)
+            pieces.append(translator.feed(STREAM[i : i + size]))
+            i += size
+        assert _normalized(b"".join(pieces)) == whole
+        assert translator.done
+
+
+def test_nothing_is_held_back_once_an_event_is_whole() -> None:
+    translator = gemini.StreamTranslator("gem")
+    # The event is whole at its blank line's CR (a CR alone ends a line).
+    end = STREAM.index(b"\r\n\r\n") + 2
+    assert translator.feed(STREAM[:end]) == b""
+    assert b"reasoning_content" in translator.feed(STREAM[end : end + 1])
+    assert translator.feed(STREAM[end + 1 : end + 2]) == b""
+
+
+def test_usage_after_the_finish_comes_in_a_later_event() -> None:
+    stream = events(
+        {
+            "candidates": [{"content": {"parts": [{"text": "Hi"}]}}],
+            "usageMetadata": _prompt_only(7),
+        },
+        {"candidates": [{"content": {"parts": [{"text": "!"}]}, "finishReason": "MAX_TOKENS"}]},
+        {"usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 2}},
+    )
+    translator = gemini.StreamTranslator("gem")
+    cut = stream.rindex(b"data: ")
+    head = chunks(translator.feed(stream[:cut]))
+    assert head[-1]["choices"][0]["finish_reason"] == "length" and not translator.done
+    partial = translator.partial_usage  # the prompt reported, the output estimated
+    assert partial is not None and (partial.prompt_tokens, partial.completion_tokens) == (7, 1)
+    tail = translator.feed(stream[cut:])
+    assert chunks(tail)[-1]["usage"]["completion_tokens"] == 2
+    assert tail.endswith(b"data: [DONE]\n\n") and translator.done
+
+
+def test_a_stream_without_usage_ends_at_its_finish() -> None:
+    stream = events(
+        {"candidates": [{"content": {"parts": [{"text": "Hi"}]}, "finishReason": "STOP"}]}
+    )
+    translator = gemini.StreamTranslator("gem")
+    out = translator.feed(stream)
+    assert out.endswith(b"data: [DONE]\n\n") and translator.usage is None
+    assert translator.partial_usage is None
+    assert chunks(out)[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_stream_of_a_blocked_prompt_ends_filtered() -> None:
+    stream = events({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+                     "usageMetadata": _prompt_only(6)})  # fmt: skip
+    translator = gemini.StreamTranslator("gem")
+    out = chunks(translator.feed(stream))
+    assert out[1]["choices"][0]["finish_reason"] == "content_filter"
+    assert out[-1]["usage"]["prompt_tokens"] == 6 and translator.done
+
+
+def test_an_error_in_the_stream_ends_it_as_openais_error_chunk() -> None:
+    stream = events(
+        {
+            "candidates": [{"content": {"parts": [{"text": "Hel"}]}}],
+            "usageMetadata": _prompt_only(30),
+        },
+        {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}},
+    )
+    translator = gemini.StreamTranslator("gem")
+    out = translator.feed(stream)
+    assert out.endswith(b"data: [DONE]\n\n") and translator.done
+    assert chunks(out)[-1] == {
+        "error": {
+            "message": "The model is overloaded.",
+            "type": "server_error",
+            "param": None,
+            "code": "UNAVAILABLE",
+        }
+    }
+    failed = translator.failed
+    assert failed is not None and (failed.status, failed.code) == (503, "UNAVAILABLE")
+    assert translator.usage is None
+    partial = translator.partial_usage
+    assert partial is not None and (partial.prompt_tokens, partial.completion_tokens) == (30, 1)
+
+
+def test_what_is_not_gemini_json_is_skipped() -> None:
+    translator = gemini.StreamTranslator("gem")
+    assert translator.feed(b": keep-alive\r\n\r\ndata: not json\r\n\r\ndata: [1]\r\n\r\n") == b""
+    assert translator.partial_usage is None and translator.usage is None
