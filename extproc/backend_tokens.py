@@ -1,6 +1,8 @@
 """Bearer tokens of the backends whose credential comes from an identity instead of a key
 (`backends.<b>.token_from`): Entra ID through azure-identity (Azure OpenAI), Google's
-application default credentials through google-auth (Vertex AI).
+application default credentials through google-auth (Vertex AI); and the AWS credentials the
+sidecar signs a pooled Bedrock backend's requests with (botocore's standard chain;
+aws_signing.py).
 
 Each is fetched when the backend appears (start-up, a reload), kept, and refreshed in the
 background well before it expires; the request path only reads the current one, never waits
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import GatewayError
 
@@ -37,8 +39,8 @@ RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # after failed fetches, then every 30 s
 
 
 class TokenSource(Protocol):
-    async def fetch(self) -> tuple[str, float]:
-        """A fresh token and when it expires (seconds since the epoch)."""
+    async def fetch(self) -> tuple[Any, float]:
+        """A fresh token (or AWS credentials) and when it expires (seconds since the epoch)."""
         ...
 
     async def close(self) -> None: ...
@@ -89,9 +91,37 @@ class GoogleADC:
         pass
 
 
+class AwsChain:
+    """botocore's standard AWS credential chain (environment, shared profile, web identity,
+    container and instance roles): the frozen credentials and, for temporary ones, when they
+    expire. Its calls block (files, STS, the metadata services): they run in a thread."""
+
+    def __init__(self) -> None:
+        self.credentials: Any = None
+
+    def _refresh(self) -> tuple[Any, float]:
+        import botocore.session  # type: ignore[import-untyped]
+
+        if self.credentials is None:
+            self.credentials = botocore.session.get_session().get_credentials()
+            if self.credentials is None:
+                raise LookupError("no AWS credentials in botocore's credential chain")
+        frozen = self.credentials.get_frozen_credentials()  # refreshed when near expiry
+        expiry = getattr(self.credentials, "_expiry_time", None)
+        # Long-lived keys: looked at again in an hour (a changed profile file, say).
+        return frozen, expiry.timestamp() if expiry is not None else time.time() + 3600
+
+    async def fetch(self) -> tuple[Any, float]:
+        return await asyncio.to_thread(self._refresh)
+
+    async def close(self) -> None:
+        pass
+
+
 SOURCES: dict[str, Callable[[], TokenSource]] = {
     "azure_identity": AzureIdentity,
     "google_adc": GoogleADC,
+    "aws": AwsChain,
 }
 
 
@@ -100,7 +130,7 @@ class _Held:
     kind: str
     source: TokenSource
     task: asyncio.Task[None] | None = None
-    header: str | None = None  # "Bearer <token>"; never logged
+    secret: Any = None  # the token, or AWS credentials; never logged
     expires: float = 0.0
     problem: str = "no token fetched yet"
 
@@ -116,12 +146,20 @@ class BackendTokens:
     def header(self, backend: str) -> str:
         """The Authorization value for `backend`; raises the 503 of a backend without a valid
         token (the reason said, never the token)."""
+        return f"Bearer {self._secret(backend)}"
+
+    def aws_credentials(self, backend: str) -> Any:
+        """The AWS credentials to sign `backend`'s requests with (botocore's frozen ones);
+        raises the 503 of a backend without valid ones."""
+        return self._secret(backend)
+
+    def _secret(self, backend: str) -> Any:
         held = self.held.get(backend)
-        if held is not None and held.header is not None and held.expires > time.time():
-            return held.header
+        if held is not None and held.secret is not None and held.expires > time.time():
+            return held.secret
         if held is None:
             problem = "its identity is not configured"
-        elif held.header is not None:
+        elif held.secret is not None:
             problem = f"its token expired: {held.problem or 'not refreshed in time'}"
         else:
             problem = held.problem
@@ -135,11 +173,12 @@ class BackendTokens:
     async def configure(self, runtime: Runtime) -> None:
         """Follow the config: sources for new backends (their first token waited for, at most
         FETCH_TIMEOUT_S), the dropped or changed ones closed."""
-        wanted = {
+        wanted: dict[str, str] = {
             name: b.token_from
             for name, b in runtime.config.backends.items()
             if b.token_from is not None
         }
+        wanted.update(dict.fromkeys(pool_signed(runtime), "aws"))
         for name in [n for n, h in self.held.items() if wanted.get(n) != h.kind]:
             await self._drop(name)
         fresh = []
@@ -173,13 +212,13 @@ class BackendTokens:
             held.problem = f"{held.kind}: {type(exc).__name__}: {str(exc)[:300]}"
             log.warning("backend %s: no token from %s", name, held.problem)
             return False
-        held.header, held.expires = f"Bearer {token}", expires
+        held.secret, held.expires = token, expires
         held.problem = ""
         log.info("backend %s: token from %s, valid %.0f s", name, held.kind, expires - time.time())
         return True
 
     async def _keep(self, name: str, held: _Held) -> None:
-        failures = 0 if held.header is not None else 1
+        failures = 0 if held.secret is not None else 1
         while True:
             if failures:
                 delay = RETRY_S[min(failures, len(RETRY_S)) - 1]
@@ -188,3 +227,18 @@ class BackendTokens:
                 delay = max(1.0, min(life - REFRESH_MARGIN_S, life / 2))
             await asyncio.sleep(delay)
             failures = 0 if await self._fetch(name, held) else failures + 1
+
+
+def pool_signed(runtime: Runtime) -> set[str]:
+    """The Bedrock backends signed with AWS credentials that serve in a failover pool: the
+    sidecar signs their pooled attempts (Envoy signs in their own clusters)."""
+    from .config import pooled
+
+    cfg = runtime.config
+    return {
+        t.backend
+        for model in cfg.models.values()
+        if pooled(model)
+        for t in model.targets
+        if cfg.backends[t.backend].signing_region is not None
+    }

@@ -753,22 +753,6 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                     f"the backends' URLs have different paths: {sorted(paths)}",
                 )
             )
-        signed = [
-            t.backend
-            for t in model.targets
-            if t.backend in cfg.backends and cfg.backends[t.backend].signing_region is not None
-        ]
-        if signed and pooled(model):
-            # Envoy signs in the backend's own cluster, whose filters a pool's attempts do
-            # not pass (they go through the pool's aggregate cluster).
-            problems.append(
-                (
-                    f"models.{name}.targets",
-                    f"backend {signed[0]!r} is signed with AWS credentials, which a failover "
-                    "pool cannot do yet: give it an api_key (a Bedrock API key), or serve the "
-                    "model by it alone or in a canary split",
-                )
-            )
         if translated and model.type != "chat":
             problems.append(
                 (
@@ -998,6 +982,9 @@ class ResolvedTarget:
     api_version: str = ""  # Azure's deployment API: the api-version of its requests
     # Backend.token_from: the credential is a token the sidecar keeps (backend_tokens.py)
     token_from: str | None = None
+    # Bedrock signed with AWS credentials: the region (Envoy signs, or the sidecar in a pool)
+    signing_region: str | None = None
+    host: str = ""  # the backend URL's host: the Host its requests are sent (and signed) with
     url_path: str = ""  # the backend URL's own path, without a trailing slash ("" for none)
 
 
@@ -1088,6 +1075,8 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 url_path=urlsplit(backend.url).path.rstrip("/"),
                 api_version=backend.api_version,
                 token_from=backend.token_from,
+                signing_region=backend.signing_region,
+                host=backend.host,
             )
     for resolved in rt.targets.values():
         if resolved.provider != "openai":

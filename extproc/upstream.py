@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from . import protocol, providers, routing, wire
+from .aws_signing import SIGNING_HEADERS, signed_headers
 from .contract import BACKEND_METADATA, ENDPOINT_HEADER
 from .errors import GatewayError, bad_request
 from .wire.openai.request import CHAT
@@ -23,13 +24,17 @@ class UpstreamStream:
     """The per-backend stage inside a cluster: credentials, model name and, for a backend of
     another API, the translated request, for this attempt."""
 
-    __slots__ = ("finished", "metadata", "rt", "target", "tokens")
+    __slots__ = ("content_type", "finished", "metadata", "rt", "sign", "target", "tokens")
 
     def __init__(self, services: Services, metadata: Mapping[str, str]) -> None:
         self.rt = services.runtime
         self.tokens = services.backend_tokens
         self.metadata = metadata
         self.target: ResolvedTarget | None = None
+        # A pooled Bedrock attempt: Envoy's signing is in the backend's own cluster, which a
+        # pool's attempts do not pass, so this stage signs (aws_signing.py).
+        self.sign = False
+        self.content_type = "application/json"
         # True once the request's last phase for this stage is answered: the headers when
         # the body stays as it is, else the body. No response phase is ever sent here.
         self.finished = False
@@ -55,12 +60,16 @@ class UpstreamStream:
                     self.rt, target, headers, retriable=pooled
                 )
                 translated = providers.translates(target.provider)
+                self.sign = pooled and target.signing_region is not None
                 if target.model in self.rt.adapted:
                     # The model's backends differ in API or addressing: this attempt's path and
                     # headers are its backend's (it starts from the headers the last one left).
                     own, others = providers.request_headers(target.provider)
                     set_headers.update(own)
                     remove.extend(others)
+                    if not self.sign:
+                        remove.extend(SIGNING_HEADERS)
+                    self.content_type = headers.get("content-type", self.content_type)
                     if not translated:
                         endpoint = headers.get(ENDPOINT_HEADER, CHAT.path)
                         set_headers[":path"] = providers.backend_path(target, endpoint, False)
@@ -87,7 +96,21 @@ class UpstreamStream:
                     raise orjson.JSONDecodeError("not a JSON object", "", 0)
                 body = providers.request_body(target, parsed)
                 path = providers.backend_path(target, CHAT.path, parsed.get("stream") is True)
-                return protocol.request_body_response(protocol.common({":path": path}, body=body))
+                set_headers = {":path": path}
+                if self.sign:
+                    assert target.signing_region is not None
+                    credentials = self.tokens.aws_credentials(target.backend)
+                    set_headers.update(
+                        signed_headers(
+                            credentials,
+                            target.signing_region,
+                            target.host,
+                            path,
+                            body,
+                            self.content_type,
+                        )
+                    )
+                return protocol.request_body_response(protocol.common(set_headers, body=body))
         except GatewayError as err:
             # This stage does not know the client's API: the default's error shape.
             body = wire.DEFAULT.error_body(err)

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from extproc import backend_tokens
-from extproc.backend_tokens import AzureIdentity, BackendTokens, GoogleADC
+from extproc.aws_signing import signed_headers
+from extproc.backend_tokens import AwsChain, AzureIdentity, BackendTokens, GoogleADC
 from extproc.config import ConfigError, build_runtime, parse_config
 from extproc.devtools.fake_llm import FakeLLMSettings
 from extproc.devtools.fake_llm.identity import IDENTITY_HEADER_SECRET
@@ -264,3 +265,47 @@ def test_google_application_default_credentials_through_google_auth(
     token, expires = asyncio.run(main())
     assert token.startswith("fake-google-")
     assert 3000 < expires - time.time() <= 3600
+
+
+def test_aws_credentials_through_botocores_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chain's first link, the environment; temporary credentials keep their token."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDCHAIN")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "chain-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "chain-token")
+    credentials, expires = asyncio.run(AwsChain().fetch())
+    assert (credentials.access_key, credentials.token) == ("AKIDCHAIN", "chain-token")
+    assert expires > time.time()
+    headers = signed_headers(credentials, "us-east-1", "bedrock-runtime.us-east-1.amazonaws.com",
+                             "/model/m%3A0/converse", b"{}", "application/json")  # fmt: skip
+    assert (
+        headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDCHAIN/")
+        and "/us-east-1/bedrock/aws4_request" in headers["authorization"]
+    )
+    assert headers["x-amz-security-token"] == "chain-token" and "x-amz-date" in headers
+
+
+def test_only_pooled_bedrock_backends_are_signed_by_the_sidecar() -> None:
+    cfg = {
+        "teams": {"t": {"keys": [{"sha256": "0" * 64}]}},
+        "backends": {
+            "alone": {"url": "https://bedrock-runtime.us-east-1.amazonaws.com", "type": "bedrock"},
+            "pooled": {"url": "https://bedrock-runtime.eu-west-3.amazonaws.com", "type": "bedrock"},
+            "keyed": {
+                "url": "https://bedrock-runtime.us-west-2.amazonaws.com",
+                "type": "bedrock",
+                "api_key": {"env": "PATH"},
+            },
+            "openai": {"url": "https://api.openai.com/v1"},
+        },
+        "models": {
+            "a": {"targets": [{"backend": "alone", "model": "m"}]},
+            "p": {
+                "targets": [
+                    {"backend": "openai", "priority": 0},
+                    {"backend": "pooled", "model": "m", "priority": 1},
+                    {"backend": "keyed", "model": "m", "priority": 2},
+                ]
+            },
+        },
+    }
+    assert backend_tokens.pool_signed(build_runtime(parse_config(cfg))) == {"pooled"}

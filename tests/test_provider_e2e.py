@@ -103,6 +103,26 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
     config["models"]["claude-bedrock"] = {
         "targets": [{"backend": "bedrock", "model": BEDROCK_MODEL}]
     }
+    config["backends"]["bedrock-overloaded"] = {
+        "url": overloaded,
+        "type": "bedrock",
+        "aws_region": "us-east-1",
+        "eject_after_failures": 1000,
+    }
+    # Pools: Envoy's signing is in the backend's own cluster, which a pool's attempts do not
+    # pass: the sidecar signs them (botocore, the same AWS variables).
+    config["models"]["gpt-then-bedrock"] = {
+        "targets": [
+            {"backend": "openai-overloaded", "model": OPENAI_MODEL, "priority": 0},
+            {"backend": "bedrock", "model": BEDROCK_MODEL, "priority": 1},
+        ]
+    }
+    config["models"]["bedrock-then-gpt"] = {
+        "targets": [
+            {"backend": "bedrock-overloaded", "model": BEDROCK_MODEL, "priority": 0},
+            {"backend": "fake-a", "model": OPENAI_MODEL, "priority": 1},
+        ]
+    }
     config["models"]["bedrock-or-gpt"] = {
         "targets": [
             {"backend": "bedrock", "model": BEDROCK_MODEL, "weight": 50},
@@ -170,15 +190,15 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("provider")
     port = free_port()
+    identity = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "GOOGLE_APPLICATION_CREDENTIALS")
+    saved = {k: os.environ.get(k) for k in (*AWS_ENV, *identity)}
+    os.environ.update(AWS_ENV)  # for Envoy, the sidecar and the fakes, started below
     with (tmp / "overloaded.log").open("wb") as log:
         overloaded = subprocess.Popen(
             [sys.executable, "-m", "extproc", "fake-llm", "--name", "overloaded",
              "--listen", f"127.0.0.1:{port}", "--fault", "503"],
             stdout=log, stderr=log,
         )  # fmt: skip
-    identity = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "GOOGLE_APPLICATION_CREDENTIALS")
-    saved = {k: os.environ.get(k) for k in (*AWS_ENV, *identity)}
-    os.environ.update(AWS_ENV)  # for Envoy and the second fake, started below
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz")
@@ -577,3 +597,31 @@ def test_a_failover_to_vertex_takes_its_token_in_the_upstream_stage(gw: Gateway)
     sent = last_sent(gw)
     assert sent["headers"]["authorization"].startswith("Bearer fake-google-")
     assert sent["path"].endswith(f"/models/{GEMINI_MODEL}:generateContent")
+
+
+def test_a_failover_to_bedrock_is_signed_by_the_sidecar(gw: Gateway) -> None:
+    """A pool's attempt to Bedrock is translated and signed in the upstream stage (botocore,
+    the AWS credential chain of the sidecar's environment); the fake checks the signature."""
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="gpt-then-bedrock", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-aigw-backend"] == "bedrock" and raw.headers["x-aigw-failover"] == "true"
+    sent = last_sent(gw)
+    assert sent["path"] == "/model/anthropic.claude-3-5-sonnet-20241022-v2:0/converse"
+    assert sent["headers"]["authorization"].startswith(
+        "AWS4-HMAC-SHA256 Credential=AKIDGATEWAYTEST0001/"
+    )
+    assert sent["headers"]["x-amz-security-token"] == AWS_ENV["AWS_SESSION_TOKEN"]
+
+
+def test_a_failover_from_bedrock_leaves_no_signature_on_the_next_attempt(gw: Gateway) -> None:
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="bedrock-then-gpt", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-aigw-backend"] == "fake-a" and raw.headers["x-aigw-failover"] == "true"
+    sent = gw.fake_requests(gw.fake_a)[-1]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["headers"]["authorization"] == f"Bearer {BACKEND_A_SECRET}"
+    assert not [h for h in sent["headers"] if h.startswith("x-amz-")]
