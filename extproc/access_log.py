@@ -42,7 +42,7 @@ log = logging.getLogger("extproc.access_log")
 
 
 # The hand-over, and the answer's usage as Envoy's json_to_metadata filter copied it (_usage).
-_READ_KEYS = Handover.KEYS | {*USAGE_KEYS, "cached_tokens", "token_source"}
+_READ_KEYS = Handover.KEYS | {*USAGE_KEYS, "cached_tokens", "reasoning_tokens", "token_source"}
 
 # The longest the reader holds the loop within a batch (an entry takes ~50 µs).
 YIELD_AFTER_S = 0.0005
@@ -217,7 +217,13 @@ def _usage(info: dict[str, Any]) -> Usage | None:
         return None
     prompt, completion = _int(info.get("prompt_tokens")), _int(info.get("completion_tokens"))
     total = _int(info.get("total_tokens")) or prompt + completion
-    return Usage(prompt, completion, total, _int(info.get("cached_tokens")))
+    return Usage(
+        prompt,
+        completion,
+        total,
+        _int(info.get("cached_tokens")),
+        reasoning_tokens=_int(info.get("reasoning_tokens")),
+    )
 
 
 def _int(value: Any) -> int:

@@ -109,7 +109,7 @@ class Admission:
             # What a provider that may serve it cannot do as asked is refused before anything
             # is reserved (in a failover pool: any of them, whichever answers).
             for target in translated:
-                providers.check(target, parsed.body)
+                providers.check(target, parsed.body, endpoint.path)
             # A request that sets no maximum asks the provider for the backend's (and an
             # OpenAI backend beside it for the usual default).
             others = len(self.rt.config.models[parsed.model].targets) > len(translated)

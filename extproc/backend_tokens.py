@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Protocol
@@ -78,14 +80,18 @@ class GoogleADC:
         if self.credentials is None:
             self.credentials, _ = google.auth.default(scopes=[GOOGLE_SCOPE])
         credentials = self.credentials
-        credentials.refresh(google.auth.transport.requests.Request())  # type: ignore[attr-defined]
+        # google-auth waits 120 s for its token endpoint by default: a thread held that long.
+        request = functools.partial(
+            google.auth.transport.requests.Request(), timeout=FETCH_TIMEOUT_S
+        )
+        credentials.refresh(request)  # type: ignore[attr-defined]
         expiry = credentials.expiry  # type: ignore[attr-defined]
         # google-auth's expiry is a naive UTC datetime (None: it said none; an hour is usual).
         expires = expiry.replace(tzinfo=UTC).timestamp() if expiry else time.time() + 3600
         return credentials.token, expires  # type: ignore[attr-defined]
 
     async def fetch(self) -> tuple[str, float]:
-        return await asyncio.to_thread(self._refresh)
+        return await _in_thread(self._refresh)
 
     async def close(self) -> None:
         pass
@@ -112,10 +118,20 @@ class AwsChain:
         return frozen, expiry.timestamp() if expiry is not None else time.time() + 3600
 
     async def fetch(self) -> tuple[Any, float]:
-        return await asyncio.to_thread(self._refresh)
+        return await _in_thread(self._refresh)
 
     async def close(self) -> None:
         pass
+
+
+# The blocking credential calls get threads of their own: a token endpoint that hangs must not
+# hold the default executor's, which local guards and the audit record use on every request.
+# (A fetch that timed out may still hold its thread until the library gives up: two at most.)
+_EXECUTOR = ThreadPoolExecutor(max_workers=2, thread_name_prefix="backend-tokens")
+
+
+async def _in_thread(call: Callable[[], Any]) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, call)
 
 
 SOURCES: dict[str, Callable[[], TokenSource]] = {
@@ -172,14 +188,22 @@ class BackendTokens:
 
     async def configure(self, runtime: Runtime) -> None:
         """Follow the config: sources for new backends (their first token waited for, at most
-        FETCH_TIMEOUT_S), the dropped or changed ones closed."""
-        wanted: dict[str, str] = {
-            name: b.token_from
-            for name, b in runtime.config.backends.items()
-            if b.token_from is not None
-        }
-        wanted.update(dict.fromkeys(pool_signed(runtime), "aws"))
+        FETCH_TIMEOUT_S), the dropped or changed ones closed. A reload calls prepare(), swaps
+        its config in, then retire(): the config still serving keeps its tokens meanwhile."""
+        await self.prepare(runtime)
+        await self.retire(runtime)
+
+    async def retire(self, runtime: Runtime) -> None:
+        """Close the sources of backends `runtime` no longer has."""
+        wanted = _wanted(runtime)
         for name in [n for n, h in self.held.items() if wanted.get(n) != h.kind]:
+            await self._drop(name)
+
+    async def prepare(self, runtime: Runtime) -> None:
+        """Sources for the backends new to `runtime`, their first tokens fetched (a backend
+        whose identity changed kind is replaced now)."""
+        wanted = _wanted(runtime)
+        for name in [n for n, h in self.held.items() if n in wanted and wanted[n] != h.kind]:
             await self._drop(name)
         fresh = []
         for name, kind in wanted.items():
@@ -209,8 +233,10 @@ class BackendTokens:
             async with asyncio.timeout(FETCH_TIMEOUT_S):
                 token, expires = await held.source.fetch()
         except Exception as exc:
-            held.problem = f"{held.kind}: {type(exc).__name__}: {str(exc)[:300]}"
-            log.warning("backend %s: no token from %s", name, held.problem)
+            # The client (and the audit record) get the kind of failure; the detail, which
+            # may name a tenant, an account or a file, goes to the log only.
+            held.problem = f"{held.kind}: {type(exc).__name__}"
+            log.warning("backend %s: no token from %s: %s", name, held.kind, str(exc)[:500])
             return False
         held.secret, held.expires = token, expires
         held.problem = ""
@@ -227,6 +253,17 @@ class BackendTokens:
                 delay = max(1.0, min(life - REFRESH_MARGIN_S, life / 2))
             await asyncio.sleep(delay)
             failures = 0 if await self._fetch(name, held) else failures + 1
+
+
+def _wanted(runtime: Runtime) -> dict[str, str]:
+    """backend -> the kind of credential the sidecar keeps for it."""
+    wanted: dict[str, str] = {
+        name: b.token_from
+        for name, b in runtime.config.backends.items()
+        if b.token_from is not None
+    }
+    wanted.update(dict.fromkeys(pool_signed(runtime), "aws"))
+    return wanted
 
 
 def pool_signed(runtime: Runtime) -> set[str]:

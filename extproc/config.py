@@ -225,23 +225,34 @@ class Price(_Strict):
     # reads) and input written to it (Anthropic's cache writes); unset: the input price.
     cached_input: float | None = Field(default=None, ge=0)
     cache_write: float | None = Field(default=None, ge=0)
+    # Output the model spent reasoning (OpenAI's reasoning_tokens, Gemini's thoughts), where a
+    # provider prices it apart; unset: the output price.
+    reasoning: float | None = Field(default=None, ge=0)
 
     def micro_usd(
-        self, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cached: int = 0,
+        written: int = 0,
+        reasoning: int = 0,
     ) -> float:
         """The cost in micro-USD (USD per million x tokens): the one pricing rule, for the
         metrics, the audit record and USD budgets alike. `input_tokens` includes the cached
-        and written ones, as providers' prompt counts do."""
+        and written ones, as providers' prompt counts do; `output_tokens` the reasoning."""
         cached = min(cached, input_tokens)
         written = min(written, input_tokens - cached)
         plain = input_tokens - cached - written
+        reasoning = min(reasoning, output_tokens)
         cached_price = self.input if self.cached_input is None else self.cached_input
         write_price = self.input if self.cache_write is None else self.cache_write
+        reasoning_price = self.output if self.reasoning is None else self.reasoning
         return (
             plain * self.input
             + cached * cached_price
             + written * write_price
-            + output_tokens * self.output
+            + (output_tokens - reasoning) * self.output
+            + reasoning * reasoning_price
         )
 
 
@@ -741,7 +752,9 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         adapted = [
             t.backend
             for t in model.targets
-            if t.backend in cfg.backends and cfg.backends[t.backend].type != "openai"
+            if t.weight > 0
+            and t.backend in cfg.backends
+            and cfg.backends[t.backend].type != "openai"
         ]
         translated = [b for b in adapted if cfg.backends[b].type in TRANSLATED_TYPES]
         # (A model with such a backend has every request's path set by the sidecar.)
@@ -754,13 +767,20 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                 )
             )
         if translated and model.type != "chat":
-            problems.append(
-                (
-                    f"models.{name}.targets",
-                    f"backend {translated[0]!r} speaks another API than OpenAI's: the gateway "
-                    "translates chat completions only (not yet embeddings or completions)",
+            from .providers.registry import serves
+            from .wire.openai.request import COMPLETIONS, EMBEDDINGS
+
+            endpoint = EMBEDDINGS if model.type == "embedding" else COMPLETIONS
+            unable = [b for b in translated if not serves(cfg.backends[b].type, endpoint.path)]
+            if unable:
+                problems.append(
+                    (
+                        f"models.{name}.targets",
+                        f"backend {unable[0]!r} ({cfg.backends[unable[0]].type}) cannot serve "
+                        f"{endpoint.path}: the gateway translates chat completions, and "
+                        "embeddings where the provider has them",
+                    )
                 )
-            )
         if sum(t.weight for t in model.targets) == 0:
             problems.append((f"models.{name}.targets", "the weights add up to 0"))
         priorities = sorted({t.priority for t in model.targets})
@@ -1079,7 +1099,8 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 host=backend.host,
             )
     for resolved in rt.targets.values():
-        if resolved.provider != "openai":
+        # (A parked target, weight 0, serves nothing: it does not make its model adapted.)
+        if resolved.provider != "openai" and resolved.weight > 0:
             rt.adapted[resolved.model] = (*rt.adapted.get(resolved.model, ()), resolved)
     if cfg.admin.token is not None:
         try:

@@ -144,6 +144,11 @@ CLUSTER_ATTRIBUTE = "xds.cluster_name"
 # aggregate cluster (whose own name says only the model).
 HOST_ATTRIBUTE = "xds.upstream_host_metadata"
 
+# How the answer came about: "via_upstream" for a backend's; anything else is Envoy's own
+# reply or a stage's immediate response.
+CODE_DETAILS_ATTRIBUTE = "response.code_details"
+FROM_BACKEND = "via_upstream"
+
 # -- cluster names ------------------------------------------------------------------------------
 
 _BACKEND_PREFIX = "aigw-backend-"

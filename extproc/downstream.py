@@ -61,6 +61,7 @@ class DownstreamStream:
         "observe",
         "path",
         "provider",
+        "provider_headers",
         "relay",
         "report",
         "retry_after",
@@ -102,6 +103,7 @@ class DownstreamStream:
         self.path = AnswerPath.NO_ANSWER
         self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.provider = "openai"  # the API of the one backend: another's answer is translated
+        self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
         self.retry_after = ""  # the backend's, for an answer the stage replaces
         self.stream_block_recorded = False
         # Reported when the stream closes; None for what is not an LLM call (GET /v1/models).
@@ -262,7 +264,12 @@ class DownstreamStream:
                     self.provider = answering.provider
                     if self.report is not None:
                         self.report.provider = answering.provider
+        if self.provider != "openai" and not protocol.from_backend(req):
+            # Envoy's own reply (a timeout, a reset) or the upstream stage's refusal: already
+            # the gateway's OpenAI error, nothing of the provider's to translate.
+            self.provider = "openai"
         if self.provider != "openai":
+            self.provider_headers = headers  # what a translation may read (a token count)
             content_type = headers.get("content-type", "")
             if providers.is_stream(self.provider, content_type) and not settlement.is_event_stream(
                 headers
@@ -391,8 +398,17 @@ class DownstreamStream:
         know."""
         assert self.admitted is not None
         try:
-            status, body = providers.answer(self.provider, self._served(), self.status, raw)
-        except ValueError:
+            request = self.admitted.request
+            status, body = providers.answer(
+                self.provider,
+                self._served(),
+                self.status,
+                raw,
+                request.endpoint.path,
+                self.provider_headers,
+                request.body.get("encoding_format"),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("backend %s sent a 2xx body that is not its API's JSON", self.backend)
             status, body = 502, self.wire.error_body(
                 GatewayError(502, "The provider's answer could not be read", "server_error",

@@ -222,6 +222,7 @@ from .contract import (
     ACCOUNT_KEY,
     BACKEND_METADATA,
     CLUSTER_ATTRIBUTE,
+    CODE_DETAILS_ATTRIBUTE,
     HOST_ATTRIBUTE,
     INTERNAL_HEADER_PREFIX,
     JWT_NAMESPACE,
@@ -372,7 +373,9 @@ def downstream_ext_proc(cfg: Config) -> ExternalProcessor:
         processing_mode=DOWNSTREAM_MODE,
         allow_mode_override=True,
         message_timeout=_duration(cfg.sidecar.message_timeout_ms / 1000),
-        response_attributes=[CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE],
+        # Which backend answered, and whether it did (an answer of Envoy's or of the upstream
+        # stage is never a provider's to translate).
+        response_attributes=[CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, CODE_DETAILS_ATTRIBUTE],
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE]),
             # The verified claims of a JWT (jwt_filter): who is calling.
@@ -533,6 +536,9 @@ def _usage_rules() -> list[JsonToMetadataRule]:
 
     rules = [rule(["usage", key], key) for key in USAGE_KEYS]
     rules.append(rule(["usage", "prompt_tokens_details", "cached_tokens"], "cached_tokens"))
+    rules.append(
+        rule(["usage", "completion_tokens_details", "reasoning_tokens"], "reasoning_tokens")
+    )
     rules.append(rule(["usage", "prompt_tokens"], "token_source", SOURCE_PROVIDER))
     return rules
 
@@ -830,11 +836,11 @@ def routes(cfg: Config) -> RouteConfiguration:
         # A model with a backend of another API or addressing (providers/: Anthropic's, Azure's
         # deployments, ...): the sidecar sets every request's path, so its routes match any
         # path and rewrite none.
-        translates = any(b.type != "openai" for b in backends)
+        translates = any(cfg.backends[t.backend].type != "openai" for t in active)
         prefix = "/" if translates else "/v1/"
         if translates:
             action.prefix_rewrite = ""
-        add, strip = _provider_headers(backends[0]) if target and translates else ([], [])
+        add, strip = _provider_headers(cfg.backends[target]) if target and translates else ([], [])
         if model.quota_failover:
             # The sidecar pins a request whose quota is exhausted to the next pool.
             pool1 = pools(model)[1]

@@ -129,5 +129,9 @@ def spoofed_headers(headers: Mapping[str, str]) -> list[str]:
 
 
 def credentials_headers(headers: Mapping[str, str]) -> list[str]:
-    """The client's own key never travels upstream; the backend gets its own credential."""
-    return [name for name in ("authorization", "api-key") if name in headers]
+    """The client's own key never travels upstream; the backend gets its own credential. (So
+    do the key headers of other providers' APIs, which a client may send too.)"""
+    return [name for name in CLIENT_CREDENTIAL_HEADERS if name in headers]
+
+
+CLIENT_CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")

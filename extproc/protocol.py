@@ -11,7 +11,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2, text_format
 
-from .contract import CLUSTER_ATTRIBUTE, HOST_ATTRIBUTE, METADATA_NAMESPACE, backend_from_cluster
+from .contract import (
+    CLUSTER_ATTRIBUTE,
+    CODE_DETAILS_ATTRIBUTE,
+    FROM_BACKEND,
+    HOST_ATTRIBUTE,
+    METADATA_NAMESPACE,
+    backend_from_cluster,
+)
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
@@ -221,6 +228,13 @@ def answering_backend(req: Any) -> str | None:
     cluster = _attribute(req, CLUSTER_ATTRIBUTE)
     backend = backend_from_cluster(cluster) if cluster else None
     return backend if backend is not None else host_backend(req)
+
+
+def from_backend(req: Any) -> bool:
+    """The answer is the backend's, not Envoy's own reply or a stage's immediate response
+    (an Envoy that does not say is taken at its backend's word)."""
+    details = _attribute(req, CODE_DETAILS_ATTRIBUTE)
+    return details is None or details == FROM_BACKEND
 
 
 def host_backend(req: Any) -> str | None:

@@ -135,7 +135,9 @@ def plan(
     if translated:
         assert target is not None
         # The provider's request names its model itself: the rewritten body is not needed.
-        body_bytes: bytes | None = providers.request_body(target, request.body)
+        body_bytes: bytes | None = providers.request_body(
+            target, request.body, request.endpoint.path
+        )
     else:
         body_bytes = orjson.dumps(body) if changed else None
     # (A translated stream always carries its usage: the relay cuts it when not asked for.)

@@ -246,7 +246,7 @@ class Sidecar:
                 return _rejected(exc)
             audit = self.audit_trail if self.audit_trail.log is not None else None
             # The first tokens of backends new to this config, before anything can use them.
-            await old.backend_tokens.configure(runtime)
+            await old.backend_tokens.prepare(runtime)
             fresh = build_services(
                 runtime, tokens, old.quota, old.guard_client, self.tracing, audit,
                 old.backend_tokens,
@@ -254,6 +254,7 @@ class Sidecar:
             if fresh.quota is not old.quota:
                 await self._warm_up_quota_store(fresh.quota)
             self.processor.services = fresh  # one assignment: a stream sees old or new, whole
+            await fresh.backend_tokens.retire(runtime)  # the old config's, no longer served
             RELEASED.horizon_s = released_horizon(fresh.runtime.config)
             CONFIG_RELOADS.labels("applied").inc()
             if fresh.quota is not old.quota:

@@ -109,6 +109,7 @@ def charge(usage: Usage | None, status: int, complete: bool, prompt: int) -> Amo
             usage.completion_tokens,
             cached_input_tokens=usage.cached_tokens,
             cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
         )
     if complete:
         # The backend answered without usage, or refused or failed: it served no tokens.

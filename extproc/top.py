@@ -34,10 +34,10 @@ ACTIVE_STREAMS = "extproc_active_streams"
 SERVED = frozenset({"served", "failed_over"})
 REJECTED = frozenset({"quota_rejected", "rejected", "guard_blocked"})
 ERRORS = frozenset({"error", "backend_error"})
-# The `type` label of extproc_tokens_total: `input` excludes the cached part, so the input
-# column (every prompt token) is their sum.
-INPUT_TYPES = frozenset({"input", "cached_input"})
-OUTPUT_TYPES = frozenset({"output"})
+# The `type` label of extproc_tokens_total: `input` excludes the cached and cache-written parts
+# and `output` the reasoning, so the input and output columns are their sums.
+INPUT_TYPES = frozenset({"input", "cached_input", "cache_write_input"})
+OUTPUT_TYPES = frozenset({"output", "reasoning_output"})
 
 
 class ScrapeError(Exception):

@@ -24,7 +24,9 @@ class UpstreamStream:
     """The per-backend stage inside a cluster: credentials, model name and, for a backend of
     another API, the translated request, for this attempt."""
 
-    __slots__ = ("content_type", "finished", "metadata", "rt", "sign", "target", "tokens")
+    __slots__ = (
+        "content_type", "endpoint", "finished", "metadata", "rt", "sign", "target", "tokens",
+    )  # fmt: skip
 
     def __init__(self, services: Services, metadata: Mapping[str, str]) -> None:
         self.rt = services.runtime
@@ -35,6 +37,7 @@ class UpstreamStream:
         # pool's attempts do not pass, so this stage signs (aws_signing.py).
         self.sign = False
         self.content_type = "application/json"
+        self.endpoint = CHAT.path  # the client's OpenAI endpoint (ENDPOINT_HEADER)
         # True once the request's last phase for this stage is answered: the headers when
         # the body stays as it is, else the body. No response phase is ever sent here.
         self.finished = False
@@ -70,8 +73,8 @@ class UpstreamStream:
                     if not self.sign:
                         remove.extend(SIGNING_HEADERS)
                     self.content_type = headers.get("content-type", self.content_type)
+                    self.endpoint = endpoint = headers.get(ENDPOINT_HEADER, CHAT.path)
                     if not translated:
-                        endpoint = headers.get(ENDPOINT_HEADER, CHAT.path)
                         set_headers[":path"] = providers.backend_path(target, endpoint, False)
                 needs_body = translated or target.provider_model != target.model
                 self.finished = not needs_body
@@ -94,8 +97,8 @@ class UpstreamStream:
                 parsed = orjson.loads(req.request_body.body)
                 if not isinstance(parsed, dict):
                     raise orjson.JSONDecodeError("not a JSON object", "", 0)
-                body = providers.request_body(target, parsed)
-                path = providers.backend_path(target, CHAT.path, parsed.get("stream") is True)
+                body = providers.request_body(target, parsed, self.endpoint)
+                path = providers.backend_path(target, self.endpoint, parsed.get("stream") is True)
                 set_headers = {":path": path}
                 if self.sign:
                     assert target.signing_region is not None

@@ -19,15 +19,20 @@ class Usage:
     source: str = SOURCE_PROVIDER
     # Of the prompt, what the provider wrote to its prompt cache (Anthropic reports it).
     cache_write_tokens: int = 0
+    # Of the completion, the model's reasoning (OpenAI's reasoning_tokens, Gemini's thoughts).
+    reasoning_tokens: int = 0
 
     def as_metadata(self) -> dict[str, Any]:
-        return {
+        out = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
             "cached_tokens": self.cached_tokens,
             "token_source": self.source,
         }
+        if self.reasoning_tokens:  # (most answers have none: no key to carry)
+            out["reasoning_tokens"] = self.reasoning_tokens
+        return out
 
 
 def estimated(prompt: int, output: int | None, max_output: int | None) -> Usage:

@@ -484,12 +484,60 @@ def test_translated_requests_pass_the_fake_and_come_back_as_openai(
     assert out.usage is not None and out.usage.completion_tokens >= 1
 
 
+def lower(headers: dict[str, str]) -> dict[str, str]:
+    """An answer's headers as the sidecar gets them from Envoy: lower-case names."""
+    return {name.lower(): value for name, value in headers.items()}
+
+
 def test_a_refused_translation_reads_as_an_openai_error(port: int) -> None:
-    """The fake's refusal, in Bedrock's shape, becomes the OpenAI error the client gets."""
-    status, _, raw = signed_post(port, MODEL_ID, orjson.dumps({"messages": []}))
-    err = translation.error(status, raw)
-    assert (err.status, err.type) == (400, "invalid_request_error")
+    """The fake's refusal, in Bedrock's shape (`{"message"}`, the exception named in the
+    `x-amzn-errortype` header only), becomes the OpenAI error the client gets."""
+    status, headers, raw = signed_post(port, MODEL_ID, orjson.dumps({"messages": []}))
+    assert set(orjson.loads(raw)) == {"message"}
+    err = translation.PROVIDER.error(status, raw, lower(headers))
+    assert (err.status, err.type, err.code) == (400, "invalid_request_error", "ValidationException")
     assert "user message" in err.message
+
+
+@pytest.mark.parametrize(
+    ("secret", "knobs", "status", "openai_type", "code"),
+    [
+        # By its status alone (403) it would read as AccessDeniedException, a permission error.
+        ("not-the-secret", {}, 403, "authentication_error", "InvalidSignatureException"),
+        (SECRET, {"x_fake_fault": "429"}, 429, "rate_limit_error", "ThrottlingException"),
+        (SECRET, {"x_fake_fault": "503"}, 503, "server_error", "ServiceUnavailableException"),
+    ],
+)
+def test_the_fakes_errors_are_named_by_their_header(
+    port: int, secret: str, knobs: dict[str, str], status: int, openai_type: str, code: str
+) -> None:
+    answer_status, headers, raw = signed_post(
+        port, MODEL_ID, orjson.dumps({"messages": HELLO}), secret=secret, **knobs
+    )
+    assert answer_status == status and "__type" not in orjson.loads(raw)
+    err = translation.PROVIDER.error(answer_status, raw, lower(headers))
+    assert (err.status, err.type, err.code) == (status, openai_type, code)
+
+
+def test_a_tool_call_id_from_another_backend_passes_the_fake(port: int) -> None:
+    """A Gemini tool call id (its thought signature after `~sig~`: longer than Converse's 64
+    characters, and `~` is not among them) is replaced, the same in the toolUse and in the
+    toolResult, so the fake (which checks both, and their pairing) takes the conversation."""
+    gemini_id = "call_" + "0" * 24 + "~sig~" + "ZmFrZS1sbG0gdGhvdWdodCBzaWduYXR1cmU=" * 4
+    conversation = [
+        {**m, "tool_calls": [{**m["tool_calls"][0], "id": gemini_id}]} if m.get("tool_calls")
+        else {**m, "tool_call_id": gemini_id} if m["role"] == "tool" else m
+        for m in CONVERSATION
+    ]  # fmt: skip
+    body = {"model": "claude", "messages": conversation, "tools": OPENAI_TOOLS}
+    request = translation.converse_request(body, 64)
+    status, _, raw = signed_post(port, MODEL_ID, orjson.dumps(request))
+    assert status == 200, raw
+    # Sent as it is, the fake refuses it, as Bedrock does.
+    request["messages"][1]["content"][0]["toolUse"]["toolUseId"] = gemini_id
+    request["messages"][2]["content"][0]["toolResult"]["toolUseId"] = gemini_id
+    status, headers, raw = signed_post(port, MODEL_ID, orjson.dumps(request))
+    assert status == 400 and lower(headers)["x-amzn-errortype"].startswith("ValidationException")
 
 
 @pytest.mark.parametrize("split", ["random", "1"])

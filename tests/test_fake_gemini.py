@@ -21,6 +21,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from extproc.devtools.fake_llm import FakeLLMSettings
 from extproc.devtools.fake_llm import gemini as fake
 from extproc.devtools.fake_llm.identity import GOOGLE_SCOPE, GOOGLE_TOKEN_URI, JWT_BEARER
+from extproc.errors import GatewayError
 from extproc.providers import gemini as translation
 from extproc.wire.openai.answer import error_body
 
@@ -543,8 +544,90 @@ def test_a_streamed_forced_call_translated(port: int) -> None:
 
 def test_the_openai_shape_of_the_fakes_errors(port: int) -> None:
     status, answer = post(port, {"contents": []})
-    err = translation.PROVIDER.error(status, orjson.dumps(answer))
+    err = translation.PROVIDER.error(status, orjson.dumps(answer), {})
     assert (err.status, err.type, err.code) == (400, "invalid_request_error", "INVALID_ARGUMENT")
     assert orjson.loads(error_body(err.message, err.type, err.code))["error"]["message"] == (
         "* GenerateContentRequest.contents: contents is not specified"
     )
+
+
+# -- thought signatures of calls another backend made --------------------------------------------
+
+GEMINI_3 = "gemini-3-pro-preview"
+
+
+def _path(model: str) -> str:
+    return f"/v1beta/models/{model}:generateContent"
+
+
+def test_a_gemini_3_model_refuses_a_current_call_without_its_signature(port: int) -> None:
+    """CONVERSATION's calls were made by another backend (no `~sig~` in their ids)."""
+    body = {"model": "gem", "messages": CONVERSATION, "tools": TOOLS}
+    unsigned = translation.generate_content_request(body, 64, MODEL)  # no placeholder: 2.5
+    assert "thoughtSignature" not in unsigned["contents"][1]["parts"][0]
+    status, answer = post(port, unsigned, _path(MODEL))
+    assert status == 200, answer  # Gemini 2.5 does not validate signatures
+    status, answer = post(port, unsigned, _path(GEMINI_3))
+    assert status == 400 and answer["error"]["status"] == "INVALID_ARGUMENT"
+    assert "missing a thought_signature" in answer["error"]["message"]
+    assert "`weather` , position 2" in answer["error"]["message"]
+    # The gateway's translation for that model: Google's placeholder on the first call.
+    signed = translation.generate_content_request(body, 64, GEMINI_3)
+    parts = signed["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in parts] == [translation.PLACEHOLDER_SIGNATURE, None]
+    status, answer = post(port, signed, _path(GEMINI_3))
+    assert status == 200, answer
+
+
+def test_only_the_current_turn_is_checked(port: int) -> None:
+    """An unsigned call of an earlier turn (before the last user message) is not refused."""
+    earlier = [*CONVERSATION, {"role": "assistant", "content": "Sunny."},
+               {"role": "user", "content": "Thanks!"}]  # fmt: skip
+    body = {"model": "gem", "messages": earlier, "tools": TOOLS}
+    request = translation.generate_content_request(body, 64, GEMINI_3)
+    assert not any("thoughtSignature" in p for c in request["contents"] for p in c["parts"])
+    status, answer = post(port, request, _path(GEMINI_3))
+    assert status == 200, answer
+
+
+# -- what the gateway refuses before sending, the fake (as Gemini) refuses too --------------------
+
+
+def _image(media_type: str) -> dict[str, Any]:
+    url = f"data:{media_type};base64,{PNG}"
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+
+
+@pytest.mark.parametrize(
+    ("openai", "gemini_request", "param"),
+    [
+        ({"messages": [{"role": "system", "content": "x"}]},
+         {"contents": []}, "messages"),
+        ({"seed": 2**31}, {"contents": [user("x")], "generationConfig": {"seed": 2**31}}, "seed"),
+        ({"n": 9}, {"contents": [user("x")], "generationConfig": {"candidateCount": 9}}, "n"),
+        ({"max_tokens": 0}, {"contents": [user("x")], "generationConfig": {"maxOutputTokens": 0}},
+         "max_tokens"),
+        ({"messages": [_image("image/gif")]},
+         {"contents": [{"role": "user", "parts": [
+             {"inlineData": {"mimeType": "image/gif", "data": PNG}}]}]},
+         "messages[0].content[0].image_url"),
+    ],
+    ids=["system-only", "seed", "n", "max-tokens-0", "gif"],
+)  # fmt: skip
+def test_what_gemini_refuses_is_refused_before_it_is_sent(
+    port: int, openai: dict[str, Any], gemini_request: dict[str, Any], param: str
+) -> None:
+    body = {"model": "gem", "messages": [{"role": "user", "content": "x"}], **openai}
+    with pytest.raises(GatewayError) as caught:
+        translation.generate_content_request(body, 64, MODEL)
+    assert (caught.value.status, caught.value.param) == (400, param)
+    status, answer = post(port, gemini_request)
+    assert status == 400 and answer["error"]["status"] == "INVALID_ARGUMENT", answer
+
+
+@pytest.mark.parametrize("media_type", ["image/png", "image/jpeg", "image/jpg", "image/webp",
+                                        "image/heic", "image/heif"])  # fmt: skip
+def test_the_image_types_gemini_takes_pass_the_fake(port: int, media_type: str) -> None:
+    body = {"model": "gem", "messages": [_image(media_type)]}
+    status, answer = post(port, translation.generate_content_request(body, 64, MODEL))
+    assert status == 200, answer

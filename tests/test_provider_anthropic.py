@@ -468,7 +468,7 @@ def test_a_translated_backend_serves_chat_models_only_for_now() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(provider_config(type="embedding"))
     (where, problem), *_ = caught.value.problems
-    assert where == "models.claude.targets" and "chat completions only" in problem
+    assert where == "models.claude.targets" and "cannot serve /v1/embeddings" in problem
 
 
 def test_a_canary_or_pool_may_mix_apis_and_their_urls_paths() -> None:
@@ -541,3 +541,49 @@ def test_cached_and_written_input_are_priced_apart() -> None:
 
     spec = LimitSpec("budget", "usd", "day", 10**9, frozenset({"claude"}), False)
     assert amount(spec, amounts, Cfg(), "claude") == math.ceil(expected)  # type: ignore[arg-type]
+
+
+def test_reasoning_output_is_priced_apart_when_a_price_says_so() -> None:
+    from extproc.config import Price
+    from extproc.settlement import charge
+    from extproc.usage import Usage
+    from extproc.wire.openai.answer import usage
+
+    report = usage(
+        {"prompt_tokens": 10, "completion_tokens": 50, "total_tokens": 60,
+         "completion_tokens_details": {"reasoning_tokens": 30}}
+    )  # fmt: skip
+    assert report == Usage(10, 50, 60, reasoning_tokens=30)
+    assert charge(report, 200, True, 0).reasoning_tokens == 30
+    priced = Price(input=1.0, output=4.0, reasoning=8.0)
+    assert priced.micro_usd(10, 50, reasoning=30) == pytest.approx(10 + 20 * 4.0 + 30 * 8.0)
+    assert Price(input=1.0, output=4.0).micro_usd(10, 50, reasoning=30) == pytest.approx(210)
+
+
+def test_a_parked_target_neither_adapts_the_model_nor_names_its_route_headers() -> None:
+    """Weight 0 serves nothing: the route of the one active (Anthropic) backend adds its
+    version header; a parked Anthropic beside an active OpenAI backend changes nothing."""
+    from extproc.config import build_runtime, parse_config
+    from extproc.envoy_config import routes, to_dict
+
+    parked_openai = {
+        "targets": [
+            {"backend": "openai", "weight": 0},
+            {"backend": "claude-api", "model": MODEL, "weight": 1},
+        ]
+    }
+    cfg = parse_config(provider_config(**parked_openai))
+    (route,) = [
+        r for r in to_dict(routes(cfg))["virtualHosts"][0]["routes"] if r["name"] == "model:claude"
+    ]
+    assert route["requestHeadersToAdd"][0]["header"] == {
+        "key": "anthropic-version",
+        "value": "2023-06-01",
+    }
+    parked_claude = {
+        "targets": [
+            {"backend": "openai", "weight": 1},
+            {"backend": "claude-api", "model": MODEL, "weight": 0},
+        ]
+    }
+    assert "claude" not in build_runtime(parse_config(provider_config(**parked_claude))).adapted

@@ -299,6 +299,12 @@ def test_an_image_url_and_odd_formats_are_refused() -> None:
         ({"messages": [{"role": "user", "content": ["hi"]}]}, None),  # not OpenAI's shape
         ({"messages": [{"role": "tool", "content": "x"}]}, None),  # no tool_call_id
         ({"temperature": "hot"}, None),
+        # 0 is below OpenAI's (and Converse's) minimum, never taken as "unset".
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0, "max_tokens": 10}, "max_completion_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_completion_tokens": True}, "max_completion_tokens"),
     ],
 )  # fmt: skip
 def test_what_bedrock_cannot_do_as_asked_is_refused(
@@ -308,6 +314,50 @@ def test_what_bedrock_cannot_do_as_asked_is_refused(
     assert err.param == param
     if param is None:
         assert err.code == "invalid_request"
+
+
+def test_max_completion_tokens_wins_and_a_zero_is_named() -> None:
+    config = translate(max_completion_tokens=7, max_tokens=99)["inferenceConfig"]
+    assert config == {"maxTokens": 7}
+    err = refused(max_tokens=0)
+    assert err.code == "integer_below_min_value" and "got 0" in err.message
+
+
+def call(call_id: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call_id",
+    [
+        "call_" + "a" * 24 + "~sig~" + "Q2lnbmF0dXJl" * 40,  # a Gemini id, signature and all
+        "x" * 65,
+        "call with spaces",
+        "",
+    ],
+)
+def test_a_tool_call_id_converse_would_refuse_is_replaced_the_same_in_use_and_result(
+    call_id: str,
+) -> None:
+    out = translate(
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call(call_id)]},
+            {"role": "tool", "tool_call_id": call_id, "content": "sunny"},
+        ],
+    )
+    use = out["messages"][1]["content"][0]["toolUse"]["toolUseId"]
+    result = out["messages"][2]["content"][0]["toolResult"]["toolUseId"]
+    assert use == result == bedrock.tool_use_id(call_id)
+    assert bedrock.TOOL_USE_ID.match(use) and use.startswith("t_") and len(use) == 42
+
+
+def test_a_tool_call_id_converse_takes_is_kept() -> None:
+    for call_id in ("call_abc", "tooluse_x.y:z-1", "a" * 64):
+        assert bedrock.tool_use_id(call_id) == call_id
+    assert bedrock.tool_use_id("a" * 65) != bedrock.tool_use_id("a" * 66)
 
 
 def test_arguments_that_are_not_json_are_refused() -> None:
@@ -423,7 +473,7 @@ def test_stop_reasons(reason: str, finish: str) -> None:
         (429, {"message": "slow down"}, 429, "rate_limit_error", "ThrottlingException"),
         (500, {"message": "oops"}, 500, "server_error", "InternalServerException"),
         (503, {"message": "down"}, 503, "server_error", "ServiceUnavailableException"),
-        # The exception named in the body wins over the status.
+        # The exception named in a body (some answers, and older services) wins over the status.
         (429, {"__type": "com.amazon.bedrock#ModelNotReadyException", "message": "wait"}, 503,
          "server_error", "ModelNotReadyException"),
         (503, {"__type": "ServiceUnavailableException", "Message": "down"}, 503, "server_error",
@@ -436,13 +486,59 @@ def test_stop_reasons(reason: str, finish: str) -> None:
 def test_errors_in_openais_shape(
     status: int, body: dict[str, Any], client_status: int, openai_type: str, code: str
 ) -> None:
-    err = bedrock.PROVIDER.error(status, orjson.dumps(body))
+    err = bedrock.PROVIDER.error(status, orjson.dumps(body), {})
     assert (err.status, err.type, err.code) == (client_status, openai_type, code)
     assert err.message == body.get("message", body.get("Message"))
 
 
+# The exceptions whose status (botocore's service model for bedrock-runtime) would read as
+# another: only their name, in the `x-amzn-errortype` header of a `{"message"}` body, tells.
+@pytest.mark.parametrize(
+    ("status", "errortype", "client_status", "openai_type", "code"),
+    [
+        (429, "ModelNotReadyException:http://internal.amazon.com/coral/com.amazon.bedrock/", 503,
+         "server_error", "ModelNotReadyException"),
+        (400, "ServiceQuotaExceededException:http://internal.amazon.com/coral/com.amazon.bedrock/",
+         429, "rate_limit_error", "ServiceQuotaExceededException"),
+        (403, "UnrecognizedClientException:http://internal.amazon.com/coral/com.amazon.coral.service/",
+         403, "authentication_error", "UnrecognizedClientException"),
+        (403, "com.amazon.coral.service#ExpiredTokenException", 403, "authentication_error",
+         "ExpiredTokenException"),
+        (400, "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/", 400,
+         "invalid_request_error", "ValidationException"),
+        (424, "ModelErrorException:http://internal.amazon.com/coral/com.amazon.bedrock/", 502,
+         "server_error", "ModelErrorException"),
+        (400, "ConflictException", 400, "invalid_request_error", "ConflictException"),
+    ],
+)  # fmt: skip
+def test_the_exception_named_in_the_errortype_header(
+    status: int, errortype: str, client_status: int, openai_type: str, code: str
+) -> None:
+    body = orjson.dumps({"message": "why"})
+    err = bedrock.PROVIDER.error(status, body, {"x-amzn-errortype": errortype})
+    assert (err.status, err.type, err.code, err.message) == (
+        client_status, openai_type, code, "why"
+    )  # fmt: skip
+    # What the client gets through the registry, which passes the answer's headers on.
+    from extproc.providers import registry
+
+    rendered_status, rendered = registry.answer(
+        "bedrock", "claude", status, body, headers={"x-amzn-errortype": errortype}
+    )
+    assert rendered_status == client_status
+    assert orjson.loads(rendered)["error"]["code"] == code
+
+
+def test_the_header_wins_over_a_body_naming_another_exception() -> None:
+    body = orjson.dumps({"__type": "ValidationException", "message": "m"})
+    err = bedrock.error(429, body, {"x-amzn-errortype": "ModelNotReadyException:http://x/"})
+    assert (err.status, err.code) == (503, "ModelNotReadyException")
+    err = bedrock.error(429, body, {"x-amzn-errortype": ""})  # an empty header names nothing
+    assert (err.status, err.code) == (400, "ValidationException")
+
+
 def test_an_error_that_is_not_bedrocks_json() -> None:
-    err = bedrock.error(502, b"<html>bad gateway</html>")
+    err = bedrock.error(502, b"<html>bad gateway</html>", {})
     assert (err.status, err.type, err.code) == (502, "server_error", "provider_502")
     assert "502" in err.message
 

@@ -86,6 +86,14 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
     }
     config["models"]["gemini"] = {"targets": [{"backend": "gemini", "model": GEMINI_MODEL}]}
     config["models"]["gemini-vertex"] = {"targets": [{"backend": "vertex", "model": GEMINI_MODEL}]}
+    config["models"]["gemini-embedding"] = {
+        "type": "embedding",
+        "targets": [{"backend": "gemini", "model": "gemini-embedding-001"}],
+    }
+    config["models"]["titan-embedding"] = {
+        "type": "embedding",
+        "targets": [{"backend": "bedrock", "model": "amazon.titan-embed-text-v2:0"}],
+    }
     config["models"]["gpt-then-vertex"] = {
         "targets": [
             {"backend": "openai-overloaded", "model": OPENAI_MODEL, "priority": 0},
@@ -166,6 +174,10 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
             "api_key": {"env": "TEST_BACKEND_B_KEY"},
             "eject_after_failures": 1000,
         }
+    config["backends"]["anthropic-slow"] = {**config["backends"]["anthropic"], "timeout_s": 1}
+    config["models"]["claude-slow"] = {
+        "targets": [{"backend": "anthropic-slow", "model": PROVIDER_MODEL}]
+    }
     config["models"]["claude-then-gpt"] = {
         "targets": [
             {"backend": "anthropic-overloaded", "model": PROVIDER_MODEL, "priority": 0},
@@ -625,3 +637,57 @@ def test_a_failover_from_bedrock_leaves_no_signature_on_the_next_attempt(gw: Gat
     assert sent["path"] == "/v1/chat/completions"
     assert sent["headers"]["authorization"] == f"Bearer {BACKEND_A_SECRET}"
     assert not [h for h in sent["headers"] if h.startswith("x-amz-")]
+
+
+def test_envoys_own_reply_is_not_taken_for_the_providers(gw: Gateway) -> None:
+    """A timeout is Envoy's answer, already the gateway's OpenAI error: it reaches the client
+    as it is, not read as an Anthropic error."""
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(gw).chat.completions.create(
+            model="claude-slow",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-fault": "stall"},
+        )
+    assert caught.value.status_code == 504
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "response_timeout", body
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+
+def test_embeddings_from_gemini_in_openais_shape(gw: Gateway) -> None:
+    """The openai SDK asks for base64 vectors by default: the translation encodes them as OpenAI
+    does. Gemini reports no count: the gateway's own is charged."""
+    raw = client(gw).embeddings.with_raw_response.create(
+        model="gemini-embedding", input=["hello world", "bye"], dimensions=8
+    )
+    result = raw.parse()
+    assert [d.index for d in result.data] == [0, 1]
+    assert all(len(d.embedding) == 8 for d in result.data)
+    assert raw.headers["x-aigw-token-source"] == "estimate"
+    sent = last_sent(gw)
+    assert sent["path"] == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+    assert [r["content"]["parts"][0]["text"] for r in sent["body"]["requests"]] == [
+        "hello world",
+        "bye",
+    ]
+
+
+def test_embeddings_from_bedrock_titan_signed_by_envoy(gw: Gateway) -> None:
+    raw = client(gw).embeddings.with_raw_response.create(
+        model="titan-embedding", input="hello world", dimensions=256, encoding_format="float"
+    )
+    result = raw.parse()
+    assert len(result.data) == 1 and len(result.data[0].embedding) == 256
+    assert result.usage.prompt_tokens > 0
+    assert raw.headers["x-aigw-token-source"] == "provider"
+    sent = last_sent(gw)
+    assert sent["path"] == "/model/amazon.titan-embed-text-v2:0/invoke"
+    assert sent["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 ")
+
+
+def test_what_titan_cannot_embed_is_refused_before_the_call(gw: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(gw).embeddings.create(model="titan-embedding", input=["one", "two"])
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "input"

@@ -21,9 +21,11 @@ from .test_provider_anthropic import PNG
 MODEL = "gemini-2.5-flash"
 
 
-def translate(**body: Any) -> dict[str, Any]:
+def translate(provider_model: str | None = None, **body: Any) -> dict[str, Any]:
     return gemini.generate_content_request(
-        {"model": "gem", "messages": [{"role": "user", "content": "hi"}], **body}, 4096
+        {"model": "gem", "messages": [{"role": "user", "content": "hi"}], **body},
+        4096,
+        provider_model,
     )
 
 
@@ -203,10 +205,22 @@ def test_the_path_at_the_gemini_api_and_at_vertex() -> None:
     )
     assert provider.name == "gemini" and provider.request_headers == {}
     assert provider.stream_content_type == "text/event-stream"
-    assert provider.request(target("/v1beta"), {"model": "gem", "messages": []}) == {
-        "contents": [],
+    assert provider.request(target("/v1beta"), {"model": "gem", "messages": [
+        {"role": "user", "content": "hi"}]}) == {
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
         "generationConfig": {"maxOutputTokens": 4096},
-    }
+    }  # fmt: skip
+
+
+def test_the_client_cannot_choose_the_google_project_billed() -> None:
+    """`x-goog-user-project` would bill another project's quota than the credential's: every
+    backend's request loses it (a failover attempt starts from the last one's headers)."""
+    from extproc.providers import registry
+
+    assert gemini.PROVIDER.strip_headers == ("x-goog-user-project",)
+    for provider_type in ("gemini", "openai", "anthropic", "bedrock", "azure"):
+        own, removed = registry.request_headers(provider_type)
+        assert "x-goog-user-project" in removed and "x-goog-user-project" not in own
 
 
 @pytest.mark.parametrize(
@@ -267,9 +281,20 @@ def test_response_format(response_format: dict[str, Any], expected: dict[str, An
 
 def test_n_is_gemini_candidate_count_but_not_for_a_stream() -> None:
     assert translate(n=3)["generationConfig"]["candidateCount"] == 3
+    assert translate(n=8)["generationConfig"]["candidateCount"] == 8
     with pytest.raises(GatewayError) as caught:
         translate(n=3, stream=True)
     assert (caught.value.status, caught.value.param) == (400, "n")
+
+
+def test_max_completion_tokens_wins_and_a_zero_is_named() -> None:
+    config = translate(max_completion_tokens=7, max_tokens=99)["generationConfig"]
+    assert config == {"maxOutputTokens": 7}
+    for name in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(GatewayError) as caught:
+            translate(**{name: 0})
+        err = caught.value
+        assert (err.status, err.code, err.param) == (400, "integer_below_min_value", name)
 
 
 def test_tool_results_name_the_function_of_the_call_they_answer() -> None:
@@ -290,7 +315,12 @@ def test_tool_results_name_the_function_of_the_call_they_answer() -> None:
             "role": "model",
             "parts": [
                 # Arguments that are not an object are wrapped (Gemini's args are an object).
-                {"functionCall": {"name": "f", "args": {"value": [1]}}},
+                # Calls Gemini did not make have no signature: the first gets Google's
+                # placeholder, for a model that may validate signatures (not known here).
+                {
+                    "functionCall": {"name": "f", "args": {"value": [1]}},
+                    "thoughtSignature": "skip_thought_signature_validator",
+                },
                 {"functionCall": {"name": "g", "args": {}}},
             ],
         },
@@ -303,6 +333,63 @@ def test_tool_results_name_the_function_of_the_call_they_answer() -> None:
             ],
         },
     ]
+
+
+def foreign_call(call_id: str, name: str = "weather") -> dict[str, Any]:
+    """A tool call another backend made (an id without a Gemini thought signature)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+
+def conversation_of_steps() -> list[dict[str, Any]]:
+    """An earlier turn with a call, then the current turn: two steps of calls, their results."""
+    return [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "tool_calls": [foreign_call("toolu_1")]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "cold"},
+        {"role": "assistant", "content": "Cold."},
+        {"role": "user", "content": "and in Paris and Rome, and the time?"},
+        {"role": "assistant", "tool_calls": [foreign_call("toolu_2"), foreign_call("toolu_3")]},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "mild"},
+        {"role": "tool", "tool_call_id": "toolu_3", "content": "warm"},
+        {"role": "assistant", "tool_calls": [foreign_call("toolu_4", "clock")]},
+        {"role": "tool", "tool_call_id": "toolu_4", "content": "noon"},
+    ]
+
+
+@pytest.mark.parametrize("model", ["gemini-3-pro-preview", "gemini-3.1-flash", None,
+                                   "publishers/google/models/gemini-3-flash-preview"])  # fmt: skip
+def test_calls_another_backend_made_get_the_placeholder_signature_in_the_current_turn(
+    model: str | None,
+) -> None:
+    contents = translate(model, tools=[WEATHER], messages=conversation_of_steps())["contents"]
+    signatures = [
+        [p.get("thoughtSignature") for p in turn["parts"] if "functionCall" in p]
+        for turn in contents
+        if turn["role"] == "model"
+    ]
+    placeholder = gemini.PLACEHOLDER_SIGNATURE
+    assert placeholder == "skip_thought_signature_validator"
+    # The earlier turn is left as it was; in the current one, the first call of each step.
+    assert signatures == [[None], [], [placeholder, None], [placeholder]]
+
+
+@pytest.mark.parametrize("model", ["gemini-2.5-flash", "gemini-2.0-flash-001", "gemini-1.5-pro",
+                                   "gemma-3-27b-it", "tunedModels/mine"])  # fmt: skip
+def test_models_that_do_not_validate_signatures_get_no_placeholder(model: str) -> None:
+    contents = translate(model, tools=[WEATHER], messages=conversation_of_steps())["contents"]
+    assert not any("thoughtSignature" in p for turn in contents for p in turn["parts"])
+
+
+def test_a_real_signature_is_never_replaced() -> None:
+    signed = foreign_call("call_1~sig~c2lnbmF0dXJl")
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "tool_calls": [signed, foreign_call("call_2")]},
+        {"role": "tool", "tool_call_id": signed["id"], "content": "x"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "y"},
+    ]
+    parts = translate("gemini-3-pro-preview", messages=messages)["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in parts] == ["c2lnbmF0dXJl", None]
 
 
 def test_a_tool_result_for_no_known_call_is_refused() -> None:
@@ -413,6 +500,42 @@ def test_a_thought_signature_rides_in_the_tool_call_id() -> None:
         ({"messages": [{"role": "tool", "content": "x"}]}, None),  # no tool_call_id
         ({"temperature": "hot"}, None),
         ({"seed": 1.5}, None),
+        # What Gemini would refuse, refused before any quota is reserved for it.
+        ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "  "}]}, "messages"),
+        ({"seed": 2**31}, "seed"),
+        ({"seed": -(2**31) - 1}, "seed"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/bmp;base64,Qk"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url",
+        ),
     ],
 )
 def test_what_gemini_cannot_do_as_asked_is_refused(
@@ -489,8 +612,14 @@ def test_an_answer_with_calls_thoughts_and_cached_input() -> None:
         ("BLOCKLIST", "content_filter"),
         ("PROHIBITED_CONTENT", "content_filter"),
         ("SPII", "content_filter"),
-        ("MALFORMED_FUNCTION_CALL", "stop"),
+        ("LANGUAGE", "content_filter"),
+        ("IMAGE_SAFETY", "content_filter"),
+        ("MODEL_ARMOR", "content_filter"),
+        ("ESCALATION", "content_filter"),
+        ("PUP_LIMITED_DISABLED", "content_filter"),
+        ("CONTINUATION", "length"),
         ("OTHER", "stop"),
+        ("FINISH_REASON_UNSPECIFIED", "stop"),
         (None, "stop"),
     ],
 )
@@ -501,6 +630,50 @@ def test_finish_reasons(reason: str | None, finish: str) -> None:
     out = gemini.chat_completion({"candidates": [candidate]}, "gem")
     assert out["choices"][0]["finish_reason"] == finish
     assert "usage" not in out
+
+
+@pytest.mark.parametrize("reason", sorted(gemini.FAILED))
+def test_a_generation_gemini_ended_as_failed_is_a_502_not_an_answer(reason: str) -> None:
+    from extproc.providers import registry
+
+    candidate = {"content": {"parts": [{"text": "x"}]}, "finishReason": reason,
+                 "finishMessage": "Malformed function call: print(x"}  # fmt: skip
+    answer = {"candidates": [candidate], "usageMetadata": {"promptTokenCount": 3}}
+    with pytest.raises(GatewayError) as caught:
+        gemini.chat_completion(answer, "gem")
+    err = caught.value
+    assert (err.status, err.type, err.code) == (502, "server_error", reason)
+    assert reason in err.message and "print(x" in err.message
+    # What the client gets: the error, not the answer.
+    status, body = registry.answer("gemini", "gem", 200, orjson.dumps(answer))
+    assert status == 502 and body is not None
+    assert orjson.loads(body)["error"]["code"] == reason
+
+
+def test_one_failed_candidate_fails_the_answer() -> None:
+    ok = {"content": {"parts": [{"text": "fine"}]}, "finishReason": "STOP", "index": 0}
+    bad = {"finishReason": "MALFORMED_RESPONSE", "index": 1}
+    with pytest.raises(GatewayError) as caught:
+        gemini.chat_completion({"candidates": [ok, bad]}, "gem")
+    assert caught.value.code == "MALFORMED_RESPONSE"
+
+
+def test_every_finish_reason_of_google_genai_is_known() -> None:
+    """Each FinishReason google-genai knows is one of: filtered, cut, failed, or `stop`."""
+    from google.genai import types
+
+    for reason in types.FinishReason:
+        name = reason.value
+        if name in gemini.FAILED:
+            continue
+        expected = (
+            "content_filter" if name in gemini._FILTERED
+            else "length" if name in gemini._CUT
+            else "stop"
+        )  # fmt: skip
+        assert gemini.finish_reason(name, False) == expected
+    assert {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "MISSING_THOUGHT_SIGNATURE",
+            "MALFORMED_RESPONSE"} <= gemini.FAILED  # fmt: skip
 
 
 def test_a_call_cut_by_the_token_limit_is_length() -> None:
@@ -583,7 +756,7 @@ def test_errors_in_openais_shape(
     body = orjson.dumps(
         {"error": {"code": status, "message": "why", "status": name, "details": [{"@type": "x"}]}}
     )
-    err = gemini.error(status, body)
+    err = gemini.PROVIDER.error(status, body, {})
     assert (err.status, err.type, err.code, err.message) == (
         client_status,
         openai_type,
@@ -804,6 +977,49 @@ def test_an_error_in_the_stream_ends_it_as_openais_error_chunk() -> None:
     assert translator.usage is None
     partial = translator.partial_usage
     assert partial is not None and (partial.prompt_tokens, partial.completion_tokens) == (30, 1)
+
+
+@pytest.mark.parametrize("reason", ["MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL"])
+def test_a_failed_generation_ends_the_stream_as_openais_error_chunk(reason: str) -> None:
+    from extproc.providers import registry
+    from extproc.wire.openai import OPENAI
+
+    stream = events(
+        {
+            "candidates": [{"content": {"parts": [{"text": "Let me call"}]}}],
+            "usageMetadata": _prompt_only(30),
+        },
+        {
+            "candidates": [{"finishReason": reason, "finishMessage": "bad call"}],
+            "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 9},
+        },
+    )
+    translator = gemini.StreamTranslator("gem")
+    out = translator.feed(stream)
+    assert out.endswith(b"data: [DONE]\n\n") and translator.done
+    last = chunks(out)[-1]
+    assert last["error"]["code"] == reason and last["error"]["type"] == "server_error"
+    assert not any(c.get("choices") and c["choices"][0]["finish_reason"] for c in chunks(out))
+    failed = translator.failed
+    assert failed is not None and (failed.status, failed.code) == (502, reason)
+    # No usage chunk: what Gemini reported is charged as the stream's partial usage.
+    assert translator.usage is None
+    partial = translator.partial_usage
+    assert partial is not None and (partial.prompt_tokens, partial.completion_tokens) == (30, 9)
+    relay = registry.TranslatedStream(gemini.PROVIDER.stream("gem"), OPENAI.stream_relay(False))
+    relay.feed(stream, True)
+    assert relay.error_code == reason and relay.usage is None
+
+
+def test_a_finish_reason_that_is_not_a_string_does_not_raise() -> None:
+    for reason in ([], {"a": 1}, 3):
+        stream = events({"candidates": [{"content": {"parts": [{"text": "x"}]},
+                                         "finishReason": reason}]})  # fmt: skip
+        translator = gemini.StreamTranslator("gem")
+        translator.feed(stream)
+        assert translator.failed is None
+        answer = {"candidates": [{"content": {"parts": [{"text": "x"}]}, "finishReason": reason}]}
+        assert gemini.chat_completion(answer, "gem")["choices"][0]["finish_reason"] == "stop"
 
 
 def test_what_is_not_gemini_json_is_skipped() -> None:

@@ -82,6 +82,21 @@ def test_prompt_fields_hash_always_text_only_when_enabled_and_masked() -> None:
     assert full["prompt"] == ["mail [EMAIL]", "key [SECRET] now"]
 
 
+def test_each_token_is_counted_once_by_what_it_is_priced_as() -> None:
+    """extproc_tokens: plain, cached and cache-written input, plain and reasoning output."""
+    report = RequestReport(started_at=0.0, team="a", model="m", endpoint="/v1/chat/completions")
+    report.status, report.backend = 200, "b"
+    kinds = ("input", "cached_input", "cache_write_input", "output", "reasoning_output")
+
+    def counts() -> list[float]:
+        return [metrics.TOKENS.labels("a", "m", "b", k, "provider")._value.get() for k in kinds]
+
+    before = counts()
+    report.count_usage(CONFIG, Usage(1000, 100, 1100, 400, cache_write_tokens=50,
+                                     reasoning_tokens=60))  # fmt: skip
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [550, 400, 50, 40, 60]
+
+
 def test_audit_record_and_usage_counts() -> None:
     report = RequestReport(started_at=0.0, team="a", model="m", endpoint="/v1/chat/completions")
     report.status, report.backend = 200, "b"
@@ -101,6 +116,8 @@ def test_audit_record_and_usage_counts() -> None:
         "input": 1000,
         "output": 100,
         "cached_input": 400,
+        "cache_write_input": 0,
+        "reasoning_output": 0,
         "total": 1100,
         "source": "provider",
     }

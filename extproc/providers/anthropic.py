@@ -24,6 +24,7 @@ from ..wire.openai.answer import error_body
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
+    from .base import Embeddings
 
 PATH = "/v1/messages"
 API_VERSION = "2023-06-01"
@@ -568,6 +569,7 @@ class Anthropic:
     # Beta features of Anthropic's API: the OpenAI client's request did not ask for them.
     strip_headers: tuple[str, ...] = ("anthropic-beta",)
     stream_content_type = "text/event-stream"
+    embeddings: Embeddings | None = None
 
     def path(self, target: ResolvedTarget, stream: bool) -> str:
         return f"{target.base_path}{PATH.removeprefix('/v1')}"
@@ -578,8 +580,10 @@ class Anthropic:
     def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
         return chat_completion(answer, model)
 
-    def error(self, status: int, body: bytes) -> GatewayError:
-        return error(status, body)
+    def error(
+        self, status: int, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> GatewayError:
+        return error(status, body)  # Anthropic names its errors in the body only
 
     def stream(self, model: str) -> StreamTranslator:
         # Anthropic always reports usage; the relay cuts the chunk if not asked for.

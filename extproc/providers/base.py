@@ -43,8 +43,34 @@ class StreamTranslator(Protocol):
         ...
 
 
+class Embeddings(Protocol):
+    """A provider's embeddings behind OpenAI's `/v1/embeddings`."""
+
+    def path(self, target: ResolvedTarget) -> str:
+        """The request's path at the backend (the backend URL's path included)."""
+        ...
+
+    def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
+        """A validated OpenAI embeddings body (`input`: a string or a list of strings;
+        `dimensions`, `encoding_format`, `user`) as the provider's request for
+        `target.provider_model`. Raises a 400 GatewayError naming the parameter for what the
+        provider cannot do as asked (token-array inputs, too many inputs for one call, ...)."""
+        ...
+
+    def answer(
+        self, answer: dict[str, Any], model: str, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """The provider's 2xx JSON answer as OpenAI's embeddings list (`object: list`, `data`
+        of `{object: embedding, index, embedding}` in input order, `model`), with `usage`
+        (`prompt_tokens`, `total_tokens`) only when the provider reported a count (in its
+        body, or in `headers`: the answer's response headers); the gateway settles an answer
+        without usage at its own count of the input."""
+        ...
+
+
 class Provider(Protocol):
-    """One provider's API behind OpenAI's chat completions."""
+    """One provider's API behind OpenAI's chat completions (and embeddings, where it has
+    them)."""
 
     name: str  # the backend `type` that selects it
     # Headers every request to it carries (an API version), and headers of the client's
@@ -67,14 +93,21 @@ class Provider(Protocol):
 
     def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
         """The provider's 2xx JSON answer as an OpenAI chat completion for the client's
-        `model` name (usage included when the provider reported it)."""
+        `model` name (usage included when the provider reported it). Raises a GatewayError
+        (a 5xx) for a 2xx answer that is the provider's failure rather than an answer (a
+        generation the provider ended as failed), which the client gets instead."""
         ...
 
-    def error(self, status: int, body: bytes) -> GatewayError:
+    def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
         """The provider's error answer as the client's error: status (a status OpenAI clients
         do not know mapped to one they do), message, OpenAI error type, and the provider's
-        own error type as the code."""
+        own error type as the code. `headers`: the answer's response headers (lower-case
+        names), where some providers name the error (AWS's `x-amzn-errortype`); the registry
+        always passes them (an implementation may default them to none for direct callers)."""
         ...
+
+    # None: the provider has no embeddings the gateway translates to.
+    embeddings: Embeddings | None
 
     def stream(self, model: str) -> StreamTranslator:
         """A translator for one streamed answer, for the client's `model` name; it always

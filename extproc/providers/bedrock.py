@@ -24,18 +24,32 @@ leaves a choice:
   sent (`requestMetadata` only takes a restricted alphabet, and a tier is the operator's choice).
 - `top_p: 1` is left out (its neutral value, sent by many clients with a temperature, which
   recent Claude models on Bedrock refuse together with one).
+- `max_completion_tokens` / `max_tokens`: `maxTokens` (the former when both are set); absent,
+  the backend's `max_tokens`. A value below 1 is refused (400 naming it, as OpenAI refuses it;
+  Converse's `maxTokens` has a minimum of 1), never replaced by the default.
+- Tool call ids: Converse's `toolUseId` must match `[a-zA-Z0-9_.:-]{1,64}` (the service
+  model). An OpenAI `tool_call_id` that does not (one made by another backend of a failover
+  pool, e.g. a Gemini id carrying its thought signature) is sent as `t_` and 40 hex digits of
+  its SHA-256, the same in the toolUse and in the toolResult answering it, so the pairs still
+  match; the client's ids are never rewritten in what it gets back.
 
 Usage: Bedrock's `inputTokens` does not hold the input read from or written to the prompt
 cache (`cacheReadInputTokens`, `cacheWriteInputTokens`, reported apart, as Anthropic does);
 OpenAI's `prompt_tokens` holds all of it, the reads as `cached_tokens`. `totalTokens` is not
 read: the total is recomputed from the parts.
 
-Errors: Bedrock's exception name (the `x-amzn-errortype` header, `__type` in some bodies, the
-`:exception-type` of a stream's exception frame) is the code; the status a client gets is one
-OpenAI clients know: ModelTimeoutException (408, the model took too long) is a 504 `timeout`
-(a gateway timeout, which OpenAI's SDKs retry like any 5xx; 408 reads as the client's own
+Errors: Bedrock's exception name is the code. A JSON error answer names it in the
+`x-amzn-errortype` response header (`ValidationException:http://internal.amazon.com/coral/...`;
+the body is often `{"message": ...}` alone), which is read first, as botocore's rest-json
+parser does; then a body's `__type` (or `code`); else the name the status stands for. A stream
+names it in its exception frame's `:exception-type`. The status a client gets is one OpenAI
+clients know: ModelTimeoutException (408, the model took too long) is a 504 `timeout` (a
+gateway timeout, which OpenAI's SDKs retry like any 5xx; 408 reads as the client's own
 slowness), ModelErrorException and ModelStreamErrorException (424) are a 502 `server_error`,
-ModelNotReadyException (429 in the service model, but not the client's rate) a 503.
+ModelNotReadyException (429 in the service model, but not the client's rate) a 503, and
+ServiceQuotaExceededException (400 in the service model: the account's quota, "resubmit
+later") a 429 `rate_limit_error`; these three differ from their status only by name, so only
+the header (or a body naming them) tells them apart.
 
 References: AWS's Amazon Bedrock Runtime API reference (Converse, ConverseStream, and the
 service model botocore ships), the AWS event stream encoding; OpenAI's chat completions API.
@@ -43,6 +57,8 @@ service model botocore ships), the AWS event stream encoding; OpenAI's chat comp
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -55,10 +71,11 @@ from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untype
 from ..errors import GatewayError, bad_request
 from ..usage import Usage
 from ..wire.openai.answer import error_body
+from . import embeddings as shared
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
-    from .base import Provider
+    from .base import Embeddings, Provider
 
 STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 
@@ -111,12 +128,50 @@ _HANDLED = frozenset(
 )  # fmt: skip
 
 
+# Converse's toolUseId (the service model's ToolUseId shape).
+TOOL_USE_ID = re.compile(r"^[a-zA-Z0-9_.:-]{1,64}$")
+
+
 def unsupported(param: str) -> GatewayError:
     return bad_request(
         f"`{param}` is not supported by this model's provider (AWS Bedrock)",
         "unsupported_parameter",
         param,
     )
+
+
+def max_tokens(body: dict[str, Any], default: int) -> int:
+    """The output cap the client set (`max_completion_tokens`, else `max_tokens`), or
+    `default`; a value that is not an integer of at least 1 is refused, as OpenAI refuses it,
+    rather than replaced by the default."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad_request(
+                f"Invalid type for '{name}': expected an integer", "invalid_type", name
+            )
+        if value < 1:
+            raise bad_request(
+                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but "
+                f"got {value} instead.",
+                "integer_below_min_value",
+                name,
+            )
+        return value
+    return default
+
+
+def tool_use_id(call_id: Any) -> str:
+    """An OpenAI tool call id as Converse's toolUseId: as it is when Converse takes it, else
+    `t_` and 40 hex digits of its SHA-256 (the same for the same id, so a toolUse and the
+    toolResult answering it still match)."""
+    if not isinstance(call_id, str):
+        raise TypeError("a tool call id is not a string")
+    if TOOL_USE_ID.match(call_id):
+        return call_id
+    return "t_" + hashlib.sha256(call_id.encode()).hexdigest()[:40]
 
 
 def model_path(url_path: str, model_id: str, stream: bool) -> str:
@@ -153,11 +208,7 @@ def _converse_request(body: dict[str, Any], default_max_tokens: int) -> dict[str
     out: dict[str, Any] = {"messages": messages}
     if system:
         out["system"] = system
-    config: dict[str, Any] = {
-        "maxTokens": body.get("max_completion_tokens")
-        or body.get("max_tokens")
-        or default_max_tokens
-    }
+    config: dict[str, Any] = {"maxTokens": max_tokens(body, default_max_tokens)}
     temperature = body.get("temperature")
     if temperature is not None:
         if not isinstance(temperature, int | float) or isinstance(temperature, bool):
@@ -271,7 +322,8 @@ def _messages(
             turn_role = "assistant"
         elif role == "tool":
             result = _text_blocks(message.get("content"), f"messages[{i}].content")
-            blocks = [{"toolResult": {"toolUseId": message["tool_call_id"], "content": result}}]
+            use_id = tool_use_id(message["tool_call_id"])
+            blocks = [{"toolResult": {"toolUseId": use_id, "content": result}}]
             turn_role = "user"
         else:
             raise bad_request(
@@ -389,7 +441,7 @@ def _assistant_blocks(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
         blocks.append(
             {
                 "toolUse": {
-                    "toolUseId": call["id"],
+                    "toolUseId": tool_use_id(call["id"]),
                     "name": call["function"]["name"],
                     "input": parsed if isinstance(parsed, dict) else {"value": parsed},
                 }
@@ -531,10 +583,11 @@ _BY_STATUS = {
 def exception_name(raw: Any) -> str | None:
     """`ValidationException` from any of the spellings AWS uses: `ValidationException`,
     `com.amazon.coral.validate#ValidationException`, `ValidationException:http://...`, and a
-    stream's `validationException`."""
+    stream's `validationException` (cut at the first `:`, then after the last `#`, as
+    botocore does)."""
     if not isinstance(raw, str) or not raw:
         return None
-    name = raw.rpartition("#")[2].partition(":")[0].strip()
+    name = raw.partition(":")[0].rpartition("#")[2].strip()
     return name[:1].upper() + name[1:] if name else None
 
 
@@ -555,16 +608,24 @@ def gateway_error(status: int, name: str | None, message: Any) -> GatewayError:
     )
 
 
-def error(status: int, body: bytes) -> GatewayError:
-    """A Bedrock error answer (`{"message": ...}`, `Message` in some, `__type` in some) as the
-    client's: the exception's name as the code, from `__type` or else by status."""
+ERROR_TYPE_HEADER = "x-amzn-errortype"
+
+
+def error(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> GatewayError:
+    """A Bedrock error answer (`{"message": ...}`, `Message` in some) as the client's: the
+    exception's name as the code, from the `x-amzn-errortype` response header (`headers`:
+    lower-case names), else the body's `__type` (or `code`), else by status."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
         parsed = {}
-    name = exception_name(parsed.get("__type") or parsed.get("code"))
+    name = (
+        exception_name((headers or {}).get(ERROR_TYPE_HEADER))
+        or exception_name(parsed.get("__type"))
+        or exception_name(parsed.get("code") or parsed.get("Code"))
+    )
     return gateway_error(status, name, parsed.get("message") or parsed.get("Message"))
 
 
@@ -751,6 +812,129 @@ class StreamTranslator:
         # contentBlockStop, and events added later: nothing to say.
 
 
+# -- embeddings (InvokeModel) ------------------------------------------------------------------
+
+EMBEDDINGS_NAME = "AWS Bedrock"
+INPUT_TOKENS_HEADER = "x-amzn-bedrock-input-token-count"
+# Bedrock's embedding models by their base model id, each with its request format, the texts
+# one request takes, and the `dimensions` it takes (the first: the model's own size).
+EMBEDDING_MODELS: dict[str, tuple[str, int, tuple[int, ...]]] = {
+    "amazon.titan-embed-text-v2": ("titan", 1, (1024, 512, 256)),
+    "amazon.titan-embed-text-v1": ("titan-v1", 1, (1536,)),
+    "amazon.titan-embed-g1-text-02": ("titan-v1", 1, (1536,)),
+    "cohere.embed-english-v3": ("cohere-v3", 96, (1024,)),
+    "cohere.embed-multilingual-v3": ("cohere-v3", 96, (1024,)),
+    "cohere.embed-v4": ("cohere-v4", 96, (1536, 1024, 512, 256)),
+}
+# A base model id, after an inference profile's geography (`us.`, `eu.`, `apac.`, `global.`,
+# `us-gov.`...) and before the version (`:0`, `:2:8k`).
+_EMBEDDING_MODEL = re.compile(
+    r"^(?:[a-z]{2,8}(?:-[a-z]+)?\.)?(?P<base>"
+    + "|".join(re.escape(m) for m in EMBEDDING_MODELS)
+    + r")(?::[\w.:-]*)?$"
+)
+# Cohere Embed v3 on Bedrock takes texts of at most 2048 characters.
+COHERE_V3_TEXT_CHARACTERS = 2048
+
+
+def embedding_model(model_id: str) -> tuple[str, int, tuple[int, ...]] | None:
+    """The embedding model a Bedrock model id names: a model id, an inference profile id (its
+    geography prefix), or the ARN of either (`...:foundation-model/{id}`,
+    `...:inference-profile/{id}`). None for any other: an ARN that does not say which model it
+    serves (an application inference profile, a provisioned model), or a model whose format
+    the gateway does not know."""
+    if model_id.startswith("arn:"):
+        # arn:{partition}:bedrock:{region}:{account}:{type}/{id}
+        kind, _, resource = model_id.split(":", 5)[-1].partition("/")
+        if kind not in ("foundation-model", "inference-profile"):
+            return None
+        model_id = resource
+    match = _EMBEDDING_MODEL.match(model_id)
+    return None if match is None else EMBEDDING_MODELS[match["base"]]
+
+
+class BedrockEmbeddings:
+    """OpenAI's embeddings (base.Embeddings) on Bedrock's InvokeModel
+    (`POST /model/{modelId}/invoke`), in the request format of the model the backend's model id
+    names (`embedding_model`; Bedrock's own formats differ by model, and nothing in the answer
+    to a wrong one would say so): any other model id is refused (400 naming `model`).
+
+    - Amazon Titan Text Embeddings v2: `{inputText, dimensions, normalize: true}` (OpenAI's
+      vectors are normalized), one text a request (more: 400 naming `input`); `dimensions`
+      256, 512 or 1024. Titan Text Embeddings v1 (G1): `{inputText}`, 1536 dimensions.
+    - Cohere Embed v3 (english, multilingual) and v4: `{texts, input_type: search_document,
+      embedding_types: [float]}`, at most 96 texts (v3: of at most 2048 characters each), no
+      `truncate` (Cohere's default refuses a text too long, as OpenAI does). OpenAI has no
+      input type: `search_document`, the type of a corpus, is sent (a query embedded for search
+      may match slightly less well than with `search_query`). v3: 1024 dimensions; v4:
+      `output_dimension` 256, 512, 1024 or 1536.
+
+    Usage: Titan's `inputTextTokenCount`, else (Cohere) the input count Bedrock reports in the
+    `X-Amzn-Bedrock-Input-Token-Count` response header."""
+
+    def path(self, target: ResolvedTarget) -> str:
+        return f"{target.url_path}/model/{quote(target.provider_model, safe='')}/invoke"
+
+    def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
+        shared.check(body, EMBEDDINGS_NAME)
+        known = embedding_model(target.provider_model)
+        if known is None:
+            raise bad_request(
+                f"This model's Bedrock model id ({target.provider_model}) is not one of the "
+                "embedding models the gateway translates to (Amazon Titan Text Embeddings v1 "
+                "and v2, Cohere Embed v3 and v4: by model id, inference profile id, or their "
+                "ARN)",
+                "model_not_supported",
+                "model",
+            )
+        kind, most, sizes = known
+        items = shared.texts(body, EMBEDDINGS_NAME)
+        shared.at_most(items, most, EMBEDDINGS_NAME)
+        size = shared.dimensions(body)
+        if size is not None and size not in sizes:
+            raise shared.dimensions_refused(size, EMBEDDINGS_NAME, sizes)
+        if kind == "titan":
+            out: dict[str, Any] = {"inputText": items[0], "normalize": True}
+            if size is not None:
+                out["dimensions"] = size
+            return out
+        if kind == "titan-v1":
+            return {"inputText": items[0]}
+        if kind == "cohere-v3":
+            for i, text in enumerate(items):
+                if len(text) > COHERE_V3_TEXT_CHARACTERS:
+                    raise bad_request(
+                        f"`input[{i}]` is longer than this model's provider takes (AWS Bedrock, "
+                        f"Cohere Embed v3: {COHERE_V3_TEXT_CHARACTERS} characters a text)",
+                        "unsupported_value",
+                        "input",
+                    )
+        out = {"texts": items, "input_type": "search_document", "embedding_types": ["float"]}
+        if kind == "cohere-v4" and size is not None:
+            out["output_dimension"] = size
+        return out
+
+    def answer(
+        self, answer: dict[str, Any], model: str, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        reported = shared.header_count(headers, INPUT_TOKENS_HEADER)
+        titan = answer.get("embedding")
+        if isinstance(titan, list):
+            tokens = shared.count(answer.get("inputTextTokenCount"))
+            return shared.embeddings_list(
+                [shared.vector(titan)], model, reported if tokens is None else tokens
+            )
+        cohere = answer.get("embeddings")
+        if isinstance(cohere, dict):  # embeddings_by_type
+            cohere = cohere.get("float")
+        if isinstance(cohere, list) and cohere:
+            return shared.embeddings_list([shared.vector(v) for v in cohere], model, reported)
+        raise ValueError("not an embeddings answer")
+
+
+EMBEDDINGS = BedrockEmbeddings()
+
+
 # -- the provider -------------------------------------------------------------------------------
 
 
@@ -762,6 +946,7 @@ class Bedrock:
     request_headers: Mapping[str, str] = {}
     strip_headers: tuple[str, ...] = ()
     stream_content_type = STREAM_CONTENT_TYPE
+    embeddings: Embeddings | None = EMBEDDINGS
 
     def path(self, target: ResolvedTarget, stream: bool) -> str:
         return model_path(target.url_path, target.provider_model, stream)
@@ -772,8 +957,10 @@ class Bedrock:
     def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
         return chat_completion(answer, model)
 
-    def error(self, status: int, body: bytes) -> GatewayError:
-        return error(status, body)
+    def error(
+        self, status: int, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> GatewayError:
+        return error(status, body, headers)
 
     def stream(self, model: str) -> StreamTranslator:
         return StreamTranslator(model)

@@ -10,9 +10,18 @@ Nothing is dropped without a word: a parameter Gemini has no equivalent for is r
 (thoughts) is passed as `reasoning_content`, as in anthropic.py. Where the reference leaves a
 choice:
 
-- Images: a `data:` URL becomes `inlineData` (the bytes). Any other URL is refused (400 naming
-  the part): `fileData` takes the Gemini API's own uploaded-file URIs (Cloud Storage on
-  Vertex), not an arbitrary web URL, and the gateway does not fetch images.
+- Images: a `data:` URL becomes `inlineData` (the bytes), of the image types Gemini's image
+  understanding takes (png, jpeg, webp, heic, heif: not gif; `image/jpg` is sent as jpeg); any
+  other type is refused (400 naming the part). Any other URL is refused too: `fileData` takes
+  the Gemini API's own uploaded-file URIs (Cloud Storage on Vertex), not an arbitrary web URL,
+  and the gateway does not fetch images.
+- What Gemini itself would refuse is refused before the request is sent (and before quota is
+  reserved for it), each a 400 naming the parameter: a conversation with no user or assistant
+  message left (system messages only: Gemini needs `contents`), a `seed` outside a 32-bit
+  integer (Gemini's is an int32), `n` above 8 (`candidateCount`'s most), and `n`,
+  `max_completion_tokens` or `max_tokens` below 1 (OpenAI refuses them too; a 0 is never
+  taken as "unset" and replaced by the default). `max_completion_tokens` wins over `max_tokens`;
+  neither set: the backend's `max_tokens`.
 - Tool results: Gemini's `functionResponse` needs the function's name and takes a JSON object.
   The name is the one of the assistant's tool call the result's `tool_call_id` answers (an id
   no earlier assistant message holds: 400 naming the message). A result's text that is a JSON
@@ -23,7 +32,12 @@ choice:
   not sent back (optional again): a result is matched to its call by name and order, as
   Gemini's reference does. A call's `thoughtSignature` (which Gemini 3 requires back with the
   call in later turns) rides in the client's tool call id, after `~sig~`, and is restored from
-  it: an OpenAI client echoes ids as it got them.
+  it: an OpenAI client echoes ids as it got them. A call another backend made (a failover pool
+  moving the conversation) has none: Gemini 3 refuses the current turn's steps without one
+  (the first call of each model turn from the last user message on), so that call is sent with
+  `skip_thought_signature_validator`, the placeholder Google gives for function calls Gemini
+  did not make (Google's own gemini-cli sends it the same way, SYNTHETIC_THOUGHT_SIGNATURE),
+  for every model but Gemini 1.x and 2.x (which do not validate signatures).
 - `n` > 1: `candidateCount`, each candidate a choice; refused (400 naming `n`) for a stream,
   whose end the translator could not tell before every candidate had finished.
 - `response_format`: `json_object` is `responseMimeType: application/json`; `json_schema` adds
@@ -37,6 +51,17 @@ choice:
   can be called, neutral otherwise.
 - A prompt Gemini blocks (`promptFeedback.blockReason`, no candidates) is an answer with an
   empty content and `finish_reason: content_filter` (a 200, as Gemini's), in a stream too.
+- Finish reasons (google-genai's FinishReason): STOP is `stop` (`tool_calls` when the
+  candidate called functions); MAX_TOKENS and CONTINUATION (the per-request token limit) are
+  `length`; the filters (SAFETY, RECITATION, LANGUAGE, BLOCKLIST, PROHIBITED_CONTENT, SPII,
+  the IMAGE_ ones, MODEL_ARMOR, ESCALATION, PUP_LIMITED_DISABLED) are `content_filter`. A
+  generation Gemini ended as failed (MALFORMED_FUNCTION_CALL, UNEXPECTED_TOOL_CALL,
+  TOO_MANY_TOOL_CALLS, MISSING_THOUGHT_SIGNATURE, MALFORMED_RESPONSE, NO_IMAGE) is not an
+  answer: a JSON answer holding one is a 502 `server_error` whose code is the reason, a stream
+  ends with OpenAI's error chunk of that error. OTHER, IMAGE_OTHER and reasons added later say
+  nothing more: `stop`.
+- Headers: a client's `x-goog-user-project` (which would bill another Google Cloud project's
+  quota than the backend's credential's) is removed from the request.
 - `reasoning_effort` is refused: Gemini's thinking budgets and levels differ by model.
 - `user`, `metadata`, `store`, `service_tier`, `stream_options`: without effect on what the
   model produces; not sent (Gemini reports usage on its stream either way).
@@ -54,6 +79,7 @@ chat completions API.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -66,29 +92,67 @@ from ..errors import GatewayError, bad_request
 from ..sse import SSEParser
 from ..usage import Usage
 from ..wire.openai.answer import error_body
+from . import embeddings as shared
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
-    from .base import Provider
+    from .base import Embeddings, Provider
 
 # Where a call's thought signature rides in the client's tool call id (not a base64 character).
 SIGNATURE_MARK = "~sig~"
 
+# Where a function call another backend made (no signature of Gemini's) gets the placeholder
+# Google gives for calls Gemini did not make, which its signature validation lets through.
+PLACEHOLDER_SIGNATURE = "skip_thought_signature_validator"
+# Models before Gemini 3, which do not validate thought signatures: no placeholder is sent.
+_UNVALIDATED = re.compile(r"^gemini-[12](?:[.-]|$)")
+
+# google-genai's FinishReason values by what they mean to an OpenAI client.
 _FILTERED = frozenset(
     {
-        "SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
-        "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR",
+        "SAFETY", "RECITATION", "LANGUAGE", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+        "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR",
+        "ESCALATION", "PUP_LIMITED_DISABLED",
+    }
+)  # fmt: skip
+_CUT = frozenset({"MAX_TOKENS", "CONTINUATION"})
+# The generation failed: what the candidate holds is not an answer.
+FAILED = frozenset(
+    {
+        "MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS",
+        "MISSING_THOUGHT_SIGNATURE", "MALFORMED_RESPONSE", "NO_IMAGE",
     }
 )  # fmt: skip
 
 
 def finish_reason(reason: Any, calls: bool) -> str:
-    """Gemini's finishReason in OpenAI's terms (`calls`: the candidate called functions)."""
+    """Gemini's finishReason in OpenAI's terms (`calls`: the candidate called functions), for
+    a reason not in FAILED."""
+    if not isinstance(reason, str):
+        return "tool_calls" if calls else "stop"
     if reason in _FILTERED:
         return "content_filter"
-    if reason == "MAX_TOKENS":
+    if reason in _CUT:
         return "length"
     return "tool_calls" if calls else "stop"
+
+
+def is_failed(reason: Any) -> bool:
+    """The finishReason of a generation Gemini ended as failed."""
+    return isinstance(reason, str) and reason in FAILED
+
+
+def failed(reason: str, candidate: dict[str, Any]) -> GatewayError:
+    """A candidate Gemini ended as failed (its finishReason in FAILED) as the client's error: a
+    502, the reason as the code."""
+    detail = candidate.get("finishMessage")
+    return GatewayError(
+        502,
+        f"The provider ended the generation as failed (Google Gemini: {reason})"
+        + (f": {detail}" if isinstance(detail, str) and detail else ""),
+        "server_error",
+        reason,
+    )
 
 
 # OpenAI parameters with no Gemini counterpart, and their neutral values: a request that
@@ -114,12 +178,56 @@ _HANDLED = frozenset(
 )  # fmt: skip
 
 
+# Gemini's image understanding: its inline image types.
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
+# `candidateCount` takes at most 8; `seed` is an int32.
+MOST_CANDIDATES = 8
+SEED_RANGE = (-(2**31), 2**31 - 1)
+
+
 def unsupported(param: str) -> GatewayError:
     return bad_request(
         f"`{param}` is not supported by this model's provider (Google Gemini)",
         "unsupported_parameter",
         param,
     )
+
+
+def _below_minimum(name: str, value: int) -> GatewayError:
+    return bad_request(
+        f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} "
+        "instead.",
+        "integer_below_min_value",
+        name,
+    )
+
+
+def max_tokens(body: dict[str, Any], default: int) -> int:
+    """The output cap the client set (`max_completion_tokens`, else `max_tokens`), or
+    `default`; a value that is not an integer of at least 1 is refused, as OpenAI refuses it,
+    rather than replaced by the default."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad_request(
+                f"Invalid type for '{name}': expected an integer", "invalid_type", name
+            )
+        if value < 1:
+            raise _below_minimum(name, value)
+        return value
+    return default
+
+
+def validates_signatures(model: str | None) -> bool:
+    """The model (its id, or a resource path ending in it; None: not known) may refuse a
+    function call of the current turn without a thought signature: every Gemini model but
+    1.x and 2.x (Gemini 3 and later do)."""
+    if model is None:
+        return True
+    name = model.rsplit("/", 1)[-1]
+    return name.startswith("gemini-") and not _UNVALIDATED.match(name)
 
 
 def model_path(url_path: str, model: str, stream: bool) -> str:
@@ -132,12 +240,15 @@ def model_path(url_path: str, model: str, stream: bool) -> str:
 # -- the request --------------------------------------------------------------------------------
 
 
-def generate_content_request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
-    """A validated OpenAI chat completions body as a GenerateContentRequest (the model is in
-    the path, streaming is the path's choice). Raises a 400 for what Gemini cannot do as
-    asked, and for a part of the body that does not have the shape OpenAI's API gives it."""
+def generate_content_request(
+    body: dict[str, Any], default_max_tokens: int, model: str | None = None
+) -> dict[str, Any]:
+    """A validated OpenAI chat completions body as a GenerateContentRequest for `model` (the
+    model is in the path, streaming is the path's choice; None: not known, taken as one that
+    validates thought signatures). Raises a 400 for what Gemini cannot do as asked or would
+    refuse, and for a part of the body that does not have the shape OpenAI's API gives it."""
     try:
-        return _request(body, default_max_tokens)
+        return _request(body, default_max_tokens, model)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise bad_request(
             f"The request does not have the shape OpenAI's API defines ({type(exc).__name__}: "
@@ -152,7 +263,7 @@ def _number(value: Any, name: str) -> float:
     return value
 
 
-def _request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
+def _request(body: dict[str, Any], default_max_tokens: int, model: str | None) -> dict[str, Any]:
     for key, value in body.items():
         if key in _HANDLED or value is None:
             continue
@@ -160,14 +271,19 @@ def _request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
         if neutral is None or value not in neutral:
             raise unsupported(key)
     system, contents = _contents(body["messages"])
+    if not contents:
+        raise bad_request(
+            "This model's provider (Google Gemini) needs at least one user or assistant message "
+            "with content (system messages alone are not a conversation)",
+            "invalid_value",
+            "messages",
+        )
+    if validates_signatures(model):
+        _sign_foreign_calls(contents)
     out: dict[str, Any] = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
-    config: dict[str, Any] = {
-        "maxOutputTokens": body.get("max_completion_tokens")
-        or body.get("max_tokens")
-        or default_max_tokens
-    }
+    config: dict[str, Any] = {"maxOutputTokens": max_tokens(body, default_max_tokens)}
     if body.get("temperature") is not None:
         config["temperature"] = _number(body["temperature"], "temperature")
     top_p = body.get("top_p")
@@ -191,6 +307,15 @@ def _request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     if n is not None and n != 1:
         if not isinstance(n, int) or isinstance(n, bool):
             raise TypeError("n is not an integer")
+        if n < 1:
+            raise _below_minimum("n", n)
+        if n > MOST_CANDIDATES:
+            raise bad_request(
+                f"`n` above {MOST_CANDIDATES} is not supported by this model's provider (Google "
+                "Gemini)",
+                "unsupported_value",
+                "n",
+            )
         if body.get("stream"):
             raise bad_request(
                 "`n` above 1 is not supported for a stream by this model's provider (Google "
@@ -208,6 +333,13 @@ def _request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     if seed is not None:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError("seed is not an integer")
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise bad_request(
+                "`seed` must be a 32-bit integer for this model's provider (Google Gemini: "
+                f"{SEED_RANGE[0]} to {SEED_RANGE[1]})",
+                "unsupported_value",
+                "seed",
+            )
         config["seed"] = seed
     config.update(_response_format(body.get("response_format")))
     out["generationConfig"] = config
@@ -343,6 +475,28 @@ def _contents(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return system, turns
 
 
+def _sign_foreign_calls(turns: list[dict[str, Any]]) -> None:
+    """The placeholder signature on the first function call of each model turn of the current
+    turn (from the last user turn holding more than function responses on; none: from the
+    first), where that call has none (another backend made it): what Gemini 3 validates, as
+    Google's gemini-cli does it."""
+    start = next(
+        (
+            i
+            for i in range(len(turns) - 1, -1, -1)
+            if turns[i]["role"] == "user"
+            and any("functionResponse" not in p for p in turns[i]["parts"])
+        ),
+        0,
+    )
+    for turn in turns[start:]:
+        if turn["role"] != "model":
+            continue
+        first = next((p for p in turn["parts"] if "functionCall" in p), None)
+        if first is not None and not first.get("thoughtSignature"):
+            first["thoughtSignature"] = PLACEHOLDER_SIGNATURE
+
+
 def _tool_response(text: str) -> dict[str, Any]:
     try:
         parsed = orjson.loads(text)
@@ -410,8 +564,16 @@ def _image(url: str, where: str) -> dict[str, Any]:
         raise bad_request(
             f"{where}: a data URL must be base64 with a media type", "invalid_value", where
         )
-    if media_type.lower() == "image/jpg":  # a common misspelling Gemini does not take
+    media_type = media_type.lower()
+    if media_type == "image/jpg":  # a common misspelling Gemini does not take
         media_type = "image/jpeg"
+    if media_type not in IMAGE_TYPES:
+        raise bad_request(
+            f"{where}: images of type {media_type!r} are not supported by this model's provider "
+            "(Google Gemini: png, jpeg, webp, heic, heif)",
+            "unsupported_value",
+            f"{where}.image_url",
+        )
     # Bytes in Gemini's JSON are their base64 text: the data URL's as it is.
     return {"inlineData": {"mimeType": media_type, "data": data}}
 
@@ -561,8 +723,12 @@ def _choice(candidate: dict[str, Any], position: int) -> dict[str, Any]:
 
 def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
     """A GenerateContentResponse as an OpenAI chat completion for the client's `model` name; a
-    prompt Gemini blocked (no candidates) as an empty answer filtered."""
+    prompt Gemini blocked (no candidates) as an empty answer filtered. Raises the 502
+    GatewayError of a candidate Gemini ended as failed (its finishReason in FAILED)."""
     candidates = answer.get("candidates")
+    for candidate in candidates if isinstance(candidates, list) else ():
+        if isinstance(candidate, dict) and is_failed(candidate.get("finishReason")):
+            raise failed(str(candidate["finishReason"]), candidate)
     choices = [
         _choice(c, i)
         for i, c in enumerate(candidates if isinstance(candidates, list) else ())
@@ -660,7 +826,7 @@ def gateway_error(status: int, err: dict[str, Any]) -> GatewayError:
 
 def error(status: int, body: bytes) -> GatewayError:
     """A Gemini error answer (`{"error": {"code", "message", "status", "details"}}`) as the
-    client's."""
+    client's (Google names the error in the body only)."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -685,8 +851,9 @@ class StreamTranslator:
     (as Gemini's last event does); when it does not but earlier events did, with the next
     event that does (a body that ends before one does ends without them: the relay charges
     `partial_usage`); when no event held any, at once. A prompt blocked (promptFeedback, no
-    candidates) ends it filtered. An error object in the stream ends it with OpenAI's error
-    chunk. One candidate is followed (`n` > 1 is refused for streams)."""
+    candidates) ends it filtered. An error object in the stream, or a finishReason of a failed
+    generation (FAILED), ends it with OpenAI's error chunk (and `failed`). One candidate is
+    followed (`n` > 1 is refused for streams)."""
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -767,15 +934,17 @@ class StreamTranslator:
             )
         yield b"data: [DONE]\n\n"
 
+    def _fail(self, err: GatewayError) -> Iterable[bytes]:
+        self.failed = err
+        self.done = True
+        yield b"data: " + error_body(err.message, err.type, err.code) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
     def _event(self, event: dict[str, Any]) -> Iterable[bytes]:
         if "error" in event:
             err = _error_object(event)
             code = err.get("code")
-            self.failed = gateway_error(code if isinstance(code, int) else 500, err)
-            self.done = True
-            failed = self.failed
-            yield b"data: " + error_body(failed.message, failed.type, failed.code) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield from self._fail(gateway_error(code if isinstance(code, int) else 500, err))
             return
         if not self.started:
             self.started = True
@@ -819,11 +988,130 @@ class StreamTranslator:
                 yield self._delta({"tool_calls": [{"index": self.calls, **call}]}, index)
                 self.calls += 1
         reason = candidate.get("finishReason")
+        if is_failed(reason):
+            # The usage this event may hold stays in `metadata`: partial_usage charges it.
+            yield from self._fail(failed(str(reason), candidate))
+            return
         if reason and reason != "FINISH_REASON_UNSPECIFIED":
             self.finish = finish_reason(reason, self.calls > 0)
             yield self._delta({}, index, self.finish)
             if isinstance(metadata, dict) or self.metadata is None:
                 yield from self._end()
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+EMBEDDINGS_NAME = "Google Gemini"
+# Texts one request takes: the Gemini API's batchEmbedContents at most 100 (its own 400 says
+# so); Vertex AI's predict at most 250 instances, and one for its Gemini embedding models.
+GEMINI_API_BATCH = 100
+VERTEX_BATCH = 250
+
+
+def is_vertex(url_path: str) -> bool:
+    """A backend URL of Vertex AI (`/v1/projects/{p}/locations/{l}/publishers/google`, or its
+    express mode's `/v1/publishers/google`) rather than of the Gemini API (`/v1beta`)."""
+    return "/projects/" in url_path or "/publishers/" in f"{url_path}/"
+
+
+def vertex_method(model: str) -> str:
+    """Vertex AI's method for an embedding model: `embedContent` (one content a request) for
+    its Gemini embedding models after gemini-embedding-001 (Gemini Embedding 2, which `predict`
+    does not serve), `predict` for the others (text-embedding-005, text-multilingual-embedding-
+    002, gemini-embedding-001)."""
+    model_id = model.rsplit("/", 1)[-1]
+    if "gemini" in model_id and not model_id.startswith("gemini-embedding-001"):
+        return "embedContent"
+    return "predict"
+
+
+def _prompt_count(metadata: Any) -> int | None:
+    if not isinstance(metadata, dict):
+        return None
+    return shared.count(metadata.get("promptTokenCount"))
+
+
+class GeminiEmbeddings:
+    """OpenAI's embeddings (base.Embeddings) on Google's APIs, the backend URL's path telling
+    which: the Gemini API's `models/{model}:batchEmbedContents` (one EmbedContentRequest per
+    text, in order; at most 100), or Vertex AI's `:predict` (`instances` of `{content}`; at
+    most 250, one for gemini-embedding-001, as Vertex AI's reference limits them) or
+    `:embedContent` (one text) by the model (`vertex_method`). `dimensions` is
+    `outputDimensionality` (the model refuses a size it cannot give). No task type is sent
+    (OpenAI has none: the model's default). On Vertex AI `autoTruncate` is false: a text longer
+    than the model takes is refused, as OpenAI refuses it, not cut silently (the Gemini API has
+    no such switch).
+
+    Usage: the Gemini API's batchEmbedContents reports none (the gateway counts the input);
+    Vertex AI's `predict` reports each text's `statistics.token_count` (their sum, when every
+    prediction has one), its `embedContent` `usageMetadata.promptTokenCount`."""
+
+    def path(self, target: ResolvedTarget) -> str:
+        model = target.provider_model
+        method = vertex_method(model) if is_vertex(target.url_path) else "batchEmbedContents"
+        return f"{target.url_path}/models/{quote(model, safe='')}:{method}"
+
+    def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
+        shared.check(body, EMBEDDINGS_NAME)
+        items = shared.texts(body, EMBEDDINGS_NAME)
+        size = shared.dimensions(body)
+        model = target.provider_model
+        if not is_vertex(target.url_path):
+            shared.at_most(items, GEMINI_API_BATCH, EMBEDDINGS_NAME)
+            config = {} if size is None else {"outputDimensionality": size}
+            return {
+                "requests": [
+                    {"model": f"models/{model}", "content": {"parts": [{"text": text}]}, **config}
+                    for text in items
+                ]
+            }
+        gemini_model = "gemini" in model.rsplit("/", 1)[-1]
+        shared.at_most(items, 1 if gemini_model else VERTEX_BATCH, EMBEDDINGS_NAME)
+        if vertex_method(model) == "embedContent":
+            out: dict[str, Any] = {
+                "content": {"role": "user", "parts": [{"text": items[0]}]},
+                "autoTruncate": False,
+            }
+            if size is not None:
+                out["outputDimensionality"] = size
+            return out
+        parameters: dict[str, Any] = {"autoTruncate": False}
+        if size is not None:
+            parameters["outputDimensionality"] = size
+        return {"instances": [{"content": text} for text in items], "parameters": parameters}
+
+    def answer(
+        self, answer: dict[str, Any], model: str, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        predictions = answer.get("predictions")
+        if isinstance(predictions, list):  # Vertex AI's predict
+            vectors = []
+            counts: list[int | None] = []
+            for prediction in predictions:
+                embedding = prediction.get("embeddings") if isinstance(prediction, dict) else None
+                if not isinstance(embedding, dict):
+                    raise ValueError("a prediction without its embeddings")
+                vectors.append(shared.vector(embedding.get("values")))
+                stats = embedding.get("statistics")
+                stats = stats if isinstance(stats, dict) else {}
+                counts.append(shared.count(stats.get("token_count", stats.get("tokenCount"))))
+            known = [c for c in counts if c is not None]
+            tokens = sum(known) if vectors and len(known) == len(counts) else None
+            return shared.embeddings_list(vectors, model, tokens)
+        single = answer.get("embedding")
+        if isinstance(single, dict):  # embedContent (Vertex AI's, or the Gemini API's)
+            values = [shared.vector(single.get("values"))]
+            return shared.embeddings_list(values, model, _prompt_count(answer.get("usageMetadata")))
+        batch = answer.get("embeddings")
+        if isinstance(batch, list) and batch:  # batchEmbedContents
+            values = [
+                shared.vector(e.get("values") if isinstance(e, dict) else None) for e in batch
+            ]
+            return shared.embeddings_list(values, model, _prompt_count(answer.get("usageMetadata")))
+        raise ValueError("not an embeddings answer")
+
+
+EMBEDDINGS = GeminiEmbeddings()
 
 
 # -- the provider -------------------------------------------------------------------------------
@@ -835,20 +1123,25 @@ class Gemini:
     name = "gemini"
     # The credential (an API key, or a Vertex AI bearer token) is the backend's auth header.
     request_headers: Mapping[str, str] = {}
-    strip_headers: tuple[str, ...] = ()
+    # The project whose quota and billing a request uses (Google's system parameter): the
+    # backend's credential decides it, not a header the client sent.
+    strip_headers: tuple[str, ...] = ("x-goog-user-project",)
     stream_content_type = "text/event-stream"
+    embeddings: Embeddings | None = EMBEDDINGS
 
     def path(self, target: ResolvedTarget, stream: bool) -> str:
         return model_path(target.url_path, target.provider_model, stream)
 
     def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
-        return generate_content_request(body, target.max_tokens)
+        return generate_content_request(body, target.max_tokens, target.provider_model)
 
     def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
         return chat_completion(answer, model)
 
-    def error(self, status: int, body: bytes) -> GatewayError:
-        return error(status, body)
+    def error(
+        self, status: int, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> GatewayError:
+        return error(status, body)  # Google names its errors in the body only
 
     def stream(self, model: str) -> StreamTranslator:
         return StreamTranslator(model)

@@ -8,12 +8,16 @@ path) and `azure` (OpenAI's bodies at Azure's deployment paths, its errors made 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..errors import GatewayError, bad_request
 from ..wire.openai.answer import error_body
+from ..wire.openai.request import CHAT, EMBEDDINGS
 from . import anthropic, azure, bedrock, gemini
+from .embeddings import encode
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
@@ -26,6 +30,8 @@ if TYPE_CHECKING:
 PROVIDERS: dict[str, Provider] = {
     p.name: p for p in (anthropic.PROVIDER, bedrock.PROVIDER, gemini.PROVIDER)
 }
+
+CHAT_PATH, EMBEDDINGS_PATH = CHAT.path, EMBEDDINGS.path
 
 # Every header some provider sets or strips: an attempt of a failover pool starts from the
 # headers the previous attempt left, so each removes the others' (upstream.py).
@@ -46,16 +52,45 @@ def provider(name: str) -> Provider:
         raise ValueError(f"no translation for provider {name!r}") from None
 
 
-def check(target: ResolvedTarget, body: dict[str, Any]) -> None:
+def serves(provider_type: str, endpoint_path: str) -> bool:
+    """A backend of this type can serve the client's OpenAI endpoint (translated ones: chat,
+    and embeddings where the provider has them)."""
+    p = PROVIDERS.get(provider_type)
+    if p is None:
+        return True
+    if endpoint_path == EMBEDDINGS_PATH:
+        return p.embeddings is not None
+    return endpoint_path == CHAT_PATH
+
+
+def check(target: ResolvedTarget, body: dict[str, Any], endpoint_path: str = CHAT_PATH) -> None:
     """Raises the 400 of a request the target's provider cannot serve as asked (before any
     quota is reserved for it)."""
     if target.provider in PROVIDERS:
-        PROVIDERS[target.provider].request(target, body)
+        if not serves(target.provider, endpoint_path):
+            raise bad_request(
+                f"The model `{target.model}` is served by a backend that cannot answer "
+                f"{endpoint_path} (its API is {target.provider}'s)",
+                "model_not_supported",
+                "model",
+            )
+        _translated(target, body, endpoint_path)
 
 
-def request_body(target: ResolvedTarget, body: dict[str, Any]) -> bytes:
+def request_body(
+    target: ResolvedTarget, body: dict[str, Any], endpoint_path: str = CHAT_PATH
+) -> bytes:
     """The client's (OpenAI) body in the target's provider's terms."""
-    return orjson.dumps(provider(target.provider).request(target, body))
+    return orjson.dumps(_translated(target, body, endpoint_path))
+
+
+def _translated(target: ResolvedTarget, body: dict[str, Any], endpoint_path: str) -> dict:
+    p = provider(target.provider)
+    if endpoint_path == EMBEDDINGS_PATH:
+        if p.embeddings is None:
+            raise ValueError(f"provider {p.name!r} has no embeddings")
+        return p.embeddings.request(target, body)
+    return p.request(target, body)
 
 
 def backend_path(target: ResolvedTarget, endpoint_path: str, stream: bool) -> str:
@@ -65,7 +100,10 @@ def backend_path(target: ResolvedTarget, endpoint_path: str, stream: bool) -> st
         return target.base_path + endpoint_path.removeprefix("/v1")
     if target.provider == "azure":
         return azure.path(target, endpoint_path, target.api_version)
-    return provider(target.provider).path(target, stream)
+    p = provider(target.provider)
+    if endpoint_path == EMBEDDINGS_PATH and p.embeddings is not None:
+        return p.embeddings.path(target)
+    return p.path(target, stream)
 
 
 def request_headers(provider_type: str) -> tuple[dict[str, str], list[str]]:
@@ -127,10 +165,21 @@ def stream_relay(target_provider: str, model: str, inner: RelayedStream) -> Rela
     return inner if p is None else TranslatedStream(p.stream(model), inner)
 
 
-def answer(target_provider: str, model: str, status: int, raw: bytes) -> tuple[int, bytes | None]:
+def answer(
+    target_provider: str,
+    model: str,
+    status: int,
+    raw: bytes,
+    endpoint_path: str = CHAT_PATH,
+    headers: Mapping[str, str] | None = None,
+    encoding_format: str | None = None,
+) -> tuple[int, bytes | None]:
     """A provider's whole answer (JSON, or its error) as the OpenAI client's: (status, body);
-    body None: the answer is OpenAI's as it is. Raises ValueError for a 2xx body that is not
-    the provider's JSON."""
+    body None: the answer is OpenAI's as it is. `headers`: the answer's (lower-case names);
+    `encoding_format`: an embeddings client's (base64: the vectors as OpenAI encodes them).
+    A 2xx answer the provider's translation reads as a failure (a GatewayError from
+    `Provider.answer`: a generation ended as failed) is that error's status and body. Raises
+    ValueError for a 2xx body that is not the provider's JSON."""
     if target_provider == "azure":
         if 200 <= status < 300:
             return status, None
@@ -143,6 +192,12 @@ def answer(target_provider: str, model: str, status: int, raw: bytes) -> tuple[i
         parsed = orjson.loads(raw)
         if not isinstance(parsed, dict):
             raise ValueError("not a JSON object")
-        return status, orjson.dumps(p.answer(parsed, model))
-    err = p.error(status, raw)
+        if endpoint_path == EMBEDDINGS_PATH and p.embeddings is not None:
+            vectors = p.embeddings.answer(parsed, model, headers or {})
+            return status, orjson.dumps(encode(vectors, encoding_format))
+        try:
+            return status, orjson.dumps(p.answer(parsed, model))
+        except GatewayError as failed:
+            return failed.status, error_body(failed.message, failed.type, failed.code, failed.param)
+    err = p.error(status, raw, headers or {})
     return err.status, error_body(err.message, err.type, err.code, err.param)

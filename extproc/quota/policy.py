@@ -51,6 +51,7 @@ class Amounts:
     # (Price.micro_usd); a reservation's estimate has none, so it is never under a settlement.
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
+    reasoning_tokens: int = 0  # of the output
 
 
 def team_limits(cfg: Config) -> dict[str, tuple[LimitSpec, ...]]:
@@ -97,6 +98,7 @@ def amount(spec: LimitSpec, amounts: Amounts, cfg: Config, model: str) -> int:
             amounts.output_tokens,
             amounts.cached_input_tokens,
             amounts.cache_write_tokens,
+            amounts.reasoning_tokens,
         )
     )
 

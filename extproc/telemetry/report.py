@@ -60,6 +60,7 @@ def cost_usd(cfg: Config, model: str | None, usage: Usage) -> float | None:
             usage.completion_tokens,
             usage.cached_tokens,
             usage.cache_write_tokens,
+            usage.reasoning_tokens,
         )
         / 1e6
     )
@@ -171,17 +172,20 @@ class RequestReport:
         team, model = team_label(cfg, self.team), model_label(cfg, self.model)
         backend = backend_label(cfg, self.backend)
         source = usage.source
+        # Each token once, by what it is priced as (Price.micro_usd).
         cached = min(usage.cached_tokens, usage.prompt_tokens)
-        if usage.prompt_tokens - cached:
-            metrics.child(metrics.TOKENS, team, model, backend, "input", source).inc(
-                usage.prompt_tokens - cached
-            )
-        if cached:
-            metrics.child(metrics.TOKENS, team, model, backend, "cached_input", source).inc(cached)
-        if usage.completion_tokens:
-            metrics.child(metrics.TOKENS, team, model, backend, "output", source).inc(
-                usage.completion_tokens
-            )
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
+        kinds = (
+            ("input", usage.prompt_tokens - cached - written),
+            ("cached_input", cached),
+            ("cache_write_input", written),
+            ("output", usage.completion_tokens - reasoning),
+            ("reasoning_output", reasoning),
+        )
+        for kind, count in kinds:
+            if count:
+                metrics.child(metrics.TOKENS, team, model, backend, kind, source).inc(count)
         cost = cost_usd(cfg, self.model, usage)
         if cost:
             metrics.child(metrics.COST, team, model).inc(cost)
@@ -247,6 +251,8 @@ class RequestReport:
                 "input": usage.prompt_tokens,
                 "output": usage.completion_tokens,
                 "cached_input": usage.cached_tokens,
+                "cache_write_input": usage.cache_write_tokens,
+                "reasoning_output": usage.reasoning_tokens,
                 "total": usage.total_tokens,
                 "source": usage.source,
             }

@@ -39,6 +39,8 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     # id from the raw path.
     app.router.add_post("/model/{model_id:.+}/converse", fake.bedrock_converse)
     app.router.add_post("/model/{model_id:.+}/converse-stream", fake.bedrock_converse)
+    # InvokeModel, for the embedding models (bedrock.py).
+    app.router.add_post("/model/{model_id:.+}/invoke", fake.bedrock_invoke)
     app.router.add_post(
         r"/openai/deployments/{deployment}/{operation:chat/completions|completions|embeddings}",
         fake.azure_deployment,

@@ -24,6 +24,18 @@ Knobs beyond the fake's common ones (request headers):
 - ``x-fake-no-usage: 1``: the stream ends after `messageStop`, without its `metadata` event
   (a Converse answer always has its usage: the field is required).
 
+InvokeModel (`POST /model/{modelId}/invoke`, `invoke`) serves the embedding models, each
+checked after its own reference (AWS's model parameters pages): Amazon Titan Text Embeddings v2
+(`{inputText, dimensions: 256|512|1024, normalize, embeddingTypes}`) and v1
+(`{inputText}`, 1536 dimensions), Cohere Embed v3 (`{texts: at most 96 of at most 2048
+characters, input_type, truncate: NONE|START|END, embedding_types}`, 1024 dimensions) and v4
+(`output_dimension` 256 to 1536, `truncate: NONE|LEFT|RIGHT`), by model id, inference profile
+id or their ARNs; a malformed body is a 400 `ValidationException` ("Malformed input request:
+..."), another model "The provided model identifier is invalid.". The vectors are the OpenAI
+endpoint's deterministic unit vectors for the same text; the input's token count (4 bytes a
+token) is in the answer's `X-Amzn-Bedrock-Input-Token-Count` header (and Titan's
+`inputTextTokenCount`), as Bedrock reports it.
+
 Faults (`x-fake-fault`, `--fault`) answer in Bedrock's shape: 429 `ThrottlingException`, 500
 `InternalServerException`, 503 `ServiceUnavailableException`; resets and stalls as on the
 OpenAI endpoints (`-after:N` counting event stream frames).
@@ -56,7 +68,7 @@ from botocore.credentials import Credentials  # type: ignore[import-untyped]
 
 from .faults import EventWriter, non_stream_fault, pause, reset_connection, sleep_until
 from .settings import FakeLLMSettings, RequestSettings, request_settings
-from .wire import MALFORMED, RequestError, content, estimate_tokens, is_int
+from .wire import MALFORMED, RequestError, content, embedding, estimate_tokens, is_int
 
 STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 SERVICE = "bedrock"
@@ -875,3 +887,201 @@ async def _fault_before(
         reset_connection(request)
     await pause(request, stall_seconds)
     return None
+
+
+# -- InvokeModel: the embedding models ----------------------------------------------------------
+
+_INVOKE_PATH = re.compile(r"^/model/(?P<model>[^/]+)/invoke$")
+INPUT_TOKENS_HEADER = "X-Amzn-Bedrock-Input-Token-Count"
+# Base model id -> (request format, vector size).
+EMBEDDING_MODELS = {
+    "amazon.titan-embed-text-v2": ("titan-v2", 1024),
+    "amazon.titan-embed-text-v1": ("titan-v1", 1536),
+    "amazon.titan-embed-g1-text-02": ("titan-v1", 1536),
+    "cohere.embed-english-v3": ("cohere-v3", 1024),
+    "cohere.embed-multilingual-v3": ("cohere-v3", 1024),
+    "cohere.embed-v4": ("cohere-v4", 1536),
+}
+_EMBEDDING_ID = re.compile(
+    r"^(?:(?:us|eu|apac|global|us-gov|ca|jp|au)\.)?(?P<base>"
+    + "|".join(re.escape(m) for m in EMBEDDING_MODELS)
+    + r")(?::[\w.:-]*)?$"
+)
+_TITAN_V2_SIZES = (256, 512, 1024)
+_COHERE_V4_SIZES = (256, 512, 1024, 1536)
+_COHERE_TYPES = ("float", "int8", "uint8", "binary", "ubinary")
+_INPUT_TYPES = ("search_document", "search_query", "classification", "clustering")
+_COHERE_MAX_TEXTS = 96
+_COHERE_V3_MAX_CHARACTERS = 2048
+_TITAN_MAX_CHARACTERS = 50_000
+_TITAN_MAX_TOKENS = 8192
+
+
+def _malformed(detail: str) -> BedrockError:
+    return BedrockError(
+        f"Malformed input request: {detail}, please reformat your input and try again."
+    )
+
+
+def embedding_model(model_id: str) -> tuple[str, int]:
+    """(format, vector size) of the embedding model a model id, inference profile id or ARN
+    names; raises Bedrock's 400 for any other."""
+    if model_id.startswith("arn:"):
+        kind, _, model_id = model_id.split(":", 5)[-1].partition("/")
+        if kind not in ("foundation-model", "inference-profile"):
+            model_id = ""
+    match = _EMBEDDING_ID.match(model_id)
+    if match is None:
+        raise BedrockError("The provided model identifier is invalid.")
+    return EMBEDDING_MODELS[match["base"]]
+
+
+def _keys(body: dict[str, Any], required: Iterable[str], optional: Iterable[str]) -> None:
+    for key in required:
+        if key not in body:
+            raise _malformed(f"#: required key [{key}] not found")
+    allowed = set(required) | set(optional)
+    for key in body:
+        if key not in allowed:
+            raise _malformed(f"#: extraneous key [{key}] is not permitted")
+
+
+def _enum(value: Any, where: str, allowed: Iterable[Any]) -> None:
+    if value is not None and (isinstance(value, bool) or value not in tuple(allowed)):
+        raise _malformed(f"#/{where}: {orjson.dumps(value).decode()} is not a valid enum value")
+
+
+def _types(value: Any, where: str, allowed: tuple[str, ...]) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or len(set(map(str, value))) != len(value):
+        raise _malformed(f"#/{where}: expected a non-empty array of unique values")
+    for k, item in enumerate(value):
+        _enum(item, f"{where}/{k}", allowed)
+    return list(value)
+
+
+def _quantized(values: tuple[float, ...], kind: str) -> list[int] | list[float]:
+    """A vector in one of Cohere's embedding types (binary ones: 8 dimensions a byte)."""
+    if kind == "float":
+        return list(values)
+    if kind in ("int8", "uint8"):
+        signed = [max(-128, min(127, round(v * 127))) for v in values]
+        return signed if kind == "int8" else [v + 128 for v in signed]
+    bits = [1 if v > 0 else 0 for v in values]
+    packed = [
+        int("".join(map(str, bits[i : i + 8])).ljust(8, "0"), 2) for i in range(0, len(bits), 8)
+    ]
+    return packed if kind == "ubinary" else [b - 256 if b > 127 else b for b in packed]
+
+
+def _titan(kind: str, body: dict[str, Any], size: int) -> tuple[dict[str, Any], int]:
+    if kind == "titan-v1":
+        _keys(body, ("inputText",), ())
+    else:
+        _keys(body, ("inputText",), ("dimensions", "normalize", "embeddingTypes"))
+    text = body["inputText"]
+    if not isinstance(text, str):
+        raise _malformed("#/inputText: expected type: String")
+    if not text or len(text) > _TITAN_MAX_CHARACTERS:
+        raise _malformed(
+            f"#/inputText: expected a length from 1 to {_TITAN_MAX_CHARACTERS}, got {len(text)}"
+        )
+    tokens = estimate_tokens(len(text.encode()))
+    if tokens > _TITAN_MAX_TOKENS:
+        raise BedrockError(
+            f"400 Bad Request: Too many input tokens. Max input tokens: "
+            f"{_TITAN_MAX_TOKENS}, request input token count: {tokens}"
+        )
+    _enum(body.get("dimensions"), "dimensions", _TITAN_V2_SIZES)
+    normalize = body.get("normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise _malformed("#/normalize: expected type: Boolean")
+    types = _types(body.get("embeddingTypes"), "embeddingTypes", ("float", "binary")) or ["float"]
+    floats = embedding(b"s" + text.encode(), body.get("dimensions") or size)[0]
+    answer: dict[str, Any] = {"embedding": list(floats), "inputTextTokenCount": tokens}
+    if kind == "titan-v2":
+        # Titan's binary type: one 0 or 1 a dimension.
+        by_type = {"float": list(floats), "binary": [1 if v > 0 else 0 for v in floats]}
+        answer["embeddingsByType"] = {t: by_type[t] for t in types}
+    return answer, tokens
+
+
+def _cohere(kind: str, body: dict[str, Any], size: int) -> tuple[dict[str, Any], int]:
+    v4 = kind == "cohere-v4"
+    optional = ["texts", "images", "truncate", "embedding_types"]
+    if v4:
+        optional += ["inputs", "output_dimension", "max_tokens"]
+    _keys(body, ("input_type",), optional)
+    _enum(body["input_type"], "input_type", _INPUT_TYPES if v4 else (*_INPUT_TYPES, "image"))
+    truncations = ("NONE", "LEFT", "RIGHT") if v4 else ("NONE", "START", "END")
+    _enum(body.get("truncate"), "truncate", truncations)
+    given = [name for name in ("texts", "images", "inputs") if name in body]
+    if len(given) != 1:
+        names = "texts, images, inputs" if v4 else "texts, images"
+        raise _malformed(f"#: exactly one of {names} must be given")
+    if given != ["texts"]:
+        raise BedrockError("fake-llm embeds texts only")
+    texts = body["texts"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise _malformed("#/texts: expected type: JSONArray of String")
+    if len(texts) > _COHERE_MAX_TEXTS:
+        raise _malformed(
+            f"#/texts: expected maximum item count: {_COHERE_MAX_TEXTS}, found: {len(texts)}"
+        )
+    for k, text in enumerate(texts):
+        if not v4 and len(text) > _COHERE_V3_MAX_CHARACTERS:
+            raise _malformed(
+                f"#/texts/{k}: expected maxLength: {_COHERE_V3_MAX_CHARACTERS}, actual: {len(text)}"
+            )
+    if v4:
+        _enum(body.get("output_dimension"), "output_dimension", _COHERE_V4_SIZES)
+        cap = body.get("max_tokens")
+        if cap is not None and (not is_int(cap) or cap < 1):
+            raise _malformed("#/max_tokens: expected a positive integer")
+        size = body.get("output_dimension") or size
+    types = _types(body.get("embedding_types"), "embedding_types", _COHERE_TYPES)
+    vectors = [embedding(b"s" + t.encode(), size)[0] for t in texts]
+    answer: dict[str, Any] = {"id": str(uuid.uuid4()), "texts": texts}
+    if types is None and not v4:
+        answer |= {"embeddings": [list(v) for v in vectors], "response_type": "embeddings_floats"}
+    else:
+        by_type = {t: [_quantized(v, t) for v in vectors] for t in types or ["float"]}
+        answer |= {"embeddings": by_type, "response_type": "embeddings_by_type"}
+    return answer, sum(estimate_tokens(len(t.encode())) for t in texts)
+
+
+async def invoke(request: web.Request, body: Any, settings: FakeLLMSettings) -> web.StreamResponse:
+    """InvokeModel for an embedding model: authenticated, checked, faulted, answered."""
+    match = _INVOKE_PATH.match(request.raw_path.partition("?")[0])
+    if match is None or not unquote(match["model"]):
+        return error_response(BedrockError("The model id is missing", "ValidationException"))
+    model_id = unquote(match["model"])
+    started = time.monotonic()
+    try:
+        check_auth(request, await request.read(), settings)
+        ctx = request_settings(settings, request.headers)
+        if len(model_id) > 2048:
+            raise BedrockError("modelId: must be at most 2048 characters")
+        kind, size = embedding_model(model_id)
+        if body is MALFORMED or not isinstance(body, dict):
+            raise _malformed("#: expected type: JSONObject")
+        answer, tokens = (_titan if kind.startswith("titan") else _cohere)(kind, body, size)
+    except BedrockError as err:
+        return error_response(err)
+    except RequestError as exc:
+        return error_response(BedrockError(exc.message))
+    early = await _fault_before(request, ctx, settings.stall_seconds)
+    if early is not None:
+        return early
+    await pause(request, ctx.ttft)
+    await non_stream_fault(request, ctx.fault, settings.stall_seconds)
+    return web.Response(
+        body=orjson.dumps(answer),
+        content_type="application/json",
+        headers={
+            "x-amzn-requestid": str(uuid.uuid4()),
+            INPUT_TOKENS_HEADER: str(tokens),
+            "X-Amzn-Bedrock-Invocation-Latency": str(int((time.monotonic() - started) * 1000)),
+        },
+    )

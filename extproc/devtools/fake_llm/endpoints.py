@@ -481,6 +481,15 @@ class FakeLLM:
         except (Aborted, ConnectionError):
             return web.Response()
 
+    async def bedrock_invoke(self, request: web.Request) -> web.StreamResponse:
+        """AWS Bedrock's InvokeModel for its embedding models (bedrock.py): recorded like the
+        others, signatures checked, with Bedrock's error shape, faults included."""
+        body = await self.observe(request)
+        try:
+            return await bedrock.invoke(request, body, self.settings)
+        except (Aborted, ConnectionError):
+            return web.Response()
+
     async def azure_deployment(self, request: web.Request) -> web.StreamResponse:
         """Azure OpenAI's deployment API (azure.py): its refusals in Azure's shapes, then the
         OpenAI endpoint the path names."""

@@ -4,7 +4,8 @@ Vertex AI's (`/v1/projects/{p}/locations/{l}/publishers/google/models/{model}:..
 bodies under another prefix. The request is checked as strictly as Google checks it (an unknown
 field, a part without exactly one data field, a role other than user and model, a function
 response that answers no function call of the turn before, a generation setting out of its
-range: 400 INVALID_ARGUMENT in Google's error shape), the answer comes as a
+range, a function call of the current turn without its thought signature for a model that
+validates them: 400 INVALID_ARGUMENT in Google's error shape), the answer comes as a
 GenerateContentResponse or as its event stream (`data: {...}` events separated by CRLF pairs,
 usageMetadata on every event: the prompt's count, and the whole report on the last).
 
@@ -14,6 +15,23 @@ for `systemInstruction`); so does the fake. A credential is required: an API key
 Vertex AI takes); which one is recorded (the record's `credential`). A request that sets
 `toolConfig.functionCallingConfig.mode` ANY is answered with a function call (the first
 allowed function's), carrying a thought signature as Gemini's thinking models do.
+
+Thought signatures, as Google's thought-signatures guide has Gemini 3 check them: for a model
+after Gemini 2.x (`gemini-` and not `gemini-1`/`gemini-2`), the first function call of each
+model turn of the current turn (from the last user turn holding more than function responses
+on) must carry a `thoughtSignature`, else 400 INVALID_ARGUMENT; any base64 value is taken (the
+fake cannot tell its own signatures from Google's placeholder for calls Gemini did not make,
+`skip_thought_signature_validator`, or from another's). Earlier turns, and other models, are
+not checked.
+
+Embeddings (`embed`): the Gemini API's `:embedContent` and `:batchEmbedContents` (at most 100
+requests, each naming the batch's model; no usage in the answer), Vertex AI's `:embedContent`
+(its fields at the top or in `embedContentConfig`, `usageMetadata` in the answer) and
+`:predict` (`instances` of `{content, task_type, title}`, at most 250, one for
+gemini-embedding-001; each prediction's `statistics.token_count`). Vectors are the OpenAI
+endpoint's deterministic unit vectors, of the model's size (3072 for Gemini's embedding models,
+768 for the others) or the `outputDimensionality` asked; on Vertex AI a text over 2048 tokens
+is cut (`truncated`), or refused when `autoTruncate` is false.
 
 Faults (`x-fake-fault`, `--fault`) answer in Google's shape: 429 RESOURCE_EXHAUSTED, 500
 INTERNAL, 503 UNAVAILABLE; resets and stalls as on the OpenAI endpoints (`reset-after:N`: a
@@ -42,7 +60,7 @@ from .faults import (
 )
 from .identity import Issuer
 from .settings import RequestSettings
-from .wire import MALFORMED, content, estimate_tokens, is_int, json_response
+from .wire import MALFORMED, content, embedding, estimate_tokens, is_int, json_response
 
 _GEMINI_PREFIX = re.compile(r"^(v1|v1beta|v1alpha)$")
 # A project's location, or none (Vertex AI's express mode, with an API key).
@@ -102,6 +120,8 @@ _INLINE_TYPES = re.compile(
     r"|video/[\w.+-]+)$"
 )
 _FUNCTION_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.:-]{0,63}$")
+# Models before Gemini 3, which do not validate thought signatures.
+_UNSIGNED_MODELS = re.compile(r"^gemini-[12](?:[.-]|$)")
 # What the fake's function calls carry as their thought signature (base64, as Gemini's).
 SIGNATURE = base64.b64encode(b"fake-llm thought signature").decode()
 
@@ -345,6 +365,42 @@ def _check_turns(contents: list[dict[str, Any]]) -> None:
         previous = calls
 
 
+def validates_signatures(model: str) -> bool:
+    """The model refuses a function call of the current turn without its thought signature
+    (Gemini 3 and later)."""
+    return model.startswith("gemini-") and not _UNSIGNED_MODELS.match(model)
+
+
+def check_signatures(contents: list[dict[str, Any]], model: str) -> None:
+    """The first function call of each model turn of the current turn (from the last user turn
+    holding more than function responses on; none: from the first) carries a thought
+    signature, for a model that validates them."""
+    if not validates_signatures(model):
+        return
+    start = next(
+        (
+            i
+            for i in range(len(contents) - 1, -1, -1)
+            if contents[i].get("role") != "model"
+            and any("functionResponse" not in p for p in contents[i]["parts"])
+        ),
+        0,
+    )
+    for i in range(start, len(contents)):
+        turn = contents[i]
+        if turn.get("role") != "model":
+            continue
+        first = next((p for p in turn["parts"] if "functionCall" in p), None)
+        if first is not None and not first.get("thoughtSignature"):
+            raise GeminiError(
+                "Function call is missing a thought_signature in functionCall parts. This is "
+                "required for tools to work correctly, and missing thought_signature may lead "
+                "to degraded model performance. Additional data, function call "
+                f"`{first['functionCall']['name']}` , position {i + 1}. Please refer to "
+                "https://ai.google.dev/gemini-api/docs/thought-signatures for more details."
+            )
+
+
 def _generation_config(raw: Any) -> dict[str, Any]:
     where = "generation_config"
     config = _fields(raw, _GENERATION_CONFIG, where)
@@ -571,6 +627,10 @@ async def generate_content(
     prefix = request.match_info.get("prefix", "")
     method = request.match_info.get("method", "")
     vertex = bool(_VERTEX_PREFIX.match(prefix))
+    if method in (_VERTEX_EMBED_METHODS if vertex else _EMBED_METHODS) and (
+        vertex or _GEMINI_PREFIX.match(prefix)
+    ):
+        return await embed(request, ctx, raw, stall_seconds, record, issuer)
     if method not in _METHODS or not (vertex or _GEMINI_PREFIX.match(prefix)):
         return error_response(
             GeminiError(f"The requested URL {request.path} was not found.", "NOT_FOUND", 404)
@@ -587,12 +647,13 @@ async def generate_content(
                 "streamGenerateContent: the fake streams server-sent events only (alt=sse)"
             )
         body = check_request(raw, vertex)
+        model = request.match_info["model"]
+        check_signatures(body["contents"], model)
     except GeminiError as err:
         return error_response(err)
     early = await _fault_before(request, ctx.fault, stall_seconds)
     if early is not None:
         return early
-    model = request.match_info["model"]
     config = body.get("generationConfig") or {}
     cap = config.get("maxOutputTokens")
     count = ctx.tokens if cap is None else min(ctx.tokens, cap)
@@ -692,3 +753,233 @@ async def _fault_before(
         reset_connection(request)
     await pause(request, stall_seconds)
     return None
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+# The Gemini API's `models/{model}:embedContent` and `:batchEmbedContents`; Vertex AI's
+# `:embedContent` and `:predict` (its text embedding models' instances).
+_EMBED_METHODS = frozenset({"embedContent", "batchEmbedContents"})
+_VERTEX_EMBED_METHODS = frozenset({"embedContent", "predict"})
+_TASK_TYPES = frozenset(
+    {
+        "TASK_TYPE_UNSPECIFIED", "RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "SEMANTIC_SIMILARITY",
+        "CLASSIFICATION", "CLUSTERING", "QUESTION_ANSWERING", "FACT_VERIFICATION",
+        "CODE_RETRIEVAL_QUERY",
+    }
+)  # fmt: skip
+_EMBED_FIELDS = frozenset({"model", "content", "taskType", "title", "outputDimensionality"})
+_VERTEX_EMBED_CONFIG = frozenset(
+    {"taskType", "title", "outputDimensionality", "autoTruncate", "documentOcr",
+     "audioTrackExtraction"}
+)  # fmt: skip
+_VERTEX_EMBED_FIELDS = frozenset(
+    {"model", "content", "taskType", "title", "outputDimensionality", "autoTruncate",
+     "embedContentConfig"}
+)  # fmt: skip
+GEMINI_API_BATCH = 100  # batchEmbedContents: requests in one batch
+VERTEX_INSTANCES = 250  # predict: instances in one request (one for gemini-embedding-001)
+VERTEX_MAX_INPUT_TOKENS = 2048  # a text's tokens on Vertex AI (longer: cut, or refused)
+
+
+def embedding_size(model: str) -> int:
+    """A model's own vector size: 3072 for Gemini's embedding models, 768 for the others
+    (text-embedding-004/005, text-multilingual-embedding-002)."""
+    return 3072 if "gemini-embedding" in model else 768
+
+
+def _embed_options(config: dict[str, Any], where: str, model: str) -> int:
+    """Checks a request's task type, title and output size; the vector size it asks."""
+    task = config.get("taskType")
+    if task is not None and task not in _TASK_TYPES:
+        raise GeminiError(f"Invalid value at '{_at(where, 'taskType')}' (TYPE_ENUM), {task!r}")
+    title = config.get("title")
+    if title is not None and not isinstance(title, str):
+        raise GeminiError(f"Invalid value at '{_at(where, 'title')}' (TYPE_STRING), {title!r}")
+    size = embedding_size(model)
+    wanted = config.get("outputDimensionality")
+    if wanted is None:
+        return size
+    if not is_int(wanted):
+        raise GeminiError(
+            f"Invalid value at '{_at(where, 'outputDimensionality')}' (TYPE_INT32), {wanted!r}"
+        )
+    if not 1 <= wanted <= size:
+        raise GeminiError(
+            f"* EmbedContentRequest.{_at(where, 'outputDimensionality')}: must be in [1, {size}] "
+            f"for {model}"
+        )
+    return int(wanted)
+
+
+def _embedded(turn: dict[str, Any]) -> tuple[bytes, int]:
+    """A content's identity (its vector's seed: a text's as the OpenAI endpoint's) and tokens."""
+    texts = [p["text"] for p in turn["parts"] if "text" in p]
+    if len(texts) == len(turn["parts"]) == 1:
+        identity = b"s" + texts[0].encode()
+    else:
+        identity = b"c" + orjson.dumps(turn["parts"])
+    return identity, estimate_tokens(len("".join(texts).encode()) or len(identity))
+
+
+def _embedding_request(raw: Any, where: str, model: str, vertex: bool) -> tuple[bytes, int, int]:
+    """An EmbedContentRequest checked: (identity, tokens, vector size)."""
+    if vertex:
+        body = _fields(raw, _VERTEX_EMBED_FIELDS, where)
+        config = body.get("embedContentConfig")
+        if config is not None:
+            config = _fields(config, _VERTEX_EMBED_CONFIG, _at(where, "embedContentConfig"))
+            doubled = sorted(set(config) & set(body))
+            if doubled:
+                raise GeminiError(
+                    f"* EmbedContentRequest.{_at(where, doubled[0])}: set both at the top and "
+                    "in embed_content_config"
+                )
+            body |= config
+        auto = body.get("autoTruncate")
+        if auto is not None and not isinstance(auto, bool):
+            raise GeminiError(f"Invalid value at '{_at(where, 'autoTruncate')}' (TYPE_BOOL)")
+    else:
+        body = _fields(raw, _EMBED_FIELDS, where)
+    if body.get("content") is None:
+        raise GeminiError(f"* EmbedContentRequest.{_at(where, 'content')}: content is required")
+    turn = _content(body["content"], _at(where, "content"))
+    identity, tokens = _embedded(turn)
+    if vertex and tokens > VERTEX_MAX_INPUT_TOKENS and body.get("autoTruncate") is False:
+        raise GeminiError(_too_long(tokens))
+    return identity, tokens, _embed_options(body, where, model)
+
+
+def _too_long(tokens: int) -> str:
+    return (
+        f"Unable to submit request because the input token count is {tokens} but the model "
+        f"supports up to {VERTEX_MAX_INPUT_TOKENS}. Reduce the input token count and try again."
+    )
+
+
+def _batch(raw: Any, model: str) -> list[tuple[bytes, int, int]]:
+    if raw is MALFORMED or raw is None:
+        raise GeminiError("Invalid JSON payload received. Unexpected token.")
+    body = _fields(raw, frozenset({"requests"}), "")
+    requests = body.get("requests")
+    if not isinstance(requests, list) or not requests:
+        raise GeminiError("* BatchEmbedContentsRequest.requests: requests is not specified")
+    if len(requests) > GEMINI_API_BATCH:
+        raise GeminiError(
+            "* BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch"
+        )
+    out = []
+    for k, item in enumerate(requests):
+        where = f"requests[{k}]"
+        checked = _embedding_request(item, where, model, False)
+        named = item.get("model")
+        if named != f"models/{model}":
+            raise GeminiError(
+                f"* BatchEmbedContentsRequest.{where}.model: the model of each request must be "
+                f"the batch's (models/{model}), got {named!r}"
+            )
+        out.append(checked)
+    return out
+
+
+def _instances(raw: Any, model: str) -> tuple[list[tuple[bytes, int]], int]:
+    """Vertex AI's predict body for a text embedding model: ((identity, tokens) of each
+    instance, vector size). A text too long is refused when `autoTruncate` is false."""
+    if raw is MALFORMED or raw is None:
+        raise GeminiError("Invalid JSON payload received. Unexpected token.")
+    body = _fields(raw, frozenset({"instances", "parameters"}), "")
+    instances = body.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise GeminiError("* PredictRequest.instances: instances is not specified")
+    most = 1 if "gemini-embedding" in model else VERTEX_INSTANCES
+    if len(instances) > most:
+        raise GeminiError(
+            f"Unable to submit request because {model} supports at most {most} instance"
+            f"{'s' if most > 1 else ''} per request, got {len(instances)}."
+        )
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict) or set(parameters) - {
+        "autoTruncate", "outputDimensionality"
+    }:  # fmt: skip
+        raise GeminiError(
+            "* PredictRequest.parameters: only autoTruncate and outputDimensionality are taken"
+        )
+    auto = parameters.get("autoTruncate", True)
+    if not isinstance(auto, bool):
+        raise GeminiError("* PredictRequest.parameters.autoTruncate: a boolean is required")
+    size = _embed_options(parameters, "parameters", model)
+    out = []
+    for k, instance in enumerate(instances):
+        if not isinstance(instance, dict) or set(instance) - {"content", "task_type", "title"}:
+            raise GeminiError(
+                f"* PredictRequest.instances[{k}]: an instance takes content, task_type and title"
+            )
+        text = instance.get("content")
+        if not isinstance(text, str) or not text:
+            raise GeminiError(f"* PredictRequest.instances[{k}].content: a text is required")
+        task = instance.get("task_type")
+        if task is not None and task not in _TASK_TYPES:
+            raise GeminiError(f"* PredictRequest.instances[{k}].task_type: {task!r} is unknown")
+        tokens = estimate_tokens(len(text.encode()))
+        if tokens > VERTEX_MAX_INPUT_TOKENS and not auto:
+            raise GeminiError(_too_long(tokens))
+        out.append((b"s" + text.encode(), tokens))
+    return out, size
+
+
+async def embed(
+    request: web.Request,
+    ctx: RequestSettings,
+    raw: Any,
+    stall_seconds: float,
+    record: dict[str, Any] | None,
+    issuer: Issuer | None = None,
+) -> web.StreamResponse:
+    """The embedding methods: checked as strictly as Google checks them, answered with
+    deterministic unit vectors of the size asked (the model's own by default), each text's as
+    the OpenAI endpoint gives it. Usage: none from the Gemini API; Vertex AI's predict gives
+    each text's `statistics.token_count`, its embedContent `usageMetadata`."""
+    vertex = bool(_VERTEX_PREFIX.match(request.match_info.get("prefix", "")))
+    method = request.match_info["method"]
+    model = request.match_info["model"]
+    try:
+        kind = credential(request, vertex, issuer)
+        if record is not None:
+            record["credential"] = kind
+        if method == "predict":
+            instances, size = _instances(raw, model)
+        elif method == "batchEmbedContents":
+            requests = _batch(raw, model)
+        else:
+            if raw is MALFORMED or raw is None:
+                raise GeminiError("Invalid JSON payload received. Unexpected token.")
+            single = _embedding_request(raw, "", model, vertex)
+    except GeminiError as err:
+        return error_response(err)
+    early = await _fault_before(request, ctx.fault, stall_seconds)
+    if early is not None:
+        return early
+    await pause(request, ctx.ttft)
+    await non_stream_fault(request, ctx.fault, stall_seconds)
+    if method == "predict":
+        predictions = []
+        for identity, tokens in instances:
+            statistics = {"truncated": tokens > VERTEX_MAX_INPUT_TOKENS,
+                          "token_count": min(tokens, VERTEX_MAX_INPUT_TOKENS)}  # fmt: skip
+            values = list(embedding(identity, size)[0])
+            predictions.append({"embeddings": {"values": values, "statistics": statistics}})
+        characters = sum(len(identity) - 1 for identity, _ in instances)
+        return json_response(
+            {"predictions": predictions, "metadata": {"billableCharacterCount": characters}}
+        )
+    if method == "batchEmbedContents":
+        return json_response(
+            {"embeddings": [{"values": list(embedding(i, n)[0])} for i, _, n in requests]}
+        )
+    identity, tokens, size = single
+    answer: dict[str, Any] = {"embedding": {"values": list(embedding(identity, size)[0])}}
+    if vertex:
+        counted = min(tokens, VERTEX_MAX_INPUT_TOKENS)
+        answer["usageMetadata"] = {"promptTokenCount": counted, "totalTokenCount": counted}
+        answer["truncated"] = tokens > VERTEX_MAX_INPUT_TOKENS
+    return json_response(answer)

@@ -27,8 +27,14 @@ def usage(obj: Any) -> Usage | None:
     total = _int(obj.get("total_tokens"))
     details = obj.get("prompt_tokens_details")
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    out_details = obj.get("completion_tokens_details")
+    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
     return Usage(
-        prompt, completion, total if total is not None else prompt + completion, cached or 0
+        prompt,
+        completion,
+        total if total is not None else prompt + completion,
+        cached or 0,
+        reasoning_tokens=reasoning or 0,
     )
 
 
