@@ -449,6 +449,7 @@ def test_a_streams_usage_report_lands_where_a_json_answers_usage_does() -> None:
         "completion_tokens",
         "total_tokens",
         "cached_tokens",
+        "reasoning_tokens",
         "token_source",
     }
     assert {t["metadataNamespace"] for t in targets.values()} == {"extproc"}
