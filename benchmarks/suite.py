@@ -73,6 +73,7 @@ def plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[str, Scenario
     for provider, title in (
         ("anthropic", "Anthropic backend"),
         ("bedrock", "Bedrock backend"),
+        ("gemini", "Gemini backend"),
         ("azure", "Azure OpenAI deployment"),
     ):
         steps.append((title, dataclasses.replace(headline, provider=provider), ends))

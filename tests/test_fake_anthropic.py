@@ -18,8 +18,8 @@ from extproc.devtools.fake_llm import FakeLLMSettings
 from extproc.providers import anthropic as translation
 from extproc.providers import registry
 
+from .provider_cases import CONVERSATION, TOOLS, fed_in_pieces
 from .test_fake_llm import _http, _running
-from .test_provider_anthropic import PNG
 
 MODEL = "claude-sonnet-4-5"
 HEADERS = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
@@ -123,38 +123,6 @@ def test_faults_in_anthropics_shape(client: anthropic.Anthropic) -> None:
 
 # -- the gateway's translation against the fake ---------------------------------------------------
 
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {
-        "role": "user",
-        "content": [
-            {"type": "text", "text": "What is this, and the weather?"},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
-        ],
-    },
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-]
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
-
 
 @pytest.mark.parametrize(
     "extra",
@@ -195,9 +163,7 @@ def translated_stream(
     )
     assert status == 200, raw
     translator = translation.StreamTranslator("claude", include_usage=include_usage)
-    out = b"".join(translator.feed(raw[i : i + 5]) for i in range(0, len(raw), 5))
-    lines = [line for line in out.split(b"\n\n") if line.startswith(b"data: {")]
-    chunks = [ChatCompletionChunk.model_validate(orjson.loads(line[6:])) for line in lines]
+    out, chunks = fed_in_pieces(translator, raw)
     return translator, out, chunks
 
 

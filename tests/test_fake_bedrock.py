@@ -10,24 +10,27 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import boto3
 import orjson
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.config import Config
-from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, EventStreamError
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 from extproc.devtools.fake_llm import FakeLLMSettings
 from extproc.providers import bedrock as translation
 
+from .provider_cases import (
+    AWS_CREDENTIALS,
+    CONVERSATION,
+    PNG,
+    SECRET,
+    bedrock_client,
+    fed_in_pieces,
+    signed_headers,
+)
+from .provider_cases import TOOLS as OPENAI_TOOLS
 from .test_fake_llm import _http, _running
-from .test_provider_anthropic import PNG
 
 MODEL_ID = "us.anthropic.claude-3-5-sonnet-20241022-v2:0"
-KEY, SECRET = "AKIAFAKEFAKEFAKEFAKE", "fake/secret+key"
 HELLO = [{"role": "user", "content": [{"text": "hello"}]}]
 TOOLS = {
     "tools": [
@@ -46,9 +49,9 @@ TOOLS = {
 
 def settings(**fields: Any) -> FakeLLMSettings:
     """Credentials said outright: none from the environment of the test run."""
-    creds = {"aws_access_key_id": KEY, "aws_secret_access_key": SECRET,
-             "aws_session_token": None, "aws_bearer_token": None}  # fmt: skip
-    return FakeLLMSettings(**{"name": "fake-bedrock", "response_tokens": 6, **creds, **fields})
+    return FakeLLMSettings(
+        **{"name": "fake-bedrock", "response_tokens": 6, **AWS_CREDENTIALS, **fields}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +60,11 @@ def port() -> Iterator[int]:
         yield bound
 
 
-def make_client(port: int, secret: str = SECRET, key: str = KEY, token: str | None = None) -> Any:
-    return boto3.client(
-        "bedrock-runtime",
-        region_name="us-east-1",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        aws_access_key_id=key,
-        aws_secret_access_key=secret,
-        aws_session_token=token,
-        config=Config(retries={"total_max_attempts": 1}, read_timeout=5, connect_timeout=5),
-    )
-
-
 @pytest.fixture
 def client(port: int, monkeypatch: pytest.MonkeyPatch) -> Any:
     # A Bedrock API key in the environment would make the SDK send it instead of signing.
     monkeypatch.delenv("AWS_BEARER_TOKEN_BEDROCK", raising=False)
-    return make_client(port)
+    return bedrock_client(port)
 
 
 def with_headers(client: Any, **headers: str) -> Any:
@@ -94,15 +85,9 @@ def signed_post(
     """A POST signed by botocore's SigV4 signer, sent by urllib (for bodies the SDK would not
     send)."""
     path = translation.model_path("", model, stream)
-    request = AWSRequest(
-        method="POST",
-        url=f"http://127.0.0.1:{port}{path}",
-        data=body,
-        headers={"content-type": "application/json"},
-    )
-    SigV4Auth(Credentials(KEY, secret), "bedrock", "eu-west-3").add_auth(request)
+    signed = signed_headers(port, path, body, secret, region="eu-west-3")
     knobs = {name.replace("_", "-"): value for name, value in extra.items()}
-    return _http(port, path, method="POST", body=body, headers={**request.headers, **knobs})
+    return _http(port, path, method="POST", body=body, headers={**signed, **knobs})
 
 
 # -- the SDK --------------------------------------------------------------------------------------
@@ -177,11 +162,9 @@ def chunk_sizes(port: int, headers: dict[str, str], body: bytes) -> tuple[list[i
 def test_the_split_knob_cuts_the_stream_on_the_wire(port: int, split: str) -> None:
     body = orjson.dumps({"messages": HELLO})
     path = translation.model_path("", MODEL_ID, True)
-    request = AWSRequest(method="POST", url=f"http://127.0.0.1:{port}{path}", data=body,
-                         headers={"content-type": "application/json"})  # fmt: skip
-    SigV4Auth(Credentials(KEY, SECRET), "bedrock", "us-east-1").add_auth(request)
-    whole_sizes, whole = chunk_sizes(port, dict(request.headers), body)
-    sizes, cut = chunk_sizes(port, {**request.headers, "x-fake-split": split}, body)
+    signed = signed_headers(port, path, body)
+    whole_sizes, whole = chunk_sizes(port, signed, body)
+    sizes, cut = chunk_sizes(port, {**signed, "x-fake-split": split}, body)
     assert max(whole_sizes) > 64 and max(sizes) <= (7 if split == "7" else 64)
     assert len(cut) == len(whole) and len(sizes) > len(whole) // 64
     translators = [translation.StreamTranslator("m"), translation.StreamTranslator("m")]
@@ -300,21 +283,18 @@ def test_fields_the_sdk_would_not_send_are_refused(port: int) -> None:
 def test_a_wrong_secret_is_refused(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_BEARER_TOKEN_BEDROCK", raising=False)
     with pytest.raises(ClientError) as caught:
-        make_client(port, secret="not-the-secret").converse(modelId=MODEL_ID, messages=HELLO)
+        bedrock_client(port, secret="not-the-secret").converse(modelId=MODEL_ID, messages=HELLO)
     assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     with pytest.raises(ClientError) as caught:
-        make_client(port, key="AKIAOTHEROTHEROTHER0").converse(modelId=MODEL_ID, messages=HELLO)
+        bedrock_client(port, key="AKIAOTHEROTHEROTHER0").converse(modelId=MODEL_ID, messages=HELLO)
     assert caught.value.response["Error"]["Code"] == "UnrecognizedClientException"
 
 
 def test_a_signature_covers_the_body_and_the_path(port: int) -> None:
     body = orjson.dumps({"messages": HELLO})
     path = translation.model_path("", MODEL_ID, False)
-    request = AWSRequest(method="POST", url=f"http://127.0.0.1:{port}{path}", data=body,
-                         headers={"content-type": "application/json"})  # fmt: skip
-    SigV4Auth(Credentials(KEY, SECRET), "bedrock", "us-west-2").add_auth(request)
-    signed = dict(request.headers)
+    signed = signed_headers(port, path, body, region="us-west-2")
     assert _http(port, path, method="POST", body=body, headers=signed)[0] == 200
     tampered = orjson.dumps({"messages": [{"role": "user", "content": [{"text": "HELLO"}]}]})
     assert _http(port, path, method="POST", body=tampered, headers=signed)[0] == 403
@@ -346,10 +326,7 @@ def test_malformed_signatures_are_refused(
 ) -> None:
     body = orjson.dumps({"messages": HELLO})
     path = translation.model_path("", MODEL_ID, False)
-    request = AWSRequest(method="POST", url=f"http://127.0.0.1:{port}{path}", data=body,
-                         headers={"content-type": "application/json"})  # fmt: skip
-    SigV4Auth(Credentials(KEY, SECRET), "bedrock", "us-east-1").add_auth(request)
-    headers = dict(request.headers)
+    headers = signed_headers(port, path, body)
     assert "SignedHeaders=content-type;host;x-amz-date" in headers["Authorization"]
     change(headers)
     status, answer_headers, _ = _http(port, path, method="POST", body=body, headers=headers)
@@ -359,13 +336,13 @@ def test_malformed_signatures_are_refused(
 def test_session_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_BEARER_TOKEN_BEDROCK", raising=False)
     with _running(settings(aws_session_token="session-token")) as bound:
-        answer = make_client(bound, token="session-token").converse(
+        answer = bedrock_client(bound, token="session-token").converse(
             modelId=MODEL_ID, messages=HELLO
         )
         assert answer["stopReason"] == "end_turn"
         for token in (None, "another-token"):
             with pytest.raises(ClientError) as caught:
-                make_client(bound, token=token).converse(modelId=MODEL_ID, messages=HELLO)
+                bedrock_client(bound, token=token).converse(modelId=MODEL_ID, messages=HELLO)
             assert caught.value.response["Error"]["Code"] == "UnrecognizedClientException"
 
 
@@ -373,7 +350,7 @@ def test_without_credentials_any_signature_is_taken(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("AWS_BEARER_TOKEN_BEDROCK", raising=False)
     unchecked = settings(aws_access_key_id=None, aws_secret_access_key=None)
     with _running(unchecked) as bound:
-        answer = make_client(bound, secret="whatever").converse(modelId=MODEL_ID, messages=HELLO)
+        answer = bedrock_client(bound, secret="whatever").converse(modelId=MODEL_ID, messages=HELLO)
         assert answer["stopReason"] == "end_turn"
         body = orjson.dumps({"messages": HELLO})
         path = translation.model_path("", MODEL_ID, False)
@@ -420,38 +397,6 @@ def test_a_stream_that_fails_midway(client: Any) -> None:
 
 
 # -- the gateway's translation against the fake ---------------------------------------------------
-
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {
-        "role": "user",
-        "content": [
-            {"type": "text", "text": "What is this, and the weather?"},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
-        ],
-    },
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-]
-OPENAI_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
 
 
 @pytest.mark.parametrize(
@@ -547,10 +492,8 @@ def test_a_translated_stream_from_the_fake_reads_as_openai_chunks(port: int, spl
     status, headers, raw = signed_post(port, MODEL_ID, request, stream=True, x_fake_split=split)
     assert status == 200 and headers["Content-Type"] == translation.STREAM_CONTENT_TYPE
     translator = translation.StreamTranslator("claude")
-    out = b"".join(translator.feed(raw[i : i + 5]) for i in range(0, len(raw), 5))
+    out, chunks = fed_in_pieces(translator, raw)
     assert out.endswith(b"data: [DONE]\n\n") and translator.failed is None
-    chunks = [ChatCompletionChunk.model_validate(orjson.loads(e[6:]))
-              for e in out.split(b"\n\n") if e.startswith(b"data: {")]  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == translator.text and len(text.split()) == 6
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6

@@ -15,30 +15,25 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import orjson
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.config import Config
-from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from google import genai
 from google.genai import errors, types
 from google.oauth2.credentials import Credentials as GoogleCredentials
 from openai.types import CreateEmbeddingResponse
 
-from extproc.config import ResolvedTarget
 from extproc.devtools.fake_llm import FakeLLMSettings
 from extproc.devtools.fake_llm.wire import embedding
 from extproc.errors import GatewayError
 from extproc.providers import bedrock, gemini
-from extproc.providers.embeddings import encode
+from extproc.providers.openai_answer import encode
 
+from .provider_cases import AWS_CREDENTIALS, bedrock_client, signed_headers
+from .provider_cases import embeddings_target as target
 from .test_fake_gemini import _options, google_token
 from .test_fake_llm import _http, _running
 
-KEY, SECRET = "AKIAFAKEFAKEFAKEFAKE", "fake/secret+key"
 TITAN = "amazon.titan-embed-text-v2:0"
 COHERE_V3 = "cohere.embed-english-v3"
 COHERE_V4 = "us.cohere.embed-v4:0"
@@ -48,28 +43,15 @@ GOOGLE_HEADERS = {"x-goog-api-key": "test-key", "content-type": "application/jso
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    creds = {"aws_access_key_id": KEY, "aws_secret_access_key": SECRET,
-             "aws_session_token": None, "aws_bearer_token": None}  # fmt: skip
-    with _running(FakeLLMSettings(name="fake-embeddings", **creds)) as bound:
+    with _running(FakeLLMSettings(name="fake-embeddings", **AWS_CREDENTIALS)) as bound:
         yield bound
-
-
-def make_client(port: int, secret: str = SECRET) -> Any:
-    return boto3.client(
-        "bedrock-runtime",
-        region_name="us-east-1",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        aws_access_key_id=KEY,
-        aws_secret_access_key=secret,
-        config=Config(retries={"total_max_attempts": 1}, read_timeout=5, connect_timeout=5),
-    )
 
 
 @pytest.fixture
 def client(port: int, monkeypatch: pytest.MonkeyPatch) -> Any:
     # A Bedrock API key in the environment would make the SDK send it instead of signing.
     monkeypatch.delenv("AWS_BEARER_TOKEN_BEDROCK", raising=False)
-    return make_client(port)
+    return bedrock_client(port)
 
 
 def invoke(client: Any, model: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -90,31 +72,11 @@ def refused_by_bedrock(client: Any, model: str, body: dict[str, Any]) -> str:
 
 def signed_post(port: int, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
     """A POST signed by botocore's SigV4 signer (as Envoy signs the gateway's), sent by urllib."""
-    request = AWSRequest(
-        method="POST",
-        url=f"http://127.0.0.1:{port}{path}",
-        data=body,
-        headers={"content-type": "application/json"},
-    )
-    SigV4Auth(Credentials(KEY, SECRET), "bedrock", "us-east-1").add_auth(request)
-    return _http(port, path, method="POST", body=body, headers=dict(request.headers))
+    return _http(port, path, method="POST", body=body, headers=signed_headers(port, path, body))
 
 
 def norm(values: list[float]) -> float:
     return math.sqrt(math.fsum(v * v for v in values))
-
-
-def target(provider: str, model: str, url_path: str = "") -> ResolvedTarget:
-    return ResolvedTarget(
-        model="emb",
-        backend="b",
-        provider_model=model,
-        weight=1,
-        auth_header="authorization",
-        credential=None,
-        provider=provider,
-        url_path=url_path,
-    )
 
 
 def records(port: int) -> list[dict[str, Any]]:
@@ -187,19 +149,12 @@ def test_what_bedrock_refuses_the_fake_refuses(
 def test_a_wrong_signature_is_refused(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_BEARER_TOKEN_BEDROCK", raising=False)
     with pytest.raises(ClientError) as caught:
-        invoke(make_client(port, secret="not-the-secret"), TITAN, {"inputText": "a"})
+        invoke(bedrock_client(port, secret="not-the-secret"), TITAN, {"inputText": "a"})
     assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     # A body changed after it was signed.
     path = bedrock.EMBEDDINGS.path(target("bedrock", TITAN))
-    request = AWSRequest(
-        method="POST",
-        url=f"http://127.0.0.1:{port}{path}",
-        data=b'{"inputText": "a"}',
-        headers={"content-type": "application/json"},
-    )
-    SigV4Auth(Credentials(KEY, SECRET), "bedrock", "us-east-1").add_auth(request)
-    headers = dict(request.headers)
+    headers = signed_headers(port, path, b'{"inputText": "a"}')
     assert _http(port, path, method="POST", body=b'{"inputText": "a"}', headers=headers)[0] == 200
     assert _http(port, path, method="POST", body=b'{"inputText": "b"}', headers=headers)[0] == 403
 

@@ -25,8 +25,9 @@ from extproc.errors import GatewayError
 from extproc.providers import gemini as translation
 from extproc.wire.openai.answer import error_body
 
+from .provider_cases import CONVERSATION as ONE_CALL
+from .provider_cases import PNG, STRICT_WEATHER, fed_in_pieces, tool_call
 from .test_fake_llm import _http, _running
-from .test_provider_anthropic import PNG
 
 MODEL = "gemini-2.5-flash"
 PATH = f"/v1beta/models/{MODEL}:generateContent"
@@ -395,51 +396,18 @@ def test_the_stream_route_wants_server_sent_events_and_crlf(port: int) -> None:
 
 # -- the gateway's translation against the fake ---------------------------------------------------
 
+# The shared conversation with a second call, whose result comes first.
 CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {
-        "role": "user",
-        "content": [
-            {"type": "text", "text": "What is this, and the weather?"},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
-        ],
-    },
+    *ONE_CALL[:2],
     {
         "role": "assistant",
         "content": None,
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-            },
-            {
-                "id": "call_2",
-                "type": "function",
-                "function": {"name": "weather", "arguments": '{"city": "Rome"}'},
-            },
-        ],
+        "tool_calls": [tool_call("call_1"), tool_call("call_2", arguments='{"city": "Rome"}')],
     },
     {"role": "tool", "tool_call_id": "call_2", "content": '{"c": 24}'},
     {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
 ]
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "description": "The weather in a city",
-            "parameters": {
-                "$schema": "http://json-schema.org/draft-07/schema#",
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-            "strict": True,
-        },
-    }
-]
+TOOLS = [STRICT_WEATHER]
 
 
 @pytest.mark.parametrize(
@@ -514,9 +482,7 @@ def translated_stream(
     status, raw = post(port, translation.generate_content_request(body, 64), STREAM_PATH)
     assert status == 200, raw
     translator = translation.StreamTranslator("gem")
-    out = b"".join(translator.feed(raw[i : i + 5]) for i in range(0, len(raw), 5))
-    lines = [line for line in out.split(b"\n\n") if line.startswith(b"data: {")]
-    chunks = [ChatCompletionChunk.model_validate(orjson.loads(line[6:])) for line in lines]
+    out, chunks = fed_in_pieces(translator, raw)
     return translator, out, chunks
 
 

@@ -9,16 +9,21 @@ from typing import Any
 
 import orjson
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletionChunk
 
 from extproc.errors import GatewayError
 from extproc.providers import anthropic, registry
 
-MODEL = "claude-sonnet-4-5"
-PNG = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
-    "AAAABJRU5ErkJggg=="
+from .provider_cases import (
+    PNG,
+    WEATHER,
+    check_golden_answer,
+    chunks,
+    golden_conversation,
+    tool_call,
 )
+
+MODEL = "claude-sonnet-4-5"
 
 
 def translate(**body: Any) -> dict[str, Any]:
@@ -33,41 +38,9 @@ def translate(**body: Any) -> dict[str, Any]:
 def test_a_multi_turn_conversation_with_tools_and_images() -> None:
     body = {
         "model": "claude",
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is in this picture, and the weather?"},
-                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
-                    {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
-                ],
-            },
-            {
-                "role": "assistant",
-                "content": "Let me look.",
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-                    },
-                    {
-                        "id": "call_2",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Rome"}'},
-                    },
-                ],
-            },
-            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-            {
-                "role": "tool",
-                "tool_call_id": "call_2",
-                "content": [{"type": "text", "text": "24 C"}],
-            },
-            {"role": "user", "content": "Thanks."},
-        ],
+        "messages": golden_conversation(
+            "https://example.com/a.jpg", tool_call("call_2", arguments='{"city": "Rome"}'), "24 C"
+        ),
         "max_completion_tokens": 300,
         "temperature": 0.2,
         "top_p": 1,  # neutral: left out (recent Claude models take one of the two)
@@ -75,16 +48,7 @@ def test_a_multi_turn_conversation_with_tools_and_images() -> None:
         "stream": True,
         "stream_options": {"include_usage": True},
         "user": "jane",
-        "tools": [
-            {
-                "type": "function",
-                "function": {
-                    "name": "weather",
-                    "description": "The weather in a city",
-                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-                },
-            }
-        ],
+        "tools": [WEATHER],
         "tool_choice": "required",
         "parallel_tool_calls": False,
         "n": 1,
@@ -254,24 +218,7 @@ ANSWER = {
 
 
 def test_an_answer_with_tools_thinking_and_cached_input() -> None:
-    out = anthropic.chat_completion(ANSWER, "claude")
-    parsed = ChatCompletion.model_validate(out)  # the openai SDK reads it
-    choice = parsed.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.content == "Checking."
-    assert choice.message.tool_calls is not None
-    (call,) = choice.message.tool_calls
-    assert (call.id, call.function.name) == ("toolu_1", "weather")
-    assert orjson.loads(call.function.arguments) == {"city": "Paris"}
-    assert out["choices"][0]["message"]["reasoning_content"] == "The user wants weather."
-    assert parsed.model == "claude"
-    # OpenAI's prompt_tokens holds the cached input; cached reads are its cached_tokens.
-    assert out["usage"] == {
-        "prompt_tokens": 125,
-        "completion_tokens": 9,
-        "total_tokens": 134,
-        "prompt_tokens_details": {"cached_tokens": 100},
-    }
+    check_golden_answer(anthropic.chat_completion(ANSWER, "claude"), "toolu_1")
 
 
 @pytest.mark.parametrize(
@@ -372,14 +319,6 @@ STREAM = sse(
     },
     {"type": "message_stop"},
 )
-
-
-def chunks(raw: bytes) -> list[dict[str, Any]]:
-    out = []
-    for line in raw.split(b"\n\n"):
-        if line.startswith(b"data: ") and line != b"data: [DONE]":
-            out.append(orjson.loads(line[6:]))
-    return out
 
 
 def test_a_stream_becomes_openai_chunks_the_sdk_reads() -> None:

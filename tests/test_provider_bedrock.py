@@ -11,14 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletionChunk
 
 from extproc.config import ResolvedTarget
 from extproc.devtools.fake_llm.bedrock import event_frame, exception_frame, frame
 from extproc.errors import GatewayError
 from extproc.providers import bedrock
 
-from .test_provider_anthropic import PNG
+from .provider_cases import PNG, WEATHER, check_golden_answer, golden_conversation, tool_call
 
 MODEL_ID = "us.anthropic.claude-3-5-sonnet-20241022-v2:0"
 
@@ -49,16 +49,6 @@ def refused(**body: Any) -> GatewayError:
     return caught.value
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
-
-
 # -- the provider ---------------------------------------------------------------------------------
 
 
@@ -83,41 +73,9 @@ def test_the_provider_and_its_paths() -> None:
 def test_a_multi_turn_conversation_with_tools_and_images() -> None:
     body = {
         "model": "claude",
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is in this picture, and the weather?"},
-                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
-                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/"}},
-                ],
-            },
-            {
-                "role": "assistant",
-                "content": "Let me look.",
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-                    },
-                    {
-                        "id": "call_2",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Rome"}'},
-                    },
-                ],
-            },
-            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-            {
-                "role": "tool",
-                "tool_call_id": "call_2",
-                "content": [{"type": "text", "text": "24 C"}],
-            },
-            {"role": "user", "content": "Thanks."},
-        ],
+        "messages": golden_conversation(
+            "data:image/jpeg;base64,/9j/", tool_call("call_2", arguments='{"city": "Rome"}'), "24 C"
+        ),
         "max_completion_tokens": 300,
         "temperature": 0.2,
         "top_p": 1,  # neutral: left out
@@ -323,11 +281,6 @@ def test_max_completion_tokens_wins_and_a_zero_is_named() -> None:
     assert err.code == "integer_below_min_value" and "got 0" in err.message
 
 
-def call(call_id: str) -> dict[str, Any]:
-    return {"id": call_id, "type": "function",
-            "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "call_id",
     [
@@ -344,7 +297,7 @@ def test_a_tool_call_id_converse_would_refuse_is_replaced_the_same_in_use_and_re
         tools=[WEATHER],
         messages=[
             {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [call(call_id)]},
+            {"role": "assistant", "content": None, "tool_calls": [tool_call(call_id)]},
             {"role": "tool", "tool_call_id": call_id, "content": "sunny"},
         ],
     )
@@ -403,25 +356,10 @@ ANSWER = {
 
 
 def test_an_answer_with_tools_reasoning_and_cached_input() -> None:
-    out = bedrock.PROVIDER.answer(ANSWER, "claude")
-    parsed = ChatCompletion.model_validate(out)  # the openai SDK reads it
-    choice = parsed.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.content == "Checking."
-    assert choice.message.tool_calls is not None
-    (call,) = choice.message.tool_calls
-    assert (call.id, call.function.name) == ("tooluse_1", "weather")
-    assert orjson.loads(call.function.arguments) == {"city": "Paris"}
-    assert out["choices"][0]["message"]["reasoning_content"] == "The user wants weather."
-    assert parsed.model == "claude" and parsed.id.startswith("chatcmpl-")
     # Bedrock's inputTokens holds neither the cache reads nor the writes; OpenAI's
-    # prompt_tokens holds both, the reads as cached_tokens.
-    assert out["usage"] == {
-        "prompt_tokens": 125,
-        "completion_tokens": 9,
-        "total_tokens": 134,
-        "prompt_tokens_details": {"cached_tokens": 100},
-    }
+    # prompt_tokens holds both (125), the reads as cached_tokens.
+    parsed = check_golden_answer(bedrock.PROVIDER.answer(ANSWER, "claude"), "tooluse_1")
+    assert parsed.id.startswith("chatcmpl-")  # Converse gives none: one of OpenAI's shape
     report = bedrock.usage(ANSWER["usage"])
     assert report is not None and (report.cached_tokens, report.cache_write_tokens) == (100, 5)
 

@@ -178,6 +178,15 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
     config["models"]["claude-slow"] = {
         "targets": [{"backend": "anthropic-slow", "model": PROVIDER_MODEL}]
     }
+    # Response guards judge the translated text, streamed or not.
+    config.setdefault("guards", {})["deny-out"] = {"type": "deny", "keywords": ["self-destruct"]}
+    config.setdefault("guards", {})["secrets-out"] = {"type": "pii", "entities": ["email"]}
+    guarded = {"guardrails": {"response": ["deny-out", "secrets-out"]}}
+    config["models"]["claude-guarded"] = {**config["models"][MODEL], **guarded}
+    config["models"]["bedrock-guarded"] = {
+        "targets": [{"backend": "bedrock", "model": BEDROCK_MODEL}],
+        **guarded,
+    }
     config["models"]["claude-then-gpt"] = {
         "targets": [
             {"backend": "anthropic-overloaded", "model": PROVIDER_MODEL, "priority": 0},
@@ -691,3 +700,52 @@ def test_what_titan_cannot_embed_is_refused_before_the_call(gw: Gateway) -> None
     with pytest.raises(openai.BadRequestError) as caught:
         client(gw).embeddings.create(model="titan-embedding", input=["one", "two"])
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "input"
+
+
+# -- response guards on translated answers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["claude-guarded", "bedrock-guarded"])
+def test_a_translated_answer_that_a_guard_denies_is_the_guards_error(
+    gw: Gateway, model: str
+) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        client(gw).chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "go"}],
+            extra_headers={"x-fake-response-text": "now self-destruct please"},
+        )
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "guard_blocked:deny-out"
+
+
+@pytest.mark.parametrize("model", ["claude-guarded", "bedrock-guarded"])
+def test_a_translated_stream_is_masked_and_cut_by_response_guards(gw: Gateway, model: str) -> None:
+    """The provider's events become OpenAI's chunks first; the guards judge those."""
+    masked = client(gw).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "mail?"}],
+        stream=True,
+        extra_headers={
+            "x-fake-response-text": "write to bob@example.org today",
+            "x-fake-chunk-chars": "3",
+        },
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in masked if c.choices)
+    assert text == "write to [EMAIL] today"
+    cut = client(gw).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "go"}],
+        stream=True,
+        extra_headers={
+            "x-fake-response-text": "counting down, then self-destruct and more text after",
+            "x-fake-chunk-chars": "5",
+        },
+    )
+    received = ""
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in cut:
+            if chunk.choices:
+                received += chunk.choices[0].delta.content or ""
+    assert "guard_blocked:deny-out" in str(caught.value.body)
+    assert "self-destruct" not in received

@@ -1,7 +1,8 @@
 """OpenAI embeddings to Google's (Gemini API, Vertex AI) and AWS Bedrock's (Titan, Cohere)
-embedding APIs and back (extproc/providers/gemini.py, bedrock.py, embeddings.py): golden
-request/answer pairs per format, refusals naming the parameter, usage from the body, a header
-or none, and `encode` (base64 float32) decoded by the openai SDK's own decoder."""
+embedding APIs and back (extproc/providers/gemini.py, bedrock.py; openai_request.py reads the
+inputs, openai_answer.py builds the answer): golden request/answer pairs per format, refusals
+naming the parameter, usage from the body, a header or none, and `encode` (base64 float32)
+decoded by the openai SDK's own decoder."""
 
 from __future__ import annotations
 
@@ -19,22 +20,11 @@ import pytest
 from extproc.config import ResolvedTarget
 from extproc.errors import GatewayError
 from extproc.providers import anthropic, bedrock, gemini
-from extproc.providers.embeddings import encode
+from extproc.providers.openai_answer import encode
+
+from .provider_cases import embeddings_target as target
 
 VERTEX = "/v1/projects/p/locations/us-central1/publishers/google"
-
-
-def target(provider: str, model: str, url_path: str = "") -> ResolvedTarget:
-    return ResolvedTarget(
-        model="emb",
-        backend="b",
-        provider_model=model,
-        weight=1,
-        auth_header="authorization",
-        credential=None,
-        provider=provider,
-        url_path=url_path,
-    )
 
 
 def gem(model: str = "gemini-embedding-001", url_path: str = "/v1beta") -> ResolvedTarget:

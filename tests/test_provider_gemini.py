@@ -16,7 +16,8 @@ from extproc.config import ResolvedTarget
 from extproc.errors import GatewayError
 from extproc.providers import gemini
 
-from .test_provider_anthropic import PNG
+from .provider_cases import PNG, chunks, golden_conversation, tool_call
+from .provider_cases import STRICT_WEATHER as WEATHER
 
 MODEL = "gemini-2.5-flash"
 
@@ -42,22 +43,6 @@ def target(url_path: str, model: str = MODEL) -> ResolvedTarget:
     )
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "$schema": "http://json-schema.org/draft-07/schema#",
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-        "strict": True,
-    },
-}
-
 # -- the request ----------------------------------------------------------------------------------
 
 
@@ -65,39 +50,9 @@ def test_a_multi_turn_conversation_with_tools_and_images() -> None:
     body = {
         "model": "gem",
         "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is in this picture, and the weather?"},
-                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
-                    {"type": "image_url", "image_url": {"url": "data:image/jpg;base64,/9j/"}},
-                ],
-            },
-            {
-                "role": "assistant",
-                "content": "Let me look.",
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-                    },
-                    {
-                        "id": "call_2",
-                        "type": "function",
-                        "function": {"name": "clock", "arguments": ""},
-                    },
-                ],
-            },
-            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-            {
-                "role": "tool",
-                "tool_call_id": "call_2",
-                "content": [{"type": "text", "text": '{"time": "12:00"}'}],
-            },
-            {"role": "user", "content": "Thanks."},
+            *golden_conversation(
+                "data:image/jpg;base64,/9j/", tool_call("call_2", "clock", ""), '{"time": "12:00"}'
+            ),
             {"role": "assistant", "content": [{"type": "text", "text": "You're welcome."}]},
             {"role": "user", "content": "\n"},  # blank: nothing to say
             {"role": "user", "content": "Bye."},
@@ -832,14 +787,6 @@ STREAM = events(
         "responseId": "r9",
     },
 )
-
-
-def chunks(raw: bytes) -> list[dict[str, Any]]:
-    out = []
-    for line in raw.split(b"\n\n"):
-        if line.startswith(b"data: ") and line != b"data: [DONE]":
-            out.append(orjson.loads(line[6:]))
-    return out
 
 
 def _normalized(raw: bytes) -> list[dict[str, Any]]:

@@ -193,12 +193,13 @@ def stream_label(variant: str, stream_path: str = "auto") -> str:
 
 
 NATIVE_ISSUER = "https://bench.extproc.test/"
-PROVIDERS = ("openai", "anthropic", "bedrock", "azure")
+PROVIDERS = ("openai", "anthropic", "bedrock", "gemini", "azure")
 PROVIDER_KEY_ENV = "EXTPROC_BENCH_PROVIDER_KEY"
 PROVIDER_NAMES = {
     "openai": "OpenAI's API",
     "anthropic": "Anthropic's Messages API",
     "bedrock": "AWS Bedrock's Converse (signed by Envoy)",
+    "gemini": "Google's Gemini API",
     "azure": "Azure OpenAI's deployments",
 }
 # Bedrock: Envoy signs with these, the fake checks the signatures with the same.
@@ -290,6 +291,8 @@ def gateway_config(
         backend["type"] = scenario.provider
         if scenario.provider == "azure":
             backend["url"] = f"http://{HOST}:{fake_port}/openai"
+        elif scenario.provider == "gemini":
+            backend["url"] = f"http://{HOST}:{fake_port}/v1beta"
         # A provider's API wants a key (the fake checks there is one); the gateway's processes
         # inherit this one's environment.
         os.environ.setdefault(PROVIDER_KEY_ENV, "sk-bench-provider")

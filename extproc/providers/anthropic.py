@@ -5,13 +5,16 @@ shapes, Anthropic's errors to OpenAI's.
 Nothing is dropped without a word: a parameter Anthropic has no equivalent for is refused
 with a 400 naming it (unless it has its neutral value), and what Anthropic returns beyond
 OpenAI's shape (thinking) is passed as `reasoning_content`, the field OpenAI-compatible servers
-use for it. References: Anthropic's Messages API and streaming docs; OpenAI's chat
+use for it. `max_completion_tokens` / `max_tokens` (the former when both are set) is
+`max_tokens`, which Anthropic requires: absent, the backend's `max_tokens`; a value below 1 is
+refused (400 naming it, as OpenAI refuses it), never replaced by the default. What every
+translation reads the same way is read in openai_request.py, OpenAI's answers are built in
+openai_answer.py. References: Anthropic's Messages API and streaming docs; OpenAI's chat
 completions API.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +23,14 @@ import orjson
 from ..errors import GatewayError, bad_request
 from ..sse import SSEParser
 from ..usage import Usage
-from ..wire.openai.answer import error_body
+from . import openai_answer, openai_request
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
     from .base import Embeddings
 
+# The provider as the client's error messages name it.
+PROVIDER_NAME = "Anthropic"
 PATH = "/v1/messages"
 API_VERSION = "2023-06-01"
 # The credential header Anthropic takes (the backend's `auth_header`), and its version header.
@@ -42,40 +47,6 @@ FINISH_REASONS = {
     "model_context_window_exceeded": "length",
 }
 
-# OpenAI parameters with no Anthropic counterpart, and their neutral values: a request that
-# sets one to anything else is refused rather than served differently than asked.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logit_bias": ({},),
-    "seed": (),
-    "response_format": ({"type": "text"},),
-    "audio": (),
-    "modalities": (["text"],),
-    "prediction": (),
-    "reasoning_effort": (),
-    "web_search_options": (),
-}
-# Taken and translated, or without effect on what Anthropic produces.
-_HANDLED = frozenset(
-    {
-        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-        "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
-        "user", "metadata", "store", "service_tier",
-    }
-)  # fmt: skip
-
-
-def unsupported(param: str) -> GatewayError:
-    return bad_request(
-        f"`{param}` is not supported by this model's provider (Anthropic)",
-        "unsupported_parameter",
-        param,
-    )
-
 
 # -- the request --------------------------------------------------------------------------------
 
@@ -84,29 +55,18 @@ def messages_request(body: dict[str, Any], model: str, default_max_tokens: int) 
     """A validated OpenAI chat completions body as a Messages request for `model` (the
     provider's name). Raises a 400 for what Anthropic cannot do as asked, and for a part of
     the body that does not have the shape OpenAI's API gives it."""
-    try:
+    with openai_request.shape_checked():
         return _messages_request(body, model, default_max_tokens)
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise bad_request(
-            f"The request does not have the shape OpenAI's API defines ({type(exc).__name__}: "
-            f"{str(exc)[:200]})",
-            "invalid_request",
-        ) from None
 
 
 def _messages_request(body: dict[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
-    for key, value in body.items():
-        if key in _HANDLED or value is None:
-            continue
-        neutral = _NEUTRAL.get(key)
-        if neutral is None or value not in neutral:
-            raise unsupported(key)
+    # Anthropic takes no OpenAI parameter beyond those every translation takes
+    # (openai_request.HANDLED): any other is refused unless it has its neutral value.
+    openai_request.check_parameters(body, PROVIDER_NAME)
     system, messages = _messages(body["messages"])
     out: dict[str, Any] = {
         "model": model,
-        "max_tokens": body.get("max_completion_tokens")
-        or body.get("max_tokens")
-        or default_max_tokens,
+        "max_tokens": openai_request.max_tokens(body, default_max_tokens),
         "messages": messages,
     }
     if system:
@@ -153,7 +113,7 @@ def _messages_request(body: dict[str, Any], model: str, default_max_tokens: int)
 
 def _tool(tool: dict[str, Any]) -> dict[str, Any]:
     if tool.get("type") != "function":
-        raise unsupported(f"tools[].type={tool.get('type')}")
+        raise openai_request.unsupported(f"tools[].type={tool.get('type')}", PROVIDER_NAME)
     function = tool["function"]
     out = {
         "name": function["name"],
@@ -191,7 +151,9 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
     for i, message in enumerate(messages):
         role = message.get("role")
         if role in ("system", "developer"):
-            system.append(_text_only(message.get("content"), f"messages[{i}].content"))
+            system.append(
+                openai_request.text_only(message.get("content"), f"messages[{i}].content")
+            )
             continue
         if role == "user":
             blocks = _blocks(message.get("content"), f"messages[{i}].content")
@@ -209,61 +171,23 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
             ]
             turn_role = "user"
         else:
-            raise bad_request(
-                f"messages[{i}].role {role!r} is not supported by this model's provider",
-                "unsupported_value",
-                f"messages[{i}].role",
-            )
-        if not blocks:
-            continue
-        if turns and turns[-1]["role"] == turn_role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": turn_role, "content": blocks})
+            raise openai_request.unsupported_role(role, i)
+        openai_request.add_turn(turns, turn_role, blocks, "content")
     return "\n\n".join(s for s in system if s), turns
 
 
-def _text_only(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content or ():
-        if part.get("type") != "text":
-            raise bad_request(f"{where}: only text is allowed here", "unsupported_value", where)
-        parts.append(part["text"])
-    return "\n".join(parts)
-
-
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        # Anthropic refuses a text block of whitespace only (an assistant's "\n\n" before its
-        # tool calls is common): it says nothing, so it is left out.
-        return [{"type": "text", "text": content}] if content.strip() else []
-    out = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind == "text":
-            if part["text"].strip():
-                out.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            out.append(_image(part["image_url"]["url"], f"{where}[{j}]"))
-        else:
-            raise bad_request(
-                f"{where}[{j}]: content of type {kind!r} is not supported by this model's provider",
-                "unsupported_value",
-                f"{where}[{j}].type",
-            )
-    return out
+    # Anthropic refuses a text block of whitespace only (an assistant's "\n\n" before its tool
+    # calls is common): content_parts leaves it out.
+    return [
+        {"type": "text", "text": value} if kind == "text" else _image(value, at)
+        for kind, value, at in openai_request.content_parts(content, where)
+    ]
 
 
 def _image(url: str, where: str) -> dict[str, Any]:
     if url.startswith("data:"):
-        header, _, data = url.partition(",")
-        media_type, _, encoding = header[5:].partition(";")
-        if encoding != "base64" or not data:
-            raise bad_request(f"{where}: a data URL must be base64", "invalid_value", where)
+        media_type, data = openai_request.data_url(url, where)
         return {
             "type": "image",
             "source": {"type": "base64", "media_type": media_type, "data": data},
@@ -272,27 +196,15 @@ def _image(url: str, where: str) -> dict[str, Any]:
 
 
 def _assistant_blocks(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
-    content = message.get("content")
-    if isinstance(content, list):
-        # An assistant's parts are text (or a refusal, which is text the model said).
-        content = "".join(p.get("text") or p.get("refusal") or "" for p in content)
-    blocks = _blocks(content, f"messages[{i}].content")
+    blocks = _blocks(openai_request.assistant_content(message), f"messages[{i}].content")
     for call in message.get("tool_calls") or ():
-        arguments = call["function"].get("arguments") or "{}"
-        try:
-            parsed = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            raise bad_request(
-                f"messages[{i}].tool_calls: arguments are not JSON",
-                "invalid_value",
-                f"messages[{i}].tool_calls",
-            ) from None
+        arguments = openai_request.tool_arguments(call, f"messages[{i}].tool_calls")
         blocks.append(
             {
                 "type": "tool_use",
                 "id": call["id"],
                 "name": call["function"]["name"],
-                "input": parsed if isinstance(parsed, dict) else {"value": parsed},
+                "input": arguments,
             }
         )
     return blocks
@@ -314,15 +226,6 @@ def usage(report: Any) -> Usage | None:
     return Usage(prompt, completion, prompt + completion, read, cache_write_tokens=written)
 
 
-def _usage_object(report: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": report.prompt_tokens,
-        "completion_tokens": report.completion_tokens,
-        "total_tokens": report.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": report.cached_tokens},
-    }
-
-
 def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
     """A Messages answer as an OpenAI chat completion for the client's `model` name."""
     text: list[str] = []
@@ -335,43 +238,16 @@ def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
         elif kind == "thinking":
             thinking.append(block.get("thinking", ""))
         elif kind == "tool_use":
-            calls.append(
-                {
-                    "id": block["id"],
-                    "type": "function",
-                    "function": {
-                        "name": block["name"],
-                        "arguments": orjson.dumps(block.get("input") or {}).decode(),
-                    },
-                }
-            )
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": "".join(text) if text or not calls else None,
-        "refusal": None,
-    }
-    if calls:
-        message["tool_calls"] = calls
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    out: dict[str, Any] = {
-        "id": answer.get("id", ""),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": FINISH_REASONS.get(answer.get("stop_reason") or "", "stop"),
-                "logprobs": None,
-            }
-        ],
-    }
-    report = usage(answer.get("usage"))
-    if report is not None:
-        out["usage"] = _usage_object(report)
-    return out
+            arguments = orjson.dumps(block.get("input") or {}).decode()
+            calls.append(openai_answer.tool_call(block["id"], block["name"], arguments))
+    message = openai_answer.assistant_message(text, calls, thinking)
+    finish = FINISH_REASONS.get(answer.get("stop_reason") or "", "stop")
+    return openai_answer.chat_completion(
+        answer.get("id", ""),
+        model,
+        [openai_answer.choice(message, finish)],
+        usage(answer.get("usage")),
+    )
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -416,10 +292,6 @@ def error(status: int, body: bytes) -> GatewayError:
 # -- the event stream ---------------------------------------------------------------------------
 
 
-def _chunk(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
 class StreamTranslator:
     """Anthropic's event stream, as it arrives in pieces, to OpenAI's chunk stream: each piece
     in, the OpenAI events it completes out (none is held back longer than its event takes to
@@ -427,11 +299,9 @@ class StreamTranslator:
     it is read either way)."""
 
     def __init__(self, model: str, include_usage: bool) -> None:
-        self.model = model
         self.include_usage = include_usage
         self.parser = SSEParser()
-        self.id = ""
-        self.created = int(time.time())
+        self.chunks = openai_answer.Chunks(model)  # its id: the message's, at message_start
         self.input: dict[str, Any] = {}
         self.output_tokens = 0
         self.finish_reason: str | None = None
@@ -472,43 +342,25 @@ class StreamTranslator:
                 out += b"".join(self._event(event))
         return bytes(out)
 
-    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _chunk(
-            {
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [
-                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-                ],
-            }
-        )
-
     def _event(self, event: dict[str, Any]) -> Iterable[bytes]:
         kind = event.get("type")
         if kind == "message_start":
             message = event.get("message") or {}
-            self.id = message.get("id", "")
+            self.chunks.id = message.get("id", "")
             self.input = {
                 k: v for k, v in (message.get("usage") or {}).items() if k != "output_tokens"
             }
             self.output_tokens = (message.get("usage") or {}).get("output_tokens") or 0
-            yield self._delta({"role": "assistant", "content": ""})
+            yield self.chunks.delta({"role": "assistant", "content": ""})
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
                 index = self.tool_index.setdefault(event.get("index", 0), len(self.tool_index))
-                call = {
-                    "index": index,
-                    "id": block.get("id", ""),
-                    "type": "function",
-                    "function": {"name": block.get("name", ""), "arguments": ""},
-                }
-                yield self._delta({"tool_calls": [call]})
+                call = openai_answer.tool_call(block.get("id", ""), block.get("name", ""), "")
+                yield self.chunks.delta({"tool_calls": [{"index": index, **call}]})
             elif block.get("type") == "text" and block.get("text"):
                 self.text_parts.append(block["text"])
-                yield self._delta({"content": block["text"]})
+                yield self.chunks.delta({"content": block["text"]})
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             dtype = delta.get("type")
@@ -517,13 +369,13 @@ class StreamTranslator:
             )
             if dtype == "text_delta":
                 self.text_parts.append(delta.get("text", ""))
-                yield self._delta({"content": delta.get("text", "")})
+                yield self.chunks.delta({"content": delta.get("text", "")})
             elif dtype == "input_json_delta":
                 index = self.tool_index.get(event.get("index", 0), 0)
                 arguments = {"arguments": delta.get("partial_json", "")}
-                yield self._delta({"tool_calls": [{"index": index, "function": arguments}]})
+                yield self.chunks.delta({"tool_calls": [{"index": index, "function": arguments}]})
             elif dtype == "thinking_delta":
-                yield self._delta({"reasoning_content": delta.get("thinking", "")})
+                yield self.chunks.delta({"reasoning_content": delta.get("thinking", "")})
         elif kind == "message_delta":
             delta = event.get("delta") or {}
             self.output_tokens = (event.get("usage") or {}).get("output_tokens", self.output_tokens)
@@ -532,29 +384,15 @@ class StreamTranslator:
                 if value is not None:
                     self.input[key] = value
             self.finish_reason = FINISH_REASONS.get(delta.get("stop_reason") or "", "stop")
-            yield self._delta({}, self.finish_reason)
+            yield self.chunks.delta({}, self.finish_reason)
         elif kind == "message_stop":
             self.done = True
-            report = self.usage
-            if self.include_usage and report is not None:
-                yield _chunk(
-                    {
-                        "id": self.id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": _usage_object(report),
-                    }
-                )
-            yield b"data: [DONE]\n\n"
+            yield self.chunks.end(self.usage if self.include_usage else None)
         elif kind == "error":
             err = event.get("error") or {}
             self.failed = error(500, orjson.dumps({"error": err}))
             self.done = True
-            failed = self.failed
-            yield b"data: " + error_body(failed.message, failed.type, failed.code) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield self.chunks.error(self.failed)
         # ping, content_block_stop, and events added later: nothing to say.
 
 

@@ -51,6 +51,9 @@ ServiceQuotaExceededException (400 in the service model: the account's quota, "r
 later") a 429 `rate_limit_error`; these three differ from their status only by name, so only
 the header (or a body naming them) tells them apart.
 
+What every translation reads the same way is read in openai_request.py, OpenAI's answers are
+built in openai_answer.py.
+
 References: AWS's Amazon Bedrock Runtime API reference (Converse, ConverseStream, and the
 service model botocore ships), the AWS event stream encoding; OpenAI's chat completions API.
 """
@@ -59,8 +62,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -70,13 +71,14 @@ from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untype
 
 from ..errors import GatewayError, bad_request
 from ..usage import Usage
-from ..wire.openai.answer import error_body
-from . import embeddings as shared
+from . import openai_answer, openai_request
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
     from .base import Embeddings, Provider
 
+# The provider as the client's error messages name it.
+PROVIDER_NAME = "AWS Bedrock"
 STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 
 FINISH_REASONS = {
@@ -101,66 +103,8 @@ IMAGE_FORMATS = {
     "image/webp": "webp",
 }
 
-# OpenAI parameters with no Converse counterpart, and their neutral values: a request that
-# sets one to anything else is refused rather than served differently than asked.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logit_bias": ({},),
-    "seed": (),
-    "response_format": ({"type": "text"},),
-    "audio": (),
-    "modalities": (["text"],),
-    "prediction": (),
-    "reasoning_effort": (),
-    "web_search_options": (),
-}
-# Taken and translated, or without effect on what the model produces.
-_HANDLED = frozenset(
-    {
-        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-        "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
-        "user", "metadata", "store", "service_tier",
-    }
-)  # fmt: skip
-
-
 # Converse's toolUseId (the service model's ToolUseId shape).
 TOOL_USE_ID = re.compile(r"^[a-zA-Z0-9_.:-]{1,64}$")
-
-
-def unsupported(param: str) -> GatewayError:
-    return bad_request(
-        f"`{param}` is not supported by this model's provider (AWS Bedrock)",
-        "unsupported_parameter",
-        param,
-    )
-
-
-def max_tokens(body: dict[str, Any], default: int) -> int:
-    """The output cap the client set (`max_completion_tokens`, else `max_tokens`), or
-    `default`; a value that is not an integer of at least 1 is refused, as OpenAI refuses it,
-    rather than replaced by the default."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad_request(
-                f"Invalid type for '{name}': expected an integer", "invalid_type", name
-            )
-        if value < 1:
-            raise bad_request(
-                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but "
-                f"got {value} instead.",
-                "integer_below_min_value",
-                name,
-            )
-        return value
-    return default
 
 
 def tool_use_id(call_id: Any) -> str:
@@ -187,28 +131,19 @@ def converse_request(body: dict[str, Any], default_max_tokens: int) -> dict[str,
     """A validated OpenAI chat completions body as a Converse request (the model id is in the
     path, streaming is the path's choice). Raises a 400 for what Converse cannot do as asked,
     and for a part of the body that does not have the shape OpenAI's API gives it."""
-    try:
+    with openai_request.shape_checked():
         return _converse_request(body, default_max_tokens)
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise bad_request(
-            f"The request does not have the shape OpenAI's API defines ({type(exc).__name__}: "
-            f"{str(exc)[:200]})",
-            "invalid_request",
-        ) from None
 
 
 def _converse_request(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
-    for key, value in body.items():
-        if key in _HANDLED or value is None:
-            continue
-        neutral = _NEUTRAL.get(key)
-        if neutral is None or value not in neutral:
-            raise unsupported(key)
+    # Converse takes no OpenAI parameter beyond those every translation takes
+    # (openai_request.HANDLED): any other is refused unless it has its neutral value.
+    openai_request.check_parameters(body, PROVIDER_NAME)
     system, messages, has_tool_blocks = _messages(body["messages"])
     out: dict[str, Any] = {"messages": messages}
     if system:
         out["system"] = system
-    config: dict[str, Any] = {"maxTokens": max_tokens(body, default_max_tokens)}
+    config: dict[str, Any] = {"maxTokens": openai_request.max_tokens(body, default_max_tokens)}
     temperature = body.get("temperature")
     if temperature is not None:
         if not isinstance(temperature, int | float) or isinstance(temperature, bool):
@@ -224,14 +159,9 @@ def _converse_request(body: dict[str, Any], default_max_tokens: int) -> dict[str
     top_p = body.get("top_p")
     if top_p is not None and top_p != 1:
         config["topP"] = top_p
-    stop = body.get("stop")
-    if stop:
-        stops = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) for s in stops):
-            raise TypeError("stop is not a string or a list of strings")
-        stops = [s for s in stops if s]  # an empty stop sequence stops nothing
-        if stops:
-            config["stopSequences"] = stops
+    stops = openai_request.stop_sequences(body)
+    if stops:
+        config["stopSequences"] = stops
     out["inferenceConfig"] = config
     tool_config = _tool_config(
         body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
@@ -285,7 +215,7 @@ def _tool_config(tools: Any, choice: Any, parallel: Any) -> dict[str, Any] | Non
 
 def _tool(tool: dict[str, Any]) -> dict[str, Any]:
     if tool.get("type") != "function":
-        raise unsupported(f"tools[].type={tool.get('type')}")
+        raise openai_request.unsupported(f"tools[].type={tool.get('type')}", PROVIDER_NAME)
     function = tool["function"]
     spec: dict[str, Any] = {
         "name": function["name"],
@@ -310,7 +240,7 @@ def _messages(
     for i, message in enumerate(messages):
         role = message.get("role")
         if role in ("system", "developer"):
-            text = _text_only(message.get("content"), f"messages[{i}].content")
+            text = openai_request.text_only(message.get("content"), f"messages[{i}].content")
             if text.strip():  # Converse refuses a blank system text
                 system.append({"text": text})
             continue
@@ -326,18 +256,9 @@ def _messages(
             blocks = [{"toolResult": {"toolUseId": use_id, "content": result}}]
             turn_role = "user"
         else:
-            raise bad_request(
-                f"messages[{i}].role {role!r} is not supported by this model's provider",
-                "unsupported_value",
-                f"messages[{i}].role",
-            )
-        if not blocks:
-            continue
+            raise openai_request.unsupported_role(role, i)
         tool_blocks = tool_blocks or any("toolUse" in b or "toolResult" in b for b in blocks)
-        if turns and turns[-1]["role"] == turn_role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": turn_role, "content": blocks})
+        openai_request.add_turn(turns, turn_role, blocks, "content")
     if not turns or turns[0]["role"] != "user":
         raise bad_request(
             "This model's provider (AWS Bedrock) needs the conversation to start with a user "
@@ -348,54 +269,18 @@ def _messages(
     return system, turns, tool_blocks
 
 
-def _text_only(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content or ():
-        if part.get("type") != "text":
-            raise bad_request(f"{where}: only text is allowed here", "unsupported_value", where)
-        parts.append(part["text"])
-    return "\n".join(parts)
-
-
 def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
     """Text parts as Converse text blocks; Converse refuses a blank text block (an assistant's
     "\\n\\n" before its tool calls is common): it says nothing, so it is left out."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content.strip() else []
-    out = []
-    for j, part in enumerate(content):
-        if part.get("type") != "text":
-            raise bad_request(
-                f"{where}[{j}]: only text is allowed here", "unsupported_value", f"{where}[{j}]"
-            )
-        if not isinstance(part["text"], str):
-            raise TypeError(f"{where}[{j}].text is not a string")
-        if part["text"].strip():
-            out.append({"text": part["text"]})
-    return out
+    return [{"text": text} for text in openai_request.text_parts(content, where) if text.strip()]
 
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
-    if content is None or isinstance(content, str):
-        return _text_blocks(content, where)
-    out = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind == "text":
-            out.extend(_text_blocks([part], where))
-        elif kind == "image_url":
-            out.append(_image(part["image_url"]["url"], f"{where}[{j}]"))
-        else:
-            raise bad_request(
-                f"{where}[{j}]: content of type {kind!r} is not supported by this model's provider",
-                "unsupported_value",
-                f"{where}[{j}].type",
-            )
-    return out
+    # A blank text is left out by content_parts, as by _text_blocks.
+    return [
+        {"text": value} if kind == "text" else _image(value, at)
+        for kind, value, at in openai_request.content_parts(content, where)
+    ]
 
 
 def _image(url: str, where: str) -> dict[str, Any]:
@@ -406,10 +291,7 @@ def _image(url: str, where: str) -> dict[str, Any]:
             "unsupported_value",
             f"{where}.image_url",
         )
-    header, _, data = url.partition(",")
-    media_type, _, encoding = header[5:].partition(";")
-    if encoding != "base64" or not data:
-        raise bad_request(f"{where}: a data URL must be base64", "invalid_value", where)
+    media_type, data = openai_request.data_url(url, where)
     image_format = IMAGE_FORMATS.get(media_type.lower())
     if image_format is None:
         raise bad_request(
@@ -423,27 +305,15 @@ def _image(url: str, where: str) -> dict[str, Any]:
 
 
 def _assistant_blocks(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
-    content = message.get("content")
-    if isinstance(content, list):
-        # An assistant's parts are text (or a refusal, which is text the model said).
-        content = "".join(p.get("text") or p.get("refusal") or "" for p in content)
-    blocks = _text_blocks(content, f"messages[{i}].content")
+    blocks = _text_blocks(openai_request.assistant_content(message), f"messages[{i}].content")
     for call in message.get("tool_calls") or ():
-        arguments = call["function"].get("arguments") or "{}"
-        try:
-            parsed = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            raise bad_request(
-                f"messages[{i}].tool_calls: arguments are not JSON",
-                "invalid_value",
-                f"messages[{i}].tool_calls",
-            ) from None
+        arguments = openai_request.tool_arguments(call, f"messages[{i}].tool_calls")
         blocks.append(
             {
                 "toolUse": {
                     "toolUseId": tool_use_id(call["id"]),
                     "name": call["function"]["name"],
-                    "input": parsed if isinstance(parsed, dict) else {"value": parsed},
+                    "input": arguments,
                 }
             }
         )
@@ -473,20 +343,6 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _usage_object(report: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": report.prompt_tokens,
-        "completion_tokens": report.completion_tokens,
-        "total_tokens": report.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": report.cached_tokens},
-    }
-
-
-def _completion_id() -> str:
-    # Converse answers carry no id (the request id is a header): one of OpenAI's shape.
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
 def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
     """A Converse answer as an OpenAI chat completion for the client's `model` name."""
     text: list[str] = []
@@ -501,47 +357,25 @@ def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
             text.append(block["text"])
         elif isinstance(block.get("toolUse"), dict):
             use = block["toolUse"]
+            arguments = orjson.dumps(use.get("input") or {}).decode()
             calls.append(
-                {
-                    "id": str(use.get("toolUseId", "")),
-                    "type": "function",
-                    "function": {
-                        "name": str(use.get("name", "")),
-                        "arguments": orjson.dumps(use.get("input") or {}).decode(),
-                    },
-                }
+                openai_answer.tool_call(
+                    str(use.get("toolUseId", "")), str(use.get("name", "")), arguments
+                )
             )
         elif isinstance(block.get("reasoningContent"), dict):
             said = block["reasoningContent"].get("reasoningText")
             if isinstance(said, dict) and isinstance(said.get("text"), str):
                 reasoning.append(said["text"])
-    out_message: dict[str, Any] = {
-        "role": "assistant",
-        "content": "".join(text) if text or not calls else None,
-        "refusal": None,
-    }
-    if calls:
-        out_message["tool_calls"] = calls
-    if reasoning:
-        out_message["reasoning_content"] = "".join(reasoning)
-    out: dict[str, Any] = {
-        "id": _completion_id(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": out_message,
-                "finish_reason": FINISH_REASONS.get(str(answer.get("stopReason") or ""), "stop"),
-                "logprobs": None,
-            }
-        ],
-    }
-    report = usage(answer.get("usage"))
-    if report is not None:
-        out["usage"] = _usage_object(report)
-    return out
+    out_message = openai_answer.assistant_message(text, calls, reasoning)
+    finish = FINISH_REASONS.get(str(answer.get("stopReason") or ""), "stop")
+    # Converse answers carry no id (the request id is a header): one of OpenAI's shape.
+    return openai_answer.chat_completion(
+        openai_answer.completion_id(),
+        model,
+        [openai_answer.choice(out_message, finish)],
+        usage(answer.get("usage")),
+    )
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -641,10 +475,6 @@ _STREAM_EXCEPTIONS = {
 }
 
 
-def _chunk(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
 class StreamTranslator:
     """ConverseStream's event stream (AWS's binary event stream framing, decoded by botocore's
     EventStreamBuffer as it arrives, split anywhere) to OpenAI's chunk stream: each piece in,
@@ -653,10 +483,9 @@ class StreamTranslator:
     decoded (a checksum that does not match) ends the stream with an error chunk."""
 
     def __init__(self, model: str) -> None:
-        self.model = model
         self.buffer = EventStreamBuffer()
-        self.id = _completion_id()
-        self.created = int(time.time())
+        # ConverseStream carries no id either.
+        self.chunks = openai_answer.Chunks(model, openai_answer.completion_id())
         self.report: Usage | None = None
         self.finish_reason: str | None = None
         self.tool_index: dict[int, int] = {}  # contentBlockIndex -> OpenAI tool call index
@@ -708,9 +537,7 @@ class StreamTranslator:
     def _fail(self, err: GatewayError) -> bytes:
         self.failed = err
         self.done = True
-        return (
-            b"data: " + error_body(err.message, err.type, err.code) + b"\n\n" + b"data: [DONE]\n\n"
-        )
+        return self.chunks.error(err)
 
     def _message(self, headers: Mapping[str, Any], payload: bytes) -> Iterable[bytes]:
         kind = headers.get(":message-type")
@@ -739,19 +566,6 @@ class StreamTranslator:
         if isinstance(event, dict):
             yield from self._event(str(headers.get(":event-type")), event)
 
-    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _chunk(
-            {
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [
-                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-                ],
-            }
-        )
-
     def _tool(self, block_index: Any) -> int:
         return self.tool_index.setdefault(
             block_index if isinstance(block_index, int) else 0, len(self.tool_index)
@@ -759,18 +573,16 @@ class StreamTranslator:
 
     def _event(self, kind: str, event: dict[str, Any]) -> Iterable[bytes]:
         if kind == "messageStart":
-            yield self._delta({"role": "assistant", "content": ""})
+            yield self.chunks.delta({"role": "assistant", "content": ""})
         elif kind == "contentBlockStart":
             start = event.get("start") or {}
             use = start.get("toolUse") if isinstance(start, dict) else None
             if isinstance(use, dict):
-                call = {
-                    "index": self._tool(event.get("contentBlockIndex")),
-                    "id": str(use.get("toolUseId", "")),
-                    "type": "function",
-                    "function": {"name": str(use.get("name", "")), "arguments": ""},
-                }
-                yield self._delta({"tool_calls": [call]})
+                index = self._tool(event.get("contentBlockIndex"))
+                call = openai_answer.tool_call(
+                    str(use.get("toolUseId", "")), str(use.get("name", "")), ""
+                )
+                yield self.chunks.delta({"tool_calls": [{"index": index, **call}]})
         elif kind == "contentBlockDelta":
             delta = event.get("delta") or {}
             if not isinstance(delta, dict):
@@ -778,43 +590,33 @@ class StreamTranslator:
             if isinstance(delta.get("text"), str):
                 self.produced += len(delta["text"])
                 self.text_parts.append(delta["text"])
-                yield self._delta({"content": delta["text"]})
+                yield self.chunks.delta({"content": delta["text"]})
             elif isinstance(delta.get("toolUse"), dict):
                 fragment = delta["toolUse"].get("input")
                 if isinstance(fragment, str):
                     self.produced += len(fragment)
                     index = self._tool(event.get("contentBlockIndex"))
                     arguments = {"arguments": fragment}
-                    yield self._delta({"tool_calls": [{"index": index, "function": arguments}]})
+                    yield self.chunks.delta(
+                        {"tool_calls": [{"index": index, "function": arguments}]}
+                    )
             elif isinstance(delta.get("reasoningContent"), dict):
                 said = delta["reasoningContent"].get("text")
                 if isinstance(said, str):
                     self.produced += len(said)
-                    yield self._delta({"reasoning_content": said})
+                    yield self.chunks.delta({"reasoning_content": said})
         elif kind == "messageStop":
             self.finish_reason = FINISH_REASONS.get(str(event.get("stopReason") or ""), "stop")
-            yield self._delta({}, self.finish_reason)
+            yield self.chunks.delta({}, self.finish_reason)
         elif kind == "metadata":
             self.done = True
             self.report = usage(event.get("usage"))
-            if self.report is not None:
-                yield _chunk(
-                    {
-                        "id": self.id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": _usage_object(self.report),
-                    }
-                )
-            yield b"data: [DONE]\n\n"
+            yield self.chunks.end(self.report)
         # contentBlockStop, and events added later: nothing to say.
 
 
 # -- embeddings (InvokeModel) ------------------------------------------------------------------
 
-EMBEDDINGS_NAME = "AWS Bedrock"
 INPUT_TOKENS_HEADER = "x-amzn-bedrock-input-token-count"
 # Bedrock's embedding models by their base model id, each with its request format, the texts
 # one request takes, and the `dimensions` it takes (the first: the model's own size).
@@ -835,6 +637,16 @@ _EMBEDDING_MODEL = re.compile(
 )
 # Cohere Embed v3 on Bedrock takes texts of at most 2048 characters.
 COHERE_V3_TEXT_CHARACTERS = 2048
+
+
+def _header_count(headers: Mapping[str, str], name: str) -> int | None:
+    """A count in a response header (`name`: lower-case), whatever the case of its name."""
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())
 
 
 def embedding_model(model_id: str) -> tuple[str, int, tuple[int, ...]] | None:
@@ -876,7 +688,7 @@ class BedrockEmbeddings:
         return f"{target.url_path}/model/{quote(target.provider_model, safe='')}/invoke"
 
     def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
-        shared.check(body, EMBEDDINGS_NAME)
+        openai_request.check_embeddings(body, PROVIDER_NAME)
         known = embedding_model(target.provider_model)
         if known is None:
             raise bad_request(
@@ -888,11 +700,11 @@ class BedrockEmbeddings:
                 "model",
             )
         kind, most, sizes = known
-        items = shared.texts(body, EMBEDDINGS_NAME)
-        shared.at_most(items, most, EMBEDDINGS_NAME)
-        size = shared.dimensions(body)
+        items = openai_request.texts(body, PROVIDER_NAME)
+        openai_request.at_most(items, most, PROVIDER_NAME)
+        size = openai_request.dimensions(body)
         if size is not None and size not in sizes:
-            raise shared.dimensions_refused(size, EMBEDDINGS_NAME, sizes)
+            raise openai_request.dimensions_refused(size, PROVIDER_NAME, sizes)
         if kind == "titan":
             out: dict[str, Any] = {"inputText": items[0], "normalize": True}
             if size is not None:
@@ -917,18 +729,20 @@ class BedrockEmbeddings:
     def answer(
         self, answer: dict[str, Any], model: str, headers: Mapping[str, str]
     ) -> dict[str, Any]:
-        reported = shared.header_count(headers, INPUT_TOKENS_HEADER)
+        reported = _header_count(headers, INPUT_TOKENS_HEADER)
         titan = answer.get("embedding")
         if isinstance(titan, list):
-            tokens = shared.count(answer.get("inputTextTokenCount"))
-            return shared.embeddings_list(
-                [shared.vector(titan)], model, reported if tokens is None else tokens
+            tokens = openai_answer.count(answer.get("inputTextTokenCount"))
+            return openai_answer.embeddings_list(
+                [openai_answer.vector(titan)], model, reported if tokens is None else tokens
             )
         cohere = answer.get("embeddings")
         if isinstance(cohere, dict):  # embeddings_by_type
             cohere = cohere.get("float")
         if isinstance(cohere, list) and cohere:
-            return shared.embeddings_list([shared.vector(v) for v in cohere], model, reported)
+            return openai_answer.embeddings_list(
+                [openai_answer.vector(v) for v in cohere], model, reported
+            )
         raise ValueError("not an embeddings answer")
 
 

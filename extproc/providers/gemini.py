@@ -71,6 +71,9 @@ OpenAI's `prompt_tokens` does (plus `toolUsePromptTokenCount`, input from Google
 the output is `candidatesTokenCount` and `thoughtsTokenCount` (thinking is billed as output),
 the thoughts also as `reasoning_tokens`.
 
+What every translation reads the same way is read in openai_request.py, OpenAI's answers are
+built in openai_answer.py.
+
 References: Google's Gemini API reference (models.generateContent, streamGenerateContent,
 Content, Part, Tool, ToolConfig, GenerationConfig, UsageMetadata, FinishReason, BlockReason),
 Vertex AI's GenerateContent reference, Google's API error model (google.rpc.Status); OpenAI's
@@ -80,7 +83,6 @@ chat completions API.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -91,12 +93,14 @@ import orjson
 from ..errors import GatewayError, bad_request
 from ..sse import SSEParser
 from ..usage import Usage
-from ..wire.openai.answer import error_body
-from . import embeddings as shared
+from . import openai_answer, openai_request
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
     from .base import Embeddings, Provider
+
+# The provider as the client's error messages name it.
+PROVIDER_NAME = "Google Gemini"
 
 # Where a call's thought signature rides in the client's tool call id (not a base64 character).
 SIGNATURE_MARK = "~sig~"
@@ -155,27 +159,12 @@ def failed(reason: str, candidate: dict[str, Any]) -> GatewayError:
     )
 
 
-# OpenAI parameters with no Gemini counterpart, and their neutral values: a request that
-# sets one to anything else is refused rather than served differently than asked.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "logit_bias": ({},),
-    "audio": (),
-    "modalities": (["text"],),
-    "prediction": (),
-    "reasoning_effort": (),
-    "web_search_options": (),
-}
-# Taken and translated, or without effect on what Gemini produces.
-_HANDLED = frozenset(
-    {
-        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-        "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
-        "user", "metadata", "store", "service_tier", "n", "presence_penalty",
-        "frequency_penalty", "seed", "response_format",
-    }
-)  # fmt: skip
+# What Gemini takes: the parameters every translation takes, and those it has a counterpart for
+# that Anthropic and Converse lack; any other is refused unless it has its neutral value
+# (openai_request.NEUTRAL).
+_HANDLED = openai_request.HANDLED | frozenset(
+    {"n", "presence_penalty", "frequency_penalty", "seed", "response_format"}
+)
 
 
 # Gemini's image understanding: its inline image types.
@@ -183,41 +172,6 @@ IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", 
 # `candidateCount` takes at most 8; `seed` is an int32.
 MOST_CANDIDATES = 8
 SEED_RANGE = (-(2**31), 2**31 - 1)
-
-
-def unsupported(param: str) -> GatewayError:
-    return bad_request(
-        f"`{param}` is not supported by this model's provider (Google Gemini)",
-        "unsupported_parameter",
-        param,
-    )
-
-
-def _below_minimum(name: str, value: int) -> GatewayError:
-    return bad_request(
-        f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} "
-        "instead.",
-        "integer_below_min_value",
-        name,
-    )
-
-
-def max_tokens(body: dict[str, Any], default: int) -> int:
-    """The output cap the client set (`max_completion_tokens`, else `max_tokens`), or
-    `default`; a value that is not an integer of at least 1 is refused, as OpenAI refuses it,
-    rather than replaced by the default."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad_request(
-                f"Invalid type for '{name}': expected an integer", "invalid_type", name
-            )
-        if value < 1:
-            raise _below_minimum(name, value)
-        return value
-    return default
 
 
 def validates_signatures(model: str | None) -> bool:
@@ -247,14 +201,8 @@ def generate_content_request(
     model is in the path, streaming is the path's choice; None: not known, taken as one that
     validates thought signatures). Raises a 400 for what Gemini cannot do as asked or would
     refuse, and for a part of the body that does not have the shape OpenAI's API gives it."""
-    try:
+    with openai_request.shape_checked():
         return _request(body, default_max_tokens, model)
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise bad_request(
-            f"The request does not have the shape OpenAI's API defines ({type(exc).__name__}: "
-            f"{str(exc)[:200]})",
-            "invalid_request",
-        ) from None
 
 
 def _number(value: Any, name: str) -> float:
@@ -264,12 +212,7 @@ def _number(value: Any, name: str) -> float:
 
 
 def _request(body: dict[str, Any], default_max_tokens: int, model: str | None) -> dict[str, Any]:
-    for key, value in body.items():
-        if key in _HANDLED or value is None:
-            continue
-        neutral = _NEUTRAL.get(key)
-        if neutral is None or value not in neutral:
-            raise unsupported(key)
+    openai_request.check_parameters(body, PROVIDER_NAME, _HANDLED)
     system, contents = _contents(body["messages"])
     if not contents:
         raise bad_request(
@@ -283,32 +226,29 @@ def _request(body: dict[str, Any], default_max_tokens: int, model: str | None) -
     out: dict[str, Any] = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
-    config: dict[str, Any] = {"maxOutputTokens": max_tokens(body, default_max_tokens)}
+    config: dict[str, Any] = {
+        "maxOutputTokens": openai_request.max_tokens(body, default_max_tokens)
+    }
     if body.get("temperature") is not None:
         config["temperature"] = _number(body["temperature"], "temperature")
     top_p = body.get("top_p")
     if top_p is not None and top_p != 1:
         config["topP"] = _number(top_p, "top_p")
-    stop = body.get("stop")
-    if stop:
-        stops = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) for s in stops):
-            raise TypeError("stop is not a string or a list of strings")
-        stops = [s for s in stops if s]  # an empty stop sequence stops nothing
-        if len(stops) > 5:
-            raise bad_request(
-                "`stop` takes at most 5 sequences with this model's provider (Google Gemini)",
-                "unsupported_value",
-                "stop",
-            )
-        if stops:
-            config["stopSequences"] = stops
+    stops = openai_request.stop_sequences(body)
+    if len(stops) > 5:
+        raise bad_request(
+            "`stop` takes at most 5 sequences with this model's provider (Google Gemini)",
+            "unsupported_value",
+            "stop",
+        )
+    if stops:
+        config["stopSequences"] = stops
     n = body.get("n")
     if n is not None and n != 1:
         if not isinstance(n, int) or isinstance(n, bool):
             raise TypeError("n is not an integer")
         if n < 1:
-            raise _below_minimum("n", n)
+            raise openai_request.below_minimum("n", n)
         if n > MOST_CANDIDATES:
             raise bad_request(
                 f"`n` above {MOST_CANDIDATES} is not supported by this model's provider (Google "
@@ -418,7 +358,7 @@ def _tools(
 
 def _declaration(tool: dict[str, Any]) -> dict[str, Any]:
     if tool.get("type") != "function":
-        raise unsupported(f"tools[].type={tool.get('type')}")
+        raise openai_request.unsupported(f"tools[].type={tool.get('type')}", PROVIDER_NAME)
     function = tool["function"]
     out: dict[str, Any] = {"name": function["name"]}
     if function.get("description"):
@@ -461,17 +401,8 @@ def _contents(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
             parts = [{"functionResponse": {"name": name, "response": _tool_response(text)}}]
             turn_role = "user"
         else:
-            raise bad_request(
-                f"messages[{i}].role {role!r} is not supported by this model's provider",
-                "unsupported_value",
-                f"messages[{i}].role",
-            )
-        if not parts:
-            continue
-        if turns and turns[-1]["role"] == turn_role:
-            turns[-1]["parts"].extend(parts)
-        else:
-            turns.append({"role": turn_role, "parts": parts})
+            raise openai_request.unsupported_role(role, i)
+        openai_request.add_turn(turns, turn_role, parts, "parts")
     return system, turns
 
 
@@ -506,48 +437,16 @@ def _tool_response(text: str) -> dict[str, Any]:
 
 
 def _text_only(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for j, part in enumerate(content):
-        if part.get("type") != "text":
-            raise bad_request(
-                f"{where}[{j}]: only text is allowed here", "unsupported_value", f"{where}[{j}]"
-            )
-        if not isinstance(part["text"], str):
-            raise TypeError(f"{where}[{j}].text is not a string")
-        parts.append(part["text"])
-    return "\n".join(parts)
-
-
-def _text(text: Any, where: str) -> list[dict[str, Any]]:
-    """A text part; Gemini refuses an empty one, and a blank one says nothing: left out."""
-    if not isinstance(text, str):
-        raise TypeError(f"{where} is not a string")
-    return [{"text": text}] if text.strip() else []
+    return "\n".join(openai_request.text_parts(content, where))
 
 
 def _parts(content: Any, where: str) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return _text(content, where)
-    out = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind == "text":
-            out.extend(_text(part["text"], f"{where}[{j}].text"))
-        elif kind == "image_url":
-            out.append(_image(part["image_url"]["url"], f"{where}[{j}]"))
-        else:
-            raise bad_request(
-                f"{where}[{j}]: content of type {kind!r} is not supported by this model's provider",
-                "unsupported_value",
-                f"{where}[{j}].type",
-            )
-    return out
+    # Gemini refuses an empty text part, and a blank one says nothing: content_parts leaves
+    # both out.
+    return [
+        {"text": value} if kind == "text" else _image(value, at)
+        for kind, value, at in openai_request.content_parts(content, where)
+    ]
 
 
 def _image(url: str, where: str) -> dict[str, Any]:
@@ -558,12 +457,7 @@ def _image(url: str, where: str) -> dict[str, Any]:
             "unsupported_value",
             f"{where}.image_url",
         )
-    header, _, data = url.partition(",")
-    media_type, _, encoding = header[5:].partition(";")
-    if encoding != "base64" or not data or not media_type:
-        raise bad_request(
-            f"{where}: a data URL must be base64 with a media type", "invalid_value", where
-        )
+    media_type, data = openai_request.data_url(url, where, typed=True)
     media_type = media_type.lower()
     if media_type == "image/jpg":  # a common misspelling Gemini does not take
         media_type = "image/jpeg"
@@ -581,30 +475,14 @@ def _image(url: str, where: str) -> dict[str, Any]:
 def _assistant_parts(
     message: dict[str, Any], i: int, calls: dict[str, str]
 ) -> list[dict[str, Any]]:
-    content = message.get("content")
-    if isinstance(content, list):
-        # An assistant's parts are text (or a refusal, which is text the model said).
-        content = "".join(p.get("text") or p.get("refusal") or "" for p in content)
-    parts = _parts(content, f"messages[{i}].content")
+    parts = _parts(openai_request.assistant_content(message), f"messages[{i}].content")
     for call in message.get("tool_calls") or ():
         if call.get("type", "function") != "function":
-            raise unsupported(f"messages[{i}].tool_calls[].type={call.get('type')}")
+            kind = f"messages[{i}].tool_calls[].type={call.get('type')}"
+            raise openai_request.unsupported(kind, PROVIDER_NAME)
         name = call["function"]["name"]
-        arguments = call["function"].get("arguments") or "{}"
-        try:
-            parsed = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            raise bad_request(
-                f"messages[{i}].tool_calls: arguments are not JSON",
-                "invalid_value",
-                f"messages[{i}].tool_calls",
-            ) from None
-        part: dict[str, Any] = {
-            "functionCall": {
-                "name": name,
-                "args": parsed if isinstance(parsed, dict) else {"value": parsed},
-            }
-        }
+        arguments = openai_request.tool_arguments(call, f"messages[{i}].tool_calls")
+        part: dict[str, Any] = {"functionCall": {"name": name, "args": arguments}}
         call_id = call["id"]
         if not isinstance(call_id, str):
             raise TypeError(f"messages[{i}].tool_calls[].id is not a string")
@@ -651,16 +529,6 @@ def usage(report: Any) -> Usage | None:
     return Usage(prompt, completion, prompt + completion, min(cached, prompt))
 
 
-def _usage_object(report: Usage, thoughts: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": report.prompt_tokens,
-        "completion_tokens": report.completion_tokens,
-        "total_tokens": report.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": report.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": thoughts},
-    }
-
-
 def _thoughts(report: Any) -> int:
     value = report.get("thoughtsTokenCount") if isinstance(report, dict) else None
     return _count(value) or 0
@@ -670,7 +538,7 @@ def _completion_id(answer: dict[str, Any]) -> str:
     response_id = answer.get("responseId")
     if isinstance(response_id, str) and response_id:
         return f"chatcmpl-{response_id}"
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    return openai_answer.completion_id()
 
 
 def tool_call(call: Any, signature: Any) -> dict[str, Any]:
@@ -680,14 +548,8 @@ def tool_call(call: Any, signature: Any) -> dict[str, Any]:
     if isinstance(signature, str) and signature:
         call_id += SIGNATURE_MARK + signature
     args = call.get("args")
-    return {
-        "id": call_id,
-        "type": "function",
-        "function": {
-            "name": str(call.get("name", "")),
-            "arguments": orjson.dumps(args if isinstance(args, dict) else {}).decode(),
-        },
-    }
+    arguments = orjson.dumps(args if isinstance(args, dict) else {}).decode()
+    return openai_answer.tool_call(call_id, str(call.get("name", "")), arguments)
 
 
 def _choice(candidate: dict[str, Any], position: int) -> dict[str, Any]:
@@ -703,22 +565,13 @@ def _choice(candidate: dict[str, Any], position: int) -> dict[str, Any]:
             (thoughts if part.get("thought") is True else text).append(part["text"])
         elif isinstance(part.get("functionCall"), dict):
             calls.append(tool_call(part["functionCall"], part.get("thoughtSignature")))
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": "".join(text) if text or not calls else None,
-        "refusal": None,
-    }
-    if calls:
-        message["tool_calls"] = calls
-    if thoughts:
-        message["reasoning_content"] = "".join(thoughts)
+    message = openai_answer.assistant_message(text, calls, thoughts)
     index = candidate.get("index", position)
-    return {
-        "index": index if isinstance(index, int) else position,
-        "message": message,
-        "finish_reason": finish_reason(candidate.get("finishReason"), bool(calls)),
-        "logprobs": None,
-    }
+    return openai_answer.choice(
+        message,
+        finish_reason(candidate.get("finishReason"), bool(calls)),
+        index if isinstance(index, int) else position,
+    )
 
 
 def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
@@ -735,25 +588,12 @@ def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
         if isinstance(c, dict)
     ]
     if not choices:
-        choices = [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "", "refusal": None},
-                "finish_reason": "content_filter" if _blocked(answer) else "stop",
-                "logprobs": None,
-            }
-        ]
-    out: dict[str, Any] = {
-        "id": _completion_id(answer),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    report = usage(answer.get("usageMetadata"))
-    if report is not None:
-        out["usage"] = _usage_object(report, _thoughts(answer.get("usageMetadata")))
-    return out
+        empty = openai_answer.assistant_message([], [], [])
+        choices = [openai_answer.choice(empty, "content_filter" if _blocked(answer) else "stop")]
+    metadata = answer.get("usageMetadata")
+    return openai_answer.chat_completion(
+        _completion_id(answer), model, choices, usage(metadata), _thoughts(metadata)
+    )
 
 
 def _blocked(answer: dict[str, Any]) -> bool:
@@ -837,10 +677,6 @@ def error(status: int, body: bytes) -> GatewayError:
 # -- the event stream ---------------------------------------------------------------------------
 
 
-def _chunk(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
 class StreamTranslator:
     """Gemini's event stream (`data: {GenerateContentResponse}` events, separated by CRLF
     pairs; SSEParser takes any line ending) to OpenAI's chunk stream: each piece in, the OpenAI
@@ -856,10 +692,8 @@ class StreamTranslator:
     followed (`n` > 1 is refused for streams)."""
 
     def __init__(self, model: str) -> None:
-        self.model = model
         self.parser = SSEParser()
-        self.id = ""
-        self.created = int(time.time())
+        self.chunks = openai_answer.Chunks(model)  # its id: from the first event
         self.metadata: dict[str, Any] | None = None  # the latest usageMetadata
         self.report: Usage | None = None  # the usage the stream ended with
         self.started = False
@@ -905,40 +739,15 @@ class StreamTranslator:
                 out += b"".join(self._event(event))
         return bytes(out)
 
-    def _delta(self, delta: dict[str, Any], index: int = 0, finish: str | None = None) -> bytes:
-        return _chunk(
-            {
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [
-                    {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-                ],
-            }
-        )
-
     def _end(self) -> Iterable[bytes]:
         self.done = True
         self.report = usage(self.metadata)
-        if self.report is not None:
-            yield _chunk(
-                {
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": _usage_object(self.report, _thoughts(self.metadata)),
-                }
-            )
-        yield b"data: [DONE]\n\n"
+        yield self.chunks.end(self.report, _thoughts(self.metadata))
 
     def _fail(self, err: GatewayError) -> Iterable[bytes]:
         self.failed = err
         self.done = True
-        yield b"data: " + error_body(err.message, err.type, err.code) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+        yield self.chunks.error(err)
 
     def _event(self, event: dict[str, Any]) -> Iterable[bytes]:
         if "error" in event:
@@ -948,8 +757,8 @@ class StreamTranslator:
             return
         if not self.started:
             self.started = True
-            self.id = _completion_id(event)
-            yield self._delta({"role": "assistant", "content": ""})
+            self.chunks.id = _completion_id(event)
+            yield self.chunks.delta({"role": "assistant", "content": ""})
         metadata = event.get("usageMetadata")
         if isinstance(metadata, dict):
             self.metadata = metadata
@@ -963,7 +772,7 @@ class StreamTranslator:
         if not isinstance(candidate, dict):
             if _blocked(event):
                 self.finish = "content_filter"
-                yield self._delta({}, 0, self.finish)
+                yield self.chunks.delta({}, self.finish)
                 yield from self._end()
             return
         index = candidate.get("index", 0)
@@ -977,15 +786,17 @@ class StreamTranslator:
                 said = part["text"]
                 self.produced += len(said)
                 if part.get("thought") is True:
-                    yield self._delta({"reasoning_content": said}, index)
+                    yield self.chunks.delta({"reasoning_content": said}, index=index)
                 else:
                     self.text_parts.append(said)
-                    yield self._delta({"content": said}, index)
+                    yield self.chunks.delta({"content": said}, index=index)
             elif isinstance(part.get("functionCall"), dict):
                 call = tool_call(part["functionCall"], part.get("thoughtSignature"))
                 function = call["function"]
                 self.produced += len(function["name"]) + len(function["arguments"])
-                yield self._delta({"tool_calls": [{"index": self.calls, **call}]}, index)
+                yield self.chunks.delta(
+                    {"tool_calls": [{"index": self.calls, **call}]}, index=index
+                )
                 self.calls += 1
         reason = candidate.get("finishReason")
         if is_failed(reason):
@@ -994,14 +805,13 @@ class StreamTranslator:
             return
         if reason and reason != "FINISH_REASON_UNSPECIFIED":
             self.finish = finish_reason(reason, self.calls > 0)
-            yield self._delta({}, index, self.finish)
+            yield self.chunks.delta({}, self.finish, index)
             if isinstance(metadata, dict) or self.metadata is None:
                 yield from self._end()
 
 
 # -- embeddings ---------------------------------------------------------------------------------
 
-EMBEDDINGS_NAME = "Google Gemini"
 # Texts one request takes: the Gemini API's batchEmbedContents at most 100 (its own 400 says
 # so); Vertex AI's predict at most 250 instances, and one for its Gemini embedding models.
 GEMINI_API_BATCH = 100
@@ -1028,7 +838,7 @@ def vertex_method(model: str) -> str:
 def _prompt_count(metadata: Any) -> int | None:
     if not isinstance(metadata, dict):
         return None
-    return shared.count(metadata.get("promptTokenCount"))
+    return openai_answer.count(metadata.get("promptTokenCount"))
 
 
 class GeminiEmbeddings:
@@ -1052,12 +862,12 @@ class GeminiEmbeddings:
         return f"{target.url_path}/models/{quote(model, safe='')}:{method}"
 
     def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
-        shared.check(body, EMBEDDINGS_NAME)
-        items = shared.texts(body, EMBEDDINGS_NAME)
-        size = shared.dimensions(body)
+        openai_request.check_embeddings(body, PROVIDER_NAME)
+        items = openai_request.texts(body, PROVIDER_NAME)
+        size = openai_request.dimensions(body)
         model = target.provider_model
         if not is_vertex(target.url_path):
-            shared.at_most(items, GEMINI_API_BATCH, EMBEDDINGS_NAME)
+            openai_request.at_most(items, GEMINI_API_BATCH, PROVIDER_NAME)
             config = {} if size is None else {"outputDimensionality": size}
             return {
                 "requests": [
@@ -1066,7 +876,7 @@ class GeminiEmbeddings:
                 ]
             }
         gemini_model = "gemini" in model.rsplit("/", 1)[-1]
-        shared.at_most(items, 1 if gemini_model else VERTEX_BATCH, EMBEDDINGS_NAME)
+        openai_request.at_most(items, 1 if gemini_model else VERTEX_BATCH, PROVIDER_NAME)
         if vertex_method(model) == "embedContent":
             out: dict[str, Any] = {
                 "content": {"role": "user", "parts": [{"text": items[0]}]},
@@ -1091,23 +901,30 @@ class GeminiEmbeddings:
                 embedding = prediction.get("embeddings") if isinstance(prediction, dict) else None
                 if not isinstance(embedding, dict):
                     raise ValueError("a prediction without its embeddings")
-                vectors.append(shared.vector(embedding.get("values")))
+                vectors.append(openai_answer.vector(embedding.get("values")))
                 stats = embedding.get("statistics")
                 stats = stats if isinstance(stats, dict) else {}
-                counts.append(shared.count(stats.get("token_count", stats.get("tokenCount"))))
+                counts.append(
+                    openai_answer.count(stats.get("token_count", stats.get("tokenCount")))
+                )
             known = [c for c in counts if c is not None]
             tokens = sum(known) if vectors and len(known) == len(counts) else None
-            return shared.embeddings_list(vectors, model, tokens)
+            return openai_answer.embeddings_list(vectors, model, tokens)
         single = answer.get("embedding")
         if isinstance(single, dict):  # embedContent (Vertex AI's, or the Gemini API's)
-            values = [shared.vector(single.get("values"))]
-            return shared.embeddings_list(values, model, _prompt_count(answer.get("usageMetadata")))
+            values = [openai_answer.vector(single.get("values"))]
+            return openai_answer.embeddings_list(
+                values, model, _prompt_count(answer.get("usageMetadata"))
+            )
         batch = answer.get("embeddings")
         if isinstance(batch, list) and batch:  # batchEmbedContents
             values = [
-                shared.vector(e.get("values") if isinstance(e, dict) else None) for e in batch
+                openai_answer.vector(e.get("values") if isinstance(e, dict) else None)
+                for e in batch
             ]
-            return shared.embeddings_list(values, model, _prompt_count(answer.get("usageMetadata")))
+            return openai_answer.embeddings_list(
+                values, model, _prompt_count(answer.get("usageMetadata"))
+            )
         raise ValueError("not an embeddings answer")
 
 

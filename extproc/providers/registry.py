@@ -17,7 +17,7 @@ from ..errors import GatewayError, bad_request
 from ..wire.openai.answer import error_body
 from ..wire.openai.request import CHAT, EMBEDDINGS
 from . import anthropic, azure, bedrock, gemini
-from .embeddings import encode
+from .openai_answer import encode
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget

@@ -296,9 +296,14 @@ async def _stream(
         await out.send(_event({"type": "content_block_start", "index": 0,
                                "content_block": {"type": "text", "text": ""}}))  # fmt: skip
         await out.send(_event({"type": "ping"}))
-        words = content(count).split(" ")
-        pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)] or [""]
-        for i, piece in enumerate(pieces):
+        if ctx.text is not None:
+            # The text asked for (x-fake-response-text), in pieces of x-fake-chunk-chars.
+            n = ctx.chunk_chars
+            pieces = [ctx.text[i : i + n] for i in range(0, len(ctx.text), n)] or [""]
+        else:
+            words = content(count).split(" ")
+            pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+        for i, piece in enumerate(pieces or [""]):
             if ctx.tokens_per_second > 0 and i:
                 await sleep_until(request, first_at + out.stalled + i / ctx.tokens_per_second)
             delta = {"type": "text_delta", "text": piece}
