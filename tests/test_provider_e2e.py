@@ -70,6 +70,18 @@ def write_service_account(path: Path, token_uri: str) -> None:
     path.write_text(json.dumps(account))
 
 
+def pool(*members: tuple[str, str]) -> dict:
+    """A model whose (backend, model) members are failover pools, in priority order."""
+    return {
+        "targets": [{"backend": b, "model": m, "priority": i} for i, (b, m) in enumerate(members)]
+    }
+
+
+def canary(*members: tuple[str, str]) -> dict:
+    """A model split evenly among its (backend, model) members."""
+    return {"targets": [{"backend": b, "model": m, "weight": 50} for b, m in members]}
+
+
 def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
     fake_b = config["backends"]["fake-b"]["url"].rstrip("/")
     # Gemini: the Gemini API with a key; Vertex AI with a token from Google's application
@@ -94,12 +106,9 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
         "type": "embedding",
         "targets": [{"backend": "bedrock", "model": "amazon.titan-embed-text-v2:0"}],
     }
-    config["models"]["gpt-then-vertex"] = {
-        "targets": [
-            {"backend": "openai-overloaded", "model": OPENAI_MODEL, "priority": 0},
-            {"backend": "vertex", "model": GEMINI_MODEL, "priority": 1},
-        ]
-    }
+    config["models"]["gpt-then-vertex"] = pool(
+        ("openai-overloaded", OPENAI_MODEL), ("vertex", GEMINI_MODEL)
+    )
     write_service_account(google_key, f"{fake_b}/_fake/identity/google-token")
     os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(google_key)
     config["backends"]["bedrock"] = {
@@ -119,24 +128,15 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
     }
     # Pools: Envoy's signing is in the backend's own cluster, which a pool's attempts do not
     # pass: the sidecar signs them (botocore, the same AWS variables).
-    config["models"]["gpt-then-bedrock"] = {
-        "targets": [
-            {"backend": "openai-overloaded", "model": OPENAI_MODEL, "priority": 0},
-            {"backend": "bedrock", "model": BEDROCK_MODEL, "priority": 1},
-        ]
-    }
-    config["models"]["bedrock-then-gpt"] = {
-        "targets": [
-            {"backend": "bedrock-overloaded", "model": BEDROCK_MODEL, "priority": 0},
-            {"backend": "fake-a", "model": OPENAI_MODEL, "priority": 1},
-        ]
-    }
-    config["models"]["bedrock-or-gpt"] = {
-        "targets": [
-            {"backend": "bedrock", "model": BEDROCK_MODEL, "weight": 50},
-            {"backend": "fake-a", "model": OPENAI_MODEL, "weight": 50},
-        ]
-    }
+    config["models"]["gpt-then-bedrock"] = pool(
+        ("openai-overloaded", OPENAI_MODEL), ("bedrock", BEDROCK_MODEL)
+    )
+    config["models"]["bedrock-then-gpt"] = pool(
+        ("bedrock-overloaded", BEDROCK_MODEL), ("fake-a", OPENAI_MODEL)
+    )
+    config["models"]["bedrock-or-gpt"] = canary(
+        ("bedrock", BEDROCK_MODEL), ("fake-a", OPENAI_MODEL)
+    )
     config["backends"]["azure"] = {
         "url": f"{fake_b}/openai",
         "type": "azure",
@@ -187,24 +187,15 @@ def with_providers(config: dict, overloaded: str, google_key: Path) -> None:
         "targets": [{"backend": "bedrock", "model": BEDROCK_MODEL}],
         **guarded,
     }
-    config["models"]["claude-then-gpt"] = {
-        "targets": [
-            {"backend": "anthropic-overloaded", "model": PROVIDER_MODEL, "priority": 0},
-            {"backend": "fake-a", "model": OPENAI_MODEL, "priority": 1},
-        ]
-    }
-    config["models"]["gpt-then-claude"] = {
-        "targets": [
-            {"backend": "openai-overloaded", "model": OPENAI_MODEL, "priority": 0},
-            {"backend": "anthropic", "model": PROVIDER_MODEL, "priority": 1},
-        ]
-    }
-    config["models"]["claude-or-gpt"] = {
-        "targets": [
-            {"backend": "anthropic", "model": PROVIDER_MODEL, "weight": 50},
-            {"backend": "fake-a", "model": OPENAI_MODEL, "weight": 50},
-        ]
-    }
+    config["models"]["claude-then-gpt"] = pool(
+        ("anthropic-overloaded", PROVIDER_MODEL), ("fake-a", OPENAI_MODEL)
+    )
+    config["models"]["gpt-then-claude"] = pool(
+        ("openai-overloaded", OPENAI_MODEL), ("anthropic", PROVIDER_MODEL)
+    )
+    config["models"]["claude-or-gpt"] = canary(
+        ("anthropic", PROVIDER_MODEL), ("fake-a", OPENAI_MODEL)
+    )
 
 
 @pytest.fixture(scope="module")
