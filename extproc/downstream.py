@@ -366,15 +366,16 @@ class DownstreamStream:
                 common, dynamic_metadata=self._stream_metadata(usage)
             )
 
-        raw, body = msg.body, None
+        raw, body, reported = msg.body, None, None
         if self.provider != "openai" and self.admitted is not None:
             translated = self._translate(raw)
-            if not isinstance(translated, bytes | None):
+            if isinstance(translated, protocol.ProcessingResponse):
                 self._settle(None)  # a refusal or failure: it served no tokens
                 return translated  # the provider's error, in OpenAI's shape and status
-            if translated is not None:
-                raw = body = translated
-        usage = self.usage = self._buffered_usage(raw)
+            translated_body, reported = translated
+            if translated_body is not None:
+                raw = body = translated_body
+        usage = self.usage = reported or self._buffered_usage(raw)
         self._settle(usage)
         admission = self.admission
         if admission is not None and admission.response_guards and 200 <= self.status < 300:
@@ -392,14 +393,17 @@ class DownstreamStream:
             dynamic_metadata=self._usage_metadata(usage),
         )
 
-    def _translate(self, raw: bytes) -> bytes | protocol.ProcessingResponse | None:
-        """A provider's whole answer in OpenAI's shape (None: it is already); its error as the
-        immediate answer the client gets when the provider's status is not one OpenAI clients
-        know."""
+    def _translate(
+        self, raw: bytes
+    ) -> tuple[bytes | None, Usage | None] | protocol.ProcessingResponse:
+        """A provider's whole answer in OpenAI's shape (None: it is already) and the usage the
+        provider reported (None: read it from the answer); its error as the immediate answer
+        the client gets when the provider's status is not one OpenAI clients know."""
         assert self.admitted is not None
+        reported = None
         try:
             request = self.admitted.request
-            status, body = providers.answer(
+            status, body, reported = providers.answer_and_usage(
                 self.provider,
                 self._served(),
                 self.status,
@@ -423,7 +427,7 @@ class DownstreamStream:
             return protocol.immediate_response(
                 status, body, headers=headers, details="aigw_provider_error"
             )
-        return body
+        return body, reported
 
     def _record_stream_block(self, verdict: Verdict) -> None:
         if not self.stream_block_recorded and self.admission is not None:

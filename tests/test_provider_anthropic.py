@@ -526,3 +526,27 @@ def test_a_parked_target_neither_adapts_the_model_nor_names_its_route_headers() 
         ]
     }
     assert "claude" not in build_runtime(parse_config(provider_config(**parked_claude))).adapted
+
+
+def test_the_providers_own_report_is_what_is_charged_cache_writes_included() -> None:
+    """OpenAI's usage has no place for the input Anthropic wrote to its prompt cache: the
+    gateway charges the provider's own report, of a whole answer and of a stream alike."""
+    from extproc.wire.openai import OPENAI
+
+    _, body, reported = registry.answer_and_usage("anthropic", "claude", 200, orjson.dumps(ANSWER))
+    assert body is not None and orjson.loads(body)["usage"]["prompt_tokens"] == 125
+    assert reported is not None
+    assert (reported.prompt_tokens, reported.cached_tokens, reported.cache_write_tokens) == (
+        125,
+        100,
+        5,
+    )
+    written = STREAM.replace(
+        b'"cache_read_input_tokens":10}',
+        b'"cache_read_input_tokens":10,"cache_creation_input_tokens":7}',
+    )
+    assert written != STREAM
+    relay = registry.stream_relay("anthropic", "claude", OPENAI.stream_relay(True))
+    relay.feed(written, True)
+    assert relay.usage is not None
+    assert (relay.usage.prompt_tokens, relay.usage.cache_write_tokens) == (42, 7)

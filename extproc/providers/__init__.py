@@ -6,6 +6,7 @@ any refusal."""
 from .registry import (
     TranslatedStream,
     answer,
+    answer_and_usage,
     backend_path,
     check,
     is_stream,
@@ -18,6 +19,7 @@ from .registry import (
 __all__ = [
     "TranslatedStream",
     "answer",
+    "answer_and_usage",
     "backend_path",
     "check",
     "is_stream",

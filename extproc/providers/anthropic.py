@@ -402,6 +402,9 @@ class StreamTranslator:
 class Anthropic:
     """Anthropic's Messages API as a provider (base.Provider)."""
 
+    def usage(self, answer: dict[str, Any]) -> Usage | None:
+        return usage(answer.get("usage"))
+
     name = "anthropic"
     request_headers: Mapping[str, str] = {VERSION_HEADER: API_VERSION}
     # Beta features of Anthropic's API: the OpenAI client's request did not ask for them.

@@ -98,6 +98,11 @@ class Provider(Protocol):
         generation the provider ended as failed), which the client gets instead."""
         ...
 
+    def usage(self, answer: dict[str, Any]) -> Usage | None:
+        """The usage the provider reported in its 2xx JSON answer (cache reads and writes,
+        reasoning, as far as it reports them); None when it reported none."""
+        ...
+
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
         """The provider's error answer as the client's error: status (a status OpenAI clients
         do not know mapped to one they do), message, OpenAI error type, and the provider's

@@ -755,6 +755,9 @@ EMBEDDINGS = BedrockEmbeddings()
 class Bedrock:
     """AWS Bedrock's Converse API as a provider (base.Provider)."""
 
+    def usage(self, answer: dict[str, Any]) -> Usage | None:
+        return usage(answer.get("usage"))
+
     name = "bedrock"
     # The request is signed by the proxy (SigV4); Converse takes no version header.
     request_headers: Mapping[str, str] = {}

@@ -526,7 +526,9 @@ def usage(report: Any) -> Usage | None:
     prompt, tool_use, cached, candidates, thoughts = (c or 0 for c in counts)
     prompt += tool_use
     completion = candidates + thoughts
-    return Usage(prompt, completion, prompt + completion, min(cached, prompt))
+    return Usage(
+        prompt, completion, prompt + completion, min(cached, prompt), reasoning_tokens=thoughts
+    )
 
 
 def _thoughts(report: Any) -> int:
@@ -936,6 +938,9 @@ EMBEDDINGS = GeminiEmbeddings()
 
 class Gemini:
     """Google's Gemini API (and Vertex AI's, the same bodies) as a provider (base.Provider)."""
+
+    def usage(self, answer: dict[str, Any]) -> Usage | None:
+        return usage(answer.get("usageMetadata"))
 
     name = "gemini"
     # The credential (an API key, or a Vertex AI bearer token) is the backend's auth header.

@@ -138,6 +138,10 @@ class TranslatedStream:
         openai_bytes = self.translator.feed(chunk)
         out = self.inner.feed(openai_bytes, end_of_stream)
         self.usage, self.events = self.inner.usage, self.inner.events
+        if self.usage is not None and self.translator.usage is not None:
+            # The provider's report, whole: what it wrote to its prompt cache is priced apart,
+            # and OpenAI's usage chunk, which the relay read, has no place for it.
+            self.usage = self.translator.usage
         if self.translator.failed is not None:
             self.error_code = self.translator.failed.code
         if self.usage is None:
@@ -174,19 +178,39 @@ def answer(
     headers: Mapping[str, str] | None = None,
     encoding_format: str | None = None,
 ) -> tuple[int, bytes | None]:
-    """A provider's whole answer (JSON, or its error) as the OpenAI client's: (status, body);
-    body None: the answer is OpenAI's as it is. `headers`: the answer's (lower-case names);
-    `encoding_format`: an embeddings client's (base64: the vectors as OpenAI encodes them).
+    """answer_and_usage() without the usage."""
+    status, body, _ = answer_and_usage(
+        target_provider, model, status, raw, endpoint_path, headers, encoding_format
+    )
+    return status, body
+
+
+def answer_and_usage(
+    target_provider: str,
+    model: str,
+    status: int,
+    raw: bytes,
+    endpoint_path: str = CHAT_PATH,
+    headers: Mapping[str, str] | None = None,
+    encoding_format: str | None = None,
+) -> tuple[int, bytes | None, Usage | None]:
+    """A provider's whole answer (JSON, or its error) as the OpenAI client's: (status, body,
+    usage); body None: the answer is OpenAI's as it is. The usage is the provider's own report
+    of a chat answer, whole (OpenAI's shape has no place for what it wrote to its prompt cache,
+    which is priced apart): None for the others, read from the OpenAI answer. `headers`: the
+    answer's (lower-case names); `encoding_format`: an embeddings client's (base64: the
+    vectors as OpenAI encodes them).
     A 2xx answer the provider's translation reads as a failure (a GatewayError from
     `Provider.answer`: a generation ended as failed) is that error's status and body. Raises
     ValueError for a 2xx body that is not the provider's JSON."""
     if target_provider == "azure":
         if 200 <= status < 300:
-            return status, None
+            return status, None, None
         mapped = azure.error(status, raw)
         if mapped is None:
-            return status, None
-        return mapped.status, error_body(mapped.message, mapped.type, mapped.code, mapped.param)
+            return status, None, None
+        rendered = error_body(mapped.message, mapped.type, mapped.code, mapped.param)
+        return mapped.status, rendered, None
     p = provider(target_provider)
     if 200 <= status < 300:
         parsed = orjson.loads(raw)
@@ -194,10 +218,12 @@ def answer(
             raise ValueError("not a JSON object")
         if endpoint_path == EMBEDDINGS_PATH and p.embeddings is not None:
             vectors = p.embeddings.answer(parsed, model, headers or {})
-            return status, orjson.dumps(encode(vectors, encoding_format))
+            return status, orjson.dumps(encode(vectors, encoding_format)), None
         try:
-            return status, orjson.dumps(p.answer(parsed, model))
+            completion = orjson.dumps(p.answer(parsed, model))
         except GatewayError as failed:
-            return failed.status, error_body(failed.message, failed.type, failed.code, failed.param)
+            rendered = error_body(failed.message, failed.type, failed.code, failed.param)
+            return failed.status, rendered, None
+        return status, completion, p.usage(parsed)
     err = p.error(status, raw, headers or {})
-    return err.status, error_body(err.message, err.type, err.code, err.param)
+    return err.status, error_body(err.message, err.type, err.code, err.param), None
