@@ -67,6 +67,16 @@ def runtime(*backends: str, kind: str = "azure_identity") -> Any:
     )
 
 
+async def until(condition: Any) -> float:
+    """Waits for condition() (polled: a loaded machine's timers run late), 5 s at most; the
+    seconds it took."""
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        while not condition():  # noqa: ASYNC110 - state of another task, polled
+            await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
 def tokens_with(sources: dict[str, Source]) -> BackendTokens:
     made = iter(sources.values())
     return BackendTokens({"azure_identity": lambda: next(made)})
@@ -93,8 +103,10 @@ def test_a_token_is_refreshed_before_it_expires(monkeypatch: pytest.MonkeyPatch)
         tokens = tokens_with({"az": source})
         await tokens.configure(runtime("az"))
         assert tokens.header("az") == "Bearer t1"
-        await asyncio.sleep(1.3)  # refreshed at its life less the margin (~1.1 s), not at 1.6
-        assert source.fetches == 2 and tokens.header("az") == "Bearer t2"
+        # Refreshed at its life less the margin (~1.1 s), or half of it (0.8 s) if sooner:
+        # then at 1 s (the least wait), well before it expires at 1.6 s.
+        took = await until(lambda: source.fetches == 2)
+        assert 0.9 < took < 1.6 and tokens.header("az") == "Bearer t2"
         await tokens.close()
         assert source.closed
 
@@ -117,7 +129,7 @@ def test_a_failed_fetch_says_why_and_is_retried(
         assert "'az' (azure_identity: RuntimeError)" in caught.value.message
         assert "tenant" not in caught.value.message
         assert "tenant 1234: identity endpoint unreachable" in caplog.text
-        await asyncio.sleep(0.4)
+        await until(lambda: source.fetches == 2)  # retried after RETRY_S[0]
         assert tokens.header("az") == "Bearer t2"
         await tokens.close()
 
@@ -129,12 +141,13 @@ def test_a_failed_refresh_keeps_the_token_until_it_expires(monkeypatch: pytest.M
     monkeypatch.setattr(backend_tokens, "RETRY_S", (5.0,))
 
     async def main() -> None:
-        source = Source([("t1", 1.2), RuntimeError("down")])
+        source = Source([("t1", 3.0), RuntimeError("down")])
         tokens = tokens_with({"az": source})
         await tokens.configure(runtime("az"))
-        await asyncio.sleep(1.05)  # the refresh at half its life failed
-        assert source.fetches == 2 and tokens.header("az") == "Bearer t1"
-        await asyncio.sleep(0.3)  # expired now, and no newer one
+        await until(lambda: source.fetches == 2)  # the refresh at half its life (1.5 s) failed
+        assert tokens.header("az") == "Bearer t1"
+        expires = tokens.held["az"].expires
+        await until(lambda: time.time() > expires)  # expired now, and no newer one
         with pytest.raises(GatewayError) as caught:
             tokens.header("az")
         assert "expired: azure_identity: RuntimeError" in caught.value.message
