@@ -142,6 +142,9 @@ def plan(
         body_bytes = orjson.dumps(body) if changed else None
     # (A translated stream always carries its usage: the relay cuts it when not asked for.)
     strip_usage = request.stream and not request.include_usage and not observe
+    if strip_usage and target is not None and not providers.takes_usage_request(target):
+        # (Azure before 2024-09 refuses stream_options: its stream's usage is estimated.)
+        strip_usage = False
     if strip_usage and not translated:
         # Ask the backend for its usage report; the relay removes it again from what the
         # client sees, since the client did not ask for it.

@@ -39,7 +39,7 @@ MODEL = "gpt-4o-mini"
 PROMPT_SECRET = "sk-proj-Abc123Def456Ghi789Jkl012Mno345"
 EMAIL = "jane.doe@example.com"
 RESPONSE_TOKENS = 8
-PRICE_IN, PRICE_OUT = 1.5, 6.0  # USD per million tokens
+PRICE_IN, PRICE_OUT, PRICE_REASONING = 1.5, 6.0, 12.0  # USD per million tokens
 
 
 def telemetry_config(ports: dict[str, int], audit: Path, redis_url: str) -> dict[str, Any]:
@@ -54,6 +54,7 @@ def telemetry_config(ports: dict[str, int], audit: Path, redis_url: str) -> dict
         },
         "teams": {
             "alpha": {"keys": [{"sha256": sha256_hex("sk-alpha")}]},
+            "thinker": {"keys": [{"sha256": sha256_hex("sk-thinker")}]},
             "tight": {
                 "keys": [{"sha256": sha256_hex("sk-tight")}],
                 "limits": [{"name": "tiny", "window": "month", "tokens": 1}],
@@ -73,7 +74,7 @@ def telemetry_config(ports: dict[str, int], audit: Path, redis_url: str) -> dict
                 ]
             },
         },
-        "prices": {MODEL: {"input": PRICE_IN, "output": PRICE_OUT}},
+        "prices": {MODEL: {"input": PRICE_IN, "output": PRICE_OUT, "reasoning": PRICE_REASONING}},
         "guards": {"deny": {"type": "deny", "keywords": ["forbidden-word"]}},
         "guardrails": {"request": ["deny"]},
         "observability": {
@@ -335,6 +336,37 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
         assert "prompt" not in r  # include_prompt is off
     pooled_record = next(r for r in records if r["model"] == "pooled")
     assert pooled_record["failover"] == "retry" and pooled_record["attempts"] == 2
+
+
+def test_reasoning_tokens_of_a_released_answer_are_counted_and_priced_apart(
+    telemetry: Telemetry,
+) -> None:
+    """A JSON answer released to Envoy's access log: Envoy reads its reasoning tokens
+    (completion_tokens_details) into the entry; they are counted and priced as reasoning."""
+    answer = telemetry.client("sk-thinker").chat.completions.create(
+        model=MODEL, messages=hello(), extra_headers={"x-fake-reasoning-tokens": "5"}
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == RESPONSE_TOKENS
+    prompt = answer.usage.prompt_tokens
+    expected_cost = (prompt * PRICE_IN + 3 * PRICE_OUT + 5 * PRICE_REASONING) / 1e6
+
+    def counted() -> bool:
+        samples = telemetry.scrape()
+        tokens = {
+            kind: total(samples, "extproc_tokens_total", team="thinker", type=kind)
+            for kind in ("input", "output", "reasoning_output")
+        }
+        cost = total(samples, "extproc_cost_usd_total", team="thinker")
+        return tokens == {"input": prompt, "output": 3, "reasoning_output": 5} and (
+            abs(cost - expected_cost) < 1e-12
+        )
+
+    deadline = time.monotonic() + 10
+    while not counted():
+        assert time.monotonic() < deadline, telemetry.scrape()
+        time.sleep(0.05)
+    record = next(r for r in telemetry.audit_records() if r.get("team") == "thinker")
+    assert record["tokens"]["reasoning_output"] == 5 and record["path"] == "logged"
 
 
 def test_the_audit_trail_loses_nothing_under_load_and_holds_no_secret(

@@ -152,3 +152,20 @@ def test_a_model_whose_backends_speak_several_apis_is_never_released(stream: boo
     openai = ResolvedTarget("gpt-4o", "openai", "gpt-4o", 1, "authorization", None, "openai")
     p = plan(a, openai, sidecar(), adapted=True)
     assert not p.release and p.set_headers[":path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(("version", "asks"), [("2024-06-01", False), ("2024-10-21", True)])
+def test_an_azure_deployment_is_asked_for_a_streams_usage_where_its_version_takes_it(
+    version: str, asks: bool
+) -> None:
+    """Azure added stream_options in 2024-09-01: an earlier version would refuse the stream."""
+    azure = ResolvedTarget(
+        "gpt-4o", "azure", "my-deployment", 1, "api-key", "k", "azure",
+        url_path="/openai", api_version=version,
+    )  # fmt: skip
+    p = plan(admitted(stream=True), azure, sidecar(), adapted=True)
+    assert p.set_headers[":path"] == (
+        f"/openai/deployments/my-deployment/chat/completions?api-version={version}"
+    )
+    assert p.body is not None
+    assert ("stream_options" in orjson.loads(p.body)) is asks and p.strip_usage is asks

@@ -13,6 +13,7 @@ from .registry import (
     request_body,
     request_headers,
     stream_relay,
+    takes_usage_request,
     translates,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "request_body",
     "request_headers",
     "stream_relay",
+    "takes_usage_request",
     "translates",
 ]

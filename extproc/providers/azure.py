@@ -33,6 +33,13 @@ _TYPES = {
 }
 
 
+def takes_stream_options(api_version: str) -> bool:
+    """Azure added `stream_options` (a stream's usage report) in 2024-09-01-preview; earlier
+    versions refuse the parameter. (ISO dates compare as strings; a `-preview` suffix of an
+    earlier date sorts before 2024-09-01.)"""
+    return api_version >= "2024-09-01"
+
+
 def path(target: ResolvedTarget, endpoint_path: str, api_version: str) -> str:
     """The deployment's path for the client's OpenAI endpoint (`/v1/chat/completions`, ...)."""
     deployment = quote(target.provider_model, safe="")

@@ -106,6 +106,12 @@ def backend_path(target: ResolvedTarget, endpoint_path: str, stream: bool) -> st
     return p.path(target, stream)
 
 
+def takes_usage_request(target: ResolvedTarget) -> bool:
+    """An OpenAI-bodied backend takes `stream_options.include_usage` (Azure's deployments
+    only from api-version 2024-09-01, which refuse it before)."""
+    return target.provider != "azure" or azure.takes_stream_options(target.api_version)
+
+
 def request_headers(provider_type: str) -> tuple[dict[str, str], list[str]]:
     """The headers a request to a backend of this type gets, and those it must not carry (the
     other providers' own, which an earlier attempt or the client may have set)."""

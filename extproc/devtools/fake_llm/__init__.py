@@ -15,6 +15,7 @@ Per-request knobs are request headers, so one running instance can serve many te
   text, streamed that many characters per event.
 - ``x-fake-no-usage: 1``: a backend that reports no usage (its streams ignore
   ``stream_options.include_usage``, its JSON answers have no ``usage``).
+- ``x-fake-reasoning-tokens: N``: of the completion, N reported as reasoning tokens.
 
 Test helpers: ``GET /_fake/requests`` lists the recorded ``/v1/*`` and guard webhook requests
 and ``DELETE /_fake/requests`` clears them.

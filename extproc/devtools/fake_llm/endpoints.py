@@ -210,7 +210,7 @@ class FakeLLM:
             await pause(request, verdict[1])
             count, finish_reason = 1, "stop"
             completion_tokens = estimate_tokens(len(verdict[0].encode()))
-        usage = chat_usage(prompt_tokens, completion_tokens)
+        usage = chat_usage(prompt_tokens, completion_tokens, ctx.reasoning_tokens)
         common = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk" if stream else "chat.completion",

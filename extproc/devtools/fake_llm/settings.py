@@ -85,6 +85,8 @@ class RequestSettings:
     # per event (x-fake-response-text, x-fake-chunk-chars): response guards need real text.
     text: str | None = None
     chunk_chars: int = 4
+    # Of the completion, what the usage report calls reasoning (x-fake-reasoning-tokens).
+    reasoning_tokens: int = 0
 
 
 def request_settings(settings: FakeLLMSettings, headers: Mapping[str, str]) -> RequestSettings:
@@ -110,6 +112,7 @@ def request_settings(settings: FakeLLMSettings, headers: Mapping[str, str]) -> R
         no_usage=headers.get("x-fake-no-usage") == "1",
         text=headers.get("x-fake-response-text"),
         chunk_chars=max(1, _header_int(headers, "x-fake-chunk-chars", 4)),
+        reasoning_tokens=max(0, _header_int(headers, "x-fake-reasoning-tokens", 0)),
     )
 
 

@@ -227,14 +227,14 @@ def error_response(
     return json_response(body, status=status, headers=headers)
 
 
-def chat_usage(prompt: int, completion: int) -> dict[str, Any]:
+def chat_usage(prompt: int, completion: int, reasoning: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": min(reasoning, completion),
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
