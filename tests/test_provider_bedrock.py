@@ -683,3 +683,19 @@ def test_a_relay_of_a_failed_stream_reports_its_code() -> None:
     relay.feed(events(*BODY[:6]) + exception_frame("throttlingException", "Slow down."), True)
     assert relay.error_code == "ThrottlingException" and relay.usage is None
     assert relay.partial_usage is None
+
+
+def test_a_stream_that_finished_without_its_usage_still_ends_with_done() -> None:
+    """Bedrock ended after messageStop, without its metadata event: the client's stream ends as
+    OpenAI's do; one cut before its finish does not."""
+    from extproc.providers import registry
+    from extproc.wire.openai import OPENAI
+
+    finished = registry.TranslatedStream(
+        bedrock.PROVIDER.stream("claude"), OPENAI.stream_relay(False)
+    )
+    out = finished.feed(events(*BODY), True)
+    assert out is not None and out.endswith(b"data: [DONE]\n\n") and finished.usage is None
+    cut = registry.TranslatedStream(bedrock.PROVIDER.stream("claude"), OPENAI.stream_relay(False))
+    out = cut.feed(events(*BODY[:6]), True)
+    assert out is not None and b"[DONE]" not in out

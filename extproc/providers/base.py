@@ -24,6 +24,10 @@ class StreamTranslator(Protocol):
     # The provider ended the stream with an error (an error event or exception): the error
     # the client's stream ended with (as OpenAI's error chunk).
     failed: GatewayError | None
+    # The answer's finish reason, once the provider said it (OpenAI's words).
+    finish_reason: str | None
+    # The translation wrote `data: [DONE]` (after the usage report, or an error).
+    done: bool
 
     def feed(self, piece: bytes) -> bytes:
         """Each piece in, the OpenAI events it completes out (b"" when none): nothing is held

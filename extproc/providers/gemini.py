@@ -699,7 +699,7 @@ class StreamTranslator:
         self.metadata: dict[str, Any] | None = None  # the latest usageMetadata
         self.report: Usage | None = None  # the usage the stream ended with
         self.started = False
-        self.finish: str | None = None
+        self.finish_reason: str | None = None
         self.calls = 0  # tool calls so far (the next one's OpenAI index)
         self.text_parts: list[str] = []
         self.produced = 0  # characters of text, thoughts and calls
@@ -764,7 +764,7 @@ class StreamTranslator:
         metadata = event.get("usageMetadata")
         if isinstance(metadata, dict):
             self.metadata = metadata
-        if self.finish is not None:
+        if self.finish_reason is not None:
             # The finish was said; this event brings the usage it waited for.
             if isinstance(metadata, dict):
                 yield from self._end()
@@ -773,8 +773,8 @@ class StreamTranslator:
         candidate = candidates[0] if isinstance(candidates, list) and candidates else None
         if not isinstance(candidate, dict):
             if _blocked(event):
-                self.finish = "content_filter"
-                yield self.chunks.delta({}, self.finish)
+                self.finish_reason = "content_filter"
+                yield self.chunks.delta({}, self.finish_reason)
                 yield from self._end()
             return
         index = candidate.get("index", 0)
@@ -806,8 +806,8 @@ class StreamTranslator:
             yield from self._fail(failed(str(reason), candidate))
             return
         if reason and reason != "FINISH_REASON_UNSPECIFIED":
-            self.finish = finish_reason(reason, self.calls > 0)
-            yield self.chunks.delta({}, self.finish, index)
+            self.finish_reason = finish_reason(reason, self.calls > 0)
+            yield self.chunks.delta({}, self.finish_reason, index)
             if isinstance(metadata, dict) or self.metadata is None:
                 yield from self._end()
 

@@ -141,7 +141,13 @@ class TranslatedStream:
         self.partial_usage: Usage | None = None
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
-        openai_bytes = self.translator.feed(chunk)
+        translator = self.translator
+        openai_bytes = translator.feed(chunk)
+        if end_of_stream and not translator.done and translator.finish_reason is not None:
+            # The provider finished its answer and ended the stream without the usage report
+            # that would have closed it: it still ends as OpenAI's streams do. (A stream cut
+            # before its finish does not: a client sees it was cut.)
+            openai_bytes += b"data: [DONE]\n\n"
         out = self.inner.feed(openai_bytes, end_of_stream)
         self.usage, self.events = self.inner.usage, self.inner.events
         if self.usage is not None and self.translator.usage is not None:
