@@ -221,8 +221,15 @@ class DownstreamStream:
         target = routing.fixed_target(self.rt, model, pool)
         if target is not None and target.token_from is not None:
             target = routing.with_token(target, self.services.backend_tokens)
-        adapted = model in self.rt.adapted
-        plan = request_plan.plan(admitted, target, self.rt.config.sidecar, adapted)
+        adapted_targets = self.rt.adapted.get(model)
+        # (Azure deployments before 2024-09 refuse a request for a stream's usage: a model
+        # Envoy may send to one asks none.)
+        asks_usage = adapted_targets is None or all(
+            providers.takes_usage_request(t) for t in adapted_targets
+        )
+        plan = request_plan.plan(
+            admitted, target, self.rt.config.sidecar, adapted_targets is not None, asks_usage
+        )
         self.observe, self.strip_usage = plan.observe, plan.strip_usage
         self.known_backend = target is not None
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
@@ -370,7 +377,9 @@ class DownstreamStream:
         if self.provider != "openai" and self.admitted is not None:
             translated = self._translate(raw)
             if isinstance(translated, protocol.ProcessingResponse):
-                self._settle(None)  # a refusal or failure: it served no tokens
+                # A refusal or failure served no tokens; a generation the provider ended as
+                # failed is charged what it reported spending (an incomplete answer).
+                self._settle(self.usage, complete=self.usage is None)
                 return translated  # the provider's error, in OpenAI's shape and status
             translated_body, reported = translated
             if translated_body is not None:
@@ -419,7 +428,9 @@ class DownstreamStream:
                              "bad_provider_answer")
             )  # fmt: skip
         if status != self.status and body is not None:
-            # (529, Anthropic's "overloaded": 503, retriable for any OpenAI client.)
+            # (529, Anthropic's "overloaded": 503, retriable for any OpenAI client; a failed
+            # generation's 502, with what it spent.)
+            self.usage = reported
             self.status = status
             if self.report is not None:
                 self.report.status = status

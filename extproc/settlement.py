@@ -169,8 +169,14 @@ def stream_usage(
         return relay.usage
     partial = relay.partial_usage
     if partial is not None:
-        # What the backend reported before the cut (its prompt's count), the output estimated.
-        return estimated(partial.prompt_tokens, partial.completion_tokens, cap)
+        # What the backend reported before the cut (its prompt's count, what of it came from
+        # or went to its prompt cache), the output estimated.
+        charged = estimated(partial.prompt_tokens, partial.completion_tokens, cap)
+        charged.cached_tokens = min(partial.cached_tokens, charged.prompt_tokens)
+        charged.cache_write_tokens = min(
+            partial.cache_write_tokens, charged.prompt_tokens - charged.cached_tokens
+        )
+        return charged
     if relay.expects_usage:
         # The backend announced a usage report, so the relay kept no text; the report never
         # came (a cut stream). OpenAI-style streams carry about one token per event: count

@@ -550,3 +550,51 @@ def test_the_providers_own_report_is_what_is_charged_cache_writes_included() -> 
     relay.feed(written, True)
     assert relay.usage is not None
     assert (relay.usage.prompt_tokens, relay.usage.cache_write_tokens) == (42, 7)
+
+
+def test_a_stream_finished_without_message_stop_still_reports_its_usage() -> None:
+    """message_delta brought the final usage: the client that asked for it gets it, then
+    [DONE], though message_stop never came."""
+    from extproc.wire.openai import OPENAI
+
+    relay = registry.stream_relay("anthropic", "claude", OPENAI.stream_relay(False))
+    out = relay.feed(STREAM[: STREAM.index(b"event: message_stop")], True)
+    assert out is not None and out.endswith(b"data: [DONE]\n\n")
+    assert b'"usage"' in out and relay.usage is not None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"type": "message_start", "message": {"id": "m", "usage": [1]}},
+        {"type": "message_delta", "delta": "x", "usage": {"output_tokens": "1"}},
+    ],
+)
+def test_events_a_translator_cannot_read_end_the_stream_with_an_error(bad: dict) -> None:
+    """Never the gRPC stream torn down: the client's stream ends with OpenAI's error chunk."""
+    from extproc.wire.openai import OPENAI
+
+    relay = registry.stream_relay("anthropic", "claude", OPENAI.stream_relay(False))
+    out = relay.feed(STREAM[: STREAM.index(b"event: content_block_stop")] + sse(bad), False)
+    assert out is not None and b"bad_event_stream" in out and out.endswith(b"data: [DONE]\n\n")
+    assert relay.error_code == "bad_event_stream"
+    assert relay.feed(STREAM, True) in (b"", None)  # nothing more of the provider's
+
+
+def test_a_cut_streams_charge_keeps_what_came_from_and_went_to_the_prompt_cache() -> None:
+    from extproc.settlement import stream_usage
+    from extproc.usage import Usage
+
+    class Cut:
+        usage = None
+        partial_usage = Usage(6010, 7, 6017, cached_tokens=1000, cache_write_tokens=5000)
+        expects_usage = True
+        events = 3
+        text = ""
+
+    charged = stream_usage(Cut(), 0, None, "claude", None)  # type: ignore[arg-type]
+    assert (charged.prompt_tokens, charged.cached_tokens, charged.cache_write_tokens) == (
+        6010,
+        1000,
+        5000,
+    )

@@ -973,3 +973,17 @@ def test_what_is_not_gemini_json_is_skipped() -> None:
     translator = gemini.StreamTranslator("gem")
     assert translator.feed(b": keep-alive\r\n\r\ndata: not json\r\n\r\ndata: [1]\r\n\r\n") == b""
     assert translator.partial_usage is None and translator.usage is None
+
+
+def test_a_failed_generations_spend_is_reported_with_its_error() -> None:
+    """A JSON answer Gemini ended as failed is the client's 502, and what Google billed for it
+    is what the gateway charges (as for the same failure in a stream)."""
+    from extproc.providers import registry
+
+    answer = {
+        "candidates": [{"finishReason": "MALFORMED_FUNCTION_CALL", "content": {"parts": []}}],
+        "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 9},
+    }
+    status, body, reported = registry.answer_and_usage("gemini", "gem", 200, orjson.dumps(answer))
+    assert status == 502 and body is not None and b"MALFORMED_FUNCTION_CALL" in body
+    assert reported is not None and (reported.prompt_tokens, reported.completion_tokens) == (30, 9)

@@ -169,3 +169,9 @@ def test_an_azure_deployment_is_asked_for_a_streams_usage_where_its_version_take
     )
     assert p.body is not None
     assert ("stream_options" in orjson.loads(p.body)) is asks and p.strip_usage is asks
+
+
+def test_a_pool_with_an_old_azure_deployment_asks_no_streams_usage() -> None:
+    """Envoy may send the request to an Azure deployment that refuses stream_options."""
+    p = plan(admitted(stream=True), None, sidecar(), adapted=True, asks_usage=False)
+    assert p.body is None and not p.strip_usage

@@ -331,6 +331,11 @@ class StreamTranslator:
         output = max(self.output_tokens, -(-self.produced // 4))
         return usage({**self.input, "output_tokens": output})
 
+    def finish(self) -> bytes:
+        # message_delta carried the final usage: the report is whole without message_stop.
+        self.done = True
+        return self.chunks.end(self.usage if self.include_usage else None)
+
     def feed(self, piece: bytes) -> bytes:
         out = bytearray()
         for data in self.parser.feed(piece):
@@ -386,8 +391,7 @@ class StreamTranslator:
             self.finish_reason = FINISH_REASONS.get(delta.get("stop_reason") or "", "stop")
             yield self.chunks.delta({}, self.finish_reason)
         elif kind == "message_stop":
-            self.done = True
-            yield self.chunks.end(self.usage if self.include_usage else None)
+            yield self.finish()
         elif kind == "error":
             err = event.get("error") or {}
             self.failed = error(500, orjson.dumps({"error": err}))

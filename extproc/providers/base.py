@@ -34,6 +34,12 @@ class StreamTranslator(Protocol):
         back longer than the provider's event takes to arrive. Never raises on bad input."""
         ...
 
+    def finish(self) -> bytes:
+        """The stream ended after the provider's finish (`finish_reason`) but before the event
+        that would have closed it: what closes it for the client now (the usage chunk when the
+        provider's report is whole, then `data: [DONE]`); sets `done`."""
+        ...
+
     @property
     def usage(self) -> Usage | None:
         """The provider's usage report, once the stream brought it whole."""

@@ -511,6 +511,11 @@ class StreamTranslator:
         with no input would undercut."""
         return None
 
+    def finish(self) -> bytes:
+        # No metadata event: no report, so no usage chunk (the gateway counts the stream).
+        self.done = True
+        return self.chunks.end(None)
+
     def feed(self, piece: bytes) -> bytes:
         if self.done:
             return b""

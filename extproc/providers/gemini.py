@@ -728,6 +728,12 @@ class StreamTranslator:
         prompt = report.prompt_tokens
         return Usage(prompt, output, prompt + output, report.cached_tokens)
 
+    def finish(self) -> bytes:
+        # The last usageMetadata seen may predate the last candidates: no usage chunk of it
+        # (the relay charges partial_usage, which estimates the output from what came).
+        self.done = True
+        return self.chunks.end(None)
+
     def feed(self, piece: bytes) -> bytes:
         out = bytearray()
         for data in self.parser.feed(piece):

@@ -8,6 +8,7 @@ path) and `azure` (OpenAI's bodies at Azure's deployment paths, its errors made 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,9 @@ from ..errors import GatewayError, bad_request
 from ..wire.openai.answer import error_body
 from ..wire.openai.request import CHAT, EMBEDDINGS
 from . import anthropic, azure, bedrock, gemini
-from .openai_answer import encode
+from .openai_answer import Chunks, encode
+
+log = logging.getLogger("extproc.providers")
 
 if TYPE_CHECKING:
     from ..config import ResolvedTarget
@@ -142,22 +145,40 @@ class TranslatedStream:
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         translator = self.translator
-        openai_bytes = translator.feed(chunk)
-        if end_of_stream and not translator.done and translator.finish_reason is not None:
-            # The provider finished its answer and ended the stream without the usage report
-            # that would have closed it: it still ends as OpenAI's streams do. (A stream cut
-            # before its finish does not: a client sees it was cut.)
-            openai_bytes += b"data: [DONE]\n\n"
+        reported: Usage | None = None
+        partial: Usage | None = None
+        try:
+            if translator.failed is not None and translator.done:
+                # After a failure, nothing more of the provider's reaches the client.
+                openai_bytes = b""
+            else:
+                openai_bytes = translator.feed(chunk)
+                reported, partial = translator.usage, translator.partial_usage
+            if end_of_stream and not translator.done and translator.finish_reason is not None:
+                # The provider finished its answer and ended the stream without the event that
+                # would have closed it: it still ends as OpenAI's streams do. (A stream cut
+                # before its finish does not: a client sees it was cut.)
+                openai_bytes += translator.finish()
+        except Exception:
+            # A translator that could not read the provider's events (it should not raise):
+            # the client's stream ends with an error, never with the gRPC stream torn down.
+            log.exception("a %s stream could not be translated", type(translator).__module__)
+            translator.failed = GatewayError(
+                502, "The provider's stream could not be read", "server_error", "bad_event_stream"
+            )
+            translator.done = True
+            openai_bytes = Chunks.error(translator.failed)
+            reported = partial = None
         out = self.inner.feed(openai_bytes, end_of_stream)
         self.usage, self.events = self.inner.usage, self.inner.events
-        if self.usage is not None and self.translator.usage is not None:
+        if self.usage is not None and reported is not None:
             # The provider's report, whole: what it wrote to its prompt cache is priced apart,
             # and OpenAI's usage chunk, which the relay read, has no place for it.
-            self.usage = self.translator.usage
-        if self.translator.failed is not None:
-            self.error_code = self.translator.failed.code
-        if self.usage is None:
-            self.partial_usage = self.translator.partial_usage
+            self.usage = reported
+        if translator.failed is not None:
+            self.error_code = translator.failed.code
+        if self.usage is None and (partial is not None or translator.failed is None):
+            self.partial_usage = partial
         # The client never gets the provider's own bytes: the translation, or what the relay
         # made of it.
         return out if out is not None else openai_bytes
@@ -234,8 +255,9 @@ def answer_and_usage(
         try:
             completion = orjson.dumps(p.answer(parsed, model))
         except GatewayError as failed:
+            # A generation the provider ended as failed: what it spent is still reported.
             rendered = error_body(failed.message, failed.type, failed.code, failed.param)
-            return failed.status, rendered, None
+            return failed.status, rendered, p.usage(parsed)
         return status, completion, p.usage(parsed)
     err = p.error(status, raw, headers or {})
     return err.status, error_body(err.message, err.type, err.code, err.param), None
