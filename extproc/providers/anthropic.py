@@ -406,9 +406,6 @@ class StreamTranslator:
 class Anthropic:
     """Anthropic's Messages API as a provider (base.Provider)."""
 
-    def usage(self, answer: dict[str, Any]) -> Usage | None:
-        return usage(answer.get("usage"))
-
     name = "anthropic"
     request_headers: Mapping[str, str] = {VERSION_HEADER: API_VERSION}
     # Beta features of Anthropic's API: the OpenAI client's request did not ask for them.
@@ -421,6 +418,9 @@ class Anthropic:
 
     def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
         return messages_request(body, target.provider_model, target.max_tokens)
+
+    def usage(self, answer: dict[str, Any]) -> Usage | None:
+        return usage(answer.get("usage"))
 
     def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
         return chat_completion(answer, model)

@@ -760,11 +760,9 @@ EMBEDDINGS = BedrockEmbeddings()
 class Bedrock:
     """AWS Bedrock's Converse API as a provider (base.Provider)."""
 
-    def usage(self, answer: dict[str, Any]) -> Usage | None:
-        return usage(answer.get("usage"))
-
     name = "bedrock"
-    # The request is signed by the proxy (SigV4); Converse takes no version header.
+    # The request is signed (SigV4: by Envoy, or in a pool by aws_signing.py); Converse takes
+    # no version header.
     request_headers: Mapping[str, str] = {}
     strip_headers: tuple[str, ...] = ()
     stream_content_type = STREAM_CONTENT_TYPE
@@ -775,6 +773,9 @@ class Bedrock:
 
     def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
         return converse_request(body, target.max_tokens)
+
+    def usage(self, answer: dict[str, Any]) -> Usage | None:
+        return usage(answer.get("usage"))
 
     def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
         return chat_completion(answer, model)

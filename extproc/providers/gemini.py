@@ -945,9 +945,6 @@ EMBEDDINGS = GeminiEmbeddings()
 class Gemini:
     """Google's Gemini API (and Vertex AI's, the same bodies) as a provider (base.Provider)."""
 
-    def usage(self, answer: dict[str, Any]) -> Usage | None:
-        return usage(answer.get("usageMetadata"))
-
     name = "gemini"
     # The credential (an API key, or a Vertex AI bearer token) is the backend's auth header.
     request_headers: Mapping[str, str] = {}
@@ -962,6 +959,9 @@ class Gemini:
 
     def request(self, target: ResolvedTarget, body: dict[str, Any]) -> dict[str, Any]:
         return generate_content_request(body, target.max_tokens, target.provider_model)
+
+    def usage(self, answer: dict[str, Any]) -> Usage | None:
+        return usage(answer.get("usageMetadata"))
 
     def answer(self, answer: dict[str, Any], model: str) -> dict[str, Any]:
         return chat_completion(answer, model)
