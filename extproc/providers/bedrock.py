@@ -284,22 +284,7 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _image(url: str, where: str) -> dict[str, Any]:
-    if not url.startswith("data:"):
-        raise bad_request(
-            f"{where}: this model's provider (AWS Bedrock) takes an image's bytes only (a "
-            "base64 data: URL), not an image URL",
-            "unsupported_value",
-            f"{where}.image_url",
-        )
-    media_type, data = openai_request.data_url(url, where)
-    image_format = IMAGE_FORMATS.get(media_type.lower())
-    if image_format is None:
-        raise bad_request(
-            f"{where}: images of type {media_type!r} are not supported by this model's provider "
-            "(AWS Bedrock: png, jpeg, gif, webp)",
-            "unsupported_value",
-            f"{where}.image_url",
-        )
+    image_format, data = openai_request.inline_image(url, where, PROVIDER_NAME, IMAGE_FORMATS)
     # A blob in Converse's JSON is its base64 text: the data URL's as it is.
     return {"image": {"format": image_format, "source": {"bytes": data}}}
 

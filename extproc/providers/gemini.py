@@ -168,7 +168,16 @@ _HANDLED = openai_request.HANDLED | frozenset(
 
 
 # Gemini's image understanding: its inline image types.
-IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
+# The image types Gemini takes inline, by media type (image/jpg, a common misspelling Gemini
+# does not take, as image/jpeg).
+IMAGE_TYPES = {
+    "image/png": "image/png",
+    "image/jpeg": "image/jpeg",
+    "image/jpg": "image/jpeg",
+    "image/webp": "image/webp",
+    "image/heic": "image/heic",
+    "image/heif": "image/heif",
+}
 # `candidateCount` takes at most 8; `seed` is an int32.
 MOST_CANDIDATES = 8
 SEED_RANGE = (-(2**31), 2**31 - 1)
@@ -450,24 +459,9 @@ def _parts(content: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _image(url: str, where: str) -> dict[str, Any]:
-    if not url.startswith("data:"):
-        raise bad_request(
-            f"{where}: this model's provider (Google Gemini) takes an image's bytes (a base64 "
-            "data: URL), not an image URL",
-            "unsupported_value",
-            f"{where}.image_url",
-        )
-    media_type, data = openai_request.data_url(url, where, typed=True)
-    media_type = media_type.lower()
-    if media_type == "image/jpg":  # a common misspelling Gemini does not take
-        media_type = "image/jpeg"
-    if media_type not in IMAGE_TYPES:
-        raise bad_request(
-            f"{where}: images of type {media_type!r} are not supported by this model's provider "
-            "(Google Gemini: png, jpeg, webp, heic, heif)",
-            "unsupported_value",
-            f"{where}.image_url",
-        )
+    media_type, data = openai_request.inline_image(
+        url, where, PROVIDER_NAME, IMAGE_TYPES, typed=True
+    )
     # Bytes in Gemini's JSON are their base64 text: the data URL's as it is.
     return {"inlineData": {"mimeType": media_type, "data": data}}
 

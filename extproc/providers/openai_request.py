@@ -237,6 +237,33 @@ def data_url(url: str, where: str, typed: bool = False) -> tuple[str, str]:
     return media_type, data
 
 
+def inline_image(
+    url: str, where: str, provider: str, accepted: Mapping[str, str], typed: bool = False
+) -> tuple[str, str]:
+    """An image for a provider that takes its bytes only (no web URL): (the provider's name
+    for its type, the base64 data) of a `data:` URL. `accepted`: media type -> that name (the
+    names listed when a type is refused); a web URL, or a type not in it, is refused naming
+    the image (`where`)."""
+    if not url.startswith("data:"):
+        raise bad_request(
+            f"{where}: this model's provider ({provider}) takes an image's bytes (a base64 "
+            "data: URL), not an image URL",
+            "unsupported_value",
+            f"{where}.image_url",
+        )
+    media_type, data = data_url(url, where, typed)
+    name = accepted.get(media_type.lower())
+    if name is None:
+        names = ", ".join(dict.fromkeys(accepted.values()))
+        raise bad_request(
+            f"{where}: images of type {media_type!r} are not supported by this model's provider "
+            f"({provider}: {names})",
+            "unsupported_value",
+            f"{where}.image_url",
+        )
+    return name, data
+
+
 def assistant_content(message: Mapping[str, Any]) -> Any:
     """An assistant message's content, its parts as one text: they are text, or a refusal
     (text the model said)."""
