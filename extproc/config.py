@@ -1023,6 +1023,9 @@ class Runtime:
     # or Azure's deployment paths), for the models that have any: the sidecar sets such a
     # model's paths and reads its answers
     adapted: dict[str, tuple[ResolvedTarget, ...]] = field(default_factory=dict)
+    # The models with a backend that refuses a request for a stream's usage (an Azure
+    # deployment before api-version 2024-09-01): their streams are not asked for one.
+    unasked_usage: frozenset[str] = frozenset()
 
     def team_for_key(self, presented: str) -> str | None:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
@@ -1102,6 +1105,13 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
         # (A parked target, weight 0, serves nothing: it does not make its model adapted.)
         if resolved.provider != "openai" and resolved.weight > 0:
             rt.adapted[resolved.model] = (*rt.adapted.get(resolved.model, ()), resolved)
+    from .providers.registry import takes_usage_request  # (providers read config's types)
+
+    rt.unasked_usage = frozenset(
+        model
+        for model, targets in rt.adapted.items()
+        if not all(takes_usage_request(t) for t in targets)
+    )
     if cfg.admin.token is not None:
         try:
             rt.admin_token = cfg.admin.token.resolve()

@@ -37,6 +37,7 @@ from .telemetry.tracing import NO_TRACE
 from .wire import Operation
 
 if TYPE_CHECKING:
+    from .config import ResolvedTarget
     from .guard.types import Verdict
     from .quota.service import Reservation
     from .request_plan import Admitted
@@ -54,6 +55,7 @@ class DownstreamStream:
     __slots__ = (
         "admission",
         "admitted",
+        "answering",
         "backend",
         "following",
         "grpc_metadata",
@@ -104,6 +106,8 @@ class DownstreamStream:
         self.known_backend = False  # one backend serves the request: its headers are in metadata
         self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
+        # The target that answers: the one backend, or the one Envoy chose (known then).
+        self.answering: ResolvedTarget | None = None
         self.retry_after = ""  # the backend's, for an answer the stage replaces
         self.stream_block_recorded = False
         # Reported when the stream closes; None for what is not an LLM call (GET /v1/models).
@@ -221,14 +225,13 @@ class DownstreamStream:
         target = routing.fixed_target(self.rt, model, pool)
         if target is not None and target.token_from is not None:
             target = routing.with_token(target, self.services.backend_tokens)
-        adapted_targets = self.rt.adapted.get(model)
-        # (Azure deployments before 2024-09 refuse a request for a stream's usage: a model
-        # Envoy may send to one asks none.)
-        asks_usage = adapted_targets is None or all(
-            providers.takes_usage_request(t) for t in adapted_targets
-        )
+        self.answering = target
         plan = request_plan.plan(
-            admitted, target, self.rt.config.sidecar, adapted_targets is not None, asks_usage
+            admitted,
+            target,
+            self.rt.config.sidecar,
+            model in self.rt.adapted,
+            model not in self.rt.unasked_usage,
         )
         self.observe, self.strip_usage = plan.observe, plan.strip_usage
         self.known_backend = target is not None
@@ -261,16 +264,15 @@ class DownstreamStream:
         self.backend = protocol.answering_backend(req)
         # Team, model, rate limits (and the backend, when one serves the model) are rendered
         # by Envoy from the request's metadata; only what Envoy chose is added here.
-        set_headers = {} if self.known_backend else self._backend_headers()
-        admitted = self.admitted
-        if not self.known_backend and admitted is not None and self.backend is not None:
-            if admitted.request.model in self.rt.adapted:
+        set_headers = {}
+        if not self.known_backend:
+            answering = self.answering = self._chosen()
+            set_headers = self._backend_headers(answering)
+            if answering is not None and answering.provider != self.provider:
                 # Envoy chose among backends of several APIs: the answer is the chosen one's.
-                answering = self.rt.targets.get((admitted.request.model, self.backend))
-                if answering is not None:
-                    self.provider = answering.provider
-                    if self.report is not None:
-                        self.report.provider = answering.provider
+                self.provider = answering.provider
+                if self.report is not None:
+                    self.report.provider = answering.provider
         if self.provider != "openai" and not protocol.from_backend(req):
             # Envoy's own reply (a timeout, a reset) or the upstream stage's refusal: already
             # the gateway's OpenAI error, nothing of the provider's to translate.
@@ -541,18 +543,22 @@ class DownstreamStream:
         """The model that served a translated answer, as the answer names it: the provider's
         name for it, as an OpenAI backend's answer names its own."""
         assert self.admitted is not None
-        model = self.admitted.request.model
-        target = self.rt.targets.get((model, self.backend or ""))
-        return target.provider_model if target is not None else model
+        answering = self.answering
+        return answering.provider_model if answering is not None else self.admitted.request.model
 
-    def _backend_headers(self) -> dict[str, str]:
-        """The backend Envoy chose (a pooled or canary model) and the model name it got."""
+    def _chosen(self) -> ResolvedTarget | None:
+        """The target of the backend Envoy chose (a pooled or canary model)."""
+        if self.admitted is None or not self.backend:
+            return None
+        return self.rt.targets.get((self.admitted.request.model, self.backend))
+
+    def _backend_headers(self, answering: ResolvedTarget | None) -> dict[str, str]:
+        """The backend Envoy chose and the model name it got."""
         out: dict[str, str] = {}
-        if self.admitted is not None and self.backend:
+        if self.backend:
             out[f"{P}backend"] = self.backend
-            target = self.rt.targets.get((self.admitted.request.model, self.backend))
-            if target is not None:
-                out[f"{P}provider-model"] = target.provider_model
+            if answering is not None:
+                out[f"{P}provider-model"] = answering.provider_model
         return out
 
     def _stream_metadata(self, usage: Usage | None) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def plan(
     """The plan for an admitted request. `target`: the one backend that can serve it (its route
     has no upstream stage), or None when Envoy chooses (a pool, a canary split). `adapted`:
     some backend of the model is not a plain OpenAI one (Runtime.adapted). `asks_usage`: every
-    backend Envoy may choose takes a request for a stream's usage (registry.takes_usage_request).
+    backend of the model takes a request for a stream's usage (Runtime.unasked_usage).
     """
     request = admitted.request
     # A backend that speaks another API: the request goes as that API's, and its answer is
@@ -145,9 +145,7 @@ def plan(
         body_bytes = orjson.dumps(body) if changed else None
     # (A translated stream always carries its usage: the relay cuts it when not asked for.)
     strip_usage = request.stream and not request.include_usage and not observe
-    if strip_usage and (
-        not asks_usage or (target is not None and not providers.takes_usage_request(target))
-    ):
+    if strip_usage and not asks_usage:
         # (Azure before 2024-09 refuses stream_options: its stream's usage is estimated.)
         strip_usage = False
     if strip_usage and not translated:

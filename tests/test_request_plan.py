@@ -159,11 +159,28 @@ def test_an_azure_deployment_is_asked_for_a_streams_usage_where_its_version_take
     version: str, asks: bool
 ) -> None:
     """Azure added stream_options in 2024-09-01: an earlier version would refuse the stream."""
-    azure = ResolvedTarget(
-        "gpt-4o", "azure", "my-deployment", 1, "api-key", "k", "azure",
-        url_path="/openai", api_version=version,
+    from extproc.config import build_runtime, parse_config
+
+    rt = build_runtime(
+        parse_config(
+            {
+                "teams": {"t": {"keys": [{"sha256": "0" * 64}]}},
+                "backends": {
+                    "azure": {
+                        "url": "https://r.openai.azure.com/openai",
+                        "type": "azure",
+                        "api_version": version,
+                    }
+                },
+                "models": {"gpt-4o": {"targets": [{"backend": "azure", "model": "my-deployment"}]}},
+            }
+        )
+    )
+    azure = rt.targets[("gpt-4o", "azure")]
+    p = plan(
+        admitted(stream=True), azure, sidecar(), "gpt-4o" in rt.adapted,
+        "gpt-4o" not in rt.unasked_usage,
     )  # fmt: skip
-    p = plan(admitted(stream=True), azure, sidecar(), adapted=True)
     assert p.set_headers[":path"] == (
         f"/openai/deployments/my-deployment/chat/completions?api-version={version}"
     )
