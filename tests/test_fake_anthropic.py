@@ -179,7 +179,9 @@ def test_a_translated_stream_from_the_fake_reads_as_openai_chunks(port: int) -> 
 def test_the_openai_sdk_reads_a_translated_error(port: int) -> None:
     """A provider error becomes the OpenAI error the openai SDK raises by status."""
     status, answer = post(port, {"model": MODEL, "max_tokens": 5, "messages": []})
-    client_status, body = registry.answer("anthropic", "claude", status, orjson.dumps(answer))
+    client_status, body, _ = registry.answer_and_usage(
+        "anthropic", "claude", status, orjson.dumps(answer)
+    )
     assert client_status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request_error"
     assert issubclass(openai.BadRequestError, openai.APIStatusError)
 

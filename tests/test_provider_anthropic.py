@@ -259,7 +259,7 @@ def test_errors_in_openais_shape(
         kind,
         "why",
     )
-    rendered_status, rendered = registry.answer("anthropic", "claude", status, body)
+    rendered_status, rendered, _ = registry.answer_and_usage("anthropic", "claude", status, body)
     assert rendered_status == client_status
     assert orjson.loads(rendered)["error"]["code"] == kind
 

@@ -460,7 +460,7 @@ def test_the_exception_named_in_the_errortype_header(
     # What the client gets through the registry, which passes the answer's headers on.
     from extproc.providers import registry
 
-    rendered_status, rendered = registry.answer(
+    rendered_status, rendered, _ = registry.answer_and_usage(
         "bedrock", "claude", status, body, headers={"x-amzn-errortype": errortype}
     )
     assert rendered_status == client_status

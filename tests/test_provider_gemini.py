@@ -600,7 +600,7 @@ def test_a_generation_gemini_ended_as_failed_is_a_502_not_an_answer(reason: str)
     assert (err.status, err.type, err.code) == (502, "server_error", reason)
     assert reason in err.message and "print(x" in err.message
     # What the client gets: the error, not the answer.
-    status, body = registry.answer("gemini", "gem", 200, orjson.dumps(answer))
+    status, body, _ = registry.answer_and_usage("gemini", "gem", 200, orjson.dumps(answer))
     assert status == 502 and body is not None
     assert orjson.loads(body)["error"]["code"] == reason
 

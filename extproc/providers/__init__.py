@@ -5,7 +5,6 @@ any refusal."""
 
 from .registry import (
     TranslatedStream,
-    answer,
     answer_and_usage,
     backend_path,
     check,
@@ -19,7 +18,6 @@ from .registry import (
 
 __all__ = [
     "TranslatedStream",
-    "answer",
     "answer_and_usage",
     "backend_path",
     "check",

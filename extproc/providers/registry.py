@@ -202,22 +202,6 @@ def stream_relay(target_provider: str, model: str, inner: RelayedStream) -> Rela
     return inner if p is None else TranslatedStream(p.stream(model), inner)
 
 
-def answer(
-    target_provider: str,
-    model: str,
-    status: int,
-    raw: bytes,
-    endpoint_path: str = CHAT_PATH,
-    headers: Mapping[str, str] | None = None,
-    encoding_format: str | None = None,
-) -> tuple[int, bytes | None]:
-    """answer_and_usage() without the usage."""
-    status, body, _ = answer_and_usage(
-        target_provider, model, status, raw, endpoint_path, headers, encoding_format
-    )
-    return status, body
-
-
 def answer_and_usage(
     target_provider: str,
     model: str,
