@@ -19,7 +19,15 @@ from aiohttp import web
 
 from .faults import Fault, open_event_stream, pause, reset_connection, sleep_until
 from .settings import RequestSettings
-from .wire import MALFORMED, content, estimate_tokens, is_int, json_response
+from .wire import (
+    MALFORMED,
+    content,
+    estimate_tokens,
+    is_int,
+    json_response,
+    text_pieces,
+    word_pieces,
+)
 
 VERSION = "2023-06-01"
 _TOP_LEVEL = frozenset(
@@ -297,12 +305,9 @@ async def _stream(
                                "content_block": {"type": "text", "text": ""}}))  # fmt: skip
         await out.send(_event({"type": "ping"}))
         if ctx.text is not None:
-            # The text asked for (x-fake-response-text), in pieces of x-fake-chunk-chars.
-            n = ctx.chunk_chars
-            pieces = [ctx.text[i : i + n] for i in range(0, len(ctx.text), n)] or [""]
+            pieces = text_pieces(ctx.text, ctx.chunk_chars)
         else:
-            words = content(count).split(" ")
-            pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+            pieces = word_pieces(count)
         for i, piece in enumerate(pieces or [""]):
             if ctx.tokens_per_second > 0 and i:
                 await sleep_until(request, first_at + out.stalled + i / ctx.tokens_per_second)

@@ -68,7 +68,16 @@ from botocore.credentials import Credentials  # type: ignore[import-untyped]
 
 from .faults import EventWriter, non_stream_fault, pause, reset_connection, sleep_until
 from .settings import FakeLLMSettings, RequestSettings, request_settings
-from .wire import MALFORMED, RequestError, content, embedding, estimate_tokens, is_int
+from .wire import (
+    MALFORMED,
+    RequestError,
+    content,
+    embedding,
+    estimate_tokens,
+    is_int,
+    text_pieces,
+    word_pieces,
+)
 
 STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 SERVICE = "bedrock"
@@ -800,11 +809,9 @@ def _stream_frames(
         index += 1
     if tool is None:
         if ctx.text is not None:
-            n = ctx.chunk_chars
-            pieces = [ctx.text[i : i + n] for i in range(0, len(ctx.text), n)] or [""]
+            pieces = text_pieces(ctx.text, ctx.chunk_chars)
         else:
-            words = content(count).split(" ")
-            pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+            pieces = word_pieces(count)
         for piece in pieces or [""]:
             frames.append((_delta(index, {"text": piece}), True))
     else:

@@ -59,6 +59,7 @@ from .wire import (
     sse,
     sse_template,
     stream_flags,
+    text_pieces,
 )
 
 # Bounds memory when a benchmark sprays many distinct model names.
@@ -200,8 +201,7 @@ class FakeLLM:
         verdict = None if kind is None else judge(kind, message_texts(messages))
         pieces: list[str] | None = None
         if verdict is None and ctx.text is not None:
-            n = ctx.chunk_chars
-            pieces = [ctx.text[i : i + n] for i in range(0, len(ctx.text), n)] or [""]
+            pieces = text_pieces(ctx.text, ctx.chunk_chars)
             count, finish_reason = len(pieces), "stop"
         if verdict is None:
             completion_tokens = count

@@ -60,7 +60,15 @@ from .faults import (
 )
 from .identity import Issuer
 from .settings import RequestSettings
-from .wire import MALFORMED, content, embedding, estimate_tokens, is_int, json_response
+from .wire import (
+    MALFORMED,
+    embedding,
+    estimate_tokens,
+    is_int,
+    json_response,
+    text_pieces,
+    word_pieces,
+)
 
 _GEMINI_PREFIX = re.compile(r"^(v1|v1beta|v1alpha)$")
 # A project's location, or none (Vertex AI's express mode, with an API key).
@@ -675,13 +683,12 @@ async def generate_content(
         parts_by_event = [[part]]
         finish, count = "STOP", 1
     elif ctx.text is not None:
-        n = ctx.chunk_chars
-        pieces = [ctx.text[i : i + n] for i in range(0, len(ctx.text), n)] or [""]
+        pieces = text_pieces(ctx.text, ctx.chunk_chars)
         parts_by_event = [[{"text": piece}] for piece in pieces]
         count, finish = len(pieces), "STOP"
     else:
-        words = content(count).split(" ")
-        pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words) if w or i]
+        # (Without the leading space the other fakes stream as a piece of its own.)
+        pieces = [p for i, p in enumerate(word_pieces(count)) if i or p != " "]
         parts_by_event = [[{"text": piece}] for piece in pieces or [""]]
     usage = None if ctx.no_usage else _usage(prompt, count * candidates)
     if not stream:

@@ -184,6 +184,18 @@ def content(count: int) -> str:
     return "".join(VOCAB.words[:count])
 
 
+def word_pieces(count: int) -> list[str]:
+    """content(count) as a stream's pieces: a word each, with the space after it."""
+    words = content(count).split(" ")
+    return [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+
+
+def text_pieces(text: str, chunk_chars: int) -> list[str]:
+    """A text asked for (x-fake-response-text) as a stream's pieces of `chunk_chars`
+    characters (x-fake-chunk-chars); one empty piece for an empty text."""
+    return [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)] or [""]
+
+
 @lru_cache(maxsize=4096)
 def embedding(identity: bytes, dimensions: int) -> tuple[tuple[float, ...], str]:
     """A unit vector derived from the input's hash, as floats and as base64 float32.
