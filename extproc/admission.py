@@ -23,6 +23,7 @@ from .quota.service import requested_output
 from .request_plan import Admitted
 from .telemetry.report import OFF_LOOP_CHARS, prompt_fields, verdict_entries
 from .telemetry.tracing import NO_TRACE, OPERATION
+from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
     from .config import Runtime
@@ -88,8 +89,7 @@ class Admission:
         """The stream ended: a reservation still on its way is released unused (_reserved)."""
         self.abandoned = True
 
-    async def admit(self, raw: bytes, started: float) -> Admitted:
-        """`started`: the request's start, on the perf_counter clock."""
+    def _parsed(self, raw: bytes) -> ParsedRequest:
         limit = self.rt.config.sidecar.max_body_bytes
         if len(raw) > limit:
             raise too_large(limit)
@@ -102,14 +102,42 @@ class Admission:
         if self.trace is not NO_TRACE:
             self._trace_request(parsed, report.model)
         routing.check_model(self.rt, self.team, parsed.model, endpoint)
+        return parsed
+
+    async def count_only(self, raw: bytes) -> TokenCount:
+        """A request that asks for its prompt's size only (nothing goes to a model): the body
+        checked and counted, as a request to the model would be; nothing is reserved."""
+        parsed = self.request = self._parsed(raw)
+        self.prompt = await self._count_prompt(parsed)
+        return self.prompt
+
+    async def admit(self, raw: bytes, started: float) -> Admitted:
+        """`started`: the request's start, on the perf_counter clock."""
+        endpoint, report = self.endpoint, self.report
+        parsed = self._parsed(raw)
         default_output = self.rt.config.quota.default_max_tokens
+        request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
+        bridge = self.wire.bridge
+        chat: dict[str, Any] | None = None
+        guarded_stream = parsed.stream and bool(self.response_guards)
+        target = routing.fixed_target(self.rt, parsed.model)
+        if bridge is not None and not routing.served_natively(target, self.wire, guarded_stream):
+            # Served as chat completions (request_plan.py): what chat cannot carry is refused
+            # now, before anything is reserved; the request sent is translated again after the
+            # guards, which may rewrite it.
+            chat = bridge.request(endpoint, parsed.body)
         adapted = self.rt.adapted.get(parsed.model)
         translated = [t for t in adapted if providers.translates(t.provider)] if adapted else ()
+        if bridge is not None and chat is None:
+            translated = []  # the one backend speaks the client's API: nothing to translate
         if translated:
             # What a provider that may serve it cannot do as asked is refused before anything
             # is reserved (in a failover pool: any of them, whichever answers).
             for target in translated:
-                providers.check(target, parsed.body, endpoint.path)
+                if chat is not None:
+                    providers.check(target, chat, CHAT.path)
+                else:
+                    providers.check(target, parsed.body, endpoint.path)
             # A request that sets no maximum asks the provider for the backend's (and an
             # OpenAI backend beside it for the usual default).
             others = len(self.rt.config.models[parsed.model].targets) > len(translated)
@@ -118,7 +146,6 @@ class Admission:
             )
         self.request = parsed
         self.max_output = requested_output(parsed, default_output)
-        request_guards, self.response_guards = self.services.guards.lists(self.team, parsed.model)
         slots = self.wire.request_slots(endpoint, parsed.body) if request_guards else []
         # Local guards first, masking in place: what they remove never leaves the gateway.
         if request_guards:
@@ -201,6 +228,7 @@ class Admission:
                 "gen_ai.request.model": model,
                 **self.wire.span_attributes(parsed.body),
                 "extproc.team": self.team,
+                "extproc.api": self.wire.name,
                 "extproc.stream": parsed.stream,
             }
         )

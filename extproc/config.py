@@ -354,6 +354,11 @@ class Backend(_Strict):
     # AWS credential chain of Envoy's environment); by default the one the URL's host names.
     # A Bedrock backend with an `api_key` (a Bedrock API key) is not signed.
     aws_region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
+    # An OpenAI backend that serves OpenAI's Responses API (/v1/responses) itself gets those
+    # requests as they are; any other gets them as chat completions (wire/responses/). Unset:
+    # only OpenAI's own API (api.openai.com) is taken to serve it; most self-hosted servers do
+    # not, or not all of it.
+    responses_api: bool | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
     # Envoy's circuit breaker: requests in flight to this backend (Envoy's default is 1024).
@@ -405,6 +410,8 @@ class Backend(_Strict):
                 raise ValueError("a token from token_from goes in auth_header: authorization")
         elif "auth_header" not in self.model_fields_set and self.type in _AUTH_HEADERS:
             object.__setattr__(self, "auth_header", _AUTH_HEADERS[self.type])
+        if self.responses_api is not None and self.type != "openai":
+            raise ValueError("responses_api is for an openai backend")
         if "api_version" in self.model_fields_set and self.type != "azure":
             raise ValueError("api_version is for an azure backend")
         if self.aws_region is not None and self.type != "bedrock":
@@ -415,6 +422,21 @@ class Backend(_Strict):
                 f"host {self.host!r} names none)"
             )
         return self
+
+    @property
+    def apis(self) -> frozenset[str]:
+        """The client APIs (wire formats, extproc/wire/) it serves as the client speaks them:
+        a request in any other is translated for it."""
+        if self.type == "anthropic":
+            return frozenset({"anthropic"})
+        if self.type == "azure":
+            return frozenset({"openai"})
+        if self.type != "openai":
+            return frozenset()
+        responses = self.responses_api
+        if responses is None:
+            responses = self.host == "api.openai.com"
+        return frozenset({"openai", "responses"} if responses else {"openai"})
 
     @property
     def signing_region(self) -> str | None:
@@ -1006,6 +1028,8 @@ class ResolvedTarget:
     signing_region: str | None = None
     host: str = ""  # the backend URL's host: the Host its requests are sent (and signed) with
     url_path: str = ""  # the backend URL's own path, without a trailing slash ("" for none)
+    # Backend.apis: the client APIs it serves as they are (wire format names)
+    apis: frozenset[str] = frozenset({"openai"})
 
 
 @dataclass(slots=True)
@@ -1100,6 +1124,7 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 token_from=backend.token_from,
                 signing_region=backend.signing_region,
                 host=backend.host,
+                apis=backend.apis,
             )
     for resolved in rt.targets.values():
         # (A parked target, weight 0, serves nothing: it does not make its model adapted.)

@@ -35,6 +35,10 @@ from .streams import ACTIVE, RELEASED, StreamTiming
 from .telemetry.report import RequestReport, model_label
 from .telemetry.tracing import NO_TRACE
 from .wire import Operation
+from .wire.bridge import BridgedStream
+from .wire.bridge import client_answer as bridge_answer
+from .wire.openai import OPENAI
+from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
     from .config import ResolvedTarget
@@ -48,6 +52,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("extproc.downstream")
 
+_BAD_ANSWER = GatewayError(
+    502, "The provider's answer could not be read", "server_error", "bad_provider_answer"
+)
+
 
 class DownstreamStream:
     """The HTTP filter stage: identity, admission, the plan, the answer's usage, the finish."""
@@ -60,6 +68,7 @@ class DownstreamStream:
         "following",
         "grpc_metadata",
         "known_backend",
+        "native",
         "observe",
         "path",
         "provider",
@@ -104,6 +113,9 @@ class DownstreamStream:
         # once the observer follows its answer, READ or INLINE when the answer passes here.
         self.path = AnswerPath.NO_ANSWER
         self.known_backend = False  # one backend serves the request: its headers are in metadata
+        # A bridged API's client served as it speaks (RequestPlan.native): its backend's answer,
+        # not Envoy's own reply, is in the client's API as it is.
+        self.native = False
         self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
         # The target that answers: the one backend, or the one Envoy chose (known then).
@@ -183,11 +195,13 @@ class DownstreamStream:
         verified = None
         if metadata is not None and JWT_NAMESPACE in metadata.filter_metadata:
             verified = protocol.struct_dict(metadata.filter_metadata[JWT_NAMESPACE])
+        path = wire.normalized(headers.get(":path", ""))
+        # The client's API from its path on: a refusal of its key is in its error shape.
+        self.wire = wire.speaking(path)
         self.team = team = identity.authenticate(self.rt, headers, verified)
         report.team = team
-        self.wire, endpoint, model_id = wire.route(
-            headers.get(":method", ""), headers.get(":path", "")
-        )
+        self.wire, endpoint, model_id = wire.route(headers.get(":method", ""), path)
+        report.api = self.wire.name
         if endpoint.operation in (Operation.LIST_MODELS, Operation.GET_MODEL):
             self.report = None  # not an LLM call: no request metric, no audit record
             self.trace.end()
@@ -219,6 +233,8 @@ class DownstreamStream:
 
     async def on_request_body(self, msg: Any) -> protocol.ProcessingResponse:
         assert self.admission is not None and self.report is not None
+        if self.admission.endpoint.operation is Operation.COUNT_TOKENS:
+            return await self._count_tokens(msg.body)
         admitted = await self.admission.admit(msg.body, self.started)
         self.admitted = admitted
         model, pool, report = admitted.request.model, admitted.pool, self.report
@@ -233,7 +249,7 @@ class DownstreamStream:
             model in self.rt.adapted,
             model not in self.rt.unasked_usage,
         )
-        self.observe, self.strip_usage = plan.observe, plan.strip_usage
+        self.observe, self.strip_usage, self.native = plan.observe, plan.strip_usage, plan.native
         self.known_backend = target is not None
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
         if target is not None:
@@ -245,7 +261,9 @@ class DownstreamStream:
             report.failover = "quota"
         self.route_span = self.trace.start("route", route_attributes)
         answer = protocol.request_body_response(
-            protocol.common(plan.set_headers, body=plan.body, clear_route_cache=True),
+            protocol.common(
+                plan.set_headers, plan.remove_headers, body=plan.body, clear_route_cache=True
+            ),
             dynamic_metadata=plan.metadata,
         )
         # Only now: a failure before this point is still this stage's to count and settle.
@@ -253,6 +271,21 @@ class DownstreamStream:
         if plan.release:
             RELEASED.add()
         return answer
+
+    async def _count_tokens(self, raw: bytes) -> protocol.ProcessingResponse:
+        """The gateway answers a token count itself, with the count it reserves by: no model
+        is asked (and none is charged). Its source header says whether it is exact for the
+        model's tokenizer or estimated."""
+        assert self.admission is not None and self.report is not None
+        counted = await self.admission.count_only(raw)
+        self.status = self.report.status = 200
+        source = "exact" if counted.exact else "estimate"
+        return protocol.immediate_response(
+            200,
+            self.wire.token_count_body(counted.tokens),
+            headers={TOKEN_SOURCE_HEADER: source},
+            details="aigw_token_count",
+        )
 
     # -- response -----------------------------------------------------------------------------
 
@@ -273,6 +306,8 @@ class DownstreamStream:
                 self.provider = answering.provider
                 if self.report is not None:
                     self.report.provider = answering.provider
+        if not protocol.from_backend(req):
+            self.native = False  # Envoy's own reply is OpenAI's (its local reply mappers)
         if self.provider != "openai" and not protocol.from_backend(req):
             # Envoy's own reply (a timeout, a reset) or the upstream stage's refusal: already
             # the gateway's OpenAI error, nothing of the provider's to translate.
@@ -322,17 +357,7 @@ class DownstreamStream:
             # the filters in reverse order).
             mode = protocol.OBSERVED_RESPONSE
         elif path is AnswerPath.INLINE:
-            guards = self.admission.response_guards if self.admission is not None else ()
-            if guards and self.admitted is not None and 200 <= self.status < 300:
-                find, holdback, owners = guard.stream_finder(guards)
-                self.relay = self.wire.guarded_stream_relay(
-                    self.admitted.request.endpoint, self.strip_usage, find, holdback, owners
-                )
-            else:
-                self.relay = self.wire.stream_relay(self.strip_usage)
-            if self.provider != "openai" and self.admitted is not None:
-                # The provider's events become OpenAI's before the relay reads them.
-                self.relay = providers.stream_relay(self.provider, self._served(), self.relay)
+            self.relay = self._stream_relay()
             self.timing = StreamTiming(self.started, self._model_label())
             self.following = True
             ACTIVE.opened()
@@ -375,23 +400,21 @@ class DownstreamStream:
                 common, dynamic_metadata=self._stream_metadata(usage)
             )
 
-        raw, body, reported = msg.body, None, None
-        if self.provider != "openai" and self.admitted is not None:
-            translated = self._translate(raw)
-            if isinstance(translated, protocol.ProcessingResponse):
-                # A refusal or failure served no tokens; a generation the provider ended as
-                # failed is charged what it reported spending (an incomplete answer).
-                self._settle(self.usage, complete=self.usage is None)
-                return translated  # the provider's error, in OpenAI's shape and status
-            translated_body, reported = translated
-            if translated_body is not None:
-                raw = body = translated_body
-        usage = self.usage = reported or self._buffered_usage(raw)
+        raw = msg.body
+        answer = self._answer(raw)
+        if isinstance(answer, protocol.ProcessingResponse):
+            # A refusal or failure served no tokens; a generation the provider ended as
+            # failed is charged what it reported spending (an incomplete answer).
+            self._settle(self.usage, complete=self.usage is None)
+            return answer  # the provider's error, in the client's shape and a status it knows
+        body, openai_raw, reported = answer
+        reader = wire.DEFAULT if openai_raw is not None else self.wire
+        usage = self.usage = reported or self._buffered_usage(openai_raw or raw, reader)
         self._settle(usage)
         admission = self.admission
         if admission is not None and admission.response_guards and 200 <= self.status < 300:
             # The tokens were spent (settled above) whatever the guards decide now.
-            body = await answer_guards.judge(admission, raw) or body
+            body = await answer_guards.judge(admission, body or raw) or body
         set_headers = {}
         if body is not None:
             set_headers["content-length"] = str(len(body))
@@ -404,31 +427,41 @@ class DownstreamStream:
             dynamic_metadata=self._usage_metadata(usage),
         )
 
-    def _translate(
+    def _native(self) -> bool:
+        """The answer is in the client's API as it is: an OpenAI client's from an OpenAI-bodied
+        backend, or a bridged client's from a backend that speaks its API."""
+        bridge = self.wire.bridge
+        if bridge is None:
+            return self.provider == "openai"  # (Azure's errors are made OpenAI's)
+        return self.native
+
+    def _answer(
         self, raw: bytes
-    ) -> tuple[bytes | None, Usage | None] | protocol.ProcessingResponse:
-        """A provider's whole answer in OpenAI's shape (None: it is already) and the usage the
-        provider reported (None: read it from the answer); its error as the immediate answer
-        the client gets when the provider's status is not one OpenAI clients know."""
-        assert self.admitted is not None
-        reported = None
-        try:
-            request = self.admitted.request
-            status, body, reported = providers.answer_and_usage(
-                self.provider,
-                self._served(),
-                self.status,
-                raw,
-                request.endpoint.path,
-                self.provider_headers,
-                request.body.get("encoding_format"),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("backend %s sent a 2xx body that is not its API's JSON", self.backend)
-            status, body = 502, self.wire.error_body(
-                GatewayError(502, "The provider's answer could not be read", "server_error",
-                             "bad_provider_answer")
-            )  # fmt: skip
+    ) -> tuple[bytes | None, bytes | None, Usage | None] | protocol.ProcessingResponse:
+        """A whole answer as the client's: (its body, None when it is the backend's as it is;
+        the answer as OpenAI's when the gateway reads it so, None when it reads the client's;
+        the usage the provider reported, None: read it from the answer). A status the client
+        does not know (a provider's 529, a translation that failed) is an immediate answer."""
+        admitted = self.admitted
+        if admitted is None or self._native():
+            return None, None, None
+        status, openai_raw, reported = self.status, raw, None
+        if self.provider != "openai":
+            # (A bridged client's answer from an OpenAI backend is already chat completions.)
+            status, translated, reported = self._provider_answer(raw)
+            if translated is not None:
+                openai_raw = translated
+        body: bytes | None = openai_raw if openai_raw is not raw else None
+        bridge = self.wire.bridge
+        if bridge is not None:
+            try:
+                body = bridge_answer(
+                    self.wire, status, openai_raw, self._served(), admitted.request.body
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log.warning("backend %s sent a 2xx body that is not a chat completion",
+                            self.backend)  # fmt: skip
+                status, body, reported = 502, self.wire.error_body(_BAD_ANSWER), None
         if status != self.status and body is not None:
             # (529, Anthropic's "overloaded": 503, retriable for any OpenAI client; a failed
             # generation's 502, with what it spent.)
@@ -440,7 +473,55 @@ class DownstreamStream:
             return protocol.immediate_response(
                 status, body, headers=headers, details="aigw_provider_error"
             )
-        return body, reported
+        return body, openai_raw if bridge is not None or body is not None else None, reported
+
+    def _provider_answer(self, raw: bytes) -> tuple[int, bytes | None, Usage | None]:
+        """A provider's whole answer in OpenAI's shape: (status, body, None when it is OpenAI's
+        already; the usage the provider reported, None: read it from the answer)."""
+        assert self.admitted is not None
+        try:
+            request = self.admitted.request
+            endpoint = request.endpoint.path if self.wire.bridge is None else CHAT.path
+            return providers.answer_and_usage(
+                self.provider,
+                self._served(),
+                self.status,
+                raw,
+                endpoint,
+                self.provider_headers,
+                request.body.get("encoding_format"),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("backend %s sent a 2xx body that is not its API's JSON", self.backend)
+            return 502, wire.DEFAULT.error_body(_BAD_ANSWER), None
+
+    def _stream_relay(self) -> RelayedStream:
+        """The relay of a stream that passes this stage. Every stream is read as OpenAI's
+        chunks (usage, text, response guards), but one that is in the client's API as it is:
+        a provider's events are made OpenAI's first, a bridged client's chunks made its own
+        last (wire/bridge.py). A guarded stream is judged as chat chunks whatever its API."""
+        admitted = self.admitted
+        guards = self.admission.response_guards if self.admission is not None else ()
+        guarded = bool(guards) and admitted is not None and 200 <= self.status < 300
+        if admitted is None or (not guarded and self._native()):
+            return self.wire.stream_relay(self.strip_usage)
+        bridge = self.wire.bridge
+        strip = self.strip_usage and bridge is None  # a bridge reads the usage chunk itself
+        inner: RelayedStream
+        if guarded:
+            find, holdback, owners = guard.stream_finder(guards)
+            endpoint = admitted.request.endpoint if bridge is None else CHAT
+            inner = OPENAI.guarded_stream_relay(endpoint, strip, find, holdback, owners)
+        else:
+            inner = OPENAI.stream_relay(strip)
+        if self.provider != "openai":
+            # The provider's events become OpenAI's before the relay reads them.
+            inner = providers.stream_relay(self.provider, self._served(), inner)
+        if bridge is None:
+            return inner
+        prompt = self.admission.prompt_tokens if self.admission is not None else 0
+        translator = bridge.stream(self._served(), prompt, admitted.request.body)
+        return BridgedStream(inner, translator)
 
     def _record_stream_block(self, verdict: Verdict) -> None:
         if not self.stream_block_recorded and self.admission is not None:
@@ -518,7 +599,7 @@ class DownstreamStream:
             admitted.request.output_cap,
         )
 
-    def _buffered_usage(self, raw: bytes) -> Usage | None:
+    def _buffered_usage(self, raw: bytes, reader: WireFormat) -> Usage | None:
         admitted = self.admitted
         if admitted is None or not 200 <= self.status < 300:
             return None
@@ -527,10 +608,10 @@ class DownstreamStream:
         except orjson.JSONDecodeError:
             log.warning("backend %s sent a 2xx body that is not JSON", self.backend)
             return None
-        usage = self.wire.answer_usage(response)
+        usage = reader.answer_usage(response)
         if usage is not None:
             return usage
-        completion = self.wire.answer_text(response)
+        completion = reader.answer_text(response)
         return settlement.estimate(
             admitted.prompt_tokens,
             self.services.tokens,

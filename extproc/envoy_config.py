@@ -249,7 +249,7 @@ from .contract import (
     split_cluster_name,
 )
 from .native import NativeRoute, native_routes
-from .providers.registry import request_headers
+from .providers.registry import provider, request_headers, translates
 from .usage import SOURCE_PROVIDER
 from .wire.openai.answer import error_body, error_object
 
@@ -836,17 +836,17 @@ def routes(cfg: Config) -> RouteConfiguration:
         # A model with a backend of another API or addressing (providers/: Anthropic's, Azure's
         # deployments, ...): the sidecar sets every request's path, so its routes match any
         # path and rewrite none.
-        translates = any(cfg.backends[t.backend].type != "openai" for t in active)
-        prefix = "/" if translates else "/v1/"
-        if translates:
+        adapted = any(cfg.backends[t.backend].type != "openai" for t in active)
+        prefix = "/" if adapted else "/v1/"
+        if adapted:
             action.prefix_rewrite = ""
-        add, strip = _provider_headers(cfg.backends[target]) if target and translates else ([], [])
+        add, strip = _provider_headers(cfg.backends[target]) if target and adapted else ([], [])
         if model.quota_failover:
             # The sidecar pins a request whose quota is exhausted to the next pool.
             pool1 = pools(model)[1]
             pool1_add, pool1_strip = (
                 _provider_headers(cfg.backends[pool1[0].backend])
-                if translates and len(pool1) == 1
+                if adapted and len(pool1) == 1
                 else ([], [])
             )
             route_list.append(
@@ -964,9 +964,12 @@ def _error_route(
 
 def _provider_headers(backend: Backend) -> tuple[list[HeaderValueOption], list[str]]:
     """What a direct route to `backend` adds for its API (a version header), and what it
-    removes: the headers of other providers' APIs a client may have sent (a client speaks
-    OpenAI's API: another API's options would change what it asked)."""
+    removes: the headers of other providers' APIs a client may have sent (another API's
+    options would change what it asked). Its own API's options (Anthropic's betas) are the
+    sidecar's to remove (request_plan.py): a client that speaks that API means them."""
     own, others = request_headers(backend.type)
+    if translates(backend.type):
+        others = [h for h in others if h not in provider(backend.type).strip_headers]
     add = [
         HeaderValueOption(
             header=HeaderValue(key=key, value=value),

@@ -1,5 +1,6 @@
 """Who is calling: a JWT Envoy verified (its claims mapped to a team by identities.jwt), or
-the bearer key the OpenAI SDK sends, mapped to a team."""
+the key the client sends (OpenAI's bearer key, Azure's api-key, Anthropic's x-api-key), mapped
+to a team."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from .errors import GatewayError, unauthorized
 def bearer_key(headers: Mapping[str, str]) -> str | None:
     value = headers.get("authorization")
     if value is None:
-        # Azure-style clients send the key in api-key; accept it so they work unchanged.
-        value = headers.get("api-key")
+        # Azure-style clients send the key in api-key, Anthropic's SDKs (and Claude Code) in
+        # x-api-key: accept both so they work unchanged.
+        value = headers.get("api-key") or headers.get("x-api-key")
         return value.strip() or None if value is not None else None
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -39,7 +41,8 @@ def authenticate(
     key = bearer_key(headers)
     if key is None:
         raise unauthorized(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' "
+            "(or 'x-api-key: YOUR_KEY').",
             "missing_api_key",
         )
     team = runtime.team_for_key(key)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import providers
+from . import providers, routing
 from .contract import (
     ENDPOINT_HEADER,
     METADATA_NAMESPACE,
@@ -26,6 +26,7 @@ from .contract import (
     Handover,
 )
 from .settlement import AnswerPath
+from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
     from .config import ResolvedTarget, SidecarSettings
@@ -58,9 +59,13 @@ class Admitted:
 @dataclass(slots=True)
 class RequestPlan:
     observe: bool  # the stream observer is instantiated and follows a successful stream
+    # A client of another API than OpenAI's chat completions is served as it speaks: its
+    # backend's answer is in the client's API (routing.served_natively).
+    native: bool
     release: bool  # the stage lets the request go with its body (AnswerPath.LOGGED)
     strip_usage: bool  # the gateway asked for the stream's usage: cut it from the client's
     set_headers: dict[str, str]
+    remove_headers: list[str]
     body: bytes | None  # None: the client's body goes as it is
     handover: Handover
     metadata: dict[str, Any] = field(default_factory=dict)  # the request's dynamic metadata
@@ -85,12 +90,33 @@ def plan(
     backend of the model takes a request for a stream's usage (Runtime.unasked_usage).
     """
     request = admitted.request
+    bridge = admitted.wire.bridge
+    # A client of another API than OpenAI's (Anthropic's, ...): its answer always passes this
+    # stage, to be translated or read as that API's. Bridged: its backend does not speak the
+    # client's API (or Envoy chooses among several): the request goes as chat completions
+    # (wire/bridge.py), and from there as any OpenAI request does.
+    foreign = bridge is not None
+    guarded_stream = request.stream and admitted.response_guards
+    native = foreign and routing.served_natively(target, admitted.wire, guarded_stream)
+    bridged = foreign and not native
+    endpoint = request.endpoint.path
+    body = request.body
+    changed = admitted.body_changed
+    remove_headers: list[str] = []
+    if bridge is not None and bridged:
+        body = bridge.request(request.endpoint, body)
+        endpoint, changed = CHAT.path, True
+        if request.stream and not asks_usage:
+            # (Azure before 2024-09 refuses stream_options: its stream's usage is estimated.)
+            body.pop("stream_options", None)
+        # The client API's own headers (its version, betas) are for a backend that speaks it.
+        remove_headers = list(admitted.wire.own_headers)
     # A backend that speaks another API: the request goes as that API's, and its answer is
     # translated here. Such a backend, or Azure's deployments, anywhere among the model's:
     # the sidecar sets the path and reads the answer (a translation, or Azure's errors made
     # OpenAI's), which never goes past it. (When Envoy chooses the backend, the upstream stage
     # adapts each attempt.)
-    translated = target is not None and providers.translates(target.provider)
+    translated = target is not None and providers.translates(target.provider) and not native
     adapted = adapted or (target is not None and target.provider != "openai")
     # One backend, its answer accounted from Envoy's access log, no response guard: nothing of
     # the answer need pass the sidecar (the JSON answer's usage, or the usage report of a stream
@@ -98,6 +124,7 @@ def plan(
     releasable = (
         target is not None
         and not adapted
+        and not foreign
         and sidecar.json_path == "access_log"
         and not admitted.response_guards
     )
@@ -110,6 +137,7 @@ def plan(
     observe = (
         request.stream
         and not adapted
+        and not foreign
         and not envoy_reads
         and not admitted.response_guards  # guards may change the stream: it goes inline
         and (
@@ -118,8 +146,6 @@ def plan(
         )
     )
     set_headers = {ROUTE_HEADER: request.model}
-    body = request.body
-    changed = admitted.body_changed
     if target is not None:
         # This stage prepares the request for its one backend itself.
         set_headers[TARGET_HEADER] = target.backend
@@ -130,16 +156,20 @@ def plan(
             changed = True
     if adapted:
         # The model's routes leave the path to the sidecar: each API has its own.
-        endpoint = request.endpoint.path
         if target is not None:
             set_headers[":path"] = providers.backend_path(target, endpoint, request.stream)
         else:
             set_headers[ENDPOINT_HEADER] = endpoint  # the upstream stage sets each attempt's
+    elif bridged:
+        # An OpenAI model's routes rewrite OpenAI's paths to the backend's.
+        set_headers[":path"] = endpoint
     if translated:
         assert target is not None
+        # Options of the provider's own API (Anthropic's betas) the client did not mean to send.
+        remove_headers.extend(providers.provider(target.provider).strip_headers)
         # The provider's request names its model itself: the rewritten body is not needed.
         body_bytes: bytes | None = providers.request_body(
-            target, request.body, request.endpoint.path
+            target, request.body if not bridged else body, endpoint
         )
     else:
         body_bytes = orjson.dumps(body) if changed else None
@@ -174,9 +204,11 @@ def plan(
         data["failover"] = "quota"
     return RequestPlan(
         observe=observe,
+        native=native,
         release=release,
         strip_usage=strip_usage,
         set_headers=set_headers,
+        remove_headers=remove_headers,
         body=body_bytes,
         handover=handover,
         metadata={METADATA_NAMESPACE: data},

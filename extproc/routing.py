@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from . import providers
 from .config import Model, ResolvedTarget, Runtime, pooled, pools, split
 from .contract import ENDPOINT_HEADER, ROUTE_HEADER
 from .errors import GatewayError, not_found
@@ -23,6 +24,7 @@ from .wire import Endpoint, Operation
 
 if TYPE_CHECKING:
     from .backend_tokens import BackendTokens
+    from .wire.base import WireFormat
 
 _CREATED = int(time.time())
 
@@ -31,6 +33,7 @@ MODEL_TYPES: dict[Operation, frozenset[str]] = {
     Operation.CHAT: frozenset({"chat"}),
     Operation.COMPLETION: frozenset({"chat", "completion"}),
     Operation.EMBEDDING: frozenset({"embedding"}),
+    Operation.COUNT_TOKENS: frozenset({"chat"}),
 }
 
 
@@ -56,6 +59,20 @@ def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> 
             "model_not_supported",
             "model",
         )
+
+
+def served_natively(
+    target: ResolvedTarget | None, client: WireFormat, guarded_stream: bool = False
+) -> bool:
+    """A client of a bridged API (wire.base.ChatBridge) is served as it speaks: `target`, the one
+    backend of its request, speaks the client's API (Backend.apis). Any other request of such a
+    client goes as chat completions (a failover pool or canary split too: their attempts are
+    translated per backend from the chat request). A stream the response guards judge must be
+    readable as chat chunks: natively only from a backend whose events the gateway translates
+    (providers/)."""
+    if target is None or client.name not in target.apis:
+        return False
+    return not guarded_stream or providers.translates(target.provider)
 
 
 def model_object(runtime: Runtime, name: str) -> dict:

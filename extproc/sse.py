@@ -103,13 +103,22 @@ class RelayedStream(Protocol):
     """What the stages read from a stream they relay, in any wire format: its usage report, or
     what they count themselves when it has none (events, text)."""
 
-    usage: Usage | None
-    events: int
-    # A stream that ended without its usage report: what the backend did report of it (a
-    # provider that gives the prompt's count first), the output estimated; None: nothing.
-    partial_usage: Usage | None
-    # An error the backend reported inside the stream (its code); None: none.
-    error_code: str | None
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def events(self) -> int: ...
+
+    @property
+    def partial_usage(self) -> Usage | None:
+        """A stream that ended without its usage report: what the backend did report of it (a
+        provider that gives the prompt's count first), the output estimated; None: nothing."""
+        ...
+
+    @property
+    def error_code(self) -> str | None:
+        """An error the backend reported inside the stream (its code); None: none."""
+        ...
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         """The bytes to send in the chunk's place; None: the chunk goes on unchanged."""

@@ -70,6 +70,7 @@ KINDS: dict[str, set[str]] = {
     "json": {"json"},
     "audit-record": {"json"},
     "readme-example": {"python"},  # tests/test_readme.py runs it (e2e)
+    "quickstart-example": {"python"},  # tests/test_readme.py runs it against the quickstart
     "illustrative": set(),  # any language: not checked
 }
 

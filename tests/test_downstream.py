@@ -291,7 +291,7 @@ def test_retrieve_disallowed_model_looks_like_a_missing_one(services: Services) 
 
 
 def test_unknown_url_and_wrong_method(services: Services) -> None:
-    [resp] = run(downstream(services), request_headers("POST", "/v1/responses"))
+    [resp] = run(downstream(services), request_headers("POST", "/v1/assistants"))
     assert_error(resp, 404, "unknown_url")
     [resp] = run(downstream(services), request_headers("GET", "/v1/chat/completions"))
     assert_error(resp, 405, "method_not_allowed")
@@ -300,7 +300,7 @@ def test_unknown_url_and_wrong_method(services: Services) -> None:
 
 
 def test_authentication_comes_before_routing(services: Services) -> None:
-    [resp] = run(downstream(services), request_headers("POST", "/v1/responses", key=None))
+    [resp] = run(downstream(services), request_headers("POST", "/v1/assistants", key=None))
     assert_error(resp, 401, "missing_api_key")
 
 

@@ -262,7 +262,8 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     assert value(samples, entries, result="ignored") == 0
 
     requests = "extproc_requests_total"
-    assert value(samples, requests, team="alpha", model=MODEL, outcome="served", status="200") == 6
+    served = {"team": "alpha", "model": MODEL, "outcome": "served", "status": "200"}
+    assert value(samples, requests, **served, api="openai") == 6
     expected = {
         ("alpha", MODEL, "guard_blocked", "403"): 1,
         ("tight", MODEL, "quota_rejected", "429"): 1,
@@ -273,7 +274,9 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
         ("alpha", "pooled", "failed_over", "200"): 1,
     }
     for (team, model, outcome, status), count in expected.items():
-        got = value(samples, requests, team=team, model=model, outcome=outcome, status=status)
+        got = value(
+            samples, requests, team=team, model=model, outcome=outcome, status=status, api="openai"
+        )
         assert got == count, (team, model, outcome, status, got)
     assert total(samples, requests) == 12
 

@@ -92,7 +92,7 @@ def test_route(method: str, path: str, expected: tuple[Endpoint, str | None]) ->
         ("/v2/chat/completions", "/v2/chat/completions"),
         ("/v1/chat/completion", "/v1/chat/completion"),
         ("/v1/chat/completions/extra", "/v1/chat/completions/extra"),
-        ("/v1/responses?x=1", "/v1/responses"),
+        ("/v1/assistants?x=1", "/v1/assistants"),
         ("/chat/completions", "/chat/completions"),
         ("/", "/"),
         ("", ""),

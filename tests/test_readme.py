@@ -25,6 +25,15 @@ def readme_example() -> str:
     return match.group(1)
 
 
+def quickstart_examples() -> list[tuple[str, str]]:
+    """The docs' examples marked to run against `make run`'s quickstart."""
+    from .test_docs import BLOCKS
+
+    found = [(b.where, b.text) for b in BLOCKS if b.kind == "quickstart-example"]
+    assert found, "the docs lost their quickstart examples"
+    return found
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -67,6 +76,14 @@ def test_up_serves_the_quickstart_and_the_readme_example_runs(tmp_path):
         assert "completion_tokens=24" in lines[0]
         assert lines[1].startswith(" tok0 tok1")
         assert lines[2] == "['gpt-4o-mini', 'gpt-4o', 'text-embedding-3-small']"
+        # The docs' examples of the other client APIs, against the same quickstart.
+        for where, example in quickstart_examples():
+            code = example.replace("127.0.0.1:10000", f"127.0.0.1:{ports['envoy']}")
+            run = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+            )
+            assert run.returncode == 0, f"{where}:\n{run.stderr}"
+            assert run.stdout.startswith(" tok0 tok1"), f"{where}:\n{run.stdout}"
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(30)

@@ -4,7 +4,7 @@ stages use with no change of theirs (one class, one `register`)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -14,9 +14,8 @@ from extproc import wire
 from extproc.contract import Handover
 from extproc.downstream import DownstreamStream
 from extproc.errors import GatewayError, bad_request
-from extproc.guard.pipeline import CompiledGuard
 from extproc.guard.texts import Slot
-from extproc.guard.types import Span, Verdict
+from extproc.guard.types import Verdict
 from extproc.observer import ObservedStream
 from extproc.protocol import ProcessingRequest
 from extproc.services import Services
@@ -70,7 +69,8 @@ def test_openai_implements_every_member_of_the_interface() -> None:
         WireFormat.__annotations__
     )
     assert members >= {"name", "route", "parse", "answer_usage", "stream_relay", "error_body"}
-    assert all(callable(getattr(OPENAI, n)) for n in members - {"name"})
+    assert members >= {"owns", "bridge", "own_headers"}
+    assert all(callable(getattr(OPENAI, n)) for n in members - {"name", "bridge", "own_headers"})
 
 
 def test_a_format_name_is_registered_once() -> None:
@@ -123,9 +123,14 @@ class Fake:
     """A minimal API: `{"model", "say", "stream"}` in, `{"said", "used"}` out."""
 
     name = "fake"
+    bridge = None  # its answers are read as they are
+    own_headers = ()
 
     def __init__(self) -> None:
         self.parsed: list[ParsedRequest] = []
+
+    def owns(self, path: str) -> bool:
+        return path.startswith("/fake/")
 
     def route(self, method: str, path: str) -> tuple[Endpoint, str | None] | None:
         return (FAKE_CHAT, None) if path == FAKE_CHAT.path else None
@@ -147,6 +152,9 @@ class Fake:
         budget: float | None,
     ) -> TokenCount:
         return tokens.count_text(parsed.model, parsed.body["say"])
+
+    def token_count_body(self, tokens: int) -> bytes:
+        return orjson.dumps({"tokens": tokens})
 
     def request_slots(self, endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
         return [Slot(body, "say")]
@@ -172,16 +180,6 @@ class Fake:
 
     def stream_relay(self, strip_usage_chunk: bool) -> RelayedStream:
         return FakeRelay()
-
-    def guarded_stream_relay(
-        self,
-        endpoint: Endpoint,
-        strip_usage_chunk: bool,
-        find: Callable[[str], list[Span]],
-        holdback: int,
-        owners: dict[str, CompiledGuard],
-    ) -> RelayedStream:
-        raise NotImplementedError
 
     def error_body(self, err: GatewayError) -> bytes:
         return orjson.dumps({"fault": err.code, "detail": err.message})

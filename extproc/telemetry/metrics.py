@@ -56,8 +56,9 @@ _GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
 
 REQUESTS = Counter(
     "extproc_requests",
-    "LLM requests by team, model, outcome and HTTP status",
-    ["team", "model", "outcome", "status"],
+    "LLM requests by team, model, outcome, HTTP status and the API the client spoke (openai, "
+    "anthropic)",
+    ["team", "model", "outcome", "status", "api"],
 )
 TOKENS = Counter(
     "extproc_tokens",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..contract import DEFAULT_WIRE
 from ..guard.detectors import find_all, known_kinds, mask
 from . import metrics
 
@@ -101,6 +102,7 @@ class RequestReport:
     team: str | None = None
     model: str | None = None
     endpoint: str = ""
+    api: str = DEFAULT_WIRE  # the client's wire format (extproc/wire/)
     stream: bool = False
     backend: str | None = None
     provider_model: str | None = None
@@ -140,6 +142,7 @@ class RequestReport:
             team=handover.team or None,
             model=handover.model or None,
             endpoint=handover.endpoint,
+            api=handover.wire,
             stream=stream,
             path=path,
             trace_id=handover.trace_id,
@@ -158,7 +161,12 @@ class RequestReport:
         reader for a released request)."""
         model = model_label(cfg, self.model)
         metrics.child(
-            metrics.REQUESTS, team_label(cfg, self.team), model, self.outcome, str(self.status or 0)
+            metrics.REQUESTS,
+            team_label(cfg, self.team),
+            model,
+            self.outcome,
+            str(self.status or 0),
+            self.api,
         ).inc()
         if self.failover and 200 <= self.status < 300:
             metrics.child(
@@ -230,6 +238,7 @@ class RequestReport:
             "team": self.team,
             "model": self.model,
             "endpoint": self.endpoint,
+            "api": self.api,
             "stream": self.stream,
             "backend": self.backend,
             "provider_model": self.provider_model,

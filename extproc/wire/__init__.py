@@ -11,8 +11,10 @@ from typing import NamedTuple
 
 from ..contract import DEFAULT_WIRE
 from ..errors import GatewayError
+from .anthropic import ANTHROPIC
 from .base import Endpoint, Operation, ParsedRequest, WireFormat
 from .openai import OPENAI
+from .responses import RESPONSES_API
 
 __all__ = [
     "DEFAULT",
@@ -22,15 +24,18 @@ __all__ = [
     "Route",
     "WireFormat",
     "get",
+    "normalized",
     "register",
     "route",
+    "speaking",
 ]
 
 _FORMATS: dict[str, WireFormat] = {}
 
 
 def register(fmt: WireFormat) -> None:
-    """Add a format; a path two formats claim goes to the one registered first."""
+    """Add a format; the paths it owns are asked of it before those of formats registered
+    earlier (OpenAI's, registered first, owns every path no other format owns)."""
     if fmt.name in _FORMATS:
         raise ValueError(f"wire format {fmt.name!r} is already registered")
     _FORMATS[fmt.name] = fmt
@@ -47,21 +52,38 @@ class Route(NamedTuple):
     model_id: str | None  # a GET of one model: its id
 
 
-def route(method: str, raw_path: str) -> Route:
-    """The format and endpoint a request line names; raises 404 or 405 (OpenAI's words)."""
+def normalized(raw_path: str) -> str:
+    """A request's path as the formats read it: no query string, no trailing slash."""
     path = raw_path.split("?", 1)[0]
     if len(path) > 1 and path.endswith("/"):
         path = path[:-1]
-    for fmt in _FORMATS.values():
-        found = fmt.route(method, path)
-        if found is not None:
-            return Route(fmt, *found)
+    return path
+
+
+def speaking(path: str) -> WireFormat:
+    """The format whose paths hold this (normalized) one: the client's API, whose error shape
+    its refusals take, from the request line on."""
+    for fmt in reversed(_FORMATS.values()):
+        if fmt.owns(path):
+            return fmt
+    return DEFAULT
+
+
+def route(method: str, raw_path: str) -> Route:
+    """The format and endpoint of a request line; raises 404 or 405."""
+    path = normalized(raw_path)
+    fmt = speaking(path)
+    found = fmt.route(method, path)
+    if found is not None:
+        return Route(fmt, *found)
     raise GatewayError(
         404, f"Invalid URL ({method} {path})", "invalid_request_error", "unknown_url"
     )
 
 
 register(OPENAI)
-# The format of a hand-over that names none; the error shape before a request has routed to a
-# format, and where no stage knows its format (the upstream stage).
+# The format of a hand-over that names none; the error shape where no stage knows its format
+# (the upstream stage).
 DEFAULT: WireFormat = get(DEFAULT_WIRE)
+register(ANTHROPIC)
+register(RESPONSES_API)

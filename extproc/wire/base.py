@@ -7,16 +7,14 @@ Each format is one module under extproc/wire/, registered in extproc/wire/__init
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..errors import GatewayError
-    from ..guard.pipeline import CompiledGuard
     from ..guard.texts import Slot
-    from ..guard.types import Span
     from ..sse import RelayedStream
     from ..tokens import TokenCount, TokenCounter
     from ..usage import Usage
@@ -28,6 +26,7 @@ class Operation(Enum):
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
+    COUNT_TOKENS = "count_tokens"  # the prompt's size, answered by the gateway
     LIST_MODELS = "list_models"
     GET_MODEL = "get_model"
 
@@ -56,11 +55,66 @@ class ParsedRequest:
     answers: int = 1  # how many answers it asked for: a default maximum applies to each
 
 
+class ClientStream(Protocol):
+    """An OpenAI chat completions chunk stream (`data: {...}` events, an error chunk, the usage
+    chunk, `data: [DONE]`), as it arrives in pieces split anywhere, to the client API's event
+    stream."""
+
+    def feed(self, piece: bytes) -> bytes:
+        """Each piece in, the client's events it completes out (b"" when none). Never raises on
+        bad input; nothing is held back longer than the chunk it waits for."""
+        ...
+
+    def end(self) -> bytes:
+        """The chat stream ended (end of the HTTP body): what still closes the client's stream
+        when the chat stream had finished its answer (a finish_reason came) but not said
+        `[DONE]` or its usage; b"" when it was closed already or was cut before its finish (a
+        client then sees it was cut)."""
+        ...
+
+
+class ChatBridge(Protocol):
+    """A client API served by backends that speak OpenAI's chat completions (and, through the
+    providers' translations of chat completions, by every other backend): the request to chat,
+    the answers back. OpenAI's own format has none. A backend that speaks the client's API
+    itself (config.Backend.apis) gets the request as it is (routing.served_natively)."""
+
+    def request(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        """The client's validated body as an OpenAI chat completions body, `model` unchanged; a
+        stream asks for its usage report (`stream_options.include_usage`). Raises a 400
+        GatewayError naming the parameter for what chat completions cannot carry."""
+        ...
+
+    def answer(
+        self, completion: dict[str, Any], model: str, request: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A 2xx OpenAI chat completion as the client's answer, naming `model`; `request`: the
+        client's body, for an API whose answers repeat the request's settings."""
+        ...
+
+    def stream(
+        self, model: str, prompt_tokens: int, request: Mapping[str, Any] | None = None
+    ) -> ClientStream:
+        """A translator for one streamed answer; `prompt_tokens`: the gateway's count, for an
+        API that reports the prompt's size before the chat stream's usage comes; `request`: the
+        client's body, as for `answer`."""
+        ...
+
+
 class WireFormat(Protocol):
     """One API's wire format: everything the request path needs that depends on how the API
     spells its bodies, answers, stream events and errors."""
 
     name: str  # the registry's key, and the hand-over's (contract.Handover.wire)
+    bridge: ChatBridge | None  # None: the API is OpenAI's chat completions' own
+    # The API's own request headers (its version, betas): they reach a backend that speaks
+    # the API, never one the request is translated for.
+    own_headers: tuple[str, ...]
+
+    def owns(self, path: str) -> bool:
+        """The path is under this API's (its refusals, even before the request is routed, are
+        in this API's error shape). `path` comes without query string or trailing slash."""
+        ...
 
     def route(self, method: str, path: str) -> tuple[Endpoint, str | None] | None:
         """The endpoint a request line names and, for a GET of one model, its id; None when
@@ -81,6 +135,11 @@ class WireFormat(Protocol):
         budget: float | None,
     ) -> TokenCount:
         """The prompt's tokens, as the backend will read them (TokenCounter never fails)."""
+        ...
+
+    def token_count_body(self, tokens: int) -> bytes:
+        """The answer to a request of the API's token count endpoint (Operation.COUNT_TOKENS),
+        which the gateway answers itself with its count of the prompt."""
         ...
 
     def request_slots(self, endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
@@ -115,20 +174,9 @@ class WireFormat(Protocol):
 
     def stream_relay(self, strip_usage_chunk: bool) -> RelayedStream:
         """The fast relay of a stream: usage and text read on the way, chunks relayed as they
-        are unless `strip_usage_chunk` cuts the usage report the gateway asked for."""
-        ...
-
-    def guarded_stream_relay(
-        self,
-        endpoint: Endpoint,
-        strip_usage_chunk: bool,
-        find: Callable[[str], list[Span]],
-        holdback: int,
-        owners: dict[str, CompiledGuard],
-    ) -> RelayedStream:
-        """The relay of a stream with response guards (guard.pipeline.stream_finder gives
-        `find`, `holdback` and `owners`): every event's text masked, a block ends the stream
-        with an error event."""
+        are unless `strip_usage_chunk` cuts the usage report the gateway asked for. (A stream
+        with response guards is judged as OpenAI's chunks, a bridged API's before its bridge
+        translates them: wire.openai's GuardedStreamRelay.)"""
         ...
 
     def error_body(self, err: GatewayError) -> bytes:

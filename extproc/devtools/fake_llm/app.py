@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from .endpoints import FakeLLM
+from .responses import ResponsesAPI
 from .settings import FakeLLMSettings, validate_settings
 
 # The logger the fake had before it moved to devtools, so its log lines read as they did.
@@ -31,6 +32,12 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     app.router.add_post("/v1/completions", fake.v1(fake.completions))
     app.router.add_post("/v1/embeddings", fake.v1(fake.embeddings))
     app.router.add_post("/v1/moderations", fake.v1(fake.moderations))
+    responses = ResponsesAPI(fake)  # OpenAI's Responses API, with the responses it stored
+    app.router.add_post("/v1/responses", fake.v1(responses.create))
+    app.router.add_post("/v1/responses/input_tokens", fake.v1(responses.input_tokens))
+    app.router.add_get("/v1/responses/{response_id}", fake.v1(responses.retrieve))
+    app.router.add_delete("/v1/responses/{response_id}", fake.v1(responses.delete))
+    app.router.add_get("/v1/responses/{response_id}/input_items", fake.v1(responses.input_items))
     app.router.add_post("/v1/messages", fake.anthropic_messages)
     # Gemini's `/v1beta/models/{model}:generateContent`, and Vertex AI's under
     # `/v1/projects/{p}/locations/{l}/publishers/google` (gemini.py checks the prefix).

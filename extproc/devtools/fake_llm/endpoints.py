@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import anthropic, azure, bedrock, gemini
+from . import anthropic, azure, bedrock, chat_tools, gemini
 from .faults import (
     Aborted,
     non_stream_fault,
@@ -197,8 +197,15 @@ class FakeLLM:
             body, ("max_completion_tokens", "max_tokens"), ctx.tokens
         )
         prompt_tokens = estimate_tokens(chat_prompt_bytes(messages))
+        chat_tools.check_request(body, messages)
         kind = safety_kind(model)
         verdict = None if kind is None else judge(kind, message_texts(messages))
+        if verdict is None:
+            calls = chat_tools.forced_calls(body, request.headers)
+            if calls is not None:
+                return await self.chat_tool_calls(
+                    request, ctx, model, (stream, include_usage), prompt_tokens, calls
+                )
         pieces: list[str] | None = None
         if verdict is None and ctx.text is not None:
             pieces = text_pieces(ctx.text, ctx.chunk_chars)
@@ -271,6 +278,57 @@ class FakeLLM:
             lambda i: (prefix + encoded[i] + suffix,),
             tail,
         )
+
+    async def chat_tool_calls(
+        self,
+        request: web.Request,
+        ctx: RequestSettings,
+        model: str,
+        flags: tuple[bool, bool],
+        prompt_tokens: int,
+        calls: list[chat_tools.ToolCall],
+    ) -> web.StreamResponse:
+        """A chat answer that calls tools (chat_tools.py), paced like a text answer: each
+        streamed chunk of the calls as one token."""
+        stream, include_usage = flags
+        deltas = chat_tools.stream_deltas(calls)
+        usage = chat_usage(prompt_tokens, chat_tools.completion_tokens(calls), ctx.reasoning_tokens)
+        common = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if stream else "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        if not stream:
+            await self.wait_generation(request, ctx, len(deltas))
+            await non_stream_fault(request, ctx.fault, self.settings.stall_seconds)
+            choice = {
+                "index": 0,
+                "message": chat_tools.message(calls),
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+            }
+            return json_response(
+                {
+                    **common,
+                    "choices": [choice],
+                    **({} if ctx.no_usage else {"usage": usage}),
+                    "service_tier": "default",
+                }
+            )
+
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return sse({**common, "choices": [choice], **extra})
+
+        events = [chunk(delta, None) for delta in deltas]
+        tail = [chunk({}, "tool_calls")]
+        if include_usage:
+            tail.append(sse({**common, "choices": [], "usage": usage}))
+        return await self.stream(request, ctx, (), len(events), lambda i: (events[i],), tail)
 
     async def completions(
         self, request: web.Request, ctx: RequestSettings, raw_body: Any

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ...guard.types import Span
     from ...tokens import TokenCount, TokenCounter
     from ...usage import Usage
-    from ..base import Endpoint, ParsedRequest
+    from ..base import ChatBridge, Endpoint, ParsedRequest
 
 __all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MODEL", "MODELS", "OPENAI", "OpenAI"]
 
@@ -28,6 +28,11 @@ class OpenAI:
     """WireFormat (extproc/wire/base.py) for OpenAI's API."""
 
     name = "openai"
+    bridge: ChatBridge | None = None
+    own_headers: tuple[str, ...] = ()
+
+    def owns(self, path: str) -> bool:
+        return request.owns(path)
 
     def route(self, method: str, path: str) -> tuple[Endpoint, str | None] | None:
         return request.route(method, path)
@@ -44,6 +49,9 @@ class OpenAI:
         budget: float | None,
     ) -> TokenCount:
         return await request.count_prompt(tokens, parsed, team=team, budget=budget)
+
+    def token_count_body(self, tokens: int) -> bytes:
+        raise TypeError("OpenAI's chat completions API has no token count endpoint")
 
     def request_slots(self, endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
         return request.request_slots(endpoint, body)

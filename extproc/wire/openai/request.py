@@ -24,6 +24,11 @@ _POST = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
 _MODEL_PREFIX = "/v1/models/"
 
 
+def owns(path: str) -> bool:
+    """Every path but another API's is OpenAI's: its 404 `unknown_url` is the gateway's."""
+    return True
+
+
 def route(method: str, path: str) -> tuple[Endpoint, str | None] | None:
     """The endpoint of a request line; raises 405 the way OpenAI words it."""
     if path in _POST:
