@@ -12,9 +12,10 @@ Then it drives them with wrk (or, with `--generator python` or without wrk, a sm
 client; the pre-flight requests are always Python's), alternating them for every
 concurrency of every run, and reports medians over runs: a markdown table on stdout, and JSON,
 markdown and PNG plots in benchmarks/results/. Flags pick what the gateway runs (`--quota`,
-`--guards`, `--failover`, `--workers`); `--suite full` runs every scenario and the streaming
-benchmark and writes one combined report with the performance budget (benchmarks/suite.py).
-The machinery is in `benchmarks.lib`. See benchmarks/README.md.
+`--guards`, `--failover`, `--workers`, `--provider`, `--native`) and the API the load speaks to
+it (`--client`: Envoy alone is always sent OpenAI's chat request); `--suite full` runs every
+scenario and the streaming benchmark and writes one combined report with the performance budget
+(benchmarks/suite.py). The machinery is in `benchmarks.lib`. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 from benchmarks.lib import budget, wrk
 from benchmarks.lib.argtypes import int_list, positive_float, positive_int
 from benchmarks.lib.chat_scenario import run_scenario
-from benchmarks.lib.configs import FAILOVER_FAULTS, PROVIDERS, QUOTA_STORES, Scenario
+from benchmarks.lib.configs import CLIENTS, FAILOVER_FAULTS, PROVIDERS, QUOTA_STORES, Scenario
 from benchmarks.lib.report import chat_markdown, chat_report
 from benchmarks.lib.results import envelope, stem_for, write_plots, write_result
 from benchmarks.lib.runtime import raise_interrupt
@@ -82,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the API the backend speaks: another than OpenAI's is translated by the sidecar",
     )
     p.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="openai",
+        help="the API the load speaks to the gateway: anthropic (Messages) or responses (OpenAI's "
+        "Responses) are translated to chat completions by the sidecar; Envoy alone is always "
+        "sent OpenAI's chat request (default openai)",
+    )
+    p.add_argument(
         "--native",
         action="store_true",
         help="the native path: a JWT caller whose team has no limit, served by Envoy alone",
@@ -105,10 +114,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--workers > 1 needs --quota redis or --quota none: each worker would keep its own "
             "embedded counters (extproc check refuses that config)"
         )
-    if args.suite and (args.guards or args.failover or args.native or args.provider != "openai"):
-        p.error("--suite full runs the guards, failover, native and provider scenarios itself")
+    if args.suite and (
+        args.guards
+        or args.failover
+        or args.native
+        or args.provider != "openai"
+        or args.client != "openai"
+    ):
+        p.error(
+            "--suite full runs the guards, failover, native, provider and client scenarios itself"
+        )
     if args.provider != "openai" and (args.native or args.failover):
         p.error("--provider: a translated backend serves neither the native path nor a pool")
+    if args.client != "openai" and args.native:
+        p.error(
+            "--client with --native: on the native path Envoy serves OpenAI's chat requests "
+            "alone; another client API needs the sidecar's translation"
+        )
+    if args.client != "openai" and args.provider != "openai":
+        p.error(
+            "--client with --provider: measure one translation at a time (the client's API is "
+            "translated to chat completions for an OpenAI backend)"
+        )
     if args.native and (args.guards or args.failover or args.quota != "memory"):
         p.error("--native: a team with no limit and no guard (no --guards, --failover, --quota)")
     args.generator_warning = None
@@ -136,6 +163,7 @@ def scenario_of(args: argparse.Namespace) -> Scenario:
         workers=args.workers,
         native=args.native,
         provider=args.provider,
+        client=args.client,
     )
 
 

@@ -5,7 +5,8 @@ In order, each in its own fresh process tree and against its own Envoy-only base
 1. the headline: non-streaming chat with auth, token counting and the quota (`--quota`,
    default the embedded store) over the whole concurrency sweep (`--concurrency`, 1,4,16);
 2. the variants, at the sweep's lowest and highest concurrency: the quota on Redis, the local
-   guard pipeline, the failover path (each the headline plus that one change);
+   guard pipeline, the failover path, the native path, a backend of each other provider's API,
+   a client of each other client API (each the headline plus that one change);
 3. `benchmarks.quota_store`: the quota's reserve + settle alone, embedded store vs Redis;
 4. `benchmarks.streaming`: time to first token and per-chunk latency of a stream whose client
    did not ask for usage and of one whose client did (each through Envoy alone, the floor and
@@ -77,6 +78,11 @@ def plan(args: argparse.Namespace, notes: list[str]) -> list[tuple[str, Scenario
         ("azure", "Azure OpenAI deployment"),
     ):
         steps.append((title, dataclasses.replace(headline, provider=provider), ends))
+    for client, title in (
+        ("anthropic", "Anthropic Messages client"),
+        ("responses", "Responses API client"),
+    ):
+        steps.append((title, dataclasses.replace(headline, client=client), ends))
     return steps
 
 
@@ -95,7 +101,8 @@ def estimate_s(args: argparse.Namespace, steps: list[tuple[str, Scenario, list[i
     per_measurement = args.warmup + args.duration
 
     def targets(scenario: Scenario) -> int:  # Envoy alone, the floor (not all), the gateway
-        return len(CHAT_TARGETS) - (1 if scenario.native or scenario.provider != "openai" else 0)
+        no_floor = scenario.native or scenario.provider != "openai" or scenario.client != "openai"
+        return len(CHAT_TARGETS) - (1 if no_floor else 0)
 
     chat = sum(args.runs * len(cs) * targets(s) * per_measurement + 10 for _, s, cs in steps)
     chat += 15  # the quota store alone

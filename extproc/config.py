@@ -475,7 +475,10 @@ class Target(_Strict):
     priority: int = Field(default=0, ge=0, le=9)
 
 
-ModelType = Literal["chat", "completion", "embedding"]
+# What a model serves: chat (and completions, and the Anthropic and Responses APIs), completions,
+# embeddings, or one of OpenAI's endpoints passed to the backend as they are (images, audio,
+# moderations, rerank).
+ModelType = Literal["chat", "completion", "embedding", "image", "audio", "moderation", "rerank"]
 
 
 class Model(_Strict):
@@ -788,7 +791,7 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                     f"the backends' URLs have different paths: {sorted(paths)}",
                 )
             )
-        if translated and model.type != "chat":
+        if translated and model.type in ("completion", "embedding"):
             from .providers.registry import serves
             from .wire.openai.request import COMPLETIONS, EMBEDDINGS
 
@@ -803,6 +806,15 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                         "embeddings where the provider has them",
                     )
                 )
+        if translated and model.type not in ("chat", "completion", "embedding"):
+            problems.append(
+                (
+                    f"models.{name}.targets",
+                    f"backend {translated[0]!r} ({cfg.backends[translated[0]].type}) cannot "
+                    f"serve a {model.type} model: such requests go to their backend as they "
+                    "are, which needs an OpenAI-compatible one",
+                )
+            )
         if sum(t.weight for t in model.targets) == 0:
             problems.append((f"models.{name}.targets", "the weights add up to 0"))
         priorities = sorted({t.priority for t in model.targets})

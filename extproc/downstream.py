@@ -35,6 +35,7 @@ from .streams import ACTIVE, RELEASED, StreamTiming
 from .telemetry.report import RequestReport, model_label
 from .telemetry.tracing import NO_TRACE
 from .wire import Operation
+from .wire.base import TOKENLESS
 from .wire.bridge import BridgedStream
 from .wire.bridge import client_answer as bridge_answer
 from .wire.openai import OPENAI
@@ -212,7 +213,7 @@ class DownstreamStream:
             body = routing.retrieve_model_body(self.rt, team, model_id)
             return protocol.immediate_response(200, body)
 
-        check_content_type(headers.get("content-type"))
+        check_content_type(headers.get("content-type"), endpoint.form)
         limit = self.rt.config.sidecar.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -602,6 +603,9 @@ class DownstreamStream:
     def _buffered_usage(self, raw: bytes, reader: WireFormat) -> Usage | None:
         admitted = self.admitted
         if admitted is None or not 200 <= self.status < 300:
+            return None
+        if admitted.request.endpoint.operation in TOKENLESS and raw[:1] != b"{":
+            # (Speech's audio, a transcription as text: no usage report to read.)
             return None
         try:
             response = orjson.loads(raw)

@@ -45,13 +45,15 @@ def too_large(limit: int) -> GatewayError:
     )
 
 
-def check_content_type(value: str | None) -> None:
-    """Every API the gateway speaks takes a JSON body."""
+def check_content_type(value: str | None, form: bool = False) -> None:
+    """Every endpoint the gateway speaks takes a JSON body, but those that take a file
+    (`form`: multipart/form-data)."""
     media = (value or "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
+    expected = "multipart/form-data" if form else "application/json"
+    if media != expected:
         raise GatewayError(
             415,
-            f"Content-Type must be application/json, got {value or 'none'!r}",
+            f"Content-Type must be {expected}, got {value or 'none'!r}",
             "invalid_request_error",
             "unsupported_media_type",
         )

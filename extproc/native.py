@@ -64,6 +64,8 @@ def why_not(cfg: Config, team: str, model: str) -> str | None:
 
 
 def _model_why_not(cfg: Config, name: str, model: Model) -> str | None:
+    if model.type not in ENDPOINT_PATHS:
+        return f"a {model.type} model's requests are passed through the sidecar"
     if pooled(model) or split(model):
         return "Envoy chooses among several backends"
     if any(cfg.backends[t.backend].type != "openai" for t in model.targets):

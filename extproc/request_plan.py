@@ -26,6 +26,7 @@ from .contract import (
     Handover,
 )
 from .settlement import AnswerPath
+from .wire.openai import form
 from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
@@ -171,6 +172,14 @@ def plan(
         body_bytes: bytes | None = providers.request_body(
             target, request.body if not bridged else body, endpoint
         )
+    elif request.form is not None:
+        # A multipart body goes as the client sent it, but for the fields this stage changed.
+        body_bytes = None
+        if target is not None and target.provider_model != request.model:
+            body_bytes = form.with_field(request.form, "model", target.provider_model)
+        if admitted.body_changed and isinstance(request.body.get("prompt"), str):
+            prompt = request.body["prompt"]  # (as a guard masked it)
+            body_bytes = form.with_field(body_bytes or request.form, "prompt", prompt)
     else:
         body_bytes = orjson.dumps(body) if changed else None
     # (A translated stream always carries its usage: the relay cuts it when not asked for.)

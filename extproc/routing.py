@@ -21,6 +21,7 @@ from .contract import ENDPOINT_HEADER, ROUTE_HEADER
 from .errors import GatewayError, not_found
 from .identity import spoofed_headers
 from .wire import Endpoint, Operation
+from .wire.openai import form
 
 if TYPE_CHECKING:
     from .backend_tokens import BackendTokens
@@ -34,6 +35,11 @@ MODEL_TYPES: dict[Operation, frozenset[str]] = {
     Operation.COMPLETION: frozenset({"chat", "completion"}),
     Operation.EMBEDDING: frozenset({"embedding"}),
     Operation.COUNT_TOKENS: frozenset({"chat"}),
+    Operation.IMAGE: frozenset({"image"}),
+    Operation.SPEECH: frozenset({"audio"}),
+    Operation.TRANSCRIPTION: frozenset({"audio"}),
+    Operation.MODERATION: frozenset({"moderation"}),
+    Operation.RERANK: frozenset({"rerank"}),
 }
 
 
@@ -171,6 +177,8 @@ def upstream_header_mutation(
 
 
 def rewrite_model(raw: bytes, provider_model: str) -> bytes:
+    if form.is_form(raw):
+        return form.with_field(raw, "model", provider_model)
     body = orjson.loads(raw)
     body["model"] = provider_model
     return orjson.dumps(body)

@@ -286,12 +286,16 @@ def test_several_schema_problems_at_once() -> None:
         bogus=True,
         teams={"t": {"keys": [{}]}},
         backends={"b": {"url": "ftp://h"}},
-        models={"m": {"type": "image", "targets": [{"backend": "b"}]}},
+        models={"m": {"type": "video", "targets": [{"backend": "b"}]}},
     )
     assert parse_problems(data) == [
         ("teams.t.keys.0", EXACTLY_ONE_KEY),
         ("backends.b.url", "must be an http:// or https:// URL with a host"),
-        ("models.m.type", "Input should be 'chat', 'completion' or 'embedding'"),
+        (
+            "models.m.type",
+            "Input should be 'chat', 'completion', 'embedding', 'image', 'audio', "
+            "'moderation' or 'rerank'",
+        ),
         ("bogus", "unknown field"),
     ]
 

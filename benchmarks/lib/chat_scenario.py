@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import functools
 import gc
+import json
 import os
 import shutil
 import sys
@@ -24,10 +25,12 @@ from typing import Any
 from benchmarks.lib.chat_client import (
     PAYLOAD,
     RESPONSE_TOKENS,
+    ChatRequest,
     check_preflight,
     describe,
     measure,
     preflight,
+    request_for,
 )
 from benchmarks.lib.configs import CHAT_TARGETS, LOCAL_GUARDS, QUOTA_LIMITS, Scenario
 from benchmarks.lib.procstat import children_cpu_seconds, cpu_seconds, self_cpu_seconds
@@ -71,6 +74,16 @@ def generator_settings(args: argparse.Namespace, generator: Wrk | None) -> dict[
     return {**found, "warning": warning} if warning else found
 
 
+def requests_of(scenario: Scenario) -> dict[str, ChatRequest]:
+    """What each target is sent: the scenario's client API to the gateway (and the floor), and
+    always OpenAI's chat request to Envoy alone, which translates nothing: with another client
+    API the comparison includes what the translation costs."""
+    return {
+        target: request_for("openai" if target == "baseline" else scenario.client, scenario.bearer)
+        for target in CHAT_TARGETS
+    }
+
+
 @dataclass
 class Outcome:
     """One scenario measured: its result (JSON-ready) and every latency, for the plots."""
@@ -95,10 +108,19 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, concurrencies: li
             ["--response-tokens", str(RESPONSE_TOKENS)],
             scenario=scenario,
             # The native path's floor is Envoy alone: no Python on the request's path. A
-            # translated backend has none: the floor server translates nothing.
-            floor=not scenario.native and scenario.provider == "openai",
+            # translated backend or client has none: the floor server translates nothing.
+            floor=(
+                not scenario.native
+                and scenario.provider == "openai"
+                and scenario.client == "openai"
+            ),
         ) as targets:
-            generator = Wrk(workdir, scenario.bearer) if args.generator == "wrk" else None
+            requests = requests_of(scenario)
+            generator = (
+                Wrk(workdir, {r.api: r for r in requests.values()}.values())
+                if args.generator == "wrk"
+                else None
+            )
             outcome = measure_scenario(
                 args, scenario, concurrencies, targets, started_at, generator
             )
@@ -128,12 +150,13 @@ def measure_scenario(
     if len(set(workers.values())) != 1:
         raise RuntimeError(f"Envoy worker counts differ: {workers}")
     urls = targets.urls
+    requests = requests_of(scenario)
     pids = {t: {**targets.pids(t), "fake-llm": targets.fake.pid} for t in measured}
     samples: list[dict[str, Any]] = []
     latencies: dict[tuple[int, str], list[float]] = {}
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         preflight_headers = {
-            target: runner.run(preflight(urls[target], time.monotonic() + 20, scenario.bearer))
+            target: runner.run(preflight(urls[target], time.monotonic() + 20, requests[target]))
             for target in measured
         }
         check_preflight(scenario, preflight_headers)
@@ -160,7 +183,13 @@ def measure_scenario(
                     keep = latencies.setdefault((c, target), [])
                     if generator is not None:
                         sample = generator.measure(
-                            urls[target], c, args.warmup, args.duration, keep, mark
+                            urls[target],
+                            c,
+                            args.warmup,
+                            args.duration,
+                            keep,
+                            mark,
+                            requests[target],
                         )
                     else:
                         sample = runner.run(
@@ -171,7 +200,7 @@ def measure_scenario(
                                 args.duration,
                                 keep,
                                 mark,
-                                scenario.bearer,
+                                requests[target],
                             )
                         )
                     cpu = cpu_now(pids[target], tree)
@@ -234,6 +263,7 @@ def measure_scenario(
             "workers": scenario.workers,
             "native": scenario.native,
             "provider": scenario.provider,
+            "client": scenario.client,
         },
         "settings": {
             "scenario": {"name": scenario.name, "label": scenario.label},
@@ -249,6 +279,16 @@ def measure_scenario(
             "quota_limits": QUOTA_LIMITS if scenario.quota != "none" else None,
             "local_guards": LOCAL_GUARDS if scenario.guards else None,
             "payload": PAYLOAD,
+            # What each target was sent, when not all the same request (`--client`).
+            "requests": (
+                {
+                    t: {"api": r.api, "path": r.path, "body": json.loads(r.body)}
+                    for t, r in requests.items()
+                    if t in measured
+                }
+                if scenario.client != "openai"
+                else None
+            ),
             "fake_llm": {
                 "ttft_ms": 0,
                 "tokens_per_second": 0,

@@ -57,6 +57,10 @@ class Scenario:
     # The API the backend speaks (a backend `type`): another than OpenAI's is translated both
     # ways by the sidecar (extproc/providers/); Envoy alone then calls the fake's OpenAI API.
     provider: str = "openai"
+    # The API the load clients speak to the gateway (CLIENTS): another than OpenAI's chat
+    # completions is translated to chat completions for the fake and its answer back
+    # (docs/clients.md); Envoy alone is still sent the OpenAI chat request.
+    client: str = "openai"
 
     @property
     def name(self) -> str:
@@ -74,6 +78,8 @@ class Scenario:
             parts.append("native")
         if self.provider != "openai":
             parts.append(f"provider-{self.provider}")
+        if self.client != "openai":
+            parts.append(f"client-{self.client}")
         return "+".join(parts)
 
     @property
@@ -103,6 +109,12 @@ class Scenario:
             parts.append(
                 f"a backend speaking {PROVIDER_NAMES[self.provider]}"
                 + (" (translated both ways)" if self.provider not in ("openai", "azure") else "")
+            )
+        if self.client != "openai":
+            parts.append(
+                f"a client speaking {CLIENT_NAMES[self.client]}, translated to chat completions "
+                "for the backend and the answer back (Envoy alone is sent the equivalent OpenAI "
+                "chat completions request: the comparison includes the translation)"
             )
         return ", ".join(parts)
 
@@ -195,6 +207,13 @@ def stream_label(variant: str, stream_path: str = "auto") -> str:
 NATIVE_ISSUER = "https://bench.extproc.test/"
 PROVIDERS = ("openai", "anthropic", "bedrock", "gemini", "azure")
 PROVIDER_KEY_ENV = "EXTPROC_BENCH_PROVIDER_KEY"
+# The API the load clients speak to the gateway (`--client`; docs/clients.md).
+CLIENTS = ("openai", "anthropic", "responses")
+CLIENT_NAMES = {
+    "openai": "OpenAI's chat completions",
+    "anthropic": "Anthropic's Messages API",
+    "responses": "OpenAI's Responses API",
+}
 PROVIDER_NAMES = {
     "openai": "OpenAI's API",
     "anthropic": "Anthropic's Messages API",

@@ -167,9 +167,12 @@ def chat_markdown(result: dict[str, Any]) -> str:
             for x in result["samples"]
             if x["errors"]
         ]
-        lines.append(f"- **{total_errors} request(s) did not get HTTP 200**: " + "; ".join(bad))
+        lines.append(
+            f"- **{total_errors} request(s) did not get HTTP 200 in the API asked**: "
+            + "; ".join(bad)
+        )
     else:
-        lines.append("- Every response was HTTP 200.")
+        lines.append("- Every response was HTTP 200, an answer of the API asked.")
     return "\n".join(lines)
 
 

@@ -7,12 +7,15 @@ every ratio against it (benchmarks/README.md, "Is the load generator the bottlen
 spends ~0.01 ms.
 
 One measurement is two wrk runs: a warm-up run (its connections are closed after it) and the
-measured run. The Lua script (`script_text`) sends `chat_client.PAYLOAD` with the team's key,
-counts every response by status and the answers that took a retry (`x-envoy-attempt-count` >
-1) in each wrk thread, and its `done()` prints one machine-readable line, `WRKJSON {...}`: the
-run's duration, completed responses, socket errors (connect, read, write, timeout), statuses,
-retried, and wrk's whole latency histogram (microsecond resolution: [value, count] pairs), from
-which the percentiles are computed exactly as for the Python client (`stats.percentile`).
+measured run. The Lua script (`script_text`, one per client API: `wrk-chat.lua` for OpenAI's
+chat completions, `wrk-<api>.lua` for another) sends `chat_client.request_for(api)`'s path,
+headers and body with the team's key, counts every response by status, the 200 answers not of
+that API (`ChatRequest.markers` searched for in the body, as the Python client does) and the
+answers that took a retry (`x-envoy-attempt-count` > 1) in each wrk thread, and its `done()`
+prints one machine-readable line, `WRKJSON {...}`: the run's duration, completed responses,
+socket errors (connect, read, write, timeout), statuses, wrong answers, retried, and wrk's
+whole latency histogram (microsecond resolution: [value, count] pairs), from which the
+percentiles are computed exactly as for the Python client (`stats.percentile`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ import math
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.lib.chat_client import PAYLOAD, REQUEST_TIMEOUT_S, sample_of
-from benchmarks.lib.configs import API_KEY, PATH
+from benchmarks.lib.chat_client import REQUEST_TIMEOUT_S, ChatRequest, request_for, sample_of
 
 # Connections from which wrk runs two threads instead of one. One wrk thread (one epoll loop)
 # sends and reads ~10,000 req/s for ~0.2 core on this machine, more than any target here
@@ -40,14 +42,30 @@ TWO_THREADS_FROM = 64
 MARK = "WRKJSON "
 
 # The request, the per-thread counting and the report line. `response()` costs wrk ~5 µs per
-# request (it hands the headers to Lua); it is what makes every non-200 answer an error (wrk
-# itself counts only statuses >= 400) and counts the retried answers of the failover scenario.
+# request (it hands the headers and the body, which wrk buffers for it, to Lua); it is what
+# makes every non-200 answer an error (wrk itself counts only statuses >= 400), a 200 answer
+# not of the request's API too (a few plain `string.find`s over a body of ~500 bytes), and
+# counts the retried answers of the failover scenario.
 LUA = r"""
 wrk.method = "POST"
 wrk.path = [==[%(path)s]==]
 wrk.body = [==[%(body)s]==]
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = [==[Bearer %(key)s]==]
+%(headers)s
+
+-- Lua patterns that must all be in a 200 answer's body (chat_client.ChatRequest.markers).
+local markers = {%(markers)s}
+
+local function right_answer(body)
+  if body == nil then
+    return false
+  end
+  for _, marker in ipairs(markers) do
+    if not string.find(body, marker) then
+      return false
+    end
+  end
+  return true
+end
 
 local threads = {}
 
@@ -58,9 +76,14 @@ end
 function init(args)
   statuses = {}
   retried = 0
+  wrong = 0
 end
 
 function response(status, headers, body)
+  if status == 200 and not right_answer(body) then
+    wrong = wrong + 1
+    return
+  end
   statuses[status] = (statuses[status] or 0) + 1
   local attempts = headers["x-envoy-attempt-count"]
   if attempts ~= nil and attempts ~= "1" then
@@ -69,12 +92,13 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-  local counted, retries = {}, 0
+  local counted, retries, wrongs = {}, 0, 0
   for _, thread in ipairs(threads) do
     for status, n in pairs(thread:get("statuses")) do
       counted[status] = (counted[status] or 0) + n
     end
     retries = retries + thread:get("retried")
+    wrongs = wrongs + thread:get("wrong")
   end
   local statuses = {}
   for status, n in pairs(counted) do
@@ -89,9 +113,9 @@ function done(summary, latency, requests)
   io.write(string.format(
     '%(mark)s{"duration_us": %%d, "responses": %%d, "socket_errors": {"connect": %%d, ' ..
     '"read": %%d, "write": %%d, "timeout": %%d}, "status_errors": %%d, "statuses": {%%s}, ' ..
-    '"retried": %%d, "histogram_us": [%%s]}\n',
+    '"wrong_answers": %%d, "retried": %%d, "histogram_us": [%%s]}\n',
     summary.duration, summary.requests, e.connect, e.read, e.write, e.timeout, e.status,
-    table.concat(statuses, ", "), retries, table.concat(histogram, ", ")))
+    table.concat(statuses, ", "), wrongs, retries, table.concat(histogram, ", ")))
 end
 """
 
@@ -115,9 +139,35 @@ def threads_for(concurrency: int) -> int:
     return 2 if concurrency >= TWO_THREADS_FROM else 1
 
 
-def script_text(bearer: str = API_KEY) -> str:
-    body = json.dumps(PAYLOAD)
-    return LUA % {"path": PATH, "body": body, "key": bearer, "mark": MARK}
+def lua_pattern(key: str, value: str | None) -> str:
+    """A `ChatRequest.markers` entry as a Lua pattern: `"key"%s*:%s*"value"`."""
+
+    def literal(text: str) -> str:
+        return "".join("%" + ch if ch in "^$()%.[]*+-?" else ch for ch in text)
+
+    pattern = literal(f'"{key}"') + "%s*:"
+    return pattern + ("%s*" + literal(f'"{value}"') if value is not None else "")
+
+
+def script_text(request: ChatRequest | None = None) -> str:
+    """The Lua script sending `request` (default: OpenAI's chat request with the team's key)."""
+    request = request or request_for()
+    headers = "\n".join(
+        f'wrk.headers["{name}"] = [==[{value}]==]' for name, value in request.headers.items()
+    )
+    markers = ", ".join(f"[==[{lua_pattern(k, v)}]==]" for k, v in request.markers)
+    return LUA % {
+        "path": request.path,
+        "body": request.body.decode(),
+        "headers": headers,
+        "markers": markers,
+        "mark": MARK,
+    }
+
+
+def script_name(api: str) -> str:
+    """The script's file name in the workdir (the OpenAI one keeps its earlier name)."""
+    return "wrk-chat.lua" if api == "openai" else f"wrk-{api}.lua"
 
 
 def measured_latencies(raw: dict[str, Any], connections: int) -> dict[int, int]:
@@ -155,14 +205,19 @@ def measured_latencies(raw: dict[str, Any], connections: int) -> dict[int, int]:
 class Wrk:
     """wrk as the chat load generator: `measure` has `chat_client.measure`'s contract."""
 
-    def __init__(self, workdir: Path, bearer: str = API_KEY) -> None:
+    def __init__(self, workdir: Path, requests: Iterable[ChatRequest] = ()) -> None:
+        """`requests`: what the targets are sent (one script per client API, written now);
+        none: OpenAI's chat request with the team's key."""
         path = binary()
         if path is None:
             raise RuntimeError("wrk is not installed (`make bench` installs Debian's package)")
         self.path = path
         self.version = version(path)
-        self.script = workdir / "wrk-chat.lua"
-        self.script.write_text(script_text(bearer), encoding="utf-8")
+        self.scripts: dict[str, Path] = {}
+        for request in list(requests) or [request_for()]:
+            script = workdir / script_name(request.api)
+            script.write_text(script_text(request), encoding="utf-8")
+            self.scripts[request.api] = script
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -171,16 +226,20 @@ class Wrk:
             "binary": self.path,
             "threads": f"1 thread below {TWO_THREADS_FROM} connections, 2 from {TWO_THREADS_FROM}",
             "timeout_s": REQUEST_TIMEOUT_S,
-            "script": self.script.name,
+            "script": ", ".join(script.name for script in self.scripts.values()),
         }
 
-    def run(self, url: str, concurrency: int, seconds: float) -> dict[str, Any]:
-        """One wrk run of `seconds` over `concurrency` connections: the WRKJSON line, parsed.
+    def run(
+        self, url: str, concurrency: int, seconds: float, request: ChatRequest | None = None
+    ) -> dict[str, Any]:
+        """One wrk run of `seconds` over `concurrency` connections, sending `request` (its
+        client API's script; default OpenAI's chat request) to `url`: the WRKJSON line, parsed.
 
         Whole seconds go to `-d` (wrk then stops within ~0.1 s of it); wrk takes no fraction
         of a second, so a fractional duration is ended with SIGINT, on which wrk stops and
         reports the same way. The run's own duration is in the result either way.
         """
+        request = request or request_for()
         whole = float(seconds).is_integer()
         cmd = [
             self.path,
@@ -189,8 +248,8 @@ class Wrk:
             "-d", f"{int(seconds) if whole else math.ceil(seconds) + 5}s",
             "--timeout", f"{REQUEST_TIMEOUT_S:g}s",
             "--latency",
-            "-s", str(self.script),
-            url + PATH,
+            "-s", str(self.scripts[request.api]),
+            url + request.path,
         ]  # fmt: skip
         with subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -220,18 +279,24 @@ class Wrk:
         concurrency: int,
         seconds: float,
         keep: list[float] | None = None,
+        request: ChatRequest | None = None,
     ) -> dict[str, Any]:
         """One measured wrk run as a sample of the same shape as `chat_client.phase`'s."""
-        raw = self.run(url, concurrency, seconds)
+        request = request or request_for()
+        raw = self.run(url, concurrency, seconds, request)
         measured = measured_latencies(raw, concurrency)
         latencies: list[float] = []
         for value_us, count in sorted(measured.items()):
             latencies.extend([value_us / 1e6] * count)
         statuses = {int(s): n for s, n in raw["statuses"].items()}
-        # Every completed response was counted by status in `response()`: a difference would
-        # be a response the script did not see, counted as an error, never as a success.
-        unseen = raw["responses"] - sum(statuses.values())
+        # Every completed response was counted by status in `response()`, or as a 200 of the
+        # wrong API: a difference would be a response the script did not see, counted as an
+        # error, never as a success.
+        wrong = raw["wrong_answers"]
+        unseen = raw["responses"] - sum(statuses.values()) - wrong
         exceptions = {f"wrk {kind} error": n for kind, n in raw["socket_errors"].items() if n}
+        if wrong:
+            exceptions[request.wrong_answer] = wrong
         if unseen > 0:
             exceptions["responses not counted by status"] = unseen
         # wrk's histogram holds every completed response, whatever its status: with any
@@ -252,12 +317,14 @@ class Wrk:
         duration: float,
         keep: list[float] | None = None,
         mark: Callable[[], None] | None = None,
+        request: ChatRequest | None = None,
     ) -> dict[str, Any]:
-        """A warm-up run (unmeasured), `mark()`, then the measured run."""
-        warm = self.run(base_url, concurrency, warmup) if warmup > 0 else None
+        """A warm-up run (unmeasured), `mark()`, then the measured run, each sending `request`
+        (default: OpenAI's chat request with the team's key)."""
+        warm = self.run(base_url, concurrency, warmup, request) if warmup > 0 else None
         if mark is not None:
             mark()
-        sample = self.phase(base_url, concurrency, duration, keep)
+        sample = self.phase(base_url, concurrency, duration, keep, request)
         if warm is None:
             sample["warmup_requests"] = 0
         else:

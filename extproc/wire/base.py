@@ -27,8 +27,28 @@ class Operation(Enum):
     COMPLETION = "completion"
     EMBEDDING = "embedding"
     COUNT_TOKENS = "count_tokens"  # the prompt's size, answered by the gateway
+    # Passed to the model's backend as they are: no output counted in tokens unless the answer
+    # reports some (TOKENLESS); identity, allow-lists, request quotas, guards and audit apply.
+    IMAGE = "image"
+    SPEECH = "speech"
+    TRANSCRIPTION = "transcription"
+    MODERATION = "moderation"
+    RERANK = "rerank"
     LIST_MODELS = "list_models"
     GET_MODEL = "get_model"
+
+
+# Operations whose answers are not text: the gateway reads a usage report when the answer has
+# one (an image model's tokens), and counts no output of its own.
+TOKENLESS = frozenset(
+    {
+        Operation.IMAGE,
+        Operation.SPEECH,
+        Operation.TRANSCRIPTION,
+        Operation.MODERATION,
+        Operation.RERANK,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +57,7 @@ class Endpoint:
     # The API's path for it, as the gateway reports it (metadata, audit record, errors): one
     # spelling per endpoint, whatever query string or trailing slash the client sent.
     path: str
+    form: bool = False  # its body is multipart/form-data, not JSON
 
 
 @dataclass(slots=True)
@@ -53,6 +74,9 @@ class ParsedRequest:
     # cap of the gateway's own count. None: the client set none.
     output_cap: int | None = None
     answers: int = 1  # how many answers it asked for: a default maximum applies to each
+    # A multipart/form-data body as the client sent it (`body` then holds its text fields): it
+    # goes to the backend as it is, but for the model's name (wire/openai/form.py).
+    form: bytes | None = None
 
 
 class ClientStream(Protocol):

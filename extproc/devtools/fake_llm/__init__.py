@@ -1,10 +1,12 @@
 """An OpenAI-compatible fake upstream LLM for end-to-end tests, the quickstart and benchmarks.
 
-The fake answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and
-``/v1/models`` with deterministic content in the exact OpenAI wire format (including SSE
-streaming), and can inject latency and faults so the gateway's retry, timeout and failover
-paths can be exercised without a real model. It also plays safety models and a guard webhook
-(`safety`), for testing the gateway's external guards.
+The fake answers ``/v1/chat/completions`` (tool calls included: `chat_tools`),
+``/v1/completions``, ``/v1/embeddings``, ``/v1/models``, OpenAI's Responses API
+(`responses`), images, speech, transcriptions and rerank (`media`), and the APIs of other
+providers (`anthropic`, `bedrock`, `gemini`, `azure`) with deterministic content in each
+API's exact wire format (including streaming), and can inject latency and faults so the
+gateway's retry, timeout and failover paths can be exercised without a real model. It also
+plays safety models and a guard webhook (`safety`), for testing the gateway's external guards.
 
 Per-request knobs are request headers, so one running instance can serve many test cases:
 
@@ -16,6 +18,9 @@ Per-request knobs are request headers, so one running instance can serve many te
 - ``x-fake-no-usage: 1``: a backend that reports no usage (its streams ignore
   ``stream_options.include_usage``, its JSON answers have no ``usage``).
 - ``x-fake-reasoning-tokens: N``: of the completion, N reported as reasoning tokens.
+- ``x-fake-parallel-tools: N``: a forced tool choice answered with N calls.
+- ``x-fake-response-failed: server_error|rate_limit_exceeded[:N]``: a Responses stream that
+  fails after N events.
 
 Test helpers: ``GET /_fake/requests`` lists the recorded ``/v1/*`` and guard webhook requests
 and ``DELETE /_fake/requests`` clears them.

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from .endpoints import FakeLLM
+from .media import MediaAPI
 from .responses import ResponsesAPI
 from .settings import FakeLLMSettings, validate_settings
 
@@ -38,6 +39,12 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     app.router.add_get("/v1/responses/{response_id}", fake.v1(responses.retrieve))
     app.router.add_delete("/v1/responses/{response_id}", fake.v1(responses.delete))
     app.router.add_get("/v1/responses/{response_id}/input_items", fake.v1(responses.input_items))
+    media = MediaAPI(fake)  # OpenAI's image and audio endpoints, and vLLM's rerank
+    app.router.add_post("/v1/images/generations", fake.v1(media.images_generations))
+    app.router.add_post("/v1/audio/speech", fake.v1(media.speech))
+    app.router.add_post("/v1/audio/transcriptions", fake.v1(media.transcriptions))
+    app.router.add_post("/v1/audio/translations", fake.v1(media.translations))
+    app.router.add_post("/v1/rerank", fake.v1(media.rerank))
     app.router.add_post("/v1/messages", fake.anthropic_messages)
     # Gemini's `/v1beta/models/{model}:generateContent`, and Vertex AI's under
     # `/v1/projects/{p}/locations/{l}/publishers/google` (gemini.py checks the prefix).

@@ -22,7 +22,8 @@ def usage(obj: Any) -> Usage | None:
         return None
     prompt = _int(obj.get("prompt_tokens"))
     if prompt is None:
-        return None
+        # The images and audio endpoints report input and output tokens, as Responses does.
+        return _io_usage(obj)
     completion = _int(obj.get("completion_tokens")) or 0
     total = _int(obj.get("total_tokens"))
     details = obj.get("prompt_tokens_details")
@@ -36,6 +37,14 @@ def usage(obj: Any) -> Usage | None:
         cached or 0,
         reasoning_tokens=reasoning or 0,
     )
+
+
+def _io_usage(obj: dict[str, Any]) -> Usage | None:
+    prompt, completion = _int(obj.get("input_tokens")), _int(obj.get("output_tokens"))
+    if prompt is None or completion is None:
+        return None
+    total = _int(obj.get("total_tokens"))
+    return Usage(prompt, completion, total if total is not None else prompt + completion)
 
 
 def answer_usage(response: Any) -> Usage | None:

@@ -9,7 +9,8 @@ import orjson
 
 from ...errors import GatewayError, bad_request
 from ...guard.texts import Slot
-from ..base import Endpoint, Operation, ParsedRequest
+from ..base import TOKENLESS, Endpoint, Operation, ParsedRequest
+from . import form
 
 if TYPE_CHECKING:
     from ...tokens import TokenCount, TokenCounter
@@ -19,8 +20,25 @@ COMPLETIONS = Endpoint(Operation.COMPLETION, "/v1/completions")
 EMBEDDINGS = Endpoint(Operation.EMBEDDING, "/v1/embeddings")
 MODELS = Endpoint(Operation.LIST_MODELS, "/v1/models")
 MODEL = Endpoint(Operation.GET_MODEL, "/v1/models/{model}")
+# Passed to the model's backend as they are (Operation's TOKENLESS).
+IMAGES = Endpoint(Operation.IMAGE, "/v1/images/generations")
+SPEECH = Endpoint(Operation.SPEECH, "/v1/audio/speech")
+TRANSCRIPTIONS = Endpoint(Operation.TRANSCRIPTION, "/v1/audio/transcriptions", form=True)
+TRANSLATIONS = Endpoint(Operation.TRANSCRIPTION, "/v1/audio/translations", form=True)
+MODERATIONS = Endpoint(Operation.MODERATION, "/v1/moderations")
+RERANK = Endpoint(Operation.RERANK, "/v1/rerank")
+# The model OpenAI's moderations endpoint uses when a request names none.
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
+# Each passed-through JSON endpoint's text fields: what guards judge and the prompt's count.
+_TEXT_FIELDS = {IMAGES: ("prompt",), SPEECH: ("input",), MODERATIONS: ("input",)}
 
-_POST = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
+_POST = {
+    e.path: e
+    for e in (
+        CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, SPEECH, TRANSCRIPTIONS, TRANSLATIONS,
+        MODERATIONS, RERANK,
+    )
+}  # fmt: skip
 _MODEL_PREFIX = "/v1/models/"
 
 
@@ -58,6 +76,8 @@ def _method_not_allowed(method: str, path: str) -> GatewayError:
 
 
 def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+    if endpoint.form:
+        return _parse_form(endpoint, raw)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -66,9 +86,13 @@ def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         ) from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object", "invalid_json")
+    if endpoint is MODERATIONS and body.get("model") is None:
+        body["model"] = DEFAULT_MODERATION_MODEL
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("you must provide a model parameter", "missing_model", "model")
+    if endpoint.operation in TOKENLESS:
+        return _parse_passed(endpoint, body, model)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -92,6 +116,38 @@ def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     return ParsedRequest(
         endpoint, body, model, stream, include_usage, _output_cap(endpoint, body, answers), answers
     )
+
+
+def _parse_passed(endpoint: Endpoint, body: dict[str, Any], model: str) -> ParsedRequest:
+    """A JSON body passed to the backend as it is: its text fields checked as far as guards and
+    the count read them; the rest is the backend's to judge."""
+    for field in _TEXT_FIELDS.get(endpoint, ()):
+        value = body.get(field)
+        if endpoint is MODERATIONS:
+            if not (isinstance(value, str) or isinstance(value, list)):
+                raise bad_request(f"'{field}' must be a string or an array", "invalid_value",
+                                  field)  # fmt: skip
+        elif not isinstance(value, str) or not value:
+            raise bad_request(f"'{field}' must be a non-empty string", "invalid_value", field)
+    if endpoint is RERANK:
+        if not isinstance(body.get("query"), str):
+            raise bad_request("'query' must be a string", "invalid_value", "query")
+        documents = body.get("documents")
+        if not isinstance(documents, list) or not documents:
+            raise bad_request("'documents' must be a non-empty array", "invalid_value",
+                              "documents")  # fmt: skip
+    # (Speech, images and the rest may stream their own events; the answer's content type says.)
+    return ParsedRequest(endpoint, body, model, False, False, 0)
+
+
+def _parse_form(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+    fields = form.fields(raw)
+    model = fields.get("model")
+    if not model:
+        raise bad_request("you must provide a model parameter", "missing_model", "model")
+    if not form.has_file(raw, "file"):
+        raise bad_request("you must provide a file", "missing_file", "file")
+    return ParsedRequest(endpoint, dict(fields), model, False, False, 0, form=raw)
 
 
 def _output_cap(endpoint: Endpoint, body: dict[str, Any], answers: int) -> int | None:
@@ -172,7 +228,13 @@ async def count_prompt(
         )
     if parsed.endpoint is COMPLETIONS:
         return await tokens.count_prompt_async(model, body["prompt"], team=team, budget=budget)
-    return await tokens.count_embedding_input_async(model, body["input"], team=team, budget=budget)
+    if parsed.endpoint is EMBEDDINGS:
+        return await tokens.count_embedding_input_async(
+            model, body["input"], team=team, budget=budget
+        )
+    # A passed-through request: its texts, as a guard reads them (an audio file: nothing).
+    texts = [slot.get() for slot in request_slots(parsed.endpoint, body)]
+    return await tokens.count_prompt_async(model, texts or "", team=team, budget=budget)
 
 
 def span_attributes(body: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +247,21 @@ def span_attributes(body: dict[str, Any]) -> dict[str, Any]:
 def request_slots(endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
     if endpoint is CHAT:
         return _message_slots(body.get("messages"))
+    if endpoint is RERANK:
+        documents = body.get("documents")
+        documents = documents if isinstance(documents, list) else []
+        slots = [Slot(body, "query")] if isinstance(body.get("query"), str) else []
+        for i, doc in enumerate(documents):
+            if isinstance(doc, str):
+                slots.append(Slot(documents, i))
+            elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
+                slots.append(Slot(doc, "text"))
+        return slots
+    if endpoint.form:
+        # (A transcription's prompt guides the model's spelling; the audio is not read.)
+        return [Slot(body, "prompt")] if isinstance(body.get("prompt"), str) else []
+    if endpoint.operation in TOKENLESS:
+        return [s for f in _TEXT_FIELDS.get(endpoint, ()) for s in _string_or_list(body, f)]
     key = "prompt" if endpoint is COMPLETIONS else "input"
     return _string_or_list(body, key)
 
