@@ -65,6 +65,7 @@ class DownstreamStream:
         "admission",
         "admitted",
         "answering",
+        "api_headers",
         "backend",
         "following",
         "grpc_metadata",
@@ -117,6 +118,7 @@ class DownstreamStream:
         # A bridged API's client served as it speaks (RequestPlan.native): its backend's answer,
         # not Envoy's own reply, is in the client's API as it is.
         self.native = False
+        self.api_headers: list[str] = []  # the client's headers of its API's own (anthropic-*)
         self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
         # The target that answers: the one backend, or the one Envoy chose (known then).
@@ -199,10 +201,10 @@ class DownstreamStream:
         path = wire.normalized(headers.get(":path", ""))
         # The client's API from its path on: a refusal of its key is in its error shape.
         self.wire = wire.speaking(path)
+        report.api = self.wire.name
         self.team = team = identity.authenticate(self.rt, headers, verified)
         report.team = team
         self.wire, endpoint, model_id = wire.route(headers.get(":method", ""), path)
-        report.api = self.wire.name
         if endpoint.operation in (Operation.LIST_MODELS, Operation.GET_MODEL):
             self.report = None  # not an LLM call: no request metric, no audit record
             self.trace.end()
@@ -224,6 +226,10 @@ class DownstreamStream:
             self.services, self.rt, self.wire, endpoint, team, report, self.trace
         )
 
+        prefix = self.wire.own_header_prefix
+        # The client API's own headers, for a backend that speaks it (removed at the plan when
+        # the request is translated).
+        self.api_headers = [h for h in headers if prefix and h.startswith(prefix)]
         remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
         remove = [h for h in remove if h != TEAM_HEADER]
         if "accept-encoding" in headers:
@@ -263,7 +269,10 @@ class DownstreamStream:
         self.route_span = self.trace.start("route", route_attributes)
         answer = protocol.request_body_response(
             protocol.common(
-                plan.set_headers, plan.remove_headers, body=plan.body, clear_route_cache=True
+                plan.set_headers,
+                plan.remove_headers if plan.native else plan.remove_headers + self.api_headers,
+                body=plan.body,
+                clear_route_cache=True,
             ),
             dynamic_metadata=plan.metadata,
         )
@@ -275,17 +284,12 @@ class DownstreamStream:
 
     async def _count_tokens(self, raw: bytes) -> protocol.ProcessingResponse:
         """The gateway answers a token count itself, with the count it reserves by: no model
-        is asked (and none is charged). Its source header says whether it is exact for the
-        model's tokenizer or estimated."""
+        is asked (and none is charged)."""
         assert self.admission is not None and self.report is not None
         counted = await self.admission.count_only(raw)
         self.status = self.report.status = 200
-        source = "exact" if counted.exact else "estimate"
         return protocol.immediate_response(
-            200,
-            self.wire.token_count_body(counted.tokens),
-            headers={TOKEN_SOURCE_HEADER: source},
-            details="aigw_token_count",
+            200, self.wire.token_count_body(counted.tokens), details="aigw_token_count"
         )
 
     # -- response -----------------------------------------------------------------------------

@@ -251,6 +251,7 @@ from .contract import (
 from .native import NativeRoute, native_routes
 from .providers.registry import provider, request_headers, translates
 from .usage import SOURCE_PROVIDER
+from .wire.anthropic import MESSAGES as ANTHROPIC_MESSAGES
 from .wire.openai.answer import error_body, error_object
 
 SIDECAR_CLUSTER = "extproc_sidecar"
@@ -746,10 +747,13 @@ def _when(expression: str) -> AccessLogFilter:
 
 
 def _local_reply(cfg: Config) -> LocalReplyConfig:
-    """Every answer Envoy makes itself gets OpenAI's error shape: a sidecar that is down or
-    does not answer in time (the configured failure status), a body over the limit (the same
+    """Every answer Envoy makes itself gets the client API's error shape: a sidecar that is down
+    or does not answer in time (the configured failure status), a body over the limit (the same
     answer as the sidecar's for a Content-Length over it), a malformed request (4xx), an
-    unreachable or failing backend (5xx). The first mapper that matches applies."""
+    unreachable or failing backend (5xx). The first mapper that matches applies: Anthropic's
+    shape for a request to its Messages API refused before the sidecar routed it (by its path,
+    which no stage rewrote yet; once the sidecar routed it, the downstream stage makes Envoy's
+    answer the client's itself), OpenAI's for every other."""
     failure = cfg.sidecar.failure_status
     retry = [
         HeaderValueOption(
@@ -758,50 +762,72 @@ def _local_reply(cfg: Config) -> LocalReplyConfig:
         )
     ]
     too_large = errors.too_large(cfg.sidecar.max_body_bytes)
-    return LocalReplyConfig(
-        mappers=[
-            ResponseMapper(
-                filter=_when(SIDECAR_TIMED_OUT),
-                status_code=failure,
-                headers_to_add=retry,
-                body_format_override=_openai_error_body(
-                    "The gateway's policy service did not answer in time; retry shortly",
-                    "server_error",
-                    "gateway_timeout",
+    # (condition, status to answer with or None: Envoy's, headers, message, type, code)
+    replies: list[tuple[str, int | None, list[HeaderValueOption], str, str, str]] = [
+        (
+            SIDECAR_TIMED_OUT, failure, retry,
+            "The gateway's policy service did not answer in time; retry shortly",
+            "server_error", "gateway_timeout",
+        ),
+        (
+            SIDECAR_FAILED, failure, retry,
+            "The gateway's policy service is unavailable; retry shortly",
+            "server_error", "gateway_unavailable",
+        ),
+        (
+            f"response.code == 413 && {ENVOYS_OWN_REPLY}", None, [],
+            too_large.message, too_large.type, too_large.code or "request_too_large",
+        ),
+        (
+            f"response.code < 500 && {ENVOYS_OWN_REPLY}", None, [],
+            "The gateway cannot accept this HTTP request (%RESPONSE_CODE_DETAILS%)",
+            "invalid_request_error", "%RESPONSE_CODE_DETAILS%",
+        ),
+        (
+            ENVOYS_OWN_REPLY, None, [],
+            "%LOCAL_REPLY_BODY%", "server_error", "%RESPONSE_CODE_DETAILS%",
+        ),
+    ]  # fmt: skip
+    anthropic = f"request.url_path.startsWith('{ANTHROPIC_MESSAGES.path}')"
+    mappers = [
+        ResponseMapper(
+            filter=_when(f"{anthropic} && ({condition})"),
+            status_code=status,
+            headers_to_add=headers,
+            body_format_override=SubstitutionFormatString(
+                json_format=Struct.from_dict(
+                    {
+                        "type": "error",
+                        "error": {"type": _anthropic_type(type_, code), "message": message},
+                    }
                 ),
+                content_type="application/json",
             ),
-            ResponseMapper(
-                filter=_when(SIDECAR_FAILED),
-                status_code=failure,
-                headers_to_add=retry,
-                body_format_override=_openai_error_body(
-                    "The gateway's policy service is unavailable; retry shortly",
-                    "server_error",
-                    "gateway_unavailable",
-                ),
-            ),
-            ResponseMapper(
-                filter=_when(f"response.code == 413 && {ENVOYS_OWN_REPLY}"),
-                body_format_override=_openai_error_body(
-                    too_large.message, too_large.type, too_large.code or "request_too_large"
-                ),
-            ),
-            ResponseMapper(
-                filter=_when(f"response.code < 500 && {ENVOYS_OWN_REPLY}"),
-                body_format_override=_openai_error_body(
-                    "The gateway cannot accept this HTTP request (%RESPONSE_CODE_DETAILS%)",
-                    "invalid_request_error",
-                    "%RESPONSE_CODE_DETAILS%",
-                ),
-            ),
-            ResponseMapper(
-                filter=_when(ENVOYS_OWN_REPLY),
-                body_format_override=_openai_error_body(
-                    "%LOCAL_REPLY_BODY%", "server_error", "%RESPONSE_CODE_DETAILS%"
-                ),
-            ),
-        ]
-    )
+        )
+        # Not the last: Envoy's replies on the way to a backend (a timeout, a reset) come after
+        # the sidecar routed the request, whose path may then be the backend's (an OpenAI
+        # client's request to Anthropic's API is at /v1/messages by then). The downstream stage
+        # gives those to a bridged client in its API's shape.
+        for condition, status, headers, message, type_, code in replies[:-1]
+    ]
+    mappers += [
+        ResponseMapper(
+            filter=_when(condition),
+            status_code=status,
+            headers_to_add=headers,
+            body_format_override=_openai_error_body(message, type_, code),
+        )
+        for condition, status, headers, message, type_, code in replies
+    ]
+    return LocalReplyConfig(mappers=mappers)
+
+
+def _anthropic_type(openai_type: str, code: str) -> str:
+    """Anthropic's error type for one of Envoy's own replies: a body too large has its own,
+    Envoy's other 4xx are the request's, the rest the gateway's."""
+    if code == "request_too_large":
+        return "request_too_large"
+    return "invalid_request_error" if openai_type == "invalid_request_error" else "api_error"
 
 
 def routes(cfg: Config) -> RouteConfiguration:

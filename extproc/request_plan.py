@@ -110,8 +110,6 @@ def plan(
         if request.stream and not asks_usage:
             # (Azure before 2024-09 refuses stream_options: its stream's usage is estimated.)
             body.pop("stream_options", None)
-        # The client API's own headers (its version, betas) are for a backend that speaks it.
-        remove_headers = list(admitted.wire.own_headers)
     # A backend that speaks another API: the request goes as that API's, and its answer is
     # translated here. Such a backend, or Azure's deployments, anywhere among the model's:
     # the sidecar sets the path and reads the answer (a translation, or Azure's errors made

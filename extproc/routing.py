@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from . import providers
 from .config import Model, ResolvedTarget, Runtime, pooled, pools, split
 from .contract import ENDPOINT_HEADER, ROUTE_HEADER
 from .errors import GatewayError, not_found
@@ -73,12 +72,13 @@ def served_natively(
     """A client of a bridged API (wire.base.ChatBridge) is served as it speaks: `target`, the one
     backend of its request, speaks the client's API (Backend.apis). Any other request of such a
     client goes as chat completions (a failover pool or canary split too: their attempts are
-    translated per backend from the chat request). A stream the response guards judge must be
-    readable as chat chunks: natively only from a backend whose events the gateway translates
-    (providers/)."""
+    translated per backend from the chat request), and so does a stream the response guards
+    judge: they judge chat chunks, and the client's events rebuilt from them would lose what
+    chat has no place for (a thinking block's signature, which the next turn must send back
+    whole), so such a request goes as chat from the start."""
     if target is None or client.name not in target.apis:
         return False
-    return not guarded_stream or providers.translates(target.provider)
+    return not guarded_stream
 
 
 def model_object(runtime: Runtime, name: str) -> dict:

@@ -69,8 +69,9 @@ def test_openai_implements_every_member_of_the_interface() -> None:
         WireFormat.__annotations__
     )
     assert members >= {"name", "route", "parse", "answer_usage", "stream_relay", "error_body"}
-    assert members >= {"owns", "bridge", "own_headers"}
-    assert all(callable(getattr(OPENAI, n)) for n in members - {"name", "bridge", "own_headers"})
+    attributes = {"name", "bridge", "own_header_prefix"}
+    assert members >= {"owns", *attributes}
+    assert all(callable(getattr(OPENAI, n)) for n in members - attributes)
 
 
 def test_a_format_name_is_registered_once() -> None:
@@ -124,7 +125,7 @@ class Fake:
 
     name = "fake"
     bridge = None  # its answers are read as they are
-    own_headers = ()
+    own_header_prefix = ""
 
     def __init__(self) -> None:
         self.parsed: list[ParsedRequest] = []

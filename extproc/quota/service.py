@@ -157,7 +157,9 @@ class QuotaService:
         used = state.used + state.reserved
         headers = [*self.rate_headers(specs, states, now).items()]
         if charge.amount > charge.limit:
-            # Waiting cannot help: no Retry-After, so clients do not sleep for nothing.
+            # Waiting cannot help: no Retry-After, so clients do not sleep for nothing, and
+            # the openai and anthropic SDKs' own header telling them not to retry a 429.
+            headers.append(("x-should-retry", "false"))
             message = (
                 f"This request needs {_fmt(charge.amount, spec)} {unit}, more than the whole "
                 f"'{spec.name}' quota of team {team} ({_fmt(charge.limit, spec)} {unit} per "

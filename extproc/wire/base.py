@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
+from ..errors import GatewayError, bad_request
+
 if TYPE_CHECKING:
-    from ..errors import GatewayError
     from ..guard.texts import Slot
     from ..sse import RelayedStream
     from ..tokens import TokenCount, TokenCounter
@@ -131,9 +134,10 @@ class WireFormat(Protocol):
 
     name: str  # the registry's key, and the hand-over's (contract.Handover.wire)
     bridge: ChatBridge | None  # None: the API is OpenAI's chat completions' own
-    # The API's own request headers (its version, betas): they reach a backend that speaks
-    # the API, never one the request is translated for.
-    own_headers: tuple[str, ...]
+    # The prefix of the API's own request headers (Anthropic's version, betas, ...): they
+    # reach a backend that speaks the API, never one the request is translated for. "" for
+    # none.
+    own_header_prefix: str
 
     def owns(self, path: str) -> bool:
         """The path is under this API's (its refusals, even before the request is routed, are
@@ -206,3 +210,37 @@ class WireFormat(Protocol):
     def error_body(self, err: GatewayError) -> bytes:
         """A refusal in this API's error shape."""
         ...
+
+
+# -- what several formats read alike --------------------------------------------------------------
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; the 400 every format answers otherwise."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(
+            f"We could not parse the JSON body of your request ({exc.args[0]})", "invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object", "invalid_json")
+    return body
+
+
+def post_route(
+    endpoints: Mapping[str, Endpoint], method: str, path: str
+) -> tuple[Endpoint, str | None] | None:
+    """WireFormat.route for an API whose endpoints all take POST."""
+    endpoint = endpoints.get(path)
+    if endpoint is None:
+        return None
+    if method != "POST":
+        raise GatewayError(
+            405,
+            f"Method {method} is not allowed for {path}",
+            "invalid_request_error",
+            "method_not_allowed",
+            headers=(("allow", "POST"),),
+        )
+    return endpoint, None

@@ -98,7 +98,9 @@ class BridgedStream:
 
     @property
     def error_code(self) -> str | None:
-        return self.inner.error_code
+        # (The backend's error chunk is read by the translator, which turns it into the
+        # client's error event.)
+        return self.inner.error_code or getattr(self.translator, "error_code", None)
 
     @property
     def expects_usage(self) -> bool:

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ...errors import GatewayError, bad_request
+from ...errors import bad_request
 from ...guard.texts import Slot
-from ..base import Endpoint, Operation, ParsedRequest
+from ..base import Endpoint, Operation, ParsedRequest, json_object, post_route
 
 if TYPE_CHECKING:
     from ...tokens import TokenCount, TokenCounter
@@ -25,31 +25,13 @@ def owns(path: str) -> bool:
 
 
 def route(method: str, path: str) -> tuple[Endpoint, str | None] | None:
-    endpoint = _ENDPOINTS.get(path)
-    if endpoint is None:
-        return None
-    if method != "POST":
-        raise GatewayError(
-            405,
-            f"Method {method} is not allowed for {path}",
-            "invalid_request_error",
-            "method_not_allowed",
-            headers=(("allow", "POST"),),
-        )
-    return endpoint, None
+    return post_route(_ENDPOINTS, method, path)
 
 
 def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     """The body checked as far as the gateway reads it (model, messages, max_tokens, stream,
     system); the rest is the backend's to judge, or the translation's (chat_bridge.py)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(
-            f"The request body is not valid JSON: {exc.args[0]}", "invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object", "invalid_json")
+    body = json_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model: Field required", "missing_model", "model")
@@ -139,6 +121,8 @@ def _countable(content: Any) -> Any:
             parts.append({"type": "text", "text": block.get("text")})
         elif kind == "thinking":
             parts.append({"type": "text", "text": block.get("thinking")})
+        elif kind == "document" and _text_source(block) is not None:
+            parts.append({"type": "text", "text": _text_source(block)})
         elif kind in ("image", "document"):
             parts.append({"type": "image_url"})
         elif kind in ("tool_use", "server_tool_use"):
@@ -190,19 +174,43 @@ def request_slots(endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
         for block in content if isinstance(content, list) else ():
             if not isinstance(block, dict):
                 continue
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                out.append(Slot(block, "text", role))
-            elif block.get("type") == "tool_result":
+            if block.get("type") == "tool_result":
                 inner = block.get("content")
                 if isinstance(inner, str):
                     out.append(Slot(block, "content", "user"))
                 else:
                     _text_blocks(out, inner, "user")
+            else:
+                _text_blocks(out, [block], role)
     return out
 
 
 def _text_blocks(out: list[Slot], blocks: Any, role: str) -> None:
+    """The texts of text blocks, and of documents and search results given as text."""
     for block in blocks if isinstance(blocks, list) else ():
-        if isinstance(block, dict) and block.get("type") == "text":
-            if isinstance(block.get("text"), str):
-                out.append(Slot(block, "text", role))
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            out.append(Slot(block, "text", role))
+        elif block.get("type") in ("document", "search_result"):
+            source = block.get("source")
+            if isinstance(source, dict) and source.get("type") == "text":
+                if isinstance(source.get("data"), str):
+                    out.append(Slot(source, "data", role))
+            elif isinstance(source, dict) and source.get("type") == "content":
+                _text_blocks(out, source.get("content"), role)
+            if block.get("type") == "search_result":
+                _text_blocks(out, block.get("content"), role)
+
+
+def _text_source(block: dict[str, Any]) -> str | None:
+    """A document's text, when it is given as text."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        return str(source["data"])
+    if source.get("type") == "content" and isinstance(source.get("content"), list):
+        texts = [b.get("text") for b in source["content"] if isinstance(b, dict)]
+        return "".join(t for t in texts if isinstance(t, str))
+    return None

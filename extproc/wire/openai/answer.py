@@ -23,7 +23,7 @@ def usage(obj: Any) -> Usage | None:
     prompt = _int(obj.get("prompt_tokens"))
     if prompt is None:
         # The images and audio endpoints report input and output tokens, as Responses does.
-        return _io_usage(obj)
+        return io_usage(obj)
     completion = _int(obj.get("completion_tokens")) or 0
     total = _int(obj.get("total_tokens"))
     details = obj.get("prompt_tokens_details")
@@ -39,12 +39,27 @@ def usage(obj: Any) -> Usage | None:
     )
 
 
-def _io_usage(obj: dict[str, Any]) -> Usage | None:
-    prompt, completion = _int(obj.get("input_tokens")), _int(obj.get("output_tokens"))
-    if prompt is None or completion is None:
+def io_usage(obj: Any) -> Usage | None:
+    """A usage object of input and output tokens (the Responses API's, the images' and audio
+    endpoints'): cached input among the input, reasoning among the output."""
+    if not isinstance(obj, dict):
         return None
+    prompt = _int(obj.get("input_tokens"))
+    if prompt is None:
+        return None
+    completion = _int(obj.get("output_tokens")) or 0
     total = _int(obj.get("total_tokens"))
-    return Usage(prompt, completion, total if total is not None else prompt + completion)
+    details = obj.get("input_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    out_details = obj.get("output_tokens_details")
+    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
+    return Usage(
+        prompt,
+        completion,
+        total if total is not None else prompt + completion,
+        cached or 0,
+        reasoning_tokens=reasoning or 0,
+    )
 
 
 def answer_usage(response: Any) -> Usage | None:

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from ...guard.pipeline import CompiledGuard
 
 _DONE = b"[DONE]"
-# Text fields of a chat delta besides tool-call arguments.
-_DELTA_TEXT = ("content", "refusal", "reasoning_content")
+# Text fields of a chat delta besides tool-call arguments (`reasoning`: vLLM's newer name).
+_DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
 
 
 class GuardedStreamRelay:
@@ -42,6 +42,7 @@ class GuardedStreamRelay:
     error_code: str | None = None
 
     __slots__ = (
+        "_active",
         "_endpoint",
         "_find",
         "_holdback",
@@ -75,6 +76,7 @@ class GuardedStreamRelay:
         self._owners = owners
         self._parser = SSEParser()
         self._maskers: dict[Any, StreamMasker] = {}
+        self._active: dict[Any, tuple[Any, ...]] = {}  # choice index -> the field it writes
         self._last: dict[str, Any] | None = None  # the last chunk: a template for a flush
         self._text = io.StringIO()
         self._text_len = 0
@@ -138,11 +140,54 @@ class GuardedStreamRelay:
         if not isinstance(choices, list) or not choices:
             return _frame(orjson.dumps(obj))
         self._last = obj
+        superseded: dict[tuple[Any, ...], str] = {}
         for choice in choices:
             if isinstance(choice, dict):
-                self._choice(choice)
+                superseded.update(self._superseded(choice))
+                if self.blocked is None:
+                    self._choice(choice)
                 if self.blocked is not None:
                     return self._error()
+        return self._chunk(superseded) + _frame(orjson.dumps(obj))
+
+    def _superseded(self, choice: dict[str, Any]) -> dict[tuple[Any, ...], str]:
+        """What the fields a delta moves on from still hold (text before a tool call, one call's
+        arguments before the next's): released ahead of the delta, in its own chunk, so the
+        client reads each field whole and in order. No more text comes to such a field, so
+        holding it back would only reorder the stream."""
+        index = choice.get("index", 0)
+        starting = [
+            slot
+            for holder, key, slot in self._text_slots(choice, index)
+            if holder.get(key) or (slot[1] == "tool" and _starts_call(choice, slot[2]))
+        ]
+        if not starting or self._active.get(index) in starting:
+            if starting:
+                self._active[index] = starting[-1]
+            return {}
+        self._active[index] = starting[-1]
+        out = {}
+        for slot, masker in self._maskers.items():
+            if slot[0] == index and slot not in starting and masker.held:
+                out[slot] = masker.flush()
+                self._check(masker)
+                if self.blocked is not None:
+                    return {}
+        return out
+
+    def _chunk(self, texts: dict[tuple[Any, ...], str]) -> bytes:
+        """A chunk that carries these fields' texts (b"" when there is none)."""
+        choices: dict[Any, dict[str, Any]] = {}
+        for slot, text in texts.items():
+            if text:
+                index = slot[0]
+                choice = choices.setdefault(index, {"index": index, "finish_reason": None})
+                _put(choice, slot, text, self._endpoint)
+        if not choices:
+            return b""
+        template = self._last or {}
+        obj = {k: v for k, v in template.items() if k not in ("choices", "usage")}
+        obj["choices"] = list(choices.values())
         return _frame(orjson.dumps(obj))
 
     def _choice(self, choice: dict[str, Any]) -> None:
@@ -228,18 +273,7 @@ class GuardedStreamRelay:
             self._check(masker)
             if self.blocked is not None:
                 return self._error()
-        choices: dict[Any, dict[str, Any]] = {}
-        for slot, text in pending.items():
-            if text:
-                index = slot[0]
-                choice = choices.setdefault(index, {"index": index, "finish_reason": None})
-                _put(choice, slot, text, self._endpoint)
-        if not choices:
-            return b""
-        template = self._last or {}
-        obj = {k: v for k, v in template.items() if k not in ("choices", "usage")}
-        obj["choices"] = list(choices.values())
-        return _frame(orjson.dumps(obj))
+        return self._chunk(pending)
 
     def _error(self) -> bytes:
         verdict = self.blocked
@@ -256,6 +290,17 @@ class GuardedStreamRelay:
             piece = text[: self.text_cap - self._text_len]
             self._text.write(piece)
             self._text_len += len(piece)
+
+
+def _starts_call(choice: dict[str, Any], tool: Any) -> bool:
+    """The delta opens tool call `tool` (its id or name comes with it)."""
+    calls = choice.get("delta", {}).get("tool_calls")
+    for position, call in enumerate(calls if isinstance(calls, list) else ()):
+        if isinstance(call, dict) and call.get("index", position) == tool:
+            function = call.get("function")
+            named = isinstance(function, dict) and function.get("name")
+            return bool(call.get("id") or named)
+    return False
 
 
 def _frame(data: bytes) -> bytes:

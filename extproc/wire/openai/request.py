@@ -9,7 +9,7 @@ import orjson
 
 from ...errors import GatewayError, bad_request
 from ...guard.texts import Slot
-from ..base import TOKENLESS, Endpoint, Operation, ParsedRequest
+from ..base import TOKENLESS, Endpoint, Operation, ParsedRequest, json_object
 from . import form
 
 if TYPE_CHECKING:
@@ -78,14 +78,7 @@ def _method_not_allowed(method: str, path: str) -> GatewayError:
 def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     if endpoint.form:
         return _parse_form(endpoint, raw)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(
-            f"We could not parse the JSON body of your request ({exc.args[0]})", "invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object", "invalid_json")
+    body = json_object(raw)
     if endpoint is MODERATIONS and body.get("model") is None:
         body["model"] = DEFAULT_MODERATION_MODEL
     model = body.get("model")

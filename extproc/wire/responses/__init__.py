@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..openai.answer import error_body
+from ..openai import OPENAI
 from . import answer, request
 from .chat_bridge import BRIDGE
 from .request import INPUT_TOKENS, RESPONSES
@@ -21,10 +21,7 @@ from .stream import ResponsesRelay
 
 if TYPE_CHECKING:
     from ...errors import GatewayError
-    from ...guard.texts import Slot
-    from ...tokens import TokenCount, TokenCounter
-    from ...usage import Usage
-    from ..base import ChatBridge, Endpoint, ParsedRequest
+    from ..base import ChatBridge
 
 __all__ = ["INPUT_TOKENS", "RESPONSES", "RESPONSES_API", "Responses"]
 
@@ -34,62 +31,29 @@ class Responses:
 
     name = "responses"
     bridge: ChatBridge | None = BRIDGE
-    own_headers: tuple[str, ...] = ()
-
-    def owns(self, path: str) -> bool:
-        return request.owns(path)
-
-    def route(self, method: str, path: str) -> tuple[Endpoint, str | None] | None:
-        return request.route(method, path)
-
-    def parse(self, endpoint: Endpoint, raw: bytes) -> ParsedRequest:
-        return request.parse(endpoint, raw)
-
-    async def count_prompt(
-        self,
-        tokens: TokenCounter,
-        parsed: ParsedRequest,
-        *,
-        team: str | None,
-        budget: float | None,
-    ) -> TokenCount:
-        return await request.count_prompt(tokens, parsed, team=team, budget=budget)
+    own_header_prefix = ""
+    owns = staticmethod(request.owns)
+    route = staticmethod(request.route)
+    parse = staticmethod(request.parse)
+    count_prompt = staticmethod(request.count_prompt)
+    request_slots = staticmethod(request.request_slots)
+    span_attributes = staticmethod(request.span_attributes)
+    answer_usage = staticmethod(answer.answer_usage)
+    answer_text = staticmethod(answer.answer_text)
+    answer_slots = staticmethod(answer.answer_slots)
+    drop_logprobs = staticmethod(answer.drop_logprobs)
 
     def token_count_body(self, tokens: int) -> bytes:
         return orjson.dumps({"object": "response.input_tokens", "input_tokens": tokens})
 
-    def request_slots(self, endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
-        return request.request_slots(endpoint, body)
-
-    def span_attributes(self, body: dict[str, Any]) -> dict[str, Any]:
-        return request.span_attributes(body)
-
     def with_usage_requested(self, body: dict[str, Any]) -> bytes:
         raise TypeError("a Responses stream always reports its usage: nothing to ask for")
-
-    def answer_usage(self, answer_: Any) -> Usage | None:
-        return answer.answer_usage(answer_)
-
-    def answer_text(self, answer_: Any) -> str:
-        return answer.answer_text(answer_)
-
-    def answer_slots(self, endpoint: Endpoint, answer_: Any) -> list[Slot]:
-        return answer.answer_slots(endpoint, answer_)
-
-    def drop_logprobs(self, answer_: Any) -> bool:
-        dropped = False
-        for item in answer_.get("output") or () if isinstance(answer_, dict) else ():
-            for part in item.get("content") or () if isinstance(item, dict) else ():
-                if isinstance(part, dict) and part.get("logprobs"):
-                    part["logprobs"] = []
-                    dropped = True
-        return dropped
 
     def stream_relay(self, strip_usage_chunk: bool) -> ResponsesRelay:
         return ResponsesRelay()
 
     def error_body(self, err: GatewayError) -> bytes:
-        return error_body(err.message, err.type, err.code, err.param)
+        return OPENAI.error_body(err)  # OpenAI's error shape
 
 
 RESPONSES_API = Responses()

@@ -8,74 +8,68 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ...guard.texts import Slot
-from ...usage import Usage
+from ..openai.answer import io_usage
 
 if TYPE_CHECKING:
+    from ...usage import Usage
     from ..base import Endpoint
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def usage(report: Any) -> Usage | None:
-    """A Response's `usage`: input (cached input among it), output (reasoning among it)."""
-    if not isinstance(report, dict):
-        return None
-    prompt = _int(report.get("input_tokens"))
-    if prompt is None:
-        return None
-    completion = _int(report.get("output_tokens")) or 0
-    total = _int(report.get("total_tokens"))
-    details = report.get("input_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-    out_details = report.get("output_tokens_details")
-    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
-    return Usage(
-        prompt,
-        completion,
-        total if total is not None else prompt + completion,
-        cached or 0,
-        reasoning_tokens=reasoning or 0,
-    )
-
-
 def answer_usage(answer: Any) -> Usage | None:
-    return usage(answer.get("usage")) if isinstance(answer, dict) else None
+    return io_usage(answer.get("usage")) if isinstance(answer, dict) else None
 
 
 def answer_text(answer: Any) -> str:
-    """What a Response produced, for the gateway's own count: output text, function calls,
-    reasoning summaries."""
-    parts: list[str] = []
-    for item in _output(answer):
-        kind = item.get("type")
-        if kind == "message":
-            for part in item.get("content") or ():
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-        elif kind == "function_call":
-            parts.append(str(item.get("name", "")))
-            parts.append(str(item.get("arguments", "")))
-        elif kind == "reasoning":
-            for summary in item.get("summary") or ():
-                if isinstance(summary, dict) and isinstance(summary.get("text"), str):
-                    parts.append(summary["text"])
-        else:
-            parts.append(orjson.dumps(item).decode())
+    """What a Response produced, for the gateway's own count: its texts (answer_slots) and
+    whatever else its output holds, as JSON."""
+    parts = [slot.get() for slot in answer_slots(None, answer)]
+    parts += [
+        orjson.dumps(item).decode() for item in _output(answer) if item.get("type") not in _READ
+    ]
     return "".join(parts)
 
 
-def answer_slots(endpoint: Endpoint, answer: Any) -> list[Slot]:
-    return [
-        Slot(part, "text", "assistant")
-        for item in _output(answer)
-        if item.get("type") == "message"
-        for part in item.get("content") or ()
-        if isinstance(part, dict)
-        and part.get("type") == "output_text"
-        and isinstance(part.get("text"), str)
-    ]
+# The output items answer_slots reads.
+_READ = frozenset({"message", "function_call", "reasoning"})
+
+
+def answer_slots(endpoint: Endpoint | None, answer: Any) -> list[Slot]:
+    """Every text a Response produced: messages' output text and refusals, function calls'
+    arguments, reasoning's summary and text."""
+    out: list[Slot] = []
+    for item in _output(answer):
+        kind = item.get("type")
+        if kind == "function_call":
+            if isinstance(item.get("arguments"), str):
+                out.append(Slot(item, "arguments", "assistant"))
+            continue
+        parts: list[Any] = []
+        if kind == "message":
+            parts = _list(item.get("content"))
+        elif kind == "reasoning":
+            parts = _list(item.get("summary")) + _list(item.get("content"))
+        for part in parts:
+            if isinstance(part, dict):
+                key = "refusal" if part.get("type") == "refusal" else "text"
+                if isinstance(part.get(key), str):
+                    out.append(Slot(part, key, "assistant"))
+    return out
+
+
+def drop_logprobs(answer: Any) -> bool:
+    """Remove the output text's token log-probabilities (they repeat the text around a mask);
+    True when there were some."""
+    dropped = False
+    for item in _output(answer):
+        for part in _list(item.get("content")):
+            if isinstance(part, dict) and part.get("logprobs"):
+                part["logprobs"] = []
+                dropped = True
+    return dropped
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _output(answer: Any) -> list[dict[str, Any]]:

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ...errors import GatewayError, bad_request
+from ...errors import bad_request
 from ...guard.texts import Slot
-from ..base import Endpoint, Operation, ParsedRequest
+from ..base import Endpoint, Operation, ParsedRequest, json_object, post_route
 
 if TYPE_CHECKING:
     from ...tokens import TokenCount, TokenCounter
@@ -18,6 +18,9 @@ RESPONSES = Endpoint(Operation.CHAT, "/v1/responses")
 INPUT_TOKENS = Endpoint(Operation.COUNT_TOKENS, "/v1/responses/input_tokens")
 
 _ENDPOINTS = {e.path: e for e in (RESPONSES, INPUT_TOKENS)}
+# What would let a team reach state another team stored under the backend's one key, or run
+# past its settlement (a background response): refused until the gateway tracks ownership.
+_STATEFUL = ("previous_response_id", "conversation", "background")
 _PREFIX = RESPONSES.path + "/"
 
 
@@ -26,31 +29,13 @@ def owns(path: str) -> bool:
 
 
 def route(method: str, path: str) -> tuple[Endpoint, str | None] | None:
-    endpoint = _ENDPOINTS.get(path)
-    if endpoint is None:
-        return None
-    if method != "POST":
-        raise GatewayError(
-            405,
-            f"Method {method} is not allowed for {path}",
-            "invalid_request_error",
-            "method_not_allowed",
-            headers=(("allow", "POST"),),
-        )
-    return endpoint, None
+    return post_route(_ENDPOINTS, method, path)
 
 
 def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     """The body checked as far as the gateway reads it (model, input, instructions, stream,
     max_output_tokens); the rest is the backend's to judge, or the translation's."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(
-            f"We could not parse the JSON body of your request ({exc.args[0]})", "invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object", "invalid_json")
+    body = json_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("you must provide a model parameter", "missing_model", "model")
@@ -61,6 +46,14 @@ def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         )
     if body.get("instructions") is not None and not isinstance(body["instructions"], str):
         raise bad_request("'instructions' must be a string", "invalid_type", "instructions")
+    for param in _STATEFUL:
+        if body.get(param) not in (None, False):
+            raise bad_request(
+                f"'{param}' is not supported by this gateway yet: it does not keep track of "
+                "which team stored which response; send the whole input instead",
+                "unsupported_parameter",
+                param,
+            )
     if endpoint is INPUT_TOKENS:
         return ParsedRequest(endpoint, body, model, False, False, 0)
     stream = body.get("stream", False)
@@ -108,7 +101,7 @@ async def count_prompt(
 
 
 def _turn(item: dict[str, Any]) -> dict[str, Any]:
-    kind = item.get("type", "message")
+    kind = _kind(item)
     if kind == "message":
         return {"role": "user", "content": _parts(item.get("content"))}
     if kind == "function_call":
@@ -142,6 +135,9 @@ def _parts(content: Any) -> Any:
             parts.append(_text(part.get("text") or part.get("refusal")))
         elif kind == "input_image":
             parts.append({"type": "image_url"})
+        elif kind == "input_file":
+            # As chat's file part: no basis for a count (never its base64 as text).
+            parts.append({"type": "file"})
         else:
             parts.append({"type": "other", "text": orjson.dumps(part).decode()})
     return parts
@@ -171,7 +167,7 @@ def request_slots(endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
     for item in value if isinstance(value, list) else ():
         if not isinstance(item, dict):
             continue
-        kind = item.get("type", "message")
+        kind = _kind(item)
         if kind == "message":
             role = item.get("role")
             role = (
@@ -187,6 +183,17 @@ def request_slots(endpoint: Endpoint, body: dict[str, Any]) -> list[Slot]:
             for part in content if isinstance(content, list) else ():
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     out.append(Slot(part, "text", role))
-        elif kind == "function_call_output" and isinstance(item.get("output"), str):
-            out.append(Slot(item, "output", "user"))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            output = item.get("output")
+            if isinstance(output, str):
+                out.append(Slot(item, "output", "user"))
+            for part in output if isinstance(output, list) else ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    out.append(Slot(part, "text", "user"))
     return out
+
+
+def _kind(item: dict[str, Any]) -> Any:
+    """An input item's type: a message's may be left out (or null), as the SDK's types allow."""
+    kind = item.get("type")
+    return "message" if kind is None and "role" in item else kind

@@ -10,14 +10,24 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ...sse import SSEParser
-from .answer import usage as usage_of
+from ..openai.answer import io_usage as usage_of
 
 if TYPE_CHECKING:
     from ...guard.types import Verdict
     from ...usage import Usage
 
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-_DELTAS = ("response.output_text.delta", "response.function_call_arguments.delta")
+# Every event that delivers produced text (a cut stream is counted from them).
+_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+    }
+)
 # The text kept for the gateway's own count of a cut stream, at most.
 TEXT_CAP = 1 << 20
 
