@@ -121,7 +121,8 @@ class Admission:
         chat: dict[str, Any] | None = None
         guarded_stream = parsed.stream and bool(self.response_guards)
         target = routing.fixed_target(self.rt, parsed.model)
-        if bridge is not None and not routing.served_natively(target, self.wire, guarded_stream):
+        native = routing.served_natively(self.rt, parsed.model, target, self.wire, guarded_stream)
+        if bridge is not None and not native:
             # Served as chat completions (request_plan.py): what chat cannot carry is refused
             # now, before anything is reserved; the request sent is translated again after the
             # guards, which may rewrite it.

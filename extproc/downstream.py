@@ -249,12 +249,14 @@ class DownstreamStream:
         if target is not None and target.token_from is not None:
             target = routing.with_token(target, self.services.backend_tokens)
         self.answering = target
+        guarded_stream = admitted.request.stream and admitted.response_guards
         plan = request_plan.plan(
             admitted,
             target,
             self.rt.config.sidecar,
             model in self.rt.adapted,
             model not in self.rt.unasked_usage,
+            routing.served_natively(self.rt, model, target, self.wire, guarded_stream),
         )
         self.observe, self.strip_usage, self.native = plan.observe, plan.strip_usage, plan.native
         self.known_backend = target is not None

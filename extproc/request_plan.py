@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import providers, routing
+from . import providers
 from .contract import (
     ENDPOINT_HEADER,
     METADATA_NAMESPACE,
@@ -84,21 +84,21 @@ def plan(
     sidecar: SidecarSettings,
     adapted: bool = False,
     asks_usage: bool = True,
+    native: bool = False,
 ) -> RequestPlan:
     """The plan for an admitted request. `target`: the one backend that can serve it (its route
     has no upstream stage), or None when Envoy chooses (a pool, a canary split). `adapted`:
     some backend of the model is not a plain OpenAI one (Runtime.adapted). `asks_usage`: every
     backend of the model takes a request for a stream's usage (Runtime.unasked_usage).
+    `native`: a bridged API's client is served as it speaks (routing.served_natively).
     """
     request = admitted.request
     bridge = admitted.wire.bridge
     # A client of another API than OpenAI's (Anthropic's, ...): its answer always passes this
-    # stage, to be translated or read as that API's. Bridged: its backend does not speak the
-    # client's API (or Envoy chooses among several): the request goes as chat completions
-    # (wire/bridge.py), and from there as any OpenAI request does.
+    # stage, to be translated or read as that API's. Bridged: not `native`: the request goes as
+    # chat completions (wire/bridge.py), and from there as any OpenAI request does.
     foreign = bridge is not None
-    guarded_stream = request.stream and admitted.response_guards
-    native = foreign and routing.served_natively(target, admitted.wire, guarded_stream)
+    native = foreign and native
     bridged = foreign and not native
     endpoint = request.endpoint.path
     body = request.body

@@ -67,18 +67,31 @@ def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> 
 
 
 def served_natively(
-    target: ResolvedTarget | None, client: WireFormat, guarded_stream: bool = False
+    runtime: Runtime,
+    model: str,
+    target: ResolvedTarget | None,
+    client: WireFormat,
+    guarded_stream: bool = False,
 ) -> bool:
-    """A client of a bridged API (wire.base.ChatBridge) is served as it speaks: `target`, the one
-    backend of its request, speaks the client's API (Backend.apis). Any other request of such a
-    client goes as chat completions (a failover pool or canary split too: their attempts are
-    translated per backend from the chat request), and so does a stream the response guards
-    judge: they judge chat chunks, and the client's events rebuilt from them would lose what
-    chat has no place for (a thinking block's signature, which the next turn must send back
-    whole), so such a request goes as chat from the start."""
-    if target is None or client.name not in target.apis:
+    """A client of a bridged API (wire.base.ChatBridge) is served as it speaks: every backend
+    the request may go to (`target`, its one backend, or else each of the model's: a failover
+    pool or canary split, whose attempts the upstream stage then prepares as they are) speaks
+    the client's API (Backend.apis). Any other request of such a client goes as chat
+    completions, and so does a stream the response guards judge: they judge chat chunks, and
+    the client's events rebuilt from them would lose what chat has no place for (a thinking
+    block's signature, which the next turn must send back whole), so such a request goes as
+    chat from the start."""
+    if client.bridge is None or guarded_stream:
         return False
-    return not guarded_stream
+    if target is not None:
+        return client.name in target.apis
+    spec = runtime.config.models.get(model)
+    targets = (
+        [runtime.targets.get((model, t.backend)) for t in spec.targets if t.weight > 0]
+        if spec
+        else []
+    )
+    return bool(targets) and all(t is not None and client.name in t.apis for t in targets)
 
 
 def model_object(runtime: Runtime, name: str) -> dict:

@@ -26,6 +26,7 @@ class UpstreamStream:
 
     __slots__ = (
         "content_type", "endpoint", "finished", "metadata", "rt", "sign", "target", "tokens",
+        "translated",
     )  # fmt: skip
 
     def __init__(self, services: Services, metadata: Mapping[str, str]) -> None:
@@ -37,7 +38,8 @@ class UpstreamStream:
         # pool's attempts do not pass, so this stage signs (aws_signing.py).
         self.sign = False
         self.content_type = "application/json"
-        self.endpoint = CHAT.path  # the client's OpenAI endpoint (ENDPOINT_HEADER)
+        self.endpoint = CHAT.path  # the client's endpoint (ENDPOINT_HEADER)
+        self.translated = False  # the attempt's backend gets the request in its own API
         # True once the request's last phase for this stage is answered: the headers when
         # the body stays as it is, else the body. No response phase is ever sent here.
         self.finished = False
@@ -62,21 +64,29 @@ class UpstreamStream:
                 set_headers, remove = routing.upstream_header_mutation(
                     self.rt, target, headers, retriable=pooled
                 )
-                translated = providers.translates(target.provider)
                 self.sign = pooled and target.signing_region is not None
+                self.endpoint = endpoint = headers.get(ENDPOINT_HEADER, CHAT.path)
+                # A bridged API's client served as it speaks (every backend of the model
+                # speaks its API, routing.served_natively): the request goes as it is.
+                native = wire.speaking(endpoint).bridge is not None
+                translated = providers.translates(target.provider) and not native
                 if target.model in self.rt.adapted:
                     # The model's backends differ in API or addressing: this attempt's path and
                     # headers are its backend's (it starts from the headers the last one left).
                     own, others = providers.request_headers(target.provider)
                     set_headers.update(own)
+                    if native:
+                        # (The client's options of its own API, Anthropic's betas, stay.)
+                        strip = providers.provider(target.provider).strip_headers
+                        others = [h for h in others if h not in strip]
                     remove.extend(others)
                     if not self.sign:
                         remove.extend(SIGNING_HEADERS)
                     self.content_type = headers.get("content-type", self.content_type)
-                    self.endpoint = endpoint = headers.get(ENDPOINT_HEADER, CHAT.path)
                     if not translated:
                         set_headers[":path"] = providers.backend_path(target, endpoint, False)
                 needs_body = translated or target.provider_model != target.model
+                self.translated = translated
                 self.finished = not needs_body
                 if needs_body:
                     # The rewritten body has another length; Envoy only drops content-length
@@ -89,7 +99,7 @@ class UpstreamStream:
             if kind == "request_body" and self.target is not None:
                 self.finished = True
                 target = self.target
-                if not providers.translates(target.provider):
+                if not self.translated:
                     body = routing.rewrite_model(req.request_body.body, target.provider_model)
                     return protocol.request_body_response(protocol.common(body=body))
                 # This attempt goes to a backend of another API: the request in its terms

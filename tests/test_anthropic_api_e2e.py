@@ -33,6 +33,15 @@ def with_anthropic(config: dict) -> None:
         "api_key": {"env": "TEST_BACKEND_B_KEY"},
     }
     config["models"][NATIVE] = {"targets": [{"backend": "anthropic", "model": PROVIDER_MODEL}]}
+    # A canary split between two Anthropic backends: Envoy chooses, each attempt goes as the
+    # client sent it (the upstream stage sets its credential and model name).
+    config["backends"]["anthropic-next"] = {**config["backends"]["anthropic"]}
+    config["models"]["claude-canary"] = {
+        "targets": [
+            {"backend": "anthropic", "model": PROVIDER_MODEL, "weight": 50},
+            {"backend": "anthropic-next", "model": "claude-next", "weight": 50},
+        ]
+    }
     # One request a minute: the second gets Anthropic's 429.
     config["teams"]["team-q"] = {
         "keys": [{"sha256": sha256_hex("sk-team-q")}],
@@ -229,6 +238,28 @@ def test_an_anthropic_backend_gets_the_request_as_it_is(gw: Gateway) -> None:
     assert sent["headers"]["x-api-key"] == BACKEND_B_SECRET
     assert sent["headers"]["anthropic-beta"] == "interleaved-thinking-2025-05-14"
     assert "authorization" not in sent["headers"]
+
+
+def test_a_canary_of_anthropic_backends_gets_the_request_as_it_is(gw: Gateway) -> None:
+    system = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    served = set()
+    for _ in range(8):
+        with client(gw).messages.stream(
+            model="claude-canary",
+            max_tokens=64,
+            system=system,  # type: ignore[arg-type]
+            messages=HI,
+            extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+        ) as stream:
+            message = stream.get_final_message()
+        served.add(message.model)
+        sent = last_sent(gw, gw.fake_b)
+        assert sent["path"] == "/v1/messages"
+        assert sent["body"]["system"] == system  # prompt caching kept
+        assert sent["body"]["model"] == message.model
+        assert sent["headers"]["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+        assert sent["headers"]["x-api-key"] == BACKEND_B_SECRET
+    assert served <= {PROVIDER_MODEL, "claude-next"} and served
 
 
 def test_an_anthropic_backends_stream_goes_as_it_is(gw: Gateway) -> None:

@@ -246,10 +246,12 @@ def blocks_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_only_an_unguarded_stream_is_served_natively(services: Services) -> None:
-    claude = routing.fixed_target(services.runtime, "claude")
-    assert routing.served_natively(claude, ANTHROPIC)
-    assert not routing.served_natively(claude, ANTHROPIC, guarded_stream=True)
-    assert not routing.served_natively(routing.fixed_target(services.runtime, "gpt"), ANTHROPIC)
+    rt = services.runtime
+    claude = routing.fixed_target(rt, "claude")
+    assert routing.served_natively(rt, "claude", claude, ANTHROPIC)
+    assert not routing.served_natively(rt, "claude", claude, ANTHROPIC, guarded_stream=True)
+    gpt = routing.fixed_target(rt, "gpt")
+    assert not routing.served_natively(rt, "gpt", gpt, ANTHROPIC)
 
 
 def test_an_unguarded_stream_of_an_anthropic_backend_reaches_the_client_as_it_is(

@@ -218,19 +218,38 @@ def test_only_an_unguarded_stream_is_served_natively() -> None:
                 "teams": {"t": {"keys": [{"sha256": sha256_hex("sk-t")}]}},
                 "backends": {
                     "responses": {"url": "https://oa.example/v1", "responses_api": True},
+                    "responses-2": {"url": "https://oa2.example/v1", "responses_api": True},
                     "chat": {"url": "https://vllm.example/v1"},
                 },
                 "models": {
                     "native": {"targets": [{"backend": "responses"}]},
                     "chat": {"targets": [{"backend": "chat"}]},
+                    # Envoy chooses: natively only when every backend serves the API.
+                    "split": {
+                        "targets": [
+                            {"backend": "responses", "weight": 50},
+                            {"backend": "responses-2", "weight": 50},
+                        ]
+                    },
+                    "mixed": {
+                        "targets": [
+                            {"backend": "responses", "weight": 50},
+                            {"backend": "chat", "weight": 50},
+                        ]
+                    },
                 },
             }
         )
     )
     native = routing.fixed_target(runtime, "native")
-    assert routing.served_natively(native, RESPONSES_API)
-    assert not routing.served_natively(native, RESPONSES_API, guarded_stream=True)
-    assert not routing.served_natively(routing.fixed_target(runtime, "chat"), RESPONSES_API)
+    assert routing.served_natively(runtime, "native", native, RESPONSES_API)
+    assert not routing.served_natively(
+        runtime, "native", native, RESPONSES_API, guarded_stream=True
+    )
+    chat = routing.fixed_target(runtime, "chat")
+    assert not routing.served_natively(runtime, "chat", chat, RESPONSES_API)
+    assert routing.served_natively(runtime, "split", None, RESPONSES_API)
+    assert not routing.served_natively(runtime, "mixed", None, RESPONSES_API)
 
 
 # -- stored state --------------------------------------------------------------------------------
