@@ -14,8 +14,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import providers, routing, settlement
-from .errors import GatewayError, too_large
+from . import ownership, providers, routing, settlement
+from .errors import GatewayError, bad_request, not_found, too_large
 from .guard import pipeline as guard
 from .guard.texts import conversation
 from .quota.policy import Amounts, applicable
@@ -26,7 +26,7 @@ from .telemetry.tracing import NO_TRACE, OPERATION
 from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
-    from .config import Runtime
+    from .config import ResolvedTarget, Runtime
     from .guard.pipeline import CompiledGuard
     from .guard.texts import Slot
     from .guard.types import Verdict
@@ -122,6 +122,7 @@ class Admission:
         guarded_stream = parsed.stream and bool(self.response_guards)
         target = routing.fixed_target(self.rt, parsed.model)
         native = routing.served_natively(self.rt, parsed.model, target, self.wire, guarded_stream)
+        await self._check_references(parsed, native, target)
         if bridge is not None and not native:
             # Served as chat completions (request_plan.py): what chat cannot carry is refused
             # now, before anything is reserved; the request sent is translated again after the
@@ -206,6 +207,31 @@ class Admission:
             traceparent=self.trace.traceparent() if self.trace is not NO_TRACE else "",
             audit=report.handover() if audit is not None else None,
         )
+
+    async def _check_references(
+        self, parsed: ParsedRequest, native: bool, target: ResolvedTarget | None
+    ) -> None:
+        """A request that builds on stored objects (a previous_response_id) goes on only to
+        the backend that stores them, as it is, for the team that owns them (ownership.py)."""
+        references = self.wire.stored_references(parsed.body)
+        if not references or not native:
+            return  # (a translated request refuses them itself: chat keeps no state)
+        for object_id in references:
+            if target is None:
+                raise bad_request(
+                    "previous_response_id needs a model one backend serves: the gateway "
+                    "cannot steer a failover pool or canary split to the one that stores it",
+                    "unsupported_parameter",
+                    "previous_response_id",
+                )
+            store = self.services.quota.store
+            owner = await ownership.owned(store, ownership.RESPONSE, object_id, self.team)
+            if owner.backend != target.backend:
+                raise not_found(
+                    f"Previous response with id '{object_id}' not found.",
+                    "previous_response_not_found",
+                    "previous_response_id",
+                )
 
     def stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
         block = guard.first_block(verdicts)

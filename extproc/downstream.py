@@ -16,18 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import identity, protocol, providers, request_plan, routing, settlement, wire
+from . import identity, ownership, protocol, providers, request_plan, routing, settlement, wire
 from .admission import Admission
 from .contract import (
     ATTEMPTS_HEADER,
     JWT_NAMESPACE,
     METADATA_NAMESPACE,
+    ROUTE_HEADER,
+    TARGET_HEADER,
     TEAM_HEADER,
     TOKEN_HEADERS,
     TOKEN_SOURCE_HEADER,
     P,
 )
-from .errors import GatewayError, bad_request, check_content_type, too_large
+from .errors import GatewayError, bad_request, check_content_type, not_found, too_large
 from .guard import answer as answer_guards
 from .guard import pipeline as guard
 from .settlement import AnswerPath, Finisher
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from .services import Services
     from .sse import RelayedStream
     from .usage import Usage
-    from .wire import WireFormat
+    from .wire import Endpoint, WireFormat
 
 log = logging.getLogger("extproc.downstream")
 
@@ -67,6 +69,7 @@ class DownstreamStream:
         "answering",
         "api_headers",
         "backend",
+        "deleting",
         "following",
         "grpc_metadata",
         "known_backend",
@@ -119,6 +122,7 @@ class DownstreamStream:
         # not Envoy's own reply, is in the client's API as it is.
         self.native = False
         self.api_headers: list[str] = []  # the client's headers of its API's own (anthropic-*)
+        self.deleting: str | None = None  # a stored Response this request deletes
         self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
         # The target that answers: the one backend, or the one Envoy chose (known then).
@@ -140,7 +144,7 @@ class DownstreamStream:
         kind = req.WhichOneof("request")
         try:
             if kind == "request_headers":
-                return self.on_request_headers(req.request_headers, req.metadata_context)
+                return await self.on_request_headers(req.request_headers, req.metadata_context)
             if kind == "request_body":
                 return await self.on_request_body(req.request_body)
             if kind == "response_headers":
@@ -184,7 +188,9 @@ class DownstreamStream:
 
     # -- request ------------------------------------------------------------------------------
 
-    def on_request_headers(self, msg: Any, metadata: Any = None) -> protocol.ProcessingResponse:
+    async def on_request_headers(
+        self, msg: Any, metadata: Any = None
+    ) -> protocol.ProcessingResponse:
         headers = protocol.header_dict(msg.headers)
         report = self.report
         assert report is not None
@@ -214,6 +220,9 @@ class DownstreamStream:
             assert model_id is not None
             body = routing.retrieve_model_body(self.rt, team, model_id)
             return protocol.immediate_response(200, body)
+        if endpoint.operation is Operation.STORED:
+            assert model_id is not None
+            return await self._stored_call(endpoint, model_id, headers)
 
         check_content_type(headers.get("content-type"), endpoint.form)
         limit = self.rt.config.sidecar.max_body_bytes
@@ -284,6 +293,46 @@ class DownstreamStream:
             RELEASED.add()
         return answer
 
+    async def _stored_call(
+        self, endpoint: Endpoint, object_id: str, headers: dict[str, str]
+    ) -> protocol.ProcessingResponse:
+        """A call on a stored Response goes, as the client sent it, to the backend that stores
+        it: only for the team that owns it (ownership.py), whose model still routes there."""
+        assert self.team is not None and self.report is not None
+        report = self.report
+        report.endpoint = endpoint.path
+        owner = await ownership.owned(
+            self.services.quota.store, ownership.RESPONSE, object_id, self.team
+        )
+        report.model = owner.model
+        target = routing.fixed_target(self.rt, owner.model)
+        if (
+            target is None
+            or target.backend != owner.backend
+            or not self.rt.may_use(self.team, owner.model)
+        ):
+            # The config changed since: the gateway no longer reaches it for this team.
+            raise not_found(f"Response with id '{object_id}' not found.", "response_not_found")
+        if target.token_from is not None:
+            target = routing.with_token(target, self.services.backend_tokens)
+        self.answering, self.known_backend = target, True
+        self.provider = report.provider = target.provider
+        report.backend, report.provider_model = target.backend, target.provider_model
+        set_headers = {ROUTE_HEADER: owner.model, TARGET_HEADER: target.backend}
+        if target.credential is not None:
+            set_headers[target.auth_header] = target.credential
+        if owner.model in self.rt.adapted:
+            # (Its routes leave the path to the sidecar; the query string goes as it came.)
+            raw = headers.get(":path", "")
+            set_headers[":path"] = target.base_path + raw.removeprefix("/v1")
+        if headers.get(":method") == "DELETE":
+            self.deleting = object_id
+        remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
+        remove = [h for h in remove if h != TEAM_HEADER]
+        return protocol.request_headers_response(
+            protocol.common(set_headers, remove, clear_route_cache=True)
+        )
+
     async def _count_tokens(self, raw: bytes) -> protocol.ProcessingResponse:
         """The gateway answers a token count itself, with the count it reserves by: no model
         is asked (and none is charged)."""
@@ -301,6 +350,8 @@ class DownstreamStream:
         headers = protocol.header_dict(msg.headers)
         self.status = int(headers.get(":status", "0") or 0)
         self.retry_after = headers.get("retry-after", "")
+        if self.deleting is not None and 200 <= self.status < 300:
+            ownership.forget_later(self.services.quota.store, ownership.RESPONSE, self.deleting)
         self.backend = protocol.answering_backend(req)
         # Team, model, rate limits (and the backend, when one serves the model) are rendered
         # by Envoy from the request's metadata; only what Envoy chose is added here.
@@ -403,6 +454,9 @@ class DownstreamStream:
             usage = self.usage = self._stream_usage()
             self._settle(usage)
             self._end_stream()
+            if self.native and self.relay.error_code is None:
+                # (A native Responses stream names its Response in its first event.)
+                self._remember(getattr(self.relay, "response_id", None))
             return protocol.response_body_response(
                 common, dynamic_metadata=self._stream_metadata(usage)
             )
@@ -418,6 +472,8 @@ class DownstreamStream:
         reader = wire.DEFAULT if openai_raw is not None else self.wire
         usage = self.usage = reported or self._buffered_usage(openai_raw or raw, reader)
         self._settle(usage)
+        if self.native and 200 <= self.status < 300:
+            self._remember(self.wire.stored_object(raw))
         admission = self.admission
         if admission is not None and admission.response_guards and 200 <= self.status < 300:
             # The tokens were spent (settled above) whatever the guards decide now.
@@ -433,6 +489,17 @@ class DownstreamStream:
             protocol.common(set_headers, body=body) if set_headers or body else None,
             dynamic_metadata=self._usage_metadata(usage),
         )
+
+    def _remember(self, object_id: str | None) -> None:
+        """The team owns the object its native answer had the backend store (ownership.py)."""
+        admitted = self.admitted
+        backend = self.backend or (self.answering.backend if self.answering else None)
+        if object_id is None or admitted is None or not backend:
+            return
+        if admitted.request.body.get("store") is False:
+            return
+        owner = ownership.Owner(admitted.team, admitted.request.model, backend)
+        ownership.remember(self.services.quota.store, ownership.RESPONSE, object_id, owner)
 
     def _native(self) -> bool:
         """The answer is in the client's API as it is: an OpenAI client's from an OpenAI-bodied

@@ -38,6 +38,7 @@ def with_responses(config: dict) -> None:
         "responses_api": True,
     }
     config["models"][NATIVE] = {"targets": [{"backend": "responses", "model": "fake-gpt-5"}]}
+    config["teams"]["team-b"]["models"].append(NATIVE)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +152,55 @@ def test_a_stream_from_a_backend_that_serves_responses(gw: Gateway) -> None:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         response = stream.get_final_response()
     assert text == response.output_text and response.usage is not None
+
+
+# -- stored Responses: reached by the team that stored them, and only by it ---------------------
+
+
+def test_a_stored_response_is_reached_by_its_team(gw: Gateway) -> None:
+    team_a = client(gw)
+    first = team_a.responses.create(model=NATIVE, input="Remember: the code is 42.")
+    assert team_a.responses.retrieve(first.id).output_text == first.output_text
+    items = team_a.responses.input_items.list(first.id)
+    assert items.data
+    # The next turn builds on it, at the backend that stores it.
+    second = team_a.responses.create(
+        model=NATIVE, input="What is the code?", previous_response_id=first.id
+    )
+    assert second.previous_response_id == first.id
+    assert last_sent(gw, gw.fake_b)["body"]["previous_response_id"] == first.id
+    team_a.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        team_a.responses.retrieve(second.id)
+
+
+def test_another_teams_stored_response_does_not_exist(gw: Gateway) -> None:
+    stored = client(gw).responses.create(model=NATIVE, input="A secret of team-a.")
+    team_b = openai.OpenAI(base_url=gw.base_url, api_key="sk-team-b", max_retries=0)
+    before = len(gw.fake_requests(gw.fake_b))
+    for call in (
+        lambda: team_b.responses.retrieve(stored.id),
+        lambda: team_b.responses.delete(stored.id),
+        lambda: team_b.responses.input_items.list(stored.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.NotFoundError) as info:
+        team_b.responses.create(model=NATIVE, input="And?", previous_response_id=stored.id)
+    assert info.value.body["code"] == "response_not_found"  # type: ignore[index]
+    assert len(gw.fake_requests(gw.fake_b)) == before  # nothing reached the backend
+    # It is still there for its team.
+    assert client(gw).responses.retrieve(stored.id).id == stored.id
+
+
+def test_a_response_not_stored_is_not_recorded(gw: Gateway) -> None:
+    response = client(gw).responses.create(model=NATIVE, input="hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client(gw).responses.retrieve(response.id)
+
+
+def test_a_streamed_response_is_stored_for_its_team(gw: Gateway) -> None:
+    with client(gw).responses.stream(model=NATIVE, input="hi") as stream:
+        response = stream.get_final_response()
+    # (Recorded as the stream ends, in the background: it is there by the next call.)
+    assert client(gw).responses.retrieve(response.id).id == response.id

@@ -254,8 +254,8 @@ def test_only_an_unguarded_stream_is_served_natively() -> None:
 
 # -- stored state --------------------------------------------------------------------------------
 
+# (A previous_response_id is the team's own stored Response, or a 404: test_responses_api_e2e.)
 STATEFUL = [
-    ("previous_response_id", "resp_1"),
     ("conversation", "conv_1"),
     ("conversation", {"id": "conv_1"}),
     ("background", True),
@@ -268,7 +268,7 @@ def test_stored_state_is_refused_before_any_backend_is_chosen(
     endpoint: Any, param: str, value: Any
 ) -> None:
     """Refused on parsing, whatever the backend speaks: the gateway does not know which team
-    stored which response, and a background response would run past its settlement."""
+    a conversation is, and a background response would run past its settlement."""
     body = {"model": "m", "input": "hi", param: value}
     with pytest.raises(GatewayError) as info:
         RESPONSES_API.parse(endpoint, orjson.dumps(body))
@@ -461,8 +461,9 @@ def test_a_guarded_stream_to_a_responses_backend_goes_as_chat_completions(gw: Ga
 def test_stored_state_is_refused_for_a_backend_that_keeps_it(
     gw: Gateway, param: str, value: Any
 ) -> None:
-    """A backend that serves the Responses API would continue any stored response under the
-    gateway's one key: refused, naming the parameter, before it is asked anything."""
+    """A backend that serves the Responses API would add to any conversation under the
+    gateway's one key, or run a response past its settlement: refused, naming the parameter,
+    before it is asked anything."""
     before = len(gw.fake_requests(gw.fake_b))
     for call in (client(gw).responses.create, client(gw).responses.input_tokens.count):
         with pytest.raises(openai.BadRequestError) as info:

@@ -154,6 +154,12 @@ class Fake:
     ) -> TokenCount:
         return tokens.count_text(parsed.model, parsed.body["say"])
 
+    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
+        return ()
+
+    def stored_object(self, raw: bytes) -> str | None:
+        return None
+
     def token_count_body(self, tokens: int) -> bytes:
         return orjson.dumps({"tokens": tokens})
 

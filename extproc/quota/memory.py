@@ -10,6 +10,12 @@ and nothing is missed forever. A reservation that is due but not yet swept is ha
 meantime: charging moves its amount from `reserved` to `used`, so used + reserved (what
 admission looks at) is the same before and after, and `settle` checks its own reservation's
 expiry rather than trusting the sweep.
+
+Owners of stored objects (claim/owner/release) are a dict of key -> (owner, expiry) with a heap
+of expiries: `owner` ignores an expired entry (lazy expiry), and every `claim` sweeps at most
+`_BATCH` due heap entries, so keys that are never read again still go. A claim adds one heap
+entry and may remove up to `_BATCH`, so the sweep keeps up with any claim rate; entries left
+stale by a replaced or released claim are compacted away like settled reservations.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from extproc.quota.store import Charge, CounterState, QuotaStore, ReserveResult
+from extproc.quota.store import (
+    Charge,
+    CounterState,
+    QuotaStore,
+    ReserveResult,
+    check_claim,
+    check_key,
+)
 
 # Heap entries looked at per call and per heap: keeps a call's latency independent of how much
 # expired at once (say, after a burst of sidecar-side timeouts).
@@ -79,6 +92,10 @@ class MemoryStore(QuotaStore):
         # because teams do not compare. A team that was reset leaves a stale entry.
         self._idle: list[tuple[float, int, _Team]] = []
         self._seq = itertools.count()
+        # Owners of stored objects: key -> (owner, expiry), and (expiry, key) for the sweep.
+        # A replaced or released claim leaves its heap entry behind; the sweep checks the dict.
+        self._owners: dict[str, tuple[str, float]] = {}
+        self._owner_heap: list[tuple[float, str]] = []
 
     async def reserve(
         self, team: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
@@ -163,6 +180,43 @@ class MemoryStore(QuotaStore):
             return 0
         live_counters = sum(1 for c in t.counters.values() if c.expires_at > now)
         return live_counters + len(t.reservations)
+
+    async def claim(self, key: str, owner: str, ttl_s: float) -> None:
+        check_claim(key, owner, ttl_s)
+        now = self._clock()
+        self._sweep_owners(now)
+        expires = now + ttl_s
+        self._owners[key] = (owner, expires)
+        heapq.heappush(self._owner_heap, (expires, key))
+
+    async def owner(self, key: str) -> str | None:
+        check_key(key)
+        entry = self._owners.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._owners[key]  # its heap entry goes when it comes up
+            return None
+        return entry[0]
+
+    async def release(self, key: str) -> None:
+        check_key(key)
+        self._owners.pop(key, None)
+        self._compact_owners()
+
+    def _sweep_owners(self, now: float) -> None:
+        for _, key in _due(self._owner_heap, now):
+            entry = self._owners.get(key)
+            # Not due: claimed again since, and that claim's own heap entry comes later.
+            if entry is not None and entry[1] <= now:
+                del self._owners[key]
+        self._compact_owners()
+
+    def _compact_owners(self) -> None:
+        # As _compact: replaced and released claims must not pile up in the heap until due.
+        if len(self._owner_heap) > 2 * len(self._owners) + 64:
+            self._owner_heap = [(exp, key) for key, (_, exp) in self._owners.items()]
+            heapq.heapify(self._owner_heap)
 
     def _touch(self, name: str, now: float, *, create: bool) -> _Team | None:
         self._drop_idle_teams(now)

@@ -13,6 +13,10 @@ Key layout (prefix "aigw", team "team-a"):
                                       find them without KEYS/SCAN
     aigw:{team-a}:g:<id>        string  an id settled (or released) before it was known: a
                                       reserve of it that runs later reserves nothing; an hour
+    aigw:own:<key>              string  the owner of a stored object (claim/owner/release), e.g.
+                                      aigw:own:response:resp_abc123 -> "team-a"; expires after
+                                      the claim's ttl. Not a team's key: no hash tag, and each
+                                      call touches this one key, so any Cluster slot will do
 
 Every key of a team carries the hash tag `{<team>}`, so all of them are in one Cluster slot
 and every script runs on one node. The scripts pass the keys they know up front in KEYS, but
@@ -60,6 +64,8 @@ from extproc.quota.store import (
     QuotaStore,
     ReserveResult,
     StoreUnavailable,
+    check_claim,
+    check_key,
 )
 
 TEAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*")
@@ -243,6 +249,26 @@ for _, rid in ipairs(redis.call('ZRANGE', rx, 0, -1)) do
 end
 redis.call('DEL', rx, cx)
 return n
+"""
+
+# Owners of stored objects: one key each, touched alone (one key per script, so on a Cluster
+# it runs on that key's node). Through scripts rather than plain commands so that they share
+# _call's lanes, deadlines and NOSCRIPT handling. All three are idempotent, so _call's one
+# retry on a connection that a restart broke is safe.
+# KEYS: the owner key. ARGV: owner, ttl ms.
+_CLAIM = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: the owner key. Returns the owner, or nil.
+_OWNER = """
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: the owner key. Returns how many keys went (0 or 1).
+_RELEASE = """
+return redis.call('DEL', KEYS[1])
 """
 
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -481,6 +507,9 @@ class RedisStore(QuotaStore):
         self._settle = client.register_script(_SETTLE)
         self._usage = client.register_script(_USAGE)
         self._reset = client.register_script(_RESET)
+        self._claim = client.register_script(_CLAIM)
+        self._owner = client.register_script(_OWNER)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(
@@ -569,6 +598,26 @@ class RedisStore(QuotaStore):
         tag, rx, cx = self.team_keys(team)
         return int(await self._call(self._reset, [rx, cx], [tag]))
 
+    def owner_key(self, key: str) -> str:
+        """The Redis key that holds the owner of `key`, e.g. "aigw:own:response:resp_abc"."""
+        check_key(key)
+        return f"{self._prefix}:own:{key}"
+
+    async def claim(self, key: str, owner: str, ttl_s: float) -> None:
+        check_claim(key, owner, ttl_s)
+        # At least 1 ms: PX 0 is an error, and a positive ttl must not become one.
+        ttl_ms = max(1, round(ttl_s * 1000))
+        await self._call(self._claim, [self.owner_key(key)], [owner, ttl_ms])
+
+    async def owner(self, key: str) -> str | None:
+        out = await self._call(self._owner, [self.owner_key(key)], [])
+        if out is None:
+            return None
+        return out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+
+    async def release(self, key: str) -> None:
+        await self._call(self._release, [self.owner_key(key)], [])
+
     async def close(self) -> None:
         await self._conns.close()
         await self._client.aclose()
@@ -582,7 +631,15 @@ class RedisStore(QuotaStore):
                 client, _ = await self._conns.acquire()
                 try:
                     # Else a burst of first calls would each meet NOSCRIPT and load them.
-                    for script in (self._reserve, self._settle, self._usage, self._reset):
+                    for script in (
+                        self._reserve,
+                        self._settle,
+                        self._usage,
+                        self._reset,
+                        self._claim,
+                        self._owner,
+                        self._release,
+                    ):
                         await client.script_load(script.script)
                 finally:
                     self._conns.release(client)

@@ -7,6 +7,11 @@ and the reservation of all counters happen atomically. When the request ends it 
 its reserved amounts are released and the real amounts added to `used`. A reservation that is
 never settled (a sidecar crash) expires after its TTL and is then charged at its reserved
 amount: tokens may be over-counted, never lost.
+
+The store also remembers who owns an object a backend keeps for the gateway (a stored
+Response, a file, a batch): `claim` records the owning team under a key such as
+"response:resp_abc123" for a while, `owner` reads it back, `release` forgets it. A later call on
+the object is passed on only for its owner.
 """
 
 from __future__ import annotations
@@ -75,8 +80,40 @@ class QuotaStore(ABC):
     async def reset(self, team: str) -> int:
         """Forget every counter and reservation of the team; returns how many keys went."""
 
+    # Ownership of stored objects. Not @abstractmethod (yet): test doubles of the quota store
+    # written before it (tests/test_quota_store.py, tests/test_quota_policy.py) would no longer
+    # instantiate. Both real stores implement all three.
+    async def claim(self, key: str, owner: str, ttl_s: float) -> None:
+        """Remember `owner` (a short text) for `key` for `ttl_s` seconds, replacing what was
+        there. An empty key or owner, or a ttl_s that is not positive, is a ValueError."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no owners")
+
+    async def owner(self, key: str) -> str | None:
+        """The owner remembered for `key`; None when there is none (never claimed, expired,
+        released). An empty key is a ValueError (so in `release`)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no owners")
+
+    async def release(self, key: str) -> None:
+        """Forget `key` (nothing when it is not there)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no owners")
+
     async def close(self) -> None:  # noqa: B027 - optional for stores without resources
         """Release connections."""
 
     async def warm_up(self, timeout_s: float = 5.0) -> None:  # noqa: B027 - optional
         """Connect ahead of the first request; StoreUnavailable if the store is not there."""
+
+
+def check_key(key: str) -> None:
+    """What every store's `claim`, `owner` and `release` reject: an empty key."""
+    if not key:
+        raise ValueError("an ownership key must not be empty")
+
+
+def check_claim(key: str, owner: str, ttl_s: float) -> None:
+    """What every store's `claim` rejects: an empty key or owner, a ttl that is not positive."""
+    check_key(key)
+    if not owner:
+        raise ValueError(f"the owner of {key!r} must not be empty")
+    if not ttl_s > 0:  # also NaN
+        raise ValueError(f"claim of {key!r}: ttl_s must be positive, not {ttl_s!r}")

@@ -30,6 +30,9 @@ class Operation(Enum):
     COMPLETION = "completion"
     EMBEDDING = "embedding"
     COUNT_TOKENS = "count_tokens"  # the prompt's size, answered by the gateway
+    # A call on an object a backend stores (a stored Response): passed to the backend that
+    # stores it, for the team that owns it (ownership.py).
+    STORED = "stored"
     # Passed to the model's backend as they are: no output counted in tokens unless the answer
     # reports some (TOKENLESS); identity, allow-lists, request quotas, guards and audit apply.
     IMAGE = "image"
@@ -163,6 +166,16 @@ class WireFormat(Protocol):
         budget: float | None,
     ) -> TokenCount:
         """The prompt's tokens, as the backend will read them (TokenCounter never fails)."""
+        ...
+
+    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
+        """The ids of stored objects (ownership.RESPONSE) the request builds on: each must be
+        the team's, stored by the backend the request goes to."""
+        ...
+
+    def stored_object(self, raw: bytes) -> str | None:
+        """The id of the object a 2xx answer of the API, from a backend that speaks it, had the
+        backend store for later calls (a stored Response); None when it stored none."""
         ...
 
     def token_count_body(self, tokens: int) -> bytes:

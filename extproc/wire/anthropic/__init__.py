@@ -40,6 +40,12 @@ class Anthropic:
     answer_slots = staticmethod(answer.answer_slots)
     error_body = staticmethod(answer.error_body)
 
+    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
+        return ()
+
+    def stored_object(self, raw: bytes) -> str | None:
+        return None
+
     def token_count_body(self, tokens: int) -> bytes:
         return orjson.dumps({"input_tokens": tokens})
 

@@ -4,7 +4,7 @@ OpenAI API and the servers that copy it (vLLM, Azure OpenAI, ...) speak them."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import request
 from .answer import answer_slots, answer_text, answer_usage, drop_logprobs, error_body
@@ -38,6 +38,12 @@ class OpenAI:
     answer_text = staticmethod(answer_text)
     answer_slots = staticmethod(answer_slots)
     drop_logprobs = staticmethod(drop_logprobs)
+
+    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
+        return ()
+
+    def stored_object(self, raw: bytes) -> str | None:
+        return None
 
     def token_count_body(self, tokens: int) -> bytes:
         raise TypeError("OpenAI's chat completions API has no token count endpoint")

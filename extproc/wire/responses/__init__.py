@@ -43,6 +43,13 @@ class Responses:
     answer_slots = staticmethod(answer.answer_slots)
     drop_logprobs = staticmethod(answer.drop_logprobs)
 
+    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
+        previous = body.get("previous_response_id")
+        return (previous,) if isinstance(previous, str) and previous else ()
+
+    def stored_object(self, raw: bytes) -> str | None:
+        return answer.stored_id(raw)
+
     def token_count_body(self, tokens: int) -> bytes:
         return orjson.dumps({"object": "response.input_tokens", "input_tokens": tokens})
 

@@ -56,6 +56,18 @@ def answer_slots(endpoint: Endpoint | None, answer: Any) -> list[Slot]:
     return out
 
 
+def stored_id(raw: bytes) -> str | None:
+    """The id of a Response the backend stored (`store` left true), for later calls on it."""
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(answer, dict) or answer.get("store") is False:
+        return None
+    response_id = answer.get("id")
+    return response_id if isinstance(response_id, str) and response_id else None
+
+
 def drop_logprobs(answer: Any) -> bool:
     """Remove the output text's token log-probabilities (they repeat the text around a mask);
     True when there were some."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ...errors import bad_request
+from ...errors import GatewayError, bad_request
 from ...guard.texts import Slot
 from ..base import Endpoint, Operation, ParsedRequest, json_object, post_route
 
@@ -16,11 +16,17 @@ if TYPE_CHECKING:
 
 RESPONSES = Endpoint(Operation.CHAT, "/v1/responses")
 INPUT_TOKENS = Endpoint(Operation.COUNT_TOKENS, "/v1/responses/input_tokens")
+# The calls on a stored Response, by what follows its id, and the methods each takes.
+RESPONSE = Endpoint(Operation.STORED, "/v1/responses/{response_id}")
+INPUT_ITEMS = Endpoint(Operation.STORED, "/v1/responses/{response_id}/input_items")
+CANCEL = Endpoint(Operation.STORED, "/v1/responses/{response_id}/cancel")
+_STORED = {"": (RESPONSE, ("GET", "DELETE")), "/input_items": (INPUT_ITEMS, ("GET",)),
+           "/cancel": (CANCEL, ("POST",))}  # fmt: skip
 
 _ENDPOINTS = {e.path: e for e in (RESPONSES, INPUT_TOKENS)}
-# What would let a team reach state another team stored under the backend's one key, or run
-# past its settlement (a background response): refused until the gateway tracks ownership.
-_STATEFUL = ("previous_response_id", "conversation", "background")
+# A conversation object (whose items any team could add to: the gateway does not track it yet)
+# and a background response (which would run past the request's settlement): refused.
+_STATEFUL = ("conversation", "background")
 _PREFIX = RESPONSES.path + "/"
 
 
@@ -29,7 +35,23 @@ def owns(path: str) -> bool:
 
 
 def route(method: str, path: str) -> tuple[Endpoint, str | None] | None:
-    return post_route(_ENDPOINTS, method, path)
+    """The endpoint and, for a call on a stored Response, its id."""
+    if path in _ENDPOINTS or not path.startswith(_PREFIX):
+        return post_route(_ENDPOINTS, method, path)
+    response_id, _, rest = path[len(_PREFIX) :].partition("/")
+    found = _STORED.get(f"/{rest}" if rest else "")
+    if found is None or not response_id:
+        return None
+    endpoint, methods = found
+    if method not in methods:
+        raise GatewayError(
+            405,
+            f"Method {method} is not allowed for {path}",
+            "invalid_request_error",
+            "method_not_allowed",
+            headers=(("allow", ", ".join(methods)),),
+        )
+    return endpoint, response_id
 
 
 def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
@@ -49,8 +71,13 @@ def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     for param in _STATEFUL:
         if body.get(param) not in (None, False):
             raise bad_request(
-                f"'{param}' is not supported by this gateway yet: it does not keep track of "
-                "which team stored which response; send the whole input instead",
+                f"'{param}' is not supported by this gateway: "
+                + (
+                    "it does not keep track of which team a conversation is; send the whole "
+                    "input or a previous_response_id instead"
+                    if param == "conversation"
+                    else "a background response would run past the request's accounting"
+                ),
                 "unsupported_parameter",
                 param,
             )

@@ -35,7 +35,10 @@ TEXT_CAP = 1 << 20
 class ResponsesRelay:
     """sse.RelayedStream for a native Responses stream."""
 
-    __slots__ = ("_chars", "_parser", "_text", "error_code", "events", "partial_usage", "usage")
+    __slots__ = (
+        "_chars", "_parser", "_text", "error_code", "events", "partial_usage", "response_id",
+        "usage",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._parser = SSEParser()
@@ -45,6 +48,7 @@ class ResponsesRelay:
         self.partial_usage: Usage | None = None
         self.error_code: str | None = None
         self.events = 0
+        self.response_id: str | None = None  # the Response's, from its first event
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> None:
         for data in self._parser.feed(chunk):
@@ -64,6 +68,10 @@ class ResponsesRelay:
             if isinstance(delta, str) and self._chars < TEXT_CAP:
                 self._text.append(delta)
                 self._chars += len(delta)
+        elif kind == "response.created":
+            response = event.get("response")
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self.response_id = response["id"]
         elif kind in _TERMINAL:
             response = event.get("response")
             if isinstance(response, dict):
