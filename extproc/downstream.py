@@ -89,7 +89,6 @@ class DownstreamStream:
         "stream_block_recorded",
         "strip_usage",
         "team",
-        "timed_out",
         "timing",
         "trace",
         "usage",
@@ -124,7 +123,6 @@ class DownstreamStream:
         self.native = False
         self.api_headers: list[str] = []  # the client's headers of its API's own (anthropic-*)
         self.deleting: str | None = None  # a stored Response this request deletes
-        self.timed_out = False  # Envoy answered 504 itself: the backend's answer never came
         self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
         # The target that answers: the one backend, or the one Envoy chose (known then).
@@ -368,9 +366,6 @@ class DownstreamStream:
                     self.report.provider = answering.provider
         if not protocol.from_backend(req):
             self.native = False  # Envoy's own reply is OpenAI's (its local reply mappers)
-            # Envoy gave up waiting for the backend's answer: the backend read the prompt and
-            # may have generated until then, so the request is charged as one cut short.
-            self.timed_out = self.status == 504
         if self.provider != "openai" and not protocol.from_backend(req):
             # Envoy's own reply (a timeout, a reset) or the upstream stage's refusal: already
             # the gateway's OpenAI error, nothing of the provider's to translate.
@@ -476,7 +471,7 @@ class DownstreamStream:
         body, openai_raw, reported = answer
         reader = wire.DEFAULT if openai_raw is not None else self.wire
         usage = self.usage = reported or self._buffered_usage(openai_raw or raw, reader)
-        self._settle(usage, complete=not self.timed_out)
+        self._settle(usage)
         if self.native and 200 <= self.status < 300:
             self._remember(self.wire.stored_object(raw))
         admission = self.admission

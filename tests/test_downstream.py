@@ -14,7 +14,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
-from extproc import protocol, routing, settlement
+from extproc import protocol, routing
 from extproc.config import build_runtime, load_runtime, parse_config
 from extproc.contract import HANDOVER_KEY
 from extproc.downstream import DownstreamStream
@@ -1035,33 +1035,3 @@ def test_the_upstream_stage_strips_every_backends_credential_header_but_its_own(
     mutation = head.request_headers.response.header_mutation
     assert set_headers(mutation) == {"authorization": f"Bearer {SECRET_OPENAI}"}
     assert {"x-api-key", "x-aigw-target"} <= set(mutation.remove_headers)
-
-
-@pytest.mark.parametrize(("status", "details", "charged"), [
-    (504, "upstream_response_timeout", True),  # Envoy stopped waiting: the prompt was read
-    (503, "upstream_reset_before_response_started{connection_failure}", False),
-    (504, "via_upstream", False),  # the backend's own 504: it answered, nothing served
-])  # fmt: skip
-def test_envoys_own_timeout_is_charged_the_prompt(
-    services: Services,
-    monkeypatch: pytest.MonkeyPatch,
-    status: int,
-    details: str,
-    charged: bool,
-) -> None:
-    settled: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(
-        settlement,
-        "settle",
-        lambda _s, _r, usage, st, complete, prompt, _t: settled.append(
-            (usage, st, complete, prompt)
-        ),
-    )
-    stream = through_body(services, chat("gpt-4o"))
-    reply = response_headers(status)
-    reply.attributes["envoy.filters.http.ext_proc"].update({"response.code_details": details})
-    error = {"error": {"message": "upstream request timeout", "type": "server_error"}}
-    run(stream, reply, response_body(error))
-    usage, got_status, complete, prompt = settled[-1]
-    amounts = settlement.charge(usage, got_status, complete, prompt)
-    assert (amounts.input_tokens > 0) is charged
