@@ -40,7 +40,7 @@ from .wire import Operation
 from .wire.base import TOKENLESS
 from .wire.bridge import BridgedStream
 from .wire.bridge import client_answer as bridge_answer
-from .wire.openai import OPENAI
+from .wire.openai import OPENAI, form
 from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class DownstreamStream:
         "backend",
         "deleting",
         "following",
+        "form_boundary",
         "grpc_metadata",
         "known_backend",
         "native",
@@ -123,6 +124,7 @@ class DownstreamStream:
         self.native = False
         self.api_headers: list[str] = []  # the client's headers of its API's own (anthropic-*)
         self.deleting: str | None = None  # a stored Response this request deletes
+        self.form_boundary: str | None = None  # a multipart body's, from its Content-Type
         self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
         # The target that answers: the one backend, or the one Envoy chose (known then).
@@ -225,6 +227,9 @@ class DownstreamStream:
             return await self._stored_call(endpoint, model_id, headers)
 
         check_content_type(headers.get("content-type"), endpoint.form)
+        if endpoint.form:
+            # The body is read with the boundary the backend will use (wire/openai/form.py).
+            self.form_boundary = form.boundary(headers.get("content-type"))
         limit = self.rt.config.sidecar.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -248,7 +253,12 @@ class DownstreamStream:
         return protocol.request_headers_response(protocol.common({TEAM_HEADER: team}, remove))
 
     async def on_request_body(self, msg: Any) -> protocol.ProcessingResponse:
-        assert self.admission is not None and self.report is not None
+        if self.admission is None:
+            # A call on a stored object, answered at its headers: its body (a cancel's) goes on.
+            return protocol.passthrough("request_body")
+        assert self.report is not None
+        if self.form_boundary is not None:
+            form.fields(msg.body, self.form_boundary)  # (the 400 of a body not of this boundary)
         if self.admission.endpoint.operation is Operation.COUNT_TOKENS:
             return await self._count_tokens(msg.body)
         admitted = await self.admission.admit(msg.body, self.started)

@@ -26,6 +26,7 @@ from .contract import (
     Handover,
 )
 from .settlement import AnswerPath
+from .wire.base import TOKENLESS
 from .wire.openai import form
 from .wire.openai.request import CHAT
 
@@ -124,6 +125,9 @@ def plan(
         target is not None
         and not adapted
         and not foreign
+        # (Envoy's usage readers know chat's usage, not the input/output tokens of an image's
+        # or a transcription's answer: those pass this stage.)
+        and request.endpoint.operation not in TOKENLESS
         and sidecar.json_path == "access_log"
         and not admitted.response_guards
     )
@@ -144,6 +148,11 @@ def plan(
             or (sidecar.stream_path == "auto" and request.include_usage)
         )
     )
+    if native and target is None:
+        unstored = admitted.wire.unstored(body)
+        if unstored is not None:
+            # A Response stored by whichever backend Envoy picks could not be found again.
+            body, changed = unstored, True
     set_headers = {ROUTE_HEADER: request.model}
     if target is not None:
         # This stage prepares the request for its one backend itself.

@@ -157,6 +157,9 @@ class Fake:
     def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
         return ()
 
+    def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
     def stored_object(self, raw: bytes) -> str | None:
         return None
 

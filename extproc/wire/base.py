@@ -173,6 +173,12 @@ class WireFormat(Protocol):
         the team's, stored by the backend the request goes to."""
         ...
 
+    def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The body with the backend told not to store the answer for later calls, for a
+        request Envoy may send to any of several backends (a later call could not find it);
+        None when the request stores nothing."""
+        ...
+
     def stored_object(self, raw: bytes) -> str | None:
         """The id of the object a 2xx answer of the API, from a backend that speaks it, had the
         backend store for later calls (a stored Response); None when it stored none."""

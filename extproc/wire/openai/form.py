@@ -1,8 +1,13 @@
 """multipart/form-data bodies (OpenAI's audio transcriptions and translations): the text fields
 read, and one field's value replaced (the model's name for its backend) with every other byte
-kept as the client sent it. After RFC 7578: parts between `--boundary` delimiter lines, each
-with its headers, a blank line and its content; the body's first line is the delimiter
-(clients send no preamble), so the boundary is read from the body itself."""
+kept as the client sent it. After RFC 7578 / 2046: parts between `--boundary` delimiter lines
+(the boundary the Content-Type names), each with its headers, a blank line and its content.
+
+The gateway must read the body exactly as the backend will, or a client could show it one
+model (or prompt) and the backend another: a body whose first line is not the Content-Type's
+delimiter, a part without a readable name, a text field named twice or one too long to read
+is refused with a 400 rather than guessed at.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,44 @@ import re
 
 from ...errors import bad_request
 
-_NAME = re.compile(rb'content-disposition:[^\r\n]*?;\s*name="([^"]*)"', re.IGNORECASE)
-_FILENAME = re.compile(rb";\s*filename\*?=", re.IGNORECASE)
-# The longest text field read (a prompt of a transcription is the longest OpenAI documents).
+# A Content-Disposition's name parameter, quoted or a token (as the backends' parsers take it).
+_NAME = re.compile(
+    rb'content-disposition[ \t]*:[^\r\n]*?;[ \t]*name[ \t]*=[ \t]*(?:"([^"]*)"|([^;\s"]+))',
+    re.IGNORECASE,
+)
+_EXTENDED_NAME = re.compile(rb";[ \t]*name\*[ \t]*=", re.IGNORECASE)
+_FILENAME = re.compile(rb";[ \t]*filename\*?[ \t]*=", re.IGNORECASE)
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+# The longest text field read (a transcription's prompt is the longest OpenAI documents).
 MAX_FIELD = 64 * 1024
+_FILE = b"\x00file:"
+
+
+def boundary(content_type: str | None) -> str:
+    """The boundary a multipart/form-data Content-Type names (400 when it names none)."""
+    found = _BOUNDARY.search(content_type or "")
+    if found is None:
+        raise bad_request("The multipart/form-data Content-Type names no boundary", "invalid_form")
+    return found.group(1) or found.group(2)
 
 
 def is_form(raw: bytes) -> bool:
     return raw.startswith(b"--")
 
 
-def _parts(raw: bytes) -> list[tuple[bytes, int, int]]:
-    """Each part's name and the span of its content in `raw`."""
+def _parts(raw: bytes, mark: bytes | None = None) -> list[tuple[bytes, int, int]]:
+    """Each part's name and the span of its content in `raw`; `mark`: the boundary (else the
+    body's first line, once the Content-Type's was checked against it)."""
     end_of_line = raw.find(b"\r\n")
-    if not is_form(raw) or end_of_line < 3:
-        raise bad_request("The request body is not multipart/form-data", "invalid_form")
-    delimiter = b"\r\n" + raw[:end_of_line]
+    if mark is None:
+        mark = raw[2:end_of_line].rstrip(b" \t") if is_form(raw) and end_of_line > 2 else b""
+    opening = b"--" + mark
+    if not mark or not raw.startswith(opening) or raw[len(opening) : end_of_line].strip(b" \t"):
+        raise bad_request(
+            "The request body does not start with the multipart boundary its Content-Type names",
+            "invalid_form",
+        )
+    delimiter = b"\r\n" + opening
     out = []
     start = end_of_line + 2
     while True:
@@ -34,35 +61,49 @@ def _parts(raw: bytes) -> list[tuple[bytes, int, int]]:
         if head_end < 0 or next_part < 0 or head_end > next_part:
             break
         name = _NAME.search(raw, start, head_end)
-        if name is not None and not _FILENAME.search(raw, start, head_end):
-            out.append((name.group(1), head_end + 4, next_part))
-        elif name is not None:
-            out.append((b"\x00file:" + name.group(1), head_end + 4, next_part))
+        if name is None or _EXTENDED_NAME.search(raw, start, head_end):
+            raise bad_request("A part of the form has no name the gateway can read", "invalid_form")
+        value = name.group(1) if name.group(1) is not None else name.group(2)
+        is_file = _FILENAME.search(raw, start, head_end) is not None
+        out.append((_FILE + value if is_file else value, head_end + 4, next_part))
         start = next_part + len(delimiter)
         if raw[start : start + 2] == b"--":
             return out
-        start += 2  # the delimiter line's CRLF
-    raise bad_request("The multipart/form-data body is cut short", "invalid_form")
+        # The delimiter line may carry transport padding before its CRLF (RFC 2046).
+        line_end = raw.find(b"\r\n", start)
+        if line_end < 0 or raw[start:line_end].strip(b" \t"):
+            break
+        start = line_end + 2
+    raise bad_request("The multipart/form-data body is cut short or malformed", "invalid_form")
 
 
-def fields(raw: bytes) -> dict[str, str]:
+def fields(raw: bytes, mark: str | None = None) -> dict[str, str]:
     """The form's text fields (its files left out); raises a 400 for a body that is not a
-    whole multipart/form-data one."""
+    whole multipart/form-data one with the boundary `mark`, a text field named twice or
+    longer than MAX_FIELD."""
     out: dict[str, str] = {}
-    for name, start, end in _parts(raw):
-        if name.startswith(b"\x00file:") or end - start > MAX_FIELD:
+    for name, start, end in _parts(raw, mark.encode() if mark is not None else None):
+        if name.startswith(_FILE):
             continue
-        out[name.decode("utf-8", "replace")] = raw[start:end].decode("utf-8", "replace")
+        key = name.decode("utf-8", "replace")
+        if key in out:
+            raise bad_request(f"The form's field '{key}' is given twice", "invalid_form", key)
+        if end - start > MAX_FIELD:
+            raise bad_request(
+                f"The form's field '{key}' is longer than {MAX_FIELD} bytes", "invalid_form", key
+            )
+        out[key] = raw[start:end].decode("utf-8", "replace")
     return out
 
 
 def has_file(raw: bytes, name: str) -> bool:
-    key = b"\x00file:" + name.encode()
+    key = _FILE + name.encode()
     return any(part == key for part, _, _ in _parts(raw))
 
 
 def with_field(raw: bytes, name: str, value: str) -> bytes:
-    """The body with the text field `name`'s value replaced (it must be there)."""
+    """The body with the text field `name`'s value replaced (it must be there, once: fields()
+    refused a body that names it twice)."""
     for part, start, end in _parts(raw):
         if part == name.encode():
             return raw[:start] + value.encode() + raw[end:]

@@ -47,6 +47,9 @@ class Responses:
         previous = body.get("previous_response_id")
         return (previous,) if isinstance(previous, str) and previous else ()
 
+    def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return None if body.get("store") is False else {**body, "store": False}
+
     def stored_object(self, raw: bytes) -> str | None:
         return answer.stored_id(raw)
 

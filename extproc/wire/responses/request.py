@@ -81,6 +81,16 @@ def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
                 "unsupported_parameter",
                 param,
             )
+    for i, item in enumerate(value if isinstance(value, list) else ()):
+        if item.get("type") == "item_reference" or (item.keys() == {"id"}):
+            # An item of a stored Response, by id: the gateway records whose Responses are
+            # whose, not their items (send the item itself, or a previous_response_id).
+            raise bad_request(
+                "Item references are not supported by this gateway: send the item itself, or "
+                "a previous_response_id",
+                "unsupported_parameter",
+                f"input[{i}]",
+            )
     if endpoint is INPUT_TOKENS:
         return ParsedRequest(endpoint, body, model, False, False, 0)
     stream = body.get("stream", False)
