@@ -865,16 +865,6 @@ def _check_workers(cfg: Config) -> list[tuple[str, str]]:
     problems = []
     if cfg.sidecar.listen.startswith("unix:"):
         problems.append(("sidecar.workers", "several workers need a HOST:PORT listen address"))
-    storing = [name for name, b in cfg.backends.items() if "responses" in b.apis]
-    if storing and cfg.quota.store == "memory":
-        problems.append(
-            (
-                "sidecar.workers",
-                "several workers need quota.store: redis when a backend stores Responses "
-                f"({storing[0]}): each worker would know only the Responses it saw, and their "
-                "teams would find the others missing",
-            )
-        )
     limited = [name for name, team in cfg.teams.items() if team.limits]
     if limited and cfg.quota.store == "memory":
         problems.append(

@@ -276,6 +276,7 @@ class DownstreamStream:
             model in self.rt.adapted,
             model not in self.rt.unasked_usage,
             routing.served_natively(self.rt, model, target, self.wire, guarded_stream),
+            self.rt.config.quota.store == "redis" or self.rt.config.sidecar.workers == 1,
         )
         self.observe, self.strip_usage, self.native = plan.observe, plan.strip_usage, plan.native
         self.known_backend = target is not None
@@ -589,6 +590,10 @@ class DownstreamStream:
         guarded = bool(guards) and admitted is not None and 200 <= self.status < 300
         if admitted is None or (not guarded and self._native()):
             return self.wire.stream_relay(self.strip_usage)
+        own_guarded = self.wire.own_guarded_relay
+        if guarded and self._native() and own_guarded is not None:
+            # The API's own events, judged as they are (Anthropic's: its text deltas masked).
+            return own_guarded(*guard.stream_finder(guards))
         bridge = self.wire.bridge
         strip = self.strip_usage and bridge is None  # a bridge reads the usage chunk itself
         inner: RelayedStream

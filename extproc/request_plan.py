@@ -86,12 +86,15 @@ def plan(
     adapted: bool = False,
     asks_usage: bool = True,
     native: bool = False,
+    shared_records: bool = True,
 ) -> RequestPlan:
     """The plan for an admitted request. `target`: the one backend that can serve it (its route
     has no upstream stage), or None when Envoy chooses (a pool, a canary split). `adapted`:
     some backend of the model is not a plain OpenAI one (Runtime.adapted). `asks_usage`: every
     backend of the model takes a request for a stream's usage (Runtime.unasked_usage).
     `native`: a bridged API's client is served as it speaks (routing.served_natively).
+    `shared_records`: every sidecar process sees the records of who owns a stored object (one
+    process, or the Redis store: ownership.py).
     """
     request = admitted.request
     bridge = admitted.wire.bridge
@@ -148,10 +151,11 @@ def plan(
             or (sidecar.stream_path == "auto" and request.include_usage)
         )
     )
-    if native and target is None:
+    if native and (target is None or not shared_records):
         unstored = admitted.wire.unstored(body)
         if unstored is not None:
-            # A Response stored by whichever backend Envoy picks could not be found again.
+            # A Response stored by whichever backend Envoy picks, or recorded by one of several
+            # sidecar processes that keep their records apart, could not be found again.
             body, changed = unstored, True
     set_headers = {ROUTE_HEADER: request.model}
     if target is not None:

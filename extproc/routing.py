@@ -77,11 +77,12 @@ def served_natively(
     the request may go to (`target`, its one backend, or else each of the model's: a failover
     pool or canary split, whose attempts the upstream stage then prepares as they are) speaks
     the client's API (Backend.apis). Any other request of such a client goes as chat
-    completions, and so does a stream the response guards judge: they judge chat chunks, and
-    the client's events rebuilt from them would lose what chat has no place for (a thinking
+    completions, and so does a stream the response guards judge unless the API has a guarded
+    relay of its own events (WireFormat.own_guarded_relay): else the guards judge chat chunks,
+    and the client's events rebuilt from them would lose what chat has no place for (a thinking
     block's signature, which the next turn must send back whole), so such a request goes as
     chat from the start."""
-    if client.bridge is None or guarded_stream:
+    if client.bridge is None or (guarded_stream and client.own_guarded_relay is None):
         return False
     if target is not None:
         return client.name in target.apis

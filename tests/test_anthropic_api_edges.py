@@ -1,6 +1,6 @@
 """Edge cases of Anthropic's Messages API at the gateway, beyond the main path of
-test_anthropic_api_e2e.py: a stream whose model has response guards (sent as chat completions
-even to an Anthropic backend), a bridged stream's backend error, refusals counted under the
+test_anthropic_api_e2e.py: a stream whose model has response guards (served as it is, its text
+deltas judged), a bridged stream's backend error, refusals counted under the
 client's API, which of the client's `anthropic-*` headers reach which backend, plain-text
 documents judged and counted, Envoy's own replies in Anthropic's shape, the 429 the SDK must not
 retry, and Claude Code's beta paths.
@@ -36,7 +36,6 @@ from .test_downstream import (
     request_headers,
     response_body,
     response_headers,
-    set_headers,
 )
 
 BACKEND_KEY = "sk-ant-BACKEND-SECRET"
@@ -242,14 +241,17 @@ def blocks_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return blocks
 
 
-# -- a stream whose model has response guards goes as chat completions --------------------------
+# -- a stream whose model has response guards stays native: its text deltas are judged ---------
 
 
-def test_only_an_unguarded_stream_is_served_natively(services: Services) -> None:
+def test_a_guarded_stream_is_served_natively(services: Services) -> None:
+    """Anthropic's events have a guarded relay of their own (wire/anthropic/guarded_stream.py):
+    a guarded stream stays native; the Responses API's has none, so its guarded streams go as
+    chat completions."""
     rt = services.runtime
     claude = routing.fixed_target(rt, "claude")
     assert routing.served_natively(rt, "claude", claude, ANTHROPIC)
-    assert not routing.served_natively(rt, "claude", claude, ANTHROPIC, guarded_stream=True)
+    assert routing.served_natively(rt, "claude", claude, ANTHROPIC, guarded_stream=True)
     gpt = routing.fixed_target(rt, "gpt")
     assert not routing.served_natively(rt, "gpt", gpt, ANTHROPIC)
 
@@ -263,51 +265,21 @@ def test_an_unguarded_stream_of_an_anthropic_backend_reaches_the_client_as_it_is
     assert sent == {**THINKING_REQUEST, "model": "claude-sonnet-4-5"}
 
 
-def test_a_guarded_stream_goes_to_an_anthropic_backend_translated_from_chat(
-    services: Services,
-) -> None:
-    """The response guards judge chat chunks: the request goes as chat completions, made a
-    Messages request again by the Anthropic provider (its `thinking` dropped by the bridge), and
-    the client's events are rebuilt from the chat chunks, whole and in order. Its thinking block
-    has no signature, and sent back on the next turn it is dropped, never sent unsigned."""
+def test_a_guarded_stream_goes_to_an_anthropic_backend_as_it_is(services: Services) -> None:
+    """The request keeps its thinking (the next turn can send the signed block back), and the
+    client gets the backend's events, its thinking signed, its text judged."""
     request = {**THINKING_REQUEST, "model": "claude-guarded"}
     answers, relayed = streamed(services, request)
-    routed = answers[1].request_body.response
-    assert set_headers(routed.header_mutation)[":path"] == "/v1/messages"
     sent = orjson.loads(body_of(answers[1]) or b"{}")
-    assert sent == {
-        "model": "claude-sonnet-4-5",
-        "max_tokens": 500,
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "stream": True,
-    }
+    assert sent == {**request, "model": "claude-sonnet-4-5"}
     events = events_of(relayed)
-    assert "signature_delta" not in {e.get("delta", {}).get("type") for e in events}
+    assert "signature_delta" in {e.get("delta", {}).get("type") for e in events}
     blocks = blocks_of(events)
-    assert blocks == [
-        {"type": "thinking", "thinking": "Let me think.", "signature": ""},
-        {"type": "text", "text": "Hello"},
-    ]
+    assert [b["type"] for b in blocks if b["type"] in ("thinking", "text")] == ["thinking", "text"]
+    text = "".join(b.get("text", "") for b in blocks if b["type"] == "text")
+    assert text == "Hello"
     [delta] = [e for e in events if e["type"] == "message_delta"]
-    usage = delta["usage"]
-    assert usage["output_tokens"] == 20
-    # The whole prompt the backend reported (10 + 100 written to the cache + 1000 read from it).
-    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == 1110
-    assert usage["cache_read_input_tokens"] == 1000
-
-    next_turn = {
-        **request,
-        "messages": [
-            *HI,
-            {"role": "assistant", "content": blocks},
-            {"role": "user", "content": "go on"},
-        ],
-    }
-    answers, _ = streamed(services, next_turn)
-    sent = orjson.loads(body_of(answers[1]) or b"{}")
-    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
-    assert sent["messages"][1]["content"] == [{"type": "text", "text": "Hello"}]
-    assert b"thinking" not in (body_of(answers[1]) or b"")
+    assert delta["usage"]["output_tokens"] == 20
 
 
 # -- what the gateway records and sends ---------------------------------------------------------
@@ -370,7 +342,7 @@ CLIENT_HEADERS = {
     ("model", "stream", "reaches"),
     [
         ("gpt", False, False),  # an OpenAI backend
-        ("claude-guarded", True, False),  # translated from chat for the Anthropic backend
+        ("claude-guarded", True, True),  # guarded, still served as it is
         ("claude", True, True),  # the Anthropic backend, served as it is
     ],
 )
@@ -473,9 +445,9 @@ def client(gw: Gateway, key: str = "sk-team-a", **options: Any) -> anthropic.Ant
 
 
 @pytest.mark.e2e
-def test_a_guarded_stream_reaches_an_anthropic_backend_as_a_translated_request(
-    gw: Gateway,
-) -> None:
+def test_a_guarded_stream_reaches_an_anthropic_backend_as_it_is(gw: Gateway) -> None:
+    """Claude Code's requests to a model with response guards keep their prompt caching,
+    thinking and betas: the guards judge Anthropic's own text deltas."""
     system = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
     request: dict[str, Any] = {
         "model": GUARDED,
@@ -490,21 +462,26 @@ def test_a_guarded_stream_reaches_an_anthropic_backend_as_a_translated_request(
         message = stream.get_final_message()
     sent = gw.fake_requests(gw.fake_b)[-1]
     assert sent["path"] == "/v1/messages"
-    assert sent["body"]["model"] == "claude-sonnet-4-5" and sent["body"]["stream"] is True
-    # Made from the chat request: no thinking, no cache_control, none of the client's betas.
-    assert "thinking" not in sent["body"] and "cache_control" not in json.dumps(sent["body"])
-    assert "anthropic-beta" not in sent["headers"]
+    assert sent["body"] == {**request, "model": "claude-sonnet-4-5", "stream": True}
+    assert sent["headers"]["anthropic-beta"] == beta["anthropic-beta"]
     core = [k for k in kinds if k not in ("text", "thinking", "ping", "signature")]
     assert core[0] == "message_start" and core[-2:] == ["message_delta", "message_stop"]
     assert message.stop_reason == "end_turn" and message.usage.output_tokens > 0
     text = [b for b in message.content if b.type == "text"]
     assert text and text[0].text
 
-    # The same request unstreamed is not judged as chunks: it goes as the client sent it.
-    client(gw).messages.create(**request, extra_headers=beta)
-    sent = gw.fake_requests(gw.fake_b)[-1]
-    assert sent["body"] == {**request, "model": "claude-sonnet-4-5"}
-    assert sent["headers"]["anthropic-beta"] == beta["anthropic-beta"]
+
+@pytest.mark.e2e
+def test_a_guard_ends_an_anthropic_backends_stream_in_anthropics_shape(gw: Gateway) -> None:
+    said = {"x-fake-response-text": "Initiating self-destruct sequence now."}
+    texts: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as info:
+        with client(gw).messages.stream(
+            model=GUARDED, max_tokens=64, messages=HI, extra_headers=said
+        ) as stream:
+            texts.extend(stream.text_stream)
+    assert "self-destruct" not in "".join(texts)
+    assert info.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
 
 
 def chunked_post(gw: Gateway, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:

@@ -2,9 +2,10 @@
 slip past its accounting: a multipart form read differently from the backend's parser (another
 boundary, an unquoted or missing part name, a field given twice or too long to read), item
 references into another team's stored Responses, media usage the access log cannot read, a
-stored Response's cancel or delete with a body, a stored Response through a failover pool, and
-several sidecar workers each knowing only their own stored Responses. Each is read the
-backend's way, or refused with a 400 before anything reaches the backend (docs/clients.md)."""
+stored Response's cancel or delete with a body, a stored Response through a failover pool or
+several sidecar workers each knowing only their own stored Responses (not stored there). Each
+is read the backend's way, or refused with a 400 before anything reaches the backend
+(docs/clients.md)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
-from extproc.config import ConfigError, parse_config
+from extproc.config import ResolvedTarget, SidecarSettings, parse_config
 from extproc.errors import GatewayError
+from extproc.request_plan import Admitted, plan
 from extproc.wire.openai import form
+from extproc.wire.responses import RESPONSES, RESPONSES_API
 
 from .conftest import Gateway, running_gateway, sha256_hex
 
@@ -140,18 +144,29 @@ def config(**changes: Any) -> dict[str, Any]:
     return data
 
 
-def test_several_workers_with_a_memory_store_cannot_share_stored_responses() -> None:
-    storing = {"b": {"url": "http://127.0.0.1:8081/v1", "responses_api": True}}
-    with pytest.raises(ConfigError) as info:
-        parse_config(config(sidecar={"workers": 2}, backends=storing))
-    [(where, message)] = info.value.problems
-    assert where == "sidecar.workers"
-    assert "quota.store: redis" in message and "Responses" in message and "(b)" in message
-    # One worker, a shared store, or a backend that stores nothing: fine.
-    assert parse_config(config(backends=storing)).sidecar.workers == 1
-    redis = {"store": "redis", "redis": {"url": "redis://127.0.0.1:6379/0"}}
-    shared = config(sidecar={"workers": 2}, backends=storing, quota=redis)
-    assert parse_config(shared).sidecar.workers == 2
+def test_responses_are_not_stored_where_their_records_cannot_be_shared() -> None:
+    """Several sidecar workers with the memory store keep their records of who owns a stored
+    Response apart: a native request goes with `store: false` there (as through a pool), so no
+    Response is stored that its team could not reach again."""
+    parsed = RESPONSES_API.parse(RESPONSES, orjson.dumps({"model": "m", "input": "hi"}))
+    admitted = Admitted(
+        team="t", request=parsed, wire=RESPONSES_API, prompt_tokens=1, max_output=16
+    )
+    target = ResolvedTarget(
+        model="m",
+        backend="b",
+        provider_model="m",
+        weight=1,
+        auth_header="authorization",
+        credential=None,
+        apis=frozenset({"openai", "responses"}),
+    )
+    sidecar = SidecarSettings()
+    apart = plan(admitted, target, sidecar, native=True, shared_records=False)
+    assert apart.body is not None and orjson.loads(apart.body)["store"] is False
+    shared = plan(admitted, target, sidecar, native=True, shared_records=True)
+    assert shared.body is None  # the client's body, as it is
+    # (What the downstream stage passes: records are shared by one process or by Redis.)
     assert parse_config(config(sidecar={"workers": 2})).sidecar.workers == 2
 
 

@@ -790,9 +790,11 @@ STREAM = events(
 
 
 def _normalized(raw: bytes) -> list[dict[str, Any]]:
-    """The chunks without what differs from one translator to the next (generated call ids)."""
+    """The chunks without what differs from one translator to the next (generated call ids,
+    and the second each was created in: a run may cross a second's boundary)."""
     out = chunks(raw)
     for chunk in out:
+        chunk.pop("created", None)
         for choice in chunk.get("choices", ()):
             for call in choice["delta"].get("tool_calls", ()):
                 if call["id"].startswith("call_"):

@@ -23,6 +23,7 @@ from extproc.sse import RelayedStream, SSEParser
 from extproc.tokens import TokenCount, TokenCounter
 from extproc.usage import Usage
 from extproc.wire import Endpoint, Operation, ParsedRequest, WireFormat
+from extproc.wire.base import GuardedRelay, Stateless
 from extproc.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS, MODEL, MODELS, OPENAI
 
 from .test_downstream import (
@@ -69,7 +70,7 @@ def test_openai_implements_every_member_of_the_interface() -> None:
         WireFormat.__annotations__
     )
     assert members >= {"name", "route", "parse", "answer_usage", "stream_relay", "error_body"}
-    attributes = {"name", "bridge", "own_header_prefix"}
+    attributes = {"name", "bridge", "own_header_prefix", "own_guarded_relay"}
     assert members >= {"owns", *attributes}
     assert all(callable(getattr(OPENAI, n)) for n in members - attributes)
 
@@ -120,12 +121,13 @@ class FakeRelay:
         return None
 
 
-class Fake:
+class Fake(Stateless):
     """A minimal API: `{"model", "say", "stream"}` in, `{"said", "used"}` out."""
 
     name = "fake"
     bridge = None  # its answers are read as they are
     own_header_prefix = ""
+    own_guarded_relay: GuardedRelay | None = None
 
     def __init__(self) -> None:
         self.parsed: list[ParsedRequest] = []
@@ -153,15 +155,6 @@ class Fake:
         budget: float | None,
     ) -> TokenCount:
         return tokens.count_text(parsed.model, parsed.body["say"])
-
-    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
-        return ()
-
-    def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        return None
-
-    def stored_object(self, raw: bytes) -> str | None:
-        return None
 
     def token_count_body(self, tokens: int) -> bytes:
         return orjson.dumps({"tokens": tokens})

@@ -7,7 +7,7 @@ Each format is one module under extproc/wire/, registered in extproc/wire/__init
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,7 +17,9 @@ import orjson
 from ..errors import GatewayError, bad_request
 
 if TYPE_CHECKING:
+    from ..guard.pipeline import CompiledGuard
     from ..guard.texts import Slot
+    from ..guard.types import Span
     from ..sse import RelayedStream
     from ..tokens import TokenCount, TokenCounter
     from ..usage import Usage
@@ -85,6 +87,12 @@ class ParsedRequest:
     form: bytes | None = None
 
 
+# A guarded relay's factory: (find, holdback, owners) -> the relay (guard.pipeline.stream_finder).
+GuardedRelay = Callable[
+    ["Callable[[str], list[Span]]", int, "dict[str, CompiledGuard]"], "RelayedStream"
+]
+
+
 class ClientStream(Protocol):
     """An OpenAI chat completions chunk stream (`data: {...}` events, an error chunk, the usage
     chunk, `data: [DONE]`), as it arrives in pieces split anywhere, to the client API's event
@@ -137,6 +145,10 @@ class WireFormat(Protocol):
 
     name: str  # the registry's key, and the hand-over's (contract.Handover.wire)
     bridge: ChatBridge | None  # None: the API is OpenAI's chat completions' own
+    # The relay of a stream of the API's own events that response guards judge (find,
+    # holdback, owners: guard.pipeline.stream_finder); None: the API's guarded streams are judged
+    # as chat chunks, so such a request goes as chat completions (routing.served_natively).
+    own_guarded_relay: GuardedRelay | None
     # The prefix of the API's own request headers (Anthropic's version, betas, ...): they
     # reach a backend that speaks the API, never one the request is translated for. "" for
     # none.
@@ -229,6 +241,20 @@ class WireFormat(Protocol):
     def error_body(self, err: GatewayError) -> bytes:
         """A refusal in this API's error shape."""
         ...
+
+
+class Stateless:
+    """The WireFormat members of an API whose requests have its backends store nothing for
+    later calls (OpenAI's chat completions, Anthropic's Messages)."""
+
+    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
+        return ()
+
+    def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def stored_object(self, raw: bytes) -> str | None:
+        return None
 
 
 # -- what several formats read alike --------------------------------------------------------------

@@ -12,23 +12,26 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..base import Stateless
 from . import answer, request
 from .chat_bridge import BRIDGE
+from .guarded_stream import AnthropicGuardedRelay
 from .request import COUNT_TOKENS, MESSAGES
 from .stream import MessagesRelay
 
 if TYPE_CHECKING:
-    from ..base import ChatBridge
+    from ..base import ChatBridge, GuardedRelay
 
 __all__ = ["ANTHROPIC", "COUNT_TOKENS", "MESSAGES", "Anthropic"]
 
 
-class Anthropic:
+class Anthropic(Stateless):
     """WireFormat (extproc/wire/base.py) for Anthropic's Messages API."""
 
     name = "anthropic"
     bridge: ChatBridge | None = BRIDGE
     own_header_prefix = "anthropic-"
+    own_guarded_relay: GuardedRelay | None = AnthropicGuardedRelay
     owns = staticmethod(request.owns)
     route = staticmethod(request.route)
     parse = staticmethod(request.parse)
@@ -39,15 +42,6 @@ class Anthropic:
     answer_text = staticmethod(answer.answer_text)
     answer_slots = staticmethod(answer.answer_slots)
     error_body = staticmethod(answer.error_body)
-
-    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
-        return ()
-
-    def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        return None
-
-    def stored_object(self, raw: bytes) -> str | None:
-        return None
 
     def token_count_body(self, tokens: int) -> bytes:
         return orjson.dumps({"input_tokens": tokens})

@@ -4,8 +4,9 @@ OpenAI API and the servers that copy it (vLLM, Azure OpenAI, ...) speak them."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..base import Stateless
 from . import request
 from .answer import answer_slots, answer_text, answer_usage, drop_logprobs, error_body
 from .guarded_stream import GuardedStreamRelay
@@ -16,17 +17,18 @@ if TYPE_CHECKING:
     from ...errors import GatewayError
     from ...guard.pipeline import CompiledGuard
     from ...guard.types import Span
-    from ..base import ChatBridge, Endpoint
+    from ..base import ChatBridge, Endpoint, GuardedRelay
 
 __all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MODEL", "MODELS", "OPENAI", "OpenAI"]
 
 
-class OpenAI:
+class OpenAI(Stateless):
     """WireFormat (extproc/wire/base.py) for OpenAI's API."""
 
     name = "openai"
     bridge: ChatBridge | None = None
     own_header_prefix = ""
+    own_guarded_relay: GuardedRelay | None = None
     owns = staticmethod(request.owns)
     route = staticmethod(request.route)
     parse = staticmethod(request.parse)
@@ -38,15 +40,6 @@ class OpenAI:
     answer_text = staticmethod(answer_text)
     answer_slots = staticmethod(answer_slots)
     drop_logprobs = staticmethod(drop_logprobs)
-
-    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
-        return ()
-
-    def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        return None
-
-    def stored_object(self, raw: bytes) -> str | None:
-        return None
 
     def token_count_body(self, tokens: int) -> bytes:
         raise TypeError("OpenAI's chat completions API has no token count endpoint")

@@ -21,7 +21,7 @@ from .stream import ResponsesRelay
 
 if TYPE_CHECKING:
     from ...errors import GatewayError
-    from ..base import ChatBridge
+    from ..base import ChatBridge, GuardedRelay
 
 __all__ = ["INPUT_TOKENS", "RESPONSES", "RESPONSES_API", "Responses"]
 
@@ -32,6 +32,7 @@ class Responses:
     name = "responses"
     bridge: ChatBridge | None = BRIDGE
     own_header_prefix = ""
+    own_guarded_relay: GuardedRelay | None = None
     owns = staticmethod(request.owns)
     route = staticmethod(request.route)
     parse = staticmethod(request.parse)

@@ -1,0 +1,271 @@
+"""Response guards on a native Messages stream: mask text across deltas, or end the stream
+cleanly, on Anthropic's own events (so thinking signatures and prompt caching survive).
+
+The OpenAI counterpart is wire/openai/guarded_stream.py (GuardedStreamRelay); this relay keeps
+its rules on Anthropic's events:
+- a `text_delta`'s text goes through a StreamMasker per content block index (held back just
+  enough to see a match split across deltas) and the event is re-emitted with the released
+  text; an event that releases nothing is dropped (the SDK's accumulator only appends text,
+  and a client reading `text_stream` sees no empty pieces);
+- what a block's masker holds goes out as one more `text_delta` before the block's
+  `content_block_stop` (or the next `content_block_start`), and whatever any masker holds
+  before `message_delta`, `message_stop`, an `error` event and the end of the stream;
+- every other event (message_start, content_block_start, thinking_delta, signature_delta,
+  input_json_delta, citations_delta, message_delta, ping, error, comments, unknown events)
+  passes byte for byte, in order;
+- a guard that blocks (a deny keyword, a PII guard whose action is block) ends the stream with
+  Anthropic's error event (the SDK raises it as an APIStatusError); nothing after it reaches
+  the client, and the masked or blocked text itself is never released.
+
+The usage is read from the backend's bytes, untouched, by a MessagesRelay inside: exactly what a
+non-guarded native stream reads, including after a block (the backend goes on generating, and
+is charged for it).
+
+Limits of this first version: tool inputs (`input_json_delta`) and thinking (`thinking_delta`)
+pass unmasked and unjudged, so a PII value or a deny keyword in them is neither masked nor
+caught; a `text` a `content_block_start` carries (Anthropic sends it empty) is masked like a
+delta. Citations' quoted text (`citations_delta`) is not masked either. A re-emitted event is
+written `event: <its type>` + one data line: any `id:`/comment lines it had are dropped
+(Anthropic sends none).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ...guard.stream_mask import StreamMasker
+from ...guard.types import Span, Verdict
+from .stream import MessagesRelay
+
+if TYPE_CHECKING:
+    from ...guard.pipeline import CompiledGuard
+    from ...usage import Usage
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+# Events before which every masker's held text goes out (the message or the stream ends).
+_ENDING = ("message_delta", "message_stop", "error")
+
+
+class AnthropicGuardedRelay:
+    """sse.RelayedStream for a native Messages stream with response guards: `feed` answers the
+    bytes to send in place of each chunk."""
+
+    __slots__ = (
+        "_buf",
+        "_data",
+        "_find",
+        "_has_data",
+        "_holdback",
+        "_maskers",
+        "_owners",
+        "_raw",
+        "_reader",
+        "blocked",
+    )
+
+    def __init__(
+        self,
+        find: Callable[[str], list[Span]],
+        holdback: int,
+        owners: dict[str, CompiledGuard],
+    ) -> None:
+        self._find = find
+        self._holdback = holdback
+        self._owners = owners
+        self._reader = MessagesRelay()  # the usage, read from the backend's own bytes
+        self._buf = bytearray()  # bytes of lines not yet complete
+        self._raw = bytearray()  # the current event's lines, as they came
+        self._data: list[bytes] = []
+        self._has_data = False
+        self._maskers: dict[Any, StreamMasker] = {}  # content block index -> its text's masker
+        self.blocked: Verdict | None = None
+
+    # -- what the stages read (MessagesRelay's reading) -----------------------------------------
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._reader.usage
+
+    @property
+    def partial_usage(self) -> Usage | None:
+        return self._reader.partial_usage
+
+    @property
+    def error_code(self) -> str | None:
+        return self._reader.error_code
+
+    @property
+    def events(self) -> int:
+        return self._reader.events
+
+    @property
+    def expects_usage(self) -> bool:
+        return self._reader.expects_usage
+
+    @property
+    def text(self) -> str:
+        """What the backend generated (before masking), for our own count of a cut stream."""
+        return self._reader.text
+
+    # -- the relay ------------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes, end_of_stream: bool) -> bytes:
+        self._reader.feed(chunk, end_of_stream)
+        if self.blocked is not None:
+            return b""  # nothing more reaches the client; the usage was read above
+        out = bytearray()
+        buf = self._buf
+        buf += chunk
+        start = 0
+        for match in _EOL.finditer(buf):
+            if match.group() == b"\r" and match.end() == len(buf) and not end_of_stream:
+                break  # a CR at the very end: its LF may come with the next chunk
+            out += self._line(bytes(buf[start : match.start()]), match.group())
+            start = match.end()
+            if self.blocked is not None:
+                break
+        if self.blocked is not None:
+            buf.clear()  # nothing after the error event
+            return bytes(out)
+        del buf[:start]
+        if end_of_stream:
+            out += self._end()
+        return bytes(out)
+
+    def _line(self, line: bytes, eol: bytes) -> bytes:
+        """One whole line: b"" until it ends an event, then what goes out for the event."""
+        if line:
+            self._raw += line + eol
+            name, _, value = line.partition(b":")
+            if name == b"data":
+                self._data.append(value[1:] if value[:1] == b" " else value)
+                self._has_data = True
+            return b""
+        raw = bytes(self._raw) + eol
+        data = b"\n".join(self._data) if self._has_data else None
+        self._raw.clear()
+        self._data.clear()
+        self._has_data = False
+        if data is None:
+            return raw  # a blank line, comments, fields without data: as they came
+        return self._event(raw, data)
+
+    def _event(self, raw: bytes, data: bytes) -> bytes:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return raw
+        if not isinstance(event, dict):
+            return raw
+        kind = event.get("type")
+        index = event.get("index", 0)
+        if kind == "content_block_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                return self._text_delta(event, delta, index)
+            return raw
+        if kind == "content_block_start":
+            flushed = self._flush(lambda key: True)
+            if self.blocked is not None:
+                return flushed
+            block = event.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                text = block["text"]
+                if isinstance(text, str):
+                    block["text"] = self._masker(index).feed(text)
+                    if self._blocks(index):
+                        return flushed + self._error()
+                    return flushed + _encode("content_block_start", event)
+            return flushed + raw
+        if kind == "content_block_stop":
+            flushed = self._flush(lambda key: key == index)
+            return flushed if self.blocked is not None else flushed + raw
+        if kind in _ENDING:
+            flushed = self._flush(lambda key: True)
+            return flushed if self.blocked is not None else flushed + raw
+        return raw
+
+    def _text_delta(self, event: dict[str, Any], delta: dict[str, Any], index: Any) -> bytes:
+        text = delta.get("text")
+        if not isinstance(text, str):
+            return _encode("content_block_delta", event)
+        released = self._masker(index).feed(text)
+        if self._blocks(index):
+            return self._error()
+        if not released:
+            return b""  # all of it held back: it goes out with a later event
+        delta["text"] = released
+        return _encode("content_block_delta", event)
+
+    def _flush(self, which: Callable[[Any], bool]) -> bytes:
+        """The held text of the blocks `which` picks, one text_delta each (the error event
+        instead, if what they held blocks the stream). Their maskers are done with."""
+        out = bytearray()
+        for index in [key for key in self._maskers if which(key)]:
+            masker = self._maskers[index]
+            rest = masker.flush()
+            if self._blocks(index):
+                return bytes(out) + self._error()
+            del self._maskers[index]
+            if rest:
+                event = {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": rest},
+                }
+                out += _encode("content_block_delta", event)
+        return bytes(out)
+
+    def _end(self) -> bytes:
+        """End of stream: an unfinished event goes on as it came, after any held text."""
+        flushed = self._flush(lambda key: True)
+        if self.blocked is not None:
+            return flushed
+        tail = bytes(self._raw) + bytes(self._buf)
+        self._raw.clear()
+        self._buf.clear()
+        self._data.clear()
+        self._has_data = False
+        return flushed + tail
+
+    def _masker(self, index: Any) -> StreamMasker:
+        masker = self._maskers.get(index)
+        if masker is None:
+            masker = self._maskers[index] = StreamMasker(self._find, self._holdback)
+        return masker
+
+    def _blocks(self, index: Any) -> bool:
+        """Whether what this block's masker found blocks the stream (as the chat relay's
+        `_check` decides: a deny guard's match, or a guard whose action is block)."""
+        masker = self._maskers.get(index)
+        if masker is None:
+            return False
+        for kind in masker.counts:
+            guard = self._owners.get(kind)
+            if guard is None:
+                continue
+            if guard.deny is not None:
+                self.blocked = Verdict("block", guard.name, reason=f"matched {kind}")
+            elif guard.spec.action == "block":
+                self.blocked = Verdict("block", guard.name, reason="sensitive data")
+            else:
+                continue
+            return True
+        return False
+
+    def _error(self) -> bytes:
+        verdict = self.blocked
+        assert verdict is not None
+        message = (
+            f"The response was stopped by the gateway's content policy (guard '{verdict.guard}')."
+        )
+        body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        return _encode("error", body)
+
+
+def _encode(kind: str, event: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
