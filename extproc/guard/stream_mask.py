@@ -7,10 +7,14 @@ text to be sure, and releases the rest already masked.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from .detectors import mask
-from .types import Span
+from .types import Span, Verdict
+
+if TYPE_CHECKING:
+    from .pipeline import CompiledGuard
 
 # Released text kept in front of the unreleased text, beyond `holdback`, so that boundary
 # checks looking behind a match (e.g. "not preceded by a digit") see what the whole text has.
@@ -92,3 +96,17 @@ class StreamMasker:
         self._buf = buf[drop:]
         self._released = end - drop
         return out
+
+
+def stream_block(masker: StreamMasker, owners: Mapping[str, CompiledGuard]) -> Verdict | None:
+    """The verdict that ends a guarded stream, from what its masker found: a deny guard's
+    match, or a match of a guard whose action is block (a masking guard's is masked)."""
+    for kind in masker.counts:
+        guard = owners.get(kind)
+        if guard is None:
+            continue
+        if guard.deny is not None:
+            return Verdict("block", guard.name, reason=f"matched {kind}")
+        if guard.spec.action == "block":
+            return Verdict("block", guard.name, reason="sensitive data")
+    return None

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ...guard.stream_mask import StreamMasker
+from ...guard.stream_mask import StreamMasker, stream_block
 from ...guard.types import Span, Verdict
 from .stream import MessagesRelay
 
@@ -244,18 +244,10 @@ class AnthropicGuardedRelay:
         masker = self._maskers.get(index)
         if masker is None:
             return False
-        for kind in masker.counts:
-            guard = self._owners.get(kind)
-            if guard is None:
-                continue
-            if guard.deny is not None:
-                self.blocked = Verdict("block", guard.name, reason=f"matched {kind}")
-            elif guard.spec.action == "block":
-                self.blocked = Verdict("block", guard.name, reason="sensitive data")
-            else:
-                continue
-            return True
-        return False
+        verdict = stream_block(masker, self._owners)
+        if verdict is not None:
+            self.blocked = verdict
+        return verdict is not None
 
     def _error(self) -> bytes:
         verdict = self.blocked

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ...guard.stream_mask import StreamMasker
+from ...guard.stream_mask import StreamMasker, stream_block
 from ...guard.types import Span, Verdict
 from ...sse import SSEParser
 from ...usage import Usage
@@ -254,17 +254,7 @@ class GuardedStreamRelay:
         return out
 
     def _check(self, masker: StreamMasker) -> None:
-        for kind in masker.counts:
-            guard = self._owners.get(kind)
-            if guard is None:
-                continue
-            if guard.deny is not None:
-                self.blocked = Verdict("block", guard.name, reason=f"matched {kind}")
-            elif guard.spec.action == "block":
-                self.blocked = Verdict("block", guard.name, reason="sensitive data")
-            else:
-                continue
-            return
+        self.blocked = self.blocked or stream_block(masker, self._owners)
 
     def _flush_event(self) -> bytes:
         """What every masker still holds, as one last chunk, before the stream ends."""
