@@ -216,11 +216,13 @@ class Admission:
         references = self.wire.stored_references(parsed.body)
         if not references or not native:
             return  # (a translated request refuses them itself: chat keeps no state)
+        cfg = self.rt.config
+        shared = cfg.quota.store == "redis" or cfg.sidecar.workers == 1
         for object_id in references:
-            if target is None:
+            if target is None or not shared:
                 raise bad_request(
-                    "previous_response_id needs a model one backend serves: the gateway "
-                    "cannot steer a failover pool or canary split to the one that stores it",
+                    "previous_response_id needs a model one backend serves, and a gateway whose "
+                    "sidecar processes share their records (one worker, or quota.store: redis)",
                     "unsupported_parameter",
                     "previous_response_id",
                 )

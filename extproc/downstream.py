@@ -87,6 +87,7 @@ class DownstreamStream:
         "services",
         "started",
         "status",
+        "stores",
         "stream_block_recorded",
         "strip_usage",
         "team",
@@ -122,6 +123,7 @@ class DownstreamStream:
         # A bridged API's client served as it speaks (RequestPlan.native): its backend's answer,
         # not Envoy's own reply, is in the client's API as it is.
         self.native = False
+        self.stores = False  # the backend may store the answer for later calls (ownership.py)
         self.api_headers: list[str] = []  # the client's headers of its API's own (anthropic-*)
         self.deleting: str | None = None  # a stored Response this request deletes
         self.form_boundary: str | None = None  # a multipart body's, from its Content-Type
@@ -279,6 +281,7 @@ class DownstreamStream:
             self.rt.config.quota.store == "redis" or self.rt.config.sidecar.workers == 1,
         )
         self.observe, self.strip_usage, self.native = plan.observe, plan.strip_usage, plan.native
+        self.stores = plan.stores
         self.known_backend = target is not None
         route_attributes: dict[str, Any] = {"extproc.model": model, "extproc.pool": pool}
         if target is not None:
@@ -505,7 +508,7 @@ class DownstreamStream:
         """The team owns the object its native answer had the backend store (ownership.py)."""
         admitted = self.admitted
         backend = self.backend or (self.answering.backend if self.answering else None)
-        if object_id is None or admitted is None or not backend:
+        if object_id is None or admitted is None or not backend or not self.stores:
             return
         if admitted.request.body.get("store") is False:
             return
@@ -584,7 +587,8 @@ class DownstreamStream:
         """The relay of a stream that passes this stage. Every stream is read as OpenAI's
         chunks (usage, text, response guards), but one that is in the client's API as it is:
         a provider's events are made OpenAI's first, a bridged client's chunks made its own
-        last (wire/bridge.py). A guarded stream is judged as chat chunks whatever its API."""
+        last (wire/bridge.py). A guarded stream is judged as chat chunks, but one in an API
+        with a guarded relay of its own events, served natively (WireFormat.own_guarded_relay)."""
         admitted = self.admitted
         guards = self.admission.response_guards if self.admission is not None else ()
         guarded = bool(guards) and admitted is not None and 200 <= self.status < 300

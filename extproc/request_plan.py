@@ -64,6 +64,8 @@ class RequestPlan:
     # A client of another API than OpenAI's chat completions is served as it speaks: its
     # backend's answer is in the client's API (routing.served_natively).
     native: bool
+    # The request may have its backend store the answer for later calls (ownership.py).
+    stores: bool
     release: bool  # the stage lets the request go with its body (AnswerPath.LOGGED)
     strip_usage: bool  # the gateway asked for the stream's usage: cut it from the client's
     set_headers: dict[str, str]
@@ -151,7 +153,8 @@ def plan(
             or (sidecar.stream_path == "auto" and request.include_usage)
         )
     )
-    if native and (target is None or not shared_records):
+    stores = native and target is not None and shared_records
+    if native and not stores:
         unstored = admitted.wire.unstored(body)
         if unstored is not None:
             # A Response stored by whichever backend Envoy picks, or recorded by one of several
@@ -225,6 +228,7 @@ def plan(
     return RequestPlan(
         observe=observe,
         native=native,
+        stores=stores,
         release=release,
         strip_usage=strip_usage,
         set_headers=set_headers,

@@ -298,3 +298,204 @@ def test_the_sdk_raises_the_block() -> None:
             "message": "The response was stopped by the gateway's content policy (guard 'deny').",
         },
     }
+
+
+# -- what the relay cannot read or judge is left out, never passed unjudged ----------------------
+
+START0 = TEXT_START.replace(b'"index":1', b'"index":0')
+ERROR_DENY = (
+    "error",
+    {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "The response was stopped by the gateway's content policy (guard 'deny').",
+        },
+    },
+)
+
+
+def unparseable(piece: str, extra: bytes) -> bytes:
+    """A text delta whose JSON orjson refuses but the SDK's json.loads reads."""
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"' + piece.encode() + b'"}' + extra + b"}\n\n"
+    )
+
+
+@pytest.mark.parametrize("extra", [b',"x":NaN', b',"x":"\\ud800"'], ids=["nan", "lone-surrogate"])
+def test_an_unparseable_text_delta_is_left_out(extra: bytes) -> None:
+    bad = unparseable(f"Mail {EMAIL}", extra)
+    stop = ev("content_block_stop", index=0)
+    out = run(relay(), [MESSAGE_START, START0, bad, stop, *MESSAGE_END])
+    assert EMAIL.encode() not in out
+    assert out == MESSAGE_START + START0 + stop + b"".join(MESSAGE_END)
+    with sdk(out).messages.stream(
+        model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}]
+    ) as stream:
+        pieces = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert EMAIL not in pieces and pieces == ""
+    assert final.stop_reason == "end_turn"
+
+
+def test_an_unparseable_deny_keyword_is_left_out() -> None:
+    bad = unparseable("now self-destruct", b',"x":NaN')
+    out = run(relay(DENY), [MESSAGE_START, START0, bad, *MESSAGE_END])
+    assert b"self-destruct" not in out
+    assert out == MESSAGE_START + START0 + b"".join(MESSAGE_END)
+
+
+def test_an_unfinished_last_event_with_data_is_left_out() -> None:
+    tail = text(0, f"Mail {EMAIL}")[:-1]  # the data line whole, the blank line missing
+    out = run(relay(), [MESSAGE_START, START0, tail])
+    assert EMAIL.encode() not in out and out == MESSAGE_START + START0
+    # Cut inside the data line too.
+    out = run(relay(), [MESSAGE_START, START0, tail[:-10]])
+    assert b"jane" not in out and out == MESSAGE_START + START0
+
+
+def test_an_unfinished_last_event_with_a_deny_keyword_is_left_out() -> None:
+    r = relay(DENY)
+    out = run(r, [MESSAGE_START, START0, text(0, "now self-destruct")[:-1]])
+    assert b"self-destruct" not in out and out == MESSAGE_START + START0
+
+
+@pytest.mark.parametrize("index", [[0], {"i": 0}, "0", 1.5], ids=["list", "dict", "str", "float"])
+def test_an_event_with_an_odd_index_is_left_out_without_raising(index: Any) -> None:
+    bad = ev("content_block_delta", index=index, delta={"type": "text_delta", "text": EMAIL})
+    out = run(relay(), [MESSAGE_START, START0, bad, *MESSAGE_END])
+    assert EMAIL.encode() not in out
+    assert out == MESSAGE_START + START0 + b"".join(MESSAGE_END)
+
+
+def test_an_event_too_deep_to_reencode_is_left_out_without_raising() -> None:
+    # orjson.loads takes 1024 levels, orjson.dumps only 254.
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "x"},
+    }
+    bad = (
+        b"event: content_block_delta\ndata: "
+        + orjson.dumps(delta)[:-1]
+        + b',"x":'
+        + b"[" * 300
+        + b"]" * 300
+        + b"}\n\n"
+    )
+    out = run(relay(), [MESSAGE_START, START0, bad, text(0, "Hello"), *MESSAGE_END])
+    assert b"[[[" not in out
+    assert out.startswith(MESSAGE_START + START0) and out.endswith(b"".join(MESSAGE_END))
+    assert "".join(texts(out)) in ("Hello", "xHello")  # (the masker may have held the "x")
+
+
+# -- tool inputs are masked like text; thinking is judged but not masked --------------------------
+
+
+def tool_use(index: int, *pieces: str) -> list[bytes]:
+    block = {"type": "tool_use", "id": "toolu_1", "name": "mail", "input": {}}
+    return [
+        ev("content_block_start", index=index, content_block=block),
+        *(
+            ev(
+                "content_block_delta",
+                index=index,
+                delta={"type": "input_json_delta", "partial_json": p},
+            )
+            for p in pieces
+        ),
+        ev("content_block_stop", index=index),
+    ]
+
+
+def test_a_deny_keyword_in_a_tool_input_ends_the_stream_as_the_chat_relay_does() -> None:
+    from extproc.wire.openai import CHAT
+    from extproc.wire.openai.guarded_stream import GuardedStreamRelay
+
+    r = relay(DENY)
+    out = run(r, [MESSAGE_START, *tool_use(0, '{"cmd": "self-', 'destruct"}'), *MESSAGE_END])
+    got = events(out)
+    assert got[-1] == ERROR_DENY and [k for k, _ in got].count("error") == 1
+    assert b"self-" not in out and b"destruct" not in out
+    assert r.blocked is not None and r.blocked.guard == "deny"
+    assert not any(k in ("content_block_stop", "message_delta", "message_stop") for k, _ in got)
+    # The chat relay blocks the same call.
+    call = {"name": "bash", "arguments": '{"cmd": "self-destruct"}'}
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": None,
+                "delta": {
+                    "tool_calls": [{"index": 0, "id": "t", "type": "function", "function": call}]
+                },
+            }
+        ],
+    }
+    g = GuardedStreamRelay(CHAT, False, *finder(orjson.dumps(DENY).decode()))
+    g.feed(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n", True)
+    assert g.blocked is not None
+
+
+def test_a_pii_value_in_a_tool_input_is_masked_and_the_input_still_parses() -> None:
+    tool = tool_use(0, '{"to": "jane.', "doe@exam", 'ple.com", "n": 1}')
+    out = run(relay(), [MESSAGE_START, *tool, *MESSAGE_END])
+    assert b"jane" not in out and b"example" not in out
+    partial = "".join(
+        e["delta"]["partial_json"]
+        for k, e in events(out)
+        if k == "content_block_delta" and e["delta"]["type"] == "input_json_delta"
+    )
+    assert orjson.loads(partial) == {"to": "[EMAIL]", "n": 1}
+    with sdk(out).messages.stream(
+        model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}]
+    ) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["tool_use"]
+    assert final.content[0].input == {"to": "[EMAIL]", "n": 1}  # type: ignore[union-attr]
+
+
+def test_thinking_is_judged_for_blocks_but_not_masked() -> None:
+    both = {**PII, **DENY}
+    # A PII value in thinking passes unchanged, with its signature.
+    out = run(relay(both), STREAM)
+    assert out.startswith(MESSAGE_START + b"".join(THINKING))
+    with sdk(out).messages.stream(
+        model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}]
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].thinking == f"Mail {EMAIL}?"  # type: ignore[union-attr]
+    assert final.content[0].signature == SIGNATURE  # type: ignore[union-attr]
+    assert final.content[1].text == "Write to [EMAIL]"  # type: ignore[union-attr]
+    # A deny keyword in thinking (split across deltas) ends the stream.
+    thinking = [
+        ev("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
+        ev(
+            "content_block_delta",
+            index=0,
+            delta={"type": "thinking_delta", "thinking": "I will self-"},
+        ),
+        ev(
+            "content_block_delta",
+            index=0,
+            delta={"type": "thinking_delta", "thinking": "destruct."},
+        ),
+        ev(
+            "content_block_delta",
+            index=0,
+            delta={"type": "signature_delta", "signature": SIGNATURE},
+        ),
+        ev("content_block_stop", index=0),
+    ]
+    r = relay(both)
+    out = run(r, [MESSAGE_START, *thinking, TEXT_START, text(1, "Done."), *MESSAGE_END])
+    got = events(out)
+    assert got[-1] == ERROR_DENY and r.blocked is not None and r.blocked.guard == "deny"
+    assert [k for k, _ in got].count("error") == 1
+    # Nothing after the block reaches the client (the thinking itself, not held back so that it
+    # passes unchanged, has gone out before it).
+    assert b"Done." not in out and TEXT_START not in out and b"message_stop" not in out

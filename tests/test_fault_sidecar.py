@@ -380,6 +380,11 @@ def worker_pids(stack: Stack) -> list[int]:
 
 def test_requests_on_a_killed_worker_are_answered_and_the_others_served(workers: Stack) -> None:
     wait_serving(workers)
+    # (One worker serving does not mean both have started: on a loaded machine the second
+    # may still be coming up.)
+    deadline = time.monotonic() + 20
+    while len(worker_pids(workers)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     pids = worker_pids(workers)
     assert len(pids) == 2, pids
     for pid in pids:

@@ -10,9 +10,13 @@ its rules on Anthropic's events:
 - what a block's masker holds goes out as one more `text_delta` before the block's
   `content_block_stop` (or the next `content_block_start`), and whatever any masker holds
   before `message_delta`, `message_stop`, an `error` event and the end of the stream;
-- every other event (message_start, content_block_start, thinking_delta, signature_delta,
-  input_json_delta, citations_delta, message_delta, ping, error, comments, unknown events)
-  passes byte for byte, in order;
+- a tool input's `input_json_delta` is masked the same way (its JSON text: a mask has no quote
+  to break its strings); a `thinking_delta` is judged but passes as it is (masking it would
+  void its signature): only a block stops it;
+- every other event (message_start, content_block_start, signature_delta, citations_delta,
+  message_delta, ping, error, comments, unknown events) passes byte for byte, in order;
+- what the relay cannot read or judge (JSON it cannot parse that may carry text, an event it
+  fails on, an unfinished event at the end of the stream) is left out, never passed unjudged;
 - a guard that blocks (a deny keyword, a PII guard whose action is block) ends the stream with
   Anthropic's error event (the SDK raises it as an APIStatusError); nothing after it reaches
   the client, and the masked or blocked text itself is never released.
@@ -21,16 +25,19 @@ The usage is read from the backend's bytes, untouched, by a MessagesRelay inside
 non-guarded native stream reads, including after a block (the backend goes on generating, and
 is charged for it).
 
-Limits of this first version: tool inputs (`input_json_delta`) and thinking (`thinking_delta`)
-pass unmasked and unjudged, so a PII value or a deny keyword in them is neither masked nor
-caught; a `text` a `content_block_start` carries (Anthropic sends it empty) is masked like a
-delta. Citations' quoted text (`citations_delta`) is not masked either. A re-emitted event is
+Limits: thinking is neither masked nor held back (its signature covers it as sent): a PII value
+in it passes, and a deny keyword in it ends the stream, but after the thinking that said it has
+reached the client (the masked or blocked text that is never released is the answer's text
+and tool inputs); a `text` a `content_block_start` carries (Anthropic sends it empty) is masked
+like a delta. Citations'
+quoted text (`citations_delta`) is not judged. A re-emitted event is
 written `event: <its type>` + one data line: any `id:`/comment lines it had are dropped
 (Anthropic sends none).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -45,7 +52,13 @@ if TYPE_CHECKING:
     from ...guard.pipeline import CompiledGuard
     from ...usage import Usage
 
+log = logging.getLogger("extproc.wire.anthropic")
+
 _EOL = re.compile(rb"\r\n|\r|\n")
+# The deltas whose text is masked, and the key of their text.
+_MASKED = {"text_delta": "text", "input_json_delta": "partial_json"}
+# Event data that may carry text a guard must judge.
+_MAY_HOLD_TEXT = re.compile(rb"text|partial_json|thinking")
 # Events before which every masker's held text goes out (the message or the stream ends).
 _ENDING = ("message_delta", "message_stop", "error")
 
@@ -60,6 +73,7 @@ class AnthropicGuardedRelay:
         "_find",
         "_has_data",
         "_holdback",
+        "_kinds",
         "_maskers",
         "_owners",
         "_raw",
@@ -81,7 +95,9 @@ class AnthropicGuardedRelay:
         self._raw = bytearray()  # the current event's lines, as they came
         self._data: list[bytes] = []
         self._has_data = False
-        self._maskers: dict[Any, StreamMasker] = {}  # content block index -> its text's masker
+        # content block index -> its text's masker (("thinking", index): a thinking detector)
+        self._maskers: dict[Any, StreamMasker] = {}
+        self._kinds: dict[int, str] = {}  # content block index -> the kind of delta it masks
         self.blocked: Verdict | None = None
 
     # -- what the stages read (MessagesRelay's reading) -----------------------------------------
@@ -156,17 +172,32 @@ class AnthropicGuardedRelay:
 
     def _event(self, raw: bytes, data: bytes) -> bytes:
         try:
+            return self._judged(raw, data)
+        except Exception:
+            # (It should not raise.) An event the relay could not judge may hold text: it is
+            # left out, never passed unjudged, and the gRPC stream is not torn down.
+            log.exception("an Anthropic event could not be judged; left out")
+            return b""
+
+    def _judged(self, raw: bytes, data: bytes) -> bytes:
+        try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return raw
+            # JSON the relay cannot read may still be read by a client (NaN, a lone surrogate
+            # escape): one that may carry text is left out rather than passed unjudged.
+            return b"" if _MAY_HOLD_TEXT.search(data) else raw
         if not isinstance(event, dict):
             return raw
         kind = event.get("type")
         index = event.get("index", 0)
+        if not isinstance(index, int):
+            return b""  # not an event of this API a client could place
         if kind == "content_block_delta":
             delta = event.get("delta")
-            if isinstance(delta, dict) and delta.get("type") == "text_delta":
-                return self._text_delta(event, delta, index)
+            if isinstance(delta, dict) and delta.get("type") in _MASKED:
+                return self._delta(event, delta, index)
+            if isinstance(delta, dict) and delta.get("type") == "thinking_delta":
+                return self._thinking(raw, delta, index)
             return raw
         if kind == "content_block_start":
             flushed = self._flush(lambda key: True)
@@ -189,17 +220,36 @@ class AnthropicGuardedRelay:
             return flushed if self.blocked is not None else flushed + raw
         return raw
 
-    def _text_delta(self, event: dict[str, Any], delta: dict[str, Any], index: Any) -> bytes:
-        text = delta.get("text")
+    def _delta(self, event: dict[str, Any], delta: dict[str, Any], index: int) -> bytes:
+        """A text or tool input delta: masked (a tool input's JSON text too: a mask has no
+        quote to break its strings)."""
+        kind = delta["type"]
+        key = _MASKED[kind]
+        text = delta.get(key)
         if not isinstance(text, str):
             return _encode("content_block_delta", event)
+        self._kinds[index] = kind
         released = self._masker(index).feed(text)
         if self._blocks(index):
             return self._error()
         if not released:
             return b""  # all of it held back: it goes out with a later event
-        delta["text"] = released
+        delta[key] = released
         return _encode("content_block_delta", event)
+
+    def _thinking(self, raw: bytes, delta: dict[str, Any], index: int) -> bytes:
+        """Thinking is judged, not masked (its signature must stay valid): it passes as it is
+        unless what it says blocks the stream."""
+        text = delta.get("thinking")
+        if isinstance(text, str):
+            key = ("thinking", index)
+            masker = self._maskers.get(key)
+            if masker is None:
+                masker = self._maskers[key] = StreamMasker(self._find, self._holdback)
+            masker.feed(text)
+            if self._blocks(key):
+                return self._error()
+        return raw
 
     def _flush(self, which: Callable[[Any], bool]) -> bytes:
         """The held text of the blocks `which` picks, one text_delta each (the error event
@@ -211,21 +261,25 @@ class AnthropicGuardedRelay:
             if self._blocks(index):
                 return bytes(out) + self._error()
             del self._maskers[index]
-            if rest:
+            if rest and isinstance(index, int):  # (a thinking detector releases nothing)
+                kind = self._kinds.pop(index, "text_delta")
                 event = {
                     "type": "content_block_delta",
                     "index": index,
-                    "delta": {"type": "text_delta", "text": rest},
+                    "delta": {"type": kind, _MASKED[kind]: rest},
                 }
                 out += _encode("content_block_delta", event)
         return bytes(out)
 
     def _end(self) -> bytes:
-        """End of stream: an unfinished event goes on as it came, after any held text."""
+        """End of stream: any held text goes out; an unfinished event is left out when it
+        has data (it may hold text no guard judged), else it goes on as it came."""
         flushed = self._flush(lambda key: True)
         if self.blocked is not None:
             return flushed
         tail = bytes(self._raw) + bytes(self._buf)
+        if self._has_data or b"data" in tail:
+            tail = b""
         self._raw.clear()
         self._buf.clear()
         self._data.clear()

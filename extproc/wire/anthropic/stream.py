@@ -58,4 +58,4 @@ class MessagesRelay:
 
     @property
     def blocked(self) -> Verdict | None:
-        return None  # a guarded stream is judged as chat chunks (downstream.py)
+        return None  # a guarded stream has its own relay (guarded_stream.py)
