@@ -122,6 +122,32 @@ def test_tool_call_arguments_refusals_and_logprobs_are_guarded_in_streams() -> N
     assert got[-1] == b"[DONE]"
 
 
+def test_json_the_relay_cannot_read_is_judged_as_a_client_reads_it_or_left_out() -> None:
+    """A chunk orjson refuses but a client's parser reads (NaN, a lone surrogate escape) is
+    read the stdlib's way and masked; one nobody can read that may hold text is left out:
+    never passed unjudged."""
+    import json
+
+    r = relay()
+    nan = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"write to '
+        + EMAIL.encode()
+        + b' now"},"logprobs":null,"x":NaN}]}\n\n'
+    )
+    surrogate = b'data: {"choices":[{"index":0,"delta":{"content":"\\ud800 ok"}}]}\n\n'
+    broken = b'data: {"choices":[{"delta":{"content":"' + EMAIL.encode() + b'"\n\n'
+    out = b"".join(r.feed(c, False) for c in (nan, surrogate, broken))
+    out += r.feed(b"data: [DONE]\n\n", True)
+    assert EMAIL.encode() not in out
+    texts = [
+        ch["delta"].get("content") or ""
+        for block in out.split(b"\n\n")
+        if block.startswith(b"data: {")
+        for ch in json.loads(block[6:])["choices"]
+    ]
+    assert "".join(texts) == "write to [EMAIL] now\ud800 ok"
+
+
 def test_a_blocked_stream_still_reads_the_backends_usage() -> None:
     r = relay(deny={"type": "deny", "keywords": ["self-destruct"]})
     first = r.feed(

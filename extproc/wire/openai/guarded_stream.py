@@ -11,6 +11,8 @@ itself is never released.
 from __future__ import annotations
 
 import io
+import json
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from ...guard.pipeline import CompiledGuard
 
 _DONE = b"[DONE]"
+# Event data that may carry text a guard must judge.
+_MAY_HOLD_TEXT = re.compile(rb"content|refusal|reasoning|arguments|text")
 # Text fields of a chat delta besides tool-call arguments (`reasoning`: vLLM's newer name).
 _DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
 
@@ -126,7 +130,13 @@ class GuardedStreamRelay:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return _frame(data)
+            # JSON a client's parser may still read (NaN, a lone surrogate escape): read as it
+            # does and judged; what nobody can read but may hold text is left out, never passed
+            # unjudged.
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return b"" if _MAY_HOLD_TEXT.search(data) else _frame(data)
         if not isinstance(obj, dict):
             return _frame(data)
         if "usage" in obj:
@@ -138,7 +148,7 @@ class GuardedStreamRelay:
         if choices == [] and isinstance(obj.get("usage"), dict) and self._strip:
             return b""  # the usage report the client did not ask for
         if not isinstance(choices, list) or not choices:
-            return _frame(orjson.dumps(obj))
+            return _frame(_dumps(obj))
         self._last = obj
         superseded: dict[tuple[Any, ...], str] = {}
         for choice in choices:
@@ -148,7 +158,7 @@ class GuardedStreamRelay:
                     self._choice(choice)
                 if self.blocked is not None:
                     return self._error()
-        return self._chunk(superseded) + _frame(orjson.dumps(obj))
+        return self._chunk(superseded) + _frame(_dumps(obj))
 
     def _superseded(self, choice: dict[str, Any]) -> dict[tuple[Any, ...], str]:
         """What the fields a delta moves on from still hold (text before a tool call, one call's
@@ -188,7 +198,7 @@ class GuardedStreamRelay:
         template = self._last or {}
         obj = {k: v for k, v in template.items() if k not in ("choices", "usage")}
         obj["choices"] = list(choices.values())
-        return _frame(orjson.dumps(obj))
+        return _frame(_dumps(obj))
 
     def _choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
@@ -280,6 +290,15 @@ class GuardedStreamRelay:
             piece = text[: self.text_cap - self._text_len]
             self._text.write(piece)
             self._text_len += len(piece)
+
+
+def _dumps(obj: Any) -> bytes:
+    """The event's JSON; what orjson cannot write (a lone surrogate a backend sent, NaN) as the
+    stdlib writes it, every non-ASCII character escaped."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _starts_call(choice: dict[str, Any], tool: Any) -> bool:
