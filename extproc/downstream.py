@@ -260,7 +260,7 @@ class DownstreamStream:
             return protocol.passthrough("request_body")
         assert self.report is not None
         if self.form_boundary is not None:
-            form.fields(msg.body, self.form_boundary)  # (the 400 of a body not of this boundary)
+            form.check_opening(msg.body, self.form_boundary)
         if self.admission.endpoint.operation is Operation.COUNT_TOKENS:
             return await self._count_tokens(msg.body)
         admitted = await self.admission.admit(msg.body, self.started)

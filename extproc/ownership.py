@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -56,9 +57,7 @@ async def record(store: QuotaStore, kind: str, object_id: str, owner: Owner) -> 
 
 def remember(store: QuotaStore, kind: str, object_id: str, owner: Owner) -> None:
     """`record` in the background: the answer that created the object is not held for it."""
-    task = asyncio.ensure_future(record(store, kind, object_id, owner))
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
+    _in_background(record(store, kind, object_id, owner))
 
 
 async def owned(store: QuotaStore, kind: str, object_id: str, team: str) -> Owner:
@@ -84,9 +83,7 @@ async def owned(store: QuotaStore, kind: str, object_id: str, team: str) -> Owne
 
 def forget_later(store: QuotaStore, kind: str, object_id: str) -> None:
     """`forget` in the background (the answer that deleted the object is not held for it)."""
-    task = asyncio.ensure_future(forget(store, kind, object_id))
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
+    _in_background(forget(store, kind, object_id))
 
 
 async def forget(store: QuotaStore, kind: str, object_id: str) -> None:
@@ -104,3 +101,10 @@ def _parse(value: str | None) -> Owner | None:
     except (orjson.JSONDecodeError, ValueError, TypeError):
         return None
     return Owner(str(team), str(model), str(backend))
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    # A reference is kept until it is done: the loop holds only a weak one.
+    task = asyncio.ensure_future(work)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)

@@ -40,9 +40,15 @@ def is_form(raw: bytes) -> bool:
     return raw.startswith(b"--")
 
 
-def _parts(raw: bytes, mark: bytes | None = None) -> list[tuple[bytes, int, int]]:
-    """Each part's name and the span of its content in `raw`; `mark`: the boundary (else the
-    body's first line, once the Content-Type's was checked against it)."""
+def check_opening(raw: bytes, mark: str) -> None:
+    """The body starts with the delimiter line of `mark`, the Content-Type's boundary (400
+    otherwise): the parts are then read with the boundary the backend will use."""
+    _opening(raw, mark.encode())
+
+
+def _opening(raw: bytes, mark: bytes | None) -> tuple[bytes, int]:
+    """(the delimiter, where the first part starts); `mark`: the boundary (None: the body's
+    first line, once the Content-Type's was checked against it)."""
     end_of_line = raw.find(b"\r\n")
     if mark is None:
         mark = raw[2:end_of_line].rstrip(b" \t") if is_form(raw) and end_of_line > 2 else b""
@@ -52,9 +58,13 @@ def _parts(raw: bytes, mark: bytes | None = None) -> list[tuple[bytes, int, int]
             "The request body does not start with the multipart boundary its Content-Type names",
             "invalid_form",
         )
-    delimiter = b"\r\n" + opening
+    return b"\r\n" + opening, end_of_line + 2
+
+
+def _parts(raw: bytes, mark: bytes | None = None) -> list[tuple[bytes, int, int]]:
+    """Each part's name and the span of its content in `raw`; `mark` as for _opening."""
+    delimiter, start = _opening(raw, mark)
     out = []
-    start = end_of_line + 2
     while True:
         head_end = raw.find(b"\r\n\r\n", start)
         next_part = raw.find(delimiter, start)
