@@ -211,29 +211,41 @@ class Admission:
     async def _check_references(
         self, parsed: ParsedRequest, native: bool, target: ResolvedTarget | None
     ) -> None:
-        """A request that builds on stored objects (a previous_response_id) goes on only to
-        the backend that stores them, as it is, for the team that owns them (ownership.py)."""
+        """A request that builds on stored objects (a previous_response_id, a file by id) goes
+        on only to the backend that stores them, as it is, for the team that owns them
+        (ownership.py): any other team's, or one the gateway did not record, is a 404."""
         references = self.wire.stored_references(parsed.body)
-        if not references or not native:
+        if not references or (self.wire.bridge is not None and not native):
             return  # (a translated request refuses them itself: chat keeps no state)
         cfg = self.rt.config
         shared = cfg.quota.store == "redis" or cfg.sidecar.workers == 1
-        for object_id in references:
+        for kind, object_id in references:
+            param = "previous_response_id" if kind == ownership.RESPONSE else "file_id"
             if target is None or not shared:
                 raise bad_request(
-                    "previous_response_id needs a model one backend serves, and a gateway whose "
-                    "sidecar processes share their records (one worker, or quota.store: redis)",
+                    f"{param} needs a model one backend serves, and a gateway whose sidecar "
+                    "processes share their records (one worker, or quota.store: redis)",
                     "unsupported_parameter",
-                    "previous_response_id",
+                    param,
                 )
             store = self.services.quota.store
-            owner = await ownership.owned(store, ownership.RESPONSE, object_id, self.team)
-            if owner.backend != target.backend:
-                raise not_found(
-                    f"Previous response with id '{object_id}' not found.",
-                    "previous_response_not_found",
-                    "previous_response_id",
+            try:
+                owner: ownership.Owner | None = await ownership.owned(
+                    store, kind, object_id, self.team
                 )
+            except GatewayError as err:
+                if err.status != 404:
+                    raise
+                owner = None
+            if owner is None or owner.backend != target.backend:
+                if kind == ownership.RESPONSE:
+                    # (As OpenAI words an unknown previous response.)
+                    raise not_found(
+                        f"Previous response with id '{object_id}' not found.",
+                        "previous_response_not_found",
+                        param,
+                    )
+                raise ownership.unknown(kind, object_id)
 
     def stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
         block = guard.first_block(verdicts)

@@ -359,6 +359,10 @@ class Backend(_Strict):
     # only OpenAI's own API (api.openai.com) is taken to serve it; most self-hosted servers do
     # not, or not all of it.
     responses_api: bool | None = None
+    # An OpenAI backend that stores files and runs batches (OpenAI's Files and Batch APIs):
+    # a team's batch files and batches go to it through the models it serves alone
+    # (batches.py). Unset: only OpenAI's own API (api.openai.com) is taken to run them.
+    batches: bool | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
     # Envoy's circuit breaker: requests in flight to this backend (Envoy's default is 1024).
@@ -412,6 +416,8 @@ class Backend(_Strict):
             object.__setattr__(self, "auth_header", _AUTH_HEADERS[self.type])
         if self.responses_api is not None and self.type != "openai":
             raise ValueError("responses_api is for an openai backend")
+        if self.batches is not None and self.type != "openai":
+            raise ValueError("batches is for an openai backend")
         if "api_version" in self.model_fields_set and self.type != "azure":
             raise ValueError("api_version is for an azure backend")
         if self.aws_region is not None and self.type != "bedrock":
@@ -437,6 +443,13 @@ class Backend(_Strict):
         if responses is None:
             responses = self.host == "api.openai.com"
         return frozenset({"openai", "responses"} if responses else {"openai"})
+
+    @property
+    def runs_batches(self) -> bool:
+        """It stores files and runs batches (OpenAI's Files and Batch APIs)."""
+        if self.type != "openai":
+            return False
+        return self.batches if self.batches is not None else self.host == "api.openai.com"
 
     @property
     def signing_region(self) -> str | None:

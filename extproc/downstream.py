@@ -18,6 +18,7 @@ import orjson
 
 from . import identity, ownership, protocol, providers, request_plan, routing, settlement, wire
 from .admission import Admission
+from .batches import ObjectCall
 from .contract import (
     ATTEMPTS_HEADER,
     JWT_NAMESPACE,
@@ -29,7 +30,7 @@ from .contract import (
     TOKEN_SOURCE_HEADER,
     P,
 )
-from .errors import GatewayError, bad_request, check_content_type, not_found, too_large
+from .errors import GatewayError, bad_request, check_content_type, too_large
 from .guard import answer as answer_guards
 from .guard import pipeline as guard
 from .settlement import AnswerPath, Finisher
@@ -75,6 +76,7 @@ class DownstreamStream:
         "grpc_metadata",
         "known_backend",
         "native",
+        "objects",
         "observe",
         "path",
         "provider",
@@ -125,7 +127,8 @@ class DownstreamStream:
         self.native = False
         self.stores = False  # the backend may store the answer for later calls (ownership.py)
         self.api_headers: list[str] = []  # the client's headers of its API's own (anthropic-*)
-        self.deleting: str | None = None  # a stored Response this request deletes
+        self.deleting: tuple[str, str] | None = None  # (kind, id) of a stored object it deletes
+        self.objects: ObjectCall | None = None  # a call of the Files or Batch API (batches.py)
         self.form_boundary: str | None = None  # a multipart body's, from its Content-Type
         self.provider = "openai"  # the API of the one backend: another's answer is translated
         self.provider_headers: Mapping[str, str] = {}  # its answer's headers, when translated
@@ -227,6 +230,8 @@ class DownstreamStream:
         if endpoint.operation is Operation.STORED:
             assert model_id is not None
             return await self._stored_call(endpoint, model_id, headers)
+        if endpoint.operation is Operation.LIST_STORED:
+            return self._list_call(endpoint, headers)
 
         check_content_type(headers.get("content-type"), endpoint.form)
         if endpoint.form:
@@ -238,6 +243,11 @@ class DownstreamStream:
             raise too_large(limit)
         if msg.end_of_stream:
             raise bad_request("The request has no body", "missing_body")
+        if endpoint.operation in (Operation.UPLOAD, Operation.BATCH):
+            self.objects = ObjectCall(self.services, self.rt, team, endpoint, report)
+            return protocol.request_headers_response(
+                protocol.common({}, self._client_headers(headers))
+            )
         self.admission = Admission(
             self.services, self.rt, self.wire, endpoint, team, report, self.trace
         )
@@ -246,8 +256,7 @@ class DownstreamStream:
         # The client API's own headers, for a backend that speaks it (removed at the plan when
         # the request is translated).
         self.api_headers = [h for h in headers if prefix and h.startswith(prefix)]
-        remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
-        remove = [h for h in remove if h != TEAM_HEADER]
+        remove = self._client_headers(headers)
         if "accept-encoding" in headers:
             # The sidecar reads the answer (usage, response guards): a compressed body would
             # go uncounted and unguarded. Envoy or the client side may compress it again.
@@ -255,6 +264,11 @@ class DownstreamStream:
         return protocol.request_headers_response(protocol.common({TEAM_HEADER: team}, remove))
 
     async def on_request_body(self, msg: Any) -> protocol.ProcessingResponse:
+        if self.objects is not None and self.objects.endpoint.operation in (
+            Operation.UPLOAD,
+            Operation.BATCH,
+        ):
+            return await self._object_body(self.objects, msg.body)
         if self.admission is None:
             # A call on a stored object, answered at its headers: its body (a cancel's) goes on.
             return protocol.passthrough("request_body")
@@ -310,14 +324,14 @@ class DownstreamStream:
     async def _stored_call(
         self, endpoint: Endpoint, object_id: str, headers: dict[str, str]
     ) -> protocol.ProcessingResponse:
-        """A call on a stored Response goes, as the client sent it, to the backend that stores
-        it: only for the team that owns it (ownership.py), whose model still routes there."""
+        """A call on a stored object (a Response, a file, a batch) goes, as the client sent it,
+        to the backend that stores it: only for the team that owns it (ownership.py), whose
+        model still routes there."""
         assert self.team is not None and self.report is not None
         report = self.report
         report.endpoint = endpoint.path
-        owner = await ownership.owned(
-            self.services.quota.store, ownership.RESPONSE, object_id, self.team
-        )
+        kind = endpoint.kind
+        owner = await ownership.owned(self.services.quota.store, kind, object_id, self.team)
         report.model = owner.model
         target = routing.fixed_target(self.rt, owner.model)
         if (
@@ -326,26 +340,74 @@ class DownstreamStream:
             or not self.rt.may_use(self.team, owner.model)
         ):
             # The config changed since: the gateway no longer reaches it for this team.
-            raise not_found(f"Response with id '{object_id}' not found.", "response_not_found")
+            raise ownership.unknown(kind, object_id)
         if target.token_from is not None:
             target = routing.with_token(target, self.services.backend_tokens)
-        self.answering, self.known_backend = target, True
-        self.provider = report.provider = target.provider
-        report.backend, report.provider_model = target.backend, target.provider_model
-        set_headers = {ROUTE_HEADER: owner.model, TARGET_HEADER: target.backend}
-        if target.credential is not None:
-            set_headers[target.auth_header] = target.credential
+        set_headers = self._routed(target, owner.model)
         if owner.model in self.rt.adapted:
             # (Its routes leave the path to the sidecar; the query string goes as it came.)
             raw = headers.get(":path", "")
             set_headers[":path"] = target.base_path + raw.removeprefix("/v1")
         if headers.get(":method") == "DELETE":
-            self.deleting = object_id
-        remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
-        remove = [h for h in remove if h != TEAM_HEADER]
+            self.deleting = (kind, object_id)
+        if kind in (ownership.FILE, ownership.BATCH):
+            self.objects = ObjectCall(self.services, self.rt, self.team, endpoint, report, owner)
         return protocol.request_headers_response(
-            protocol.common(set_headers, remove, clear_route_cache=True)
+            protocol.common(set_headers, self._client_headers(headers), clear_route_cache=True)
         )
+
+    def _list_call(
+        self, endpoint: Endpoint, headers: dict[str, str]
+    ) -> protocol.ProcessingResponse:
+        """A list of files or batches: from the backend of the team's batches, the answer
+        keeping only the team's own (batches.py)."""
+        assert self.team is not None and self.report is not None
+        self.report.endpoint = endpoint.path
+        objects = self.objects = ObjectCall(
+            self.services, self.rt, self.team, endpoint, self.report
+        )
+        path, _, query = headers.get(":path", "").partition("?")
+        prepared = objects.listing(query)
+        set_headers = self._routed(prepared.target, prepared.target.model)
+        if "model=" in query:
+            # (The gateway's parameter, not the backend's.)
+            kept = [p for p in query.split("&") if not p.startswith("model=")]
+            set_headers[":path"] = path + ("?" + "&".join(kept) if kept else "")
+        return protocol.request_headers_response(
+            protocol.common(set_headers, self._client_headers(headers), clear_route_cache=True)
+        )
+
+    async def _object_body(self, objects: ObjectCall, raw: bytes) -> protocol.ProcessingResponse:
+        """An upload's or a batch's body, read and checked before it goes on (batches.py)."""
+        if objects.endpoint.operation is Operation.UPLOAD:
+            assert self.form_boundary is not None
+            prepared = await objects.upload(raw, self.form_boundary)
+        else:
+            prepared = await objects.create_batch(raw)
+        set_headers = self._routed(prepared.target, prepared.target.model)
+        if prepared.body is not None:
+            set_headers["content-length"] = str(len(prepared.body))
+        return protocol.request_body_response(
+            protocol.common(set_headers, body=prepared.body, clear_route_cache=True)
+        )
+
+    def _routed(self, target: ResolvedTarget, model: str) -> dict[str, str]:
+        """The headers that send the call to the target's backend, through the model's route,
+        with the backend's credential; the target is the one that answers."""
+        assert self.report is not None
+        self.answering, self.known_backend = target, True
+        self.provider = self.report.provider = target.provider
+        self.report.backend, self.report.provider_model = target.backend, target.provider_model
+        set_headers = {ROUTE_HEADER: model, TARGET_HEADER: target.backend}
+        if target.credential is not None:
+            set_headers[target.auth_header] = target.credential
+        return set_headers
+
+    @staticmethod
+    def _client_headers(headers: Mapping[str, str]) -> list[str]:
+        """What of the client's headers never goes on: its credentials, the gateway's own."""
+        remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
+        return [h for h in remove if h != TEAM_HEADER]
 
     async def _count_tokens(self, raw: bytes) -> protocol.ProcessingResponse:
         """The gateway answers a token count itself, with the count it reserves by: no model
@@ -365,7 +427,7 @@ class DownstreamStream:
         self.status = int(headers.get(":status", "0") or 0)
         self.retry_after = headers.get("retry-after", "")
         if self.deleting is not None and 200 <= self.status < 300:
-            ownership.forget_later(self.services.quota.store, ownership.RESPONSE, self.deleting)
+            ownership.forget_later(self.services.quota.store, *self.deleting)
         self.backend = protocol.answering_backend(req)
         # Team, model, rate limits (and the backend, when one serves the model) are rendered
         # by Envoy from the request's metadata; only what Envoy chose is added here.
@@ -428,6 +490,8 @@ class DownstreamStream:
             # decided so on these same headers (it sees them first: the response path runs
             # the filters in reverse order).
             mode = protocol.OBSERVED_RESPONSE
+        elif self.objects is not None and not self.objects.reads_answer:
+            mode = protocol.OBSERVED_RESPONSE  # (a file's content: nothing to read)
         elif path is AnswerPath.INLINE:
             self.relay = self._stream_relay()
             self.timing = StreamTiming(self.started, self._model_label())
@@ -476,6 +540,12 @@ class DownstreamStream:
             )
 
         raw = msg.body
+        if self.objects is not None:
+            body, self.usage = await self.objects.answered(self.status, raw)
+            if body is None:
+                return protocol.response_body_response(None)
+            replaced = protocol.common({"content-length": str(len(body))}, body=body)
+            return protocol.response_body_response(replaced)
         answer = self._answer(raw)
         if isinstance(answer, protocol.ProcessingResponse):
             # A refusal or failure served no tokens; a generation the provider ended as

@@ -1,4 +1,5 @@
-"""Which team owns an object a backend stores for the gateway (a stored Response): recorded
+"""Which team owns an object a backend stores for the gateway (a stored Response, a file, a
+batch): recorded
 when the backend's answer creates it, looked up before a later call on it is passed on.
 
 Every team reaches a backend with the gateway's one key, so the backend cannot tell teams
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from dataclasses import dataclass
+import uuid
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -27,8 +29,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("extproc.ownership")
 
+# The kinds of object (Endpoint.kind), each its own namespace of ids.
 RESPONSE = "response"
-# OpenAI keeps a stored Response 30 days: the record lasts as long.
+FILE = "file"
+BATCH = "batch"
+# OpenAI keeps a stored Response 30 days, a batch's files until they are deleted (or their
+# expires_after): the record lasts 30 days.
 TTL_S = 30 * 86400.0
 
 _TASKS: set[asyncio.Task[None]] = set()
@@ -39,6 +45,9 @@ class Owner:
     team: str
     model: str  # the gateway's model the object was created through
     backend: str  # the backend that stores it
+    # What the gateway needs later of the object (a batch input file's counts, a batch's
+    # reservation); kept with the record.
+    data: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _key(kind: str, object_id: str) -> str:
@@ -48,11 +57,33 @@ def _key(kind: str, object_id: str) -> str:
 async def record(store: QuotaStore, kind: str, object_id: str, owner: Owner) -> None:
     """Remember the owner; a store that fails is logged (the object is then unreachable
     through the gateway, never another team's)."""
-    value = orjson.dumps([owner.team, owner.model, owner.backend]).decode()
+    fields: list[Any] = [owner.team, owner.model, owner.backend]
+    if owner.data:
+        fields.append(owner.data)
+    value = orjson.dumps(fields).decode()
     try:
-        await store.claim(_key(kind, object_id), value, TTL_S)
+        held = await store.claim(_key(kind, object_id), value, TTL_S)
     except (StoreUnavailable, OSError) as exc:
         log.warning("could not record the owner of %s %s: %s", kind, object_id, exc)
+        return
+    if held is not None and held != value and (_parse(held) or owner).team != owner.team:
+        # An id the backend handed out again (or a record another team made of it): the first
+        # owner keeps it, and this team cannot reach it through the gateway.
+        log.warning("%s %s is recorded for another team already: not recorded", kind, object_id)
+
+
+async def first_time(store: QuotaStore, kind: str, object_id: str) -> bool:
+    """True the first time it is asked of this object, in every sidecar sharing the store:
+    what must happen once (a batch's settlement) happens where this says so. False too when
+    the store cannot say (done later, by whoever asks next)."""
+    mark = uuid.uuid4().hex
+    try:
+        held = await store.claim(_key(f"{kind}-done", object_id), mark, TTL_S)
+    except (StoreUnavailable, OSError) as exc:
+        log.warning("could not mark %s %s as done: %s", kind, object_id, exc)
+        return False
+    # (A claim retried after it went through answers our own mark.)
+    return held is None or held == mark
 
 
 def remember(store: QuotaStore, kind: str, object_id: str, owner: Owner) -> None:
@@ -75,10 +106,30 @@ async def owned(store: QuotaStore, kind: str, object_id: str, team: str) -> Owne
         ) from None
     owner = _parse(value)
     if owner is None or owner.team != team:
-        raise not_found(
-            f"{kind.capitalize()} with id '{object_id}' not found.", f"{kind}_not_found"
-        )
+        raise unknown(kind, object_id)
     return owner
+
+
+async def owners(store: QuotaStore, kind: str, object_ids: list[str]) -> list[Owner | None]:
+    """Each object's owner (None: none recorded, or the store cannot say: such an object is
+    taken as another team's)."""
+
+    async def one(object_id: str) -> Owner | None:
+        if not object_id:
+            return None
+        try:
+            return _parse(await store.owner(_key(kind, object_id)))
+        except (StoreUnavailable, OSError):
+            return None
+
+    return list(await asyncio.gather(*(one(i) for i in object_ids)))
+
+
+def unknown(kind: str, object_id: str) -> GatewayError:
+    """The 404 of an object the team does not own, worded as the backend words an unknown id."""
+    if kind == RESPONSE:
+        return not_found(f"Response with id '{object_id}' not found.", "response_not_found")
+    return not_found(f"No such {kind.capitalize()} object: {object_id}", f"{kind}_not_found", "id")
 
 
 def forget_later(store: QuotaStore, kind: str, object_id: str) -> None:
@@ -97,10 +148,11 @@ def _parse(value: str | None) -> Owner | None:
     if value is None:
         return None
     try:
-        team, model, backend = orjson.loads(value)
+        team, model, backend, *rest = orjson.loads(value)
     except (orjson.JSONDecodeError, ValueError, TypeError):
         return None
-    return Owner(str(team), str(model), str(backend))
+    data = rest[0] if rest and isinstance(rest[0], dict) else {}
+    return Owner(str(team), str(model), str(backend), data)
 
 
 def _in_background(work: Coroutine[Any, Any, None]) -> None:

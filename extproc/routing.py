@@ -42,7 +42,9 @@ MODEL_TYPES: dict[Operation, frozenset[str]] = {
 }
 
 
-def _visible_model(runtime: Runtime, team: str, model: str) -> Model:
+def visible_model(runtime: Runtime, team: str, model: str) -> Model:
+    """The model's config, when it exists and the team may use it; else the 404 that does not
+    tell the two apart."""
     spec = runtime.config.models.get(model)
     if spec is None or not runtime.may_use(team, model):
         # Same answer for "no such model" and "not yours": existence is not disclosed.
@@ -55,7 +57,7 @@ def _visible_model(runtime: Runtime, team: str, model: str) -> Model:
 
 
 def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> None:
-    spec = _visible_model(runtime, team, model)
+    spec = visible_model(runtime, team, model)
     if spec.type not in MODEL_TYPES.get(endpoint.operation, frozenset()):
         raise GatewayError(
             400,
@@ -110,7 +112,7 @@ def list_models_body(runtime: Runtime, team: str) -> bytes:
 
 
 def retrieve_model_body(runtime: Runtime, team: str, model: str) -> bytes:
-    _visible_model(runtime, team, model)
+    visible_model(runtime, team, model)
     return orjson.dumps(model_object(runtime, model))
 
 

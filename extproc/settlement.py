@@ -139,6 +139,12 @@ def release_unused(services: Services, reservation: Reservation | None, trace: A
     services.quota.settle_soon(reservation, Amounts(0, 0), trace)
 
 
+def settle_batch(services: Services, reservation: Reservation | None, used: Amounts) -> None:
+    """A batch's reservation, at what the batch reports it used (batches.py): its requests ran
+    inside the backend, never through the gateway; one that never ran is released."""
+    services.quota.settle_soon(reservation, used)
+
+
 def finish(
     services: Services,
     report: RequestReport,

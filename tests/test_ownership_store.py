@@ -98,20 +98,22 @@ def test_claim_owner_release(harness: Harness) -> None:
     harness.run(body)
 
 
-def test_claim_replaces_owner_and_ttl(harness: Harness) -> None:
+def test_claim_never_replaces_an_owner(harness: Harness) -> None:
     key = new_key()
 
     async def body(store: QuotaStore) -> None:
-        await store.claim(key, "team-a", 60)
-        await store.claim(key, "team-b", 60)
-        assert await store.owner(key) == "team-b"
-        # The new claim's ttl replaces the old one, shorter too.
-        await store.claim(key, "team-c", 0.3)
+        assert await store.claim(key, "team-a", 0.3) is None  # free: team-a holds it now
+        # Held: the claim is refused and says by whom, and the first ttl stays.
+        assert await store.claim(key, "team-b", 60) == "team-a"
+        assert await store.owner(key) == "team-a"
         await harness.advance(0.6)
         assert await store.owner(key) is None
-        # And a key that expired can be claimed again.
-        await store.claim(key, "team-d", 60)
+        # A key that expired can be claimed again.
+        assert await store.claim(key, "team-d", 60) is None
         assert await store.owner(key) == "team-d"
+        await store.release(key)
+        assert await store.claim(key, "team-e", 60) is None
+        assert await store.owner(key) == "team-e"
 
     harness.run(body)
 
@@ -237,13 +239,16 @@ def test_memory_replaced_and_released_claims_do_not_pile_up() -> None:
             await store.claim(key, "team-a", 3600)
         for i in range(20_000):  # long ttls: no entry comes due, so only compaction helps
             key = live[i % 100]
-            await store.claim(key, f"team-{i}", 3600)
+            if i % 2:
+                await store.release(key)
+            await store.claim(key, f"team-{i}", 3600)  # kept when held, taken when released
             gone = new_key()
             await store.claim(gone, "team-a", 3600)
             await store.release(gone)
         assert len(store._owners) == 100
         assert len(store._owner_heap) <= 2 * 100 + 64 + 1
-        assert await store.owner(live[0]) == "team-19900"
+        assert await store.owner(live[1]) == "team-19901"
+        assert await store.owner(live[0]) == "team-a"  # never released: never replaced
         clock[0] += 3600
         for key in live:
             assert await store.owner(key) is None
@@ -266,7 +271,10 @@ def test_redis_key_and_its_expiry(redis_server_module: RedisServer) -> None:
             await store.claim(key, "team-a", 60)
             assert check.get(f"aigw:own:{key}") == b"team-a"
             assert 59_000 < check.pttl(f"aigw:own:{key}") <= 60_000
-            await store.claim(key, "team-b", 0.25)  # replaced, with its ttl
+            assert await store.claim(key, "team-b", 0.25) == "team-a"  # held: kept
+            assert check.get(f"aigw:own:{key}") == b"team-a"
+            await store.release(key)
+            assert await store.claim(key, "team-b", 0.25) is None  # free: taken, with its ttl
             assert check.get(f"aigw:own:{key}") == b"team-b"
             assert 0 < check.pttl(f"aigw:own:{key}") <= 250
             await asyncio.sleep(0.4)

@@ -187,7 +187,7 @@ def test_another_teams_stored_response_does_not_exist(gw: Gateway) -> None:
             call()
     with pytest.raises(openai.NotFoundError) as info:
         team_b.responses.create(model=NATIVE, input="And?", previous_response_id=stored.id)
-    assert info.value.body["code"] == "response_not_found"  # type: ignore[index]
+    assert info.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
     assert len(gw.fake_requests(gw.fake_b)) == before  # nothing reached the backend
     # It is still there for its team.
     assert client(gw).responses.retrieve(stored.id).id == stored.id

@@ -181,13 +181,17 @@ class MemoryStore(QuotaStore):
         live_counters = sum(1 for c in t.counters.values() if c.expires_at > now)
         return live_counters + len(t.reservations)
 
-    async def claim(self, key: str, owner: str, ttl_s: float) -> None:
+    async def claim(self, key: str, owner: str, ttl_s: float) -> str | None:
         check_claim(key, owner, ttl_s)
         now = self._clock()
         self._sweep_owners(now)
+        held = self._owners.get(key)
+        if held is not None and held[1] > now:
+            return held[0]
         expires = now + ttl_s
         self._owners[key] = (owner, expires)
         heapq.heappush(self._owner_heap, (expires, key))
+        return None
 
     async def owner(self, key: str) -> str | None:
         check_key(key)

@@ -253,12 +253,16 @@ return n
 
 # Owners of stored objects: one key each, touched alone (one key per script, so on a Cluster
 # it runs on that key's node). Through scripts rather than plain commands so that they share
-# _call's lanes, deadlines and NOSCRIPT handling. All three are idempotent, so _call's one
-# retry on a connection that a restart broke is safe.
-# KEYS: the owner key. ARGV: owner, ttl ms.
+# _call's lanes, deadlines and NOSCRIPT handling. All three may be retried once by _call on a
+# connection that a restart broke: a claim retried after it went through answers its own
+# owner, which the caller reads as its own (claim's owners are unique or the caller's).
+# KEYS: the owner key. ARGV: owner, ttl ms. Returns the owner before (nil: it was free).
 _CLAIM = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+local before = redis.call('GET', KEYS[1])
+if not before then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return before
 """
 
 # KEYS: the owner key. Returns the owner, or nil.
@@ -603,11 +607,14 @@ class RedisStore(QuotaStore):
         check_key(key)
         return f"{self._prefix}:own:{key}"
 
-    async def claim(self, key: str, owner: str, ttl_s: float) -> None:
+    async def claim(self, key: str, owner: str, ttl_s: float) -> str | None:
         check_claim(key, owner, ttl_s)
         # At least 1 ms: PX 0 is an error, and a positive ttl must not become one.
         ttl_ms = max(1, round(ttl_s * 1000))
-        await self._call(self._claim, [self.owner_key(key)], [owner, ttl_ms])
+        out = await self._call(self._claim, [self.owner_key(key)], [owner, ttl_ms])
+        if out is None or out is False:
+            return None
+        return out.decode(errors="replace") if isinstance(out, bytes) else str(out)
 
     async def owner(self, key: str) -> str | None:
         out = await self._call(self._owner, [self.owner_key(key)], [])

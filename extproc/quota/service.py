@@ -107,13 +107,16 @@ class QuotaService:
         model: str,
         specs: tuple[LimitSpec, ...],
         estimate: Amounts,
+        ttl_s: float | None = None,
     ) -> Reservation | None:
-        """Reserve `estimate` against every limit, or raise the 429 (or the 503 when closed)."""
+        """Reserve `estimate` against every limit, or raise the 429 (or the 503 when closed).
+        `ttl_s`: how long it may wait for its settle before it is charged at the estimate
+        (default quota.reservation_ttl_s; a batch's runs for a day)."""
         now = time.time()
-        slack = self.settings.reservation_ttl_s + 60
-        charges = policy.charges(specs, estimate, cfg, model, now, slack)
+        ttl = ttl_s if ttl_s is not None else self.settings.reservation_ttl_s
+        # (Its counters outlive it: a settle finds them after their window ended.)
+        charges = policy.charges(specs, estimate, cfg, model, now, ttl + 60)
         res_id = uuid.uuid4().hex
-        ttl = self.settings.reservation_ttl_s
         started = time.perf_counter()
         try:
             result = await self.store.reserve(team, res_id, charges, ttl)

@@ -83,9 +83,11 @@ class QuotaStore(ABC):
     # Ownership of stored objects. Not @abstractmethod (yet): test doubles of the quota store
     # written before it (tests/test_quota_store.py, tests/test_quota_policy.py) would no longer
     # instantiate. Both real stores implement all three.
-    async def claim(self, key: str, owner: str, ttl_s: float) -> None:
-        """Remember `owner` (a short text) for `key` for `ttl_s` seconds, replacing what was
-        there. An empty key or owner, or a ttl_s that is not positive, is a ValueError."""
+    async def claim(self, key: str, owner: str, ttl_s: float) -> str | None:
+        """Remember `owner` (a short text) for `key` for `ttl_s` seconds when no one holds it;
+        returns who held it before (None: it was free, and `owner` holds it now). A claim never
+        replaces another: an id a backend hands out again, or one claimed twice, keeps its
+        first owner. An empty key or owner, or a ttl_s that is not positive, is a ValueError."""
         raise NotImplementedError(f"{type(self).__name__} keeps no owners")
 
     async def owner(self, key: str) -> str | None:

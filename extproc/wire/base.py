@@ -32,9 +32,14 @@ class Operation(Enum):
     COMPLETION = "completion"
     EMBEDDING = "embedding"
     COUNT_TOKENS = "count_tokens"  # the prompt's size, answered by the gateway
-    # A call on an object a backend stores (a stored Response): passed to the backend that
-    # stores it, for the team that owns it (ownership.py).
+    # A call on an object a backend stores (a stored Response, a file, a batch): passed to the
+    # backend that stores it, for the team that owns it (ownership.py).
     STORED = "stored"
+    # OpenAI's Files and Batch APIs (batches.py): a batch's input file uploaded (read, checked
+    # and counted), a batch created (reserved), the team's own files or batches listed.
+    UPLOAD = "upload"
+    BATCH = "batch"
+    LIST_STORED = "list_stored"
     # Passed to the model's backend as they are: no output counted in tokens unless the answer
     # reports some (TOKENLESS); identity, allow-lists, request quotas, guards and audit apply.
     IMAGE = "image"
@@ -66,6 +71,8 @@ class Endpoint:
     # spelling per endpoint, whatever query string or trailing slash the client sent.
     path: str
     form: bool = False  # its body is multipart/form-data, not JSON
+    # The kind of stored object it creates, lists or calls on (ownership.RESPONSE, ...).
+    kind: str = ""
 
 
 @dataclass(slots=True)
@@ -180,9 +187,10 @@ class WireFormat(Protocol):
         """The prompt's tokens, as the backend will read them (TokenCounter never fails)."""
         ...
 
-    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
-        """The ids of stored objects (ownership.RESPONSE) the request builds on: each must be
-        the team's, stored by the backend the request goes to."""
+    def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        """The stored objects the request builds on, as (kind, id): a previous Response
+        (ownership.RESPONSE), a file by id (ownership.FILE). Each must be the team's, stored by
+        the backend the request goes to."""
         ...
 
     def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -247,7 +255,7 @@ class Stateless:
     """The WireFormat members of an API whose requests have its backends store nothing for
     later calls (OpenAI's chat completions, Anthropic's Messages)."""
 
-    def stored_references(self, body: dict[str, Any]) -> tuple[str, ...]:
+    def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         return ()
 
     def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -258,6 +266,22 @@ class Stateless:
 
 
 # -- what several formats read alike --------------------------------------------------------------
+
+
+def file_references(parts: Any) -> list[tuple[str, str]]:
+    """The files by id among a message's content parts: chat's `{"type": "file", "file":
+    {"file_id"}}`, the Responses API's `input_file` and `input_image` with a `file_id`."""
+    out = []
+    for part in parts if isinstance(parts, list) else ():
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        holder = part.get("file") if kind == "file" else part
+        if kind in ("file", "input_file", "input_image") and isinstance(holder, dict):
+            file_id = holder.get("file_id")
+            if isinstance(file_id, str):
+                out.append(("file", file_id))
+    return out
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -281,11 +305,37 @@ def post_route(
     if endpoint is None:
         return None
     if method != "POST":
-        raise GatewayError(
-            405,
-            f"Method {method} is not allowed for {path}",
-            "invalid_request_error",
-            "method_not_allowed",
-            headers=(("allow", "POST"),),
-        )
+        raise method_not_allowed(method, path, ("POST",))
     return endpoint, None
+
+
+# The calls on a stored object, by what follows its id in the path ("" for the object itself),
+# each with the methods it takes.
+StoredCalls = Mapping[str, tuple[Endpoint, tuple[str, ...]]]
+
+
+def stored_route(
+    prefix: str, calls: StoredCalls, method: str, path: str
+) -> tuple[Endpoint, str] | None:
+    """The call and the object's id of a path under `prefix` (".../{id}[/call]"); None when it
+    names no call; raises 405 for a method the call does not take."""
+    if not path.startswith(prefix):
+        return None
+    object_id, _, rest = path[len(prefix) :].partition("/")
+    found = calls.get(f"/{rest}" if rest else "")
+    if found is None or not object_id:
+        return None
+    endpoint, methods = found
+    if method not in methods:
+        raise method_not_allowed(method, path, methods)
+    return endpoint, object_id
+
+
+def method_not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> GatewayError:
+    return GatewayError(
+        405,
+        f"Method {method} is not allowed for {path}",
+        "invalid_request_error",
+        "method_not_allowed",
+        headers=(("allow", ", ".join(allowed)),),
+    )

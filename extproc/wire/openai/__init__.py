@@ -4,9 +4,9 @@ OpenAI API and the servers that copy it (vLLM, Azure OpenAI, ...) speak them."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..base import Stateless
+from ..base import Stateless, file_references
 from . import request
 from .answer import answer_slots, answer_text, answer_usage, drop_logprobs, error_body
 from .guarded_stream import GuardedStreamRelay
@@ -40,6 +40,15 @@ class OpenAI(Stateless):
     answer_text = staticmethod(answer_text)
     answer_slots = staticmethod(answer_slots)
     drop_logprobs = staticmethod(drop_logprobs)
+
+    def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        found: list[tuple[str, str]] = []
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else ():
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                found += file_references(content)
+        return tuple(found)
 
     def token_count_body(self, tokens: int) -> bytes:
         raise TypeError("OpenAI's chat completions API has no token count endpoint")

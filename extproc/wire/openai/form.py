@@ -1,6 +1,7 @@
-"""multipart/form-data bodies (OpenAI's audio transcriptions and translations): the text fields
-read, and one field's value replaced (the model's name for its backend) with every other byte
-kept as the client sent it. After RFC 7578 / 2046: parts between `--boundary` delimiter lines
+"""multipart/form-data bodies (OpenAI's audio transcriptions and translations, file uploads):
+the text fields read, a file's content read, and one field's value or one file's content
+replaced (the model's name for its backend, a batch file's) with every other byte kept as the
+client sent it. After RFC 7578 / 2046: parts between `--boundary` delimiter lines
 (the boundary the Content-Type names), each with its headers, a blank line and its content.
 
 The gateway must read the body exactly as the backend will, or a client could show it one
@@ -114,7 +115,26 @@ def has_file(raw: bytes, name: str) -> bool:
 def with_field(raw: bytes, name: str, value: str) -> bytes:
     """The body with the text field `name`'s value replaced (it must be there, once: fields()
     refused a body that names it twice)."""
+    return _replaced(raw, name.encode(), value.encode())
+
+
+def file_content(raw: bytes, name: str) -> bytes | None:
+    """The content of the file part `name` (None when there is none); 400 when there are two:
+    the backend might read either."""
+    key = _FILE + name.encode()
+    spans = [(start, end) for part, start, end in _parts(raw) if part == key]
+    if len(spans) > 1:
+        raise bad_request(f"The form's file '{name}' is given twice", "invalid_form", name)
+    return raw[spans[0][0] : spans[0][1]] if spans else None
+
+
+def with_file(raw: bytes, name: str, content: bytes) -> bytes:
+    """The body with the file part `name`'s content replaced (its headers kept)."""
+    return _replaced(raw, _FILE + name.encode(), content)
+
+
+def _replaced(raw: bytes, key: bytes, value: bytes) -> bytes:
     for part, start, end in _parts(raw):
-        if part == name.encode():
-            return raw[:start] + value.encode() + raw[end:]
-    raise KeyError(name)
+        if part == key:
+            return raw[:start] + value + raw[end:]
+    raise KeyError(key.decode(errors="replace"))

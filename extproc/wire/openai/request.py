@@ -10,7 +10,7 @@ import orjson
 from ...errors import GatewayError, bad_request
 from ...guard.texts import Slot
 from ..base import TOKENLESS, Endpoint, Operation, ParsedRequest, json_object
-from . import form
+from . import form, objects
 
 if TYPE_CHECKING:
     from ...tokens import TokenCount, TokenCounter
@@ -48,7 +48,8 @@ def owns(path: str) -> bool:
 
 
 def route(method: str, path: str) -> tuple[Endpoint, str | None] | None:
-    """The endpoint of a request line; raises 405 the way OpenAI words it."""
+    """The endpoint of a request line (and the id of a model, file or batch it names); raises
+    405 the way OpenAI words it."""
     if path in _POST:
         if method != "POST":
             raise _method_not_allowed(method, path)
@@ -62,7 +63,7 @@ def route(method: str, path: str) -> tuple[Endpoint, str | None] | None:
             raise _method_not_allowed(method, path)
         # The SDK percent-encodes the id, and model names may hold "/" (meta-llama/...).
         return MODEL, unquote(path[len(_MODEL_PREFIX) :])
-    return None
+    return objects.route(method, path)
 
 
 def _method_not_allowed(method: str, path: str) -> GatewayError:

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ...errors import GatewayError, bad_request
+from ...errors import bad_request
 from ...guard.texts import Slot
-from ..base import Endpoint, Operation, ParsedRequest, json_object, post_route
+from ..base import Endpoint, Operation, ParsedRequest, json_object, post_route, stored_route
 
 if TYPE_CHECKING:
     from ...tokens import TokenCount, TokenCounter
@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 RESPONSES = Endpoint(Operation.CHAT, "/v1/responses")
 INPUT_TOKENS = Endpoint(Operation.COUNT_TOKENS, "/v1/responses/input_tokens")
 # The calls on a stored Response, by what follows its id, and the methods each takes.
-RESPONSE = Endpoint(Operation.STORED, "/v1/responses/{response_id}")
-INPUT_ITEMS = Endpoint(Operation.STORED, "/v1/responses/{response_id}/input_items")
-CANCEL = Endpoint(Operation.STORED, "/v1/responses/{response_id}/cancel")
+RESPONSE = Endpoint(Operation.STORED, "/v1/responses/{response_id}", kind="response")
+INPUT_ITEMS = Endpoint(Operation.STORED, "/v1/responses/{response_id}/input_items", kind="response")
+CANCEL = Endpoint(Operation.STORED, "/v1/responses/{response_id}/cancel", kind="response")
 _STORED = {"": (RESPONSE, ("GET", "DELETE")), "/input_items": (INPUT_ITEMS, ("GET",)),
            "/cancel": (CANCEL, ("POST",))}  # fmt: skip
 
@@ -36,22 +36,9 @@ def owns(path: str) -> bool:
 
 def route(method: str, path: str) -> tuple[Endpoint, str | None] | None:
     """The endpoint and, for a call on a stored Response, its id."""
-    if path in _ENDPOINTS or not path.startswith(_PREFIX):
+    if path in _ENDPOINTS:
         return post_route(_ENDPOINTS, method, path)
-    response_id, _, rest = path[len(_PREFIX) :].partition("/")
-    found = _STORED.get(f"/{rest}" if rest else "")
-    if found is None or not response_id:
-        return None
-    endpoint, methods = found
-    if method not in methods:
-        raise GatewayError(
-            405,
-            f"Method {method} is not allowed for {path}",
-            "invalid_request_error",
-            "method_not_allowed",
-            headers=(("allow", ", ".join(methods)),),
-        )
-    return endpoint, response_id
+    return stored_route(_PREFIX, _STORED, method, path)
 
 
 def parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
