@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .batch_api import BatchAPI
 from .endpoints import FakeLLM
 from .media import MediaAPI
 from .responses import ResponsesAPI
@@ -45,6 +46,16 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     app.router.add_post("/v1/audio/transcriptions", fake.v1(media.transcriptions))
     app.router.add_post("/v1/audio/translations", fake.v1(media.translations))
     app.router.add_post("/v1/rerank", fake.v1(media.rerank))
+    batches = BatchAPI(fake)  # OpenAI's Files and Batch APIs
+    app.router.add_post("/v1/files", fake.v1(batches.upload))
+    app.router.add_get("/v1/files", fake.v1(batches.list_files))
+    app.router.add_get("/v1/files/{file_id}", fake.v1(batches.retrieve_file))
+    app.router.add_delete("/v1/files/{file_id}", fake.v1(batches.delete_file))
+    app.router.add_get("/v1/files/{file_id}/content", fake.v1(batches.file_content))
+    app.router.add_post("/v1/batches", fake.v1(batches.create))
+    app.router.add_get("/v1/batches", fake.v1(batches.list_batches))
+    app.router.add_get("/v1/batches/{batch_id}", fake.v1(batches.retrieve))
+    app.router.add_post("/v1/batches/{batch_id}/cancel", fake.v1(batches.cancel))
     app.router.add_post("/v1/messages", fake.anthropic_messages)
     # Gemini's `/v1beta/models/{model}:generateContent`, and Vertex AI's under
     # `/v1/projects/{p}/locations/{l}/publishers/google` (gemini.py checks the prefix).
