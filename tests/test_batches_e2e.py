@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
 
@@ -80,6 +81,21 @@ def settled(gw: Gateway, team: str) -> dict[str, Any]:
             return found
         assert time.monotonic() < deadline, found
         time.sleep(0.05)
+
+
+def tokens_counted(gw: Gateway, team: str) -> float:
+    """extproc_tokens_total of the team, input and output."""
+    url = f"http://{gw.config['observability']['metrics']['listen']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "extproc_tokens_total"
+        and s.labels.get("team") == team
+        and s.labels.get("type") in ("input", "output")
+    )
 
 
 def finished(c: openai.OpenAI, batch_id: str) -> Any:
@@ -151,6 +167,7 @@ def test_another_team_cannot_reach_a_teams_files_or_batches(gw: Gateway) -> None
 def test_a_batch_reserves_its_counts_and_settles_at_its_usage_once(gw: Gateway) -> None:
     c = client(gw, "sk-team-c")
     before = settled(gw, "team-c")
+    counted = tokens_counted(gw, "team-c")
     upload = c.files.create(
         file=("in.jsonl", jsonl(*(chat_line(i, max_tokens=200) for i in range(4)))),
         purpose="batch",
@@ -172,6 +189,12 @@ def test_a_batch_reserves_its_counts_and_settles_at_its_usage_once(gw: Gateway) 
     list(c.batches.list())
     again = settled(gw, "team-c")
     assert again["daily"].used == after["daily"].used
+    # Its tokens are in the team's metrics once, from the request that saw it finished.
+    deadline = time.monotonic() + 5
+    while tokens_counted(gw, "team-c") - counted < done.usage.total_tokens:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert tokens_counted(gw, "team-c") - counted == done.usage.total_tokens
 
 
 def test_a_batch_bigger_than_a_limit_is_refused_when_created(gw: Gateway) -> None:
