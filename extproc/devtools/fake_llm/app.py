@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .batch_api import BatchAPI
+from .batches import BatchAPI
 from .endpoints import FakeLLM
 from .media import MediaAPI
 from .responses import ResponsesAPI
@@ -46,7 +46,7 @@ def create_app(settings: FakeLLMSettings) -> web.Application:
     app.router.add_post("/v1/audio/transcriptions", fake.v1(media.transcriptions))
     app.router.add_post("/v1/audio/translations", fake.v1(media.translations))
     app.router.add_post("/v1/rerank", fake.v1(media.rerank))
-    batches = BatchAPI(fake)  # OpenAI's Files and Batch APIs
+    batches = BatchAPI(fake, responses, media)  # OpenAI's Files and Batch APIs
     app.router.add_post("/v1/files", fake.v1(batches.upload))
     app.router.add_get("/v1/files", fake.v1(batches.list_files))
     app.router.add_get("/v1/files/{file_id}", fake.v1(batches.retrieve_file))
