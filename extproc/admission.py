@@ -122,7 +122,10 @@ class Admission:
         guarded_stream = parsed.stream and bool(self.response_guards)
         target = routing.fixed_target(self.rt, parsed.model)
         native = routing.served_natively(self.rt, parsed.model, target, self.wire, guarded_stream)
-        await self._check_references(parsed, native, target)
+        if b"file_id" in raw or b"previous_response_id" in raw or b"\\u" in raw:
+            # A byte search first: most requests name no stored object, and are not walked.
+            # (A key may be spelled with escapes, "file\\u005fid": such a body is walked.)
+            await self._check_references(parsed, native, target)
         if bridge is not None and not native:
             # Served as chat completions (request_plan.py): what chat cannot carry is refused
             # now, before anything is reserved; the request sent is translated again after the

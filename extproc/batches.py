@@ -26,11 +26,12 @@ so the gateway governs them where it can see them:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -38,8 +39,9 @@ from . import ownership, routing, settlement
 from .errors import GatewayError, bad_request
 from .quota.policy import Amounts, applicable
 from .quota.service import requested_output
+from .telemetry.report import RequestReport
 from .usage import Usage
-from .wire.base import json_object
+from .wire.base import Operation, file_references, json_object
 from .wire.openai import OPENAI, form
 from .wire.openai import objects as wire_objects
 from .wire.openai.request import CHAT, COMPLETIONS, EMBEDDINGS
@@ -48,16 +50,23 @@ if TYPE_CHECKING:
     from .config import ResolvedTarget, Runtime
     from .quota.service import Reservation
     from .services import Services
-    from .telemetry.report import RequestReport
+    from .tokens import TokenCounter
     from .wire import Endpoint, ParsedRequest
 
 log = logging.getLogger("extproc.batches")
 
 # The endpoints a batch's lines may call: those whose requests the gateway counts.
 BATCH_ENDPOINTS = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
-# A batch runs within its 24 h completion window, then finalizes: its reservation waits so
-# long for the settle before it is charged at its estimate.
-RESERVATION_TTL_S = 26 * 3600.0
+# A batch runs within its 24 h completion window, but is settled only when the gateway sees it
+# finished: its reservation waits as long as its record lasts, then is charged at its estimate
+# (a settle after that could add nothing to it).
+RESERVATION_TTL_S = ownership.TTL_S
+# The upload's form fields passed on besides `purpose` and `file` (OpenAI's file expiry).
+_EXPIRY_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
+# The largest page a list asks the backend for (OpenAI's maxima): a team's own objects fill the
+# client's page from it.
+_MOST = {"file": 10_000, "batch": 100}
+_DEFAULT_LIMIT = {"file": 10_000, "batch": 20}
 NOTHING = Amounts(0, 0, requests=0)  # what a batch that never ran used
 # How many requests' counting budgets (sidecar.count_budget_ms) an upload's lines share.
 UPLOAD_COUNT_BUDGETS = 20
@@ -66,17 +75,41 @@ UPLOAD_COUNT_BUDGETS = 20
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """Where the call goes (the backend's target, through its model's route, with its
-    credential) and the body to send instead of the client's (None: the client's)."""
+    credential), the body to send instead of the client's (None: the client's) and its
+    Content-Type, and the path instead of the client's (None: the client's)."""
 
     target: ResolvedTarget
     body: bytes | None = None
+    content_type: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    """A batch input file as the gateway read it."""
+
+    model: str
+    counts: dict[str, Any]  # kept with the file's record: what a batch of it reserves
+    lines: list[wire_objects.BatchLine]
+    filename: str
+    fields: list[tuple[str, str]]  # the form's other fields passed on (the file's expiry)
 
 
 class ObjectCall:
     """One call of the Files or Batch API: what it asks of the backend, and what the gateway
     does with the answer (records, settles, filters)."""
 
-    __slots__ = ("endpoint", "file", "owner", "report", "reservation", "rt", "services", "team")
+    __slots__ = (
+        "endpoint",
+        "file",
+        "limit",
+        "owner",
+        "report",
+        "reservation",
+        "rt",
+        "services",
+        "team",
+    )
 
     def __init__(
         self,
@@ -92,6 +125,8 @@ class ObjectCall:
         self.owner = owner  # the object a call on one file or batch is about
         self.file: dict[str, Any] = {}  # an upload's counts, for its record
         self.reservation: Reservation | None = None  # a batch's, once created
+        self.limit = 0  # a list's page size, as the client asked
+        self.check_shared()
 
     @property
     def reads_answer(self) -> bool:
@@ -101,10 +136,24 @@ class ObjectCall:
     # -- the request ------------------------------------------------------------------------
 
     async def upload(self, raw: bytes, boundary: str) -> Prepared:
-        """A batch input file: read, checked and counted; sent with the backend's model names."""
+        """A batch input file: read, checked and counted off the event loop; what goes to the
+        backend is built anew from what the gateway read (its lines, with the backend's name
+        for the model), never the client's bytes, which a backend might read otherwise."""
         limit = self.rt.config.sidecar.max_body_bytes
         if len(raw) > limit:
             raise _too_large_file(limit)
+        upload = await asyncio.to_thread(self._read_upload, raw, boundary)
+        self.report.model, self.report.endpoint = upload.model, self.endpoint.path
+        target = self._target(upload.model)
+        self.file = upload.counts
+        lines = b"".join(line.with_model(target.provider_model) + b"\n" for line in upload.lines)
+        content_type, body = form.build(
+            [("purpose", "batch"), *upload.fields], [("file", upload.filename, lines)]
+        )
+        self.owner = ownership.Owner(self.team, upload.model, target.backend)
+        return Prepared(target, body, content_type)
+
+    def _read_upload(self, raw: bytes, boundary: str) -> _Upload:
         fields = form.fields(raw, boundary)
         purpose = fields.get("purpose")
         if not purpose:
@@ -115,32 +164,30 @@ class ObjectCall:
                 "unsupported_purpose",
                 "purpose",
             )
-        content = form.file_content(raw, "file")
-        if content is None:
+        unknown = sorted(set(fields) - {"purpose", *_EXPIRY_FIELDS})
+        if unknown:
+            raise bad_request(
+                f"Unknown parameter: '{unknown[0]}'.", "unknown_parameter", unknown[0]
+            )
+        part = form.file_part(raw, "file")
+        if part is None:
             raise bad_request("you must provide a file", "missing_required_parameter", "file")
+        filename, content = part
         model, url, lines = self._batch_lines(content)
-        self.report.model, self.report.endpoint = model, self.endpoint.path
-        target = self._target(model)
+        tokens = self.services.tokens
         default_output = self.rt.config.quota.default_max_tokens
         prompt = output = 0
-        tokens = self.services.tokens
-        # The whole file gets a few requests' counting time (past it, lines are estimated).
+        # The whole file gets a few requests' counting time; past it, lines are estimated.
         deadline = time.perf_counter() + UPLOAD_COUNT_BUDGETS * tokens.budget_s
         for _, parsed in lines:
             left = max(0.0, deadline - time.perf_counter())
-            counted = await OPENAI.count_prompt(tokens, parsed, team=self.team, budget=left)
-            prompt += counted.tokens
+            prompt += _count_line(tokens, parsed, left)
             output += requested_output(parsed, default_output)
-        self.file = {"url": url, "requests": len(lines), "prompt": prompt, "output": output}
-        body = None
-        if target.provider_model != model:
-            rewritten = b"".join(
-                line.with_model(target.provider_model) + b"\n" for line, _ in lines
-            )
-            body = form.with_file(raw, "file", rewritten)
-        self.owner = ownership.Owner(self.team, model, target.backend)
-        self.report.backend, self.report.provider_model = target.backend, target.provider_model
-        return Prepared(target, body)
+        counts = {"url": url, "requests": len(lines), "prompt": prompt, "output": output}
+        expiry = [(k, fields[k]) for k in _EXPIRY_FIELDS if k in fields]
+        return _Upload(
+            model, counts, [line for line, _ in lines], filename or "batch.jsonl", expiry
+        )
 
     def _batch_lines(
         self, content: bytes
@@ -170,6 +217,15 @@ class ObjectCall:
                 raise bad_request(
                     f"Line {line.number} of the batch input file asks for a stream",
                     "invalid_batch_file",
+                    "file",
+                )
+            uncountable = _uncountable(line.body)
+            if uncountable is not None:
+                raise bad_request(
+                    f"Line {line.number} of the batch input file holds {uncountable}: a batch "
+                    "through this gateway carries text only, whose tokens it counts before the "
+                    "batch runs",
+                    "unsupported_batch_content",
                     "file",
                 )
             if parsed.model not in models:
@@ -227,15 +283,33 @@ class ObjectCall:
                 self.rt.config, self.team, file.model, specs, estimate, RESERVATION_TTL_S
             )
         self.owner = file
-        self.report.backend, self.report.provider_model = target.backend, target.provider_model
-        return Prepared(target)
+        # What the gateway read goes on (a key given twice is read once, as here).
+        return Prepared(target, orjson.dumps(body))
 
-    def listing(self, query: str) -> Prepared:
+    def listing(self, raw_path: str) -> Prepared:
         """A list of files or batches goes to the backend of the team's batches: the one
-        backend that runs batches among its models', or the one `?model=` names."""
-        model = _query_value(query, "model")
+        backend that runs batches among its models', or the one `?model=` names. It asks for
+        the largest page, which the answer's filter fills the client's from."""
+        path, _, query = raw_path.partition("?")
+        params = parse_qsl(query, keep_blank_values=True)
+        model = next((v for k, v in params if k == "model"), None)
+        kind = self.endpoint.kind
+        limit = next((v for k, v in params if k == "limit"), None)
+        self.limit = _DEFAULT_LIMIT[kind]
+        if limit is not None:
+            if not limit.isdigit() or not 1 <= int(limit) <= _MOST[kind]:
+                raise bad_request(
+                    f"Invalid 'limit': must be between 1 and {_MOST[kind]}",
+                    "invalid_value",
+                    "limit",
+                )
+            self.limit = int(limit)
+        # (`model` is the gateway's parameter, not the backend's.)
+        passed = [(k, v) for k, v in params if k not in ("model", "limit")]
+        passed.append(("limit", str(_MOST[kind])))
+        new_path = f"{path}?{urlencode(passed)}"
         if model is not None:
-            return Prepared(self._target(model))
+            return Prepared(self._target(model), path=new_path)
         backends: dict[str, ResolvedTarget] = {}
         for name in sorted(self.rt.team_models.get(self.team, ())):
             target = routing.fixed_target(self.rt, name)
@@ -253,7 +327,19 @@ class ObjectCall:
                 "model",
             )
         (target,) = backends.values()
-        return Prepared(routing.with_token(target, self.services.backend_tokens))
+        return Prepared(routing.with_token(target, self.services.backend_tokens), path=new_path)
+
+    def check_shared(self) -> None:
+        """Records kept per sidecar process would be found by one process in N: refused."""
+        cfg = self.rt.config
+        if cfg.quota.store != "redis" and cfg.sidecar.workers != 1:
+            raise GatewayError(
+                503,
+                "Files and batches need a gateway whose sidecar processes share their records "
+                "(one worker, or quota.store: redis)",
+                "server_error",
+                "records_not_shared",
+            )
 
     def _target(self, model: str) -> ResolvedTarget:
         routing.visible_model(self.rt, self.team, model)
@@ -283,63 +369,65 @@ class ObjectCall:
 
     # -- the answer ---------------------------------------------------------------------------
 
-    async def answered(self, status: int, raw: bytes) -> tuple[bytes | None, Usage | None]:
-        """(the body the client gets instead of the backend's, None: the backend's; the usage
-        of a batch this answer settled, to count once)."""
+    async def answered(self, status: int, raw: bytes) -> bytes | None:
+        """The body the client gets instead of the backend's (None: the backend's): a list
+        holding the team's own objects only. Records what the answer created; settles the
+        finished batches it shows."""
         store = self.services.quota.store
-        operation = self.endpoint.operation
+        endpoint = self.endpoint
         if not 200 <= status < 300:
             if self.reservation is not None:
                 # The backend created no batch: nothing will run.
                 settlement.settle_batch(self.services, self.reservation, NOTHING)
-            return None, None
-        if operation is wire_objects.UPLOAD.operation:
-            file_id = wire_objects.file_id(raw)
-            if file_id is not None and self.owner is not None:
-                owner = ownership.Owner(self.team, self.owner.model, self.owner.backend, self.file)
-                await ownership.record(store, ownership.FILE, file_id, owner)
-            return None, None
-        if self.endpoint is wire_objects.FILE and self.owner is not None:
-            return None, None  # (a delete is forgotten at the answer's headers)
+            return None
+        if endpoint is wire_objects.FILE:
+            return None  # (a delete is forgotten at the answer's headers)
         found = wire_objects.objects(raw)
-        if operation is wire_objects.CREATE_BATCH.operation:
-            batch = found[0] if found else {}
-            batch_id = batch.get("id")
-            if isinstance(batch_id, str) and self.owner is not None:
-                data: dict[str, Any] = {}
-                res = self.reservation
-                if res is not None:
-                    data = {"reservation": res.id, "limits": [s.name for s in res.specs]}
+        if found is None:
+            if self.reservation is not None:
+                log.warning("a batch's creation was answered with what is not JSON: it is "
+                            "charged its reservation when that expires")  # fmt: skip
+            raise GatewayError(
+                502, "The backend's answer could not be read", "server_error", "bad_backend_answer"
+            )
+        if endpoint is wire_objects.UPLOAD or endpoint is wire_objects.CREATE_BATCH:
+            created = found[0].get("id") if found else None
+            if isinstance(created, str) and created and self.owner is not None:
+                data: dict[str, Any] = self.file
+                if endpoint is wire_objects.CREATE_BATCH:
+                    res = self.reservation
+                    data = (
+                        {"reservation": res.id, "limits": [s.name for s in res.specs]}
+                        if res
+                        else {}
+                    )
                 owner = ownership.Owner(self.team, self.owner.model, self.owner.backend, data)
-                await ownership.record(store, ownership.BATCH, batch_id, owner)
+                await ownership.record(store, endpoint.kind, created, owner)
             elif self.reservation is not None:
                 log.warning("a batch was created but its answer names no id: it is charged "
                             "its reservation when that expires")  # fmt: skip
-            return None, None
+            return None
         # A retrieve, a cancel or a list: the team's own objects only; finished batches settled.
-        ids = [o.get("id") for o in found]
-        kind = self.endpoint.kind
         owners: list[ownership.Owner | None] = [self.owner]
         if self.owner is None or len(found) != 1:
+            ids = [o.get("id") for o in found]
             owners = await ownership.owners(
-                store, kind, [i if isinstance(i, str) else "" for i in ids]
+                store, endpoint.kind, [i if isinstance(i, str) else "" for i in ids]
             )
-        kept, usage = [], None
+        kept = []
         for obj, holder in zip(found, owners, strict=True):
             if holder is None or holder.team != self.team:
                 continue
             kept.append(obj)
-            if kind == ownership.BATCH:
-                settled = await self._batch_seen(obj, holder)
-                if settled is not None:
-                    usage = _added(usage, settled)
-        if operation is wire_objects.FILE_LIST.operation:
-            return wire_objects.with_objects(raw, kept), usage
-        return None, usage
+            if endpoint.kind == ownership.BATCH:
+                await self._batch_seen(obj, holder)
+        if endpoint.operation is Operation.LIST_STORED:
+            return wire_objects.with_objects(raw, kept, self.limit)
+        return None
 
-    async def _batch_seen(self, batch: dict[str, Any], owner: ownership.Owner) -> Usage | None:
-        """A batch of the team's in an answer: the files it made are the team's; finished, its
-        reservation is settled at what it used (once, whichever sidecar sees it first)."""
+    async def _batch_seen(self, batch: dict[str, Any], owner: ownership.Owner) -> None:
+        """A batch of the team's in an answer: the files it made are the team's; finished, it
+        is settled at what it used (once, whichever sidecar sees it first)."""
         store = self.services.quota.store
         for field in ("output_file_id", "error_file_id"):
             file_id = batch.get(field)
@@ -348,24 +436,30 @@ class ObjectCall:
                 await ownership.record(store, ownership.FILE, file_id, made)
         batch_id = batch.get("id")
         if batch.get("status") not in wire_objects.FINAL or not isinstance(batch_id, str):
-            return None
+            return
         if not await ownership.first_time(store, ownership.BATCH, batch_id):
-            return None
+            return
         usage, amounts = _batch_usage(batch)
+        reservation = None
         reservation_id = owner.data.get("reservation")
         if isinstance(reservation_id, str) and reservation_id:
-            quota = self.services.quota
             specs = applicable(self.services.limits.get(self.team, ()), owner.model)
             limits = tuple(str(n) for n in owner.data.get("limits", ()))
-            reservation = quota.handed_over(
+            reservation = self.services.quota.handed_over(
                 self.rt.config, self.team, owner.model, reservation_id, limits, specs
             )
-            if amounts is not None:
-                settlement.settle_batch(self.services, reservation, amounts)
-            # (No usage reported of a batch that ran: its reservation is charged as it stands,
-            # when it expires.)
-        self.report.model = owner.model
-        return usage
+        # Its own report: the batch's tokens are counted under its model, in its audit record.
+        report = RequestReport(
+            team=self.team,
+            model=owner.model,
+            endpoint=wire_objects.CREATE_BATCH.path,
+            backend=owner.backend,
+            provider="openai",
+            status=200,
+            request_id=batch_id[:128],
+            path="batch",
+        )
+        settlement.finish_batch(self.services, report, reservation, usage, amounts)
 
 
 def _batch_usage(batch: dict[str, Any]) -> tuple[Usage | None, Amounts | None]:
@@ -408,25 +502,35 @@ def _batch_usage(batch: dict[str, Any]) -> tuple[Usage | None, Amounts | None]:
     return usage, amounts
 
 
-def _added(a: Usage | None, b: Usage) -> Usage:
-    if a is None:
-        return b
-    return Usage(
-        a.prompt_tokens + b.prompt_tokens,
-        a.completion_tokens + b.completion_tokens,
-        a.total_tokens + b.total_tokens,
-        cached_tokens=a.cached_tokens + b.cached_tokens,
-        reasoning_tokens=a.reasoning_tokens + b.reasoning_tokens,
-    )
-
-
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _query_value(query: str, name: str) -> str | None:
-    values = parse_qs(query).get(name)
-    return values[0] if values else None
+def _count_line(tokens: TokenCounter, parsed: ParsedRequest, budget: float) -> int:
+    """A line's prompt tokens, counted as the endpoint's request is (in this thread)."""
+    body, model = parsed.body, parsed.model
+    if parsed.endpoint is CHAT:
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+        return tokens.count_chat(model, body["messages"], tools, budget=budget).tokens
+    if parsed.endpoint is COMPLETIONS:
+        return tokens.count_prompt(model, body["prompt"], budget=budget).tokens
+    return tokens.count_embedding_input(model, body["input"], budget=budget).tokens
+
+
+def _uncountable(body: dict[str, Any]) -> str | None:
+    """What of a line's request the gateway cannot count before it runs (an image, audio, a
+    file: their tokens depend on what the backend makes of them), or a file by id (it could be
+    another team's); None when it is text only."""
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                return f"a content part of type '{kind}'"
+    if file_references(body):
+        return "a file by id"
+    return None
 
 
 def _too_large_file(limit: int) -> GatewayError:

@@ -361,8 +361,9 @@ class Backend(_Strict):
     responses_api: bool | None = None
     # An OpenAI backend that stores files and runs batches (OpenAI's Files and Batch APIs):
     # a team's batch files and batches go to it through the models it serves alone
-    # (batches.py). Unset: only OpenAI's own API (api.openai.com) is taken to run them.
-    batches: bool | None = None
+    # (batches.py). Off unless asked for: a batch spends a day's tokens where the gateway
+    # cannot see them, and its backend's models leave the native path (a file by id is checked).
+    batches: bool = False
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, ge=0, description="whole request; 0 = none")
     # Envoy's circuit breaker: requests in flight to this backend (Envoy's default is 1024).
@@ -416,7 +417,7 @@ class Backend(_Strict):
             object.__setattr__(self, "auth_header", _AUTH_HEADERS[self.type])
         if self.responses_api is not None and self.type != "openai":
             raise ValueError("responses_api is for an openai backend")
-        if self.batches is not None and self.type != "openai":
+        if self.batches and self.type != "openai":
             raise ValueError("batches is for an openai backend")
         if "api_version" in self.model_fields_set and self.type != "azure":
             raise ValueError("api_version is for an azure backend")
@@ -447,9 +448,7 @@ class Backend(_Strict):
     @property
     def runs_batches(self) -> bool:
         """It stores files and runs batches (OpenAI's Files and Batch APIs)."""
-        if self.type != "openai":
-            return False
-        return self.batches if self.batches is not None else self.host == "api.openai.com"
+        return self.batches and self.type == "openai"
 
     @property
     def signing_region(self) -> str | None:

@@ -244,9 +244,9 @@ class DownstreamStream:
         if msg.end_of_stream:
             raise bad_request("The request has no body", "missing_body")
         if endpoint.operation in (Operation.UPLOAD, Operation.BATCH):
-            self.objects = ObjectCall(self.services, self.rt, team, endpoint, report)
+            objects = self.objects = ObjectCall(self.services, self.rt, team, endpoint, report)
             return protocol.request_headers_response(
-                protocol.common({}, self._client_headers(headers))
+                protocol.common({}, self._client_headers(headers, objects))
             )
         self.admission = Admission(
             self.services, self.rt, self.wire, endpoint, team, report, self.trace
@@ -350,10 +350,14 @@ class DownstreamStream:
             set_headers[":path"] = target.base_path + raw.removeprefix("/v1")
         if headers.get(":method") == "DELETE":
             self.deleting = (kind, object_id)
+        objects = None
         if kind in (ownership.FILE, ownership.BATCH):
-            self.objects = ObjectCall(self.services, self.rt, self.team, endpoint, report, owner)
+            objects = ObjectCall(self.services, self.rt, self.team, endpoint, report, owner)
+            self.objects = objects
         return protocol.request_headers_response(
-            protocol.common(set_headers, self._client_headers(headers), clear_route_cache=True)
+            protocol.common(
+                set_headers, self._client_headers(headers, objects), clear_route_cache=True
+            )
         )
 
     def _list_call(
@@ -366,15 +370,14 @@ class DownstreamStream:
         objects = self.objects = ObjectCall(
             self.services, self.rt, self.team, endpoint, self.report
         )
-        path, _, query = headers.get(":path", "").partition("?")
-        prepared = objects.listing(query)
+        prepared = objects.listing(headers.get(":path", ""))
         set_headers = self._routed(prepared.target, prepared.target.model)
-        if "model=" in query:
-            # (The gateway's parameter, not the backend's.)
-            kept = [p for p in query.split("&") if not p.startswith("model=")]
-            set_headers[":path"] = path + ("?" + "&".join(kept) if kept else "")
+        if prepared.path is not None:
+            set_headers[":path"] = prepared.path
         return protocol.request_headers_response(
-            protocol.common(set_headers, self._client_headers(headers), clear_route_cache=True)
+            protocol.common(
+                set_headers, self._client_headers(headers, objects), clear_route_cache=True
+            )
         )
 
     async def _object_body(self, objects: ObjectCall, raw: bytes) -> protocol.ProcessingResponse:
@@ -387,6 +390,8 @@ class DownstreamStream:
         set_headers = self._routed(prepared.target, prepared.target.model)
         if prepared.body is not None:
             set_headers["content-length"] = str(len(prepared.body))
+        if prepared.content_type is not None:
+            set_headers["content-type"] = prepared.content_type
         return protocol.request_body_response(
             protocol.common(set_headers, body=prepared.body, clear_route_cache=True)
         )
@@ -404,10 +409,15 @@ class DownstreamStream:
         return set_headers
 
     @staticmethod
-    def _client_headers(headers: Mapping[str, str]) -> list[str]:
-        """What of the client's headers never goes on: its credentials, the gateway's own."""
+    def _client_headers(headers: Mapping[str, str], objects: ObjectCall | None = None) -> list[str]:
+        """What of the client's headers never goes on: its credentials, the gateway's own; for
+        a Files or Batch API call whose answer the gateway reads, its accept-encoding (a
+        compressed answer could not be read)."""
         remove = identity.spoofed_headers(headers) + identity.credentials_headers(headers)
-        return [h for h in remove if h != TEAM_HEADER]
+        remove = [h for h in remove if h != TEAM_HEADER]
+        if objects is not None and objects.reads_answer and "accept-encoding" in headers:
+            remove.append("accept-encoding")
+        return remove
 
     async def _count_tokens(self, raw: bytes) -> protocol.ProcessingResponse:
         """The gateway answers a token count itself, with the count it reserves by: no model
@@ -541,7 +551,7 @@ class DownstreamStream:
 
         raw = msg.body
         if self.objects is not None:
-            body, self.usage = await self.objects.answered(self.status, raw)
+            body = await self.objects.answered(self.status, raw)
             if body is None:
                 return protocol.response_body_response(None)
             replaced = protocol.common({"content-length": str(len(body))}, body=body)

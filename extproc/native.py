@@ -73,6 +73,8 @@ def _model_why_not(cfg: Config, name: str, model: Model) -> str | None:
     target = next(t for t in model.targets if t.weight > 0)
     if cfg.backends[target.backend].token_from is not None:
         return "the backend's credential is a token the sidecar keeps"
+    if cfg.backends[target.backend].runs_batches:
+        return "the backend stores files: a file a request names by id must be the team's"
     if target.model is not None and target.model != name:
         return "the body's model name is rewritten for the backend"
     return None

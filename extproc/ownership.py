@@ -23,6 +23,7 @@ import orjson
 
 from .errors import GatewayError, not_found
 from .quota.store import StoreUnavailable
+from .wire.base import BATCH_OBJECT, FILE_OBJECT, RESPONSE_OBJECT
 
 if TYPE_CHECKING:
     from .quota.store import QuotaStore
@@ -30,9 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("extproc.ownership")
 
 # The kinds of object (Endpoint.kind), each its own namespace of ids.
-RESPONSE = "response"
-FILE = "file"
-BATCH = "batch"
+RESPONSE, FILE, BATCH = RESPONSE_OBJECT, FILE_OBJECT, BATCH_OBJECT
 # OpenAI keeps a stored Response 30 days, a batch's files until they are deleted (or their
 # expires_after): the record lasts 30 days.
 TTL_S = 30 * 86400.0

@@ -145,6 +145,21 @@ def settle_batch(services: Services, reservation: Reservation | None, used: Amou
     services.quota.settle_soon(reservation, used)
 
 
+def finish_batch(
+    services: Services,
+    report: RequestReport,
+    reservation: Reservation | None,
+    usage: Usage | None,
+    used: Amounts | None,
+) -> None:
+    """A batch seen finished (batches.py), once: its reservation settled at what it reports
+    (`used`; None: it reports nothing though it ran, and its reservation is charged as it
+    stands when it expires), its tokens and cost counted, its audit record written."""
+    if used is not None:
+        settle_batch(services, reservation, used)
+    finish(services, report, usage, NO_TRACE, 0.0)
+
+
 def finish(
     services: Services,
     report: RequestReport,

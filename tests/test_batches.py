@@ -14,6 +14,7 @@ from extproc.errors import GatewayError
 from extproc.quota.memory import MemoryStore
 from extproc.quota.policy import Amounts
 from extproc.wire import route
+from extproc.wire.base import file_references
 from extproc.wire.openai import form
 from extproc.wire.openai import objects as wire_objects
 
@@ -102,29 +103,49 @@ def test_a_bad_batch_line_is_named(content: bytes, message: str) -> None:
     assert raised.value.status == 400 and raised.value.param == "file"
 
 
-def test_a_list_keeps_the_backends_cursor() -> None:
+def test_a_list_names_only_what_it_holds() -> None:
     raw = orjson.dumps(
         {
             "object": "list",
-            "data": [{"id": "a"}, {"id": "b"}, {"id": "c"}],
+            "data": [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d"}],
             "first_id": "a",
-            "last_id": "c",
-            "has_more": True,
+            "last_id": "d",
+            "has_more": False,
         }
     )
-    assert wire_objects.objects(raw) == [{"id": "a"}, {"id": "b"}, {"id": "c"}]
-    kept = orjson.loads(wire_objects.with_objects(raw, [{"id": "b"}]))
+    assert wire_objects.objects(raw) == [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d"}]
+    # The team's own, cut to the client's limit: more of them remain.
+    kept = orjson.loads(wire_objects.with_objects(raw, [{"id": "b"}, {"id": "d"}], 1))
     assert kept == {
         "object": "list",
         "data": [{"id": "b"}],
         "first_id": "b",
-        "last_id": "c",
+        "last_id": "b",
         "has_more": True,
     }
-    assert wire_objects.objects(b'{"id": "x", "object": "batch"}') == [
-        {"id": "x", "object": "batch"}
-    ]
-    assert wire_objects.objects(b"not json") == []
+    # None of the page is the team's: no other team's id shows, and nothing says more.
+    empty = orjson.loads(wire_objects.with_objects(raw, [], 5))
+    assert empty["data"] == [] and empty["first_id"] is None and empty["last_id"] is None
+    assert empty["has_more"] is False
+    one = b'{"id": "x", "object": "batch"}'
+    assert wire_objects.objects(one) == [{"id": "x", "object": "batch"}]
+    assert wire_objects.objects(b"not json") is None
+    assert wire_objects.objects(b"[1]") is None
+
+
+def test_every_file_id_in_a_body_is_found() -> None:
+    body = {
+        "input": [
+            {"role": "user", "content": [{"type": "input_file", "file_id": "f1"}]},
+            {"type": "computer_call_output", "output": {"file_id": "f2"}},
+        ],
+        "tools": [{"type": "code_interpreter", "container": {"file_ids": ["f3", 4, "f4"]}}],
+        "prompt": {"variables": {"doc": {"type": "input_file", "file_id": "f5"}}},
+        "messages": [{"content": [{"type": "file", "file": {"file_id": "f6"}}]}],
+    }
+    found = sorted(file_id for _, file_id in file_references(body))
+    assert found == ["f1", "f2", "f3", "f4", "f5", "f6"]
+    assert file_references({"messages": [{"content": "file_id"}]}) == []
 
 
 def test_a_file_part_is_read_and_replaced_byte_for_byte() -> None:
@@ -138,6 +159,10 @@ def test_a_file_part_is_read_and_replaced_byte_for_byte() -> None:
     replaced = form.with_file(raw, "file", b"new content")
     assert replaced == raw.replace(b"\r\n\r\nold\r\n", b"\r\n\r\nnew content\r\n")
     assert form.fields(replaced) == {"purpose": "batch"}
+    content_type, built = form.build([("purpose", "batch")], [("file", 'a"b.jsonl', b"x\ny")])
+    mark = content_type.split("boundary=")[1]
+    assert form.fields(built, mark) == {"purpose": "batch"}
+    assert form.file_part(built, "file") == ("a%22b.jsonl", b"x\ny")
     twice = raw.replace(
         b"--b--",
         b'--b\r\nContent-Disposition: form-data; name="file"; filename="y"\r\n\r\nz\r\n--b--',

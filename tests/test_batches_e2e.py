@@ -274,6 +274,13 @@ def raw_upload(
         # A pool or canary: no one backend to run it.
         (jsonl(chat_line(1, "canary")), "batch", "sk-team-a", 400, "batches_not_supported"),
         (jsonl(chat_line(1)), "batch", "sk-team-g", 403, "batch_guarded"),
+        # What the gateway cannot count before the batch runs, or could be another team's.
+        (jsonl({**chat_line(1), "body": {"model": "gpt-4o", "messages": [{"role": "user",
+         "content": [{"type": "image_url", "image_url": {"url": "https://x.invalid/a.png"}}]}]}}),
+         "batch", "sk-team-a", 400, "unsupported_batch_content"),
+        (jsonl({**chat_line(1), "body": {"model": "gpt-4o", "messages": [{"role": "user",
+         "content": "hi"}], "metadata": {"file_id": "file-x"}}}), "batch", "sk-team-a", 400,
+         "unsupported_batch_content"),
     ],
 )  # fmt: skip
 def test_an_upload_the_gateway_cannot_govern_is_refused(
@@ -313,8 +320,82 @@ def test_a_file_by_id_in_a_request_must_be_the_teams(gw: Gateway) -> None:
     ]
     with pytest.raises(openai.NotFoundError):
         other.responses.create(model="gpt-4o", input=items)
+    # Wherever a request names it: a code interpreter's files too.
+    tools: Any = [
+        {"type": "code_interpreter", "container": {"type": "auto", "file_ids": [upload.id]}}
+    ]
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model="gpt-4o", input="Run it.", tools=tools)
     assert len(gw.fake_requests(gw.fake_a)) == before  # nothing reached the backend
     # Its own team's request goes on with it.
     a.chat.completions.create(model="gpt-4o", messages=messages)
     sent = gw.fake_requests(gw.fake_a)[-1]
     assert sent["body"]["messages"][0]["content"][0] == part
+
+
+def test_the_sdks_paging_lists_every_batch_of_the_team_and_no_other(gw: Gateway) -> None:
+    a, b = client(gw), client(gw, "sk-team-b")
+    mine, theirs = [], []
+    for owner, ids in ((a, mine), (b, theirs), (a, mine), (b, theirs), (a, mine)):
+        line = chat_line(1, "gpt-4o-mini")
+        upload = owner.files.create(file=("in.jsonl", jsonl(line)), purpose="batch")
+        ids.append(
+            owner.batches.create(
+                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+            ).id
+        )
+    # One a page: the SDK follows the cursor page after page, through the other team's.
+    listed = [b.id for b in a.batches.list(limit=1)]
+    assert set(mine) <= set(listed) and not set(theirs) & set(listed)
+    assert len(listed) == len(set(listed))
+    page = a.batches.list(limit=1)
+    assert page.has_more and page.last_id in mine  # type: ignore[attr-defined]
+    # The gateway asked for the largest page, and for an answer it can read (not compressed).
+    sent = gw.fake_requests(gw.fake_a)[-1]
+    assert sent["path"] == "/v1/batches" and "accept-encoding" not in sent["headers"]
+
+
+def test_a_multipart_trick_cannot_show_the_gateway_one_file_and_the_backend_another(
+    gw: Gateway,
+) -> None:
+    boundary = "----extproc-trick"
+    decoy = jsonl(chat_line(1, max_tokens=1))
+    hidden = jsonl(*(chat_line(i, "llama-8b", max_tokens=4000) for i in range(3)))
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+            "\r\n"
+        ).encode()
+        + decoy
+        + (
+            f"\r\n--{boundary}\r\n"
+            'X-Content-Disposition: form-data; name="notes"\r\n'
+            'Content-Disposition: form-data; name="file"; filename="b.jsonl"\r\n\r\n'
+        ).encode()
+        + hidden
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{gw.base_url}/files",
+        data=body,
+        headers={
+            "authorization": "Bearer sk-team-c",
+            "content-type": f"multipart/form-data; boundary={boundary}",
+        },
+    )
+    count = len(gw.fake_requests(gw.fake_a))
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request)
+    assert raised.value.code == 400
+    assert json.load(raised.value)["error"]["code"] == "invalid_form"
+    assert len(gw.fake_requests(gw.fake_a)) == count
+    # A file the gateway accepts is sent as it read it: one part, built anew.
+    c = client(gw, "sk-team-c")
+    upload = c.files.create(file=("one.jsonl", decoy), purpose="batch")
+    assert upload.filename == "one.jsonl"
+    sent = gw.fake_requests(gw.fake_a)[-1]
+    assert "extproc-" in sent["headers"]["content-type"]
+    sent_lines = [json.loads(x) for x in c.files.content(upload.id).read().splitlines()]
+    expected = chat_line(1, max_tokens=1)
+    assert sent_lines == [{**expected, "body": {**expected["body"], "model": "fake-gpt-4o"}}]

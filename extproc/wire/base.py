@@ -64,6 +64,13 @@ TOKENLESS = frozenset(
 )
 
 
+# The kinds of object a backend stores for the gateway (Endpoint.kind): ownership.py records
+# which team owns each.
+RESPONSE_OBJECT = "response"
+FILE_OBJECT = "file"
+BATCH_OBJECT = "batch"
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     operation: Operation
@@ -268,19 +275,25 @@ class Stateless:
 # -- what several formats read alike --------------------------------------------------------------
 
 
-def file_references(parts: Any) -> list[tuple[str, str]]:
-    """The files by id among a message's content parts: chat's `{"type": "file", "file":
-    {"file_id"}}`, the Responses API's `input_file` and `input_image` with a `file_id`."""
-    out = []
-    for part in parts if isinstance(parts, list) else ():
-        if not isinstance(part, dict):
-            continue
-        kind = part.get("type")
-        holder = part.get("file") if kind == "file" else part
-        if kind in ("file", "input_file", "input_image") and isinstance(holder, dict):
-            file_id = holder.get("file_id")
-            if isinstance(file_id, str):
-                out.append(("file", file_id))
+def file_references(body: Any) -> list[tuple[str, str]]:
+    """Every file the request names by id, wherever it does (a chat file part, a Responses
+    `input_file` or `input_image`, a code interpreter's `file_ids`, a prompt variable, ...):
+    each `file_id` string and `file_ids` list of strings in the whole body, so that no place an
+    API adds one escapes the owner check."""
+    out: list[tuple[str, str]] = []
+    pending = [body]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "file_id" and isinstance(value, str):
+                    out.append((FILE_OBJECT, value))
+                elif key == "file_ids" and isinstance(value, list):
+                    out += [(FILE_OBJECT, v) for v in value if isinstance(v, str)]
+                elif isinstance(value, dict | list):
+                    pending.append(value)
+        elif isinstance(node, list):
+            pending.extend(v for v in node if isinstance(v, dict | list))
     return out
 
 

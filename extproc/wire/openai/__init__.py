@@ -42,13 +42,7 @@ class OpenAI(Stateless):
     drop_logprobs = staticmethod(drop_logprobs)
 
     def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-        found: list[tuple[str, str]] = []
-        messages = body.get("messages")
-        for message in messages if isinstance(messages, list) else ():
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list):
-                found += file_references(content)
-        return tuple(found)
+        return tuple(file_references(body))
 
     def token_count_body(self, tokens: int) -> bytes:
         raise TypeError("OpenAI's chat completions API has no token count endpoint")

@@ -13,13 +13,18 @@ is refused with a 400 rather than guessed at.
 from __future__ import annotations
 
 import re
+import uuid
 
 from ...errors import bad_request
 
 # A Content-Disposition's name parameter, quoted or a token (as the backends' parsers take it).
+# (At a header line's start: another header that ends in "Content-Disposition" is not it.)
 _NAME = re.compile(
-    rb'content-disposition[ \t]*:[^\r\n]*?;[ \t]*name[ \t]*=[ \t]*(?:"([^"]*)"|([^;\s"]+))',
-    re.IGNORECASE,
+    rb'^content-disposition[ \t]*:[^\r\n]*?;[ \t]*name[ \t]*=[ \t]*(?:"([^"]*)"|([^;\s"]+))',
+    re.IGNORECASE | re.MULTILINE,
+)
+_FILENAME_VALUE = re.compile(
+    rb';[ \t]*filename[ \t]*=[ \t]*(?:"([^"\r\n]*)"|([^;\s"]+))', re.IGNORECASE
 )
 _EXTENDED_NAME = re.compile(rb";[ \t]*name\*[ \t]*=", re.IGNORECASE)
 _FILENAME = re.compile(rb";[ \t]*filename\*?[ \t]*=", re.IGNORECASE)
@@ -121,11 +126,49 @@ def with_field(raw: bytes, name: str, value: str) -> bytes:
 def file_content(raw: bytes, name: str) -> bytes | None:
     """The content of the file part `name` (None when there is none); 400 when there are two:
     the backend might read either."""
+    found = file_part(raw, name)
+    return found[1] if found is not None else None
+
+
+def file_part(raw: bytes, name: str) -> tuple[str, bytes] | None:
+    """The file part `name`: (its filename, "" when unreadable; its content), None when there
+    is none; 400 when there are two."""
     key = _FILE + name.encode()
     spans = [(start, end) for part, start, end in _parts(raw) if part == key]
     if len(spans) > 1:
         raise bad_request(f"The form's file '{name}' is given twice", "invalid_form", name)
-    return raw[spans[0][0] : spans[0][1]] if spans else None
+    if not spans:
+        return None
+    start, end = spans[0]
+    head_start = raw.rfind(b"\r\n--", 0, start)
+    found = _FILENAME_VALUE.search(raw, max(head_start, 0), start)
+    filename = (found.group(1) or found.group(2) or b"") if found is not None else b""
+    return filename.decode("utf-8", "replace"), raw[start:end]
+
+
+def build(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]) -> tuple[str, bytes]:
+    """A multipart/form-data body of these text fields and files (name, filename, content), with
+    a boundary of its own: (its Content-Type, the body)."""
+    mark = f"extproc-{uuid.uuid4().hex}"
+    out = bytearray()
+    for name, value in fields:
+        out += (
+            f'--{mark}\r\nContent-Disposition: form-data; name="{_quoted(name)}"\r\n\r\n'.encode()
+        )
+        out += value.encode() + b"\r\n"
+    for name, filename, content in files:
+        out += (
+            f'--{mark}\r\nContent-Disposition: form-data; name="{_quoted(name)}"; '
+            f'filename="{_quoted(filename)}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        out += content + b"\r\n"
+    out += f"--{mark}--\r\n".encode()
+    return f"multipart/form-data; boundary={mark}", bytes(out)
+
+
+def _quoted(value: str) -> str:
+    # (RFC 7578: a quoted name or filename with its quotes and line breaks percent-encoded.)
+    return value.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
 
 
 def with_file(raw: bytes, name: str, content: bytes) -> bytes:

@@ -17,9 +17,17 @@ from typing import Any
 import orjson
 
 from ...errors import bad_request
-from ..base import Endpoint, Operation, StoredCalls, json_object, method_not_allowed, stored_route
+from ..base import (
+    BATCH_OBJECT,
+    FILE_OBJECT,
+    Endpoint,
+    Operation,
+    StoredCalls,
+    method_not_allowed,
+    stored_route,
+)
 
-FILE_KIND, BATCH_KIND = "file", "batch"  # ownership.FILE, ownership.BATCH
+FILE_KIND, BATCH_KIND = FILE_OBJECT, BATCH_OBJECT
 UPLOAD = Endpoint(Operation.UPLOAD, "/v1/files", form=True, kind=FILE_KIND)
 FILE_LIST = Endpoint(Operation.LIST_STORED, "/v1/files", kind=FILE_KIND)
 FILE = Endpoint(Operation.STORED, "/v1/files/{file_id}", kind=FILE_KIND)
@@ -111,23 +119,29 @@ def file_id(raw: bytes) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def objects(raw: bytes) -> list[dict[str, Any]]:
-    """The objects an answer holds: one (a file, a batch), or a list's `data`."""
+def objects(raw: bytes) -> list[dict[str, Any]] | None:
+    """The objects an answer holds: one (a file, a batch), or a list's `data`; None when it
+    is not a JSON object."""
     answer = _json(raw)
     if answer is None:
-        return []
+        return None
     if answer.get("object") == "list":
         data = answer.get("data")
         return [o for o in data if isinstance(o, dict)] if isinstance(data, list) else []
     return [answer]
 
 
-def with_objects(raw: bytes, kept: list[dict[str, Any]]) -> bytes:
-    """A list answer holding only `kept` of its objects. Its cursor (has_more, last_id) stays
-    the backend's, so the next page starts where this one ended."""
-    answer = json_object(raw)
-    answer["data"] = kept
-    answer["first_id"] = kept[0].get("id") if kept else None
+def with_objects(raw: bytes, kept: list[dict[str, Any]], limit: int) -> bytes:
+    """A list answer holding the first `limit` of `kept`, the objects left of the backend's
+    page (the gateway asked it for the largest). Its cursor names only what it holds: the next
+    page starts after its last object, as the SDK asks for it; `has_more` when the backend's
+    page had more, or `kept` more than `limit`."""
+    answer = _json(raw) or {}
+    page = kept[:limit]
+    answer["data"] = page
+    answer["first_id"] = page[0].get("id") if page else None
+    answer["last_id"] = page[-1].get("id") if page else None
+    answer["has_more"] = len(kept) > limit or (bool(page) and answer.get("has_more") is True)
     return orjson.dumps(answer)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..base import file_references
+from ..base import RESPONSE_OBJECT, file_references
 from ..openai import OPENAI
 from . import answer, request
 from .chat_bridge import BRIDGE
@@ -47,13 +47,8 @@ class Responses:
 
     def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         previous = body.get("previous_response_id")
-        found = [("response", previous)] if isinstance(previous, str) and previous else []
-        items = body.get("input")
-        for item in items if isinstance(items, list) else ():
-            if isinstance(item, dict):
-                found += file_references(item.get("content"))
-                found += file_references(item.get("output"))
-        return tuple(found)
+        found = [(RESPONSE_OBJECT, previous)] if isinstance(previous, str) and previous else []
+        return (*found, *file_references(body))
 
     def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
         return None if body.get("store") is False else {**body, "store": False}

@@ -9,7 +9,15 @@ import orjson
 
 from ...errors import bad_request
 from ...guard.texts import Slot
-from ..base import Endpoint, Operation, ParsedRequest, json_object, post_route, stored_route
+from ..base import (
+    RESPONSE_OBJECT,
+    Endpoint,
+    Operation,
+    ParsedRequest,
+    json_object,
+    post_route,
+    stored_route,
+)
 
 if TYPE_CHECKING:
     from ...tokens import TokenCount, TokenCounter
@@ -17,9 +25,11 @@ if TYPE_CHECKING:
 RESPONSES = Endpoint(Operation.CHAT, "/v1/responses")
 INPUT_TOKENS = Endpoint(Operation.COUNT_TOKENS, "/v1/responses/input_tokens")
 # The calls on a stored Response, by what follows its id, and the methods each takes.
-RESPONSE = Endpoint(Operation.STORED, "/v1/responses/{response_id}", kind="response")
-INPUT_ITEMS = Endpoint(Operation.STORED, "/v1/responses/{response_id}/input_items", kind="response")
-CANCEL = Endpoint(Operation.STORED, "/v1/responses/{response_id}/cancel", kind="response")
+RESPONSE = Endpoint(Operation.STORED, "/v1/responses/{response_id}", kind=RESPONSE_OBJECT)
+INPUT_ITEMS = Endpoint(
+    Operation.STORED, "/v1/responses/{response_id}/input_items", kind=RESPONSE_OBJECT
+)
+CANCEL = Endpoint(Operation.STORED, "/v1/responses/{response_id}/cancel", kind=RESPONSE_OBJECT)
 _STORED = {"": (RESPONSE, ("GET", "DELETE")), "/input_items": (INPUT_ITEMS, ("GET",)),
            "/cancel": (CANCEL, ("POST",))}  # fmt: skip
 
