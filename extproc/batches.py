@@ -63,10 +63,11 @@ BATCH_ENDPOINTS = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
 RESERVATION_TTL_S = ownership.TTL_S
 # The upload's form fields passed on besides `purpose` and `file` (OpenAI's file expiry).
 _EXPIRY_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
-# The largest page a list asks the backend for (OpenAI's maxima): a team's own objects fill the
-# client's page from it.
+# A list's limits as OpenAI sets them, and the page the gateway asks the backend for, whose
+# objects of the team's fill the client's page (each one's owner is looked up: a bounded page).
 _MOST = {"file": 10_000, "batch": 100}
 _DEFAULT_LIMIT = {"file": 10_000, "batch": 20}
+_ASKED = {"file": 1_000, "batch": 100}
 NOTHING = Amounts(0, 0, requests=0)  # what a batch that never ran used
 # How many requests' counting budgets (sidecar.count_budget_ms) an upload's lines share.
 UPLOAD_COUNT_BUDGETS = 20
@@ -306,7 +307,7 @@ class ObjectCall:
             self.limit = int(limit)
         # (`model` is the gateway's parameter, not the backend's.)
         passed = [(k, v) for k, v in params if k not in ("model", "limit")]
-        passed.append(("limit", str(_MOST[kind])))
+        passed.append(("limit", str(_ASKED[kind])))
         new_path = f"{path}?{urlencode(passed)}"
         if model is not None:
             return Prepared(self._target(model), path=new_path)
@@ -426,19 +427,20 @@ class ObjectCall:
         return None
 
     async def _batch_seen(self, batch: dict[str, Any], owner: ownership.Owner) -> None:
-        """A batch of the team's in an answer: the files it made are the team's; finished, it
-        is settled at what it used (once, whichever sidecar sees it first)."""
+        """A batch of the team's in an answer, finished: the files it made are the team's, and
+        it is settled at what it used (once, whichever sidecar sees it first). (Its files
+        exist once it is finished: a batch in progress needs nothing.)"""
         store = self.services.quota.store
-        for field in ("output_file_id", "error_file_id"):
-            file_id = batch.get(field)
-            if isinstance(file_id, str) and file_id:
-                made = ownership.Owner(self.team, owner.model, owner.backend)
-                await ownership.record(store, ownership.FILE, file_id, made)
         batch_id = batch.get("id")
         if batch.get("status") not in wire_objects.FINAL or not isinstance(batch_id, str):
             return
         if not await ownership.first_time(store, ownership.BATCH, batch_id):
             return
+        for field in ("output_file_id", "error_file_id"):
+            file_id = batch.get(field)
+            if isinstance(file_id, str) and file_id:
+                made = ownership.Owner(self.team, owner.model, owner.backend)
+                await ownership.record(store, ownership.FILE, file_id, made)
         usage, amounts = _batch_usage(batch)
         reservation = None
         reservation_id = owner.data.get("reservation")
