@@ -84,9 +84,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from .media import _Form, _read_form
+from .media import _Form, _read_form, record_form
 from .settings import request_settings
-from .wire import RequestError, is_int, json_response, require_object
+from .wire import RequestError, is_int, json_response, missing_parameter, require_object
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -152,13 +152,13 @@ class BatchAPI:
 
     async def upload(self, request: web.Request, _ctx: RequestSettings, _body: Any) -> web.Response:
         form = await _read_form(request)
-        _record_form(self.fake, request, form)
+        record_form(self.fake, request, form)
         upload = form.files.get("file")
         if upload is None:
-            raise _missing("file")
+            raise missing_parameter("file")
         purpose = form.one("purpose")
         if purpose is None:
-            raise _missing("purpose")
+            raise missing_parameter("purpose")
         if purpose not in PURPOSES:
             listed = ", ".join(f"'{p}'" for p in PURPOSES)
             raise RequestError(
@@ -237,7 +237,7 @@ class BatchAPI:
         body = require_object(raw)
         for name in ("input_file_id", "endpoint", "completion_window"):
             if body.get(name) is None:
-                raise _missing(name)
+                raise missing_parameter(name)
             if not isinstance(body[name], str):
                 raise _bad_type(name, "a string", body[name])
         if body["completion_window"] != "24h":
@@ -544,12 +544,6 @@ def _error_body(exc: RequestError) -> dict[str, Any]:
     }
 
 
-def _missing(param: str) -> RequestError:
-    return RequestError(
-        f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
-    )
-
-
 def _bad_type(param: str, expected: str, value: Any) -> RequestError:
     return RequestError(
         f"Invalid type for '{param}': expected {expected}, but got {type(value).__name__}.",
@@ -584,9 +578,9 @@ def _form_expiry(form: _Form) -> int | None:
     if anchor is None and seconds is None:
         return None
     if anchor is None:
-        raise _missing("expires_after[anchor]")
+        raise missing_parameter("expires_after[anchor]")
     if seconds is None:
-        raise _missing("expires_after[seconds]")
+        raise missing_parameter("expires_after[seconds]")
     _anchor(anchor, "expires_after[anchor]")
     number: Any = int(seconds) if seconds.strip().isdigit() else seconds
     return _seconds(number, "expires_after[seconds]")
@@ -607,7 +601,7 @@ def _expiry(value: Any, param: str) -> int | None:
             )
     for key in ("anchor", "seconds"):
         if key not in value:
-            raise _missing(f"{param}.{key}")
+            raise missing_parameter(f"{param}.{key}")
     _anchor(value["anchor"], f"{param}.anchor")
     return _seconds(value["seconds"], f"{param}.seconds")
 
@@ -640,20 +634,6 @@ def _metadata(value: Any) -> dict[str, str] | None:
                 code="invalid_value",
             )
     return value
-
-
-def _record_form(fake: FakeLLM, request: web.Request, form: _Form) -> None:
-    # FakeLLM.v1 recorded the upload with no body (it is not JSON): the form becomes that
-    # record's body, found by its path and its Content-Type (the boundary is per request).
-    content_type = request.headers.get("Content-Type")
-    for record in reversed(fake.records):
-        if (
-            record["body"] is None
-            and record["path"] == request.path
-            and record["headers"].get("content-type") == content_type
-        ):
-            record["body"] = form.summary()
-            return
 
 
 def _limit(value: str | None, most: int, default: int) -> int:

@@ -89,7 +89,6 @@ from .responses import (
     _bad_type,
     _bad_value,
     _integer,
-    _missing,
     _number,
     _optional,
     _unknown,
@@ -101,6 +100,7 @@ from .wire import (
     estimate_tokens,
     is_int,
     json_response,
+    missing_parameter,
     require_object,
 )
 
@@ -118,7 +118,7 @@ def _string(body: Mapping[str, Any], name: str, *, required: bool, limit: int) -
     value = body.get(name)
     if value is None:
         if required:
-            raise _missing(name)
+            raise missing_parameter(name)
         return None
     if not isinstance(value, str):
         raise _bad_type(name, "a string", value)
@@ -502,6 +502,20 @@ class _Form:
         return out
 
 
+def record_form(fake: FakeLLM, request: web.Request, form: _Form) -> None:
+    """FakeLLM.v1 recorded the request with no body (it is not JSON): the form becomes that
+    record's body, found by its path and its Content-Type (the boundary is per request)."""
+    content_type = request.headers.get("Content-Type")
+    for record in reversed(fake.records):
+        if (
+            record["body"] is None
+            and record["path"] == request.path
+            and record["headers"].get("content-type") == content_type
+        ):
+            record["body"] = form.summary()
+            return
+
+
 async def _read_form(request: web.Request) -> _Form:
     if request.content_type != "multipart/form-data":
         raise RequestError(
@@ -644,7 +658,7 @@ def _check_audio_form(form: _Form, *, translate: bool) -> _AudioAsk:
         )
     upload = form.files.get("file")
     if upload is None:
-        raise _missing("file")
+        raise missing_parameter("file")
     for name in form.files:
         if name != "file":
             raise RequestError(
@@ -654,7 +668,7 @@ def _check_audio_form(form: _Form, *, translate: bool) -> _AudioAsk:
             )
     model = form.one("model")
     if model is None:
-        raise _missing("model")
+        raise missing_parameter("model")
     if not model:
         raise RequestError(
             "'model' must be a non-empty string", param="model", code="invalid_value"
@@ -797,7 +811,7 @@ def relevance(query: str, document: str) -> float:
 
 def _documents(value: Any) -> list[str]:
     if value is None:
-        raise _missing("documents")
+        raise missing_parameter("documents")
     if not isinstance(value, list) or not value:
         raise RequestError(
             "'documents' must be a non-empty array of strings or {\"text\": ...} objects",
@@ -926,7 +940,7 @@ class MediaAPI:
         _string(body, "input", required=True, limit=4096)
         voice = body.get("voice")
         if voice is None:
-            raise _missing("voice")
+            raise missing_parameter("voice")
         if isinstance(voice, dict):
             if set(voice) != {"id"} or not isinstance(voice["id"], str) or not voice["id"]:
                 raise RequestError(
@@ -967,24 +981,11 @@ class MediaAPI:
     ) -> web.Response:
         return await self._audio_text(request, ctx, translate=True)
 
-    def _record_form(self, request: web.Request, form: _Form) -> None:
-        # FakeLLM.v1 recorded the request with no body (it is not JSON): the form becomes that
-        # record's body, found by its path and its Content-Type (the boundary is per request).
-        content_type = request.headers.get("Content-Type")
-        for record in reversed(self.fake.records):
-            if (
-                record["body"] is None
-                and record["path"] == request.path
-                and record["headers"].get("content-type") == content_type
-            ):
-                record["body"] = form.summary()
-                return
-
     async def _audio_text(
         self, request: web.Request, ctx: RequestSettings, *, translate: bool
     ) -> web.Response:
         form = await _read_form(request)
-        self._record_form(request, form)
+        record_form(self.fake, request, form)
         ask = _check_audio_form(form, translate=translate)
         self.fake.note_model(ask.model)
         await self._answer_after(request, ctx)
@@ -1002,7 +1003,7 @@ class MediaAPI:
         model = _optional(body, "model", str, "a string") or DEFAULT_MODEL
         query = body.get("query")
         if query is None:
-            raise _missing("query")
+            raise missing_parameter("query")
         if not isinstance(query, str):
             raise _bad_type("query", "a string", query)
         documents = _documents(body.get("documents"))

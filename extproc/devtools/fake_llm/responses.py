@@ -70,6 +70,7 @@ from .wire import (
     estimate_tokens,
     is_int,
     json_response,
+    missing_parameter,
     require_object,
     text_pieces,
 )
@@ -160,12 +161,6 @@ def _json_kind(value: Any) -> str:
 
 def _unknown(param: str) -> RequestError:
     return RequestError(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
-
-
-def _missing(param: str) -> RequestError:
-    return RequestError(
-        f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
-    )
 
 
 def _bad_type(param: str, expected: str, value: Any) -> RequestError:
@@ -306,13 +301,13 @@ def _check_tools(tools: Any) -> list[dict[str, Any]]:
             raise _bad_type(where, "an object", tool)
         kind = tool.get("type")
         if kind is None:
-            raise _missing(f"{where}.type")
+            raise missing_parameter(f"{where}.type")
         if kind != "function":
             raise _unserved(f"{where}.type", f"The tool type {kind!r}")
         _extra_keys(tool, _TOOL_FIELDS, where)
         name = tool.get("name")
         if name is None:
-            raise _missing(f"{where}.name")
+            raise missing_parameter(f"{where}.name")
         if not isinstance(name, str):
             raise _bad_type(f"{where}.name", "a string", name)
         if not _TOOL_NAME.match(name):
@@ -373,7 +368,7 @@ def _forced_function(choice: Any, tools: list[dict[str, Any]]) -> str | None:
         _extra_keys(choice, frozenset({"type", "name"}), "tool_choice")
         name = choice.get("name")
         if name is None:
-            raise _missing("tool_choice.name")
+            raise missing_parameter("tool_choice.name")
         if not isinstance(name, str):
             raise _bad_type("tool_choice.name", "a string", name)
         if name not in names:
@@ -404,7 +399,7 @@ def _forced_function(choice: Any, tools: list[dict[str, Any]]) -> str | None:
             listed.append(str(tool["name"]))
         return listed[0] if mode == "required" else None
     if kind is None:
-        raise _missing("tool_choice.type")
+        raise missing_parameter("tool_choice.type")
     raise _unserved("tool_choice.type", f"The tool choice type {kind!r}")
 
 
@@ -418,7 +413,7 @@ def _check_parts(parts: Any, where: str, allowed: Mapping[str, frozenset[str]]) 
             raise _bad_type(at, "an object", part)
         kind = part.get("type")
         if kind is None:
-            raise _missing(f"{at}.type")
+            raise missing_parameter(f"{at}.type")
         if kind not in allowed:
             raise _bad_value(f"{at}.type", kind, allowed)
         _extra_keys(part, allowed[kind], at)
@@ -476,7 +471,7 @@ def _check_image(part: Mapping[str, Any], at: str) -> None:
 def _required_string(item: Mapping[str, Any], name: str, where: str) -> str:
     value = item.get(name)
     if value is None:
-        raise _missing(f"{where}.{name}")
+        raise missing_parameter(f"{where}.{name}")
     if not isinstance(value, str):
         raise _bad_type(f"{where}.{name}", "a string", value)
     return value
@@ -491,7 +486,7 @@ def _check_status(item: Mapping[str, Any], where: str) -> None:
 def _message(item: Mapping[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if role is None:
-        raise _missing(f"{where}.role")
+        raise missing_parameter(f"{where}.role")
     if role not in _ROLES:
         raise _bad_value(f"{where}.role", role, ("assistant", "system", "developer", "user"))
     # An assistant message may be an output message given back (with its id).
@@ -501,7 +496,7 @@ def _message(item: Mapping[str, Any], where: str) -> dict[str, Any]:
     if phase is not None and phase not in ("commentary", "final_answer"):
         raise _bad_value(f"{where}.phase", phase, ("commentary", "final_answer"))
     if "content" not in item:
-        raise _missing(f"{where}.content")
+        raise missing_parameter(f"{where}.content")
     body = item["content"]
     if role == "assistant":
         if isinstance(body, str):
@@ -536,7 +531,7 @@ def _function_output(item: Mapping[str, Any], where: str) -> dict[str, Any]:
     _check_status(item, where)
     call_id = _required_string(item, "call_id", where)
     if "output" not in item:
-        raise _missing(f"{where}.output")
+        raise missing_parameter(f"{where}.output")
     output = item["output"]
     if not isinstance(output, str):
         output = _check_parts(output, f"{where}.output", _INPUT_PARTS)
@@ -570,7 +565,7 @@ def _reasoning(item: Mapping[str, Any], where: str) -> dict[str, Any]:
         entries = item.get(name)
         if entries is None:
             if name == "summary":
-                raise _missing(f"{where}.summary")
+                raise missing_parameter(f"{where}.summary")
             continue
         if not isinstance(entries, list):
             raise _bad_type(f"{where}.{name}", "an array", entries)
@@ -849,7 +844,7 @@ class ResponsesAPI:
     ) -> _Plan:
         _extra_keys(body, _CREATE_FIELDS, "")
         if body.get("model") is None:
-            raise _missing("model")
+            raise missing_parameter("model")
         model = body["model"]
         if not isinstance(model, str) or not model:
             raise _bad_type("model", "a string", model)
@@ -900,7 +895,7 @@ class ResponsesAPI:
             else []
         )
         if body.get("input") is None:
-            raise _missing("input")
+            raise missing_parameter("input")
         items = _check_input(body["input"], earlier, pending, answered=True)
         failure = _failure(headers)
 

@@ -43,6 +43,13 @@ class RequestError(Exception):
         self.status = status
 
 
+def missing_parameter(param: str) -> RequestError:
+    """OpenAI's 400 for a required parameter left out."""
+    return RequestError(
+        f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+    )
+
+
 def is_int(value: Any) -> bool:
     # bool is an int subclass, but JSON true is not a token id or a count.
     return isinstance(value, int) and not isinstance(value, bool)
