@@ -122,10 +122,11 @@ class Admission:
         guarded_stream = parsed.stream and bool(self.response_guards)
         target = routing.fixed_target(self.rt, parsed.model)
         native = routing.served_natively(self.rt, parsed.model, target, self.wire, guarded_stream)
+        references = False
         if b"file_id" in raw or b"previous_response_id" in raw or b"\\u" in raw:
             # A byte search first: most requests name no stored object, and are not walked.
             # (A key may be spelled with escapes, "file\\u005fid": such a body is walked.)
-            await self._check_references(parsed, native, target)
+            references = await self._check_references(parsed, native, target)
         if bridge is not None and not native:
             # Served as chat completions (request_plan.py): what chat cannot carry is refused
             # now, before anything is reserved; the request sent is translated again after the
@@ -165,7 +166,7 @@ class Admission:
         self._check_prompt_size(request_guards, verdicts)
         external = await self._external_guards_and_reserve(parsed, request_guards, slots, verdicts)
         verdicts += external
-        changed = any(v.action == "rewrite" for v in verdicts)
+        changed = references or any(v.action == "rewrite" for v in verdicts)
         if guard.apply_rewrites(external, slots):
             changed = True
             # The prompt the backend will get is the rewritten one: count and size it again.
@@ -213,13 +214,15 @@ class Admission:
 
     async def _check_references(
         self, parsed: ParsedRequest, native: bool, target: ResolvedTarget | None
-    ) -> None:
+    ) -> bool:
         """A request that builds on stored objects (a previous_response_id, a file by id) goes
         on only to the backend that stores them, as it is, for the team that owns them
-        (ownership.py): any other team's, or one the gateway did not record, is a 404."""
+        (ownership.py): any other team's, or one the gateway did not record, is a 404. True
+        when it names any: its body then goes as the gateway read it (a key the client gave
+        twice, which a backend might read the other way, is sent once)."""
         references = self.wire.stored_references(parsed.body)
         if not references or (self.wire.bridge is not None and not native):
-            return  # (a translated request refuses them itself: chat keeps no state)
+            return False  # (a translated request refuses them itself: chat keeps no state)
         cfg = self.rt.config
         shared = cfg.quota.store == "redis" or cfg.sidecar.workers == 1
         for kind, object_id in references:
@@ -249,6 +252,7 @@ class Admission:
                         param,
                     )
                 raise ownership.unknown(kind, object_id)
+        return True
 
     def stop_if_blocked(self, verdicts: list[Verdict], stage: guard.Stage) -> None:
         block = guard.first_block(verdicts)

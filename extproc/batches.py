@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -69,6 +70,9 @@ _MOST = {"file": 10_000, "batch": 100}
 _DEFAULT_LIMIT = {"file": 10_000, "batch": 20}
 _ASKED = {"file": 1_000, "batch": 100}
 NOTHING = Amounts(0, 0, requests=0)  # what a batch that never ran used
+# Uploads are read one at a time, on a thread of their own: a big one never takes the threads
+# the guards, the audit and /metrics share, and never holds the event loop.
+_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-upload")
 # How many requests' counting budgets (sidecar.count_budget_ms) an upload's lines share.
 UPLOAD_COUNT_BUDGETS = 20
 
@@ -143,13 +147,13 @@ class ObjectCall:
         limit = self.rt.config.sidecar.max_body_bytes
         if len(raw) > limit:
             raise _too_large_file(limit)
-        upload = await asyncio.to_thread(self._read_upload, raw, boundary)
+        loop = asyncio.get_running_loop()
+        upload = await loop.run_in_executor(_READER, self._read_upload, raw, boundary)
         self.report.model, self.report.endpoint = upload.model, self.endpoint.path
         target = self._target(upload.model)
         self.file = upload.counts
-        lines = b"".join(line.with_model(target.provider_model) + b"\n" for line in upload.lines)
-        content_type, body = form.build(
-            [("purpose", "batch"), *upload.fields], [("file", upload.filename, lines)]
+        content_type, body = await loop.run_in_executor(
+            _READER, _rebuilt, upload, target.provider_model
         )
         self.owner = ownership.Owner(self.team, upload.model, target.backend)
         return Prepared(target, body, content_type)
@@ -178,8 +182,11 @@ class ObjectCall:
         tokens = self.services.tokens
         default_output = self.rt.config.quota.default_max_tokens
         prompt = output = 0
-        # The whole file gets a few requests' counting time; past it, lines are estimated.
-        deadline = time.perf_counter() + UPLOAD_COUNT_BUDGETS * tokens.budget_s
+        # The whole file gets a few requests' counting time, well within the time Envoy waits
+        # for the body's answer; past it, the rest is estimated.
+        sidecar = self.rt.config.sidecar
+        budget = min(UPLOAD_COUNT_BUDGETS * tokens.budget_s, sidecar.message_timeout_ms / 4000)
+        deadline = time.perf_counter() + budget
         for _, parsed in lines:
             left = max(0.0, deadline - time.perf_counter())
             prompt += _count_line(tokens, parsed, left)
@@ -506,6 +513,13 @@ def _batch_usage(batch: dict[str, Any]) -> tuple[Usage | None, Amounts | None]:
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rebuilt(upload: _Upload, model: str) -> tuple[str, bytes]:
+    """The upload as the backend gets it: a form of the gateway's own, its lines as read, with
+    the backend's name for the model."""
+    lines = b"".join(line.with_model(model) + b"\n" for line in upload.lines)
+    return form.build([("purpose", "batch"), *upload.fields], [("file", upload.filename, lines)])
 
 
 def _count_line(tokens: TokenCounter, parsed: ParsedRequest, budget: float) -> int:

@@ -123,10 +123,12 @@ def test_a_list_names_only_what_it_holds() -> None:
         "last_id": "b",
         "has_more": True,
     }
-    # None of the page is the team's: no other team's id shows, and nothing says more.
+    # None of the page is the team's: no other team's id shows; the backend's "more" stands.
     empty = orjson.loads(wire_objects.with_objects(raw, [], 5))
     assert empty["data"] == [] and empty["first_id"] is None and empty["last_id"] is None
     assert empty["has_more"] is False
+    more = orjson.loads(wire_objects.with_objects(raw.replace(b"false", b"true"), [], 5))
+    assert more["data"] == [] and more["last_id"] is None and more["has_more"] is True
     one = b'{"id": "x", "object": "batch"}'
     assert wire_objects.objects(one) == [{"id": "x", "object": "batch"}]
     assert wire_objects.objects(b"not json") is None

@@ -135,13 +135,14 @@ def with_objects(raw: bytes, kept: list[dict[str, Any]], limit: int) -> bytes:
     """A list answer holding the first `limit` of `kept`, the objects left of the backend's
     page (the gateway asked it for the largest). Its cursor names only what it holds: the next
     page starts after its last object, as the SDK asks for it; `has_more` when the backend's
-    page had more, or `kept` more than `limit`."""
+    page had more, or `kept` more than `limit` (an empty page may say so: the backend's page
+    held none of the team's, and there is no cursor of the team's to go on from)."""
     answer = _json(raw) or {}
     page = kept[:limit]
     answer["data"] = page
     answer["first_id"] = page[0].get("id") if page else None
     answer["last_id"] = page[-1].get("id") if page else None
-    answer["has_more"] = len(kept) > limit or (bool(page) and answer.get("has_more") is True)
+    answer["has_more"] = len(kept) > limit or answer.get("has_more") is True
     return orjson.dumps(answer)
 
 
