@@ -468,6 +468,11 @@ class ObjectCall:
             request_id=batch_id[:128],
             path="batch",
         )
+        status = batch.get("status")
+        if status in ("failed", "expired"):
+            report.code = f"provider_error:batch_{status}"  # (its audit record says how it ended)
+        elif status == "cancelled":
+            report.code = "batch_cancelled"
         settlement.finish_batch(self.services, report, reservation, usage, amounts)
 
 
