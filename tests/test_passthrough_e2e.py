@@ -122,6 +122,21 @@ def test_rerank_goes_to_the_backend_under_its_name(gw: Gateway) -> None:
     assert last_sent(gw, gw.fake_a)["body"]["model"] == "bge"
 
 
+def test_a_reranks_reported_total_is_its_input(gw: Gateway) -> None:
+    request = urllib.request.Request(
+        f"{gw.base_url}/rerank",
+        data=json.dumps({"model": "reranker", "query": "q", "documents": ["a b", "c"]}).encode(),
+        headers={"authorization": "Bearer sk-team-a", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as resp:
+        answer = json.load(resp)
+        headers = resp.headers
+    total = answer["usage"]["total_tokens"]
+    assert total > 0
+    assert headers["x-aigw-prompt-tokens"] == headers["x-aigw-total-tokens"] == str(total)
+    assert headers["x-aigw-token-source"] == "provider"
+
+
 def test_a_chat_model_is_not_an_image_model(gw: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client(gw).images.generate(model="gpt-4o-mini", prompt="a lighthouse")

@@ -289,3 +289,13 @@ def test_the_observer_reads_a_stream_with_the_handed_over_format(
     )
     assert observer.done and isinstance(observer.relay, FakeRelay)
     assert observer.relay.usage == Usage(3, 4, 7)
+
+
+def test_a_usage_of_only_its_total_is_a_reranks_input() -> None:
+    from extproc.wire.openai.answer import usage
+
+    read = usage({"total_tokens": 42})
+    assert read is not None
+    assert (read.prompt_tokens, read.completion_tokens, read.total_tokens) == (42, 0, 42)
+    assert usage({"total_tokens": 42, "other": 1}) is None  # not a shape the gateway knows
+    assert usage({"total_tokens": "42"}) is None

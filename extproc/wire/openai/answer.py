@@ -46,7 +46,10 @@ def io_usage(obj: Any) -> Usage | None:
         return None
     prompt = _int(obj.get("input_tokens"))
     if prompt is None:
-        return None
+        # A rerank answer (vLLM's, Jina's, Cohere-compatible servers') reports only its total:
+        # the query and documents it read, all input.
+        total = _int(obj.get("total_tokens"))
+        return Usage(total, 0, total) if total is not None and len(obj) == 1 else None
     completion = _int(obj.get("output_tokens")) or 0
     total = _int(obj.get("total_tokens"))
     details = obj.get("input_tokens_details")
