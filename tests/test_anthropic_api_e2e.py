@@ -10,6 +10,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import pytest
@@ -348,3 +349,15 @@ def test_requests_are_counted_by_api(gw: Gateway) -> None:
         if line.startswith("extproc_requests_total{") and 'api="anthropic"' in line
     ]
     assert lines and any(f'model="{BRIDGED}"' in line for line in lines)
+
+
+def test_a_file_by_id_is_refused_in_anthropics_shape(gw: Gateway) -> None:
+    # Anthropic's Files API is not passed: no team's file is recorded, so none is resolved
+    # with the gateway's key.
+    document: Any = {"type": "document", "source": {"type": "file", "file_id": "file_011abc"}}
+    messages: Any = [{"role": "user", "content": [document, {"type": "text", "text": "Sum up."}]}]
+    before = len(gw.fake_requests(gw.fake_b))
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        client(gw).messages.create(model=NATIVE, max_tokens=16, messages=messages)
+    assert raised.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert len(gw.fake_requests(gw.fake_b)) == before
