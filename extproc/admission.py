@@ -223,8 +223,7 @@ class Admission:
         references = self.wire.stored_references(parsed.body)
         if not references or (self.wire.bridge is not None and not native):
             return False  # (a translated request refuses them itself: chat keeps no state)
-        cfg = self.rt.config
-        shared = cfg.quota.store == "redis" or cfg.sidecar.workers == 1
+        shared = self.rt.config.records_shared
         for kind, object_id in references:
             param = "previous_response_id" if kind == ownership.RESPONSE else "file_id"
             if target is None or not shared:

@@ -45,6 +45,7 @@ from .usage import Usage
 from .wire.base import Operation, file_references, json_object
 from .wire.openai import OPENAI, form
 from .wire.openai import objects as wire_objects
+from .wire.openai.answer import count_of, io_usage
 from .wire.openai.request import CHAT, COMPLETIONS, EMBEDDINGS
 
 if TYPE_CHECKING:
@@ -339,8 +340,7 @@ class ObjectCall:
 
     def check_shared(self) -> None:
         """Records kept per sidecar process would be found by one process in N: refused."""
-        cfg = self.rt.config
-        if cfg.quota.store != "redis" and cfg.sidecar.workers != 1:
+        if not self.rt.config.records_shared:
             raise GatewayError(
                 503,
                 "Files and batches need a gateway whose sidecar processes share their records "
@@ -482,42 +482,27 @@ def _batch_usage(batch: dict[str, Any]) -> tuple[Usage | None, Amounts | None]:
     counts = batch.get("request_counts")
     ran = 0
     if isinstance(counts, dict):
-        ran = sum(v for k, v in counts.items() if k in ("completed", "failed") and _count(v))
+        ran = sum(count_of(counts.get(k)) or 0 for k in ("completed", "failed"))
     reported = batch.get("usage")
     if not isinstance(reported, dict):
         if ran == 0 and isinstance(counts, dict):
             return None, NOTHING
         return None, None
-    input_tokens, output_tokens = reported.get("input_tokens"), reported.get("output_tokens")
-    if not isinstance(input_tokens, int) or not isinstance(output_tokens, int):
+    # (Both counts, or nothing read: a batch's usage names its input and its output.)
+    if count_of(reported.get("input_tokens")) is None:
         return None, None
-    if not (_count(input_tokens) and _count(output_tokens)):
+    if count_of(reported.get("output_tokens")) is None:
         return None, None
-    details_in = reported.get("input_tokens_details")
-    details_out = reported.get("output_tokens_details")
-    cached = details_in.get("cached_tokens", 0) if isinstance(details_in, dict) else 0
-    reasoning = details_out.get("reasoning_tokens", 0) if isinstance(details_out, dict) else 0
-    cached = cached if _count(cached) else 0
-    reasoning = reasoning if _count(reasoning) else 0
-    usage = Usage(
-        input_tokens,
-        output_tokens,
-        input_tokens + output_tokens,
-        cached_tokens=cached,
-        reasoning_tokens=reasoning,
-    )
+    usage = io_usage(reported)
+    assert usage is not None
     amounts = Amounts(
-        input_tokens,
-        output_tokens,
+        usage.prompt_tokens,
+        usage.completion_tokens,
         requests=ran,
-        cached_input_tokens=cached,
-        reasoning_tokens=reasoning,
+        cached_input_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
     )
     return usage, amounts
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _rebuilt(upload: _Upload, model: str) -> tuple[str, bytes]:

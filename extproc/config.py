@@ -747,6 +747,12 @@ class Config(_Strict):
     observability: ObservabilitySettings = ObservabilitySettings()
     identities: IdentitySettings = IdentitySettings()
 
+    @property
+    def records_shared(self) -> bool:
+        """Every sidecar process sees the records of who owns a stored object (ownership.py):
+        one process, or the Redis store."""
+        return self.quota.store == "redis" or self.sidecar.workers == 1
+
 
 # Top-level sections that belong to development tools, not to the gateway: the quickstart
 # keeps the fake LLM's settings in the gateway's file, so `make run` needs one file. The gateway

@@ -292,7 +292,7 @@ class DownstreamStream:
             model in self.rt.adapted,
             model not in self.rt.unasked_usage,
             routing.served_natively(self.rt, model, target, self.wire, guarded_stream),
-            self.rt.config.quota.store == "redis" or self.rt.config.sidecar.workers == 1,
+            self.rt.config.records_shared,
         )
         self.observe, self.strip_usage, self.native = plan.observe, plan.strip_usage, plan.native
         self.stores = plan.stores

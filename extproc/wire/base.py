@@ -260,10 +260,12 @@ class WireFormat(Protocol):
 
 class Stateless:
     """The WireFormat members of an API whose requests have its backends store nothing for
-    later calls (OpenAI's chat completions, Anthropic's Messages)."""
+    later calls (OpenAI's chat completions, Anthropic's Messages). Its requests may still name
+    files by id: each must be the team's (an Anthropic file, whose API the gateway does not
+    pass, never is)."""
 
     def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-        return ()
+        return tuple(file_references(body))
 
     def unstored(self, body: dict[str, Any]) -> dict[str, Any] | None:
         return None

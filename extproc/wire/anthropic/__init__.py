@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..base import Stateless, file_references
+from ..base import Stateless
 from . import answer, request
 from .chat_bridge import BRIDGE
 from .guarded_stream import AnthropicGuardedRelay
@@ -42,11 +42,6 @@ class Anthropic(Stateless):
     answer_text = staticmethod(answer.answer_text)
     answer_slots = staticmethod(answer.answer_slots)
     error_body = staticmethod(answer.error_body)
-
-    def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-        # A document or image by `file_id` (Anthropic's Files API, which the gateway does not
-        # pass): never recorded for a team, so refused rather than resolved with the shared key.
-        return tuple(file_references(body))
 
     def token_count_body(self, tokens: int) -> bytes:
         return orjson.dumps({"input_tokens": tokens})

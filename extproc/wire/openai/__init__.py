@@ -4,9 +4,9 @@ OpenAI API and the servers that copy it (vLLM, Azure OpenAI, ...) speak them."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..base import Stateless, file_references
+from ..base import Stateless
 from . import request
 from .answer import answer_slots, answer_text, answer_usage, drop_logprobs, error_body
 from .guarded_stream import GuardedStreamRelay
@@ -40,9 +40,6 @@ class OpenAI(Stateless):
     answer_text = staticmethod(answer_text)
     answer_slots = staticmethod(answer_slots)
     drop_logprobs = staticmethod(drop_logprobs)
-
-    def stored_references(self, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-        return tuple(file_references(body))
 
     def token_count_body(self, tokens: int) -> bytes:
         raise TypeError("OpenAI's chat completions API has no token count endpoint")

@@ -12,50 +12,52 @@ from ..base import Endpoint
 from .request import CHAT, EMBEDDINGS
 
 
-def _int(value: Any) -> int | None:
+def count_of(value: Any) -> int | None:
+    """A token or request count as a usage report gives it: an int, not negative."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+# A usage object's spellings: chat completions' (prompt/completion) and the input/output one
+# of the Responses API, the images' and audio endpoints' and a batch's.
+_CHAT_KEYS = ("prompt_tokens", "completion_tokens", "prompt_tokens_details",
+              "completion_tokens_details")  # fmt: skip
+_IO_KEYS = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
 
 
 def usage(obj: Any) -> Usage | None:
     """The `usage` object of a response or a stream chunk, if it is well formed."""
     if not isinstance(obj, dict):
         return None
-    prompt = _int(obj.get("prompt_tokens"))
-    if prompt is None:
-        # The images and audio endpoints report input and output tokens, as Responses does.
-        return io_usage(obj)
-    completion = _int(obj.get("completion_tokens")) or 0
-    total = _int(obj.get("total_tokens"))
-    details = obj.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-    out_details = obj.get("completion_tokens_details")
-    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
-    return Usage(
-        prompt,
-        completion,
-        total if total is not None else prompt + completion,
-        cached or 0,
-        reasoning_tokens=reasoning or 0,
-    )
+    read = _read(obj, _CHAT_KEYS)
+    # (The images and audio endpoints report input and output tokens, as Responses does.)
+    return read if read is not None else io_usage(obj)
 
 
 def io_usage(obj: Any) -> Usage | None:
     """A usage object of input and output tokens (the Responses API's, the images' and audio
-    endpoints'): cached input among the input, reasoning among the output."""
+    endpoints', a batch's): cached input among the input, reasoning among the output."""
     if not isinstance(obj, dict):
         return None
-    prompt = _int(obj.get("input_tokens"))
-    if prompt is None:
+    read = _read(obj, _IO_KEYS)
+    if read is None:
         # A rerank answer (vLLM's, Jina's, Cohere-compatible servers') reports only its total:
         # the query and documents it read, all input.
-        total = _int(obj.get("total_tokens"))
+        total = count_of(obj.get("total_tokens"))
         return Usage(total, 0, total) if total is not None and len(obj) == 1 else None
-    completion = _int(obj.get("output_tokens")) or 0
-    total = _int(obj.get("total_tokens"))
-    details = obj.get("input_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-    out_details = obj.get("output_tokens_details")
-    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
+    return read
+
+
+def _read(obj: dict[str, Any], keys: tuple[str, str, str, str]) -> Usage | None:
+    input_key, output_key, input_details, output_details = keys
+    prompt = count_of(obj.get(input_key))
+    if prompt is None:
+        return None
+    completion = count_of(obj.get(output_key)) or 0
+    total = count_of(obj.get("total_tokens"))
+    details = obj.get(input_details)
+    cached = count_of(details.get("cached_tokens")) if isinstance(details, dict) else None
+    out = obj.get(output_details)
+    reasoning = count_of(out.get("reasoning_tokens")) if isinstance(out, dict) else None
     return Usage(
         prompt,
         completion,
