@@ -92,4 +92,5 @@ envoy-files: $(BIN)/.installed
 # Our own gRPC APIs: protos/ compiled into extproc/ (a test fails when they are out of date).
 protos: $(BIN)/.installed
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
-	  protos/extproc/admin/v1/quota.proto protos/extproc/admin/v1/config.proto
+	  protos/extproc/admin/v1/quota.proto protos/extproc/admin/v1/config.proto \
+	  protos/extproc/admin/v1/keys.proto

@@ -18,7 +18,7 @@ from . import ownership, providers, routing, settlement
 from .errors import GatewayError, bad_request, not_found, too_large
 from .guard import pipeline as guard
 from .guard.texts import conversation
-from .quota.policy import Amounts, applicable
+from .quota.policy import Amounts
 from .quota.service import requested_output
 from .request_plan import Admitted
 from .telemetry.report import OFF_LOOP_CHARS, prompt_fields, verdict_entries
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .guard.pipeline import CompiledGuard
     from .guard.texts import Slot
     from .guard.types import Verdict
+    from .identity import Identity
     from .quota.policy import LimitSpec
     from .quota.service import Reservation
     from .services import Services
@@ -57,6 +58,7 @@ class Admission:
         "services",
         "team",
         "trace",
+        "who",
         "wire",
     )
 
@@ -66,12 +68,12 @@ class Admission:
         rt: Runtime,
         wire: WireFormat,
         endpoint: Endpoint,
-        team: str,
+        who: Identity,
         report: RequestReport,
         trace: Any,
     ) -> None:
         self.services, self.rt, self.wire, self.endpoint = services, rt, wire, endpoint
-        self.team, self.report, self.trace = team, report, trace
+        self.who, self.team, self.report, self.trace = who, who.team, report, trace
         self.request: ParsedRequest | None = None
         self.prompt: TokenCount | None = None
         self.max_output = 0  # the most output the request may produce (reserved)
@@ -101,7 +103,7 @@ class Admission:
         report.stream = parsed.stream
         if self.trace is not NO_TRACE:
             self._trace_request(parsed, report.model)
-        routing.check_model(self.rt, self.team, parsed.model, endpoint)
+        routing.check_model(self.rt, self.who, parsed.model, endpoint)
         return parsed
 
     async def count_only(self, raw: bytes) -> TokenCount:
@@ -193,7 +195,7 @@ class Admission:
             self.prompt_turns = conversation(slots)
         res = self.reservation
         return Admitted(
-            team=self.team,
+            who=self.who,
             request=parsed,
             wire=self.wire,
             prompt_tokens=prompt.tokens,
@@ -202,7 +204,7 @@ class Admission:
             response_guards=bool(self.response_guards),
             pool=self.pool,
             reservation=res.id if res is not None else "",
-            limits=tuple(spec.name for spec in res.specs) if res is not None else (),
+            limits=tuple(spec.label for spec in res.specs) if res is not None else (),
             rate_headers=self.services.quota.rate_headers(res.specs, res.states)
             if res is not None
             else None,
@@ -275,6 +277,8 @@ class Admission:
                 "gen_ai.request.model": model,
                 **self.wire.span_attributes(parsed.body),
                 "extproc.team": self.team,
+                "extproc.organization": self.who.organization or None,
+                "enduser.id": self.who.user or None,
                 "extproc.api": self.wire.name,
                 "extproc.stream": parsed.stream,
             }
@@ -289,7 +293,7 @@ class Admission:
     ) -> list[Verdict]:
         """External guards and the quota reservation, at the same time: neither needs the
         other, and both may take a network round trip."""
-        specs = applicable(self.services.limits.get(self.team, ()), parsed.model)
+        specs = self.services.budgets.applicable(self.who, parsed.model)
         reserve = None
         if specs:
             amounts = Amounts(self.prompt_tokens, self.max_output)
@@ -336,14 +340,15 @@ class Admission:
         self, model: str, specs: tuple[LimitSpec, ...], amounts: Amounts
     ) -> Reservation | None:
         """Reserve; when a limit that lists this model is exhausted and the model allows it,
-        pin the request to its next pool and reserve against the team-wide limits only."""
+        pin the request to its next pool and reserve against the limits of all models only."""
         quota, cfg = self.services.quota, self.rt.config
+        scope = self.services.budgets.scope(self.team)
         try:
             with self.trace.child("quota reserve", {"extproc.limits": len(specs)}):
-                return await quota.reserve(cfg, self.team, model, specs, amounts)
+                return await quota.reserve(cfg, scope, model, specs, amounts, who=self.who)
         except GatewayError as err:
             exhausted = (err.code or "").removeprefix("quota_exceeded:")
-            scoped = {s.name for s in specs if s.scoped}
+            scoped = {s.label for s in specs if s.scoped}
             model_cfg = cfg.models.get(model)
             if model_cfg is None or not model_cfg.quota_failover or exhausted not in scoped:
                 raise
@@ -352,7 +357,7 @@ class Admission:
         if not rest:
             return None
         with self.trace.child("quota reserve", {"extproc.limits": len(rest), "extproc.pool": 1}):
-            return await quota.reserve(cfg, self.team, model, rest, amounts)
+            return await quota.reserve(cfg, scope, model, rest, amounts, who=self.who)
 
     def _reserved(self, task: asyncio.Future[Reservation | None]) -> None:
         if task.cancelled() or task.exception() is not None:

@@ -36,9 +36,10 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from . import ownership, routing, settlement
+from . import identity, ownership, routing, settlement
 from .errors import GatewayError, bad_request
-from .quota.policy import Amounts, applicable
+from .identity import Identity
+from .quota.policy import Amounts
 from .quota.service import requested_output
 from .telemetry.report import RequestReport
 from .usage import Usage
@@ -115,18 +116,20 @@ class ObjectCall:
         "rt",
         "services",
         "team",
+        "who",
     )
 
     def __init__(
         self,
         services: Services,
         rt: Runtime,
-        team: str,
+        who: Identity,
         endpoint: Endpoint,
         report: RequestReport,
         owner: ownership.Owner | None = None,
     ) -> None:
-        self.services, self.rt, self.team, self.endpoint = services, rt, team, endpoint
+        self.services, self.rt, self.endpoint = services, rt, endpoint
+        self.who, self.team = who, who.team
         self.report = report
         self.owner = owner  # the object a call on one file or batch is about
         self.file: dict[str, Any] = {}  # an upload's counts, for its record
@@ -238,7 +241,7 @@ class ObjectCall:
                     "file",
                 )
             if parsed.model not in models:
-                routing.check_model(self.rt, self.team, parsed.model, endpoint)
+                routing.check_model(self.rt, self.who, parsed.model, endpoint)
                 models.add(parsed.model)
             lines.append((line, parsed))
         if len(models) > 1 or len(urls) > 1:
@@ -276,12 +279,13 @@ class ObjectCall:
                 "invalid_value",
                 "endpoint",
             )
-        if not self.rt.may_use(self.team, file.model):
+        if not self.who.may_use(self.rt, file.model):
             raise ownership.unknown(ownership.FILE, file_id)
         target = self._target(file.model)
         if target.backend != file.backend:
             raise ownership.unknown(ownership.FILE, file_id)
-        specs = applicable(self.services.limits.get(self.team, ()), file.model)
+        budgets = self.services.budgets
+        specs = budgets.applicable(self.who, file.model)
         if specs:
             estimate = Amounts(
                 int(counts.get("prompt", 0)),
@@ -289,7 +293,13 @@ class ObjectCall:
                 requests=int(counts.get("requests", 1)),
             )
             self.reservation = await self.services.quota.reserve(
-                self.rt.config, self.team, file.model, specs, estimate, RESERVATION_TTL_S
+                self.rt.config,
+                budgets.scope(self.team),
+                file.model,
+                specs,
+                estimate,
+                RESERVATION_TTL_S,
+                who=self.who,
             )
         self.owner = file
         # What the gateway read goes on (a key given twice is read once, as here).
@@ -320,7 +330,7 @@ class ObjectCall:
         if model is not None:
             return Prepared(self._target(model), path=new_path)
         backends: dict[str, ResolvedTarget] = {}
-        for name in sorted(self.rt.team_models.get(self.team, ())):
+        for name in sorted(routing.usable_models(self.rt, self.who)):
             target = routing.fixed_target(self.rt, name)
             if target is not None and self._runs_batches(target):
                 backends.setdefault(target.backend, target)
@@ -350,7 +360,7 @@ class ObjectCall:
             )
 
     def _target(self, model: str) -> ResolvedTarget:
-        routing.visible_model(self.rt, self.team, model)
+        routing.visible_model(self.rt, self.who, model)
         target = routing.fixed_target(self.rt, model)
         if target is None or not self._runs_batches(target):
             raise bad_request(
@@ -404,8 +414,14 @@ class ObjectCall:
                 data: dict[str, Any] = self.file
                 if endpoint is wire_objects.CREATE_BATCH:
                     res = self.reservation
+                    # With who created it: its settlement charges their budgets.
                     data = (
-                        {"reservation": res.id, "limits": [s.name for s in res.specs]}
+                        {
+                            "reservation": res.id,
+                            "limits": [s.label for s in res.specs],
+                            "user": self.who.user,
+                            "key": self.who.key,
+                        }
                         if res
                         else {}
                     )
@@ -452,14 +468,25 @@ class ObjectCall:
         reservation = None
         reservation_id = owner.data.get("reservation")
         if isinstance(reservation_id, str) and reservation_id:
-            specs = applicable(self.services.limits.get(self.team, ()), owner.model)
+            creator = identity.settling(
+                self.rt.config,
+                self.services.keys,
+                self.team,
+                str(owner.data.get("user") or ""),
+                str(owner.data.get("key") or ""),
+            )
+            budgets = self.services.budgets
+            specs = budgets.applicable(creator, owner.model)
             limits = tuple(str(n) for n in owner.data.get("limits", ()))
             reservation = self.services.quota.handed_over(
-                self.rt.config, self.team, owner.model, reservation_id, limits, specs
+                self.rt.config, budgets.scope(self.team), owner.model, reservation_id, limits, specs
             )
         # Its own report: the batch's tokens are counted under its model, in its audit record.
         report = RequestReport(
             team=self.team,
+            organization=self.who.organization,
+            user=str(owner.data.get("user") or ""),
+            key=str(owner.data.get("key") or ""),
             model=owner.model,
             endpoint=wire_objects.CREATE_BATCH.path,
             backend=owner.backend,

@@ -100,11 +100,27 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_quota(args: argparse.Namespace) -> int:
     from .admin.client import run_quota_command
 
-    if args.action != "stats" and not args.team:
-        print(f"extproc quota {args.action}: --team is required", file=sys.stderr)
+    if args.action == "reset" and not args.team:
+        print("extproc quota reset: --team is required", file=sys.stderr)
+        return 2
+    if args.action == "usage" and not (args.team or args.organization):
+        print("extproc quota usage: --team or --organization is required", file=sys.stderr)
         return 2
     address = _admin_address(args)
-    return run_quota_command(args.action, args.team, address, os.environ.get(args.token_env))
+    return run_quota_command(
+        args.action,
+        args.team or "",
+        address,
+        os.environ.get(args.token_env),
+        user=args.user or "",
+        organization="" if args.team else args.organization or "",
+    )
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys.cli import run_keys_command
+
+    return run_keys_command(args, _admin_address(args), os.environ.get(args.token_env))
 
 
 def _admin_address(args: argparse.Namespace) -> str:
@@ -200,11 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("quota", help="a team's quota usage, or reset it (admin API)")
+    p = sub.add_parser("quota", help="quota usage of a team, user or organization (admin API)")
     p.add_argument("action", choices=["usage", "reset", "stats"])
     p.add_argument("--team", help="for usage and reset")
+    p.add_argument("--user", help="usage: that user's limits in the team too")
+    p.add_argument("--organization", help="usage, without --team: the organization's limits")
     _admin_arguments(p)
     p.set_defaults(func=cmd_quota)
+
+    p = sub.add_parser(
+        "keys",
+        help="API keys managed at run time: create, list, show, rotate, revoke (admin API)",
+        description="API keys created, rotated and revoked without editing the config file "
+        "or restarting; the config file's keys keep working. A secret is printed once, by "
+        "create and rotate.",
+    )
+    from .keys.cli import add_arguments as add_keys_arguments
+
+    add_keys_arguments(p, _admin_arguments)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("reload", help="make the sidecar re-read its config now (admin API)")
     _admin_arguments(p)

@@ -30,7 +30,13 @@ from pydantic import (
     model_validator,
 )
 
+from .keys.settings import KeysSettings
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
+# A user as the identity provider or the key's owner names them (a subject, an e-mail address):
+# any printable text; "|" separates the parts of a counter's name (quota/budgets.py).
+USER_PATTERN = r"^[^|\x00-\x1f\x7f]{1,256}$"
+UserId = Annotated[str, Field(min_length=1, max_length=256, pattern=USER_PATTERN)]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -83,29 +89,6 @@ class SecretRef(_Strict):
         return value
 
 
-class ApiKey(_Strict):
-    """A client API key: a sha256 hex digest in the file, or the key itself from env/file."""
-
-    sha256: str | None = None
-    env: str | None = None
-    file: Path | None = None
-    name: str | None = Field(default=None, description="a label for logs; never the key")
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, v: str | None) -> str | None:
-        if v is not None and not _HEX64.match(v.lower()):
-            raise ValueError("must be 64 hexadecimal characters (sha256 of the key)")
-        return v.lower() if v else v
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ApiKey:
-        given = [k for k in ("sha256", "env", "file") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of 'sha256', 'env' or 'file'")
-        return self
-
-
 Window = Literal["minute", "hour", "day", "month"]
 METRICS = ("tokens", "input_tokens", "output_tokens", "requests", "usd")
 
@@ -133,6 +116,35 @@ class Limit(_Strict):
     @property
     def metric(self) -> str:
         return next(m for m in METRICS if getattr(self, m) is not None)
+
+
+class ApiKey(_Strict):
+    """A client API key: a sha256 hex digest in the file, or the key itself from env/file."""
+
+    sha256: str | None = None
+    env: str | None = None
+    file: Path | None = None
+    name: str | None = Field(default=None, description="a label for logs; never the key")
+    # Whose key it is below the team: its requests count against the user's limits too.
+    user: UserId | None = None
+    # None: the team's models. A list narrows them (model or model_groups names).
+    models: list[str] | None = None
+    # The key's own budgets, on top of its user's, team's and organization's.
+    limits: list[Limit] = []
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not _HEX64.match(v.lower()):
+            raise ValueError("must be 64 hexadecimal characters (sha256 of the key)")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ApiKey:
+        given = [k for k in ("sha256", "env", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'sha256', 'env' or 'file'")
+        return self
 
 
 GuardType = Literal[
@@ -207,13 +219,30 @@ class GuardrailSettings(_Strict):
     block_status: int = Field(default=403, ge=400, le=599)
 
 
+class User(_Strict):
+    # This user's budgets in the team, instead of the team's user_limits.
+    limits: list[Limit] = []
+
+
 class Team(_Strict):
     # A team's callers: its API keys, and the JWTs that identities.jwt maps to it (either).
     keys: list[ApiKey] = []
-    # None: every configured model. An explicit list restricts the team to those.
+    # The organization the team belongs to (one): its budgets cover all its teams.
+    organization: str | None = None
+    # None: every configured model (or the organization's). A list restricts the team to those.
     models: list[str] | None = None
     limits: list[Limit] = []
+    # Budgets of each user of the team (a token's user claim, a key's `user`), each on its own.
+    user_limits: list[Limit] = []
+    users: dict[UserId, User] = {}
     guardrails: GuardLists = GuardLists()
+
+
+class Organization(_Strict):
+    # Budgets shared by every team of the organization.
+    limits: list[Limit] = []
+    # None: every configured model. A list restricts all its teams to those.
+    models: list[str] | None = None
 
 
 class Price(_Strict):
@@ -648,7 +677,9 @@ class JwksSource(_Strict):
     uri: str | None = Field(default=None, description="https://... fetched and cached by Envoy")
     file: Path | None = None
     inline: str | None = Field(default=None, description="the JWKS JSON itself (public keys)")
-    cache_s: float = Field(default=600.0, gt=0, le=86_400, description="for uri")
+    # Envoy refetches every cache_s (less 5 s when above 5), in whole seconds, and never for a
+    # token's unknown kid: below 1 s it would fetch in a loop.
+    cache_s: int = Field(default=600, ge=1, le=86_400, description="for uri")
     timeout_s: float = Field(default=5.0, gt=0, le=60, description="for uri")
 
     @model_validator(mode="after")
@@ -713,7 +744,24 @@ class ClaimRule(_Strict):
 
     @property
     def path(self) -> tuple[str, ...]:
-        return (self.claim,) if isinstance(self.claim, str) else tuple(self.claim)
+        return claim_path(self.claim)
+
+
+def claim_path(claim: str | list[str]) -> tuple[str, ...]:
+    return (claim,) if isinstance(claim, str) else tuple(claim)
+
+
+class ModelRule(_Strict):
+    """A verified token whose `claim` is `value` (or contains it) may use `models` (names of
+    models or model_groups), within its team's."""
+
+    claim: ClaimName | Annotated[list[ClaimName], Field(min_length=1)]
+    value: str
+    models: list[str]
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return claim_path(self.claim)
 
 
 class JwtIssuer(_Strict):
@@ -725,6 +773,16 @@ class JwtIssuer(_Strict):
     clock_skew_s: int = Field(default=60, ge=0, le=600)
     # The first rule a token's claims match names its team; a token no rule matches gets 403.
     teams: Annotated[list[ClaimRule], Field(min_length=1)]
+    # The claim that names the user (a string): for user budgets, audit and traces. A token
+    # without it is served as its team's, with no user.
+    user_claim: ClaimName | Annotated[list[ClaimName], Field(min_length=1)] = "sub"
+    # When given, a token may use only the models of the rules its claims match (none: none),
+    # within its team's models.
+    models: list[ModelRule] | None = None
+
+    @property
+    def user_path(self) -> tuple[str, ...]:
+        return claim_path(self.user_claim)
 
 
 class IdentitySettings(_Strict):
@@ -739,6 +797,7 @@ class Config(_Strict):
     admin: AdminSettings = AdminSettings()
     prices: dict[str, Price] = {}
     model_groups: dict[Annotated[str, Field(pattern=_NAME)], list[str]] = {}
+    organizations: dict[Annotated[str, Field(pattern=_NAME)], Organization] = {}
     teams: dict[Annotated[str, Field(pattern=_NAME)], Team]
     backends: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")], Backend]
     models: dict[Annotated[str, Field(pattern=_NAME)], Model]
@@ -746,6 +805,7 @@ class Config(_Strict):
     guardrails: GuardrailSettings = GuardrailSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     identities: IdentitySettings = IdentitySettings()
+    keys: KeysSettings = KeysSettings()
 
     @property
     def records_shared(self) -> bool:
@@ -854,15 +914,46 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
             if rule.team not in cfg.teams:
                 where = f"identities.jwt.{issuer_name}.teams.{i}.team"
                 problems.append((where, f"unknown team {rule.team!r}"))
+        for i, model_rule in enumerate(issuer.models or ()):
+            where = f"identities.jwt.{issuer_name}.models.{i}.models"
+            problems += _check_model_names(cfg, where, model_rule.models)
+    for org_name, org in cfg.organizations.items():
+        where = f"organizations.{org_name}"
+        problems += _check_model_names(cfg, f"{where}.models", org.models or [])
+        problems += _check_limits(cfg, f"{where}.limits", org.limits, org_models(cfg, org_name))
     for team_name, team in cfg.teams.items():
+        where = f"teams.{team_name}"
         if not team.keys and team_name not in mapped:
+            problems.append((f"{where}.keys", "the team has no keys and no JWT maps to it"))
+        if team.organization is not None and team.organization not in cfg.organizations:
             problems.append(
-                (f"teams.{team_name}.keys", "the team has no keys and no JWT maps to it")
+                (f"{where}.organization", f"unknown organization {team.organization!r}")
             )
+            continue
+        allowed = org_models(cfg, team.organization) if team.organization else cfg.models
         for i, model_name in enumerate(team.models or ()):
             if model_name not in cfg.models:
-                problems.append((f"teams.{team_name}.models.{i}", f"unknown model {model_name!r}"))
-        problems += _check_limits(cfg, team_name, team)
+                problems.append((f"{where}.models.{i}", f"unknown model {model_name!r}"))
+            elif model_name not in allowed:
+                problems.append(
+                    (f"{where}.models.{i}", f"organization {team.organization} may not use it")
+                )
+        models = team_models(cfg, team_name)
+        problems += _check_limits(cfg, f"{where}.limits", team.limits, models)
+        problems += _check_limits(cfg, f"{where}.user_limits", team.user_limits, models)
+        for user, settings in team.users.items():
+            problems += _check_limits(cfg, f"{where}.users.{user}.limits", settings.limits, models)
+        names: set[str] = set()
+        for i, key in enumerate(team.keys):
+            problems += _check_model_names(cfg, f"{where}.keys.{i}.models", key.models or [])
+            key_models = narrowed(cfg, models, key.models)
+            problems += _check_limits(cfg, f"{where}.keys.{i}.limits", key.limits, key_models)
+            if key.limits and key.name is None:
+                # Its counters are kept under its name (a position would move with the list).
+                problems.append((f"{where}.keys.{i}.name", "a key with limits needs a name"))
+            if key.name is not None and key.name in names:
+                problems.append((f"{where}.keys.{i}.name", f"two keys are called {key.name!r}"))
+            names.add(key.name or "")
     for group, members in cfg.model_groups.items():
         if group in cfg.models:
             problems.append((f"model_groups.{group}", "a group cannot share a model's name"))
@@ -883,7 +974,7 @@ def _check_workers(cfg: Config) -> list[tuple[str, str]]:
     problems = []
     if cfg.sidecar.listen.startswith("unix:"):
         problems.append(("sidecar.workers", "several workers need a HOST:PORT listen address"))
-    limited = [name for name, team in cfg.teams.items() if team.limits]
+    limited = [name for name, team in cfg.teams.items() if has_budgets(cfg, name)]
     if limited and cfg.quota.store == "memory":
         problems.append(
             (
@@ -935,36 +1026,85 @@ def stage_guards(cfg: Config, team: str, model: str) -> tuple[list[str], list[st
     return out[0], out[1]
 
 
-def limit_models(cfg: Config, team: Team, limit: Limit) -> tuple[str, ...]:
-    """The models a limit counts: its own list (groups expanded), or all the team's models."""
-    if limit.models is None:
-        return tuple(team.models if team.models is not None else cfg.models)
+def expand_models(cfg: Config, names: Iterable[str]) -> tuple[str, ...]:
+    """Names of models and model_groups -> the models, each once, in order."""
     out: list[str] = []
-    for name in limit.models:
+    for name in names:
         out += cfg.model_groups.get(name, [name])
     return tuple(dict.fromkeys(out))
+
+
+def org_models(cfg: Config, org: str) -> tuple[str, ...]:
+    """The models an organization's teams may use."""
+    listed = cfg.organizations[org].models if org in cfg.organizations else None
+    return tuple(cfg.models) if listed is None else expand_models(cfg, listed)
+
+
+def team_models(cfg: Config, team_name: str) -> tuple[str, ...]:
+    """The models a team may use: its own list, else its organization's, else all."""
+    team = cfg.teams[team_name]
+    if team.models is not None:
+        return tuple(team.models)
+    return org_models(cfg, team.organization) if team.organization else tuple(cfg.models)
+
+
+def narrowed(cfg: Config, models: tuple[str, ...], names: list[str] | None) -> tuple[str, ...]:
+    """`models` narrowed to a list of model and group names (None: not narrowed)."""
+    if names is None:
+        return models
+    allowed = set(expand_models(cfg, names))
+    return tuple(m for m in models if m in allowed)
+
+
+def has_budgets(cfg: Config, team_name: str) -> bool:
+    """Any limit at any level applies to some of the team's requests (static keys' included)."""
+    team = cfg.teams[team_name]
+    org = cfg.organizations.get(team.organization or "")
+    return bool(
+        team.limits
+        or team.user_limits
+        or any(u.limits for u in team.users.values())
+        or any(k.limits for k in team.keys)
+        or (org is not None and org.limits)
+    )
+
+
+def limit_models(cfg: Config, models: tuple[str, ...], limit: Limit) -> tuple[str, ...]:
+    """The models a limit counts: its own list (groups expanded), or all the models of its
+    level (`models`: the team's, the organization's)."""
+    return models if limit.models is None else expand_models(cfg, limit.models)
 
 
 def limit_name(limit: Limit) -> str:
     return limit.name or f"{limit.metric}-{limit.window}"
 
 
-def _check_limits(cfg: Config, team_name: str, team: Team) -> list[tuple[str, str]]:
+def _check_model_names(cfg: Config, where: str, names: list[str]) -> list[tuple[str, str]]:
+    return [
+        (f"{where}.{i}", f"unknown model or group {name!r}")
+        for i, name in enumerate(names)
+        if name not in cfg.models and name not in cfg.model_groups
+    ]
+
+
+def _check_limits(
+    cfg: Config, where: str, limits: list[Limit], models: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """One level's list of limits (`where`: its path), counting at most `models`."""
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for i, limit in enumerate(team.limits):
-        where = f"teams.{team_name}.limits.{i}"
+    for i, limit in enumerate(limits):
         name = limit_name(limit)
         if name in seen:
-            problems.append((f"{where}.name", f"two limits are called {name!r}: name them"))
+            problems.append((f"{where}.{i}.name", f"two limits are called {name!r}: name them"))
         seen.add(name)
-        for j, model in enumerate(limit.models or ()):
-            if model not in cfg.models and model not in cfg.model_groups:
-                problems.append((f"{where}.models.{j}", f"unknown model or group {model!r}"))
+        problems += _check_model_names(cfg, f"{where}.{i}.models", limit.models or [])
         if limit.usd is not None:
-            unpriced = [m for m in limit_models(cfg, team, limit) if m not in cfg.prices]
+            unpriced = [m for m in limit_models(cfg, models, limit) if m not in cfg.prices]
             if unpriced:
-                problems.append((f"{where}.usd", f"no price for {', '.join(unpriced)} (prices:)"))
+                problems.append(
+                    (f"{where}.{i}.usd", f"no price for {', '.join(unpriced)} (prices:)")
+                )
     return problems
 
 
@@ -1062,11 +1202,23 @@ class ResolvedTarget:
     apis: frozenset[str] = frozenset({"openai"})
 
 
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """A static key of the config file, resolved."""
+
+    team: str
+    label: str  # its name, or "<team>#<position>"; never the key
+    digest: bytes  # sha256 of the key
+    user: str = ""
+    models: frozenset[str] | None = None  # narrower than the team's (groups expanded)
+    limited: bool = False  # it has limits of its own
+
+
 @dataclass(slots=True)
 class Runtime:
     config: Config
-    # sha256(key) -> (team, key label, the stored digest)
-    key_index: dict[bytes, tuple[str, str, bytes]] = field(default_factory=dict)
+    # sha256(key) -> the key
+    key_index: dict[bytes, KeyEntry] = field(default_factory=dict)
     # team -> model names it may use, in config order
     team_models: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # (model, backend) -> target
@@ -1081,14 +1233,18 @@ class Runtime:
     # deployment before api-version 2024-09-01): their streams are not asked for one.
     unasked_usage: frozenset[str] = frozenset()
 
-    def team_for_key(self, presented: str) -> str | None:
+    def key(self, presented: str) -> KeyEntry | None:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
         # Looking up by digest leaks nothing useful about the key (an attacker cannot steer
         # a sha256 prefix); compare_digest keeps the final equality check constant-time too.
         hit = self.key_index.get(digest)
         if hit is None:
             return None
-        return hit[0] if hmac.compare_digest(digest, hit[2]) else None
+        return hit if hmac.compare_digest(digest, hit.digest) else None
+
+    def team_for_key(self, presented: str) -> str | None:
+        hit = self.key(presented)
+        return hit.team if hit is not None else None
 
     def may_use(self, team: str, model: str) -> bool:
         return model in self.team_models.get(team, ())
@@ -1116,13 +1272,18 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 except LookupError as exc:
                     problems.append((where, str(exc)))
                     continue
-            if digest in rt.key_index and rt.key_index[digest][0] != team_name:
-                problems.append(
-                    (where, f"the same key is also a key of team {rt.key_index[digest][0]!r}")
-                )
+            models = None if key.models is None else frozenset(expand_models(cfg, key.models))
+            entry = KeyEntry(team_name, label, digest, key.user or "", models, bool(key.limits))
+            other = rt.key_index.get(digest)
+            if other is not None:
+                # The same key twice as the same caller is harmless; as two, which would it be?
+                same = (other.team, other.user, other.models) == (team_name, entry.user, models)
+                if not same or entry.limited or other.limited:
+                    message = f"the same key is also {other.label!r} of {other.team!r}"
+                    problems.append((where, message))
                 continue
-            rt.key_index[digest] = (team_name, label, digest)
-        rt.team_models[team_name] = tuple(team.models if team.models is not None else cfg.models)
+            rt.key_index[digest] = entry
+        rt.team_models[team_name] = team_models(cfg, team_name)
 
     credentials: dict[str, str | None] = {}
     for name, backend in cfg.backends.items():

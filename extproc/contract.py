@@ -192,13 +192,18 @@ class Handover:
     model: str
     endpoint: str = ""
     wire: str = DEFAULT_WIRE  # the client's wire format: how the answer reads
+    # Who called, below and above the team (identity.Identity): the finisher settles their
+    # budgets and writes them into the audit record and the trace.
+    organization: str = ""
+    user: str = ""
+    key: str = ""
     stream: bool = False
     prompt_tokens: int = 0  # the prompt's count, as reserved
     started_at: float = 0.0  # wall clock (the finisher may run in another process)
     observe: bool = False  # the stream observer is instantiated (OBSERVE_KEY)
     account: bool = False  # Envoy's access log brings the request back (ACCOUNT_KEY)
     reservation: str = ""  # its id; "" when nothing was reserved
-    limits: tuple[str, ...] = ()  # the reservation's limit names, in order
+    limits: tuple[str, ...] = ()  # the reservation's limits' labels (LimitSpec.label), in order
     pool: int = 0  # 1: a quota failover pinned the request to pool 1
     output_estimate: int = 0  # the most output the request may produce, as reserved
     output_cap: int | None = None  # the most the client allowed; None: it set none
@@ -220,7 +225,8 @@ class Handover:
             "team", "model", HANDOVER_KEY, OBSERVE_KEY, ACCOUNT_KEY, "backend", "provider_model",
             "endpoint", "stream", "prompt_tokens_estimate", WIRE_KEY, "started_at",
             OUTPUT_ESTIMATE_KEY, "reservation", "limits", "pool", OUTPUT_CAP_KEY, "traceparent",
-            "request_id", "trace_id", "guards", "prompt_sha256", "prompt",
+            "request_id", "trace_id", "guards", "prompt_sha256", "prompt", "organization",
+            "user", "key",
         }
     )  # fmt: skip
 
@@ -239,6 +245,9 @@ class Handover:
         if self.wire != DEFAULT_WIRE:
             packed[WIRE_KEY] = self.wire
         optional: dict[str, Any] = {
+            "organization": self.organization,
+            "user": self.user,
+            "key": self.key,
             "started_at": self.started_at,
             OUTPUT_ESTIMATE_KEY: self.output_estimate,
             "reservation": self.reservation,
@@ -287,6 +296,9 @@ class Handover:
             model=_text(info, "model"),
             endpoint=_text(info, "endpoint"),
             wire=_text(info, WIRE_KEY) or DEFAULT_WIRE,
+            organization=_text(info, "organization"),
+            user=_text(info, "user"),
+            key=_text(info, "key"),
             stream=info.get("stream") is True,
             prompt_tokens=int(_number(info.get("prompt_tokens_estimate")) or 0),
             started_at=_number(info.get("started_at")) or time.time(),

@@ -47,6 +47,7 @@ from .wire.openai.request import CHAT
 if TYPE_CHECKING:
     from .config import ResolvedTarget
     from .guard.types import Verdict
+    from .identity import Identity
     from .quota.service import Reservation
     from .request_plan import Admitted
     from .services import Services
@@ -96,6 +97,7 @@ class DownstreamStream:
         "timing",
         "trace",
         "usage",
+        "who",
         "wire",
     )
 
@@ -106,6 +108,7 @@ class DownstreamStream:
         self.rt = services.runtime
         self.started = time.perf_counter()
         self.team: str | None = None
+        self.who: Identity | None = None  # the caller (identity.py), once authenticated
         # The client's API, from the request line; its error shape until then.
         self.wire: WireFormat = wire.DEFAULT
         self.admission: Admission | None = None  # from the request body on
@@ -215,17 +218,18 @@ class DownstreamStream:
         # The client's API from its path on: a refusal of its key is in its error shape.
         self.wire = wire.speaking(path)
         report.api = self.wire.name
-        self.team = team = identity.authenticate(self.rt, headers, verified)
-        report.team = team
+        self.who = who = identity.authenticate(self.rt, headers, verified, self.services.keys)
+        self.team = team = who.team
+        report.identify(who)
         self.wire, endpoint, model_id = wire.route(headers.get(":method", ""), path)
         if endpoint.operation in (Operation.LIST_MODELS, Operation.GET_MODEL):
             self.report = None  # not an LLM call: no request metric, no audit record
             self.trace.end()
         if endpoint.operation is Operation.LIST_MODELS:
-            return protocol.immediate_response(200, routing.list_models_body(self.rt, team))
+            return protocol.immediate_response(200, routing.list_models_body(self.rt, who))
         if endpoint.operation is Operation.GET_MODEL:
             assert model_id is not None
-            body = routing.retrieve_model_body(self.rt, team, model_id)
+            body = routing.retrieve_model_body(self.rt, who, model_id)
             return protocol.immediate_response(200, body)
         if endpoint.operation is Operation.STORED:
             assert model_id is not None
@@ -244,12 +248,12 @@ class DownstreamStream:
         if msg.end_of_stream:
             raise bad_request("The request has no body", "missing_body")
         if endpoint.operation in (Operation.UPLOAD, Operation.BATCH):
-            objects = self.objects = ObjectCall(self.services, self.rt, team, endpoint, report)
+            objects = self.objects = ObjectCall(self.services, self.rt, who, endpoint, report)
             return protocol.request_headers_response(
                 protocol.common({}, self._client_headers(headers, objects))
             )
         self.admission = Admission(
-            self.services, self.rt, self.wire, endpoint, team, report, self.trace
+            self.services, self.rt, self.wire, endpoint, who, report, self.trace
         )
 
         prefix = self.wire.own_header_prefix
@@ -327,17 +331,17 @@ class DownstreamStream:
         """A call on a stored object (a Response, a file, a batch) goes, as the client sent it,
         to the backend that stores it: only for the team that owns it (ownership.py), whose
         model still routes there."""
-        assert self.team is not None and self.report is not None
+        assert self.who is not None and self.report is not None
         report = self.report
         report.endpoint = endpoint.path
         kind = endpoint.kind
-        owner = await ownership.owned(self.services.quota.store, kind, object_id, self.team)
+        owner = await ownership.owned(self.services.quota.store, kind, object_id, self.who.team)
         report.model = owner.model
         target = routing.fixed_target(self.rt, owner.model)
         if (
             target is None
             or target.backend != owner.backend
-            or not self.rt.may_use(self.team, owner.model)
+            or not self.who.may_use(self.rt, owner.model)
         ):
             # The config changed since: the gateway no longer reaches it for this team.
             raise ownership.unknown(kind, object_id)
@@ -352,7 +356,7 @@ class DownstreamStream:
             self.deleting = (kind, object_id)
         objects = None
         if kind in (ownership.FILE, ownership.BATCH):
-            objects = ObjectCall(self.services, self.rt, self.team, endpoint, report, owner)
+            objects = ObjectCall(self.services, self.rt, self.who, endpoint, report, owner)
             self.objects = objects
         return protocol.request_headers_response(
             protocol.common(
@@ -365,11 +369,9 @@ class DownstreamStream:
     ) -> protocol.ProcessingResponse:
         """A list of files or batches: from the backend of the team's batches, the answer
         keeping only the team's own (batches.py)."""
-        assert self.team is not None and self.report is not None
+        assert self.who is not None and self.report is not None
         self.report.endpoint = endpoint.path
-        objects = self.objects = ObjectCall(
-            self.services, self.rt, self.team, endpoint, self.report
-        )
+        objects = self.objects = ObjectCall(self.services, self.rt, self.who, endpoint, self.report)
         prepared = objects.listing(headers.get(":path", ""))
         set_headers = self._routed(prepared.target, prepared.target.model)
         if prepared.path is not None:
@@ -592,7 +594,7 @@ class DownstreamStream:
             return
         if admitted.request.body.get("store") is False:
             return
-        owner = ownership.Owner(admitted.team, admitted.request.model, backend)
+        owner = ownership.Owner(admitted.who.team, admitted.request.model, backend)
         ownership.remember(self.services.quota.store, ownership.RESPONSE, object_id, owner)
 
     def _native(self) -> bool:

@@ -134,7 +134,6 @@ from envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3 import (
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwksAsyncFetch,
     JwtAuthentication,
-    JwtCacheConfig,
     JwtHeader,
     JwtProvider,
     JwtRequirement,
@@ -272,7 +271,6 @@ STREAM_USAGE_FILTER = "extproc.stream_usage"
 JWT_FILTER = JWT_NAMESPACE  # jwt_authn writes its metadata under its own name
 REQUEST_FACTS_FILTER = "extproc.request_facts"
 CREDENTIAL_FILTER = "envoy.filters.http.credential_injector"
-JWT_CACHE_SIZE = 4096  # verified tokens kept per Envoy worker thread
 ACCESS_LOG_NAME = "extproc"
 JSON_CONTENT_TYPE = r"(?i)application/json\s*(;.*)?"
 # Envoy sends the sidecar its access log entries in batches: this often, or this many bytes.
@@ -1071,9 +1069,9 @@ def _jwt_provider(cfg: Config, name: str) -> JwtProvider:
         forward=False,
         payload_in_metadata=name,
         failed_status_in_metadata=jwt_failure_key(name),
-        # A client sends the same token until it expires: its signature is checked once
-        # (per Envoy worker), not on every request; a cached token's expiry is still checked.
-        jwt_cache_config=JwtCacheConfig(jwt_cache_size=JWT_CACHE_SIZE),
+        # No jwt_cache_config: Envoy's cache of verified tokens skips the signature check of a
+        # token it saw before, so a key the provider removed from its JWKS would keep its
+        # tokens valid until they expire. Each request's token is verified (tens of µs).
     )
     jwks = issuer.jwks
     if jwks.uri is not None:

@@ -1,19 +1,30 @@
-"""Who is calling: a JWT Envoy verified (its claims mapped to a team by identities.jwt), or
-the key the client sends (OpenAI's bearer key, Azure's api-key, Anthropic's x-api-key), mapped
-to a team."""
+"""Who is calling: a JWT Envoy verified (its claims mapped to a team, a user and the models it
+may use by identities.jwt), or the key the client sends (OpenAI's bearer key, Azure's api-key,
+Anthropic's x-api-key), mapped to a team (and maybe a user). The team's organization follows
+from the team. Nothing a client sends names any of them but its key or its verified token."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .config import ClaimRule, Config, Runtime
+from .config import ClaimRule, Config, JwtIssuer, Limit, ModelRule, Runtime, expand_models
 from .contract import INTERNAL_HEADER_PREFIX, jwt_failure_key
 from .errors import GatewayError, unauthorized
+from .keys.records import KEY_ID_PREFIX, KeyRecord, KeysUnavailable
+
+if TYPE_CHECKING:
+    from .keys.directory import KeyDirectory
+
+# A run-time key's limits as the config's model, by key id: parsed once, not per request (a
+# key's limits never change; rotating it keeps them). Bounded like budgets' user cache.
+_KEY_LIMITS: dict[str, tuple[Limit, ...]] = {}
+_KEY_LIMITS_MAX = 4096
 
 
 def bearer_key(headers: Mapping[str, str]) -> str | None:
@@ -29,15 +40,39 @@ def bearer_key(headers: Mapping[str, str]) -> str | None:
     return token.strip()
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling, at every level a budget, a metric or an audit record may be kept at."""
+
+    team: str
+    organization: str = ""  # the team's, "" when it has none
+    user: str = ""  # "" when the key or token names none
+    # The key's label (a config key's name, a run-time key's id) or the issuer's name for a
+    # token; never the key itself.
+    key: str = ""
+    # Narrower than the team's models (a key's allow-list, a token's model rules); None: the
+    # team's.
+    models: frozenset[str] | None = None
+    # A run-time key's own limits (a config key's are the config's: quota/budgets.py).
+    key_limits: tuple[Limit, ...] = ()
+
+    def may_use(self, runtime: Runtime, model: str) -> bool:
+        return runtime.may_use(self.team, model) and (self.models is None or model in self.models)
+
+
 def authenticate(
-    runtime: Runtime, headers: Mapping[str, str], verified: Mapping[str, Any] | None = None
-) -> str:
-    """The caller's team, or a 401 that never echoes the key. `verified`: what Envoy's JWT
-    filter wrote of the request's token (the JWT namespace of its metadata), if anything."""
+    runtime: Runtime,
+    headers: Mapping[str, str],
+    verified: Mapping[str, Any] | None = None,
+    keys: KeyDirectory | None = None,
+) -> Identity:
+    """The caller, or a 401 that never echoes the key. `verified`: what Envoy's JWT filter
+    wrote of the request's token (the JWT namespace of its metadata), if anything; `keys`: the
+    run-time keys (keys.enabled), asked after the config's."""
     if verified:
-        team = team_for_token(runtime.config, verified)
-        if team is not None:
-            return team
+        found = identity_for_token(runtime.config, verified)
+        if found is not None:
+            return found
     key = bearer_key(headers)
     if key is None:
         raise unauthorized(
@@ -45,27 +80,41 @@ def authenticate(
             "(or 'x-api-key: YOUR_KEY').",
             "missing_api_key",
         )
-    team = runtime.team_for_key(key)
-    if team is None:
+    entry = runtime.key(key)
+    if entry is None and keys is not None:
+        found = _run_time_key(runtime.config, keys, key)
+        if found is not None:
+            return found
+    if entry is None:
         failure = _token_failure(runtime.config, verified or {}) if looks_like_jwt(key) else None
         if failure is not None:
             raise refused_token(failure)
         # A short fingerprint helps an operator match logs without revealing the key.
         hint = f"...{key[-4:]}" if len(key) >= 12 else "(hidden)"
         raise unauthorized(f"Incorrect API key provided: {hint}.")
-    return team
+    return Identity(
+        entry.team, _organization(runtime.config, entry.team), entry.user, entry.label, entry.models
+    )
 
 
-def team_for_token(cfg: Config, verified: Mapping[str, Any]) -> str | None:
-    """The team of a token Envoy verified: the first of its issuer's rules its claims match; a
-    403 when none does. None when no token was verified."""
+def identity_for_token(cfg: Config, verified: Mapping[str, Any]) -> Identity | None:
+    """The caller of a token Envoy verified: the team of the first of its issuer's rules its
+    claims match (a 403 when none does), its user claim, the models its model rules allow.
+    None when no token was verified."""
     for name, issuer in cfg.identities.jwt.items():
         claims = verified.get(name)
         if not isinstance(claims, Mapping):
             continue
         for rule in issuer.teams:
             if claim_matches(claims, rule):
-                return rule.team
+                user = claim_value(claims, issuer.user_path)
+                return Identity(
+                    rule.team,
+                    _organization(cfg, rule.team),
+                    user if isinstance(user, str) and _printable(user) else "",
+                    name,
+                    _token_models(cfg, issuer, claims),
+                )
         raise GatewayError(
             403,
             "Your token is valid, but no team of this gateway is mapped to its claims.",
@@ -75,13 +124,93 @@ def team_for_token(cfg: Config, verified: Mapping[str, Any]) -> str | None:
     return None
 
 
-def claim_matches(claims: Mapping[str, Any], rule: ClaimRule) -> bool:
-    """The claim is the rule's value, or a list that holds it (as the native routes match)."""
+def _run_time_key(cfg: Config, keys: KeyDirectory, key: str) -> Identity | None:
+    try:
+        record = keys.lookup(key)
+    except KeysUnavailable:
+        # Fail closed: the copy of the keys may miss a revocation (keys/directory.py).
+        raise GatewayError(
+            503,
+            "The gateway cannot check run-time API keys right now; retry shortly",
+            "server_error",
+            "key_store_unavailable",
+            headers=(("retry-after", "1"),),
+        ) from None
+    if record is None or record.team not in cfg.teams:  # (a team gone from the config)
+        return None
+    return Identity(
+        record.team,
+        _organization(cfg, record.team),
+        record.user or "",
+        record.id,
+        _models_of(cfg, record),
+        _limits_of(record),
+    )
+
+
+def _models_of(cfg: Config, record: KeyRecord) -> frozenset[str] | None:
+    return None if record.models is None else frozenset(expand_models(cfg, record.models))
+
+
+def _limits_of(record: KeyRecord) -> tuple[Limit, ...]:
+    if not record.limits:
+        return ()
+    hit = _KEY_LIMITS.get(record.id)
+    if hit is None:
+        if len(_KEY_LIMITS) >= _KEY_LIMITS_MAX:
+            _KEY_LIMITS.clear()
+        hit = _KEY_LIMITS[record.id] = record.limit_objects()
+    return hit
+
+
+def settling(cfg: Config, keys: KeyDirectory | None, team: str, user: str, key: str) -> Identity:
+    """The caller of a request another stage admitted (from its hand-over), as far as settling
+    its budgets needs: a run-time key's limits come from the key store, revoked keys' too."""
+    org = _organization(cfg, team) if team in cfg.teams else ""
+    record = keys.by_id(key) if keys is not None and key.startswith(KEY_ID_PREFIX) else None
+    if record is None:
+        return Identity(team, org, user, key)
+    return Identity(team, org, user, key, _models_of(cfg, record), _limits_of(record))
+
+
+def team_for_token(cfg: Config, verified: Mapping[str, Any]) -> str | None:
+    found = identity_for_token(cfg, verified)
+    return found.team if found is not None else None
+
+
+def _organization(cfg: Config, team: str) -> str:
+    return cfg.teams[team].organization or ""
+
+
+def _printable(user: str) -> bool:
+    """A user id fit for a counter's name and a log line (config.UserId's rule)."""
+    return 0 < len(user) <= 256 and user.isprintable() and "|" not in user
+
+
+def _token_models(
+    cfg: Config, issuer: JwtIssuer, claims: Mapping[str, Any]
+) -> frozenset[str] | None:
+    if issuer.models is None:
+        return None
+    matched: list[str] = []
+    for rule in issuer.models:
+        if claim_matches(claims, rule):
+            matched += rule.models
+    return frozenset(expand_models(cfg, matched))
+
+
+def claim_value(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     value: Any = claims
-    for key in rule.path:
+    for key in path:
         if not isinstance(value, Mapping):
-            return False
+            return None
         value = value.get(key)
+    return value
+
+
+def claim_matches(claims: Mapping[str, Any], rule: ClaimRule | ModelRule) -> bool:
+    """The claim is the rule's value, or a list that holds it (as the native routes match)."""
+    value = claim_value(claims, rule.path)
     if isinstance(value, str):
         return value == rule.value
     if isinstance(value, list):

@@ -2,7 +2,8 @@
 
 A request needs no admission by the sidecar when there is nothing to admit it against: its
 caller is identified by Envoy itself (a JWT that Envoy's jwt_authn filter verified, whose
-claims map to a team), that team has no limits and no guards for the model, and the model is
+claims map to a team, and its issuer does not narrow the models by claims), no limit applies
+at any level (organization, team, user, key) and no guard to the model, and the model is
 served by one backend under its own name (no body to rewrite). Envoy then picks the route from
 the body's `model` (json_to_metadata), sets the backend's credential (credential_injector) and
 sends the request on; the sidecar's downstream stage is not created for it. The answer's usage
@@ -22,7 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ClaimRule, Config, Model, pooled, split, stage_guards
+from .config import (
+    ClaimRule,
+    Config,
+    Model,
+    has_budgets,
+    pooled,
+    split,
+    stage_guards,
+    team_models,
+)
 from .wire.openai.request import CHAT, COMPLETIONS, EMBEDDINGS
 
 # The endpoint a model's type answers on: the one path its native route matches.
@@ -47,13 +57,13 @@ class NativeRoute:
 def why_not(cfg: Config, team: str, model: str) -> str | None:
     """Why a team's requests to a model take the strict path; None: they can take the native
     one (when a JWT identifies the caller)."""
-    team_cfg, model_cfg = cfg.teams[team], cfg.models[model]
+    model_cfg = cfg.models[model]
     if not cfg.envoy.native_path:
         return "envoy.native_path is off"
-    if team_cfg.models is not None and model not in team_cfg.models:
+    if model not in team_models(cfg, team):
         return "the team may not use the model"
-    if team_cfg.limits:
-        return "the team has limits (reserved before the call)"
+    if has_budgets(cfg, team):
+        return "limits apply (reserved before the call)"  # at some level: budgets.py
     if any(stage_guards(cfg, team, model)):
         return "guards apply"
     if cfg.observability.audit.path is not None:
@@ -107,6 +117,8 @@ def served(cfg: Config) -> frozenset[tuple[str, str]]:
 def _native_routes(cfg: Config) -> list[NativeRoute]:
     out: list[NativeRoute] = []
     for issuer_name, issuer in cfg.identities.jwt.items():
+        if issuer.models is not None:
+            continue  # which models a token may use is the sidecar's to decide
         for i, rule in enumerate(issuer.teams):
             for model_name, model in cfg.models.items():
                 if rule.team not in cfg.teams or why_not(cfg, rule.team, model_name):

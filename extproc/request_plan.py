@@ -32,6 +32,7 @@ from .wire.openai.request import CHAT
 
 if TYPE_CHECKING:
     from .config import ResolvedTarget, SidecarSettings
+    from .identity import Identity
     from .wire.base import ParsedRequest, WireFormat
 
 
@@ -42,7 +43,7 @@ class Admitted:
     """A request that passed admission: who sent it, what it asks, what it was counted and
     reserved at. The finishing stage gets the parts it needs through the hand-over."""
 
-    team: str
+    who: Identity
     request: ParsedRequest
     wire: WireFormat
     prompt_tokens: int
@@ -250,7 +251,7 @@ def _handover(
         finisher = {
             "started_at": admitted.started_at,
             "reservation": admitted.reservation,
-            # Names, in order, so a reload that changed the team's limits is noticed.
+            # Labels, in order, so a reload that changed the caller's limits is noticed.
             "limits": admitted.limits,
             "output_estimate": admitted.max_output,
             "output_cap": request.output_cap,
@@ -260,8 +261,12 @@ def _handover(
             finisher.update(admitted.audit)
     # Also what Envoy renders into the answer's headers (RESPONSE_HEADER_KEYS): team, model
     # and, when one backend serves the request, the backend and its name for the model.
+    who = admitted.who
     return Handover(
-        team=admitted.team,
+        team=who.team,
+        organization=who.organization,
+        user=who.user,
+        key=who.key,
         model=request.model,
         endpoint=request.endpoint.path,
         wire=admitted.wire.name,

@@ -18,7 +18,7 @@ import orjson
 from .config import Model, ResolvedTarget, Runtime, pooled, pools, split
 from .contract import ENDPOINT_HEADER, ROUTE_HEADER
 from .errors import GatewayError, not_found
-from .identity import spoofed_headers
+from .identity import Identity, spoofed_headers
 from .wire import Endpoint, Operation
 from .wire.openai import form
 
@@ -42,11 +42,11 @@ MODEL_TYPES: dict[Operation, frozenset[str]] = {
 }
 
 
-def visible_model(runtime: Runtime, team: str, model: str) -> Model:
-    """The model's config, when it exists and the team may use it; else the 404 that does not
+def visible_model(runtime: Runtime, who: Identity, model: str) -> Model:
+    """The model's config, when it exists and the caller may use it; else the 404 that does not
     tell the two apart."""
     spec = runtime.config.models.get(model)
-    if spec is None or not runtime.may_use(team, model):
+    if spec is None or not who.may_use(runtime, model):
         # Same answer for "no such model" and "not yours": existence is not disclosed.
         raise not_found(
             f"The model `{model}` does not exist or you do not have access to it.",
@@ -56,8 +56,8 @@ def visible_model(runtime: Runtime, team: str, model: str) -> Model:
     return spec
 
 
-def check_model(runtime: Runtime, team: str, model: str, endpoint: Endpoint) -> None:
-    spec = visible_model(runtime, team, model)
+def check_model(runtime: Runtime, who: Identity, model: str, endpoint: Endpoint) -> None:
+    spec = visible_model(runtime, who, model)
     if spec.type not in MODEL_TYPES.get(endpoint.operation, frozenset()):
         raise GatewayError(
             400,
@@ -106,13 +106,19 @@ def model_object(runtime: Runtime, name: str) -> dict:
     }
 
 
-def list_models_body(runtime: Runtime, team: str) -> bytes:
-    data = [model_object(runtime, m) for m in runtime.team_models.get(team, ())]
+def usable_models(runtime: Runtime, who: Identity) -> tuple[str, ...]:
+    """The models the caller may use, in config order."""
+    models = runtime.team_models.get(who.team, ())
+    return models if who.models is None else tuple(m for m in models if m in who.models)
+
+
+def list_models_body(runtime: Runtime, who: Identity) -> bytes:
+    data = [model_object(runtime, m) for m in usable_models(runtime, who)]
     return orjson.dumps({"object": "list", "data": data})
 
 
-def retrieve_model_body(runtime: Runtime, team: str, model: str) -> bytes:
-    visible_model(runtime, team, model)
+def retrieve_model_body(runtime: Runtime, who: Identity, model: str) -> bytes:
+    visible_model(runtime, who, model)
     return orjson.dumps(model_object(runtime, model))
 
 

@@ -17,8 +17,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .access_log import AccessLogReceiver
+from .admin.keys_service import KeyAdmin
 from .admin.service import ConfigAdmin, QuotaAdmin
-from .admin.v1 import config_pb2_grpc, quota_pb2_grpc
+from .admin.v1 import config_pb2_grpc, keys_pb2_grpc, quota_pb2_grpc
 from .backend_tokens import BackendTokens
 from .config import (
     WORKER_ENV,
@@ -39,8 +40,10 @@ from .contract import (
 from .downstream import DownstreamStream
 from .guard.llm import GuardClient
 from .guard.pipeline import Guardrails
+from .keys.directory import KeyDirectory
+from .keys.settings import make_directory
 from .observer import ObservedStream
-from .quota.policy import team_limits
+from .quota.budgets import Budgets
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
 from .services import Services
@@ -143,6 +146,7 @@ def build_services(
     tracing: tracing_mod.Tracing = tracing_mod.DISABLED,
     audit: AuditTrail | None = None,
     backend_tokens: BackendTokens | None = None,
+    keys: KeyDirectory | None = None,
 ) -> Services:
     if tokens is None:
         runtime, tokens = build_runtime_parts(runtime)
@@ -154,12 +158,13 @@ def build_services(
         runtime=runtime,
         tokens=tokens,
         quota=quota,
-        limits=team_limits(cfg),
+        budgets=Budgets.of(cfg),
         guards=Guardrails.from_config(cfg, runtime.guard_keys),
         guard_client=guard_client or GuardClient(),
         backend_tokens=backend_tokens or BackendTokens(),
         tracing=tracing,
         audit=audit,
+        keys=keys,
     )
 
 
@@ -199,8 +204,18 @@ class Sidecar:
         self.metrics_server = (
             MetricsServer(listen_metrics, reuse_port=self.worker) if listen_metrics else None
         )
+        keys = runtime.config.keys
+        # Run-time keys: one directory for the process's life (a reload that changes `keys`
+        # is applied at the next restart: the directory's store and its polls stay).
+        self.keys = (
+            make_directory(keys, quota=runtime.config.quota, config_path=self.config_path)
+            if keys.enabled
+            else None
+        )
         self.processor = ExternalProcessor(
-            build_services(runtime, tracing=self.tracing, audit=self._audit(obs.audit))
+            build_services(
+                runtime, tracing=self.tracing, audit=self._audit(obs.audit), keys=self.keys
+            )
         )
         self.health = health.aio.HealthServicer()
         self.access_log = AccessLogReceiver(lambda: self.processor.services)
@@ -247,9 +262,11 @@ class Sidecar:
             audit = self.audit_trail if self.audit_trail.log is not None else None
             # The first tokens of backends new to this config, before anything can use them.
             await old.backend_tokens.prepare(runtime)
+            if runtime.config.keys != old.runtime.config.keys:
+                log.warning("the keys section changed: it takes effect when the sidecar restarts")
             fresh = build_services(
                 runtime, tokens, old.quota, old.guard_client, self.tracing, audit,
-                old.backend_tokens,
+                old.backend_tokens, self.keys,
             )  # fmt: skip
             if fresh.quota is not old.quota:
                 await self._warm_up_quota_store(fresh.quota)
@@ -305,6 +322,9 @@ class Sidecar:
             ConfigAdmin(lambda: self.processor.services, self._admin_reload, str(self.config_path)),
             self.server,
         )
+        keys_pb2_grpc.add_KeyAdminServicer_to_server(
+            KeyAdmin(lambda: self.processor.services, self.keys), self.server
+        )
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host, port = parse_address(self.listen)
@@ -316,6 +336,8 @@ class Sidecar:
         if self.metrics_server is not None:
             await self.metrics_server.start()
         await self._warm_up_quota_store(self.services.quota)
+        if self.keys is not None:
+            await self.keys.start()  # a store that does not answer is logged, not fatal
         # Before Envoy sends anything: a backend's identity token (a failed fetch is retried in
         # the background; its requests get a 503 that says why meanwhile).
         await self.services.backend_tokens.configure(self.services.runtime)
@@ -365,6 +387,8 @@ class Sidecar:
         await quota.store.close()
         await self.processor.services.guard_client.close()
         await self.processor.services.backend_tokens.close()
+        if self.keys is not None:
+            await self.keys.close()
         await asyncio.to_thread(self.audit_trail.close)  # every record on disk
         await asyncio.to_thread(self.tracing.shutdown)  # the spans still batched
         if self.metrics_server is not None:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from .config import Runtime
     from .guard.llm import GuardClient
     from .guard.pipeline import Guardrails
-    from .quota.policy import LimitSpec
+    from .keys.directory import KeyDirectory
+    from .quota.budgets import Budgets
     from .quota.service import QuotaService
     from .telemetry.audit import AuditTrail
     from .tokens import TokenCounter
@@ -26,9 +27,10 @@ class Services:
     runtime: Runtime
     tokens: TokenCounter
     quota: QuotaService
-    limits: dict[str, tuple[LimitSpec, ...]]
+    budgets: Budgets  # every level's limits
     guards: Guardrails
     guard_client: GuardClient  # one HTTP session for every guard call, kept across reloads
     backend_tokens: BackendTokens  # the backends' identity tokens, kept across reloads
     tracing: Tracing = DISABLED  # built once at start-up
     audit: AuditTrail | None = None  # None: no audit trail; the same trail across reloads
+    keys: KeyDirectory | None = None  # run-time keys (keys.enabled); the same across reloads

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
 
-from .quota.policy import Amounts, applicable
+from . import identity
+from .quota.policy import Amounts
 from .telemetry.tracing import NO_TRACE
 from .usage import Usage, estimated
 
@@ -219,11 +220,18 @@ def handed_back(services: Services, handover: Handover) -> Reservation | None:
     QuotaService.handed_over)."""
     if not handover.reservation:
         return None
-    team, model = handover.team, handover.model
-    specs = applicable(services.limits.get(team, ()), model)
+    model, budgets = handover.model, services.budgets
+    cfg = services.runtime.config
+    who = identity.settling(cfg, services.keys, handover.team, handover.user, handover.key)
+    specs = budgets.applicable(who, model)
     if handover.pool:
-        # A quota failover reserved against the team-wide limits only (see _reserve).
+        # A quota failover reserved against the limits of all models only (see _reserve).
         specs = tuple(s for s in specs if not s.scoped)
     return services.quota.handed_over(
-        services.runtime.config, team, model, handover.reservation, handover.limits, specs
+        services.runtime.config,
+        budgets.scope(who.team),
+        model,
+        handover.reservation,
+        handover.limits,
+        specs,
     )

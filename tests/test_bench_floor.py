@@ -39,6 +39,7 @@ from extproc.contract import (
     TARGET_HEADER,
     UPSTREAM_STAGE,
 )
+from extproc.identity import Identity
 from extproc.protocol import OBSERVED_RESPONSE, STREAMED_RESPONSE, common
 from extproc.request_plan import Admitted, plan
 from extproc.wire.openai import CHAT, OPENAI
@@ -84,7 +85,7 @@ def test_the_floor_decides_as_the_sidecars_plan(
 ) -> None:
     raw = body(stream, include_usage)
     admitted = Admitted(
-        team="bench",
+        who=Identity("bench"),
         request=OPENAI.parse(CHAT, raw),
         wire=OPENAI,
         prompt_tokens=1,

@@ -24,6 +24,7 @@ import pytest
 
 from extproc.config import ResolvedTarget, SidecarSettings, parse_config
 from extproc.errors import GatewayError
+from extproc.identity import Identity
 from extproc.request_plan import Admitted, plan
 from extproc.wire.openai import form
 from extproc.wire.responses import RESPONSES, RESPONSES_API
@@ -150,7 +151,7 @@ def test_responses_are_not_stored_where_their_records_cannot_be_shared() -> None
     Response is stored that its team could not reach again."""
     parsed = RESPONSES_API.parse(RESPONSES, orjson.dumps({"model": "m", "input": "hi"}))
     admitted = Admitted(
-        team="t", request=parsed, wire=RESPONSES_API, prompt_tokens=1, max_output=16
+        who=Identity("t"), request=parsed, wire=RESPONSES_API, prompt_tokens=1, max_output=16
     )
     target = ResolvedTarget(
         model="m",

@@ -398,8 +398,11 @@ def test_client_keys_from_env_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert rt.team_for_key("sk-from-env") == "env-team"
     assert rt.team_for_key("sk-from-file") == "file-team"
     assert rt.team_for_key("sk-from-file\n") is None
-    assert rt.key_index[hashlib.sha256(b"sk-from-file").digest()][:2] == ("file-team", "ci")
-    assert rt.key_index[hashlib.sha256(b"sk-from-env").digest()][:2] == ("env-team", "env-team#0")
+    by_file, by_env = (
+        rt.key_index[hashlib.sha256(k).digest()] for k in (b"sk-from-file", b"sk-from-env")
+    )
+    assert (by_file.team, by_file.label) == ("file-team", "ci")
+    assert (by_env.team, by_env.label) == ("env-team", "env-team#0")
 
 
 def test_client_key_env_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,7 +421,7 @@ def test_a_key_shared_by_two_teams(monkeypatch: pytest.MonkeyPatch) -> None:
             "b": {"keys": [{"sha256": sha("sk-b")}, {"env": "EXTPROC_TEST_SHARED"}]},
         }
     )
-    assert runtime_problems(data) == [("teams.b.keys.1", "the same key is also a key of team 'a'")]
+    assert runtime_problems(data) == [("teams.b.keys.1", "the same key is also 'a#0' of 'a'")]
 
 
 def test_the_same_key_twice_in_one_team_is_fine() -> None:

@@ -48,7 +48,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from extproc.config import Config, SecretRef, load_config, parse_config
+from extproc.config import Config, Limit, SecretRef, load_config, parse_config
 from extproc.envoy_config import bootstrap, render_yaml, to_dict
 from extproc.telemetry import metrics
 from extproc.telemetry.report import RequestReport, prompt_fields
@@ -453,7 +453,12 @@ PLACEHOLDERS = {
     "prices": "<model>",
     "model_groups": "<group>",
     "jwt": "<issuer>",
+    "organizations": "<org>",
+    "users": "<user>",
 }
+# Limits are documented once, under teams.<team>.limits; every other list of limits (an
+# organization's, a user's, a key's) is one row saying it takes the same fields.
+LIMITS_DOCUMENTED_AT = "teams.<team>.limits"
 REQUIRED = "required"
 
 
@@ -487,7 +492,10 @@ def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str
                 out[key] = REQUIRED
         elif origin is list and _model_in(typing.get_args(annotation)[0]) is not None:
             item = _model_in(typing.get_args(annotation)[0])
-            out.update(config_fields(item, f"{path}[]."))  # type: ignore[arg-type]
+            if item is Limit and path != LIMITS_DOCUMENTED_AT:
+                out[path] = info.default
+            else:
+                out.update(config_fields(item, f"{path}[]."))  # type: ignore[arg-type]
         else:
             out[path] = REQUIRED if info.default is PydanticUndefined else info.default
     return out

@@ -428,6 +428,7 @@ def test_valid_chat_body(services: Services) -> None:
     assert {k: unpacked(v) for k, v in metadata(resp).items()} == {
         "extproc": {
             "team": "team-a",
+            "key": "team-a#0",  # the quickstart's key has no name: its place in the list
             "model": "gpt-4o",
             "endpoint": "/v1/chat/completions",
             "stream": False,
@@ -483,6 +484,7 @@ def test_valid_completions_and_embeddings_bodies(services: Services) -> None:
     _, resp = run(stream, request_headers(path="/v1/completions"), request_body(body))
     assert unpacked(metadata(resp)["extproc"]) == {
         "team": "team-a",
+        "key": "team-a#0",
         "model": "gpt-4o-mini",
         "backend": "fake",
         "provider_model": "gpt-4o-mini",

@@ -273,7 +273,7 @@ def test_a_client_gone_during_an_external_guard_leaves_no_reservation(guarded: S
         stream.close()
         await asyncio.sleep(0.05)
         await services.quota.drain()
-        specs = services.limits["team-b"]
+        specs = services.budgets.teams["team-b"]
         counters = [f"{s.name}:{window_bounds(s.window, time.time())[0]}" for s in specs]
         return list(await services.quota.store.usage("team-b", counters))
 

@@ -152,7 +152,7 @@ def test_a_jwks_file_is_checked_when_the_runtime_is_built(tmp_path: Any) -> None
     [
         ("ml", "gpt-4o", None),
         ("ml", "embed", None),
-        ("search", "gpt-4o", "the team has limits (reserved before the call)"),
+        ("search", "gpt-4o", "limits apply (reserved before the call)"),
         ("ml", "gpt-4o-azure", "the body's model name is rewritten for the backend"),
         ("ml", "llama", "Envoy chooses among several backends"),
     ],
@@ -230,7 +230,7 @@ def test_a_refused_token_is_answered_as_a_token_and_a_wrong_key_as_a_key(
     with pytest.raises(GatewayError) as caught:
         identity.authenticate(rt, {"authorization": "Bearer sk-not-a-key-00000"}, failed)
     assert caught.value.code == "invalid_api_key"
-    assert identity.authenticate(rt, {"authorization": "Bearer sk-keyed"}, failed) == "keyed"
+    assert identity.authenticate(rt, {"authorization": "Bearer sk-keyed"}, failed).team == "keyed"
 
 
 @pytest.mark.parametrize(
@@ -403,7 +403,7 @@ def test_a_native_team_that_gained_a_limit_is_warned_about(
         assert account(services, native_entry("ml", "gpt-4o", usage))
         assert account(services, native_entry("ml", "gpt-4o", usage))
     warned = [r for r in caplog.records if "native route" in r.getMessage()]
-    assert len(warned) == 1 and "the team has limits" in warned[0].getMessage()
+    assert len(warned) == 1 and "limits apply" in warned[0].getMessage()
 
 
 def test_extproc_check_says_which_requests_envoy_serves_alone(
@@ -424,7 +424,7 @@ def test_extproc_check_says_which_requests_envoy_serves_alone(
     out = capsys.readouterr().out
     assert "team ml, model gpt-4o: native path (Envoy alone)" in out
     assert "team ml, model llama: Envoy chooses among several backends" in out
-    assert "team search, model gpt-4o: the team has limits" in out
+    assert "team search, model gpt-4o: limits apply" in out
     assert BACKEND_SECRET not in out
 
 

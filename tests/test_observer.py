@@ -17,6 +17,7 @@ from extproc.contract import Handover
 from extproc.downstream import DownstreamStream
 from extproc.observer import ObservedStream
 from extproc.protocol import ProcessingMode, ProcessingRequest
+from extproc.quota.budgets import Budgets
 from extproc.quota.policy import Amounts, LimitSpec
 from extproc.quota.service import QuotaService, Reservation
 from extproc.services import Services
@@ -201,7 +202,7 @@ def test_a_quota_failover_reservation_is_handed_back_with_its_limits(
         LimitSpec("scoped", "tokens", "minute", 10, frozenset({MODEL}), scoped=True),
         LimitSpec("team-wide", "tokens", "minute", 99, frozenset({MODEL})),
     )
-    services = dataclasses.replace(released_base, limits={"team-b": specs})
+    services = dataclasses.replace(released_base, budgets=Budgets(teams={"team-b": specs}))
     info = {"team": "team-b", "model": MODEL, "reservation": "r1", "limits": ["team-wide"]}
     reservation = handed_back(services, Handover.from_metadata({**info, "pool": 1}))
     assert reservation is not None and [s.name for s in reservation.specs] == ["team-wide"]
@@ -273,7 +274,7 @@ def test_observer_settles_the_reported_usage_exactly(base: Services) -> None:
     assert observer.done and ACTIVE.current == before
     ((reservation, actual),) = recorder.settled
     assert reservation is not None and reservation is not stream.reservation
-    assert (reservation.team, reservation.id, reservation.model) == (
+    assert (reservation.scope, reservation.id, reservation.model) == (
         "team-b",
         unpacked(data)["reservation"],
         MODEL,

@@ -6,7 +6,11 @@ from grpc_tools import protoc
 
 from .conftest import REPO
 
-PROTOS = ["extproc/admin/v1/quota.proto", "extproc/admin/v1/config.proto"]
+PROTOS = [
+    "extproc/admin/v1/quota.proto",
+    "extproc/admin/v1/config.proto",
+    "extproc/admin/v1/keys.proto",
+]
 
 
 def test_generated_stubs_match_protos(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 from extproc.config import QuotaSettings, parse_config
 from extproc.errors import GatewayError
 from extproc.quota import policy
-from extproc.quota.policy import Amounts, applicable, go_duration, team_limits, window_bounds
+from extproc.quota.budgets import Budgets
+from extproc.quota.policy import Amounts, applicable, go_duration, window_bounds
 from extproc.quota.service import QuotaService, requested_output
 from extproc.quota.store import CounterState, QuotaStore, ReserveResult, StoreUnavailable
 from extproc.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI
@@ -73,7 +74,7 @@ def test_amounts_per_metric_and_scope():
         ],
         prices={"gpt-4o": {"input": 2.5, "output": 10}},
     )
-    specs = team_limits(c)["t"]
+    specs = Budgets.of(c).teams["t"]
     assert [s.name for s in specs] == [
         "tokens-minute",
         "input_tokens-minute",
@@ -95,7 +96,7 @@ def test_model_groups_expand():
         [{"window": "hour", "tokens": 10, "models": ["premium"]}],
         model_groups={"premium": ["gpt-4o"]},
     )
-    (spec,) = team_limits(c)["t"]
+    (spec,) = Budgets.of(c).teams["t"]
     assert spec.models == frozenset({"gpt-4o"})
 
 
@@ -159,7 +160,7 @@ class _FakeStore(QuotaStore):
 
 
 def _run(service, c):
-    specs = team_limits(c)["t"]
+    specs = Budgets.of(c).teams["t"]
     return asyncio.run(service.reserve(c, "t", "gpt-4o", specs, Amounts(100, 50)))
 
 
@@ -216,7 +217,7 @@ def test_settle_sends_actual_amounts_per_limit_once():
     service = QuotaService(store, QuotaSettings())
 
     async def go():
-        res = await service.reserve(c, "t", "gpt-4o", team_limits(c)["t"], Amounts(100, 50))
+        res = await service.reserve(c, "t", "gpt-4o", Budgets.of(c).teams["t"], Amounts(100, 50))
         service.settle_soon(res, Amounts(80, 20))
         service.settle_soon(res, Amounts(80, 20))  # a second settle is ignored
         await service.drain()

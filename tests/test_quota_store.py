@@ -19,8 +19,9 @@ from redis.crc import key_slot
 
 from extproc.config import QuotaSettings, RedisSettings, parse_config
 from extproc.errors import GatewayError
+from extproc.quota.budgets import Budgets
 from extproc.quota.memory import MemoryStore
-from extproc.quota.policy import Amounts, team_limits
+from extproc.quota.policy import Amounts
 from extproc.quota.redis_store import RedisStore
 from extproc.quota.service import QuotaService, make_store
 from extproc.quota.store import (
@@ -732,7 +733,7 @@ def test_a_settle_that_fails_is_retried_and_charged_once(
     out; the retry settles it: the counter ends at the actual amount, nothing reserved, not
     charged twice whichever of the two runs first."""
     cfg = one_limit_config()
-    specs = team_limits(cfg)[TEAM]
+    specs = Budgets.of(cfg).teams[TEAM]
     check = redis_server.client()
 
     async def main() -> None:
@@ -776,7 +777,7 @@ def test_a_reload_hands_failed_and_late_settles_to_the_new_store(
     and the new service retries it, so the reservation is charged once, at its actual amount,
     not at its estimate when it expires."""
     cfg = one_limit_config()
-    specs = team_limits(cfg)[TEAM]
+    specs = Budgets.of(cfg).teams[TEAM]
 
     async def main() -> None:
         old_store = RedisStore.from_url(redis_server.url)
@@ -831,7 +832,7 @@ def test_a_settle_retried_after_its_answer_was_lost_changes_nothing(
     """The settle ran on the server and only its answer was lost: the retries find nothing
     left to settle (the script ignores an id it does not know), so nothing counts twice."""
     cfg = one_limit_config()
-    specs = team_limits(cfg)[TEAM]
+    specs = Budgets.of(cfg).teams[TEAM]
 
     async def main() -> None:
         store = RedisStore.from_url(redis_server_module.url, timeout_s=CONFORMANCE_TIMEOUT_S)
@@ -855,7 +856,7 @@ def test_a_reserve_that_may_have_run_is_released(redis_server: RedisServer) -> N
     """A reserve whose answer never came (Redis frozen) may still run when Redis wakes: the
     request was refused (failure_mode closed), so what it may have reserved is released."""
     cfg = one_limit_config()
-    specs = team_limits(cfg)[TEAM]
+    specs = Budgets.of(cfg).teams[TEAM]
 
     async def main() -> None:
         store = RedisStore.from_url(redis_server.url)
@@ -945,7 +946,7 @@ def test_retries_stop_when_the_reservation_expires_and_at_drain() -> None:
     from extproc.quota.service import Reservation
 
     cfg = one_limit_config()
-    specs = team_limits(cfg)[TEAM]
+    specs = Budgets.of(cfg).teams[TEAM]
 
     def reservation(expires_in: float) -> Reservation:
         return Reservation(

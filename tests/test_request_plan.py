@@ -16,6 +16,7 @@ from extproc.contract import (
     TARGET_HEADER,
     Handover,
 )
+from extproc.identity import Identity
 from extproc.request_plan import Admitted, plan
 from extproc.settlement import AnswerPath
 from extproc.wire.openai import CHAT, OPENAI
@@ -31,7 +32,7 @@ def admitted(stream: bool = False, include_usage: bool = False, **fields: Any) -
             body["stream_options"] = {"include_usage": True}
     request = OPENAI.parse(CHAT, orjson.dumps(body))
     return Admitted(
-        team="team-a",
+        who=Identity("team-a"),
         request=request,
         wire=OPENAI,
         prompt_tokens=9,

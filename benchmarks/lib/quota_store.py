@@ -17,8 +17,9 @@ import uuid
 from benchmarks.lib.configs import HOST, free_port
 from benchmarks.lib.stack import redis_binary
 from extproc.config import parse_config
+from extproc.quota.budgets import Budgets
 from extproc.quota.memory import MemoryStore
-from extproc.quota.policy import Amounts, charges, team_limits
+from extproc.quota.policy import Amounts, charges
 from extproc.quota.redis_store import RedisStore
 from extproc.quota.store import QuotaStore
 
@@ -38,7 +39,7 @@ CONFIG = parse_config(
         "models": {"m": {"targets": [{"backend": "b"}]}},
     }
 )
-SPECS = team_limits(CONFIG)["bench"]
+SPECS = Budgets.of(CONFIG).teams["bench"]
 
 
 async def one_request(store: QuotaStore) -> None:

@@ -27,7 +27,14 @@ def run_reload_command(address: str, token: str | None) -> int:
     return 0
 
 
-def run_quota_command(action: str, team: str, address: str, token: str | None) -> int:
+def run_quota_command(
+    action: str,
+    team: str,
+    address: str,
+    token: str | None,
+    user: str = "",
+    organization: str = "",
+) -> int:
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     # grpc understands HOST:PORT and unix:/path alike.
     with grpc.insecure_channel(address) as channel:
@@ -49,9 +56,8 @@ def run_quota_command(action: str, team: str, address: str, token: str | None) -
                 )
                 print(f"team {team}: usage reset ({reply.keys_removed} keys removed)")
                 return 0
-            usage = stub.GetUsage(
-                quota_pb2.GetUsageRequest(team=team), metadata=metadata, timeout=10
-            )
+            request = quota_pb2.GetUsageRequest(team=team, user=user, organization=organization)
+            usage = stub.GetUsage(request, metadata=metadata, timeout=10)
         except grpc.RpcError as err:
             print(f"extproc quota {action}: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
@@ -60,13 +66,16 @@ def run_quota_command(action: str, team: str, address: str, token: str | None) -
 
 
 def format_usage(usage: quota_pb2.GetUsageResponse) -> str:
+    whose = f"organization {usage.organization}" if not usage.team else f"team {usage.team}"
+    if usage.user:
+        whose += f", user {usage.user}"
     if not usage.limits:
-        return f"team {usage.team}: no limits configured"
+        return f"{whose}: no limits configured"
     rows = [("limit", "metric", "window", "used", "reserved", "remaining", "of", "resets in")]
     for lim in usage.limits:
         rows.append(
             (
-                lim.name,
+                lim.name if lim.level in ("team", "") else f"{lim.level}:{lim.name}",
                 lim.metric,
                 lim.window,
                 str(lim.used),
@@ -77,6 +86,6 @@ def format_usage(usage: quota_pb2.GetUsageResponse) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"team {usage.team} (usd amounts in micro-USD)"]
+    lines = [f"{whose} (usd amounts in micro-USD)"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)

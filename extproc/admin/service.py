@@ -13,6 +13,7 @@ import grpc
 
 from ..guard.pipeline import VERDICTS
 from ..quota import policy
+from ..quota.budgets import org_scope
 from ..quota.store import StoreUnavailable
 from ..streams import ACTIVE
 from .v1 import config_pb2, config_pb2_grpc, quota_pb2, quota_pb2_grpc
@@ -62,20 +63,41 @@ class QuotaAdmin(quota_pb2_grpc.QuotaAdminServicer):
         return services
 
     async def GetUsage(self, request, context):
-        services = await self._services(context, request.team)
-        specs = services.limits.get(request.team, ())
+        """A team's limits (and a user's in it), or, without a team, an organization's."""
+        if not request.team and request.organization:
+            services = await self._authorized(context)
+            if request.organization not in services.runtime.config.organizations:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"no organization {request.organization!r}"
+                )
+            budgets = services.budgets
+            specs = budgets.orgs.get(request.organization, ())
+            scope = org_scope(request.organization)
+        else:
+            services = await self._services(context, request.team)
+            budgets = services.budgets
+            specs = (
+                *budgets.teams.get(request.team, ()),
+                *budgets.of_user(request.team, request.user),
+            )
+            scope = budgets.scope(request.team)
         now = time.time()
         windows = [policy.window_bounds(s.window, now) for s in specs]
-        counters = [f"{s.name}:{start}" for s, (start, _) in zip(specs, windows, strict=True)]
+        counters = [
+            policy.counter_name(s, start) for s, (start, _) in zip(specs, windows, strict=True)
+        ]
         try:
-            states = await services.quota.store.usage(request.team, counters)
+            states = await services.quota.store.usage(scope, counters)
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"quota store unavailable: {exc}")
-        reply = quota_pb2.GetUsageResponse(team=request.team)
+        reply = quota_pb2.GetUsageResponse(
+            team=request.team, user=request.user, organization=request.organization
+        )
         for spec, (_, end), state in zip(specs, windows, states, strict=True):
             reply.limits.append(
                 quota_pb2.LimitUsage(
                     name=spec.name,
+                    level=spec.level,
                     metric=spec.metric,
                     window=spec.window,
                     models=sorted(spec.models),
@@ -91,7 +113,10 @@ class QuotaAdmin(quota_pb2_grpc.QuotaAdminServicer):
     async def ResetUsage(self, request, context):
         services = await self._services(context, request.team)
         try:
-            removed = await services.quota.store.reset(request.team)
+            # (A team of an organization shares its scope: only the team's counters go.)
+            budgets = services.budgets
+            scope, prefix = budgets.scope(request.team), budgets.team_prefix(request.team)
+            removed = await services.quota.store.reset(scope, prefix)
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"quota store unavailable: {exc}")
         return quota_pb2.ResetUsageResponse(keys_removed=removed)

@@ -2,6 +2,8 @@
 
 Each method runs to completion without awaiting, so on one event loop it is atomic; no locks.
 
+Its "teams" are the store's scopes (store.py): a team, or an organization's teams.
+
 Housekeeping is lazy and driven by calls: touching a team charges its expired reservations and
 drops its expired counters, and every call also looks at a few idle teams so that teams which
 are never touched again are forgotten too. Work per call is bounded (`_BATCH` heap entries of
@@ -98,13 +100,13 @@ class MemoryStore(QuotaStore):
         self._owner_heap: list[tuple[float, str]] = []
 
     async def reserve(
-        self, team: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
+        self, scope: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
     ) -> ReserveResult:
         for charge in charges:
             if charge.amount < 0:
                 raise ValueError(f"negative amount in {charge!r}")
         now = self._clock()
-        t = self._touch(team, now, create=True)
+        t = self._touch(scope, now, create=True)
         assert t is not None
         existing = t.reservations.get(reservation_id)
         if existing is not None and existing.expires <= now:
@@ -140,11 +142,11 @@ class MemoryStore(QuotaStore):
         t.drop_at = max(t.drop_at, expires)
         return ReserveResult(True, _states(t, charges))
 
-    async def settle(self, team: str, reservation_id: str, actual: Sequence[int]) -> bool:
+    async def settle(self, scope: str, reservation_id: str, actual: Sequence[int]) -> bool:
         if any(a < 0 for a in actual):
             raise ValueError(f"negative actual amount in {list(actual)!r}")
         now = self._clock()
-        t = self._touch(team, now, create=False)
+        t = self._touch(scope, now, create=False)
         if t is None:
             return False
         r = t.reservations.get(reservation_id)
@@ -167,15 +169,23 @@ class MemoryStore(QuotaStore):
         _compact(t)
         return True
 
-    async def usage(self, team: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
-        t = self._touch(team, self._clock(), create=False)
+    async def usage(self, scope: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
+        t = self._touch(scope, self._clock(), create=False)
         if t is None:
             return tuple(CounterState(name, 0, 0) for name in counters)
         return tuple(_state(t, name) for name in counters)
 
-    async def reset(self, team: str) -> int:
+    async def reset(self, scope: str, prefix: str = "") -> int:
         now = self._clock()
-        t = self._teams.pop(team, None)
+        if prefix:
+            t = self._touch(scope, now, create=False)
+            zeroed = 0
+            for name, c in t.counters.items() if t is not None else ():
+                if name.startswith(prefix) and c.expires_at > now:
+                    c.used = 0
+                    zeroed += 1
+            return zeroed
+        t = self._teams.pop(scope, None)
         if t is None:
             return 0
         live_counters = sum(1 for c in t.counters.values() if c.expires_at > now)

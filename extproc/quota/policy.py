@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -28,9 +29,13 @@ def window_bounds(window: str, now: float) -> tuple[int, int]:
     return start, start + days * 86400
 
 
+TEAM = "team"
+
+
 @dataclass(frozen=True, slots=True)
 class LimitSpec:
-    """A configured limit, resolved: its name, what it counts, and which models."""
+    """A configured limit, resolved: its name, what it counts, and which models; the level of
+    the hierarchy it belongs to, and where its counters are (quota/budgets.py)."""
 
     name: str
     metric: str
@@ -40,6 +45,16 @@ class LimitSpec:
     # Lists its models (rather than counting all of the team's): a model's quota failover
     # skips such limits when it serves from the next pool.
     scoped: bool = False
+    level: str = TEAM  # organization | team | user | key
+    # What its counters' names start with in the store's scope ("" for a team's own limits
+    # in the team's scope, as before there were levels).
+    counter: str = ""
+
+    @property
+    def label(self) -> str:
+        """How a 429, the hand-over and the admin API name it: a team limit by its name (as
+        before there were levels), any other as "<level>:<name>"."""
+        return self.name if self.level == TEAM else f"{self.level}:{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,23 +69,27 @@ class Amounts:
     reasoning_tokens: int = 0  # of the output
 
 
-def team_limits(cfg: Config) -> dict[str, tuple[LimitSpec, ...]]:
-    out: dict[str, tuple[LimitSpec, ...]] = {}
-    for team_name, team in cfg.teams.items():
-        specs = []
-        for limit in team.limits:
-            specs.append(
-                LimitSpec(
-                    name=limit_name(limit),
-                    metric=limit.metric,
-                    window=limit.window,
-                    limit=_limit_value(limit),
-                    models=frozenset(limit_models(cfg, team, limit)),
-                    scoped=limit.models is not None,
-                )
-            )
-        out[team_name] = tuple(specs)
-    return out
+def specs_of(
+    cfg: Config,
+    limits: Iterable[Limit],
+    models: tuple[str, ...],
+    level: str = TEAM,
+    counter: str = "",
+) -> tuple[LimitSpec, ...]:
+    """One level's limits, resolved; `models`: what a limit without a list counts."""
+    return tuple(
+        LimitSpec(
+            name=limit_name(limit),
+            metric=limit.metric,
+            window=limit.window,
+            limit=_limit_value(limit),
+            models=frozenset(limit_models(cfg, models, limit)),
+            scoped=limit.models is not None,
+            level=level,
+            counter=counter,
+        )
+        for limit in limits
+    )
 
 
 def _limit_value(limit: Limit) -> int:
@@ -120,13 +139,18 @@ def charges(
         start, end = window_bounds(spec.window, now)
         out.append(
             Charge(
-                counter=f"{spec.name}:{start}",
+                counter=counter_name(spec, start),
                 limit=spec.limit,
                 amount=amount(spec, amounts, cfg, model),
                 expires_at=end + slack_s,
             )
         )
     return tuple(out)
+
+
+def counter_name(spec: LimitSpec, window_start: int) -> str:
+    """The store's name of a limit's counter in the window that starts at `window_start`."""
+    return f"{spec.counter}{spec.name}:{window_start}"
 
 
 def go_duration(seconds: float) -> str:

@@ -1,7 +1,8 @@
 """The shared quota store: counters in Redis (one server or a Redis Cluster), so that every
 sidecar of a fleet sees the same numbers.
 
-Key layout (prefix "aigw", team "team-a"):
+Key layout (prefix "aigw", scope "team-a": a team's, or "~acme" for organization acme's teams,
+store.py):
 
     aigw:{team-a}:c:<counter>   hash  u = used, r = reserved; expires at the charge's expires_at
                                       (the latest one seen)
@@ -18,7 +19,7 @@ Key layout (prefix "aigw", team "team-a"):
                                       the claim's ttl. Not a team's key: no hash tag, and each
                                       call touches this one key, so any Cluster slot will do
 
-Every key of a team carries the hash tag `{<team>}`, so all of them are in one Cluster slot
+Every key of a scope carries the hash tag `{<scope>}`, so all of them are in one Cluster slot
 and every script runs on one node. The scripts pass the keys they know up front in KEYS, but
 two kinds cannot be known by the caller: the reservations that the sweep finds expired, and
 the counters named inside a stored reservation (settle gets only the reservation id). Those
@@ -68,7 +69,8 @@ from extproc.quota.store import (
     check_key,
 )
 
-TEAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*")
+# A team's name (config._NAME), or "~" and an organization's: the scope of the counters.
+SCOPE_RE = re.compile(r"~?[A-Za-z0-9][A-Za-z0-9._:/@-]*")
 
 # Expired reservations charged per call (like memory.py's batch): bounds a script's run time,
 # and Redis runs nothing else meanwhile. Leftovers are the oldest, so the next call takes them.
@@ -236,10 +238,23 @@ return out
 """
 )
 
-# KEYS: rx, cx. ARGV: prefix. Returns how many counters and reservations went.
+# KEYS: rx, cx. ARGV: prefix, counter-name prefix ("": everything). Returns how many counters
+# and reservations went (or, with a counter-name prefix, how many counters were zeroed).
 _RESET = """
-local rx, cx, prefix = KEYS[1], KEYS[2], ARGV[1]
+local rx, cx, prefix, only = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local n = 0
+if only ~= '' then
+  for _, name in ipairs(redis.call('ZRANGE', cx, 0, -1)) do
+    if string.sub(name, 1, #only) == only then
+      local ck = prefix .. 'c:' .. name
+      if redis.call('EXISTS', ck) == 1 then
+        redis.call('HSET', ck, 'u', 0)
+        n = n + 1
+      end
+    end
+  end
+  return n
+end
 for _, name in ipairs(redis.call('ZRANGE', cx, 0, -1)) do
   n = n + redis.call('DEL', prefix .. 'c:' .. name)
 end
@@ -553,17 +568,17 @@ class RedisStore(QuotaStore):
         all held by its lanes: make calls through the store."""
         return self._client
 
-    def team_keys(self, team: str) -> tuple[str, str, str]:
-        """Team prefix, reservation index and counter index keys, e.g. "aigw:{t}:"."""
-        if not TEAM_RE.fullmatch(team):
-            raise ValueError(f"invalid team name {team!r}")
-        tag = f"{self._prefix}:{{{team}}}:"
+    def team_keys(self, scope: str) -> tuple[str, str, str]:
+        """Scope prefix, reservation index and counter index keys, e.g. "aigw:{t}:"."""
+        if not SCOPE_RE.fullmatch(scope):
+            raise ValueError(f"invalid scope (team name) {scope!r}")
+        tag = f"{self._prefix}:{{{scope}}}:"
         return tag, tag + "rx", tag + "cx"
 
     async def reserve(
-        self, team: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
+        self, scope: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
     ) -> ReserveResult:
-        tag, rx, cx = self.team_keys(team)
+        tag, rx, cx = self.team_keys(scope)
         keys = [rx, cx, f"{tag}r:{reservation_id}"]
         args: list[str | int] = [tag, reservation_id, max(0, round(ttl_s * 1000))]
         for charge in charges:
@@ -581,10 +596,10 @@ class RedisStore(QuotaStore):
         failed = int(out[1])
         return ReserveResult(bool(out[0]), states, failed - 1 if failed else None)
 
-    async def settle(self, team: str, reservation_id: str, actual: Sequence[int]) -> bool:
+    async def settle(self, scope: str, reservation_id: str, actual: Sequence[int]) -> bool:
         if any(a < 0 for a in actual):
             raise ValueError(f"negative actual amount in {list(actual)!r}")
-        tag, rx, _ = self.team_keys(team)
+        tag, rx, _ = self.team_keys(scope)
         keys = [rx, f"{tag}r:{reservation_id}"]
         out = int(await self._call(self._settle, keys, [tag, reservation_id, *actual]))
         if out < 0:
@@ -593,14 +608,14 @@ class RedisStore(QuotaStore):
             )
         return out == 1
 
-    async def usage(self, team: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
-        tag, rx, _ = self.team_keys(team)
+    async def usage(self, scope: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
+        tag, rx, _ = self.team_keys(scope)
         keys = [rx, *(f"{tag}c:{name}" for name in counters)]
         return _states(counters, await self._call(self._usage, keys, [tag]))
 
-    async def reset(self, team: str) -> int:
-        tag, rx, cx = self.team_keys(team)
-        return int(await self._call(self._reset, [rx, cx], [tag]))
+    async def reset(self, scope: str, prefix: str = "") -> int:
+        tag, rx, cx = self.team_keys(scope)
+        return int(await self._call(self._reset, [rx, cx], [tag, prefix]))
 
     def owner_key(self, key: str) -> str:
         """The Redis key that holds the owner of `key`, e.g. "aigw:own:response:resp_abc"."""

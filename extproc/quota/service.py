@@ -22,6 +22,7 @@ from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
 from .store import Charge, CounterState, QuotaStore, StoreUnavailable
 
 if TYPE_CHECKING:
+    from ..identity import Identity
     from ..wire import ParsedRequest
 
 log = logging.getLogger("extproc.quota")
@@ -56,7 +57,7 @@ def requested_output(parsed: ParsedRequest, default: int) -> int:
 
 @dataclass(slots=True)
 class Reservation:
-    team: str
+    scope: str  # the store's (budgets.py): the team's, or its organization's
     id: str
     model: str
     specs: tuple[LimitSpec, ...]
@@ -74,7 +75,7 @@ class Reservation:
 class _PendingSettle:
     """A settle (or a release) the store failed, to be retried until `until`."""
 
-    team: str
+    scope: str
     id: str
     amounts: list[int]
     until: float  # unix time: the reservation has expired and been charged by then
@@ -103,15 +104,17 @@ class QuotaService:
     async def reserve(
         self,
         cfg: Config,
-        team: str,
+        scope: str,
         model: str,
         specs: tuple[LimitSpec, ...],
         estimate: Amounts,
         ttl_s: float | None = None,
+        who: Identity | None = None,
     ) -> Reservation | None:
-        """Reserve `estimate` against every limit, or raise the 429 (or the 503 when closed).
-        `ttl_s`: how long it may wait for its settle before it is charged at the estimate
-        (default quota.reservation_ttl_s; a batch's runs for a day)."""
+        """Reserve `estimate` against every limit (of every level: budgets.py), in the store's
+        `scope`, or raise the 429 naming the caller's level whose limit is reached (or the 503
+        when closed). `ttl_s`: how long it may wait for its settle before it is charged at the
+        estimate (default quota.reservation_ttl_s; a batch's runs for a day)."""
         now = time.time()
         ttl = ttl_s if ttl_s is not None else self.settings.reservation_ttl_s
         # (Its counters outlive it: a settle finds them after their window ended.)
@@ -119,14 +122,14 @@ class QuotaService:
         res_id = uuid.uuid4().hex
         started = time.perf_counter()
         try:
-            result = await self.store.reserve(team, res_id, charges, ttl)
+            result = await self.store.reserve(scope, res_id, charges, ttl)
         except StoreUnavailable as exc:
             self._store_failed("reserve", exc)
             if exc.maybe_applied:
                 # It may still have run (its answer lost, or it ran late): release what it may
                 # have reserved, since this request goes on unmetered or not at all. Settling
                 # an id the store does not know changes nothing.
-                self._retry_later(team, res_id, [0] * len(charges), now + ttl)
+                self._retry_later(scope, res_id, [0] * len(charges), now + ttl)
             if self.settings.failure_mode == "open":
                 return None
             raise GatewayError(
@@ -139,14 +142,15 @@ class QuotaService:
         child(QUOTA_SECONDS, self.settings.store, "reserve").observe(time.perf_counter() - started)
         if not result.ok:
             assert result.failed is not None
-            raise self._exceeded(team, specs, charges, result.states, result.failed, now)
+            whose = _whose(specs[result.failed].level, who, scope)
+            raise self._exceeded(whose, specs, charges, result.states, result.failed, now)
         return Reservation(
-            team, res_id, model, specs, charges, result.states, estimate, cfg, expires_at=now + ttl
+            scope, res_id, model, specs, charges, result.states, estimate, cfg, expires_at=now + ttl
         )
 
     def _exceeded(
         self,
-        team: str,
+        whose: str,
         specs: tuple[LimitSpec, ...],
         charges: tuple[Charge, ...],
         states: tuple[CounterState, ...],
@@ -165,12 +169,12 @@ class QuotaService:
             headers.append(("x-should-retry", "false"))
             message = (
                 f"This request needs {_fmt(charge.amount, spec)} {unit}, more than the whole "
-                f"'{spec.name}' quota of team {team} ({_fmt(charge.limit, spec)} {unit} per "
+                f"'{spec.name}' quota of {whose} ({_fmt(charge.limit, spec)} {unit} per "
                 f"{spec.window}). Lower max_tokens or the prompt."
             )
         else:
             message = (
-                f"Quota '{spec.name}' of team {team} reached: limit {_fmt(charge.limit, spec)} "
+                f"Quota '{spec.name}' of {whose} reached: limit {_fmt(charge.limit, spec)} "
                 f"{unit} per {spec.window}, used {_fmt(used, spec)}, requested "
                 f"{_fmt(charge.amount, spec)}. Try again in {policy.go_duration(wait)}."
             )
@@ -179,7 +183,7 @@ class QuotaService:
             429,
             message,
             _ERROR_TYPE.get(spec.metric, "tokens"),
-            f"quota_exceeded:{spec.name}",
+            f"quota_exceeded:{spec.label}",
             headers=tuple(headers),
         )
 
@@ -188,7 +192,7 @@ class QuotaService:
     def handed_over(
         self,
         cfg: Config,
-        team: str,
+        scope: str,
         model: str,
         reservation_id: str,
         limit_names: tuple[str, ...],
@@ -197,14 +201,14 @@ class QuotaService:
         """The reservation another stage made, rebuilt from what it passed on (the stream
         observer settles it, maybe in another process). None when the team's limits changed
         since: it then expires into a charge at its estimate, over-counted, never lost."""
-        if tuple(spec.name for spec in specs) != limit_names:
+        if tuple(spec.label for spec in specs) != limit_names:
             log.warning(
-                "team %s's limits changed while a stream was in flight; its reservation "
+                "limits changed for %s while a stream was in flight; its reservation "
                 "will be charged at its estimate when it expires",
-                team,
+                scope,
             )
             return None
-        return Reservation(team, reservation_id, model, specs, (), (), Amounts(0, 0), cfg)
+        return Reservation(scope, reservation_id, model, specs, (), (), Amounts(0, 0), cfg)
 
     def settle_soon(
         self, reservation: Reservation | None, actual: Amounts, trace: Any = NO_TRACE
@@ -232,14 +236,14 @@ class QuotaService:
         ]
         started = time.perf_counter()
         try:
-            await self.store.settle(reservation.team, reservation.id, amounts)
+            await self.store.settle(reservation.scope, reservation.id, amounts)
         except Exception as exc:
             if not isinstance(exc, StoreUnavailable):  # a bug: retrying is still the best bet
                 log.exception("settle of reservation %s failed", reservation.id)
             self._store_failed("settle", exc)
             span.set_attribute("extproc.error", "store_unavailable")
             until = reservation.expires_at or time.time() + self.settings.reservation_ttl_s
-            self._retry_later(reservation.team, reservation.id, amounts, until)
+            self._retry_later(reservation.scope, reservation.id, amounts, until)
         else:
             child(QUOTA_SECONDS, self.settings.store, "settle").observe(
                 time.perf_counter() - started
@@ -249,17 +253,17 @@ class QuotaService:
 
     # -- retries of failed settles ------------------------------------------------------------
 
-    def _retry_later(self, team: str, res_id: str, amounts: list[int], until: float) -> None:
+    def _retry_later(self, scope: str, res_id: str, amounts: list[int], until: float) -> None:
         """Queue a settle the store failed. Retrying is safe: a settle that did run (only its
         answer was lost) left nothing to settle, and settling an unknown or expired
         reservation changes nothing (an expired one has been charged at its estimate)."""
         if self._successor is not None:
-            self._successor._retry_later(team, res_id, amounts, until)
+            self._successor._retry_later(scope, res_id, amounts, until)
             return
         if len(self._pending) >= RETRY_MAX_PENDING:
             QUOTA_SETTLE_RETRIES.labels(self.settings.store, "abandoned").inc()
             return
-        self._pending.append(_PendingSettle(team, res_id, amounts, until))
+        self._pending.append(_PendingSettle(scope, res_id, amounts, until))
         if self._retrier is None or self._retrier.done():
             self._hurry = asyncio.Event()
             self._retrier = asyncio.get_running_loop().create_task(self._retry_settles())
@@ -286,7 +290,7 @@ class QuotaService:
                 QUOTA_SETTLE_RETRIES.labels(store, "abandoned").inc()
                 continue
             try:
-                await self.store.settle(item.team, item.id, item.amounts)
+                await self.store.settle(item.scope, item.id, item.amounts)
             except StoreUnavailable as exc:
                 self._store_failed("settle", exc)
                 QUOTA_SETTLE_RETRIES.labels(store, "failed").inc()
@@ -324,7 +328,7 @@ class QuotaService:
             self._retrier.cancel()
         while self._pending:
             item = self._pending.popleft()
-            successor._retry_later(item.team, item.id, item.amounts, item.until)
+            successor._retry_later(item.scope, item.id, item.amounts, item.until)
 
     @property
     def pending_settles(self) -> int:
@@ -399,6 +403,20 @@ class QuotaService:
                 self.settings.failure_mode,
                 self.failures,
             )
+
+
+def _whose(level: str, who: Identity | None, scope: str) -> str:
+    """The owner of a limit, as a 429 names it: the caller's own user id or key label only
+    (both the caller's own), never anyone else's."""
+    if who is None:
+        return f"team {scope}"
+    if level == "organization":
+        return f"organization {who.organization}"
+    if level == "user":
+        return f"user {who.user} of team {who.team}"
+    if level == "key":
+        return f"key {who.key} of team {who.team}"
+    return f"team {who.team}"
 
 
 def _fmt(value: int, spec: LimitSpec) -> str:

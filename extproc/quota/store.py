@@ -1,6 +1,10 @@
 """What a quota store must do, whatever keeps the numbers (this process, Redis, Redis Cluster).
 
-A *counter* is one limit in one window of one team (e.g. "tpm:1795500000"). It holds two
+Counters live in *scopes*: a team, or "~<organization>" for the teams of an organization, so
+that every counter one request charges (its organization's, team's, user's and key's limits,
+quota/budgets.py) is in one scope, which the Redis store keeps in one Cluster slot.
+
+A *counter* is one limit in one window of one scope (e.g. "tpm:1795500000"). It holds two
 numbers: `used` (settled) and `reserved` (admitted requests still in flight). A request is
 admitted when, for every counter it touches, used + reserved + its estimate <= limit; the check
 and the reservation of all counters happen atomically. When the request ends it is settled:
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    counter: str  # counter id within the team: "<limit name>:<window start, unix seconds>"
+    # counter id within the scope: "<level prefix><limit name>:<window start, unix seconds>"
+    counter: str
     limit: int  # the most this counter may reach (tokens, requests or micro-USD)
     amount: int  # what this request reserves (>= 0)
     expires_at: float  # unix time after which the counter may be forgotten (window end + slack)
@@ -59,26 +64,29 @@ class StoreUnavailable(Exception):
 class QuotaStore(ABC):
     @abstractmethod
     async def reserve(
-        self, team: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
+        self, scope: str, reservation_id: str, charges: Sequence[Charge], ttl_s: float
     ) -> ReserveResult:
         """All charges fit -> reserve them all under `reservation_id`; else reserve nothing.
         A counter named twice must have room for both amounts; reserving again with an id
         still in flight returns ok without reserving twice; a negative amount is a ValueError."""
 
     @abstractmethod
-    async def settle(self, team: str, reservation_id: str, actual: Sequence[int]) -> bool:
+    async def settle(self, scope: str, reservation_id: str, actual: Sequence[int]) -> bool:
         """Release the reservation and add `actual` (one amount per charge, same order) to
         `used`. False when the reservation is unknown (already settled, or expired and
         charged): then nothing changes, so settling twice never counts twice. The wrong number
         of amounts, or a negative one, is a ValueError and changes nothing."""
 
     @abstractmethod
-    async def usage(self, team: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
+    async def usage(self, scope: str, counters: Sequence[str]) -> tuple[CounterState, ...]:
         """Current used/reserved of the counters (0/0 for counters never touched)."""
 
     @abstractmethod
-    async def reset(self, team: str) -> int:
-        """Forget every counter and reservation of the team; returns how many keys went."""
+    async def reset(self, scope: str, prefix: str = "") -> int:
+        """Without `prefix`: forget every counter and reservation of the scope; returns how
+        many keys went. With one: zero what the counters whose names start with it have used
+        (one team's, in an organization's scope), leaving reservations in flight to settle;
+        returns how many counters were zeroed."""
 
     # Ownership of stored objects. Not @abstractmethod (yet): test doubles of the quota store
     # written before it (tests/test_quota_store.py, tests/test_quota_policy.py) would no longer

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..contract import Handover
     from ..guard.types import Verdict
+    from ..identity import Identity
     from ..usage import Usage
 
 # Prompts longer than this are hashed and masked on a worker thread, not on the event loop.
@@ -100,6 +101,10 @@ class RequestReport:
     started_at: float = field(default_factory=time.time)
     request_id: str = ""
     team: str | None = None
+    # Who called, around the team (identity.Identity): audit records and traces; "" for none.
+    organization: str = ""
+    user: str = ""
+    key: str = ""
     model: str | None = None
     endpoint: str = ""
     api: str = DEFAULT_WIRE  # the client's wire format (extproc/wire/)
@@ -115,6 +120,10 @@ class RequestReport:
     guards: list[dict[str, Any]] = field(default_factory=list)
     prompt: dict[str, Any] = field(default_factory=dict)  # prompt_fields()
     trace_id: str = ""
+
+    def identify(self, who: Identity) -> None:
+        self.team = who.team
+        self.organization, self.user, self.key = who.organization, who.user, who.key
 
     @property
     def outcome(self) -> str:
@@ -140,6 +149,9 @@ class RequestReport:
             started_at=handover.started_at,
             request_id=handover.request_id,
             team=handover.team or None,
+            organization=handover.organization,
+            user=handover.user,
+            key=handover.key,
             model=handover.model or None,
             endpoint=handover.endpoint,
             api=handover.wire,
@@ -235,7 +247,10 @@ class RequestReport:
         record: dict[str, Any] = {
             "time": datetime.fromtimestamp(self.started_at, UTC).isoformat(timespec="milliseconds"),
             "request_id": self.request_id,
+            "organization": self.organization or None,
             "team": self.team,
+            "user": self.user or None,
+            "key": self.key or None,
             "model": self.model,
             "endpoint": self.endpoint,
             "api": self.api,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65xtproc/admin/v1/quota.proto\x12\x10\x65xtproc.admin.v1\"\x11\n\x0fGetStatsRequest\"\xfc\x01\n\x10GetStatsResponse\x12\x1f\n\x17\x61\x63tive_ext_proc_streams\x18\x01 \x01(\x03\x12\x1a\n\x12\x61\x63tive_sse_streams\x18\x02 \x01(\x03\x12\x19\n\x11sse_streams_total\x18\x03 \x01(\x03\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12M\n\x0eguard_verdicts\x18\x05 \x03(\x0b\x32\x35.extproc.admin.v1.GetStatsResponse.GuardVerdictsEntry\x1a\x34\n\x12GuardVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x1f\n\x0fGetUsageRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"\xa6\x01\n\nLimitUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\r\n\x05limit\x18\x05 \x01(\x03\x12\x0c\n\x04used\x18\x06 \x01(\x03\x12\x10\n\x08reserved\x18\x07 \x01(\x03\x12\x11\n\tremaining\x18\x08 \x01(\x03\x12\x18\n\x10reset_in_seconds\x18\t \x01(\x01\"N\n\x10GetUsageResponse\x12\x0c\n\x04team\x18\x01 \x01(\t\x12,\n\x06limits\x18\x02 \x03(\x0b\x32\x1c.extproc.admin.v1.LimitUsage\"!\n\x11ResetUsageRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"*\n\x12ResetUsageResponse\x12\x14\n\x0ckeys_removed\x18\x01 \x01(\x03\x32\x8b\x02\n\nQuotaAdmin\x12Q\n\x08GetUsage\x12!.extproc.admin.v1.GetUsageRequest\x1a\".extproc.admin.v1.GetUsageResponse\x12W\n\nResetUsage\x12#.extproc.admin.v1.ResetUsageRequest\x1a$.extproc.admin.v1.ResetUsageResponse\x12Q\n\x08GetStats\x12!.extproc.admin.v1.GetStatsRequest\x1a\".extproc.admin.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65xtproc/admin/v1/quota.proto\x12\x10\x65xtproc.admin.v1\"\x11\n\x0fGetStatsRequest\"\xfc\x01\n\x10GetStatsResponse\x12\x1f\n\x17\x61\x63tive_ext_proc_streams\x18\x01 \x01(\x03\x12\x1a\n\x12\x61\x63tive_sse_streams\x18\x02 \x01(\x03\x12\x19\n\x11sse_streams_total\x18\x03 \x01(\x03\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12M\n\x0eguard_verdicts\x18\x05 \x03(\x0b\x32\x35.extproc.admin.v1.GetStatsResponse.GuardVerdictsEntry\x1a\x34\n\x12GuardVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"C\n\x0fGetUsageRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x14\n\x0corganization\x18\x03 \x01(\t\"\xb5\x01\n\nLimitUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\r\n\x05limit\x18\x05 \x01(\x03\x12\x0c\n\x04used\x18\x06 \x01(\x03\x12\x10\n\x08reserved\x18\x07 \x01(\x03\x12\x11\n\tremaining\x18\x08 \x01(\x03\x12\x18\n\x10reset_in_seconds\x18\t \x01(\x01\x12\r\n\x05level\x18\n \x01(\t\"r\n\x10GetUsageResponse\x12\x0c\n\x04team\x18\x01 \x01(\t\x12,\n\x06limits\x18\x02 \x03(\x0b\x32\x1c.extproc.admin.v1.LimitUsage\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x14\n\x0corganization\x18\x04 \x01(\t\"!\n\x11ResetUsageRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"*\n\x12ResetUsageResponse\x12\x14\n\x0ckeys_removed\x18\x01 \x01(\x03\x32\x8b\x02\n\nQuotaAdmin\x12Q\n\x08GetUsage\x12!.extproc.admin.v1.GetUsageRequest\x1a\".extproc.admin.v1.GetUsageResponse\x12W\n\nResetUsage\x12#.extproc.admin.v1.ResetUsageRequest\x1a$.extproc.admin.v1.ResetUsageResponse\x12Q\n\x08GetStats\x12!.extproc.admin.v1.GetStatsRequest\x1a\".extproc.admin.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATSRESPONSE_GUARDVERDICTSENTRY']._serialized_start=270
   _globals['_GETSTATSRESPONSE_GUARDVERDICTSENTRY']._serialized_end=322
   _globals['_GETUSAGEREQUEST']._serialized_start=324
-  _globals['_GETUSAGEREQUEST']._serialized_end=355
-  _globals['_LIMITUSAGE']._serialized_start=358
-  _globals['_LIMITUSAGE']._serialized_end=524
-  _globals['_GETUSAGERESPONSE']._serialized_start=526
-  _globals['_GETUSAGERESPONSE']._serialized_end=604
-  _globals['_RESETUSAGEREQUEST']._serialized_start=606
-  _globals['_RESETUSAGEREQUEST']._serialized_end=639
-  _globals['_RESETUSAGERESPONSE']._serialized_start=641
-  _globals['_RESETUSAGERESPONSE']._serialized_end=683
-  _globals['_QUOTAADMIN']._serialized_start=686
-  _globals['_QUOTAADMIN']._serialized_end=953
+  _globals['_GETUSAGEREQUEST']._serialized_end=391
+  _globals['_LIMITUSAGE']._serialized_start=394
+  _globals['_LIMITUSAGE']._serialized_end=575
+  _globals['_GETUSAGERESPONSE']._serialized_start=577
+  _globals['_GETUSAGERESPONSE']._serialized_end=691
+  _globals['_RESETUSAGEREQUEST']._serialized_start=693
+  _globals['_RESETUSAGEREQUEST']._serialized_end=726
+  _globals['_RESETUSAGERESPONSE']._serialized_start=728
+  _globals['_RESETUSAGERESPONSE']._serialized_end=770
+  _globals['_QUOTAADMIN']._serialized_start=773
+  _globals['_QUOTAADMIN']._serialized_end=1040
 # @@protoc_insertion_point(module_scope)

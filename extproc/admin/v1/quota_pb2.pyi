@@ -32,13 +32,17 @@ class GetStatsResponse(_message.Message):
     def __init__(self, active_ext_proc_streams: _Optional[int] = ..., active_sse_streams: _Optional[int] = ..., sse_streams_total: _Optional[int] = ..., pid: _Optional[int] = ..., guard_verdicts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
-    __slots__ = ("team",)
+    __slots__ = ("team", "user", "organization")
     TEAM_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
     team: str
-    def __init__(self, team: _Optional[str] = ...) -> None: ...
+    user: str
+    organization: str
+    def __init__(self, team: _Optional[str] = ..., user: _Optional[str] = ..., organization: _Optional[str] = ...) -> None: ...
 
 class LimitUsage(_message.Message):
-    __slots__ = ("name", "metric", "window", "models", "limit", "used", "reserved", "remaining", "reset_in_seconds")
+    __slots__ = ("name", "metric", "window", "models", "limit", "used", "reserved", "remaining", "reset_in_seconds", "level")
     NAME_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +52,7 @@ class LimitUsage(_message.Message):
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
     RESET_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     metric: str
     window: str
@@ -57,15 +62,20 @@ class LimitUsage(_message.Message):
     reserved: int
     remaining: int
     reset_in_seconds: float
-    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., window: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_in_seconds: _Optional[float] = ...) -> None: ...
+    level: str
+    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., window: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_in_seconds: _Optional[float] = ..., level: _Optional[str] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("team", "limits")
+    __slots__ = ("team", "limits", "user", "organization")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
     team: str
     limits: _containers.RepeatedCompositeFieldContainer[LimitUsage]
-    def __init__(self, team: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitUsage, _Mapping]]] = ...) -> None: ...
+    user: str
+    organization: str
+    def __init__(self, team: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitUsage, _Mapping]]] = ..., user: _Optional[str] = ..., organization: _Optional[str] = ...) -> None: ...
 
 class ResetUsageRequest(_message.Message):
     __slots__ = ("team",)

@@ -55,14 +55,17 @@ class QuotaAdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetUsage(self, request, context):
-        """Usage and remaining budget of every limit of a team, in its current window.
+        """Usage and remaining budget of every limit of a team (and of one of its users), or of an
+        organization, in its current window.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ResetUsage(self, request, context):
-        """Forget a team's usage and in-flight reservations (every window).
+        """Forget a team's usage (its users' and keys' included) and, for a team of no
+        organization, its in-flight reservations (every window). A team of an organization keeps
+        its reservations in flight: they settle as usual.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,169 @@
+"""Budgets at every level of who is calling: organization -> team -> user -> key.
+
+A request reserves against the limits of every level that applies to its caller and model in
+one reservation, one atomic call to the store: it is admitted only if it fits all of them, so
+no level is overshot however many requests of however many users race (store.py).
+
+For that to hold on a Redis Cluster, every counter one request touches must be in one slot:
+the store's scope (its hash tag) is the top of the caller's hierarchy. A team of an
+organization keeps its counters in the organization's scope ("~<org>"); a team without one in
+its own (named as the team, as before there were levels, so no counter resets on upgrade).
+Counter names within the scope say whose they are:
+
+    o|<limit>:<start>                               the organization's (scope "~<org>")
+    [t|<team>|]<limit>:<start>                      the team's ("t|<team>|" in an organization)
+    [t|<team>|]u|<sha256(user)[:16]>|<limit>:<start>  a user's in that team
+    [t|<team>|]k|<key label>|<limit>:<start>        a key's
+
+A user's id is hashed: ids are often e-mail addresses, which have no business in Redis keys.
+Limit names never hold "|", so no two levels' names can meet.
+
+Moving a team into an organization (or out) moves its counters to another scope: they start
+again from zero in the window they are in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from ..config import Config, narrowed, org_models, team_models
+from .policy import TEAM, LimitSpec, specs_of
+
+if TYPE_CHECKING:
+    from ..identity import Identity
+
+ORGANIZATION = "organization"
+USER = "user"
+KEY = "key"
+LEVELS = (ORGANIZATION, TEAM, USER, KEY)
+
+# Users whose limits are kept resolved (their counters' names need a hash): beyond this many,
+# the cache starts over rather than grow with every user ever seen.
+_USER_CACHE = 4096
+
+
+def _names(models: frozenset[str] | None) -> list[str] | None:
+    return None if models is None else sorted(models)
+
+
+def user_tag(user: str) -> str:
+    return hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def org_scope(org: str) -> str:
+    return f"~{org}"
+
+
+@dataclass(slots=True)
+class Budgets:
+    """Every level's limits of a config, resolved once per config (load or reload)."""
+
+    orgs: dict[str, tuple[LimitSpec, ...]] = field(default_factory=dict)
+    teams: dict[str, tuple[LimitSpec, ...]] = field(default_factory=dict)
+    # The team's user_limits (their counters' names without the user's part), and each
+    # configured user's own, by (team, user).
+    user_defaults: dict[str, tuple[LimitSpec, ...]] = field(default_factory=dict)
+    users: dict[tuple[str, str], tuple[LimitSpec, ...]] = field(default_factory=dict)
+    # The config's keys' own limits, by (team, key label).
+    keys: dict[tuple[str, str], tuple[LimitSpec, ...]] = field(default_factory=dict)
+    team_orgs: dict[str, str] = field(default_factory=dict)
+    cfg: Config | None = None  # what run-time keys' limits are resolved against
+    _resolved_users: dict[tuple[str, str], tuple[LimitSpec, ...]] = field(default_factory=dict)
+    _resolved_keys: dict[tuple[str, str], tuple[LimitSpec, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: Config) -> Budgets:
+        out = cls(cfg=cfg)
+        for org_name, org in cfg.organizations.items():
+            models = org_models(cfg, org_name)
+            out.orgs[org_name] = specs_of(cfg, org.limits, models, ORGANIZATION, "o|")
+        for team_name, team in cfg.teams.items():
+            if team.organization:
+                out.team_orgs[team_name] = team.organization
+            models = team_models(cfg, team_name)
+            prefix = out.team_prefix(team_name)
+            out.teams[team_name] = specs_of(cfg, team.limits, models, TEAM, prefix)
+            out.user_defaults[team_name] = specs_of(cfg, team.user_limits, models, USER, prefix)
+            for user, settings in team.users.items():
+                counter = f"{prefix}u|{user_tag(user)}|"
+                out.users[(team_name, user)] = specs_of(cfg, settings.limits, models, USER, counter)
+            for i, key in enumerate(team.keys):
+                if key.limits:
+                    label = key.name or f"{team_name}#{i}"
+                    key_models = narrowed(cfg, models, key.models)
+                    counter = f"{prefix}k|{label}|"
+                    out.keys[(team_name, label)] = specs_of(
+                        cfg, key.limits, key_models, KEY, counter
+                    )
+        return out
+
+    def scope(self, team: str) -> str:
+        """Where the counters of a team's requests are (the store's scope)."""
+        org = self.team_orgs.get(team)
+        return org_scope(org) if org else team
+
+    def team_prefix(self, team: str) -> str:
+        """What the names of a team's counters (its users' and keys' too) start with."""
+        return f"t|{team}|" if self.team_orgs.get(team) else ""
+
+    def of_user(self, team: str, user: str) -> tuple[LimitSpec, ...]:
+        if not user:
+            return ()
+        own = self.users.get((team, user))
+        if own is not None:
+            return own
+        defaults = self.user_defaults.get(team, ())
+        if not defaults:
+            return ()
+        hit = self._resolved_users.get((team, user))
+        if hit is None:
+            if len(self._resolved_users) >= _USER_CACHE:
+                self._resolved_users.clear()
+            counter = f"{self.team_prefix(team)}u|{user_tag(user)}|"
+            hit = tuple(replace(spec, counter=counter) for spec in defaults)
+            self._resolved_users[(team, user)] = hit
+        return hit
+
+    def of_key(self, who: Identity) -> tuple[LimitSpec, ...]:
+        """The key's own limits: a config key's, or a run-time key's (Identity.key_limits)."""
+        own = self.keys.get((who.team, who.key))
+        if own is not None:
+            return own
+        if not who.key_limits or self.cfg is None or who.team not in self.cfg.teams:
+            return ()
+        hit = self._resolved_keys.get((who.team, who.key))
+        if hit is None:
+            if len(self._resolved_keys) >= _USER_CACHE:
+                self._resolved_keys.clear()
+            models = narrowed(self.cfg, team_models(self.cfg, who.team), _names(who.models))
+            counter = f"{self.team_prefix(who.team)}k|{who.key}|"
+            hit = specs_of(self.cfg, who.key_limits, models, KEY, counter)
+            self._resolved_keys[(who.team, who.key)] = hit
+        return hit
+
+    def all_of(self, who: Identity) -> tuple[LimitSpec, ...]:
+        """Every limit of the caller's levels, outermost first (the organization's)."""
+        org = self.team_orgs.get(who.team)
+        return (
+            *(self.orgs.get(org, ()) if org else ()),
+            *self.teams.get(who.team, ()),
+            *self.of_user(who.team, who.user),
+            *self.of_key(who),
+        )
+
+    def applicable(self, who: Identity, model: str) -> tuple[LimitSpec, ...]:
+        """The limits a request of the caller to `model` reserves against."""
+        return tuple(s for s in self.all_of(who) if model in s.models)
+
+    def any_for(self, team: str) -> bool:
+        """Some limit, at some level, may apply to the team's requests."""
+        org = self.team_orgs.get(team)
+        return bool(
+            (org and self.orgs.get(org))
+            or self.teams.get(team)
+            or self.user_defaults.get(team)
+            or any(t == team for t, _ in self.users)
+            or any(t == team for t, _ in self.keys)
+        )
