@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "top",
-        help="live usage by team or model, from the sidecar's /metrics",
-        description="Requests, tokens and cost by team (or model), refreshed from the "
+        help="live usage by team, model, organization or user, from the sidecar's /metrics",
+        description="Requests, tokens and cost by team (or model, organization, user), from the "
         "sidecar's Prometheus endpoint; rates are the change between two scrapes. Ctrl-C exits.",
     )
     source = p.add_mutually_exclusive_group()
@@ -259,9 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="print the totals once and exit")
     p.add_argument(
         "--by",
-        choices=["team", "model"],
+        choices=["team", "model", "organization", "user"],
         default="team",
-        help="one row per team (default) or per model",
+        help="one row per team (default), model, organization, or user (needs "
+        "observability.metrics.users)",
     )
     p.set_defaults(func=cmd_top)
 

@@ -632,6 +632,10 @@ class MetricsSettings(_Strict):
     # for GetStats). Several sidecar processes may share one address (SO_REUSEPORT): each
     # answers with the sum over all of them (prometheus-client's multiprocess mode).
     listen: str | None = None
+    # Metrics by user too (extproc_user_*): a series per user, so off unless asked for, and
+    # at most max_users users per sidecar process (then "other").
+    users: bool = False
+    max_users: int = Field(default=1000, ge=1, le=100_000)
 
     @field_validator("listen")
     @classmethod

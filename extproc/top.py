@@ -21,11 +21,16 @@ from typing import TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 DEFAULT_URL = "http://127.0.0.1:9464/metrics"
-BY = ("team", "model")
+BY = ("team", "model", "organization", "user")
 
 REQUESTS = "extproc_requests_total"
 TOKENS = "extproc_tokens_total"
 COST = "extproc_cost_usd_total"
+# By user: the metrics by user (observability.metrics.users), which have the same labels
+# (outcome, type) as the above for what top reads.
+USER_REQUESTS = "extproc_user_requests_total"
+USER_TOKENS = "extproc_user_tokens_total"
+USER_COST = "extproc_user_cost_usd_total"
 FAILOVERS = "extproc_failovers_total"
 ACTIVE_STREAMS = "extproc_active_streams"
 
@@ -85,10 +90,14 @@ class Snapshot:
 
 
 def summarize(text: str, by: str = "team") -> Snapshot:
-    """Sum one /metrics exposition per team or per model (the label `by` names)."""
+    """Sum one /metrics exposition per team, model, organization or user (the label `by`
+    names; users from the metrics by user)."""
     if by not in BY:
         raise ValueError(f"by must be one of {', '.join(BY)}, not {by!r}")
     snap = Snapshot(by=by)
+    requests, tokens, cost = (
+        (USER_REQUESTS, USER_TOKENS, USER_COST) if by == "user" else (REQUESTS, TOKENS, COST)
+    )
 
     def row(labels: dict[str, str]) -> Row:
         key = labels.get(by) or "none"
@@ -97,7 +106,7 @@ def summarize(text: str, by: str = "team") -> Snapshot:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, float(sample.value)
-            if name == REQUESTS:
+            if name == requests:
                 r = row(labels)
                 r.requests += value
                 outcome = labels.get("outcome", "")
@@ -107,13 +116,13 @@ def summarize(text: str, by: str = "team") -> Snapshot:
                     r.rejected += value
                 elif outcome in ERRORS:
                     r.errors += value
-            elif name == TOKENS:
+            elif name == tokens:
                 kind = labels.get("type", "")
                 if kind in INPUT_TYPES:
                     row(labels).input_tokens += value
                 elif kind in OUTPUT_TYPES:
                     row(labels).output_tokens += value
-            elif name == COST:
+            elif name == cost:
                 row(labels).cost_usd += value
             elif name == FAILOVERS:
                 snap.failovers += value

@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,12 @@ import jwt
 import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.admin.v1 import quota_pb2, quota_pb2_grpc
 from extproc.quota.policy import window_bounds
 
+from .conftest import free_port
 from .redis_servers import RedisClusterNodes, redis_cluster  # noqa: F401
 from .test_quota_e2e import MAX_TOKENS, MODEL, gateway_config, new_ports, running_stack
 
@@ -175,12 +178,42 @@ def run_in_one_day(base_url: str) -> list[Outcome]:
     return outcomes
 
 
+MAX_USERS = 5  # fewer than the users who call: the rest are counted as "other"
+
+
 def test_every_level_holds_at_once_on_the_embedded_store(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     config = hierarchy({"store": "memory"})
+    metrics_at = f"127.0.0.1:{free_port()}"
+    config["observability"] = {
+        "metrics": {"listen": metrics_at, "users": True, "max_users": MAX_USERS}
+    }
     with running_stack(tmp_path_factory.mktemp("budgets-memory"), config) as gw:
-        check(config["sidecar"]["listen"], run_in_one_day(gw.base_url))
+        outcomes = run_in_one_day(gw.base_url)
+        check(config["sidecar"]["listen"], outcomes)
+        # Every token by organization, and by user with the number of users' series capped.
+        served = sum(o.tokens for o in outcomes)
+        text = urllib.request.urlopen(f"http://{metrics_at}/metrics", timeout=10).read().decode()
+        by_org: dict[str, float] = {}
+        by_user: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "extproc_tokens_total":
+                    org = s.labels["organization"]
+                    by_org[org] = by_org.get(org, 0) + s.value
+                if s.name == "extproc_user_tokens_total":
+                    by_user[s.labels["user"]] = by_user.get(s.labels["user"], 0) + s.value
+        assert by_org == {"acme": served}
+        assert sum(by_user.values()) == served
+        assert len(set(by_user) - {"none", "other"}) <= MAX_USERS and "other" in by_user
+        assert "none" in by_user  # team ops's key names no user
+        top = subprocess.run(
+            [sys.executable, "-m", "extproc", "top", "--url", f"http://{metrics_at}/metrics",
+             "--by", "organization", "--once"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert top.returncode == 0 and "acme" in top.stdout, top.stderr
         # The CLI shows every level's use.
         address = ["--address", config["sidecar"]["listen"]]
         org = quota_cli("usage", "--organization", "acme", *address)

@@ -377,7 +377,7 @@ def account(services: Services, entry: Any) -> bool:
 
 
 def tokens(team: str, kind: str) -> float:
-    child = metrics.TOKENS.labels(team, "gpt-4o", "openai", kind, "provider")
+    child = metrics.TOKENS.labels("none", team, "gpt-4o", "openai", kind, "provider")
     return child._value.get()
 
 
@@ -439,7 +439,7 @@ def test_an_answer_without_usage_is_counted_at_its_maximum(
 
 
 def estimated_tokens(kind: str) -> float:
-    child = metrics.TOKENS.labels("ml", "gpt-4o", "openai", kind, "estimate")
+    child = metrics.TOKENS.labels("none", "ml", "gpt-4o", "openai", kind, "estimate")
     return child._value.get()
 
 

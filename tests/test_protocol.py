@@ -50,11 +50,11 @@ def test_to_struct_refuses_what_json_cannot_hold() -> None:
 
 
 def test_a_metric_child_is_looked_up_once_and_counts_as_labels_does() -> None:
-    labels = ("team-x", "model-y", "served", "200", "openai")
+    labels = ("none", "team-x", "model-y", "served", "200", "openai")
     child = metrics.child(metrics.REQUESTS, *labels)
     assert metrics.child(metrics.REQUESTS, *labels) is child
     before = metrics.REQUESTS.labels(*labels)._value.get()
     child.inc()
     assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
     # Another metric with the same label values is another child.
-    assert metrics.child(metrics.COST, "team-x", "model-y") is not child
+    assert metrics.child(metrics.COST, "none", "team-x", "model-y") is not child

@@ -89,7 +89,9 @@ def test_each_token_is_counted_once_by_what_it_is_priced_as() -> None:
     kinds = ("input", "cached_input", "cache_write_input", "output", "reasoning_output")
 
     def counts() -> list[float]:
-        return [metrics.TOKENS.labels("a", "m", "b", k, "provider")._value.get() for k in kinds]
+        return [
+            metrics.TOKENS.labels("none", "a", "m", "b", k, "provider")._value.get() for k in kinds
+        ]
 
     before = counts()
     report.count_usage(CONFIG, Usage(1000, 100, 1100, 400, cache_write_tokens=50,
@@ -104,10 +106,10 @@ def test_audit_record_and_usage_counts() -> None:
         "request", [Verdict("rewrite", "pii", reason="masked", counts={"email": 1})]
     )
     usage = Usage(1000, 100, 1100, cached_tokens=400)
-    before = metrics.TOKENS.labels("a", "m", "b", "cached_input", "provider")._value.get()
+    before = metrics.TOKENS.labels("none", "a", "m", "b", "cached_input", "provider")._value.get()
     cost = report.count_usage(CONFIG, usage)
     assert cost == pytest.approx((1000 * 2.0 + 100 * 10.0) / 1e6)
-    after = metrics.TOKENS.labels("a", "m", "b", "cached_input", "provider")._value.get()
+    after = metrics.TOKENS.labels("none", "a", "m", "b", "cached_input", "provider")._value.get()
     assert after - before == 400
     record = report.audit_record(usage, cost, 0.0123)
     assert record["time"] == "1970-01-01T00:00:00.000+00:00"

@@ -290,16 +290,16 @@ def test_summarize_reads_what_prometheus_client_writes() -> None:
     verdicts = _like(metrics.GUARD_VERDICTS, registry)
     active = _like(metrics.ACTIVE_STREAMS, registry)
 
-    requests.labels("team-a", "gpt-4o-mini", "served", "200", "openai").inc(5)
-    requests.labels("team-a", "gpt-4o", "failed_over", "200", "openai").inc(1)
-    requests.labels("team-a", "gpt-4o", "quota_rejected", "429", "openai").inc(2)
-    requests.labels("team-b", "gpt-4o-mini", "backend_error", "502", "openai").inc(3)
-    requests.labels(metrics.NONE, metrics.NONE, "rejected", "401", "openai").inc(4)
-    tokens.labels("team-a", "gpt-4o-mini", "fake", "input", "provider").inc(120)
-    tokens.labels("team-a", "gpt-4o-mini", "fake", "cached_input", "provider").inc(30)
-    tokens.labels("team-a", "gpt-4o-mini", "fake", "output", "provider").inc(45)
-    tokens.labels("team-b", "gpt-4o-mini", "fake", "input", "estimate").inc(7)
-    cost.labels("team-a", "gpt-4o-mini").inc(0.375)
+    requests.labels("acme", "team-a", "gpt-4o-mini", "served", "200", "openai").inc(5)
+    requests.labels("acme", "team-a", "gpt-4o", "failed_over", "200", "openai").inc(1)
+    requests.labels("acme", "team-a", "gpt-4o", "quota_rejected", "429", "openai").inc(2)
+    requests.labels("none", "team-b", "gpt-4o-mini", "backend_error", "502", "openai").inc(3)
+    requests.labels(metrics.NONE, metrics.NONE, metrics.NONE, "rejected", "401", "openai").inc(4)
+    tokens.labels("acme", "team-a", "gpt-4o-mini", "fake", "input", "provider").inc(120)
+    tokens.labels("acme", "team-a", "gpt-4o-mini", "fake", "cached_input", "provider").inc(30)
+    tokens.labels("acme", "team-a", "gpt-4o-mini", "fake", "output", "provider").inc(45)
+    tokens.labels("none", "team-b", "gpt-4o-mini", "fake", "input", "estimate").inc(7)
+    cost.labels("acme", "team-a", "gpt-4o-mini").inc(0.375)
     failovers.labels("gpt-4o", "other", "retry").inc()
     phase.labels("upstream", "request_body").observe(0.002)
     verdicts.labels("pii", "request", "block").inc()
@@ -325,6 +325,27 @@ def test_summarize_reads_what_prometheus_client_writes() -> None:
     by_model = summarize(text, "model")
     assert set(by_model.rows) == {"gpt-4o-mini", "gpt-4o", "none"}
     assert by_model.rows["gpt-4o"] == Row(requests=3, served=1, rejected=2)
+    by_org = summarize(text, "organization")
+    assert by_org.rows["acme"] == snap.rows["team-a"]
+    assert by_org.rows["none"].requests == 7  # team-b's and the unauthenticated
+    assert summarize(text, "user").rows == {}  # no metrics by user in this scrape
+
+
+def test_summarize_by_user_reads_the_metrics_by_user() -> None:
+    registry = CollectorRegistry()
+    requests = _like(metrics.USER_REQUESTS, registry)
+    tokens = _like(metrics.USER_TOKENS, registry)
+    cost = _like(metrics.USER_COST, registry)
+    requests.labels("acme", "team-a", "ann@acme.test", "served").inc(2)
+    requests.labels("acme", "team-a", metrics.OTHER_USERS, "quota_rejected").inc(1)
+    tokens.labels("acme", "team-a", "ann@acme.test", "input").inc(10)
+    tokens.labels("acme", "team-a", "ann@acme.test", "reasoning_output").inc(4)
+    cost.labels("acme", "team-a", "ann@acme.test").inc(0.5)
+    snap = summarize(generate_latest(registry).decode(), "user")
+    assert snap.rows == {
+        "ann@acme.test": Row(requests=2, served=2, input_tokens=10, output_tokens=4, cost_usd=0.5),
+        "other": Row(requests=1, rejected=1),
+    }
 
 
 # -- the loop ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The sidecar's Prometheus metrics: one catalogue, every name and label in one place.
 
-Label values are bounded by construction: teams, models, backends and guards are names from
-the config (a model the config does not know is "unknown"), statuses are HTTP codes, and every
-other label takes a value from a fixed set. No label ever holds raw client input.
+Label values are bounded by construction: organizations, teams, models, backends and guards
+are names from the config (a model the config does not know is "unknown"), statuses are HTTP
+codes, and every other label takes a value from a fixed set. No label holds raw client input,
+but for the opt-in metrics by user (a verified token's claim or a key's owner), whose number of
+values each process caps (observability.metrics.max_users).
 
 Several sidecar processes on one port (issue: scale over cores) share the numbers through
 prometheus-client's multiprocess mode: the parent sets PROMETHEUS_MULTIPROC_DIR before the
@@ -56,21 +58,39 @@ _GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
 
 REQUESTS = Counter(
     "extproc_requests",
-    "LLM requests by team, model, outcome, HTTP status and the API the client spoke (openai, "
-    "anthropic)",
-    ["team", "model", "outcome", "status", "api"],
+    "LLM requests by organization, team, model, outcome, HTTP status and the API the client "
+    "spoke (openai, anthropic)",
+    ["organization", "team", "model", "outcome", "status", "api"],
 )
 TOKENS = Counter(
     "extproc_tokens",
-    "Tokens by team, model, backend, type (input, output, cached_input) and source "
-    "(provider: the backend's usage report; estimate: the sidecar's own count)",
-    ["team", "model", "backend", "type", "source"],
+    "Tokens by organization, team, model, backend, type (input, output, cached_input) and "
+    "source (provider: the backend's usage report; estimate: the sidecar's own count)",
+    ["organization", "team", "model", "backend", "type", "source"],
 )
 COST = Counter(
     "extproc_cost_usd",
     "USD spent at the config's prices (models without a price count nothing)",
-    ["team", "model"],
+    ["organization", "team", "model"],
 )
+# By user: only with observability.metrics.users, and at most metrics.max_users users per
+# process (the rest as "other"): users are not config names, and each is a series.
+USER_REQUESTS = Counter(
+    "extproc_user_requests",
+    "LLM requests by user (observability.metrics.users), with their organization, team and outcome",
+    ["organization", "team", "user", "outcome"],
+)
+USER_TOKENS = Counter(
+    "extproc_user_tokens",
+    "Tokens by user (observability.metrics.users), with their organization, team and type",
+    ["organization", "team", "user", "type"],
+)
+USER_COST = Counter(
+    "extproc_user_cost_usd",
+    "USD spent by user (observability.metrics.users) at the config's prices",
+    ["organization", "team", "user"],
+)
+OTHER_USERS = "other"  # the users past observability.metrics.max_users
 FAILOVERS = Counter(
     "extproc_failovers",
     "Requests served by another pool than the first: kind retry (Envoy retried after a "

@@ -39,6 +39,30 @@ def team_label(cfg: Config, team: str | None) -> str:
     return team if team in cfg.teams else metrics.UNKNOWN
 
 
+def organization_label(cfg: Config, organization: str) -> str:
+    if not organization:
+        return metrics.NONE
+    return organization if organization in cfg.organizations else metrics.UNKNOWN
+
+
+# The users this process has given a series of their own (observability.metrics.max_users).
+_USERS: set[tuple[str, str]] = set()
+
+
+def user_label(cfg: Config, team: str, user: str) -> str | None:
+    """The user's label value; None: no metrics by user (observability.metrics.users off)."""
+    settings = cfg.observability.metrics
+    if not settings.users:
+        return None
+    if not user:
+        return metrics.NONE
+    if (team, user) not in _USERS:
+        if len(_USERS) >= settings.max_users:
+            return metrics.OTHER_USERS
+        _USERS.add((team, user))
+    return user
+
+
 def model_label(cfg: Config, model: str | None) -> str:
     if not model:
         return metrics.NONE
@@ -171,15 +195,15 @@ class RequestReport:
     def count_request(self, cfg: Config) -> None:
         """The request's outcome (once per request: by the downstream stage, or the access log's
         reader for a released request)."""
-        model = model_label(cfg, self.model)
+        model, team = model_label(cfg, self.model), team_label(cfg, self.team)
+        org = organization_label(cfg, self.organization)
+        outcome = self.outcome
         metrics.child(
-            metrics.REQUESTS,
-            team_label(cfg, self.team),
-            model,
-            self.outcome,
-            str(self.status or 0),
-            self.api,
+            metrics.REQUESTS, org, team, model, outcome, str(self.status or 0), self.api
         ).inc()
+        user = user_label(cfg, team, self.user)
+        if user is not None:
+            metrics.child(metrics.USER_REQUESTS, org, team, user, outcome).inc()
         if self.failover and 200 <= self.status < 300:
             metrics.child(
                 metrics.FAILOVERS, model, backend_label(cfg, self.backend), self.failover
@@ -190,7 +214,8 @@ class RequestReport:
         if usage is None:
             return None
         team, model = team_label(cfg, self.team), model_label(cfg, self.model)
-        backend = backend_label(cfg, self.backend)
+        org, backend = organization_label(cfg, self.organization), backend_label(cfg, self.backend)
+        user = user_label(cfg, team, self.user)
         source = usage.source
         # Each token once, by what it is priced as (Price.micro_usd).
         cached = min(usage.cached_tokens, usage.prompt_tokens)
@@ -205,10 +230,14 @@ class RequestReport:
         )
         for kind, count in kinds:
             if count:
-                metrics.child(metrics.TOKENS, team, model, backend, kind, source).inc(count)
+                metrics.child(metrics.TOKENS, org, team, model, backend, kind, source).inc(count)
+                if user is not None:
+                    metrics.child(metrics.USER_TOKENS, org, team, user, kind).inc(count)
         cost = cost_usd(cfg, self.model, usage)
         if cost:
-            metrics.child(metrics.COST, team, model).inc(cost)
+            metrics.child(metrics.COST, org, team, model).inc(cost)
+            if user is not None:
+                metrics.child(metrics.USER_COST, org, team, user).inc(cost)
         return cost
 
     def span_attributes(self, usage: Usage | None, cost: float | None) -> dict[str, Any]:
