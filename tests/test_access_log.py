@@ -136,7 +136,7 @@ def test_no_answer_settles_nothing_or_the_prompt(
 def test_the_request_is_counted_once_with_its_outcome(base: Services) -> None:  # noqa: F811
     services, _ = recording(base)
     data = released(services)
-    labels = ("team-b", MODEL, "backend_error", "503", "openai")
+    labels = ("none", "team-b", MODEL, "backend_error", "503", "openai")
     before = metrics.REQUESTS.labels(*labels)._value.get()
     run_account(services, entry(data, status=503))
     assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
@@ -184,7 +184,7 @@ def test_a_stream_the_observer_followed_is_only_counted(base: Services) -> None:
     assert (
         (stream.path is AnswerPath.LOGGED) and data["observe"] is True and data["account"] is True
     )
-    labels = ("team-b", MODEL, "served", "200", "openai")
+    labels = ("none", "team-b", MODEL, "served", "200", "openai")
     before = metrics.REQUESTS.labels(*labels)._value.get()
     followed = entry(data)
     followed.response.response_headers["content-type"] = "text/event-stream; charset=utf-8"
@@ -206,7 +206,7 @@ def test_a_stream_whose_usage_envoy_read_is_settled_here(base: Services) -> None
         services, chat(stream=True, stream_options={"include_usage": True})
     )
     assert stream.path is AnswerPath.LOGGED and "observe" not in data
-    labels = ("team-b", MODEL, "served", "200", "openai")
+    labels = ("none", "team-b", MODEL, "served", "200", "openai")
     before = metrics.REQUESTS.labels(*labels)._value.get()
     streamed = entry(data, usage=USAGE)
     streamed.response.response_headers["content-type"] = "text/event-stream"

@@ -262,7 +262,9 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     assert value(samples, entries, result="ignored") == 0
 
     requests = "extproc_requests_total"
-    served = {"team": "alpha", "model": MODEL, "outcome": "served", "status": "200"}
+    # (No team here belongs to an organization.)
+    served = {"organization": "none", "team": "alpha", "model": MODEL, "outcome": "served"}
+    served["status"] = "200"
     assert value(samples, requests, **served, api="openai") == 6
     expected = {
         ("alpha", MODEL, "guard_blocked", "403"): 1,
@@ -275,19 +277,21 @@ def test_a_known_sequence_gives_exact_counts_summed_over_two_processes(
     }
     for (team, model, outcome, status), count in expected.items():
         got = value(
-            samples, requests, team=team, model=model, outcome=outcome, status=status, api="openai"
-        )
+            samples, requests, organization="none", team=team, model=model, outcome=outcome,
+            status=status, api="openai",
+        )  # fmt: skip
         assert got == count, (team, model, outcome, status, got)
     assert total(samples, requests) == 12
 
     tokens = "extproc_tokens_total"
     labels = {"team": "alpha", "model": MODEL, "backend": "fake", "source": "provider"}
+    labels["organization"] = "none"
     assert value(samples, tokens, type="input", **labels) == 6 * prompt
     assert value(samples, tokens, type="output", **labels) == 6 * RESPONSE_TOKENS
-    pooled = {"team": "alpha", "model": "pooled", "backend": "fake", "source": "provider"}
+    pooled = {**labels, "model": "pooled"}
     assert value(samples, tokens, type="output", **pooled) == RESPONSE_TOKENS
     assert total(samples, tokens, source="estimate") == 0
-    cost = value(samples, "extproc_cost_usd_total", team="alpha", model=MODEL)
+    cost = value(samples, "extproc_cost_usd_total", organization="none", team="alpha", model=MODEL)
     assert cost == pytest.approx(6 * (prompt * PRICE_IN + RESPONSE_TOKENS * PRICE_OUT) / 1e6)
     assert total(samples, "extproc_cost_usd_total", model="pooled") == 0  # no price: no cost
 

@@ -167,8 +167,8 @@ def _limit_dict(i: int, limit: keys_pb2.Limit) -> dict[str, Any]:
     return out
 
 
-def _limit_message(stored: dict[str, Any]) -> keys_pb2.Limit:
-    limit = Limit.model_validate(stored)
+def limit_message(limit: Limit) -> keys_pb2.Limit:
+    """A limit as the admin API carries it (the CLI's requests and the service's answers)."""
     return keys_pb2.Limit(
         name=limit.name or "",
         window=limit.window,
@@ -187,7 +187,7 @@ def _key(record: KeyRecord, now: float) -> keys_pb2.Key:
         hint=record.hint,
         description=record.description,
         models=list(record.models or ()),
-        limits=[_limit_message(d) for d in record.limits],
+        limits=[limit_message(Limit.model_validate(d)) for d in record.limits],
         created_at=record.created_at,
         expires_at=record.expires_at or 0.0,
         revoked_at=record.revoked_at or 0.0,

@@ -163,6 +163,7 @@ _Metadata = tuple[tuple[str, str], ...]
 
 
 def _create(stub: Any, args: argparse.Namespace, metadata: _Metadata) -> None:
+    from ..admin.keys_service import limit_message
     from ..admin.v1 import keys_pb2
 
     request = keys_pb2.CreateKeyRequest(
@@ -170,7 +171,7 @@ def _create(stub: Any, args: argparse.Namespace, metadata: _Metadata) -> None:
         user=args.user or "",
         expires_at=args.expires or 0.0,
         models=args.models or [],
-        limits=[_limit_message(lim) for lim in args.limit],
+        limits=[limit_message(lim) for lim in args.limit],
         description=args.description,
     )
     reply = stub.CreateKey(request, metadata=metadata, timeout=10)
@@ -215,18 +216,6 @@ _ACTIONS: dict[str, Callable[[Any, argparse.Namespace, _Metadata], None]] = {
     "rotate": _rotate,
     "revoke": _revoke,
 }
-
-
-def _limit_message(limit: Limit) -> keys_pb2.Limit:
-    from ..admin.v1 import keys_pb2
-
-    return keys_pb2.Limit(
-        name=limit.name or "",
-        window=limit.window,
-        metric=limit.metric,
-        amount=float(getattr(limit, limit.metric)),
-        models=limit.models or [],
-    )
 
 
 def _print_secret(key: keys_pb2.Key, secret: str, done: str) -> None:

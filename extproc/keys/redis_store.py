@@ -38,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from ..quota.redis_store import open_client
 from .records import KeyRecord, KeyStoreUnavailable, from_json_dict, to_json_dict
 from .store import KeyStore, Snapshot, require
 
@@ -147,13 +148,7 @@ class RedisKeyStore(KeyStore):
             # every script here may run twice (see the module's docstring).
             "retry": Retry(NoBackoff(), 1),
         }
-        if password is not None:  # else a password in the URL applies
-            options["password"] = password
-        client: Redis | RedisCluster
-        if cluster:
-            client = RedisCluster.from_url(url, **options)
-        else:
-            client = Redis.from_url(url, **options)
+        client = open_client(url, cluster=cluster, password=password, options=options)
         return cls(client, timeout_s=timeout_s, prefix=prefix)
 
     @property

@@ -551,13 +551,7 @@ class RedisStore(QuotaStore):
             "retry": Retry(NoBackoff(), 0),
             "max_connections": pool_size,
         }
-        if password is not None:  # else a password in the URL applies
-            options["password"] = password
-        client: Redis | RedisCluster
-        if cluster:
-            client = RedisCluster.from_url(url, **options)
-        else:
-            client = Redis.from_url(url, **options)
+        client = open_client(url, cluster=cluster, password=password, options=options)
         return cls(
             client, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, pool_size=pool_size
         )
@@ -704,6 +698,17 @@ class RedisStore(QuotaStore):
             finally:
                 self._conns.release(client)
         raise AssertionError("unreachable")
+
+
+def open_client(
+    url: str, *, cluster: bool, password: str | None, options: dict[str, Any]
+) -> Redis | RedisCluster:
+    """A redis-py client of one server or of a Cluster (the quota store's, the key store's)."""
+    if password is not None:  # else a password in the URL applies
+        options = {**options, "password": password}
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
 
 
 def _states(counters: Sequence[str], flat: Sequence[Any]) -> tuple[CounterState, ...]:
