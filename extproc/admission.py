@@ -204,6 +204,7 @@ class Admission:
             response_guards=bool(self.response_guards),
             pool=self.pool,
             reservation=res.id if res is not None else "",
+            scope=res.scope if res is not None else "",
             limits=tuple(spec.label for spec in res.specs) if res is not None else (),
             rate_headers=self.services.quota.rate_headers(res.specs, res.states)
             if res is not None

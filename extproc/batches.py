@@ -418,6 +418,7 @@ class ObjectCall:
                     data = (
                         {
                             "reservation": res.id,
+                            "scope": res.scope,
                             "limits": [s.label for s in res.specs],
                             "user": self.who.user,
                             "key": self.who.key,
@@ -478,8 +479,9 @@ class ObjectCall:
             budgets = self.services.budgets
             specs = budgets.applicable(creator, owner.model)
             limits = tuple(str(n) for n in owner.data.get("limits", ()))
+            scope = str(owner.data.get("scope") or budgets.scope(self.team))
             reservation = self.services.quota.handed_over(
-                self.rt.config, budgets.scope(self.team), owner.model, reservation_id, limits, specs
+                self.rt.config, scope, owner.model, reservation_id, limits, specs
             )
         # Its own report: the batch's tokens are counted under its model, in its audit record.
         report = RequestReport(

@@ -103,8 +103,11 @@ def cmd_quota(args: argparse.Namespace) -> int:
     if args.action == "reset" and not args.team:
         print("extproc quota reset: --team is required", file=sys.stderr)
         return 2
-    if args.action == "usage" and not (args.team or args.organization):
-        print("extproc quota usage: --team or --organization is required", file=sys.stderr)
+    if args.action == "usage" and bool(args.team) == bool(args.organization):
+        print("extproc quota usage: --team or --organization (one)", file=sys.stderr)
+        return 2
+    if args.user and not args.team:
+        print("extproc quota usage: --user is a user of a team (--team)", file=sys.stderr)
         return 2
     address = _admin_address(args)
     return run_quota_command(
@@ -113,7 +116,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
         address,
         os.environ.get(args.token_env),
         user=args.user or "",
-        organization="" if args.team else args.organization or "",
+        organization=args.organization or "",
     )
 
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,13 +31,37 @@ from pydantic import (
     model_validator,
 )
 
+from .keys.records import KEY_ID_PREFIX as RUN_TIME_KEY_PREFIX
 from .keys.settings import KeysSettings
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
 # A user as the identity provider or the key's owner names them (a subject, an e-mail address):
 # any printable text; "|" separates the parts of a counter's name (quota/budgets.py).
-USER_PATTERN = r"^[^|\x00-\x1f\x7f]{1,256}$"
-UserId = Annotated[str, Field(min_length=1, max_length=256, pattern=USER_PATTERN)]
+# What Identity.key starts with for a token's caller and a run-time key: no config key's name
+# may, so a config key's limits apply to its own callers only (quota/budgets.py).
+TOKEN_LABEL_PREFIX = "jwt:"
+
+
+def user_problem(user: str) -> str | None:
+    """Why `user` cannot name a user (None: it can). The one rule for a user id, whether the
+    config, a run-time key or a token's claim names it: it reaches logs, audit records, 429
+    messages and metric labels, so no control or format character (a line break, a right-to-left
+    override) that would make a line say something else; counters hash it (quota/budgets.py)."""
+    if not 1 <= len(user) <= 256:
+        return "1 to 256 characters"
+    if not user.isprintable():
+        return "printable characters only (no control or format characters)"
+    return None
+
+
+def _user_id(user: str) -> str:
+    problem = user_problem(user)
+    if problem is not None:
+        raise ValueError(f"a user id: {problem}")
+    return user
+
+
+UserId = Annotated[str, AfterValidator(_user_id)]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -957,6 +982,12 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                 problems.append((f"{where}.keys.{i}.name", "a key with limits needs a name"))
             if key.name is not None and key.name in names:
                 problems.append((f"{where}.keys.{i}.name", f"two keys are called {key.name!r}"))
+            if key.name is not None and key.name.startswith(
+                (TOKEN_LABEL_PREFIX, RUN_TIME_KEY_PREFIX)
+            ):
+                # Its limits would apply to a token's callers, or to a run-time key's.
+                message = f"may not start with {TOKEN_LABEL_PREFIX!r} or {RUN_TIME_KEY_PREFIX!r}"
+                problems.append((f"{where}.keys.{i}.name", message))
             names.add(key.name or "")
     for group, members in cfg.model_groups.items():
         if group in cfg.models:
@@ -969,6 +1000,9 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"prices.{model_name}", "unknown model"))
     problems += _check_guard_lists(cfg)
     problems += _check_workers(cfg)
+    if cfg.keys.enabled and cfg.admin.token is None:
+        # KeyAdmin hands out credentials: not to whoever reaches the sidecar's port.
+        problems.append(("keys.enabled", "needs admin.token (the admin API creates keys)"))
     return problems
 
 

@@ -203,6 +203,9 @@ class Handover:
     observe: bool = False  # the stream observer is instantiated (OBSERVE_KEY)
     account: bool = False  # Envoy's access log brings the request back (ACCOUNT_KEY)
     reservation: str = ""  # its id; "" when nothing was reserved
+    # Where it was reserved (the quota store's scope): settled there even if a reload moved
+    # the team into or out of an organization meanwhile.
+    scope: str = ""
     limits: tuple[str, ...] = ()  # the reservation's limits' labels (LimitSpec.label), in order
     pool: int = 0  # 1: a quota failover pinned the request to pool 1
     output_estimate: int = 0  # the most output the request may produce, as reserved
@@ -226,7 +229,7 @@ class Handover:
             "endpoint", "stream", "prompt_tokens_estimate", WIRE_KEY, "started_at",
             OUTPUT_ESTIMATE_KEY, "reservation", "limits", "pool", OUTPUT_CAP_KEY, "traceparent",
             "request_id", "trace_id", "guards", "prompt_sha256", "prompt", "organization",
-            "user", "key",
+            "user", "key", "scope",
         }
     )  # fmt: skip
 
@@ -251,6 +254,7 @@ class Handover:
             "started_at": self.started_at,
             OUTPUT_ESTIMATE_KEY: self.output_estimate,
             "reservation": self.reservation,
+            "scope": self.scope,
             "limits": list(self.limits),
             "pool": self.pool,
             OUTPUT_CAP_KEY: self.output_cap,
@@ -305,6 +309,7 @@ class Handover:
             observe=info.get(OBSERVE_KEY) is True,
             account=info.get(ACCOUNT_KEY) is True,
             reservation=_text(info, "reservation"),
+            scope=_text(info, "scope"),
             limits=tuple(str(n) for n in info.get("limits") or ()),
             pool=int(_number(info.get("pool")) or 0),
             output_estimate=int(_number(info.get(OUTPUT_ESTIMATE_KEY)) or 0),

@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .config import ClaimRule, Config, JwtIssuer, Limit, ModelRule, Runtime, expand_models
+from .config import (
+    TOKEN_LABEL_PREFIX,
+    ClaimRule,
+    Config,
+    JwtIssuer,
+    Limit,
+    ModelRule,
+    Runtime,
+    expand_models,
+    user_problem,
+)
 from .contract import INTERNAL_HEADER_PREFIX, jwt_failure_key
 from .errors import GatewayError, unauthorized
 from .keys.records import KEY_ID_PREFIX, KeyRecord, KeysUnavailable
@@ -107,12 +117,22 @@ def identity_for_token(cfg: Config, verified: Mapping[str, Any]) -> Identity | N
             continue
         for rule in issuer.teams:
             if claim_matches(claims, rule):
-                user = claim_value(claims, issuer.user_path)
+                user = _user_of(claim_value(claims, issuer.user_path))
+                team = cfg.teams[rule.team]
+                if not user and (team.user_limits or team.users):
+                    # Served without a user, the caller would escape their user budget.
+                    raise GatewayError(
+                        403,
+                        f"Your token is valid, but its '{'.'.join(issuer.user_path)}' claim "
+                        "does not name a user, and this team's budgets are per user.",
+                        "invalid_request_error",
+                        "no_user_for_token",
+                    )
                 return Identity(
                     rule.team,
                     _organization(cfg, rule.team),
-                    user if isinstance(user, str) and _printable(user) else "",
-                    name,
+                    user,
+                    token_label(name),
                     _token_models(cfg, issuer, claims),
                 )
         raise GatewayError(
@@ -182,9 +202,18 @@ def _organization(cfg: Config, team: str) -> str:
     return cfg.teams[team].organization or ""
 
 
-def _printable(user: str) -> bool:
-    """A user id fit for a counter's name and a log line (config.UserId's rule)."""
-    return 0 < len(user) <= 256 and user.isprintable() and "|" not in user
+def token_label(issuer: str) -> str:
+    """Identity.key of a token's caller: the issuer's name, in a namespace of its own (a
+    config key may not be named so: config._cross_check)."""
+    return f"{TOKEN_LABEL_PREFIX}{issuer}"
+
+
+def _user_of(claim: Any) -> str:
+    """The user a claim names: a string (or a number, as some providers' subjects are) that
+    config.user_problem takes; "" for anything else."""
+    if isinstance(claim, int) and not isinstance(claim, bool):
+        claim = str(claim)
+    return claim if isinstance(claim, str) and user_problem(claim) is None else ""
 
 
 def _token_models(

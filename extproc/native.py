@@ -66,6 +66,8 @@ def why_not(cfg: Config, team: str, model: str) -> str | None:
         return "limits apply (reserved before the call)"  # at some level: budgets.py
     if any(stage_guards(cfg, team, model)):
         return "guards apply"
+    if cfg.observability.metrics.users:
+        return "metrics by user need the token's user, which Envoy's access log does not carry"
     if cfg.observability.audit.path is not None:
         return "the audit trail records each prompt's hash"
     if cfg.sidecar.json_path != "access_log":

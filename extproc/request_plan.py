@@ -52,6 +52,7 @@ class Admitted:
     response_guards: bool = False  # a response guard judges its answer
     pool: int = 0  # 1: a quota failover pinned it to the model's next pool
     reservation: str = ""  # the reservation's id; "" when nothing was reserved
+    scope: str = ""  # the quota store's scope it was reserved in
     limits: tuple[str, ...] = ()  # the reservation's limit names, in order
     rate_headers: Mapping[str, str] | None = None  # x-ratelimit-* from the reservation
     started_at: float = 0.0  # wall clock: the finisher may run in another process
@@ -251,6 +252,7 @@ def _handover(
         finisher = {
             "started_at": admitted.started_at,
             "reservation": admitted.reservation,
+            "scope": admitted.scope,
             # Labels, in order, so a reload that changed the caller's limits is noticed.
             "limits": admitted.limits,
             "output_estimate": admitted.max_output,

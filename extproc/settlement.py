@@ -229,7 +229,7 @@ def handed_back(services: Services, handover: Handover) -> Reservation | None:
         specs = tuple(s for s in specs if not s.scoped)
     return services.quota.handed_over(
         services.runtime.config,
-        budgets.scope(who.team),
+        handover.scope or budgets.scope(who.team),
         model,
         handover.reservation,
         handover.limits,

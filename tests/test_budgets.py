@@ -8,12 +8,14 @@ import asyncio
 import hashlib
 import random
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from extproc import identity
+from extproc import identity, settlement
 from extproc.config import ConfigError, build_runtime, parse_config
+from extproc.contract import Handover
 from extproc.errors import GatewayError
 from extproc.identity import Identity
 from extproc.quota.budgets import Budgets, user_tag
@@ -103,8 +105,11 @@ def test_every_level_is_checked_at_load_with_its_field() -> None:
     ) in found
     assert ("organizations.acme.models.0", "unknown model or group 'nope'") in found
     data = config()
-    data["teams"]["solo"]["users"] = {"x|y": {}}  # "|" separates a counter name's parts
-    assert [path for path, _ in problems(data)] == ["teams.solo.users.x|y.[key]"]
+    data["teams"]["solo"]["users"] = {"line\nbreak": {}}  # it would reach logs as two lines
+    assert [path for path, _ in problems(data)] == ["teams.solo.users.line\nbreak.[key]"]
+    data = config()
+    data["teams"]["solo"]["keys"][0]["name"] = "jwt:corp"  # a token caller's label
+    assert problems(data) == [("teams.solo.keys.0.name", "may not start with 'jwt:' or 'key_'")]
 
 
 def test_an_organization_narrows_its_teams_models() -> None:
@@ -162,12 +167,20 @@ def test_a_tokens_claims_name_its_user_and_the_models_its_groups_may_use() -> No
         return identity.authenticate(rt, {}, {"corp": claims})
 
     both = who(groups=["ml", "research"], email="ann@acme.test", realm={"roles": ["cheap"]})
-    assert both == Identity("ml", "acme", "ann@acme.test", "corp", frozenset({"big", "small"}))
-    assert who(groups=["ml"], email="ann@acme.test").models == frozenset()  # no model rule
-    assert not who(groups=["ml"]).may_use(rt, "small")
-    # No usable user claim: served as the team's, with no user (never a 500 or a bad counter).
-    for odd in (None, 7, "", "a|b", "x" * 300, "line\nbreak"):
-        assert who(groups=["ml", "research"], email=odd).user == ""
+    models = frozenset({"big", "small"})
+    assert both == Identity("ml", "acme", "ann@acme.test", "jwt:corp", models)
+    ann = who(groups=["ml"], email="ann@acme.test")
+    assert ann.models == frozenset() and not ann.may_use(rt, "small")  # no model rule
+    # A number names a user too (some providers' subjects are numbers), and so may any
+    # printable text: counters hash it.
+    assert who(groups=["ml"], email=7).user == "7"
+    assert who(groups=["ml"], email="a|b@acme.test").user == "a|b@acme.test"
+    # No usable user claim, in a team whose budgets are per user: refused, not served as
+    # nobody (which would escape the user budget).
+    for odd in (None, True, "", "x" * 300, "line\nbreak", "rtl\u202eoverride"):
+        with pytest.raises(GatewayError) as caught:
+            who(groups=["ml"], email=odd)
+        assert (caught.value.status, caught.value.code) == (403, "no_user_for_token")
     with pytest.raises(GatewayError) as caught:
         who(groups=["marketing"], email="x@acme.test")
     assert caught.value.code == "no_team_for_token"
@@ -176,9 +189,9 @@ def test_a_tokens_claims_name_its_user_and_the_models_its_groups_may_use() -> No
 def test_without_model_rules_a_token_may_use_its_teams_models() -> None:
     jwt = {"corp": {**JWT["corp"], "models": None}}
     rt = build_runtime(parse_config(config(identities={"jwt": jwt})))
-    caller = identity.authenticate(rt, {}, {"corp": {"groups": ["ml"], "sub": "s"}})
-    assert caller.models is None and caller.user == ""  # user_claim is email here
-    assert caller.may_use(rt, "other")
+    claims = {"groups": ["ml"], "email": "ann@acme.test"}
+    caller = identity.authenticate(rt, {}, {"corp": claims})
+    assert caller.models is None and caller.may_use(rt, "other")
 
 
 # -- the counters of each level -----------------------------------------------------------------
@@ -219,7 +232,6 @@ def test_the_counters_of_a_request_are_in_one_scope_named_by_level() -> None:
 def test_a_caller_with_no_user_charges_no_user_limit() -> None:
     budgets = Budgets.of(parse_config(config()))
     assert [s.label for s in budgets.all_of(Identity("solo"))] == ["daily"]
-    assert budgets.any_for("solo") and budgets.any_for("ml")
 
 
 # -- one reservation, every level, under concurrency --------------------------------------------
@@ -366,3 +378,46 @@ async def resetting_a_team_of_an_organization() -> None:
     names = {s.label: counter_name(s, window_bounds(s.window, now)[0]) for s in budgets.all_of(ml)}
     states = await store.usage("~acme", list(names.values()))
     assert [s.used for s in states] == [10, 0, 0]  # the organization's keeps both teams' use
+
+
+def test_a_reservation_is_settled_in_the_scope_it_was_made_in() -> None:
+    """A reload that moved the team into an organization (whose limits change no label) while
+    a request was in flight: its reservation is settled where it was made, not left to expire
+    into a charge at its estimate in the old scope."""
+    asyncio.run(settled_where_reserved())
+
+
+async def settled_where_reserved() -> None:
+    before = parse_config(config())
+    store = MemoryStore()
+    service = QuotaService(store, before.quota)
+    who = Identity("solo", "", "sam")
+    budgets = Budgets.of(before)
+    specs = budgets.applicable(who, "big")
+    res = await service.reserve(before, "solo", "big", specs, Amounts(10, 0), who=who)
+    assert res is not None
+    moved = config()
+    moved["teams"]["solo"]["organization"] = "acme"
+    moved["organizations"]["acme"]["limits"] = []  # a label only: no limit label changes
+    after = parse_config(moved)
+    services = SimpleNamespace(
+        budgets=Budgets.of(after),
+        keys=None,
+        quota=service,
+        runtime=SimpleNamespace(config=after),
+    )
+    handover = Handover(
+        team="solo",
+        model="big",
+        user="sam",
+        reservation=res.id,
+        scope=res.scope,
+        limits=tuple(s.label for s in specs),
+    )
+    rebuilt = settlement.handed_back(services, handover)  # type: ignore[arg-type]
+    assert rebuilt is not None and rebuilt.scope == "solo"
+    service.settle_soon(rebuilt, Amounts(4, 0))
+    await service.drain()
+    names = [counter_name(s, window_bounds(s.window, time.time())[0]) for s in specs]
+    states = await store.usage("solo", names)
+    assert [(s.used, s.reserved) for s in states] == [(4, 0), (4, 0)]

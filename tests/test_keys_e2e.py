@@ -7,6 +7,7 @@ second of the revocation; the config file's keys work beside them throughout."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "gpt-4o-mini"
 WORKERS = 2
+ADMIN_TOKEN_ENV, ADMIN_TOKEN = "EXTPROC_TEST_ADMIN_TOKEN", "admin-secret-for-keys"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,10 @@ def gw(
         config["sidecar"]["workers"] = WORKERS
         config["quota"] = {"store": "redis", "redis": {"url": redis_server_module.url}}
         config["keys"] = {"enabled": True}  # in the quota's Redis: every worker sees them
+        config["admin"] = {"token": {"env": ADMIN_TOKEN_ENV}}  # (which keys.enabled needs)
         config["teams"]["team-a"]["user_limits"] = [{"window": "day", "requests": 4}]
 
+    os.environ[ADMIN_TOKEN_ENV] = ADMIN_TOKEN  # the sidecar's (its environment is this one's)
     with running_gateway(tmp_path_factory.mktemp("keys"), edit=edit) as gateway:
         yield gateway
 
@@ -45,6 +49,7 @@ def keys_cli(gw: Gateway, *args: str) -> str:
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, "EXTPROC_ADMIN_TOKEN": ADMIN_TOKEN},  # the CLI's default variable
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -6,6 +6,7 @@ processes (tests/redis_servers.py) and real SQLite files; nothing is mocked."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import stat
 import subprocess
@@ -29,6 +30,7 @@ from extproc.keys.records import (
     KeyStoreUnavailable,
     KeysUnavailable,
     digest_of,
+    new_record,
 )
 from extproc.keys.redis_store import RedisKeyStore
 from extproc.keys.settings import KeysSettings, make_directory, make_key_store
@@ -726,3 +728,11 @@ async def until_async(check: Callable[[], Awaitable[bool]], within: float = 5.0)
     while not await check():
         assert time.monotonic() < deadline, "not within the time allowed"
         await asyncio.sleep(0.02)
+
+
+def test_a_revocation_holds_whatever_the_clock_of_the_process_reading_it() -> None:
+    """revoked_at is the revoking process's clock: a sidecar whose clock is behind still
+    refuses the key at once (a revocation is never scheduled for later)."""
+    record = new_record(KeySpec(team="t"), "key_0123456789abcdef", SECRET_PREFIX + "x" * 40, 0.0)
+    revoked = dataclasses.replace(record, revoked_at=2000.0)
+    assert revoked.status(1995.0) == "revoked" and not revoked.usable(1995.0)

@@ -54,7 +54,7 @@ def run_quota_command(
                 reply = stub.ResetUsage(
                     quota_pb2.ResetUsageRequest(team=team), metadata=metadata, timeout=10
                 )
-                print(f"team {team}: usage reset ({reply.keys_removed} keys removed)")
+                print(f"team {team}: usage reset ({reply.keys_removed} counters or reservations)")
                 return 0
             request = quota_pb2.GetUsageRequest(team=team, user=user, organization=organization)
             usage = stub.GetUsage(request, metadata=metadata, timeout=10)

@@ -106,7 +106,9 @@ class KeyRecord:
 
     def status(self, now: float) -> str:
         """active | expired | revoked"""
-        if self.revoked_at is not None and now >= self.revoked_at:
+        # Revoked the moment it is written, whatever this machine's clock says of revoked_at
+        # (the revoking process's clock): a sidecar running behind must not serve it on.
+        if self.revoked_at is not None:
             return "revoked"
         if self.expires_at is not None and now >= self.expires_at:
             return "expired"

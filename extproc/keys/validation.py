@@ -13,20 +13,16 @@ stored key; the request path judges it against the config of the moment.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
-from ..config import USER_PATTERN, Config, Limit, Runtime, expand_models, limit_name, narrowed
+from ..config import Config, Limit, Runtime, expand_models, limit_name, narrowed, user_problem
 from .records import KeySpec
 
 GROUP_PREFIX = "group:"
 MAX_DESCRIPTION = 1000
-# The config's rule for a user (config.UserId): printable, and no "|", which separates the
-# parts of a counter's name.
-_USER = re.compile(USER_PATTERN)
 
 
 class InvalidKey(ValueError):
@@ -54,8 +50,9 @@ def check_spec(
         problems.append(("team", "required"))
     elif team not in cfg.teams:
         problems.append(("team", f"unknown team {team!r}"))
-    if user is not None and not _USER.fullmatch(user):
-        problems.append(("user", "1 to 256 printable characters, without '|'"))
+    problem = user_problem(user) if user is not None else None
+    if problem is not None:
+        problems.append(("user", problem))
     if expires_at is not None:
         if not math.isfinite(expires_at):
             problems.append(("expires_at", "not a time"))

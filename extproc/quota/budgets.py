@@ -156,14 +156,3 @@ class Budgets:
     def applicable(self, who: Identity, model: str) -> tuple[LimitSpec, ...]:
         """The limits a request of the caller to `model` reserves against."""
         return tuple(s for s in self.all_of(who) if model in s.models)
-
-    def any_for(self, team: str) -> bool:
-        """Some limit, at some level, may apply to the team's requests."""
-        org = self.team_orgs.get(team)
-        return bool(
-            (org and self.orgs.get(org))
-            or self.teams.get(team)
-            or self.user_defaults.get(team)
-            or any(t == team for t, _ in self.users)
-            or any(t == team for t, _ in self.keys)
-        )
