@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -197,3 +198,15 @@ def running_gateway(
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with running_gateway(tmp_path_factory.mktemp("gateway")) as gw:
         yield gw
+
+
+def serving(server: Any) -> Iterator[Any]:
+    """A socketserver (http.server's) serving on a thread of its own until the generator is
+    closed: `yield from serving(server)` in a fixture."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

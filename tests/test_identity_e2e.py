@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import BACKEND_A_SECRET, Gateway, running_gateway
+from .conftest import BACKEND_A_SECRET, Gateway, running_gateway, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -102,14 +101,7 @@ def with_identities(jwks: dict[str, Any]) -> Any:
 
 @pytest.fixture(scope="module")
 def jwks_server() -> Iterator[JwksServer]:
-    server = JwksServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from serving(JwksServer())
 
 
 @pytest.fixture(scope="module")

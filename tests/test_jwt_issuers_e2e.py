@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from extproc.config import JwksSource
 
-from .conftest import Gateway, running_gateway
+from .conftest import Gateway, running_gateway, serving
 from .test_identity_e2e import sidecar_streams
 
 pytestmark = pytest.mark.e2e
@@ -163,29 +163,19 @@ class KeySetHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def serve(server: KeySetServer) -> Iterator[KeySetServer]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture(scope="module")
 def corp_jwks() -> Iterator[KeySetServer]:
-    yield from serve(KeySetServer(CORP.key))
+    yield from serving(KeySetServer(CORP.key))
 
 
 @pytest.fixture(scope="module")
 def rotating_jwks() -> Iterator[KeySetServer]:
-    yield from serve(KeySetServer(ROTATING.key))
+    yield from serving(KeySetServer(ROTATING.key))
 
 
 @pytest.fixture(scope="module")
 def slow_jwks() -> Iterator[KeySetServer]:
-    yield from serve(KeySetServer(SLOW.key))
+    yield from serving(KeySetServer(SLOW.key))
 
 
 def with_issuers(
