@@ -45,6 +45,8 @@ from .store import KeyStore, Snapshot, require
 T = TypeVar("T")
 
 # Another writer changed the record between our read and write: read again, a few times.
+# Records (twice this many list items) a snapshot decodes on the event loop; more go to a thread.
+_DECODE_ON_LOOP = 2 * 200
 _CAS_ATTEMPTS = 5
 
 _SEED = """
@@ -187,11 +189,17 @@ class RedisKeyStore(KeyStore):
     async def snapshot(self) -> Snapshot:
         keys = (self.records_key, self.used_key, self.revision_key)
         revision, flat, flat_used = await self._script(self._snapshot, keys, ())
-        used = dict(zip(flat_used[::2], flat_used[1::2], strict=True))
-        records = tuple(
-            _decode(raw, used.get(key_id))
-            for key_id, raw in zip(flat[::2], flat[1::2], strict=True)
-        )
+
+        def decoded() -> tuple[KeyRecord, ...]:
+            used = dict(zip(flat_used[::2], flat_used[1::2], strict=True))
+            return tuple(
+                _decode(raw, used.get(key_id))
+                for key_id, raw in zip(flat[::2], flat[1::2], strict=True)
+            )
+
+        # Every process reloads every key after any change: many keys are decoded off the
+        # event loop, so a revocation elsewhere does not stall this process's requests.
+        records = await asyncio.to_thread(decoded) if len(flat) > _DECODE_ON_LOOP else decoded()
         return Snapshot(int(revision), records)
 
     async def revision(self) -> int:
