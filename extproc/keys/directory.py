@@ -146,13 +146,16 @@ class KeyDirectory:
         async with self._refresh_lock:
             started = self._monotonic()
             try:
-                revision = await self.store.revision()
-                if revision != self._revision:
-                    self._install(await self.store.snapshot())
-            except KeyStoreUnavailable as exc:
+                # Bounded whatever the store: a hung read (a SQLite lock, a frozen Redis) must
+                # not hold this lock, and the copy's age says the rest.
+                async with asyncio.timeout(max(self.stale_after_s, 1.0)):
+                    revision = await self.store.revision()
+                    if revision != self._revision:
+                        self._install(await self.store.snapshot())
+            except (KeyStoreUnavailable, TimeoutError) as exc:
                 if not self._failing:
                     self._failing = True
-                    log.error("key store unavailable: %s", exc)
+                    log.error("key store unavailable: %s", exc or "no answer in time")
                 return False
             if self._failing:
                 self._failing = False
