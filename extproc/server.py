@@ -43,7 +43,7 @@ from .guard.pipeline import Guardrails
 from .keys.directory import KeyDirectory
 from .keys.settings import make_directory
 from .observer import ObservedStream
-from .quota.budgets import Budgets
+from .quota.budgets import Budgets, moved_teams
 from .quota.service import QuotaService
 from .quota.store import StoreUnavailable
 from .services import Services
@@ -264,6 +264,15 @@ class Sidecar:
             await old.backend_tokens.prepare(runtime)
             if runtime.config.keys != old.runtime.config.keys:
                 log.warning("the keys section changed: it takes effect when the sidecar restarts")
+            for team, before, after in moved_teams(old.budgets, Budgets.of(runtime.config)):
+                log.warning(
+                    "team %s moved from quota scope %s to %s (organization changed): its "
+                    "counters, its users' and keys' start again from zero in their current "
+                    "windows (docs/identities.md)",
+                    team,
+                    before,
+                    after,
+                )
             fresh = build_services(
                 runtime, tokens, old.quota, old.guard_client, self.tracing, audit,
                 old.backend_tokens, self.keys,

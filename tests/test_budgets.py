@@ -18,7 +18,7 @@ from extproc.config import ConfigError, build_runtime, parse_config
 from extproc.contract import Handover
 from extproc.errors import GatewayError
 from extproc.identity import Identity
-from extproc.quota.budgets import Budgets, user_tag
+from extproc.quota.budgets import Budgets, moved_teams, user_tag
 from extproc.quota.memory import MemoryStore
 from extproc.quota.policy import Amounts, counter_name, window_bounds
 from extproc.quota.redis_store import RedisStore
@@ -421,3 +421,13 @@ async def settled_where_reserved() -> None:
     names = [counter_name(s, window_bounds(s.window, time.time())[0]) for s in specs]
     states = await store.usage("solo", names)
     assert [(s.used, s.reserved) for s in states] == [(4, 0), (4, 0)]
+
+
+def test_a_reload_says_which_teams_counters_start_again() -> None:
+    before = Budgets.of(parse_config(config()))
+    moved = config()
+    moved["teams"]["solo"]["organization"] = "acme"
+    moved["teams"]["ml"]["organization"] = None
+    after = Budgets.of(parse_config(moved))
+    assert moved_teams(before, after) == [("ml", "~acme", "ml"), ("solo", "solo", "~acme")]
+    assert moved_teams(before, before) == []

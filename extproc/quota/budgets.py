@@ -156,3 +156,13 @@ class Budgets:
     def applicable(self, who: Identity, model: str) -> tuple[LimitSpec, ...]:
         """The limits a request of the caller to `model` reserves against."""
         return tuple(s for s in self.all_of(who) if model in s.models)
+
+
+def moved_teams(before: Budgets, after: Budgets) -> list[tuple[str, str, str]]:
+    """(team, scope before, scope after) of the teams a new config moves into, out of or
+    between organizations: their counters do not follow (a reload warns of it)."""
+    return [
+        (team, before.scope(team), after.scope(team))
+        for team in sorted(set(before.teams) & set(after.teams))
+        if before.scope(team) != after.scope(team)
+    ]
