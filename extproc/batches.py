@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from . import identity, ownership, routing, settlement
+from . import ownership, routing, settlement
 from .errors import GatewayError, bad_request
 from .identity import Identity
 from .quota.policy import Amounts
@@ -469,19 +469,15 @@ class ObjectCall:
         reservation = None
         reservation_id = owner.data.get("reservation")
         if isinstance(reservation_id, str) and reservation_id:
-            creator = identity.settling(
-                self.rt.config,
-                self.services.keys,
-                self.team,
-                str(owner.data.get("user") or ""),
-                str(owner.data.get("key") or ""),
-            )
-            budgets = self.services.budgets
-            specs = budgets.applicable(creator, owner.model)
-            limits = tuple(str(n) for n in owner.data.get("limits", ()))
-            scope = str(owner.data.get("scope") or budgets.scope(self.team))
-            reservation = self.services.quota.handed_over(
-                self.rt.config, scope, owner.model, reservation_id, limits, specs
+            reservation = settlement.reservation_of(
+                self.services,
+                team=self.team,
+                user=str(owner.data.get("user") or ""),
+                key=str(owner.data.get("key") or ""),
+                model=owner.model,
+                reservation=reservation_id,
+                limits=tuple(str(n) for n in owner.data.get("limits", ())),
+                scope=str(owner.data.get("scope") or ""),
             )
         # Its own report: the batch's tokens are counted under its model, in its audit record.
         report = RequestReport(

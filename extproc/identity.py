@@ -18,7 +18,6 @@ from .config import (
     ClaimRule,
     Config,
     JwtIssuer,
-    Limit,
     ModelRule,
     Runtime,
     expand_models,
@@ -30,11 +29,6 @@ from .keys.records import KEY_ID_PREFIX, KeyRecord, KeysUnavailable
 
 if TYPE_CHECKING:
     from .keys.directory import KeyDirectory
-
-# A run-time key's limits as the config's model, by key id: parsed once, not per request (a
-# key's limits never change; rotating it keeps them). Bounded like budgets' user cache.
-_KEY_LIMITS: dict[str, tuple[Limit, ...]] = {}
-_KEY_LIMITS_MAX = 4096
 
 
 def bearer_key(headers: Mapping[str, str]) -> str | None:
@@ -63,8 +57,9 @@ class Identity:
     # Narrower than the team's models (a key's allow-list, a token's model rules); None: the
     # team's.
     models: frozenset[str] | None = None
-    # A run-time key's own limits (a config key's are the config's: quota/budgets.py).
-    key_limits: tuple[Limit, ...] = ()
+    # A run-time key's own limits, as stored (the config's Limit, dumped): quota/budgets.py
+    # resolves them once per key. A config key's are the config's.
+    key_limits: tuple[Mapping[str, Any], ...] = ()
 
     def may_use(self, runtime: Runtime, model: str) -> bool:
         return runtime.may_use(self.team, model) and (self.models is None or model in self.models)
@@ -164,23 +159,12 @@ def _run_time_key(cfg: Config, keys: KeyDirectory, key: str) -> Identity | None:
         record.user or "",
         record.id,
         _models_of(cfg, record),
-        _limits_of(record),
+        record.limits,
     )
 
 
 def _models_of(cfg: Config, record: KeyRecord) -> frozenset[str] | None:
     return None if record.models is None else frozenset(expand_models(cfg, record.models))
-
-
-def _limits_of(record: KeyRecord) -> tuple[Limit, ...]:
-    if not record.limits:
-        return ()
-    hit = _KEY_LIMITS.get(record.id)
-    if hit is None:
-        if len(_KEY_LIMITS) >= _KEY_LIMITS_MAX:
-            _KEY_LIMITS.clear()
-        hit = _KEY_LIMITS[record.id] = record.limit_objects()
-    return hit
 
 
 def settling(cfg: Config, keys: KeyDirectory | None, team: str, user: str, key: str) -> Identity:
@@ -190,12 +174,7 @@ def settling(cfg: Config, keys: KeyDirectory | None, team: str, user: str, key: 
     record = keys.by_id(key) if keys is not None and key.startswith(KEY_ID_PREFIX) else None
     if record is None:
         return Identity(team, org, user, key)
-    return Identity(team, org, user, key, _models_of(cfg, record), _limits_of(record))
-
-
-def team_for_token(cfg: Config, verified: Mapping[str, Any]) -> str | None:
-    found = identity_for_token(cfg, verified)
-    return found.team if found is not None else None
+    return Identity(team, org, user, key, _models_of(cfg, record), record.limits)
 
 
 def _organization(cfg: Config, team: str) -> str:

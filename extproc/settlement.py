@@ -220,18 +220,40 @@ def handed_back(services: Services, handover: Handover) -> Reservation | None:
     QuotaService.handed_over)."""
     if not handover.reservation:
         return None
-    model, budgets = handover.model, services.budgets
-    cfg = services.runtime.config
-    who = identity.settling(cfg, services.keys, handover.team, handover.user, handover.key)
+    return reservation_of(
+        services,
+        team=handover.team,
+        user=handover.user,
+        key=handover.key,
+        model=handover.model,
+        reservation=handover.reservation,
+        limits=handover.limits,
+        scope=handover.scope,
+        pool=handover.pool,
+    )
+
+
+def reservation_of(
+    services: Services,
+    *,
+    team: str,
+    user: str,
+    key: str,
+    model: str,
+    reservation: str,
+    limits: tuple[str, ...],
+    scope: str,
+    pool: int = 0,
+) -> Reservation | None:
+    """A reservation another stage or process made, rebuilt from what it recorded (a request's
+    hand-over, a batch's record): its caller's limits of the current config, to settle it in
+    the scope it was made in (None: its limits changed since; QuotaService.handed_over)."""
+    budgets = services.budgets
+    who = identity.settling(services.runtime.config, services.keys, team, user, key)
     specs = budgets.applicable(who, model)
-    if handover.pool:
+    if pool:
         # A quota failover reserved against the limits of all models only (see _reserve).
         specs = tuple(s for s in specs if not s.scoped)
     return services.quota.handed_over(
-        services.runtime.config,
-        handover.scope or budgets.scope(who.team),
-        model,
-        handover.reservation,
-        handover.limits,
-        specs,
+        services.runtime.config, scope or budgets.scope(team), model, reservation, limits, specs
     )

@@ -203,15 +203,20 @@ def segment(data: dict[str, Any]) -> str:
 JWT_SHAPED = f"{segment({'alg': 'RS256', 'kid': 'k'})}.{segment({'sub': 'x'})}.c2ln"
 
 
+def team_for_token(cfg: Any, verified: dict[str, Any]) -> str | None:
+    found = identity.identity_for_token(cfg, verified)
+    return found.team if found is not None else None
+
+
 def test_the_first_rule_the_claims_match_names_the_team() -> None:
     cfg = parse_config(config())
     both = {"groups": ["ml", "search"], "realm_access": {"roles": ["ml"]}}
-    assert identity.team_for_token(cfg, {"corp": both}) == "search"
-    assert identity.team_for_token(cfg, {"corp": {"realm_access": {"roles": ["ml"]}}}) == "ml"
-    assert identity.team_for_token(cfg, {"corp": {"groups": "search"}}) == "search"
-    assert identity.team_for_token(cfg, {"other": {"groups": "search"}}) is None
+    assert team_for_token(cfg, {"corp": both}) == "search"
+    assert team_for_token(cfg, {"corp": {"realm_access": {"roles": ["ml"]}}}) == "ml"
+    assert team_for_token(cfg, {"corp": {"groups": "search"}}) == "search"
+    assert team_for_token(cfg, {"other": {"groups": "search"}}) is None
     with pytest.raises(GatewayError) as caught:
-        identity.team_for_token(cfg, {"corp": {"groups": ["marketing"], "realm_access": 3}})
+        team_for_token(cfg, {"corp": {"groups": ["marketing"], "realm_access": 3}})
     assert (caught.value.status, caught.value.code) == (403, "no_team_for_token")
 
 

@@ -187,7 +187,7 @@ def _key(record: KeyRecord, now: float) -> keys_pb2.Key:
         hint=record.hint,
         description=record.description,
         models=list(record.models or ()),
-        limits=[limit_message(Limit.model_validate(d)) for d in record.limits],
+        limits=[limit_message(limit) for limit in record.limit_objects()],
         created_at=record.created_at,
         expires_at=record.expires_at or 0.0,
         revoked_at=record.revoked_at or 0.0,

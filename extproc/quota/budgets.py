@@ -25,10 +25,11 @@ again from zero in the window they are in.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..config import Config, narrowed, org_models, team_models
+from ..config import Config, Limit, narrowed, org_models, team_models
 from .policy import TEAM, LimitSpec, specs_of
 
 if TYPE_CHECKING:
@@ -37,11 +38,10 @@ if TYPE_CHECKING:
 ORGANIZATION = "organization"
 USER = "user"
 KEY = "key"
-LEVELS = (ORGANIZATION, TEAM, USER, KEY)
 
-# Users whose limits are kept resolved (their counters' names need a hash): beyond this many,
-# the cache starts over rather than grow with every user ever seen.
-_USER_CACHE = 4096
+# Users (and run-time keys) whose limits are kept resolved: beyond this many, a cache starts
+# over rather than grow with every user ever seen.
+_CACHED = 4096
 
 
 def _names(models: frozenset[str] | None) -> list[str] | None:
@@ -117,31 +117,31 @@ class Budgets:
         defaults = self.user_defaults.get(team, ())
         if not defaults:
             return ()
-        hit = self._resolved_users.get((team, user))
-        if hit is None:
-            if len(self._resolved_users) >= _USER_CACHE:
-                self._resolved_users.clear()
+
+        def resolve() -> tuple[LimitSpec, ...]:
             counter = f"{self.team_prefix(team)}u|{user_tag(user)}|"
-            hit = tuple(replace(spec, counter=counter) for spec in defaults)
-            self._resolved_users[(team, user)] = hit
-        return hit
+            return tuple(replace(spec, counter=counter) for spec in defaults)
+
+        return _cached(self._resolved_users, (team, user), resolve)
 
     def of_key(self, who: Identity) -> tuple[LimitSpec, ...]:
         """The key's own limits: a config key's, or a run-time key's (Identity.key_limits)."""
         own = self.keys.get((who.team, who.key))
         if own is not None:
             return own
-        if not who.key_limits or self.cfg is None or who.team not in self.cfg.teams:
+        cfg = self.cfg
+        if not who.key_limits or cfg is None or who.team not in cfg.teams:
             return ()
-        hit = self._resolved_keys.get((who.team, who.key))
-        if hit is None:
-            if len(self._resolved_keys) >= _USER_CACHE:
-                self._resolved_keys.clear()
-            models = narrowed(self.cfg, team_models(self.cfg, who.team), _names(who.models))
+
+        def resolve() -> tuple[LimitSpec, ...]:
+            # (A run-time key's limits never change: its id is enough to cache them by.)
+            assert cfg is not None
+            limits = [Limit.model_validate(stored) for stored in who.key_limits]
+            models = narrowed(cfg, team_models(cfg, who.team), _names(who.models))
             counter = f"{self.team_prefix(who.team)}k|{who.key}|"
-            hit = specs_of(self.cfg, who.key_limits, models, KEY, counter)
-            self._resolved_keys[(who.team, who.key)] = hit
-        return hit
+            return specs_of(cfg, limits, models, KEY, counter)
+
+        return _cached(self._resolved_keys, (who.team, who.key), resolve)
 
     def all_of(self, who: Identity) -> tuple[LimitSpec, ...]:
         """Every limit of the caller's levels, outermost first (the organization's)."""
@@ -156,6 +156,19 @@ class Budgets:
     def applicable(self, who: Identity, model: str) -> tuple[LimitSpec, ...]:
         """The limits a request of the caller to `model` reserves against."""
         return tuple(s for s in self.all_of(who) if model in s.models)
+
+
+def _cached(
+    cache: dict[tuple[str, str], tuple[LimitSpec, ...]],
+    key: tuple[str, str],
+    resolve: Callable[[], tuple[LimitSpec, ...]],
+) -> tuple[LimitSpec, ...]:
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= _CACHED:
+            cache.clear()
+        hit = cache[key] = resolve()
+    return hit
 
 
 def moved_teams(before: Budgets, after: Budgets) -> list[tuple[str, str, str]]:
