@@ -9,8 +9,14 @@ import grpc
 from .v1 import config_pb2, config_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 
+def admin_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata of a call to the admin API: its token, when there is one (the
+    services' `authorized` checks it)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def run_reload_command(address: str, token: str | None) -> int:
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    metadata = admin_metadata(token)
     with grpc.insecure_channel(address) as channel:
         stub = config_pb2_grpc.ConfigAdminStub(channel)
         try:
@@ -35,7 +41,7 @@ def run_quota_command(
     user: str = "",
     organization: str = "",
 ) -> int:
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    metadata = admin_metadata(token)
     # grpc understands HOST:PORT and unix:/path alike.
     with grpc.insecure_channel(address) as channel:
         stub = quota_pb2_grpc.QuotaAdminStub(channel)

@@ -144,9 +144,10 @@ def add_arguments(
 def run_keys_command(args: argparse.Namespace, address: str, token: str | None) -> int:
     import grpc
 
+    from ..admin.client import admin_metadata
     from ..admin.v1 import keys_pb2_grpc
 
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    metadata = admin_metadata(token)
     # grpc understands HOST:PORT and unix:/path alike.
     with grpc.insecure_channel(address) as channel:
         stub = keys_pb2_grpc.KeyAdminStub(channel)
