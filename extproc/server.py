@@ -264,7 +264,11 @@ class Sidecar:
             await old.backend_tokens.prepare(runtime)
             if runtime.config.keys != old.runtime.config.keys:
                 log.warning("the keys section changed: it takes effect when the sidecar restarts")
-            for team, before, after in moved_teams(old.budgets, Budgets.of(runtime.config)):
+            fresh = build_services(
+                runtime, tokens, old.quota, old.guard_client, self.tracing, audit,
+                old.backend_tokens, self.keys,
+            )  # fmt: skip
+            for team, before, after in moved_teams(old.budgets, fresh.budgets):
                 log.warning(
                     "team %s moved from quota scope %s to %s (organization changed): its "
                     "counters, its users' and keys' start again from zero in their current "
@@ -273,10 +277,6 @@ class Sidecar:
                     before,
                     after,
                 )
-            fresh = build_services(
-                runtime, tokens, old.quota, old.guard_client, self.tracing, audit,
-                old.backend_tokens, self.keys,
-            )  # fmt: skip
             if fresh.quota is not old.quota:
                 await self._warm_up_quota_store(fresh.quota)
             self.processor.services = fresh  # one assignment: a stream sees old or new, whole
