@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -554,6 +555,70 @@ def test_sqlite_takes_writers_of_several_processes_at_once(tmp_path: Path) -> No
             assert len(records) == 100 and len({r.id for r in records}) == 100
             assert {r.team for r in records} == {f"team-{n}" for n in range(4)}
             assert all(r.last_used_at == 1.0 for r in records)
+        finally:
+            await store.close()
+
+    run(body)
+
+
+def test_sqlite_opening_retries_a_file_locked_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Switching a file to WAL while another process does may answer "database is locked"
+    without waiting (seen in CI with four processes): opening retries that, up to the busy
+    timeout, and no other error."""
+    calls: list[int] = []
+    real = SqliteKeyStore._init_once
+
+    def locked_twice(self: SqliteKeyStore) -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")  # no code: see below
+        real(self)
+
+    def busy() -> sqlite3.OperationalError:
+        exc = sqlite3.OperationalError("database is locked")
+        exc.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+        return exc
+
+    def flaky(self: SqliteKeyStore) -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise busy()
+        real(self)
+
+    def always(self: SqliteKeyStore) -> None:
+        calls.append(1)
+        raise busy()
+
+    async def body() -> None:
+        # A busy answer is retried ...
+        monkeypatch.setattr(SqliteKeyStore, "_init_once", flaky)
+        store = SqliteKeyStore(tmp_path / "a.sqlite")
+        try:
+            await store.create(SPEC)
+            assert len(calls) == 3
+        finally:
+            await store.close()
+        # ... an error without SQLite's busy code is not ...
+        calls.clear()
+        monkeypatch.setattr(SqliteKeyStore, "_init_once", locked_twice)
+        store = SqliteKeyStore(tmp_path / "b.sqlite")
+        try:
+            with pytest.raises(KeyStoreUnavailable):
+                await store.create(SPEC)
+            assert len(calls) == 1
+        finally:
+            await store.close()
+        # ... and a lock that lasts is given up on after the busy timeout.
+        calls.clear()
+        monkeypatch.setattr(SqliteKeyStore, "_init_once", always)
+        store = SqliteKeyStore(tmp_path / "c.sqlite", busy_timeout_s=0.3)
+        started = time.monotonic()
+        try:
+            with pytest.raises(KeyStoreUnavailable, match="locked"):
+                await store.create(SPEC)
+            assert time.monotonic() - started >= 0.25 and len(calls) > 2
         finally:
             await store.close()
 

@@ -362,15 +362,23 @@ def client(gw: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.base_url, api_key="sk-team-a", max_retries=0)
 
 
-def audit_records(gw: Gateway, at_least: int) -> list[dict[str, Any]]:
-    """The audit file's records, once it has `at_least` of them."""
+def audit_lines(gw: Gateway) -> list[str]:
     path = Path(gw.config["observability"]["audit"]["path"])
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def new_records(gw: Gateway, before: int, count: int, **fields: Any) -> list[dict[str, Any]]:
+    """The records after the first `before` that have `fields`, once there are `count`. Chosen
+    by their fields, not their place: a record is written when its request settles, which may
+    be after the client has its answer, so the previous test's last one can land after
+    `before` was counted (seen in CI)."""
     for _ in range(100):
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= at_least:
-            return [json.loads(line) for line in lines]
+        records = [json.loads(line) for line in audit_lines(gw)[before:]]
+        found = [r for r in records if all(r.get(k) == v for k, v in fields.items())]
+        if len(found) >= count:
+            return found
         time.sleep(0.05)
-    raise AssertionError(f"{at_least} audit records expected: {lines}")
+    raise AssertionError(f"{count} audit records with {fields} expected: {records}")
 
 
 def turns(output: Any) -> list[dict[str, Any]]:
@@ -479,14 +487,14 @@ def test_stored_state_is_refused_for_a_backend_that_keeps_it(
 def test_the_audit_record_has_the_usage_the_client_got(
     gw: Gateway, model: str, stream: bool
 ) -> None:
-    before = len(audit_records(gw, 0))
+    before = len(audit_lines(gw))
     reasoning = {"x-fake-reasoning-tokens": "3"}
     if stream:
         with client(gw).responses.stream(model=model, input="hi", extra_headers=reasoning) as s:
             response = s.get_final_response()
     else:
         response = client(gw).responses.create(model=model, input="hi", extra_headers=reasoning)
-    [record] = audit_records(gw, before + 1)[before:]
+    [record] = new_records(gw, before, 1, model=model, stream=stream, status=200)
     usage = response.usage
     assert usage is not None and record["api"] == "responses"
     assert record["tokens"]["input"] == usage.input_tokens
@@ -497,12 +505,12 @@ def test_the_audit_record_has_the_usage_the_client_got(
 
 @pytest.mark.e2e
 def test_a_failed_native_stream_is_recorded_as_the_backends_error(gw: Gateway) -> None:
-    before = len(audit_records(gw, 0))
+    before = len(audit_lines(gw))
     failed = {"x-fake-response-failed": "server_error:5"}
     with client(gw).responses.stream(model=NATIVE, input="hi", extra_headers=failed) as stream:
         kinds = [e.type for e in stream]
     assert kinds[-1] == "response.failed"
-    [record] = audit_records(gw, before + 1)[before:]
+    [record] = new_records(gw, before, 1, model=NATIVE, stream=True)
     assert record["error_code"] and record["error_code"].startswith("provider_error"), record
     assert record["tokens"] is not None, record
 
@@ -510,11 +518,11 @@ def test_a_failed_native_stream_is_recorded_as_the_backends_error(gw: Gateway) -
 @pytest.mark.e2e
 def test_a_canary_split_is_settled_from_the_chat_usage(gw: Gateway) -> None:
     """A canary split is bridged per attempt (each backend gets chat completions)."""
-    before = len(audit_records(gw, 0))
+    before = len(audit_lines(gw))
     answered = client(gw).responses.create(model="canary", input="hi")
     with client(gw).responses.stream(model="canary", input="hi") as stream:
         streamed = stream.get_final_response()
-    records = audit_records(gw, before + 2)[before:]
+    records = new_records(gw, before, 2, model="canary")
     for response, record in zip((answered, streamed), records, strict=True):
         assert response.usage is not None and response.output_text
         assert record["tokens"]["output"] == response.usage.output_tokens

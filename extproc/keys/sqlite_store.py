@@ -117,7 +117,24 @@ class SqliteKeyStore(KeyStore):
 
     def _init(self) -> None:
         """Create the file (owner-only: it names users and teams) and the schema, once; several
-        processes may do this at once."""
+        processes may do this at once.
+
+        Retried while the file is locked, up to the busy timeout: switching a file to WAL needs
+        it to itself, and SQLite answers "database is locked" at once, without waiting as the
+        busy timeout says, while another process opens or switches it (seen with four
+        processes opening a new file together)."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        pause = 0.005
+        while True:
+            try:
+                return self._init_once()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # on the writer thread, never the event loop
+            pause = min(pause * 2, 0.1)
+
+    def _init_once(self) -> None:
         if not self.path.exists():
             # The WAL and shared-memory files SQLite creates next to it take its permissions.
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -279,6 +296,12 @@ def _revision(conn: sqlite3.Connection) -> int:
 def _get(conn: sqlite3.Connection, key_id: str) -> KeyRecord | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
     return None if row is None else _record(row)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    # The extended code (SQLITE_BUSY_RECOVERY, ...) carries the primary one in its low byte.
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
