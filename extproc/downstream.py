@@ -531,17 +531,22 @@ class DownstreamStream:
                 # ends as that error, not as served.
                 self.report.code = f"provider_error:{self.relay.error_code}"
             if not msg.end_of_stream:
-                if self.usage is None and self.relay.usage is not None:
-                    # The backend's usage report, before [DONE]: settle and tell the access
-                    # log now. A client may close at [DONE] (the openai SDK does), before the
-                    # stream's last message is answered.
-                    self.usage = self.relay.usage
-                    self._settle(self.usage)
-                    return protocol.response_body_response(
-                        common, dynamic_metadata=self._stream_metadata(self.usage)
-                    )
+                if self.usage is None and (self.relay.usage is not None or self.relay.finished):
+                    # The backend's usage report, or [DONE] without one: settle and tell the
+                    # access log now, with the chunk that brings it. A client may close at
+                    # [DONE] (the openai SDK does), before the stream's last message is
+                    # answered; the access log then has no usage (seen in CI).
+                    usage = self._stream_usage()
+                    if usage is not None:
+                        self.usage = usage
+                        self._settle(usage)
+                        return protocol.response_body_response(
+                            common, dynamic_metadata=self._stream_metadata(usage)
+                        )
                 return protocol.response_body_response(common)
-            usage = self.usage = self._stream_usage()
+            if self.relay.usage is not None or self.usage is None:
+                self.usage = self._stream_usage()  # (an estimate made at [DONE] stands)
+            usage = self.usage
             self._settle(usage)
             self._end_stream()
             if self.native and self.relay.error_code is None:

@@ -138,3 +138,11 @@ class RelayedStream(Protocol):
     def blocked(self) -> Verdict | None:
         """The response guard's verdict that ended the stream (None: none did)."""
         ...
+
+    @property
+    def finished(self) -> bool:
+        """The stream's last event came (OpenAI's `[DONE]`): nothing more of the answer will,
+        even if the end of the stream is still to come. False for formats whose usage report
+        always comes with the answer's end (Anthropic's, the Responses API's): they are settled
+        by it."""
+        ...

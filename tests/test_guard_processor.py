@@ -101,7 +101,11 @@ def test_tool_call_arguments_refusals_and_logprobs_are_guarded_in_streams() -> N
         sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
         b"data: [DONE]\n\n",
     ]
-    out = b"".join(r.feed(c, i == len(chunks) - 1) for i, c in enumerate(chunks))
+    out = b"".join(r.feed(c, False) for c in chunks[:-1])
+    assert not r.finished
+    out += r.feed(chunks[-1], False)  # [DONE], the stream's own end still to come
+    assert r.finished
+    out += r.feed(b"", True)
     assert EMAIL.encode() not in out and b"jane" not in out
     got = events(out)
     args = "".join(
@@ -162,6 +166,7 @@ def test_a_blocked_stream_still_reads_the_backends_usage() -> None:
     tail = r.feed(sse({"choices": [], "usage": usage}) + b"data: [DONE]\n\n", True)
     out = first + rest + tail
     assert r.blocked is not None and r.blocked.guard == "deny"
+    assert r.finished  # (its [DONE] read, not relayed)
     assert b"self-destruct" not in out
     got = events(out)
     assert got[-1]["error"]["code"] == "guard_blocked:deny"

@@ -202,6 +202,7 @@ def check_observations(relay: StreamRelay, stream: Stream) -> None:
         assert relay.text == "".join(stream.texts)
     assert relay.buffered == 0
     assert relay.held == 0
+    assert relay.finished  # every generated stream ends with [DONE]
 
 
 # -- properties ---------------------------------------------------------------------------------
@@ -302,6 +303,27 @@ def test_usage_event_split_inside_the_usage_key() -> None:
         else:
             assert first is None and second is None
         assert relay.usage == Usage(9, 2, 11)
+
+
+def test_the_stream_is_finished_at_its_done_event_only() -> None:
+    """[DONE] is the answer's end, whenever the stream's own end comes; not as text, not
+    before its event is whole."""
+    raw = sse(ROLE, chunk_obj({"content": "data: [DONE]"}), HELLO, b"[DONE]")
+    done_at = raw.index(b"data: [DONE]\n\n")
+    for strip in (False, True):
+        relay = StreamRelay(strip_usage_chunk=strip)
+        relay.feed(raw[: done_at + 8], False)  # the event begun, not whole
+        assert not relay.finished
+        relay.feed(raw[done_at + 8 :], False)
+        assert relay.finished
+    # After other fields, and without the space, as the SDK reads it.
+    for event in (b"id: 7\ndata: [DONE]\n\n", b"data:[DONE]\r\n\r\n"):
+        relay = StreamRelay(strip_usage_chunk=False)
+        relay.feed(sse(ROLE) + event, False)
+        assert relay.finished, event
+    relay = StreamRelay(strip_usage_chunk=False)
+    relay.feed(sse(ROLE) + b"data:  [DONE]\n\n", False)  # data " [DONE]": not the end
+    assert not relay.finished
 
 
 def test_usage_inside_a_content_string_is_not_usage() -> None:

@@ -145,13 +145,16 @@ def test_a_client_that_asked_for_usage_gets_the_stream_untouched(
 
 
 def test_a_backend_without_usage_is_counted_by_the_gateway(gateway):
+    """Counted at [DONE], and the access log told with that event: the openai SDK closes the
+    connection at [DONE], and this backend ends its stream only later (CI once saw the
+    gateway's count miss the access log when the SDK closed first)."""
     marker = f"own-count-{time.monotonic_ns()}"
     client = openai.OpenAI(base_url=gateway.base_url, api_key="sk-team-a", max_retries=0)
     stream = client.chat.completions.create(
         model="gpt-4o",
         messages=MESSAGES,
         stream=True,
-        extra_headers={"x-fake-no-usage": "1", "x-request-id": marker},
+        extra_headers={"x-fake-no-usage": "1", "x-fake-linger-ms": "500", "x-request-id": marker},
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == EXPECTED_TEXT

@@ -188,6 +188,10 @@ class TranslatedStream:
         return self.inner.expects_usage
 
     @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
+    @property
     def text(self) -> str:
         return self.inner.text
 

@@ -107,6 +107,10 @@ class BridgedStream:
         return self.inner.expects_usage
 
     @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
+    @property
     def text(self) -> str:
         return self.inner.text
 

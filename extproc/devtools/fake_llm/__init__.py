@@ -18,6 +18,8 @@ Per-request knobs are request headers, so one running instance can serve many te
 - ``x-fake-no-usage: 1``: a backend that reports no usage (its streams ignore
   ``stream_options.include_usage``, its JSON answers have no ``usage``).
 - ``x-fake-reasoning-tokens: N``: of the completion, N reported as reasoning tokens.
+- ``x-fake-linger-ms: N``: a chat stream that stays open N ms after ``[DONE]`` before it
+  ends.
 - ``x-fake-parallel-tools: N``: a forced tool choice answered with N calls.
 - ``x-fake-response-failed: server_error|rate_limit_exceeded[:N]``: a Responses stream that
   fails after N events.

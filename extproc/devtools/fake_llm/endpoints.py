@@ -176,6 +176,8 @@ class FakeLLM:
         for event in tail:
             await out.send(event)
         await out.send(DONE, last=True)
+        if ctx.linger:
+            await pause(request, ctx.linger)
         await response.write_eof()
         return response
 

@@ -87,6 +87,9 @@ class RequestSettings:
     chunk_chars: int = 4
     # Of the completion, what the usage report calls reasoning (x-fake-reasoning-tokens).
     reasoning_tokens: int = 0
+    # Seconds a chat stream stays open after [DONE] before it ends (x-fake-linger-ms), as a
+    # server that closes its streams late: a client reading to [DONE] has gone by then.
+    linger: float = 0.0
 
 
 def request_settings(settings: FakeLLMSettings, headers: Mapping[str, str]) -> RequestSettings:
@@ -113,6 +116,7 @@ def request_settings(settings: FakeLLMSettings, headers: Mapping[str, str]) -> R
         text=headers.get("x-fake-response-text"),
         chunk_chars=max(1, _header_int(headers, "x-fake-chunk-chars", 4)),
         reasoning_tokens=max(0, _header_int(headers, "x-fake-reasoning-tokens", 0)),
+        linger=_header_number(headers, "x-fake-linger-ms", 0) / 1000.0,
     )
 
 

@@ -81,6 +81,9 @@ class AnthropicGuardedRelay:
         "blocked",
     )
 
+    # Settled by its usage report, which comes with the answer's end (sse.RelayedStream).
+    finished = False
+
     def __init__(
         self,
         find: Callable[[str], list[Span]],

@@ -21,6 +21,9 @@ class MessagesRelay:
 
     __slots__ = ("_reader", "error_code", "events", "partial_usage", "usage")
 
+    # Settled by its usage report, which comes with the answer's end (sse.RelayedStream).
+    finished = False
+
     def __init__(self) -> None:
         self._reader = StreamTranslator("", include_usage=True)
         self.usage: Usage | None = None

@@ -60,6 +60,7 @@ class GuardedStreamRelay:
         "blocked",
         "events",
         "expects_usage",
+        "finished",
         "text_cap",
         "usage",
     )
@@ -88,6 +89,7 @@ class GuardedStreamRelay:
         self.usage: Usage | None = None
         self.expects_usage = False
         self.events = 0
+        self.finished = False
         self.blocked: Verdict | None = None
 
     @property
@@ -110,6 +112,9 @@ class GuardedStreamRelay:
 
     def _account(self, data: bytes) -> None:
         self.events += 1
+        if data.strip() == _DONE:
+            self.finished = True
+            return
         if b'"usage"' not in data:
             return
         try:
@@ -125,6 +130,7 @@ class GuardedStreamRelay:
     def _event(self, data: bytes) -> bytes:
         self.events += 1
         if data.strip() == _DONE:
+            self.finished = True
             flushed = self._flush_event()
             return flushed if self.blocked is not None else flushed + b"data: [DONE]\n\n"
         try:

@@ -34,6 +34,7 @@ _BLANK = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # (_EOLS and _WS match everywhere, if only the empty string: their .match() is never None.)
 _EOLS = re.compile(rb"[\r\n]*")
 _DATA_FIELD = (b"data:", b"data\r", b"data\n")
+_DONE_EVENT = (b"data: [DONE]", b"data:[DONE]")
 _WS = re.compile(rb"[ \t\r\n]*")
 # The raw bytes of an event that may carry a usage object: `"usage"` unless `: null` follows
 # on the same line (a line break may separate key, colon and value once data lines are joined).
@@ -125,6 +126,7 @@ class StreamRelay:
         "_text_len",
         "chunks",
         "events",
+        "finished",
         "max_event",
         "text_cap",
         "usage",
@@ -146,6 +148,7 @@ class StreamRelay:
         self.usage: Usage | None = None
         self.events = 0
         self.chunks = 0
+        self.finished = False
         # The unfinished event (from its first line on; blank lines between events belong to
         # none), copied from earlier chunks; withheld from the client while `_held`.
         self._block = bytearray()
@@ -304,6 +307,10 @@ class StreamRelay:
             if data is None:
                 return False  # comments and other fields: nothing is dispatched
         self.events += 1
+        # (As the openai SDK reads it: data that starts with [DONE].)
+        if buf.startswith(_DONE_EVENT, start) if data is None else data.startswith(b"[DONE]"):
+            self.finished = True
+            return False
         hint = _USAGE_HINT.search(buf, start, end) is not None
         expects = self._expects
         collect = expects is False and self._text_len < self.text_cap

@@ -40,6 +40,9 @@ class ResponsesRelay:
         "usage",
     )  # fmt: skip
 
+    # Settled by its usage report, which comes with the answer's end (sse.RelayedStream).
+    finished = False
+
     def __init__(self) -> None:
         self._parser = SSEParser()
         self._text: list[str] = []
