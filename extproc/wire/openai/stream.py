@@ -35,6 +35,7 @@ _BLANK = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _EOLS = re.compile(rb"[\r\n]*")
 _DATA_FIELD = (b"data:", b"data\r", b"data\n")
 _DONE_EVENT = (b"data: [DONE]", b"data:[DONE]")
+_DONE_MAX = 64  # bytes of a [DONE] event, comments and other fields included
 _WS = re.compile(rb"[ \t\r\n]*")
 # The raw bytes of an event that may carry a usage object: `"usage"` unless `: null` follows
 # on the same line (a line break may separate key, colon and value once data lines are joined).
@@ -307,8 +308,11 @@ class StreamRelay:
             if data is None:
                 return False  # comments and other fields: nothing is dispatched
         self.events += 1
-        # (As the openai SDK reads it: data that starts with [DONE].)
-        if buf.startswith(_DONE_EVENT, start) if data is None else data.startswith(b"[DONE]"):
+        # (As the openai SDK reads it: data that starts with [DONE]. Only a short event can
+        # be one: the length, compared first, spares the others any more work.)
+        if end - start < _DONE_MAX and (
+            buf.startswith(_DONE_EVENT, start) if data is None else data.startswith(b"[DONE]")
+        ):
             self.finished = True
             return False
         hint = _USAGE_HINT.search(buf, start, end) is not None
