@@ -57,7 +57,13 @@ class Harness:
         if self.kind == "memory":
             return MemoryStore(clock=lambda: self.now)
         assert self.url is not None
-        return RedisStore.from_url(self.url, cluster=self.kind == "cluster", timeout_s=timeout_s)
+        # The wait for a free connection too: a burst of calls queues for the pool's 16.
+        return RedisStore.from_url(
+            self.url,
+            cluster=self.kind == "cluster",
+            timeout_s=timeout_s,
+            connect_timeout_s=timeout_s,
+        )
 
     def time(self) -> float:
         return self.now if self.kind == "memory" else time.time()
