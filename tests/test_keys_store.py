@@ -60,6 +60,11 @@ SPEC = KeySpec(
 
 StoreFactory = Callable[[], KeyStore]
 
+# Generous: these tests are about what is stored, and a loaded machine must not turn them into
+# timeouts (a Cluster client's first call discovers the nodes within the call's time). The
+# stores' own bounds are tested on their own (test_redis_down_is_store_unavailable).
+PATIENT = {"timeout_s": 2.0, "connect_timeout_s": 2.0}
+
 
 @pytest.fixture(params=STORES)
 def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
@@ -77,13 +82,13 @@ def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreF
         server: RedisServer = request.getfixturevalue("redis_server_module")
 
         def factory() -> KeyStore:
-            return RedisKeyStore.from_url(server.url, prefix=prefix)
+            return RedisKeyStore.from_url(server.url, prefix=prefix, **PATIENT)
 
     else:
         cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
 
         def factory() -> KeyStore:
-            return RedisKeyStore.from_url(cluster.url, cluster=True, prefix=prefix)
+            return RedisKeyStore.from_url(cluster.url, cluster=True, prefix=prefix, **PATIENT)
 
     yield factory
 
@@ -673,7 +678,7 @@ def test_redis_keeps_every_key_of_the_store_in_one_cluster_slot(
     redis_cluster: RedisClusterNodes,
 ) -> None:
     async def body() -> None:
-        store = RedisKeyStore.from_url(redis_cluster.url, cluster=True)
+        store = RedisKeyStore.from_url(redis_cluster.url, cluster=True, **PATIENT)
         try:
             assert store.keys == (
                 "aigw:{keys}:k",
