@@ -43,6 +43,9 @@ pytest_plugins = ["tests.redis_servers"]
 # Generous: these tests are about the numbers, and a loaded CI box must not turn them into
 # timeouts. Latency bounds are tested on their own below.
 CONFORMANCE_TIMEOUT_S = 2.0
+# ... the wait for a connection too (a Cluster client's first call discovers the nodes and
+# opens every connection; a burst queues for the pool).
+PATIENT = {"timeout_s": CONFORMANCE_TIMEOUT_S, "connect_timeout_s": CONFORMANCE_TIMEOUT_S}
 
 
 class Harness:
@@ -57,12 +60,11 @@ class Harness:
         if self.kind == "memory":
             return MemoryStore(clock=lambda: self.now)
         assert self.url is not None
-        # The wait for a free connection too: a burst of calls queues for the pool's 16.
         return RedisStore.from_url(
             self.url,
             cluster=self.kind == "cluster",
             timeout_s=timeout_s,
-            connect_timeout_s=timeout_s,
+            connect_timeout_s=timeout_s,  # (see PATIENT)
         )
 
     def time(self) -> float:
@@ -440,7 +442,7 @@ def test_redis_key_layout_and_expiry(redis_server_module: RedisServer) -> None:
     tag = f"aigw:{{{team}}}:"
 
     async def main() -> None:
-        store = RedisStore.from_url(redis_server_module.url, timeout_s=CONFORMANCE_TIMEOUT_S)
+        store = RedisStore.from_url(redis_server_module.url, **PATIENT)
         try:
             r = rid()
             charges = [Charge("tpm:1", 100, 30, exp), Charge("rpm:1", 10, 1, exp - 600)]
@@ -484,7 +486,7 @@ def test_redis_settle_into_a_forgotten_counter_does_not_recreate_it(
     check = redis_server_module.client()
 
     async def main() -> None:
-        store = RedisStore.from_url(redis_server_module.url, timeout_s=CONFORMANCE_TIMEOUT_S)
+        store = RedisStore.from_url(redis_server_module.url, **PATIENT)
         try:
             r = rid()
             assert (await store.reserve(team, r, [Charge("tpm:1", 100, 30, exp)], 60)).ok
@@ -841,7 +843,7 @@ def test_a_settle_retried_after_its_answer_was_lost_changes_nothing(
     specs = Budgets.of(cfg).teams[TEAM]
 
     async def main() -> None:
-        store = RedisStore.from_url(redis_server_module.url, timeout_s=CONFORMANCE_TIMEOUT_S)
+        store = RedisStore.from_url(redis_server_module.url, **PATIENT)
         service = QuotaService(LostReplies(store, lose=2), QuotaSettings(store="redis"))
         try:
             await store.reset(TEAM)
@@ -1030,7 +1032,7 @@ def test_cluster_keeps_a_team_in_one_slot(redis_cluster: RedisClusterNodes) -> N
     tag = f"aigw:{{{team}}}:"
 
     async def main() -> None:
-        store = RedisStore.from_url(redis_cluster.url, cluster=True, timeout_s=2.0)
+        store = RedisStore.from_url(redis_cluster.url, cluster=True, **PATIENT)
         try:
             r = rid()
             charges = [Charge("tpm:1", 100, 30, exp), Charge("rpm:1", 10, 1, exp)]
@@ -1062,7 +1064,7 @@ def test_cluster_teams_on_different_nodes_both_work(redis_cluster: RedisClusterN
     exp = time.time() + 3600
 
     async def main() -> None:
-        store = RedisStore.from_url(redis_cluster.url, cluster=True, timeout_s=2.0)
+        store = RedisStore.from_url(redis_cluster.url, cluster=True, **PATIENT)
         try:
             for i, team in enumerate(teams):
                 r = rid()
