@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import sqlite3
 import stat
@@ -572,60 +573,47 @@ def test_sqlite_opening_retries_a_file_locked_at_once(
     """Switching a file to WAL while another process does may answer "database is locked"
     without waiting (seen in CI with four processes): opening retries that, up to the busy
     timeout, and no other error."""
-    calls: list[int] = []
     real = SqliteKeyStore._init_once
 
-    def locked_twice(self: SqliteKeyStore) -> None:
-        calls.append(1)
-        if len(calls) <= 2:
-            raise sqlite3.OperationalError("database is locked")  # no code: see below
-        real(self)
+    def failing(times: float, code: int | None) -> list[int]:
+        """Opening fails `times` times with "database is locked", SQLite's code `code`."""
+        calls: list[int] = []
 
-    def busy() -> sqlite3.OperationalError:
-        exc = sqlite3.OperationalError("database is locked")
-        exc.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
-        return exc
+        def init_once(self: SqliteKeyStore) -> None:
+            calls.append(1)
+            if len(calls) <= times:
+                exc = sqlite3.OperationalError("database is locked")
+                if code is not None:
+                    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+                raise exc
+            real(self)
 
-    def flaky(self: SqliteKeyStore) -> None:
-        calls.append(1)
-        if len(calls) <= 2:
-            raise busy()
-        real(self)
+        monkeypatch.setattr(SqliteKeyStore, "_init_once", init_once)
+        return calls
 
-    def always(self: SqliteKeyStore) -> None:
-        calls.append(1)
-        raise busy()
+    async def open_and_create(name: str, busy_timeout_s: float = 5.0) -> None:
+        store = SqliteKeyStore(tmp_path / name, busy_timeout_s=busy_timeout_s)
+        try:
+            await store.create(SPEC)
+        finally:
+            await store.close()
 
     async def body() -> None:
         # A busy answer is retried ...
-        monkeypatch.setattr(SqliteKeyStore, "_init_once", flaky)
-        store = SqliteKeyStore(tmp_path / "a.sqlite")
-        try:
-            await store.create(SPEC)
-            assert len(calls) == 3
-        finally:
-            await store.close()
+        calls = failing(2, sqlite3.SQLITE_BUSY)
+        await open_and_create("a.sqlite")
+        assert len(calls) == 3
         # ... an error without SQLite's busy code is not ...
-        calls.clear()
-        monkeypatch.setattr(SqliteKeyStore, "_init_once", locked_twice)
-        store = SqliteKeyStore(tmp_path / "b.sqlite")
-        try:
-            with pytest.raises(KeyStoreUnavailable):
-                await store.create(SPEC)
-            assert len(calls) == 1
-        finally:
-            await store.close()
+        calls = failing(2, None)
+        with pytest.raises(KeyStoreUnavailable):
+            await open_and_create("b.sqlite")
+        assert len(calls) == 1
         # ... and a lock that lasts is given up on after the busy timeout.
-        calls.clear()
-        monkeypatch.setattr(SqliteKeyStore, "_init_once", always)
-        store = SqliteKeyStore(tmp_path / "c.sqlite", busy_timeout_s=0.3)
+        calls = failing(math.inf, sqlite3.SQLITE_BUSY)
         started = time.monotonic()
-        try:
-            with pytest.raises(KeyStoreUnavailable, match="locked"):
-                await store.create(SPEC)
-            assert time.monotonic() - started >= 0.25 and len(calls) > 2
-        finally:
-            await store.close()
+        with pytest.raises(KeyStoreUnavailable, match="locked"):
+            await open_and_create("c.sqlite", busy_timeout_s=0.3)
+        assert time.monotonic() - started >= 0.25 and len(calls) > 2
 
     run(body)
 
