@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import socket
@@ -198,6 +199,20 @@ def running_gateway(
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with running_gateway(tmp_path_factory.mktemp("gateway")) as gw:
         yield gw
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A test server's request handler: `reply` sends a whole answer; nothing is logged."""
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 def serving(server: Any) -> Iterator[Any]:

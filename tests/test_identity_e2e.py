@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import BACKEND_A_SECRET, Gateway, running_gateway, serving
+from .conftest import BACKEND_A_SECRET, Gateway, QuietHandler, running_gateway, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -60,19 +60,11 @@ class JwksServer(http.server.ThreadingHTTPServer):
         self.fetches = 0
 
 
-class JwksHandler(http.server.BaseHTTPRequestHandler):
+class JwksHandler(QuietHandler):
     def do_GET(self) -> None:
         assert isinstance(self.server, JwksServer)
         self.server.fetches += 1
-        body = jwks_document()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply(200, jwks_document())
 
 
 def with_identities(jwks: dict[str, Any]) -> Any:

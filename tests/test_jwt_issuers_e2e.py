@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from extproc.config import JwksSource
 
-from .conftest import Gateway, running_gateway, serving
+from .conftest import Gateway, QuietHandler, running_gateway, serving
 from .test_identity_e2e import sidecar_streams
 
 pytestmark = pytest.mark.e2e
@@ -146,21 +146,14 @@ class KeySetServer(http.server.ThreadingHTTPServer):
             self.status, self.document = status, body
 
 
-class KeySetHandler(http.server.BaseHTTPRequestHandler):
+class KeySetHandler(QuietHandler):
     def do_GET(self) -> None:
         server = self.server
         assert isinstance(server, KeySetServer)
         with server.lock:
             server.fetched_at.append(time.monotonic())
             status, body = server.status, server.document
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply(status, body)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from extproc import top
 from extproc.telemetry import metrics
 from extproc.top import Row, ScrapeError, Snapshot, render, summarize
 
-from .conftest import free_port
+from .conftest import QuietHandler, free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -426,28 +425,15 @@ def test_url_from_listen() -> None:
 def metrics_url() -> Iterator[str]:
     body = EXPOSITION.encode()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             if self.path != "/metrics":
                 self.send_error(404)
                 return
-            self.send_response(200)
-            self.send_header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.reply(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    for server in serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)):
         yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def run_top(*args: str) -> subprocess.CompletedProcess[str]:
