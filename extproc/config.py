@@ -1113,6 +1113,12 @@ def limit_models(cfg: Config, models: tuple[str, ...], limit: Limit) -> tuple[st
     return models if limit.models is None else expand_models(cfg, limit.models)
 
 
+def key_label(team: str, index: int, key: ApiKey) -> str:
+    """How a config file's key is named in counters, metrics and the audit: its `name`, else
+    its place (`<team>#<index>`)."""
+    return key.name or f"{team}#{index}"
+
+
 def limit_name(limit: Limit) -> str:
     return limit.name or f"{limit.metric}-{limit.window}"
 
@@ -1280,10 +1286,6 @@ class Runtime:
             return None
         return hit if hmac.compare_digest(digest, hit.digest) else None
 
-    def team_for_key(self, presented: str) -> str | None:
-        hit = self.key(presented)
-        return hit.team if hit is not None else None
-
     def may_use(self, team: str, model: str) -> bool:
         return model in self.team_models.get(team, ())
 
@@ -1300,7 +1302,7 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
     for team_name, team in cfg.teams.items():
         for i, key in enumerate(team.keys):
             where = f"teams.{team_name}.keys.{i}"
-            label = key.name or f"{team_name}#{i}"
+            label = key_label(team_name, i, key)
             if key.sha256 is not None:
                 digest = bytes.fromhex(key.sha256)
             else:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import time
@@ -78,21 +77,17 @@ class KeyDirectory:
         the secret may be a run-time key and the copy is too old to answer for it."""
         if not looks_like_secret(secret):
             return None
-        if self._monotonic() - self._fresh_at > self.stale_after_s:
+        if not self.trusted:
             raise KeysUnavailable(
                 f"run-time keys not confirmed for more than {self.stale_after_s:g}s "
                 "(the key store does not answer)"
             )
-        digest = digest_of(secret)
-        # Looking up by digest leaks nothing useful (a sha256 prefix cannot be steered);
-        # compare_digest keeps the final equality check constant-time too.
-        hit = self._index.get(digest)
+        # Looking up by digest leaks nothing useful (a sha256 prefix cannot be steered); the
+        # index holds each record under the very digest it is found by (_install).
+        hit = self._index.get(digest_of(secret))
         if hit is None:
             return None
         record, until = hit
-        stored = record.digest if until is None else record.previous_digest
-        if stored is None or not hmac.compare_digest(digest, stored):
-            return None
         now = self._clock()
         if not record.usable(now) or (until is not None and now >= until):
             return None
@@ -114,14 +109,6 @@ class KeyDirectory:
     def trusted(self) -> bool:
         """Whether lookup answers from the copy now (else it raises KeysUnavailable)."""
         return self._monotonic() - self._fresh_at <= self.stale_after_s
-
-    @property
-    def revision(self) -> int | None:
-        """The store's revision the copy is at; None before the first load."""
-        return self._revision
-
-    def __len__(self) -> int:
-        return len(self._index)
 
     # -- keeping the copy current ---------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..config import Config, Limit, narrowed, org_models, team_models
+from ..config import Config, Limit, key_label, narrowed, org_models, team_models
 from .policy import TEAM, LimitSpec, specs_of
 
 if TYPE_CHECKING:
@@ -87,13 +87,13 @@ class Budgets:
             out.teams[team_name] = specs_of(cfg, team.limits, models, TEAM, prefix)
             out.user_defaults[team_name] = specs_of(cfg, team.user_limits, models, USER, prefix)
             for user, settings in team.users.items():
-                counter = f"{prefix}u|{user_tag(user)}|"
+                counter = out.user_counter(team_name, user)
                 out.users[(team_name, user)] = specs_of(cfg, settings.limits, models, USER, counter)
             for i, key in enumerate(team.keys):
                 if key.limits:
-                    label = key.name or f"{team_name}#{i}"
+                    label = key_label(team_name, i, key)
                     key_models = narrowed(cfg, models, key.models)
-                    counter = f"{prefix}k|{label}|"
+                    counter = out.key_counter(team_name, label)
                     out.keys[(team_name, label)] = specs_of(
                         cfg, key.limits, key_models, KEY, counter
                     )
@@ -108,6 +108,14 @@ class Budgets:
         """What the names of a team's counters (its users' and keys' too) start with."""
         return f"t|{team}|" if self.team_orgs.get(team) else ""
 
+    def user_counter(self, team: str, user: str) -> str:
+        """What the names of a user's counters start with."""
+        return f"{self.team_prefix(team)}u|{user_tag(user)}|"
+
+    def key_counter(self, team: str, label: str) -> str:
+        """What the names of a key's counters start with."""
+        return f"{self.team_prefix(team)}k|{label}|"
+
     def of_user(self, team: str, user: str) -> tuple[LimitSpec, ...]:
         if not user:
             return ()
@@ -119,7 +127,7 @@ class Budgets:
             return ()
 
         def resolve() -> tuple[LimitSpec, ...]:
-            counter = f"{self.team_prefix(team)}u|{user_tag(user)}|"
+            counter = self.user_counter(team, user)
             return tuple(replace(spec, counter=counter) for spec in defaults)
 
         return _cached(self._resolved_users, (team, user), resolve)
@@ -138,8 +146,7 @@ class Budgets:
             assert cfg is not None
             limits = [Limit.model_validate(stored) for stored in who.key_limits]
             models = narrowed(cfg, team_models(cfg, who.team), _names(who.models))
-            counter = f"{self.team_prefix(who.team)}k|{who.key}|"
-            return specs_of(cfg, limits, models, KEY, counter)
+            return specs_of(cfg, limits, models, KEY, self.key_counter(who.team, who.key))
 
         return _cached(self._resolved_keys, (who.team, who.key), resolve)
 

@@ -18,6 +18,7 @@ from ..errors import GatewayError
 from ..telemetry.metrics import QUOTA_ERRORS, QUOTA_SECONDS, QUOTA_SETTLE_RETRIES, child
 from ..telemetry.tracing import NO_SPAN, NO_TRACE
 from . import policy
+from .budgets import KEY, ORGANIZATION, USER
 from .policy import MICRO, TOKEN_METRICS, Amounts, LimitSpec
 from .store import Charge, CounterState, QuotaStore, StoreUnavailable
 
@@ -410,11 +411,11 @@ def _whose(level: str, who: Identity | None, scope: str) -> str:
     (both the caller's own), never anyone else's."""
     if who is None:
         return f"team {scope}"
-    if level == "organization":
+    if level == ORGANIZATION:
         return f"organization {who.organization}"
-    if level == "user":
+    if level == USER:
         return f"user {who.user} of team {who.team}"
-    if level == "key":
+    if level == KEY:
         return f"key {who.key} of team {who.team}"
     return f"team {who.team}"
 
