@@ -28,6 +28,7 @@ from typing import Any
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from . import native, routing, settlement
+from .config import organization_of
 from .contract import METADATA_NAMESPACE, USAGE_KEYS, Handover, native_from_route
 from .protocol import struct_dict
 from .services import Services
@@ -189,12 +190,11 @@ def _native_handover(services: Services, entry: Any, team: str, model: str) -> H
         log.warning(_STALE_NATIVE, team, model, reason or "no JWT rule maps to the team now")
     start = entry.common_properties.start_time
     content_type = entry.response.response_headers.get("content-type", "")
-    team_cfg = cfg.teams.get(team)
     return Handover(
         team=team,
         # (Its user is not known here: a native route serves teams with no user budgets, and
         # the access log does not carry the token's claims.)
-        organization=team_cfg.organization or "" if team_cfg is not None else "",
+        organization=organization_of(cfg, team),
         model=model,
         endpoint=native.ENDPOINT_PATHS[spec.type] if spec is not None else "",
         stream=settlement.is_event_stream({"content-type": content_type}),

@@ -1072,6 +1072,17 @@ def expand_models(cfg: Config, names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def model_set(cfg: Config, names: Iterable[str] | None) -> frozenset[str] | None:
+    """The models a list of model and group names allows (None: the list is not there)."""
+    return None if names is None else frozenset(expand_models(cfg, names))
+
+
+def organization_of(cfg: Config, team: str) -> str:
+    """The team's organization; "" for none (or a team the config does not have)."""
+    found = cfg.teams.get(team)
+    return (found.organization or "") if found is not None else ""
+
+
 def org_models(cfg: Config, org: str) -> tuple[str, ...]:
     """The models an organization's teams may use."""
     listed = cfg.organizations[org].models if org in cfg.organizations else None
@@ -1312,7 +1323,7 @@ def build_runtime(cfg: Config, source: str = "config") -> Runtime:
                 except LookupError as exc:
                     problems.append((where, str(exc)))
                     continue
-            models = None if key.models is None else frozenset(expand_models(cfg, key.models))
+            models = model_set(cfg, key.models)
             entry = KeyEntry(team_name, label, digest, key.user or "", models, bool(key.limits))
             other = rt.key_index.get(digest)
             if other is not None:

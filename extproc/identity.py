@@ -20,12 +20,13 @@ from .config import (
     JwtIssuer,
     ModelRule,
     Runtime,
-    expand_models,
+    model_set,
+    organization_of,
     user_problem,
 )
 from .contract import INTERNAL_HEADER_PREFIX, jwt_failure_key
 from .errors import GatewayError, unauthorized
-from .keys.records import KEY_ID_PREFIX, KeyRecord, KeysUnavailable
+from .keys.records import KEY_ID_PREFIX, KeysUnavailable
 
 if TYPE_CHECKING:
     from .keys.directory import KeyDirectory
@@ -98,7 +99,11 @@ def authenticate(
         hint = f"...{key[-4:]}" if len(key) >= 12 else "(hidden)"
         raise unauthorized(f"Incorrect API key provided: {hint}.")
     return Identity(
-        entry.team, _organization(runtime.config, entry.team), entry.user, entry.label, entry.models
+        entry.team,
+        organization_of(runtime.config, entry.team),
+        entry.user,
+        entry.label,
+        entry.models,
     )
 
 
@@ -125,7 +130,7 @@ def identity_for_token(cfg: Config, verified: Mapping[str, Any]) -> Identity | N
                     )
                 return Identity(
                     rule.team,
-                    _organization(cfg, rule.team),
+                    organization_of(cfg, rule.team),
                     user,
                     token_label(name),
                     _token_models(cfg, issuer, claims),
@@ -155,30 +160,22 @@ def _run_time_key(cfg: Config, keys: KeyDirectory, key: str) -> Identity | None:
         return None
     return Identity(
         record.team,
-        _organization(cfg, record.team),
+        organization_of(cfg, record.team),
         record.user or "",
         record.id,
-        _models_of(cfg, record),
+        model_set(cfg, record.models),
         record.limits,
     )
-
-
-def _models_of(cfg: Config, record: KeyRecord) -> frozenset[str] | None:
-    return None if record.models is None else frozenset(expand_models(cfg, record.models))
 
 
 def settling(cfg: Config, keys: KeyDirectory | None, team: str, user: str, key: str) -> Identity:
     """The caller of a request another stage admitted (from its hand-over), as far as settling
     its budgets needs: a run-time key's limits come from the key store, revoked keys' too."""
-    org = _organization(cfg, team) if team in cfg.teams else ""
+    org = organization_of(cfg, team)
     record = keys.by_id(key) if keys is not None and key.startswith(KEY_ID_PREFIX) else None
     if record is None:
         return Identity(team, org, user, key)
-    return Identity(team, org, user, key, _models_of(cfg, record), record.limits)
-
-
-def _organization(cfg: Config, team: str) -> str:
-    return cfg.teams[team].organization or ""
+    return Identity(team, org, user, key, model_set(cfg, record.models), record.limits)
 
 
 def token_label(issuer: str) -> str:
@@ -204,7 +201,7 @@ def _token_models(
     for rule in issuer.models:
         if claim_matches(claims, rule):
             matched += rule.models
-    return frozenset(expand_models(cfg, matched))
+    return model_set(cfg, matched)
 
 
 def claim_value(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
