@@ -44,9 +44,9 @@ from .store import KeyStore, Snapshot, require
 
 T = TypeVar("T")
 
-# Another writer changed the record between our read and write: read again, a few times.
 # Records (twice this many list items) a snapshot decodes on the event loop; more go to a thread.
 _DECODE_ON_LOOP = 2 * 200
+# Another writer changed the record between our read and write: read again, a few times.
 _CAS_ATTEMPTS = 5
 
 _SEED = """

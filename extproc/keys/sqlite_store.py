@@ -99,9 +99,8 @@ class SqliteKeyStore(KeyStore):
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-        return conn
+        # (`timeout` is SQLite's busy timeout.)
+        return sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
 
     def _writing(self) -> sqlite3.Connection:
         if self._write_conn is None:
