@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import grpc
 
@@ -91,7 +92,10 @@ def format_usage(usage: quota_pb2.GetUsageResponse) -> str:
                 f"{lim.reset_in_seconds:.0f}s",
             )
         )
+    return "\n".join([f"{whose} (usd amounts in micro-USD)", *table_lines(rows)])
+
+
+def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as lines of aligned columns (a command's table)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"{whose} (usd amounts in micro-USD)"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]

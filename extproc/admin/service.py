@@ -56,26 +56,28 @@ class QuotaAdmin(quota_pb2_grpc.QuotaAdminServicer):
             guard_verdicts=VERDICTS.counts,
         )
 
-    async def _services(self, context: grpc.aio.ServicerContext, team: str) -> Services:
+    async def _services(
+        self, context: grpc.aio.ServicerContext, team: str, organization: str = ""
+    ) -> Services:
+        """The services, once the caller is authorized and the team (or, without a team, the
+        organization) is the config's."""
         services = await self._authorized(context)
-        if team not in services.runtime.config.teams:
+        config = services.runtime.config
+        if not team and organization:
+            if organization not in config.organizations:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no organization {organization!r}")
+        elif team not in config.teams:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no team {team!r}")
         return services
 
     async def GetUsage(self, request, context):
         """A team's limits (and a user's in it), or, without a team, an organization's."""
+        services = await self._services(context, request.team, request.organization)
+        budgets = services.budgets
         if not request.team and request.organization:
-            services = await self._authorized(context)
-            if request.organization not in services.runtime.config.organizations:
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"no organization {request.organization!r}"
-                )
-            budgets = services.budgets
             specs = budgets.orgs.get(request.organization, ())
             scope = org_scope(request.organization)
         else:
-            services = await self._services(context, request.team)
-            budgets = services.budgets
             specs = (
                 *budgets.teams.get(request.team, ()),
                 *budgets.of_user(request.team, request.user),

@@ -283,8 +283,6 @@ def format_list(keys: Any) -> str:
                 key.description,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    from ..admin.client import table_lines
+
+    return "\n".join(line.rstrip() for line in table_lines(rows))
