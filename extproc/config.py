@@ -739,6 +739,9 @@ class JwksSource(_Strict):
 
 
 ClaimName = Annotated[str, Field(min_length=1)]
+# A top-level claim's name, or a list of names for a nested one (Keycloak's
+# [realm_access, roles]).
+ClaimPath = ClaimName | Annotated[list[ClaimName], Field(min_length=1)]
 # What each kind of key must hold for Envoy to take it (RFC 7518, section 6).
 _JWK_FIELDS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}
 
@@ -762,14 +765,12 @@ def jwks_problem(text: str) -> str | None:
     return None
 
 
-class ClaimRule(_Strict):
-    """A verified token whose `claim` is `value` (or, for a list claim, contains it) belongs to
-    `team`. `claim` is a top-level claim's name, or a list of names for a nested one
-    (Keycloak's [realm_access, roles])."""
+class ClaimMatch(_Strict):
+    """A verified token's `claim` is `value` (or, for a list claim, contains it): what a rule
+    of an issuer matches (identity.claim_matches)."""
 
-    claim: ClaimName | Annotated[list[ClaimName], Field(min_length=1)]
+    claim: ClaimPath
     value: str
-    team: str
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -780,17 +781,17 @@ def claim_path(claim: str | list[str]) -> tuple[str, ...]:
     return (claim,) if isinstance(claim, str) else tuple(claim)
 
 
-class ModelRule(_Strict):
-    """A verified token whose `claim` is `value` (or contains it) may use `models` (names of
-    models or model_groups), within its team's."""
+class ClaimRule(ClaimMatch):
+    """A token matching the rule belongs to `team`."""
 
-    claim: ClaimName | Annotated[list[ClaimName], Field(min_length=1)]
-    value: str
+    team: str
+
+
+class ModelRule(ClaimMatch):
+    """A token matching the rule may use `models` (names of models or model_groups), within
+    its team's."""
+
     models: list[str]
-
-    @property
-    def path(self) -> tuple[str, ...]:
-        return claim_path(self.claim)
 
 
 class JwtIssuer(_Strict):
@@ -804,7 +805,7 @@ class JwtIssuer(_Strict):
     teams: Annotated[list[ClaimRule], Field(min_length=1)]
     # The claim that names the user (a string): for user budgets, audit and traces. A token
     # without it is served as its team's, with no user.
-    user_claim: ClaimName | Annotated[list[ClaimName], Field(min_length=1)] = "sub"
+    user_claim: ClaimPath = "sub"
     # When given, a token may use only the models of the rules its claims match (none: none),
     # within its team's models.
     models: list[ModelRule] | None = None

@@ -15,10 +15,9 @@ import orjson
 
 from .config import (
     TOKEN_LABEL_PREFIX,
-    ClaimRule,
+    ClaimMatch,
     Config,
     JwtIssuer,
-    ModelRule,
     Runtime,
     model_set,
     organization_of,
@@ -213,7 +212,7 @@ def claim_value(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
-def claim_matches(claims: Mapping[str, Any], rule: ClaimRule | ModelRule) -> bool:
+def claim_matches(claims: Mapping[str, Any], rule: ClaimMatch) -> bool:
     """The claim is the rule's value, or a list that holds it (as the native routes match)."""
     value = claim_value(claims, rule.path)
     if isinstance(value, str):
