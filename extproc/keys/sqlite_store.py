@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .records import KeyRecord, KeyStoreUnavailable
+from .records import KeyRecord, KeyStoreUnavailable, from_json_dict, to_json_dict
 from .store import KeyStore, Snapshot, require
 
 T = TypeVar("T")
@@ -78,6 +78,7 @@ _COLUMNS = (
     "id, digest, hint, team, user_id, expires_at, models, limits, description, created_at, "
     "revoked_at, rotated_at, last_used_at, previous_digest, previous_valid_until"
 )
+_COLUMN_NAMES = tuple(name.strip() for name in _COLUMNS.split(","))
 _BUMP = "UPDATE meta SET value = value + 1 WHERE name = 'revision'"
 
 
@@ -309,43 +310,22 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def _values(r: KeyRecord) -> dict[str, Any]:
-    """Column -> value, in _COLUMNS' order."""
-    return {
-        "id": r.id,
-        "digest": r.digest.hex(),
-        "hint": r.hint,
-        "team": r.team,
-        "user_id": r.user,
-        "expires_at": r.expires_at,
-        "models": None if r.models is None else json.dumps(list(r.models)),
-        "limits": json.dumps(list(r.limits)),
-        "description": r.description,
-        "created_at": r.created_at,
-        "revoked_at": r.revoked_at,
-        "rotated_at": r.rotated_at,
-        "last_used_at": r.last_used_at,
-        "previous_digest": None if r.previous_digest is None else r.previous_digest.hex(),
-        "previous_valid_until": r.previous_valid_until,
-    }
+    """Column -> value: the record as the Redis store keeps it (records.to_json_dict), its
+    lists as JSON text and its last use besides."""
+    values = to_json_dict(r)
+    values["user_id"] = values.pop("user")
+    if values["models"] is not None:
+        values["models"] = json.dumps(values["models"])
+    values["limits"] = json.dumps(values["limits"])
+    values["last_used_at"] = r.last_used_at
+    return values
 
 
 def _record(row: tuple[Any, ...]) -> KeyRecord:
-    (key_id, digest, hint, team, user, expires_at, models, limits, description, created_at,
-     revoked_at, rotated_at, last_used_at, previous_digest, previous_valid_until) = row  # fmt: skip
-    return KeyRecord(
-        id=key_id,
-        digest=bytes.fromhex(digest),
-        hint=hint,
-        team=team,
-        created_at=created_at,
-        user=user,
-        expires_at=expires_at,
-        models=None if models is None else tuple(json.loads(models)),
-        limits=tuple(json.loads(limits)),
-        description=description,
-        revoked_at=revoked_at,
-        last_used_at=last_used_at,
-        rotated_at=rotated_at,
-        previous_digest=None if previous_digest is None else bytes.fromhex(previous_digest),
-        previous_valid_until=previous_valid_until,
-    )
+    """A row of _COLUMNS as the record (_values' inverse)."""
+    data = dict(zip(_COLUMN_NAMES, row, strict=True))
+    data["user"] = data.pop("user_id")
+    if data["models"] is not None:
+        data["models"] = json.loads(data["models"])
+    data["limits"] = json.loads(data["limits"])
+    return from_json_dict(data, data.pop("last_used_at"))
