@@ -513,13 +513,11 @@ def _batch_usage(batch: dict[str, Any]) -> tuple[Usage | None, Amounts | None]:
         if ran == 0 and isinstance(counts, dict):
             return None, NOTHING
         return None, None
-    # (Both counts, or nothing read: a batch's usage names its input and its output.)
-    if count_of(reported.get("input_tokens")) is None:
+    # (Both counts, or nothing read: a batch's usage names its input and its output; io_usage
+    # reads nothing without the input's.)
+    usage = io_usage(reported) if count_of(reported.get("output_tokens")) is not None else None
+    if usage is None:
         return None, None
-    if count_of(reported.get("output_tokens")) is None:
-        return None, None
-    usage = io_usage(reported)
-    assert usage is not None
     amounts = Amounts(
         usage.prompt_tokens,
         usage.completion_tokens,

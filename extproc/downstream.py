@@ -93,7 +93,6 @@ class DownstreamStream:
         "stores",
         "stream_block_recorded",
         "strip_usage",
-        "team",
         "timing",
         "trace",
         "usage",
@@ -107,7 +106,6 @@ class DownstreamStream:
         # One config for the whole request, even if a reload lands half-way through it.
         self.rt = services.runtime
         self.started = time.perf_counter()
-        self.team: str | None = None
         self.who: Identity | None = None  # the caller (identity.py), once authenticated
         # The client's API, from the request line; its error shape until then.
         self.wire: WireFormat = wire.DEFAULT
@@ -185,7 +183,8 @@ class DownstreamStream:
             log.warning("error after the response started: %s", err)
             return protocol.passthrough("response_body")
         # The message may quote client input (a key fingerprint): log the code, not the text.
-        log.info("rejected team=%s status=%s code=%s", self.team, err.status, err.code)
+        team = self.who.team if self.who is not None else None
+        log.info("rejected team=%s status=%s code=%s", team, err.status, err.code)
         if self.report is not None:
             self.report.status = err.status
             self.report.code = err.code or err.type
@@ -219,7 +218,7 @@ class DownstreamStream:
         self.wire = wire.speaking(path)
         report.api = self.wire.name
         self.who = who = identity.authenticate(self.rt, headers, verified, self.services.keys)
-        self.team = team = who.team
+        team = who.team
         report.identify(who)
         self.wire, endpoint, model_id = wire.route(headers.get(":method", ""), path)
         if endpoint.operation in (Operation.LIST_MODELS, Operation.GET_MODEL):
