@@ -71,6 +71,7 @@ from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untype
 
 from ..errors import GatewayError, bad_request
 from ..usage import Usage
+from ..wire.openai.answer import count_of
 from . import openai_answer, openai_request
 
 if TYPE_CHECKING:
@@ -311,21 +312,17 @@ def _assistant_blocks(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
 def usage(report: Any) -> Usage | None:
     """Bedrock's usage in OpenAI's terms: the prompt counts the input read from the cache and
     written to it too (Bedrock's `inputTokens` holds neither), the reads are `cached_tokens`."""
-    if not isinstance(report, dict) or not _count(report.get("inputTokens")):
+    if not isinstance(report, dict) or count_of(report.get("inputTokens")) is None:
         return None
     read = report.get("cacheReadInputTokens") or 0
     written = report.get("cacheWriteInputTokens") or 0
-    if not _count(read) or not _count(written):
+    if count_of(read) is None or count_of(written) is None:
         return None
     prompt = report["inputTokens"] + read + written
     completion = report.get("outputTokens") or 0
-    if not _count(completion):
+    if count_of(completion) is None:
         return None
     return Usage(prompt, completion, prompt + completion, read, cache_write_tokens=written)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def chat_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:

@@ -93,6 +93,7 @@ import orjson
 from ..errors import GatewayError, bad_request
 from ..sse import SSEParser
 from ..usage import Usage
+from ..wire.openai.answer import count_of
 from . import openai_answer, openai_request
 
 if TYPE_CHECKING:
@@ -493,11 +494,7 @@ def _assistant_parts(
 
 def _count(value: Any) -> int | None:
     """A count of Gemini's JSON: absent is 0 (proto3 leaves zeros out); None: not a count."""
-    if value is None:
-        return 0
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+    return 0 if value is None else count_of(value)
 
 
 def usage(report: Any) -> Usage | None:
